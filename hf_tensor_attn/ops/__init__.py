@@ -1,0 +1,6 @@
+"""Numerics of tensor attention. Every fast path has a plain reference with the same signature."""
+
+from .exact import tensor_attention
+from .naive import naive_tensor_attention
+
+__all__ = ["naive_tensor_attention", "tensor_attention"]

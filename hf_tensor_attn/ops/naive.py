@@ -1,0 +1,30 @@
+"""The reference tensor attention: materialises all Tq x Tk x Tk scores. Slow and memory-hungry on purpose;
+it is the oracle every fast path is tested against."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import allowed_pairs, check_inputs
+
+
+def naive_tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
+    """o_t = sum_(a,b) softmax_(a,b)(scale * <q_t, k1_a * k2_b>) * (v1_a * v2_b); see `ops.common` for masking.
+
+    Computes in float64 for float64 inputs and in float32 otherwise; returns q's dtype.
+    """
+    check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
+    B, H, Tq, D = q.shape
+    Tk = k1.shape[2]
+    dtype = q.dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    q, k1, k2, v1, v2 = (t.to(compute) for t in (q, k1, k2, v1, v2))
+    scores = torch.einsum("bhtd,bhad,bhcd->bhtac", q, k1, k2) * scale  # [B, H, Tq, Tk, Tk]
+    allowed = allowed_pairs(Tq, Tk, w1, w2, attention_mask, q.device)
+    scores = scores.masked_fill(~allowed, float("-inf")).reshape(B, H, Tq, Tk * Tk)
+    # A row with no allowed pair would be softmax(all -inf) = NaN; it must give zeros instead.
+    has_pair = allowed.reshape(allowed.shape[0], 1, Tq, Tk * Tk).any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~has_pair, 0.0), dim=-1) * has_pair
+    probs = probs.reshape(B, H, Tq, Tk, Tk)
+    out = torch.einsum("bhtac,bhad,bhcd->bhtd", probs, v1, v2)
+    return out.to(dtype)
