@@ -1,0 +1,325 @@
+"""Tensor-attention causal LM for transformers 5.x, laid out like transformers' Llama.
+
+Each decoder layer is either tensor (2-simplicial) attention, where query t attends to pairs (a, b) of earlier
+tokens with score <q_t, k1_a * k2_b> and value v1_a * v2_b, or standard softmax attention (SDPA), as the
+config's `layer_types` say.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+
+from .cache import LAYOUTS, TensorAttnCache, available_cache_implementations
+from .configuration import TensorAttnConfig
+from .ops import tensor_attention
+
+
+class TensorAttnRMSNorm(nn.RMSNorm):
+    pass
+
+
+class TensorAttnRotaryEmbedding(nn.Module):
+    """cos/sin tables of rotary position embeddings for the given position ids."""
+
+    def __init__(self, config: TensorAttnConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", self.compute_inv_freq(config), persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: TensorAttnConfig) -> torch.Tensor:
+        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
+        return 1.0 / (config.rope_theta**exponents)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, D] by the tables cos, sin [B, T, D]."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class TensorAttnMLP(nn.Module):
+    def __init__(self, config: TensorAttnConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TensorAttention(nn.Module):
+    """2-simplicial attention. `k_proj` and `v_proj` produce both streams of a head side by side:
+    k = k1 | k2 and v = v1 | v2 along the head features, which is also the layout the cache receives."""
+
+    def __init__(self, config: TensorAttnConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scale = config.score_scale
+        self.w1, self.w2 = config.w1, config.w2
+        self.use_rope = config.position_embedding_type == "rope"
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, 2 * inner, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, 2 * inner, bias=config.attention_bias)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_bias)
+        self.dropout = nn.Dropout(config.attention_dropout)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None):
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(hidden_states).view(B, T, self.num_heads, 2 * self.head_dim).transpose(1, 2)  # [B, H, T, 2D]
+        v = self.v_proj(hidden_states).view(B, T, self.num_heads, 2 * self.head_dim).transpose(1, 2)  # [B, H, T, 2D]
+        if self.use_rope:
+            cos, sin = position_embeddings
+            k1, k2 = k.chunk(2, dim=-1)
+            q = apply_rotary(q, cos, sin)
+            k = torch.cat((apply_rotary(k1, cos, sin), apply_rotary(k2, cos, sin)), dim=-1)
+
+        attend_kwargs = dict(scale=self.scale, w1=self.w1, w2=self.w2, attention_mask=attention_mask)
+        if past_key_values is not None:
+            past_key_values.update(k, v, self.layer_idx, attention_mask=attention_mask)
+            out = past_key_values.layers[self.layer_idx].attend(q, **attend_kwargs)
+        else:
+            k1, k2 = k.chunk(2, dim=-1)
+            v1, v2 = v.chunk(2, dim=-1)
+            out = tensor_attention(q, k1, k2, v1, v2, **attend_kwargs)
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(self.dropout(out))
+
+
+class StandardAttention(nn.Module):
+    """Causal softmax attention through SDPA, for the `"full_attention"` layers of a hybrid stack."""
+
+    def __init__(self, config: TensorAttnConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.use_rope = config.position_embedding_type == "rope"
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, inner, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, inner, bias=config.attention_bias)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_bias)
+        self.dropout = nn.Dropout(config.attention_dropout)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None):
+        B, T, _ = hidden_states.shape
+        shape = (B, T, self.num_heads, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if self.use_rope:
+            cos, sin = position_embeddings
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        mask = causal_padding_mask(T, k.shape[2], attention_mask, q.device)  # [B or 1, 1, T, Tk]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(self.dropout(out))
+
+
+def causal_padding_mask(Tq: int, Tk: int, attention_mask, device) -> torch.Tensor:
+    """Boolean SDPA mask: key a is visible to query t when a <= t and a is a real token."""
+    t = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+    mask = (torch.arange(Tk, device=device)[None, :] <= t)[None, None]  # [1, 1, Tq, Tk]
+    if attention_mask is not None:
+        mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    # A pad query before any real token sees no key; SDPA would return NaN. Let it see every key instead:
+    # its output is never used (its own position is masked everywhere downstream) but stays finite.
+    return mask | ~mask.any(-1, keepdim=True)
+
+
+ATTENTION_CLASSES = {"tensor_attention": TensorAttention, "full_attention": StandardAttention}
+
+
+class TensorAttnDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: TensorAttnConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = ATTENTION_CLASSES[config.layer_types[layer_idx]](config, layer_idx)
+        self.mlp = TensorAttnMLP(config)
+        self.input_layernorm = TensorAttnRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = TensorAttnRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        residual = hidden_states
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+        )
+        hidden_states = residual + self.dropout(hidden_states)
+        residual = hidden_states
+        hidden_states = residual + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
+        return hidden_states
+
+
+class TensorAttnPreTrainedModel(PreTrainedModel):
+    config_class = TensorAttnConfig
+    config: TensorAttnConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TensorAttnDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # The rotary table is a non-persistent buffer: recompute it when weights are initialised off the meta device.
+        if isinstance(module, TensorAttnRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
+
+
+class TensorAttnModel(TensorAttnPreTrainedModel):
+    def __init__(self, config: TensorAttnConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([TensorAttnDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = TensorAttnRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = TensorAttnRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = TensorAttnCache(self.config)
+
+        B, T = inputs_embeds.shape[:2]
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape != (B, past_seen + T):
+                raise ValueError(
+                    f"`attention_mask` must be a 2D [batch, past + new tokens] = {(B, past_seen + T)} 0/1 mask, "
+                    f"got shape {tuple(attention_mask.shape)}"
+                )
+            if bool(attention_mask.all()):
+                attention_mask = None  # nothing is padded: the masks reduce to causality
+        if position_ids is None:
+            position_ids = torch.arange(past_seen, past_seen + T, device=inputs_embeds.device)[None].expand(B, -1)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values if use_cache else None,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None)
+
+
+class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TensorAttnConfig):
+        super().__init__(config)
+        self.model = TensorAttnModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, plus the tensor-attention cache layouts.
+
+        `cache_implementation` may name a layout ("four_cache", "two_cache", "subgen4", "subgen2", with
+        options in `cache_config`); "dynamic" or no name gives the config's default layout. transformers'
+        `GenerationConfig` rejects names outside its own list, so ours become a cache object here, before it looks.
+        """
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        name = kwargs.pop("cache_implementation", None) or generation_config.cache_implementation
+        cache_config = kwargs.pop("cache_config", None) or generation_config.cache_config
+        if name == "offloaded":  # transformers' own offloading DynamicCache works with every layout-free layer
+            return super().generate(*args, cache_implementation=name, cache_config=cache_config, **kwargs)
+        if name in (None, "dynamic"):
+            name = self.config.default_cache_implementation
+        elif name not in LAYOUTS:
+            raise ValueError(
+                f"`cache_implementation` must be one of {available_cache_implementations()}, or 'dynamic' (the "
+                f"config's default layout) or 'offloaded'; got {name!r}"
+            )
+        if generation_config.cache_implementation is not None:
+            generation_config = copy.deepcopy(generation_config)
+            generation_config.cache_implementation = None
+            generation_config.cache_config = None
+            kwargs["generation_config"] = generation_config
+        use_cache = kwargs.get("use_cache", generation_config.use_cache)
+        if kwargs.get("past_key_values") is None and use_cache is not False:
+            kwargs["past_key_values"] = TensorAttnCache(self.config, name, cache_config)
+        return super().generate(*args, **kwargs)
+
+
+__all__ = ["TensorAttnForCausalLM", "TensorAttnModel", "TensorAttnPreTrainedModel"]

@@ -1,0 +1,86 @@
+"""A byte-level tokenizer: ids 0-2 are <pad>, <s>, </s>; id 3 + b is byte b. No vocabulary file, no downloads."""
+
+from __future__ import annotations
+
+from transformers.tokenization_python import AddedToken, PreTrainedTokenizer
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+NUM_BYTES = 256
+
+
+class TensorAttnByteTokenizer(PreTrainedTokenizer):
+    """UTF-8 bytes as tokens. Any text round-trips exactly; vocab size 259 matches `TensorAttnConfig`'s default.
+
+    Args:
+        add_bos_token (`bool`, defaults to False): prepend `<s>` when encoding.
+        add_eos_token (`bool`, defaults to False): append `</s>` when encoding.
+        padding_side (`str`, defaults to `"left"`): left padding, what batched generation needs.
+    """
+
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, add_bos_token=False, add_eos_token=False, padding_side="left", **kwargs):
+        pad, bos, eos = (AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS)
+        # Fixed ids for the special tokens, before the bytes, so `id = 3 + byte` holds for every byte.
+        self._added_tokens_decoder = {0: pad, 1: bos, 2: eos}
+        self.offset = len(SPECIAL_TOKENS)
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        for key in ("pad_token", "bos_token", "eos_token"):
+            kwargs.pop(key, None)
+        super().__init__(
+            pad_token=pad, bos_token=bos, eos_token=eos, padding_side=padding_side,
+            add_bos_token=add_bos_token, add_eos_token=add_eos_token, **kwargs,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return NUM_BYTES + self.offset
+
+    def get_vocab(self) -> dict[str, int]:
+        vocab = {chr(b): b + self.offset for b in range(NUM_BYTES)}
+        vocab.update(self.added_tokens_encoder)
+        return vocab
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        bos = [self.bos_token_id] if self.add_bos_token else []
+        eos = [self.eos_token_id] if self.add_eos_token else []
+        ids = bos + token_ids_0 + eos
+        return ids if token_ids_1 is None else ids + bos + token_ids_1 + eos
+
+    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False):
+        if already_has_special_tokens:
+            return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
+        bos = [1] if self.add_bos_token else []
+        eos = [1] if self.add_eos_token else []
+        mask = bos + [0] * len(token_ids_0) + eos
+        return mask if token_ids_1 is None else mask + bos + [0] * len(token_ids_1) + eos
+
+    def _tokenize(self, text: str) -> list[str]:
+        # One token per UTF-8 byte, each written as the character with that code point (0-255).
+        return [chr(b) for b in text.encode("utf-8")]
+
+    def _convert_token_to_id(self, token: str) -> int:
+        if len(token) == 1 and ord(token) < NUM_BYTES:
+            return ord(token) + self.offset
+        raise ValueError(f"token {token!r} is neither a byte nor one of the special tokens {list(SPECIAL_TOKENS)}")
+
+    def _convert_id_to_token(self, index: int) -> str:
+        if not self.offset <= index < self.vocab_size:
+            raise ValueError(f"token id {index} is outside the byte range [{self.offset}, {self.vocab_size})")
+        return chr(index - self.offset)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        data = bytearray()
+        for token in tokens:
+            if token in self.added_tokens_encoder:
+                data.extend(token.encode("utf-8"))
+            else:
+                data.append(ord(token))
+        return data.decode("utf-8", errors="replace")
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        return ()  # the vocabulary is the 256 bytes: nothing to write
+
+
+__all__ = ["TensorAttnByteTokenizer"]
