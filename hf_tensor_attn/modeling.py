@@ -241,7 +241,11 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
             if bool(attention_mask.all()):
                 attention_mask = None  # nothing is padded: the masks reduce to causality
         if position_ids is None:
-            position_ids = torch.arange(past_seen, past_seen + T, device=inputs_embeds.device)[None].expand(B, -1)
+            if attention_mask is not None:
+                # Count only real tokens, so a left-padded row gets the positions it would have alone.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past_seen, past_seen + T, device=inputs_embeds.device)[None].expand(B, -1)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)

@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+import hf_tensor_attn  # noqa: F401  (registers the Auto classes)
+from transformers import AutoConfig, AutoModelForCausalLM
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_model(dtype=torch.float64, **overrides):
+    """A small random model for equivalence tests; float64 so differences are exact-arithmetic noise only."""
+    kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=259)
+    kwargs.update(overrides)
+    config = AutoConfig.for_model("tensor_attn", **kwargs)
+    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
+
+
+@pytest.fixture
+def make_model():
+    return tiny_model
