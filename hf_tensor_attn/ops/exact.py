@@ -1,34 +1,177 @@
-"""Exact tensor attention that never materialises the Tq x Tk x Tk scores.
+"""Exact tensor attention that never materialises the Tq x Tk x Tk scores (FlashAttention-style, for CPU torch).
 
-Placeholder tiling (query blocks, each recomputed in backward through activation checkpointing): peak memory
-is O(block * Tk^2). The fast kernel of issue #5 replaces the body of `tensor_attention`.
+Forward: for each query block, tiles over (row-stream block x column-stream block). The scores of a tile are one
+batched GEMM, (q * k_row) [bq*ba, d] @ k_col^T [d, bc]; an online softmax over *pairs* keeps a running max and
+normaliser per query; the values are a second GEMM, P [bq*ba, bc] @ v_col [bc, d], times v_row and summed over
+the row keys. Backward recomputes the scores tile by tile from the saved per-query log-sum-exp, so memory is
+O(tile + T*d) and a window (w1, w2) costs O(T * w1 * w2 * d).
+
+The maths is symmetric in the two streams (<q, k1*k2> = <q, k2*k1>, v1*v2 = v2*v1), so the stream with the
+smaller window becomes the row stream: its range per query block is the one the query block widens least.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
+from ._tiles import QueryBlock, TileSizes, choose_tile_sizes, key_bias, plan
 from .common import check_inputs
-from .naive import naive_tensor_attention
 
-QUERY_BLOCK = 16
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tile_bias(block: QueryBlock, rb, cb, w_row, w_col, mask, B, H, dtype, device):
+    """Biases to add to a [B, H, bq, ba, bc] score tile, or None when the tile is unmasked on that side."""
+    row = col = None
+    if rb.masked:
+        row = key_bias(block, rb.start, rb.stop, w_row, mask, dtype, device)[:, None, :, :, None]  # [B|1,1,bq,ba,1]
+    if cb.masked:
+        col = key_bias(block, cb.start, cb.stop, w_col, mask, dtype, device)[:, None, :, None, :]  # [B|1,1,bq,1,bc]
+    return row, col
+
+
+def _add_bias(scores: torch.Tensor, row, col, B, H, bq, ba, bc) -> None:
+    s5 = scores.view(B, H, bq, ba, bc)
+    if row is not None:
+        s5.add_(row)
+    if col is not None:
+        s5.add_(col)
+
+
+def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
+    """q pre-scaled; all [BH, T, d] in the compute dtype. Returns out [BH, Tq, d] and lse [BH, Tq]."""
+    BH, Tq, d = q.shape
+    Tk = kr.shape[1]
+    dtype, device = q.dtype, q.device
+    out = torch.zeros(BH, Tq, d, dtype=dtype, device=device)
+    lse = torch.zeros(BH, Tq, dtype=dtype, device=device)
+    lowest = torch.finfo(dtype).min  # finite start for the running max: exp(-inf - lowest) = 0, never NaN
+    for block in plan(Tq, Tk, w_row, w_col, mask, sizes):
+        bq = block.stop - block.start
+        qb = q[:, block.start : block.stop]  # [BH, bq, d]
+        m = torch.full((BH, bq), lowest, dtype=dtype, device=device)
+        l = torch.zeros(BH, bq, dtype=dtype, device=device)
+        acc = torch.zeros(BH, bq, d, dtype=dtype, device=device)
+        for rb in block.row_blocks:
+            ba = rb.stop - rb.start
+            qk = (qb[:, :, None, :] * kr[:, None, rb.start : rb.stop, :]).view(BH, bq * ba, d)  # rows (t, a)
+            vrb = vr[:, None, rb.start : rb.stop, :]  # [BH, 1, ba, d]
+            for cb in block.col_blocks:
+                bc = cb.stop - cb.start
+                s = torch.bmm(qk, kc[:, cb.start : cb.stop].transpose(1, 2))  # [BH, bq*ba, bc]
+                if rb.masked or cb.masked:
+                    _add_bias(s, *_tile_bias(block, rb, cb, w_row, w_col, mask, B, H, dtype, device), B, H, bq, ba, bc)
+                s_t = s.view(BH, bq, ba * bc)
+                m_new = torch.maximum(m, s_t.amax(-1))  # [BH, bq]
+                alpha = torch.exp(m - m_new)
+                s_t.sub_(m_new[:, :, None]).exp_()
+                l = l * alpha + s_t.sum(-1)
+                pv = torch.bmm(s, vc[:, cb.start : cb.stop])  # [BH, bq*ba, d]
+                acc = acc * alpha[:, :, None] + (pv.view(BH, bq, ba, d) * vrb).sum(2)
+                m = m_new
+        has_pair = l > 0
+        out[:, block.start : block.stop] = acc / torch.where(has_pair, l, 1)[:, :, None]
+        lse[:, block.start : block.stop] = torch.where(has_pair, m + torch.log(l), 0)
+    return out, lse
+
+
+def _backward(q, kr, kc, vr, vc, out, lse, dout, w_row, w_col, mask, B, H, sizes: TileSizes):
+    """Gradients w.r.t. the pre-scaled q and the four key/value streams, all [BH, T, d]."""
+    BH, Tq, d = q.shape
+    Tk = kr.shape[1]
+    dtype, device = q.dtype, q.device
+    delta = (dout * out).sum(-1)  # [BH, Tq]: D_t = sum_ab P dP = <dO_t, o_t>
+    # Column stream stacked three ways so one batched GEMM serves two products: [kc; vc] for (scores, dP) and
+    # [vc; kc] for (P @ vc, dS @ kc).
+    kvk = torch.cat([kc, vc, kc], 0)  # [3BH, Tk, d]
+    dq = torch.zeros_like(q)
+    dkr = torch.zeros_like(kr)
+    dvr = torch.zeros_like(vr)
+    dvk = torch.zeros(2 * BH, Tk, d, dtype=dtype, device=device)  # [dvc; dkc]
+    for block in plan(Tq, Tk, w_row, w_col, mask, sizes):
+        bq = block.stop - block.start
+        qb = q[:, block.start : block.stop]  # [BH, bq, d]
+        gb = dout[:, block.start : block.stop]
+        lse_b = lse[:, block.start : block.stop, None]  # [BH, bq, 1]
+        delta_b = delta[:, block.start : block.stop, None]
+        dq_b = torch.zeros(BH, bq, d, dtype=dtype, device=device)
+        for rb in block.row_blocks:
+            ba = rb.stop - rb.start
+            krb = kr[:, None, rb.start : rb.stop, :]  # [BH, 1, ba, d]
+            # [q*kr; dO*vr; q*kr] over rows (t, a): pairs with kvk as (S, dP) and its transpose as (dkc, dvc)
+            left = torch.empty(3 * BH, bq, ba, d, dtype=dtype, device=device)
+            torch.mul(qb[:, :, None, :], krb, out=left[:BH])
+            torch.mul(gb[:, :, None, :], vr[:, None, rb.start : rb.stop, :], out=left[BH : 2 * BH])
+            left[2 * BH :] = left[:BH]
+            left = left.view(3 * BH, bq * ba, d)
+            yx = torch.zeros(2 * BH, bq * ba, d, dtype=dtype, device=device)  # [P @ vc; dS @ kc]
+            for cb in block.col_blocks:
+                bc = cb.stop - cb.start
+                sp = torch.bmm(left[: 2 * BH], kvk[: 2 * BH, cb.start : cb.stop].transpose(1, 2))  # [2BH, bq*ba, bc]
+                s, dp = sp[:BH], sp[BH:]
+                if rb.masked or cb.masked:
+                    _add_bias(s, *_tile_bias(block, rb, cb, w_row, w_col, mask, B, H, dtype, device), B, H, bq, ba, bc)
+                p = s.view(BH, bq, ba * bc).sub_(lse_b).exp_()
+                dp.view(BH, bq, ba * bc).sub_(delta_b).mul_(p)  # dS = P * (dP - D)
+                yx.baddbmm_(sp, kvk[BH:, cb.start : cb.stop])
+                dvk[:, cb.start : cb.stop].baddbmm_(sp.transpose(1, 2), left[BH:])
+            y, x = yx[:BH].view(BH, bq, ba, d), yx[BH:].view(BH, bq, ba, d)
+            dvr[:, rb.start : rb.stop] += (y * gb[:, :, None, :]).sum(1)
+            dkr[:, rb.start : rb.stop] += (x * qb[:, :, None, :]).sum(1)
+            dq_b += (x * krb).sum(2)
+        dq[:, block.start : block.stop] = dq_b
+    return dq, dkr, dkr.new_empty(0), dvr, dvk
+
+
+class _TensorAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
+        B, H, Tq, D = q.shape
+        Tk = k1.shape[2]
+        dtype = _compute_dtype(q.dtype)
+        # The smaller window goes on the rows (see module docstring); no window counts as the largest.
+        swap = w2 is not None and (w1 is None or w2 < w1)
+        kr, kc, vr, vc = (k2, k1, v2, v1) if swap else (k1, k2, v1, v2)
+        w_row, w_col = (w2, w1) if swap else (w1, w2)
+        flat = lambda t, T: t.to(dtype).reshape(B * H, T, D)
+        qs = flat(q, Tq) * scale
+        sizes = choose_tile_sizes(Tq, w_row, w_col)
+        mask = attention_mask.to(torch.bool) if attention_mask is not None else None
+        out, lse = _forward(qs, flat(kr, Tk), flat(kc, Tk), flat(vr, Tk), flat(vc, Tk), w_row, w_col, mask, B, H, sizes)
+        ctx.save_for_backward(q, k1, k2, v1, v2, out, lse, mask)
+        ctx.meta = (scale, swap, w_row, w_col, sizes)
+        return out.view(B, H, Tq, D).to(q.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k1, k2, v1, v2, out, lse, mask = ctx.saved_tensors
+        scale, swap, w_row, w_col, sizes = ctx.meta
+        B, H, Tq, D = q.shape
+        Tk = k1.shape[2]
+        dtype = out.dtype
+        kr, kc, vr, vc = (k2, k1, v2, v1) if swap else (k1, k2, v1, v2)
+        flat = lambda t, T: t.to(dtype).reshape(B * H, T, D)
+        qs = flat(q, Tq) * scale
+        dq, dkr, _, dvr, dvk = _backward(
+            qs, flat(kr, Tk), flat(kc, Tk), flat(vr, Tk), flat(vc, Tk), out, lse, flat(dout, Tq),
+            w_row, w_col, mask, B, H, sizes,
+        )
+        BH = B * H
+        dvc, dkc = dvk[:BH], dvk[BH:]
+        shape = lambda t, T, like: t.view(B, H, T, D).to(like.dtype)
+        dq = shape(dq * scale, Tq, q)
+        dk1, dk2, dv1, dv2 = (dkc, dkr, dvc, dvr) if swap else (dkr, dkc, dvr, dvc)
+        return dq, shape(dk1, Tk, k1), shape(dk2, Tk, k2), shape(dv1, Tk, v1), shape(dv2, Tk, v2), None, None, None, None
 
 
 def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
-    """Exact tensor attention with the signature of `naive_tensor_attention`; differentiable."""
+    """Exact tensor attention with the signature of `naive_tensor_attention`; differentiable.
+
+    Computes in float64 for float64 inputs and in float32 otherwise (bf16/fp16 are upcast per tile set, the
+    accumulators stay fp32); returns q's dtype. Peak extra memory is O(tile + T*d).
+    """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
-    Tq, Tk = q.shape[2], k1.shape[2]
-    outs = []
-    for start in range(0, Tq, QUERY_BLOCK):
-        stop = min(start + QUERY_BLOCK, Tq)
-        # Keys after the block's last query are never used: trim them.
-        kend = Tk - Tq + stop
-        mask = attention_mask[:, :kend] if attention_mask is not None else None
-        block = lambda qb, a, b, c, d: naive_tensor_attention(qb, a, b, c, d, scale=scale, w1=w1, w2=w2, attention_mask=mask)
-        args = (q[:, :, start:stop], k1[:, :, :kend], k2[:, :, :kend], v1[:, :, :kend], v2[:, :, :kend])
-        if torch.is_grad_enabled() and any(t.requires_grad for t in args):
-            outs.append(checkpoint(block, *args, use_reentrant=False))
-        else:
-            outs.append(block(*args))
-    return torch.cat(outs, dim=2)
+    return _TensorAttention.apply(q, k1, k2, v1, v2, float(scale), w1, w2, attention_mask)
