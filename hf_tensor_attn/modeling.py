@@ -218,15 +218,16 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
+        if use_cache is None:
+            # Training never reuses a cache: building one would only hold activations alive.
+            use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:
             past_key_values = TensorAttnCache(self.config)
 
@@ -247,17 +248,28 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
             else:
                 position_ids = torch.arange(past_seen, past_seen + T, device=inputs_embeds.device)[None].expand(B, -1)
 
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         hidden_states = inputs_embeds
+        all_hidden_states = [] if output_hidden_states else None
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
             hidden_states = layer(
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values if use_cache else None,
+                past_key_values=past_key_values,
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+        )
 
 
 class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
@@ -288,13 +300,16 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_hidden_states=kwargs.pop("output_hidden_states", None),
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, plus the tensor-attention cache layouts.

@@ -144,3 +144,15 @@ def test_unknown_cache_implementation_lists_valid_names(make_model):
     model = make_model()
     with pytest.raises(ValueError, match="four_cache"):
         model.generate(torch.randint(3, 259, (1, 4)), cache_implementation="nonsense", max_new_tokens=2)
+
+
+def test_hidden_states_and_pipeline(make_model):
+    from transformers import pipeline
+
+    model = make_model(dtype=torch.float32)
+    ids = torch.randint(3, 259, (1, 6))
+    out = model(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    generator = pipeline("text-generation", model=model, tokenizer=hf_tensor_attn.TensorAttnByteTokenizer())
+    texts = generator(["|ac", "|bzx"], max_new_tokens=5, do_sample=False, batch_size=2)
+    assert len(texts) == 2 and texts[0][0]["generated_text"].startswith("|ac")
