@@ -105,6 +105,5 @@ def key_bias(block: QueryBlock, lo: int, hi: int, window, attention_mask, dtype,
         ok = ok & (t - a < window)
     ok = ok[None]  # [1, bq, n]
     if attention_mask is not None:
-        ok = ok & attention_mask[:, None, lo:hi].to(device=device, dtype=torch.bool)  # [B, bq, n]
-    zero = torch.zeros((), dtype=dtype, device=device)
-    return torch.where(ok, zero, torch.tensor(float("-inf"), dtype=dtype, device=device))
+        ok = ok & attention_mask[:, None, lo:hi]  # [B, bq, n]
+    return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))

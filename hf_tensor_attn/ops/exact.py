@@ -12,9 +12,11 @@ smaller window becomes the row stream: its range per query block is the one the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ._tiles import QueryBlock, TileSizes, choose_tile_sizes, key_bias, plan
+from ._tiles import KeyBlock, QueryBlock, TileSizes, choose_tile_sizes, key_bias, plan
 from .common import check_inputs
 
 
@@ -22,22 +24,42 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _tile_bias(block: QueryBlock, rb, cb, w_row, w_col, mask, B, H, dtype, device):
-    """Biases to add to a [B, H, bq, ba, bc] score tile, or None when the tile is unmasked on that side."""
-    row = col = None
-    if rb.masked:
-        row = key_bias(block, rb.start, rb.stop, w_row, mask, dtype, device)[:, None, :, :, None]  # [B|1,1,bq,ba,1]
-    if cb.masked:
-        col = key_bias(block, cb.start, cb.stop, w_col, mask, dtype, device)[:, None, :, None, :]  # [B|1,1,bq,1,bc]
-    return row, col
+class _Workspace:
+    """Flat scratch buffers reused by every tile: a fresh multi-MB tensor per tile costs page faults."""
+
+    def __init__(self, dtype, device):
+        self.dtype, self.device = dtype, device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[name] = torch.empty(n, dtype=self.dtype, device=self.device)
+        return buf[:n].view(shape)
 
 
-def _add_bias(scores: torch.Tensor, row, col, B, H, bq, ba, bc) -> None:
-    s5 = scores.view(B, H, bq, ba, bc)
-    if row is not None:
-        s5.add_(row)
-    if col is not None:
-        s5.add_(col)
+class _Biases:
+    """Additive 0/-inf masks of one query block over its row and column key ranges, built only if some tile
+    of the block is masked on that side; a tile then adds the slice for its keys to its [B, H, bq, ba, bc] view."""
+
+    def __init__(self, block: QueryBlock, w_row, w_col, mask, dtype, device):
+        self.row = self.col = None
+        self.row_lo = block.row_blocks[0].start
+        self.col_lo = block.col_blocks[0].start
+        if any(rb.masked for rb in block.row_blocks):
+            bias = key_bias(block, self.row_lo, block.row_blocks[-1].stop, w_row, mask, dtype, device)
+            self.row = bias[:, None, :, :, None]  # [B|1, 1, bq, n_row, 1]
+        if any(cb.masked for cb in block.col_blocks):
+            bias = key_bias(block, self.col_lo, block.col_blocks[-1].stop, w_col, mask, dtype, device)
+            self.col = bias[:, None, :, None, :]  # [B|1, 1, bq, 1, n_col]
+
+    def apply(self, scores: torch.Tensor, rb: KeyBlock, cb: KeyBlock, B: int, H: int, bq: int) -> None:
+        s5 = scores.view(B, H, bq, rb.stop - rb.start, cb.stop - cb.start)
+        if rb.masked:
+            s5.add_(self.row[:, :, :, rb.start - self.row_lo : rb.stop - self.row_lo])
+        if cb.masked:
+            s5.add_(self.col[..., cb.start - self.col_lo : cb.stop - self.col_lo])
 
 
 def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
@@ -45,31 +67,37 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
     BH, Tq, d = q.shape
     Tk = kr.shape[1]
     dtype, device = q.dtype, q.device
+    ws = _Workspace(dtype, device)
     out = torch.zeros(BH, Tq, d, dtype=dtype, device=device)
     lse = torch.zeros(BH, Tq, dtype=dtype, device=device)
+    kc_t = kc.transpose(1, 2)  # [BH, d, Tk]
     lowest = torch.finfo(dtype).min  # finite start for the running max: exp(-inf - lowest) = 0, never NaN
     for block in plan(Tq, Tk, w_row, w_col, mask, sizes):
         bq = block.stop - block.start
         qb = q[:, block.start : block.stop]  # [BH, bq, d]
+        biases = _Biases(block, w_row, w_col, mask, dtype, device)
         m = torch.full((BH, bq), lowest, dtype=dtype, device=device)
         l = torch.zeros(BH, bq, dtype=dtype, device=device)
         acc = torch.zeros(BH, bq, d, dtype=dtype, device=device)
         for rb in block.row_blocks:
             ba = rb.stop - rb.start
-            qk = (qb[:, :, None, :] * kr[:, None, rb.start : rb.stop, :]).view(BH, bq * ba, d)  # rows (t, a)
+            qk = ws.get("qk", BH, bq, ba, d)
+            torch.mul(qb[:, :, None, :], kr[:, None, rb.start : rb.stop, :], out=qk)  # rows (t, a): q_t * kr_a
+            qk = qk.view(BH, bq * ba, d)
             vrb = vr[:, None, rb.start : rb.stop, :]  # [BH, 1, ba, d]
             for cb in block.col_blocks:
                 bc = cb.stop - cb.start
-                s = torch.bmm(qk, kc[:, cb.start : cb.stop].transpose(1, 2))  # [BH, bq*ba, bc]
+                s = torch.bmm(qk, kc_t[:, :, cb.start : cb.stop], out=ws.get("s", BH, bq * ba, bc))
                 if rb.masked or cb.masked:
-                    _add_bias(s, *_tile_bias(block, rb, cb, w_row, w_col, mask, B, H, dtype, device), B, H, bq, ba, bc)
-                s_t = s.view(BH, bq, ba * bc)
+                    biases.apply(s, rb, cb, B, H, bq)
+                s_t = s.view(BH, bq, ba * bc)  # all pairs of query t in this tile
                 m_new = torch.maximum(m, s_t.amax(-1))  # [BH, bq]
                 alpha = torch.exp(m - m_new)
                 s_t.sub_(m_new[:, :, None]).exp_()
-                l = l * alpha + s_t.sum(-1)
-                pv = torch.bmm(s, vc[:, cb.start : cb.stop])  # [BH, bq*ba, d]
-                acc = acc * alpha[:, :, None] + (pv.view(BH, bq, ba, d) * vrb).sum(2)
+                l.mul_(alpha).add_(s_t.sum(-1))
+                pv = torch.bmm(s, vc[:, cb.start : cb.stop], out=ws.get("pv", BH, bq, ba, d).view(BH, bq * ba, d))
+                prod = torch.mul(pv.view(BH, bq, ba, d), vrb, out=ws.get("prod", BH, bq, ba, d))
+                acc.mul_(alpha[:, :, None]).add_(prod.sum(2))
                 m = m_new
         has_pair = l > 0
         out[:, block.start : block.stop] = acc / torch.where(has_pair, l, 1)[:, :, None]
@@ -78,14 +106,16 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
 
 
 def _backward(q, kr, kc, vr, vc, out, lse, dout, w_row, w_col, mask, B, H, sizes: TileSizes):
-    """Gradients w.r.t. the pre-scaled q and the four key/value streams, all [BH, T, d]."""
+    """Gradients w.r.t. the pre-scaled q, kr, kc, vr, vc (all [BH, T, d])."""
     BH, Tq, d = q.shape
     Tk = kr.shape[1]
     dtype, device = q.dtype, q.device
+    ws = _Workspace(dtype, device)
     delta = (dout * out).sum(-1)  # [BH, Tq]: D_t = sum_ab P dP = <dO_t, o_t>
-    # Column stream stacked three ways so one batched GEMM serves two products: [kc; vc] for (scores, dP) and
-    # [vc; kc] for (P @ vc, dS @ kc).
+    # The column stream stacked three ways so that one batched GEMM gives two products: [kc; vc] for
+    # (scores, dP) and [vc; kc] for (P @ vc, dS @ kc).
     kvk = torch.cat([kc, vc, kc], 0)  # [3BH, Tk, d]
+    kvk_t = kvk.transpose(1, 2)  # [3BH, d, Tk]
     dq = torch.zeros_like(q)
     dkr = torch.zeros_like(kr)
     dvr = torch.zeros_like(vr)
@@ -96,23 +126,24 @@ def _backward(q, kr, kc, vr, vc, out, lse, dout, w_row, w_col, mask, B, H, sizes
         gb = dout[:, block.start : block.stop]
         lse_b = lse[:, block.start : block.stop, None]  # [BH, bq, 1]
         delta_b = delta[:, block.start : block.stop, None]
+        biases = _Biases(block, w_row, w_col, mask, dtype, device)
         dq_b = torch.zeros(BH, bq, d, dtype=dtype, device=device)
         for rb in block.row_blocks:
             ba = rb.stop - rb.start
             krb = kr[:, None, rb.start : rb.stop, :]  # [BH, 1, ba, d]
-            # [q*kr; dO*vr; q*kr] over rows (t, a): pairs with kvk as (S, dP) and its transpose as (dkc, dvc)
-            left = torch.empty(3 * BH, bq, ba, d, dtype=dtype, device=device)
+            # Rows (t, a) of [q*kr; dO*vr; q*kr]: with kvk they give (S, dP), transposed (dvc, dkc).
+            left = ws.get("left", 3 * BH, bq, ba, d)
             torch.mul(qb[:, :, None, :], krb, out=left[:BH])
             torch.mul(gb[:, :, None, :], vr[:, None, rb.start : rb.stop, :], out=left[BH : 2 * BH])
             left[2 * BH :] = left[:BH]
             left = left.view(3 * BH, bq * ba, d)
-            yx = torch.zeros(2 * BH, bq * ba, d, dtype=dtype, device=device)  # [P @ vc; dS @ kc]
+            yx = ws.get("yx", 2 * BH, bq * ba, d).zero_()  # accumulates [P @ vc; dS @ kc] over column blocks
             for cb in block.col_blocks:
                 bc = cb.stop - cb.start
-                sp = torch.bmm(left[: 2 * BH], kvk[: 2 * BH, cb.start : cb.stop].transpose(1, 2))  # [2BH, bq*ba, bc]
-                s, dp = sp[:BH], sp[BH:]
+                sp = torch.bmm(left[: 2 * BH], kvk_t[: 2 * BH, :, cb.start : cb.stop], out=ws.get("sp", 2 * BH, bq * ba, bc))
+                s, dp = sp[:BH], sp[BH:]  # [BH, bq*ba, bc] each
                 if rb.masked or cb.masked:
-                    _add_bias(s, *_tile_bias(block, rb, cb, w_row, w_col, mask, B, H, dtype, device), B, H, bq, ba, bc)
+                    biases.apply(s, rb, cb, B, H, bq)
                 p = s.view(BH, bq, ba * bc).sub_(lse_b).exp_()
                 dp.view(BH, bq, ba * bc).sub_(delta_b).mul_(p)  # dS = P * (dP - D)
                 yx.baddbmm_(sp, kvk[BH:, cb.start : cb.stop])
@@ -122,7 +153,7 @@ def _backward(q, kr, kc, vr, vc, out, lse, dout, w_row, w_col, mask, B, H, sizes
             dkr[:, rb.start : rb.stop] += (x * qb[:, :, None, :]).sum(1)
             dq_b += (x * krb).sum(2)
         dq[:, block.start : block.stop] = dq_b
-    return dq, dkr, dkr.new_empty(0), dvr, dvk
+    return dq, dkr, dvk[BH:], dvr, dvk[:BH]
 
 
 class _TensorAttention(torch.autograd.Function):
@@ -155,12 +186,10 @@ class _TensorAttention(torch.autograd.Function):
         kr, kc, vr, vc = (k2, k1, v2, v1) if swap else (k1, k2, v1, v2)
         flat = lambda t, T: t.to(dtype).reshape(B * H, T, D)
         qs = flat(q, Tq) * scale
-        dq, dkr, _, dvr, dvk = _backward(
+        dq, dkr, dkc, dvr, dvc = _backward(
             qs, flat(kr, Tk), flat(kc, Tk), flat(vr, Tk), flat(vc, Tk), out, lse, flat(dout, Tq),
             w_row, w_col, mask, B, H, sizes,
         )
-        BH = B * H
-        dvc, dkc = dvk[:BH], dvk[BH:]
         shape = lambda t, T, like: t.view(B, H, T, D).to(like.dtype)
         dq = shape(dq * scale, Tq, q)
         dk1, dk2, dv1, dv2 = (dkc, dkr, dvc, dvr) if swap else (dkr, dkc, dvr, dvc)
@@ -170,8 +199,8 @@ class _TensorAttention(torch.autograd.Function):
 def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
     """Exact tensor attention with the signature of `naive_tensor_attention`; differentiable.
 
-    Computes in float64 for float64 inputs and in float32 otherwise (bf16/fp16 are upcast per tile set, the
-    accumulators stay fp32); returns q's dtype. Peak extra memory is O(tile + T*d).
+    Computes in float64 for float64 inputs and in float32 otherwise (bf16/fp16 inputs are upcast once, all
+    accumulation is fp32); returns q's dtype. Peak extra memory is O(tile + T*d).
     """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
     return _TensorAttention.apply(q, k1, k2, v1, v2, float(scale), w1, w2, attention_mask)
