@@ -2,10 +2,13 @@
 
 from .base import LAYOUTS, TensorAttnCache, TensorCacheLayer, available_cache_implementations, register_layout
 from .four import FourCacheLayer
+from .subgen import SubGen2CacheLayer, SubGen4CacheLayer
 
 __all__ = [
     "LAYOUTS",
     "FourCacheLayer",
+    "SubGen2CacheLayer",
+    "SubGen4CacheLayer",
     "TensorAttnCache",
     "TensorCacheLayer",
     "available_cache_implementations",

@@ -1,0 +1,426 @@
+"""SubGen eviction (DESIGN.md §2, paper Lemmas 5.1/5.2): memory sublinear in the sequence length when keys cluster.
+
+Both layouts keep an exact window of tokens (the first `sink_tokens` positions and the `recent_window` most recent
+ones) and summarise every token that leaves it with `ops.subgen.StreamSummary`:
+
+- ``subgen4`` summarises the (k1, v1) and (k2, v2) streams independently. A query then attends to the weighted
+  rows of each stream (exact tokens with weight 1, summary rows with their estimator weights) through one
+  factorized product: a pair's weight is the product of its two rows' weights, its value v1 ⊙ v2. Pairs of two
+  exact tokens are therefore exact, pairs with a summarised token estimated.
+- ``subgen2`` summarises the stream of pair rows (k1_a ⊙ k2_b, v1_a ⊙ v2_b) of the two-cache layout. A pair enters
+  that summary as soon as one of its tokens is summarised. The rows of a new token with tokens summarised before
+  it arrived cannot be formed exactly (their keys are gone; the paper's streaming model takes the rows as given),
+  so each stream also keeps a summary of its evicted tokens, and those pairs are formed from its rows
+  (cluster means, or reservoir samples: unbiased either way in expectation for "sampled", within δ for
+  "cluster_sum"). Memory is that of subgen4 plus the pair summary, whose clusters are pairs of clusters.
+
+Tokens are summarised lazily: `update` appends new tokens to the exact buffer, `attend` answers the queries and then
+evicts what falls outside the window. A prompt (nothing evicted yet) is therefore attended exactly by the tiled
+`ops.tensor_attention`, and summarised afterwards. Pad tokens (attention_mask 0) never enter a summary.
+
+Sinks are the first `sink_tokens` *positions*, shared by every row of the batch: with left padding a shorter row's
+sinks may be pads, which are simply masked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..ops import four_cache_decode, tensor_attention
+from ..ops.subgen import NUMERATORS, StreamSummary, combine, log_weights, weighted_pair_sums, weighted_row_sums
+from .base import TensorCacheLayer, register_layout
+
+DEFAULTS = {
+    "delta": 0.5,
+    "cluster_samples": 8,
+    "value_samples": 64,
+    "recent_window": 64,
+    "sink_tokens": 4,
+    "seed": 0,
+    "numerator": "cluster_sum",
+}
+QUERY_BLOCK = 16  # queries estimated together when a chunk continues a summarised sequence
+INSERT_ELEMENTS = 1 << 22  # rows x clusters per summary insert, bounding the distance matrix
+
+
+def _check_int(name, value, low, high=None, what=""):
+    bad = isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high)
+    if bad:
+        upper = f" and <= {high}" if high is not None else ""
+        raise ValueError(f"`cache_config['{name}']` must be an int >= {low}{upper}{what}, got {value!r}")
+
+
+def validate_subgen_config(cfg: dict) -> None:
+    """Raise ValueError naming the key, the value and the allowed range for any bad SubGen option."""
+    delta = cfg["delta"]
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta) or delta < 0:
+        raise ValueError(f"`cache_config['delta']` must be a finite float >= 0 (l2 clustering radius of keys), got {delta!r}")
+    _check_int("cluster_samples", cfg["cluster_samples"], 1, what=" (reservoir size per cluster)")
+    _check_int("value_samples", cfg["value_samples"], 1, what=" (number of ℓ2 value samplers)")
+    _check_int("recent_window", cfg["recent_window"], 0, what=" (recent tokens kept exactly)")
+    _check_int("sink_tokens", cfg["sink_tokens"], 0, what=" (first tokens kept exactly)")
+    _check_int("seed", cfg["seed"], 0, 2**63 - 1)
+    if cfg["numerator"] not in NUMERATORS:
+        raise ValueError(f"`cache_config['numerator']` must be one of {list(NUMERATORS)}, got {cfg['numerator']!r}")
+
+
+class _SubGenLayer(TensorCacheLayer):
+    """What both SubGen layouts share: options, the exact buffer, lazy eviction and the batch operations."""
+
+    config_keys = tuple(DEFAULTS)
+    is_croppable = False
+
+    def __init__(self, **cache_config):
+        self.check_cache_config(cache_config)
+        cfg = {**DEFAULTS, **cache_config}
+        validate_subgen_config(cfg)
+        self.cfg = cfg
+        super().__init__()
+        self.seen = 0
+
+    # -- layout hooks -----------------------------------------------------------------------------------------
+
+    def _init_summaries(self, B, H, D):
+        raise NotImplementedError
+
+    def _summaries(self) -> list[StreamSummary]:
+        raise NotImplementedError
+
+    def _summarise(self, evicted: slice) -> None:
+        """Move the exact tokens in `evicted` (a slice of the exact buffer) and the pending tokens into summaries."""
+        raise NotImplementedError
+
+    def _parts(self, q, lw1, lw2, scale, w1, w2):
+        """Partial sums (num parts, den parts) for queries q [B, H, Tq, D] given the exact rows' log-weights."""
+        raise NotImplementedError
+
+    # -- CacheLayerMixin ----------------------------------------------------------------------------------------
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        B, H, _, D2 = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        # Summaries accumulate sums and weights: keep them in float32 at least.
+        self.sdtype = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+        self.generator = torch.Generator(device=self.device).manual_seed(self.cfg["seed"])
+        self.ek = key_states.new_zeros(B, H, 0, D2)  # exact tokens: k1 | k2
+        self.ev = value_states.new_zeros(B, H, 0, D2)  # v1 | v2
+        self.ereal = torch.zeros(B, 0, dtype=torch.bool, device=self.device)
+        self.epos = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.n_pending = 0  # the last n_pending exact tokens arrived since the last eviction
+        self.n_evicted = 0
+        self._init_summaries(B, H, D2 // 2)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, attention_mask=None, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._evict()  # in case `attend` was not called after the previous update
+        B, _, T, _ = key_states.shape
+        if attention_mask is None:
+            real = torch.ones(B, T, dtype=torch.bool, device=self.device)
+        else:
+            real = attention_mask[:, -T:].to(device=self.device, dtype=torch.bool)
+        self.ek = torch.cat([self.ek, key_states], dim=2)
+        self.ev = torch.cat([self.ev, value_states], dim=2)
+        self.ereal = torch.cat([self.ereal, real], dim=1)
+        self.epos = torch.cat([self.epos, torch.arange(self.seen, self.seen + T, device=self.device)])
+        self.seen += T
+        self.n_pending += T
+        return key_states, value_states
+
+    def attend(self, query, *, scale, w1=None, w2=None, attention_mask=None):
+        Tq = query.shape[2]
+        if self.n_evicted == 0:
+            # Nothing summarised yet: the exact buffer is the whole sequence, attend exactly.
+            k1, k2 = self.ek.chunk(2, dim=-1)
+            v1, v2 = self.ev.chunk(2, dim=-1)
+            mask = None if bool(self.ereal.all()) else self.ereal.long()
+            op = four_cache_decode if Tq == 1 else tensor_attention
+            out = op(query, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=mask)
+        else:
+            out = torch.cat(
+                [self._estimate(query[:, :, i : i + QUERY_BLOCK], Tq - i, scale, w1, w2) for i in range(0, Tq, QUERY_BLOCK)],
+                dim=2,
+            ).to(query.dtype)
+        self._evict()
+        return out
+
+    def _exact_log_weights(self, Tq_block: int, from_end: int, window):
+        """[B, 1, Tq_block, Ne] log-weights of the exact tokens for queries ending `from_end` positions before the end."""
+        qpos = torch.arange(self.seen - from_end, self.seen - from_end + Tq_block, device=self.device)[:, None]
+        ok = (self.epos[None, :] <= qpos)[None] & self.ereal[:, None, :]  # [B, Tq, Ne]
+        if window is not None:
+            ok = ok & (qpos - self.epos[None, :] < window)[None]
+        zero = torch.zeros((), dtype=self.sdtype, device=self.device)
+        return torch.where(ok, zero, float("-inf"))[:, None]
+
+    def _estimate(self, q, from_end, scale, w1, w2):
+        q = q.to(self.sdtype)
+        lw1 = self._exact_log_weights(q.shape[2], from_end, w1)
+        lw2 = self._exact_log_weights(q.shape[2], from_end, w2)
+        nums, dens = self._parts(q, lw1, lw2, scale, w1, w2)
+        return combine(nums, dens)
+
+    def estimate_sums(self, query, *, scale, w1=None, w2=None):
+        """The unnormalised estimates (N̂ [B, H, Tq, D], Ẑ [B, H, Tq]) for the last Tq positions, both scaled by
+        exp(-shift) with the returned shift [B, H, Tq]: Ô = N̂ / Ẑ. For tests and evaluation; evicts nothing."""
+        q = query.to(self.sdtype)
+        lw1 = self._exact_log_weights(q.shape[2], q.shape[2], w1)
+        lw2 = self._exact_log_weights(q.shape[2], q.shape[2], w2)
+        nums, dens = self._parts(q, lw1, lw2, scale, w1, w2)
+        top = torch.stack([p[2] for p in nums + dens]).amax(0)
+        num = sum(p[0] * torch.exp(p[2] - top)[..., None] for p in nums)
+        den = sum(p[1] * torch.exp(p[2] - top) for p in dens)
+        return num, den, top
+
+    def _evict(self) -> None:
+        """Summarise the exact tokens outside the sinks and the recent window, then drop them."""
+        if not self.is_initialized or self.n_pending == 0:
+            return
+        Ne = self.ek.shape[2]
+        n_sinks = int((self.epos < self.cfg["sink_tokens"]).sum())
+        stop = max(Ne - self.cfg["recent_window"], n_sinks)
+        evicted = slice(n_sinks, stop)
+        self._summarise(evicted)
+        self.n_pending = 0
+        if stop > n_sinks:
+            keep = torch.cat([torch.arange(n_sinks), torch.arange(stop, Ne)]).to(self.device)
+            self.ek, self.ev = self.ek[:, :, keep], self.ev[:, :, keep]
+            self.ereal, self.epos = self.ereal[:, keep], self.epos[keep]
+            self.n_evicted += stop - n_sinks
+
+    def _rows(self, part: slice, stream: int):
+        """Exact keys, values [B, H, n, D] of stream 1 or 2 and weights [B, H, n] for the tokens in `part`."""
+        D = self.ek.shape[-1] // 2
+        cols = slice(0, D) if stream == 1 else slice(D, 2 * D)
+        k = self.ek[:, :, part, cols].to(self.sdtype)
+        v = self.ev[:, :, part, cols].to(self.sdtype)
+        w = self.ereal[:, None, part].to(self.sdtype).expand(k.shape[:3])
+        return k, v, w
+
+    def memory_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        held = sum(t.numel() * t.element_size() for t in (self.ek, self.ev, self.ereal, self.epos))
+        return held + sum(s.memory_bytes() for s in self._summaries())
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.seen = 0
+
+    def _apply(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.ek, self.ev, self.ereal = fn(self.ek), fn(self.ev), fn(self.ereal)
+        for s in self._summaries():
+            s.apply(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: each beam continues from the summary of the beam it was selected from."""
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices.to(t.device)])
+
+    def offload(self):
+        self._apply(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.is_initialized and self.ek.device != self.device:
+            self._apply(lambda t: t.to(self.device, non_blocking=True))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove == 0:
+            return
+        raise NotImplementedError(
+            f"cache_implementation={self.layout_name!r} cannot crop: evicted tokens are merged into cluster summaries "
+            "and cannot be un-merged (assisted or contrastive decoding need a croppable layout such as 'four_cache')"
+        )
+
+    def _summary(self, B, H, D, **kw) -> StreamSummary:
+        c = self.cfg
+        opts = dict(delta=c["delta"], numerator=c["numerator"], cluster_samples=c["cluster_samples"],
+                    value_samples=c["value_samples"], dtype=self.sdtype, device=self.device, generator=self.generator)
+        return StreamSummary(B, H, D, **{**opts, **kw})
+
+    def _check_windows(self, w1, w2, both_needed: bool) -> None:
+        W = self.cfg["recent_window"]
+        for name, w in (("w1", w1), ("w2", w2)):
+            if w is not None and W < w:
+                raise ValueError(
+                    f"cache_implementation={self.layout_name!r} with a windowed model ({name}={w}) needs "
+                    f"cache_config['recent_window'] >= {w} (summarised tokens cannot honour a window), got {W}"
+                )
+        if both_needed and (w1 is None) != (w2 is None):
+            raise ValueError(
+                f"cache_implementation={self.layout_name!r} supports windowed models only with both w1 and w2 set "
+                f"(its pair summary mixes pairs inside and outside a single window), got w1={w1}, w2={w2}"
+            )
+
+
+def _insert_chunked(summary: StreamSummary, keys, values, weights) -> None:
+    """Insert rows in chunks so that the rows x clusters distance matrix stays bounded."""
+    B, H, R, _ = keys.shape
+    step = max(1, INSERT_ELEMENTS // max(1, B * H * max(summary.capacity, 1)))
+    for i in range(0, R, step):
+        summary.insert(keys[:, :, i : i + step], values[:, :, i : i + step], weights[:, :, i : i + step])
+
+
+@register_layout("subgen4")
+class SubGen4CacheLayer(_SubGenLayer):
+    """SubGen on the four-matrix layout: per-stream summaries of (k1, v1) and (k2, v2), combined pairwise.
+
+    cache_config: delta (clustering radius, default 0.5), cluster_samples (reservoir size t per cluster, 8),
+    value_samples (ℓ2 samplers s, 64), recent_window (64), sink_tokens (4), seed (0), numerator ("cluster_sum" or
+    "sampled"; cluster_samples and value_samples only matter for "sampled").
+    """
+
+    def _init_summaries(self, B, H, D):
+        self.streams = [self._summary(B, H, D), self._summary(B, H, D)]
+
+    def _summaries(self):
+        return self.streams
+
+    def _summarise(self, evicted):
+        for stream, summary in zip((1, 2), self.streams):
+            _insert_chunked(summary, *self._rows(evicted, stream))
+
+    def _parts(self, q, lw1, lw2, scale, w1, w2):
+        self._check_windows(w1, w2, both_needed=False)
+        B, H, Tq, _ = q.shape
+        exact = [self._rows(slice(None), s) for s in (1, 2)]
+        lws = (lw1, lw2)
+
+        def rows(which):
+            """Per stream: exact rows then summary rows (omitted for a windowed stream: all outside its window)."""
+            out = []
+            for j, (summary, window) in enumerate(zip(self.streams, (w1, w2))):
+                k, v, _ = exact[j]
+                lw = lws[j].expand(B, H, Tq, -1)
+                if window is None:
+                    if which == "den":
+                        sk, sw = summary.denominator_rows()
+                        sv = torch.zeros_like(sk)
+                    else:
+                        sk, sv, sw = summary.numerator_rows()
+                    k, v = torch.cat([k, sk], 2), torch.cat([v, sv], 2)
+                    lw = torch.cat([lw, log_weights(sw)[:, :, None].expand(B, H, Tq, -1)], -1)
+                out.append((k, v, lw))
+            return out
+
+        if self.cfg["numerator"] == "cluster_sum":
+            (k1, v1, l1), (k2, v2, l2) = rows("num")
+            part = weighted_pair_sums(q, k1, l1, k2, l2, scale=scale, v1=v1, v2=v2)
+            return [part], [part]
+        (k1, v1, l1), (k2, v2, l2) = rows("num")
+        num = weighted_pair_sums(q, k1, l1, k2, l2, scale=scale, v1=v1, v2=v2)
+        (k1, _, l1), (k2, _, l2) = rows("den")
+        den = weighted_pair_sums(q, k1, l1, k2, l2, scale=scale)
+        return [num], [den]
+
+
+@register_layout("subgen2")
+class SubGen2CacheLayer(_SubGenLayer):
+    """SubGen on the two-matrix layout: a summary of the pair rows (k1_a ⊙ k2_b, v1_a ⊙ v2_b), plus per-stream
+    summaries of evicted tokens to form the pairs of later tokens with them (see the module docstring).
+
+    cache_config: as `SubGen4CacheLayer`.
+    """
+
+    def _init_summaries(self, B, H, D):
+        sampled = self.cfg["numerator"] == "sampled"
+        # The per-stream sources only generate rows: reservoir values yes, ℓ2 samplers no.
+        self.sources = [self._summary(B, H, D, reservoir_values=sampled, value_samples=0) for _ in range(2)]
+        self.pairs = self._summary(B, H, D, weighted=True)
+
+    def _summaries(self):
+        return [*self.sources, self.pairs]
+
+    def _summarise(self, evicted):
+        B, H = self.ek.shape[:2]
+        Ne = self.ek.shape[2]
+        pending = slice(Ne - self.n_pending, Ne)
+        # Pairs of the new tokens with tokens summarised before they arrived: from the per-stream sources.
+        if self.n_evicted:
+            sk1, sv1, sw1 = self.sources[0].source_rows()
+            sk2, sv2, sw2 = self.sources[1].source_rows()
+            pk1, pv1, pw1 = self._rows(pending, 1)
+            pk2, pv2, pw2 = self._rows(pending, 2)
+            self._insert_pairs(sk1, sv1, sw1, pk2, pv2, pw2)
+            self._insert_pairs(pk1, pv1, pw1, sk2, sv2, sw2)
+        if evicted.stop > evicted.start:
+            # Pairs with an evicted token and a token still exact (or evicted now): exact rows.
+            rest = torch.cat([torch.arange(evicted.start), torch.arange(evicted.stop, Ne)]).to(self.device)
+            ek1, ev1, ew1 = self._rows(evicted, 1)
+            ek2, ev2, ew2 = self._rows(evicted, 2)
+            ak2, av2, aw2 = self._rows(slice(None), 2)
+            rk1, rv1, rw1 = (t[:, :, rest] for t in self._rows(slice(None), 1))
+            self._insert_pairs(ek1, ev1, ew1, ak2, av2, aw2)
+            self._insert_pairs(rk1, rv1, rw1, ek2, ev2, ew2)
+            _insert_chunked(self.sources[0], ek1, ev1, ew1)
+            _insert_chunked(self.sources[1], ek2, ev2, ew2)
+
+    def _insert_pairs(self, k1, v1, w1, k2, v2, w2) -> None:
+        """Insert the rows of all pairs (a from the first set, b from the second) into the pair summary."""
+        B, H, R1, D = k1.shape
+        R2 = k2.shape[2]
+        if R1 == 0 or R2 == 0:
+            return
+        # Materialise the Kronecker rows a few first-stream rows at a time, to bound memory.
+        step = max(1, INSERT_ELEMENTS // max(1, B * H * R2 * D))
+        for i in range(0, R1, step):
+            a = slice(i, i + step)
+            n = k1[:, :, a].shape[2]
+            keys = (k1[:, :, a, None] * k2[:, :, None]).reshape(B, H, n * R2, D)  # [B, H, n·R2, D]
+            values = (v1[:, :, a, None] * v2[:, :, None]).reshape(B, H, n * R2, D)
+            weights = (w1[:, :, a, None] * w2[:, :, None]).reshape(B, H, n * R2)
+            _insert_chunked(self.pairs, keys, values, weights)
+
+    def _parts(self, q, lw1, lw2, scale, w1, w2):
+        self._check_windows(w1, w2, both_needed=True)
+        B, H, Tq, _ = q.shape
+        k1, v1, _ = self._rows(slice(None), 1)
+        k2, v2, _ = self._rows(slice(None), 2)
+        exact = weighted_pair_sums(q, k1, lw1, k2, lw2, scale=scale, v1=v1, v2=v2)
+        nums, dens = [exact], [exact]
+        if w1 is not None:  # both windows, both inside the exact window: nothing summarised is visible
+            return nums, dens
+        # Pairs of pending tokens with tokens summarised before them: not yet in the pair summary.
+        Ne = self.ek.shape[2]
+        pending = slice(Ne - self.n_pending, Ne)
+        sk1, sv1, sw1 = self.sources[0].source_rows()
+        sk2, sv2, sw2 = self.sources[1].source_rows()
+        s1 = log_weights(sw1)[:, :, None].expand(B, H, Tq, -1)
+        s2 = log_weights(sw2)[:, :, None].expand(B, H, Tq, -1)
+        if self.n_pending:
+            cross = [
+                weighted_pair_sums(q, sk1, s1, k2[:, :, pending], lw2[..., pending], scale=scale, v1=sv1, v2=v2[:, :, pending]),
+                weighted_pair_sums(q, k1[:, :, pending], lw1[..., pending], sk2, s2, scale=scale, v1=v1[:, :, pending], v2=sv2),
+            ]
+            nums, dens = nums + cross, dens + cross
+        if self.pairs.numerator == "cluster_sum":
+            pk, pv, pw = self.pairs.cluster_rows()
+            part = weighted_row_sums(q, pk, log_weights(pw)[:, :, None], scale=scale, v=pv)
+            return nums + [part], dens + [part]
+        nk, nv, nw = self.pairs.l2_rows()
+        dk, _, dw = self.pairs.reservoir_rows()
+        nums.append(weighted_row_sums(q, nk, log_weights(nw)[:, :, None], scale=scale, v=nv))
+        dens.append(weighted_row_sums(q, dk, log_weights(dw)[:, :, None], scale=scale))
+        return nums, dens
+
+
+__all__ = ["DEFAULTS", "SubGen2CacheLayer", "SubGen4CacheLayer", "validate_subgen_config"]
