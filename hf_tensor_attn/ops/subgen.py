@@ -41,6 +41,8 @@ def log_weights(weights: torch.Tensor) -> torch.Tensor:
 
 
 def _safe_max(logits: torch.Tensor, dims) -> torch.Tensor:
+    if logits.numel() == 0:  # no rows at all (an empty summary)
+        return logits.sum(dim=dims)
     shift = logits.amax(dim=dims)
     # Nothing visible: the shift is -inf; 0 keeps exp(-inf - 0) = 0 instead of NaN.
     return torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
