@@ -3,6 +3,7 @@
 from .base import LAYOUTS, TensorAttnCache, TensorCacheLayer, available_cache_implementations, register_layout
 from .four import FourCacheLayer
 from .subgen import SubGen2CacheLayer, SubGen4CacheLayer
+from .two import TwoCacheLayer, TwoCacheMemoryError
 
 __all__ = [
     "LAYOUTS",
@@ -11,6 +12,8 @@ __all__ = [
     "SubGen4CacheLayer",
     "TensorAttnCache",
     "TensorCacheLayer",
+    "TwoCacheLayer",
+    "TwoCacheMemoryError",
     "available_cache_implementations",
     "register_layout",
 ]
