@@ -1,51 +1,168 @@
-"""One-query decode against the four cache matrices (paper Def. 3.7), as GEMM-shaped products.
+"""One-query decode kernels: the four cache matrices (paper Def. 3.7) as GEMM-shaped products, the two-matrix
+layout's explicit pair rows (Def. 3.8), and the explicit-Kronecker baseline of the paper's Theorem 4.3.
 
-For a query q and cached K1, K2, V1, V2 (i x d each):
+For a query q and cached K1, K2, V1, V2 (i x d each), `four_cache_decode` computes
 
-    S = scale * (K1 * q) @ K2^T        # [i, i] scores, one (i x d) @ (d x i) product
-    P = softmax(S) over allowed pairs  # all i^2 entries jointly
-    o = sum_a v1_a * (P @ V2)_a        # (i x i) @ (i x d), then a weighted row sum
+    S = (K1 * (scale q)) @ K2^T        # [i, i] scores, one (i x d) @ (d x i) product
+    P = exp(S - max S) over allowed pairs
+    o = sum_a v1_a * (P @ V2)_a / sum(P)   # (i x i) @ (i x d), then a weighted row sum
 
 About 4 i^2 d flops and O(i^2) scratch; the i^2 x d Kronecker matrix K1 ⊘ K2 is never formed.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .common import check_inputs
+
+_workspace = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat CPU scratch buffer reused across decode steps (one per thread).
+
+    A fresh i^2 score buffer per step costs as much as one of the two GEMMs on CPU: the allocator maps new pages
+    and the kernel page-faults them in. The buffer grows by doubling, so a context growing one token per step
+    reallocates O(log i) times; `release_decode_workspace()` frees it.
+    """
+    buf = getattr(_workspace, "buffer", None)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+        size = numel if buf is None or buf.dtype != dtype or buf.device != device else max(numel, 2 * buf.numel())
+        _workspace.buffer = buf = None  # drop the old one before allocating the new one
+        buf = _workspace.buffer = torch.empty(size, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def release_decode_workspace() -> None:
+    """Free this thread's decode scratch buffer (it is as large as the scores of the longest step so far)."""
+    _workspace.buffer = None
 
 
 def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
     """Tensor attention of the last position (q is [B, H, 1, D]) over cached [B, H, Tk, D] streams.
 
-    Same signature and result as `naive_tensor_attention` with Tq = 1.
+    Same signature and result as `naive_tensor_attention` with Tq = 1. Differentiable when an input needs grad;
+    otherwise (decoding) it works in place in a reused scratch buffer.
     """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
     if q.shape[2] != 1:
         raise ValueError(f"`q` must hold one decode position, got shape {tuple(q.shape)}")
-    Tk = k1.shape[2]
+    B, H, Tk, D = k1.shape
     # The windows only keep the last w1 (w2) positions of each stream: slice instead of masking.
     n1 = Tk if w1 is None else min(w1, Tk)
     n2 = Tk if w2 is None else min(w2, Tk)
     k1, v1 = k1[:, :, Tk - n1 :], v1[:, :, Tk - n1 :]  # [B, H, n1, D]
     k2, v2 = k2[:, :, Tk - n2 :], v2[:, :, Tk - n2 :]  # [B, H, n2, D]
-    dtype = q.dtype
-    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    q, k1, k2, v1, v2 = (t.to(compute) for t in (q, k1, k2, v1, v2))
-
-    scores = torch.matmul(k1 * (q * scale), k2.transpose(-1, -2))  # [B, H, n1, n2]
+    real1 = real2 = None
     if attention_mask is not None:
         real = attention_mask.to(device=q.device, dtype=torch.bool)
-        ok = real[:, None, Tk - n1 :, None] & real[:, None, None, Tk - n2 :]  # [B, 1, n1, n2]
+        real1, real2 = real[:, Tk - n1 :], real[:, Tk - n2 :]  # [B, n1], [B, n2]
+    dtype = q.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    q, k1, k2, v1, v2 = (t.to(compute) for t in (q, k1, k2, v1, v2))  # no copy when already `compute`
+    kq = k1 * (q * scale)  # [B, H, n1, D]: the scale folded into the i x d factor, not the i x i scores
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k1, k2, v1, v2)):
+        out = _decode_differentiable(kq, k2, v1, v2, real1, real2)
+    else:
+        out = _decode_in_place(kq, k2, v1, v2, real1, real2)
+    return out.to(dtype)
+
+
+def _decode_in_place(kq, k2, v1, v2, real1, real2):
+    B, H, n1, D = kq.shape
+    n2 = k2.shape[2]
+    on_cpu = kq.device.type == "cpu"
+    if on_cpu:
+        buf = _scratch(B * H * (n1 * n2 + n1 * D), kq.dtype, kq.device)
+        scores = buf[: B * H * n1 * n2].view(B, H, n1, n2)
+        pv = buf[B * H * n1 * n2 :].view(B, H, n1, D)
+        torch.matmul(kq, k2.transpose(-1, -2), out=scores)
+    else:  # the CUDA caching allocator already reuses memory
+        scores = torch.matmul(kq, k2.transpose(-1, -2))
+    flat = scores.view(B, H, n1 * n2)
+    if real1 is not None:
+        scores.masked_fill_(~real1[:, None, :, None], float("-inf"))  # pairs whose first token is a pad
+        scores.masked_fill_(~real2[:, None, None, :], float("-inf"))  # ... or whose second is
+    row_max = flat.amax(-1, keepdim=True)  # [B, H, 1]
+    if real1 is not None:
+        # No allowed pair (a pad query): max is -inf; shift by 0 so exp gives 0 and the output 0, not NaN.
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    flat.sub_(row_max).exp_()  # the unnormalised probabilities, in place
+    denom = flat.sum(-1)[..., None]  # [B, H, 1]
+    if on_cpu:
+        torch.matmul(scores, v2, out=pv)  # [B, H, n1, D]
+    else:
+        pv = torch.matmul(scores, v2)
+    out = (v1 * pv).sum(-2)  # [B, H, D]: normalise these D numbers, not the i^2 probabilities
+    return (out / torch.where(denom > 0, denom, torch.ones_like(denom)))[:, :, None]
+
+
+def _decode_differentiable(kq, k2, v1, v2, real1, real2):
+    B, H, n1, _ = kq.shape
+    n2 = k2.shape[2]
+    scores = torch.matmul(kq, k2.transpose(-1, -2))  # [B, H, n1, n2]
+    if real1 is not None:
+        ok = real1[:, None, :, None] & real2[:, None, None, :]  # [B, 1, n1, n2]
         scores = scores.masked_fill(~ok, float("-inf"))
-    B, H = scores.shape[:2]
     flat = scores.reshape(B, H, n1 * n2)
-    row_max = flat.amax(-1, keepdim=True)
-    # No allowed pair (a pad query): max is -inf; use 0 so exp gives 0 and the output is 0, not NaN.
+    row_max = flat.amax(-1, keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     probs = torch.exp(flat - row_max)
     denom = probs.sum(-1, keepdim=True)
     probs = (probs / torch.where(denom > 0, denom, torch.ones_like(denom))).reshape(B, H, n1, n2)
-    out = (v1 * torch.matmul(probs, v2)).sum(-2, keepdim=True)  # [B, H, 1, D]
-    return out.to(dtype)
+    return (v1 * torch.matmul(probs, v2)).sum(-2, keepdim=True)  # [B, H, 1, D]
+
+
+def pair_rows_attention(q, pair_keys, pair_values, *, scale, allowed=None):
+    """Attention of q over explicit pair rows, the two-matrix layout's `Ṽᵀ softmax(K̃ q)` (paper Def. 3.8).
+
+    q is [B, H, Tq, D]; pair_keys / pair_values are [B, H, P, D] with row p = k1_a ⊙ k2_b / v1_a ⊙ v2_b of some
+    pair (a, b). `allowed` is None (every row for every query) or a bool mask broadcastable to [B, H, Tq, P].
+    The softmax runs over all P rows jointly; a query with no allowed row gets zeros. Returns [B, H, Tq, D].
+    """
+    dtype = q.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    scores = torch.matmul(q * scale, pair_keys.transpose(-1, -2)).to(compute)  # [B, H, Tq, P]
+    if allowed is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        row_max = scores.amax(-1, keepdim=True)
+        # A query without an allowed row has max -inf; shift by 0 instead so exp gives 0 and the output 0, not NaN.
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        probs = torch.exp(scores - row_max)
+        denom = probs.sum(-1, keepdim=True)
+        probs = probs / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.matmul(probs.to(pair_values.dtype), pair_values).to(dtype)
+
+
+def kronecker_decode(q, k1, k2, v1, v2, *, scale, rows_per_chunk=1 << 18):
+    """One decode step the way the paper's Theorem 4.3 accounts for the four-matrix layout: form the Kronecker
+    rows K1 ⊘ K2 and V1 ⊘ V2 explicitly (i^2 x d each, in chunks of `rows_per_chunk` rows to bound the scratch),
+    then `(V1 ⊘ V2)ᵀ softmax((K1 ⊘ K2) q)`. A baseline for benchmarks, not a path the model uses: the factorized
+    `four_cache_decode` does the same score and value flops without writing i^2 x d rows.
+
+    q is [B, H, 1, D]; k1, k2, v1, v2 are [B, H, Tk, D]; no windows or padding (every pair allowed).
+    """
+    check_inputs(q, k1, k2, v1, v2, scale=scale)
+    if q.shape[2] != 1:
+        raise ValueError(f"`q` must hold one decode position, got shape {tuple(q.shape)}")
+    B, H, Tk, D = k1.shape
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qs = (q * scale).transpose(-1, -2)  # [B, H, D, 1]
+    a_chunk = max(1, rows_per_chunk // Tk)  # rows (a, b) for a in a block and all b
+    scores = torch.empty(B, H, Tk, Tk, dtype=compute, device=q.device)  # [B, H, a, b]
+    for a0 in range(0, Tk, a_chunk):
+        a1 = min(a0 + a_chunk, Tk)
+        rows = (k1[:, :, a0:a1, None, :] * k2[:, :, None, :, :]).reshape(B, H, (a1 - a0) * Tk, D)  # K1 ⊘ K2 block
+        scores[:, :, a0:a1] = torch.matmul(rows, qs).view(B, H, a1 - a0, Tk)
+    probs = torch.softmax(scores.view(B, H, Tk * Tk), dim=-1).view(B, H, Tk, Tk)
+    out = torch.zeros(B, H, 1, D, dtype=compute, device=q.device)
+    for a0 in range(0, Tk, a_chunk):
+        a1 = min(a0 + a_chunk, Tk)
+        rows = (v1[:, :, a0:a1, None, :] * v2[:, :, None, :, :]).reshape(B, H, (a1 - a0) * Tk, D)  # V1 ⊘ V2 block
+        out += torch.matmul(probs[:, :, a0:a1].reshape(B, H, 1, (a1 - a0) * Tk).to(rows.dtype), rows).to(compute)
+    return out.to(q.dtype)
