@@ -180,6 +180,8 @@ class TwoCacheLayer(TensorCacheLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.get_seq_length() > 0:
             idx = beam_idx.to(self.keys.device)
+            if torch.equal(idx, torch.arange(len(idx), device=idx.device)):
+                return  # every beam kept its own history: nothing to move (the O(i^2 d) rows stay put)
             self._map_batch(lambda t: t.index_select(0, idx))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -216,6 +218,7 @@ class TwoCacheLayer(TensorCacheLayer):
         batch = B if batch is None else batch
         if rows <= capacity and batch == B:
             return
+        _LIVE_LAYERS.add(self)  # again here: a deep copy of a layer skips __init__ but must be counted too
         new_capacity = rows if rows <= capacity else max(rows, 2 * capacity)
         row_bytes = 2 * batch * H * D * self.pair_keys.element_size() + 2 * self.pair_index.element_size()
         need = new_capacity * row_bytes + (batch - B) * (self.keys[0].numel() + self.values[0].numel()) * self.keys.element_size()
