@@ -149,7 +149,7 @@ def test_memory_bytes_linear_for_four_quadratic_for_two(make_model):
             cache = TensorAttnCache(model.config, layout)
             model(ids[:, :n], past_key_values=cache)
             held[layout, n] = cache.memory_bytes()
-    # four: K (k1 | k2) and V (v1 | v2), [B, H, n, 2D] each
+    # four: K (k1 | k2) and V (v1 | v2), [B, H, n, 2D] each (a prefill allocates exactly n tokens)
     for n in (8, 64):
         assert held["four_cache", n] == L * 2 * B * H * n * 2 * D * e
     # two: n^2 pair rows of K̃ and Ṽ ([B, H, n^2, D] each; one prefill allocates exactly n^2 rows), two int64
@@ -177,6 +177,21 @@ def test_two_cache_appends_2i_plus_1_pairs_per_token_and_grows_by_doubling(make_
         expected = capacity * (2 * B * H * D * e + 2 * 8) + 2 * B * H * (t + 1) * 2 * D * e
         assert layer.memory_bytes() == cache.memory_bytes() == expected
     assert growths <= 6  # 25 -> 1600 rows in O(log) copies, not one per token
+
+
+def test_four_cache_buffers_grow_by_doubling(make_model):
+    model = make_model(num_hidden_layers=1)
+    B, H, D, e = 1, 2, 16, 8
+    ids = torch.randint(3, 259, (B, 40))
+    cache = TensorAttnCache(model.config, "four_cache")
+    model(ids[:, :5], past_key_values=cache)
+    capacity = 5
+    for t in range(5, 40):
+        model(ids[:, t : t + 1], past_key_values=cache)
+        capacity = max(t + 1, 2 * capacity) if t + 1 > capacity else capacity
+        assert cache.layers[0].keys.shape[2] == t + 1
+        assert cache.memory_bytes() == 2 * B * H * capacity * 2 * D * e  # K and V buffers, spare capacity included
+    assert capacity == 40  # 5 -> 10 -> 20 -> 40: three copies for 35 appended tokens
 
 
 def test_two_cache_with_windows_holds_only_the_window_pairs(make_model):

@@ -63,25 +63,28 @@ def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_m
     dtype = q.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     q, k1, k2, v1, v2 = (t.to(compute) for t in (q, k1, k2, v1, v2))  # no copy when already `compute`
-    kq = k1 * (q * scale)  # [B, H, n1, D]: the scale folded into the i x d factor, not the i x i scores
+    # The scale is folded into q (D numbers), not into the i x i scores.
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k1, k2, v1, v2)):
-        out = _decode_differentiable(kq, k2, v1, v2, real1, real2)
+        out = _decode_differentiable(k1 * (q * scale), k2, v1, v2, real1, real2)
     else:
-        out = _decode_in_place(kq, k2, v1, v2, real1, real2)
+        out = _decode_in_place(q * scale, k1, k2, v1, v2, real1, real2)
     return out.to(dtype)
 
 
-def _decode_in_place(kq, k2, v1, v2, real1, real2):
-    B, H, n1, D = kq.shape
+def _decode_in_place(qs, k1, k2, v1, v2, real1, real2):
+    B, H, n1, D = k1.shape
     n2 = k2.shape[2]
-    on_cpu = kq.device.type == "cpu"
+    on_cpu = k1.device.type == "cpu"
     if on_cpu:
-        buf = _scratch(B * H * (n1 * n2 + n1 * D), kq.dtype, kq.device)
+        # Every i x d and i x i intermediate lives in the reused scratch: on CPU a fresh tensor of a few MiB costs
+        # page faults comparable to the elementwise work itself.
+        buf = _scratch(B * H * (n1 * n2 + 2 * n1 * D), k1.dtype, k1.device)
         scores = buf[: B * H * n1 * n2].view(B, H, n1, n2)
-        pv = buf[B * H * n1 * n2 :].view(B, H, n1, D)
+        pv = buf[B * H * n1 * n2 : B * H * n1 * (n2 + D)].view(B, H, n1, D)
+        kq = torch.mul(k1, qs, out=buf[B * H * n1 * (n2 + D) :].view(B, H, n1, D))  # [B, H, n1, D]
         torch.matmul(kq, k2.transpose(-1, -2), out=scores)
     else:  # the CUDA caching allocator already reuses memory
-        scores = torch.matmul(kq, k2.transpose(-1, -2))
+        scores = torch.matmul(k1 * qs, k2.transpose(-1, -2))
     flat = scores.view(B, H, n1 * n2)
     if real1 is not None:
         scores.masked_fill_(~real1[:, None, :, None], float("-inf"))  # pairs whose first token is a pad
@@ -96,7 +99,7 @@ def _decode_in_place(kq, k2, v1, v2, real1, real2):
         torch.matmul(scores, v2, out=pv)  # [B, H, n1, D]
     else:
         pv = torch.matmul(scores, v2)
-    out = (v1 * pv).sum(-2)  # [B, H, D]: normalise these D numbers, not the i^2 probabilities
+    out = pv.mul_(v1).sum(-2)  # [B, H, D]: normalise these D numbers, not the i^2 probabilities
     return (out / torch.where(denom > 0, denom, torch.ones_like(denom)))[:, :, None]
 
 
