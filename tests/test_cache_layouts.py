@@ -386,6 +386,27 @@ def test_four_cache_decode_matches_naive_in_place_and_differentiable(windows, ma
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("windows", [(None, None), (37, 20)])
+def test_four_cache_decode_in_blocks_matches_naive(monkeypatch, windows):
+    from hf_tensor_attn.ops import decode
+
+    monkeypatch.setattr(decode, "_SCORES_PER_BLOCK", 1)  # blocks of 16 rows: 3 blocks for 40 tokens
+    q, streams, _ = decode_inputs(B=3, T=40)
+    mask = torch.ones(3, 40, dtype=torch.long)
+    mask[0, :20] = 0  # the whole first block masked, the second half masked
+    mask[1, :] = 0  # no allowed pair at all: zeros
+    mask[2, 5:9] = 0
+    kw = dict(scale=0.4, w1=windows[0], w2=windows[1])
+    with torch.no_grad():
+        for m in (None, mask):
+            torch.testing.assert_close(
+                four_cache_decode(q, *streams, attention_mask=m, **kw),
+                naive_tensor_attention(q, *streams, attention_mask=m, **kw),
+                rtol=1e-12,
+                atol=1e-12,
+            )
+
+
 def test_four_cache_decode_pad_query_gives_zeros_and_float32_matches():
     q, streams, _ = decode_inputs(B=1, T=5)
     with torch.no_grad():

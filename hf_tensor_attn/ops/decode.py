@@ -19,13 +19,15 @@ import torch
 from .common import check_inputs
 
 _workspace = threading.local()
+# Scores per block of the in-place decode step (B * H * rows * n2): about 4 MiB in fp32, so a block stays in cache.
+_SCORES_PER_BLOCK = 1 << 20
 
 
 def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A flat CPU scratch buffer reused across decode steps (one per thread).
 
-    A fresh i^2 score buffer per step costs as much as one of the two GEMMs on CPU: the allocator maps new pages
-    and the kernel page-faults them in. The buffer grows by doubling, so a context growing one token per step
+    Fresh MiB-sized tensors every step cost on CPU about as much as the elementwise work: the allocator maps new
+    pages and the kernels page-fault them in. The buffer grows by doubling, so a context growing one token per step
     reallocates O(log i) times; `release_decode_workspace()` frees it.
     """
     buf = getattr(_workspace, "buffer", None)
@@ -37,7 +39,7 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 
 def release_decode_workspace() -> None:
-    """Free this thread's decode scratch buffer (it is as large as the scores of the longest step so far)."""
+    """Free this thread's decode scratch buffer (`decode_scratch_elements` of the largest step so far, at most 2x)."""
     _workspace.buffer = None
 
 
@@ -71,35 +73,64 @@ def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_m
     return out.to(dtype)
 
 
+def _block_rows(B: int, H: int, n1: int, n2: int) -> int:
+    return min(n1, max(16, _SCORES_PER_BLOCK // (B * H * n2)))
+
+
+def decode_scratch_elements(B: int, H: int, n1: int, n2: int, D: int) -> int:
+    """Elements of scratch one no-grad `four_cache_decode` step uses on CPU: a block of scores, its P V2 rows and
+    K1 * q. O(i d + block), not O(i^2): the i x i scores never exist at once."""
+    rows = _block_rows(B, H, n1, n2)
+    return B * H * (rows * n2 + rows * D + n1 * D)
+
+
 def _decode_in_place(qs, k1, k2, v1, v2, real1, real2):
+    """The decode step in blocks of rows a: each block's scores [B, H, rows, n2] (about 4 MiB) stay in cache
+    through the GEMM, max, exp, sum and second GEMM that read and write them, instead of making five trips of an
+    i^2 array through memory. Blocks are combined with their own max shifts, as in FlashAttention."""
     B, H, n1, D = k1.shape
     n2 = k2.shape[2]
+    rows = _block_rows(B, H, n1, n2)
     on_cpu = k1.device.type == "cpu"
     if on_cpu:
-        # Every i x d and i x i intermediate lives in the reused scratch: on CPU a fresh tensor of a few MiB costs
-        # page faults comparable to the elementwise work itself.
-        buf = _scratch(B * H * (n1 * n2 + 2 * n1 * D), k1.dtype, k1.device)
-        scores = buf[: B * H * n1 * n2].view(B, H, n1, n2)
-        pv = buf[B * H * n1 * n2 : B * H * n1 * (n2 + D)].view(B, H, n1, D)
-        kq = torch.mul(k1, qs, out=buf[B * H * n1 * (n2 + D) :].view(B, H, n1, D))  # [B, H, n1, D]
-        torch.matmul(kq, k2.transpose(-1, -2), out=scores)
+        # Every intermediate lives in the reused scratch: on CPU a fresh tensor of a few MiB costs page faults
+        # comparable to the elementwise work itself.
+        buf = _scratch(decode_scratch_elements(B, H, n1, n2, D), k1.dtype, k1.device)
+        scores_buf = buf[: B * H * rows * n2]
+        pv_buf = buf[B * H * rows * n2 : B * H * rows * (n2 + D)]
+        kq = torch.mul(k1, qs, out=buf[B * H * rows * (n2 + D) :].view(B, H, n1, D))  # [B, H, n1, D]
     else:  # the CUDA caching allocator already reuses memory
-        scores = torch.matmul(k1 * qs, k2.transpose(-1, -2))
-    flat = scores.view(B, H, n1 * n2)
-    if real1 is not None:
-        scores.masked_fill_(~real1[:, None, :, None], float("-inf"))  # pairs whose first token is a pad
-        scores.masked_fill_(~real2[:, None, None, :], float("-inf"))  # ... or whose second is
-    row_max = flat.amax(-1, keepdim=True)  # [B, H, 1]
-    if real1 is not None:
-        # No allowed pair (a pad query): max is -inf; shift by 0 so exp gives 0 and the output 0, not NaN.
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    flat.sub_(row_max).exp_()  # the unnormalised probabilities, in place
-    denom = flat.sum(-1)[..., None]  # [B, H, 1]
-    if on_cpu:
-        torch.matmul(scores, v2, out=pv)  # [B, H, n1, D]
+        kq = k1 * qs
+    k2t = k2.transpose(-1, -2)  # [B, H, D, n2]
+    shifts, denoms, outs = [], [], []
+    for a0 in range(0, n1, rows):
+        a1 = min(a0 + rows, n1)
+        r = a1 - a0
+        if on_cpu:
+            scores = torch.matmul(kq[:, :, a0:a1], k2t, out=scores_buf[: B * H * r * n2].view(B, H, r, n2))
+        else:
+            scores = torch.matmul(kq[:, :, a0:a1], k2t)  # [B, H, r, n2]
+        if real1 is not None:
+            scores.masked_fill_(~real1[:, None, a0:a1, None], float("-inf"))  # pairs whose first token is a pad
+            scores.masked_fill_(~real2[:, None, None, :], float("-inf"))  # ... or whose second is
+        flat = scores.view(B, H, r * n2)
+        block_max = flat.amax(-1, keepdim=True)  # [B, H, 1]; -inf when the block has no allowed pair
+        shift = block_max if real1 is None else torch.where(torch.isfinite(block_max), block_max, 0.0)
+        flat.sub_(shift).exp_()  # unnormalised probabilities, in place
+        denoms.append(flat.sum(-1, keepdim=True))  # [B, H, 1]
+        pv = torch.matmul(scores, v2, out=pv_buf[: B * H * r * D].view(B, H, r, D)) if on_cpu else scores @ v2
+        outs.append(pv.mul_(v1[:, :, a0:a1]).sum(-2))  # [B, H, D]
+        shifts.append(block_max)
+    if len(outs) == 1:
+        out, denom = outs[0], denoms[0]
     else:
-        pv = torch.matmul(scores, v2)
-    out = pv.mul_(v1).sum(-2)  # [B, H, D]: normalise these D numbers, not the i^2 probabilities
+        block_max = torch.cat(shifts, -1)  # [B, H, blocks]
+        top = block_max.amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, 0.0)
+        weight = torch.exp(block_max - top)  # 0 for blocks without an allowed pair
+        denom = (torch.cat(denoms, -1) * weight).sum(-1, keepdim=True)  # [B, H, 1]
+        out = (torch.stack(outs, -2) * weight[..., None]).sum(-2)  # [B, H, D]
+    # Normalise the D outputs, not the i^2 probabilities; no allowed pair at all (a pad query) gives 0, not NaN.
     return (out / torch.where(denom > 0, denom, torch.ones_like(denom)))[:, :, None]
 
 
