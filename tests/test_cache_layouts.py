@@ -232,6 +232,17 @@ def test_crop_equals_building_from_scratch(make_model, layout):
         cache.crop(2)
 
 
+@pytest.mark.parametrize("name", ["plain", "windowed"])
+def test_prompt_lookup_decoding_crops_both_layouts_correctly(make_model, name):
+    # assisted decoding verifies drafted tokens in one Tq > 1 forward and crops the rejected ones from the cache
+    model = make_model(initializer_range=INIT, **CONFIGS[name])
+    ids = torch.randint(3, 20, (1, 12)).repeat(1, 2)
+    ref = model.generate(ids, max_new_tokens=15, do_sample=False, use_cache=False)
+    for layout in LAYOUT_NAMES:
+        out = model.generate(ids, max_new_tokens=15, do_sample=False, prompt_lookup_num_tokens=3, cache_implementation=layout)
+        assert torch.equal(out, ref), layout
+
+
 def test_two_cache_crop_with_windows(make_model):
     model = make_model(num_hidden_layers=1, w1=3, w2=2)
     ids = torch.randint(3, 259, (1, 16))
