@@ -13,6 +13,7 @@ from hf_tensor_attn.ops.subgen import (
     lemma51_ratio,
     log_weights,
     naive_weighted_pair_sums,
+    StreamSummary,
     reference_assign_clusters,
     weighted_pair_sums,
 )
@@ -100,6 +101,46 @@ def test_batched_clustering_equals_one_row_at_a_time(delta):
     assert torch.equal(assign, reference_assign_clusters(x, valid, centers, n_clusters, delta))
     new_ids = [[len(set(assign[b, h][assign[b, h] >= n_clusters[b, h]].tolist())) for h in range(3)] for b in range(2)]
     assert opened.tolist() == new_ids
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_batched_reservoir_insert_equals_one_row_at_a_time(weighted):
+    """Same priorities, rows inserted in one batch or one by one: same reservoirs, same τ (priority sampling keeps
+    the t largest priorities of each cluster, whatever the order they arrive in)."""
+    g = torch.Generator().manual_seed(4)
+    B, H, R, D = 2, 2, 40, 3
+    keys = torch.randn(B, H, R, D, generator=g, dtype=torch.float64)
+    values = torch.randn(B, H, R, D, generator=g, dtype=torch.float64)
+    weights = torch.rand(B, H, R, generator=g, dtype=torch.float64) * 3
+    if not weighted:
+        weights = torch.ones_like(weights)
+    weights[0, 1, ::5] = 0
+    u = 1 - torch.rand(B, H, R, generator=g, dtype=torch.float64)
+    summaries = []
+    for batched in (True, False):
+        summary = StreamSummary(B, H, D, delta=1.2, numerator="sampled", cluster_samples=3, value_samples=2,
+                                dtype=torch.float64, device="cpu", generator=torch.Generator().manual_seed(0),
+                                reservoir_values=True, weighted=weighted)
+        draws = iter([u] if batched else [u[:, :, r : r + 1] for r in range(R)])
+        summary._uniform = lambda shape, like: next(draws) if shape[-1] != 2 else torch.ones(shape, dtype=like.dtype)
+        if batched:
+            summary.insert(keys, values, weights)
+        else:
+            for r in range(R):
+                summary.insert(keys[:, :, r : r + 1], values[:, :, r : r + 1], weights[:, :, r : r + 1])
+        summaries.append(summary)
+    a, b = (s.state for s in summaries)
+    assert torch.equal(a["n_clusters"], b["n_clusters"])
+    C = int(a["n_clusters"].max())
+    order_a, order_b = a["res_prio"][..., :C, :].sort(-1), b["res_prio"][..., :C, :].sort(-1)
+    torch.testing.assert_close(order_a.values, order_b.values, rtol=0, atol=0)
+    for name in ("res_keys", "res_values"):
+        ka = a[name][..., :C, :, :].gather(-2, order_a.indices[..., None].expand(-1, -1, -1, -1, D))
+        kb = b[name][..., :C, :, :].gather(-2, order_b.indices[..., None].expand(-1, -1, -1, -1, D))
+        torch.testing.assert_close(ka, kb, rtol=0, atol=0)
+    if weighted:
+        torch.testing.assert_close(a["res_tau"][..., :C], b["res_tau"][..., :C], rtol=0, atol=0)
+    torch.testing.assert_close(summaries[0].reservoir_rows()[2].sum(-1), summaries[1].reservoir_rows()[2].sum(-1))
 
 
 # -- exactness ----------------------------------------------------------------------------------------------------
