@@ -96,14 +96,42 @@ def plan(Tq: int, Tk: int, w_row, w_col, attention_mask, sizes: TileSizes) -> li
     return blocks
 
 
-def key_bias(block: QueryBlock, lo: int, hi: int, window, attention_mask, dtype, device) -> torch.Tensor:
-    """[B or 1, bq, hi - lo] additive bias, 0 where query t of the block may use key position a, else -inf."""
-    t = torch.arange(block.t0, block.t1, device=device)[:, None]  # [bq, 1] absolute query positions
-    a = torch.arange(lo, hi, device=device)[None, :]  # [1, n]
-    ok = a <= t
-    if window is not None:
-        ok = ok & (t - a < window)
-    ok = ok[None]  # [1, bq, n]
-    if attention_mask is not None:
-        ok = ok & attention_mask[:, None, lo:hi]  # [B, bq, n]
-    return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
+class Masker:
+    """Adds the 0/-inf bias of a masked tile to its scores, seen as [B, H, bq, ba, bc].
+
+    The causal/window part of a key block's bias depends only on the offset of the query block within the key
+    block, which repeats from block to block, so it is built once per offset and reused; padding adds a slice
+    of one [B, Tk] bias.
+    """
+
+    def __init__(self, w_row, w_col, attention_mask, dtype, device):
+        self.windows = (w_row, w_col)
+        self.dtype, self.device = dtype, device
+        self.pad = None
+        if attention_mask is not None:
+            self.pad = torch.zeros(attention_mask.shape, dtype=dtype, device=device).masked_fill_(~attention_mask, float("-inf"))
+        self.cache: dict[tuple, torch.Tensor] = {}
+
+    def _bias(self, block: QueryBlock, kb: KeyBlock, window) -> torch.Tensor:
+        """[B or 1, bq, n] bias over the keys of kb for the queries of block."""
+        bq, n = block.stop - block.start, kb.stop - kb.start
+        key = (block.t0 - kb.start, bq, n, window)
+        rel = self.cache.get(key)
+        if rel is None:
+            t = torch.arange(bq, device=self.device)[:, None] + (block.t0 - kb.start)  # query - first key
+            a = torch.arange(n, device=self.device)[None, :]
+            ok = a <= t
+            if window is not None:
+                ok = ok & (t - a < window)
+            rel = self.cache[key] = torch.zeros(bq, n, dtype=self.dtype, device=self.device).masked_fill_(~ok, float("-inf"))
+        if self.pad is None:
+            return rel[None]
+        return rel[None] + self.pad[:, None, kb.start : kb.stop]
+
+    def apply(self, scores: torch.Tensor, block: QueryBlock, rb: KeyBlock, cb: KeyBlock, B: int, H: int) -> None:
+        bq = block.stop - block.start
+        s5 = scores.view(B, H, bq, rb.stop - rb.start, cb.stop - cb.start)
+        if rb.masked:
+            s5.add_(self._bias(block, rb, self.windows[0])[:, None, :, :, None])
+        if cb.masked:
+            s5.add_(self._bias(block, cb, self.windows[1])[:, None, :, None, :])

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ._tiles import KeyBlock, QueryBlock, TileSizes, choose_tile_sizes, key_bias, plan
+from ._tiles import Masker, TileSizes, choose_tile_sizes, plan
 from .common import check_inputs
 
 
@@ -39,29 +39,6 @@ class _Workspace:
         return buf[:n].view(shape)
 
 
-class _Biases:
-    """Additive 0/-inf masks of one query block over its row and column key ranges, built only if some tile
-    of the block is masked on that side; a tile then adds the slice for its keys to its [B, H, bq, ba, bc] view."""
-
-    def __init__(self, block: QueryBlock, w_row, w_col, mask, dtype, device):
-        self.row = self.col = None
-        self.row_lo = block.row_blocks[0].start
-        self.col_lo = block.col_blocks[0].start
-        if any(rb.masked for rb in block.row_blocks):
-            bias = key_bias(block, self.row_lo, block.row_blocks[-1].stop, w_row, mask, dtype, device)
-            self.row = bias[:, None, :, :, None]  # [B|1, 1, bq, n_row, 1]
-        if any(cb.masked for cb in block.col_blocks):
-            bias = key_bias(block, self.col_lo, block.col_blocks[-1].stop, w_col, mask, dtype, device)
-            self.col = bias[:, None, :, None, :]  # [B|1, 1, bq, 1, n_col]
-
-    def apply(self, scores: torch.Tensor, rb: KeyBlock, cb: KeyBlock, B: int, H: int, bq: int) -> None:
-        s5 = scores.view(B, H, bq, rb.stop - rb.start, cb.stop - cb.start)
-        if rb.masked:
-            s5.add_(self.row[:, :, :, rb.start - self.row_lo : rb.stop - self.row_lo])
-        if cb.masked:
-            s5.add_(self.col[..., cb.start - self.col_lo : cb.stop - self.col_lo])
-
-
 def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
     """q pre-scaled; all [BH, T, d] in the compute dtype. Returns out [BH, Tq, d] and lse [BH, Tq]."""
     BH, Tq, d = q.shape
@@ -71,11 +48,11 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
     out = torch.zeros(BH, Tq, d, dtype=dtype, device=device)
     lse = torch.zeros(BH, Tq, dtype=dtype, device=device)
     kc_t = kc.transpose(1, 2)  # [BH, d, Tk]
+    masker = Masker(w_row, w_col, mask, dtype, device)
     lowest = torch.finfo(dtype).min  # finite start for the running max: exp(-inf - lowest) = 0, never NaN
     for block in plan(Tq, Tk, w_row, w_col, mask, sizes):
         bq = block.stop - block.start
         qb = q[:, block.start : block.stop]  # [BH, bq, d]
-        biases = _Biases(block, w_row, w_col, mask, dtype, device)
         m = torch.full((BH, bq), lowest, dtype=dtype, device=device)
         l = torch.zeros(BH, bq, dtype=dtype, device=device)
         acc = torch.zeros(BH, bq, d, dtype=dtype, device=device)
@@ -89,7 +66,7 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
                 bc = cb.stop - cb.start
                 s = torch.bmm(qk, kc_t[:, :, cb.start : cb.stop], out=ws.get("s", BH, bq * ba, bc))
                 if rb.masked or cb.masked:
-                    biases.apply(s, rb, cb, B, H, bq)
+                    masker.apply(s, block, rb, cb, B, H)
                 s_t = s.view(BH, bq, ba * bc)  # all pairs of query t in this tile
                 m_new = torch.maximum(m, s_t.amax(-1))  # [BH, bq]
                 alpha = torch.exp(m - m_new)
@@ -112,10 +89,15 @@ def _backward(q, kr, kc, vr, vc, out, lse, dout, w_row, w_col, mask, B, H, sizes
     dtype, device = q.dtype, q.device
     ws = _Workspace(dtype, device)
     delta = (dout * out).sum(-1)  # [BH, Tq]: D_t = sum_ab P dP = <dO_t, o_t>
-    # The column stream stacked three ways so that one batched GEMM gives two products: [kc; vc] for
-    # (scores, dP) and [vc; kc] for (P @ vc, dS @ kc).
-    kvk = torch.cat([kc, vc, kc], 0)  # [3BH, Tk, d]
-    kvk_t = kvk.transpose(1, 2)  # [3BH, d, Tk]
+    # One batched GEMM gives two products when the column stream is stacked: [kc; vc] for (scores, dP) and
+    # [vc; kc] for (P @ vc, dS @ kc). A column of ones, met by -lse_t and -D_t on the left, makes the first GEMM
+    # return S - lse and dP - D directly (one width-65 GEMM costs about what a width-64 one does; the two
+    # subtractions would be two passes over the tile).
+    kvk = torch.ones(3 * BH, Tk, d + 1, dtype=dtype, device=device)  # [3BH, Tk, d+1]
+    for i, t in enumerate((kc, vc, kc)):
+        kvk[i * BH : (i + 1) * BH, :, :d] = t
+    kvk_t = kvk.transpose(1, 2)  # [3BH, d+1, Tk]
+    masker = Masker(w_row, w_col, mask, dtype, device)
     dq = torch.zeros_like(q)
     dkr = torch.zeros_like(kr)
     dvr = torch.zeros_like(vr)
@@ -124,30 +106,32 @@ def _backward(q, kr, kc, vr, vc, out, lse, dout, w_row, w_col, mask, B, H, sizes
         bq = block.stop - block.start
         qb = q[:, block.start : block.stop]  # [BH, bq, d]
         gb = dout[:, block.start : block.stop]
-        lse_b = lse[:, block.start : block.stop, None]  # [BH, bq, 1]
-        delta_b = delta[:, block.start : block.stop, None]
-        biases = _Biases(block, w_row, w_col, mask, dtype, device)
+        neg_lse = -lse[:, block.start : block.stop, None]  # [BH, bq, 1]
+        neg_delta = -delta[:, block.start : block.stop, None]
         dq_b = torch.zeros(BH, bq, d, dtype=dtype, device=device)
         for rb in block.row_blocks:
             ba = rb.stop - rb.start
             krb = kr[:, None, rb.start : rb.stop, :]  # [BH, 1, ba, d]
-            # Rows (t, a) of [q*kr; dO*vr; q*kr]: with kvk they give (S, dP), transposed (dvc, dkc).
-            left = ws.get("left", 3 * BH, bq, ba, d)
-            torch.mul(qb[:, :, None, :], krb, out=left[:BH])
-            torch.mul(gb[:, :, None, :], vr[:, None, rb.start : rb.stop, :], out=left[BH : 2 * BH])
+            # Rows (t, a) of [q*kr, -lse; dO*vr, -D; q*kr, -lse]: against kvk they give (S - lse, dP - D),
+            # transposed against the d columns (dvc, dkc).
+            left = ws.get("left", 3 * BH, bq, ba, d + 1)
+            torch.mul(qb[:, :, None, :], krb, out=left[:BH, :, :, :d])
+            torch.mul(gb[:, :, None, :], vr[:, None, rb.start : rb.stop, :], out=left[BH : 2 * BH, :, :, :d])
+            left[:BH, :, :, d] = neg_lse
+            left[BH : 2 * BH, :, :, d] = neg_delta
             left[2 * BH :] = left[:BH]
-            left = left.view(3 * BH, bq * ba, d)
+            left = left.view(3 * BH, bq * ba, d + 1)
             yx = ws.get("yx", 2 * BH, bq * ba, d).zero_()  # accumulates [P @ vc; dS @ kc] over column blocks
             for cb in block.col_blocks:
                 bc = cb.stop - cb.start
                 sp = torch.bmm(left[: 2 * BH], kvk_t[: 2 * BH, :, cb.start : cb.stop], out=ws.get("sp", 2 * BH, bq * ba, bc))
-                s, dp = sp[:BH], sp[BH:]  # [BH, bq*ba, bc] each
+                s, dp = sp[:BH], sp[BH:]  # S - lse and dP - D, [BH, bq*ba, bc] each
                 if rb.masked or cb.masked:
-                    biases.apply(s, rb, cb, B, H, bq)
-                p = s.view(BH, bq, ba * bc).sub_(lse_b).exp_()
-                dp.view(BH, bq, ba * bc).sub_(delta_b).mul_(p)  # dS = P * (dP - D)
-                yx.baddbmm_(sp, kvk[BH:, cb.start : cb.stop])
-                dvk[:, cb.start : cb.stop].baddbmm_(sp.transpose(1, 2), left[BH:])
+                    masker.apply(s, block, rb, cb, B, H)
+                dp.mul_(s.exp_())  # s becomes P, dp becomes dS = P * (dP - D)
+                yx.baddbmm_(sp, kvk[BH:, cb.start : cb.stop, :d])
+                dvk_b = torch.bmm(sp.transpose(1, 2), left[BH:, :, :d], out=ws.get("dvk", 2 * BH, bc, d))
+                dvk[:, cb.start : cb.stop] += dvk_b
             y, x = yx[:BH].view(BH, bq, ba, d), yx[BH:].view(BH, bq, ba, d)
             dvr[:, rb.start : rb.stop] += (y * gb[:, :, None, :]).sum(1)
             dkr[:, rb.start : rb.stop] += (x * qb[:, :, None, :]).sum(1)
