@@ -57,6 +57,14 @@ def busy_fraction(seconds: float = 0.3) -> float | None:
     return 1 - (i1 - i0) / max(t1 - t0, 1)
 
 
+def wait_for_idle(max_seconds: float, busy_below: float = 0.25) -> None:
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline:
+        busy = busy_fraction(0.5)
+        if busy is None or busy < busy_below:
+            return
+
+
 def timed(fn, reps: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -143,6 +151,8 @@ def main(argv=None) -> dict:
                         help="max_memory_bytes for (c); default min(RAM/4, 6 GiB)")
     parser.add_argument("--fit-from", type=int, default=256, help="fit the exponents on i >= this")
     parser.add_argument("--quick", action="store_true", help="small sizes, few reps (a smoke run)")
+    parser.add_argument("--wait-idle", type=float, default=0.0,
+                        help="before each i, wait up to this many seconds for other processes to leave the cores")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -162,11 +172,12 @@ def main(argv=None) -> dict:
     rows, mm_rates = [], []
     stopped = None
     for i in sorted(set(sizes_four) | set(sizes_two)):
+        wait_for_idle(args.wait_idle)
         mm_rates.append(mm_gflops(reps=10))
         flops = 4 * i * i * D * H * B
         todo = []
-        if i in sizes_four:
-            todo.append(("a", lambda: bench_four(i, reps_of(i), explicit=False)))
+        if i in sizes_four:  # (a) is cheap: many more steps, so its best is less disturbed by other processes
+            todo.append(("a", lambda: bench_four(i, 4 * reps_of(i), explicit=False)))
             if i <= max_b:
                 todo.append(("b", lambda: bench_four(i, reps_of(i), explicit=True)))
         if i in sizes_two and stopped is None:
