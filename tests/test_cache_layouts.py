@@ -377,10 +377,20 @@ def decode_inputs(B=2, H=3, T=11, D=6, seed=0):
     return q, streams, mask
 
 
+@pytest.fixture(params=["bound", "always"])
+def exp_shift(request, monkeypatch):
+    """The in-place decode skips the max shift when a Cauchy-Schwarz bound allows it; 'always' forces the shift."""
+    if request.param == "always":
+        from hf_tensor_attn.ops import decode
+
+        monkeypatch.setattr(decode, "_UNSHIFTED_EXP_BOUND", {})
+    return request.param
+
+
 @pytest.mark.parametrize("windows", [(None, None), (3, None), (2, 5), (20, 1)])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("T", [1, 11])
-def test_four_cache_decode_matches_naive_in_place_and_differentiable(windows, masked, T):
+def test_four_cache_decode_matches_naive_in_place_and_differentiable(windows, masked, T, exp_shift):
     q, streams, mask = decode_inputs(T=T)
     kw = dict(scale=0.4, w1=windows[0], w2=windows[1], attention_mask=mask if masked else None)
     ref = naive_tensor_attention(q, *streams, **kw)
@@ -398,7 +408,7 @@ def test_four_cache_decode_matches_naive_in_place_and_differentiable(windows, ma
 
 
 @pytest.mark.parametrize("windows", [(None, None), (37, 20)])
-def test_four_cache_decode_in_blocks_matches_naive(monkeypatch, windows):
+def test_four_cache_decode_in_blocks_matches_naive(monkeypatch, windows, exp_shift):
     from hf_tensor_attn.ops import decode
 
     monkeypatch.setattr(decode, "_SCORES_PER_BLOCK", 1)  # blocks of 16 rows: 3 blocks for 40 tokens
@@ -416,6 +426,17 @@ def test_four_cache_decode_in_blocks_matches_naive(monkeypatch, windows):
                 rtol=1e-12,
                 atol=1e-12,
             )
+
+
+def test_four_cache_decode_large_scores_take_the_shifted_exp():
+    # scores in the hundreds: exp without the max shift would overflow float32
+    q, streams, mask = decode_inputs(T=20, D=60)
+    q32, s32 = (q * 4).float(), [(t * 4).float() for t in streams]
+    with torch.no_grad():
+        out = four_cache_decode(q32, *s32, scale=1.0, attention_mask=mask)
+    ref = naive_tensor_attention(q32.double(), *[t.double() for t in s32], scale=1.0, attention_mask=mask).float()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
 def test_four_cache_decode_pad_query_gives_zeros_and_float32_matches():
