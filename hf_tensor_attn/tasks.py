@@ -1,0 +1,213 @@
+"""Training data as `datasets.Dataset`: the synthetic Match3 task, and plain text from local files.
+
+Match3 (Sanford, Hsu & Telgarsky 2023), causal version
+------------------------------------------------------
+A sequence of numbers x_1 .. x_N in [0, M). Position i is *positive* when there are positions j1, j2 <= i with
+
+    x_i + x_j1 + x_j2 == 0 (mod M).
+
+j1 and j2 may be any positions up to and including i: equal to each other, to i, or both (so 3 x_i == 0 alone
+makes i positive). This is Sanford et al.'s "any pair" definition restricted to the causal past, and it is
+exactly the pair set a tensor-attention query at i may attend to (a <= i, b <= i).
+
+Token format (direct token ids, chosen so the package's byte tokenizer renders them readably):
+
+    <s> x_1 a_1 x_2 a_2 ... x_N a_N
+
+- `<s>` is id 1 (the byte tokenizer's bos);
+- number x is the byte `chr(ord("A") + x)`, i.e. token id `3 + 65 + x` (so M <= 191);
+- answer a_i is the byte "+" (positive, id 46) or "-" (negative, id 48).
+
+The model reads x_i and predicts the next token, the answer; labels are the answer ids at answer positions and
+-100 everywhere else, so the loss (after transformers' usual one-token shift) is on answer tokens only. Decoding
+an example with the byte tokenizer gives e.g. "<s>D-K-C+". Earlier answers stay in the context, as in any
+causal LM trained with teacher forcing.
+
+Balance. Each position first draws a wanted label (positive with probability `positive_rate`), then x_i uniformly
+among the numbers that give that label. When no number gives it -- late in a sequence the pair sums of the
+prefix can cover every residue, and then every number is positive -- the other label is used. So the realised
+positive rate is `positive_rate` until the prefix saturates and higher after; `Match3Task.describe()` reports it.
+Keep `length` around M or below for a near-balanced task (M=16, N=16: about 63% positive).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+from datasets import Dataset, load_dataset
+
+BOS_ID = 1
+BYTE_OFFSET = 3  # the byte tokenizer's id of byte b is 3 + b
+NUMBER_BASE_ID = BYTE_OFFSET + ord("A")
+POSITIVE_ID = BYTE_OFFSET + ord("+")
+NEGATIVE_ID = BYTE_OFFSET + ord("-")
+MAX_MODULUS = 256 - ord("A")
+IGNORE_INDEX = -100
+
+
+def number_token_id(x: int) -> int:
+    return NUMBER_BASE_ID + x
+
+
+def match3_labels(numbers: Sequence[int], modulus: int) -> list[bool]:
+    """Label of every position of one sequence, computed incrementally in O(N * M).
+
+    `pair_sums[r]` says some j1, j2 among the earlier positions (j1 == j2 allowed) have x_j1 + x_j2 == r; `seen[r]`
+    says some earlier position holds r. Position i is positive when -x_i is an earlier pair sum, or -2 x_i was seen
+    (pairs with i itself on one side), or 3 x_i == 0 (j1 = j2 = i).
+    """
+    seen = np.zeros(modulus, dtype=bool)
+    pair_sums = np.zeros(modulus, dtype=bool)
+    labels = []
+    for x in numbers:
+        labels.append(bool(pair_sums[-x % modulus] or seen[-2 * x % modulus] or 3 * x % modulus == 0))
+        pair_sums |= np.roll(seen, x)  # x + every earlier value
+        pair_sums[2 * x % modulus] = True
+        seen[x] = True
+    return labels
+
+
+@dataclass
+class Match3Task:
+    """Settings of a Match3 dataset; `build()` returns the `datasets.Dataset`.
+
+    Args:
+        modulus: M, numbers lie in [0, M); 1 <= M <= 191.
+        length: N, numbers per sequence (the token sequence is 1 + 2N long).
+        num_examples: sequences in the dataset.
+        seed: seed of the generator; the same settings and seed give the same dataset.
+        positive_rate: probability that a position is drawn as positive (see the module notes on saturation).
+    """
+
+    modulus: int = 16
+    length: int = 16
+    num_examples: int = 10000
+    seed: int = 0
+    positive_rate: float = 0.5
+
+    def __post_init__(self):
+        checks = {
+            "modulus": (self.modulus, lambda v: 1 <= v <= MAX_MODULUS, f"an int in [1, {MAX_MODULUS}]"),
+            "length": (self.length, lambda v: v >= 1, "an int >= 1"),
+            "num_examples": (self.num_examples, lambda v: v >= 1, "an int >= 1"),
+            "seed": (self.seed, lambda v: v >= 0, "an int >= 0"),
+        }
+        for name, (value, ok, allowed) in checks.items():
+            if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+                raise ValueError(f"Match3 `{name}` must be {allowed}, got {value!r}")
+        rate = self.positive_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise ValueError(f"Match3 `positive_rate` must be a float in [0, 1], got {rate!r}")
+
+    @property
+    def sequence_length(self) -> int:
+        return 1 + 2 * self.length
+
+    def sample_numbers(self, rng: np.random.Generator) -> tuple[list[int], list[bool]]:
+        """One sequence and its labels, drawn to hit `positive_rate` per position while the prefix allows it."""
+        M = self.modulus
+        values = np.arange(M)
+        seen = np.zeros(M, dtype=bool)
+        pair_sums = np.zeros(M, dtype=bool)
+        numbers, labels = [], []
+        for _ in range(self.length):
+            positive = pair_sums[-values % M] | seen[-2 * values % M] | (3 * values % M == 0)  # [M]
+            want = rng.random() < self.positive_rate
+            candidates = np.flatnonzero(positive == want)
+            if candidates.size == 0:
+                candidates = values
+            x = int(rng.choice(candidates))
+            numbers.append(x)
+            labels.append(bool(positive[x]))
+            pair_sums |= np.roll(seen, x)
+            pair_sums[2 * x % M] = True
+            seen[x] = True
+        return numbers, labels
+
+    def encode(self, numbers: Sequence[int], labels: Sequence[bool]) -> dict[str, list[int]]:
+        input_ids = [BOS_ID]
+        target = [IGNORE_INDEX]
+        for x, y in zip(numbers, labels):
+            answer = POSITIVE_ID if y else NEGATIVE_ID
+            input_ids += [number_token_id(x), answer]
+            target += [IGNORE_INDEX, answer]
+        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": target}
+
+    def build(self) -> Dataset:
+        """Columns: input_ids, attention_mask, labels (model inputs); numbers, answers (0/1) for inspection."""
+        rng = np.random.default_rng(self.seed)
+        rows = {"input_ids": [], "attention_mask": [], "labels": [], "numbers": [], "answers": []}
+        for _ in range(self.num_examples):
+            numbers, labels = self.sample_numbers(rng)
+            for key, value in self.encode(numbers, labels).items():
+                rows[key].append(value)
+            rows["numbers"].append(numbers)
+            rows["answers"].append([int(y) for y in labels])
+        return Dataset.from_dict(rows)
+
+    def describe(self, dataset: Dataset) -> dict[str, float]:
+        """Realised positive rate, and the accuracy of the best guess from the position alone."""
+        answers = np.asarray(dataset["answers"], dtype=float)  # [num_examples, length]
+        per_position = answers.mean(0)
+        return {
+            "positive_rate": float(answers.mean()),
+            "position_only_accuracy": float(np.maximum(per_position, 1 - per_position).mean()),
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def text_dataset(
+    files: str | Sequence[str],
+    tokenizer,
+    block_size: int = 128,
+    text_format: str = "text",
+    text_field: str = "text",
+) -> Dataset:
+    """Local text files as causal-LM blocks of `block_size` tokens (input_ids, attention_mask, labels).
+
+    `text_format` "text" reads each file as one document (datasets' text loader, `sample_by="document"`);
+    "json" reads JSON / JSON-lines records and takes each record's `text_field`. Every document is tokenized
+    without special tokens and followed by the tokenizer's eos (when it has one), the stream is concatenated and
+    cut into blocks; the last partial block is dropped. Labels equal input_ids (the model shifts them).
+    `tokenizer` is the package's byte tokenizer or any tokenizer, e.g. `AutoTokenizer.from_pretrained(name)`.
+    """
+    if text_format not in ("text", "json"):
+        raise ValueError(f"`text_format` must be 'text' or 'json', got {text_format!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"`block_size` must be an int >= 2, got {block_size!r}")
+    files = [files] if isinstance(files, (str, os.PathLike)) else [str(f) for f in files]
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing:
+        raise ValueError(f"text files do not exist: {missing}")
+    options = {"sample_by": "document"} if text_format == "text" else {}
+    raw = load_dataset(text_format, data_files=[str(f) for f in files], split="train", **options)
+    if text_field not in raw.column_names:
+        raise ValueError(f"`text_field` {text_field!r} is not a field of the records; fields: {raw.column_names}")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def tokenize(batch):
+        encoded = tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]
+        return {"ids": [ids + eos for ids in encoded]}
+
+    def chunk(batch):
+        stream = [i for ids in batch["ids"] for i in ids]
+        blocks = [stream[s : s + block_size] for s in range(0, len(stream) - block_size + 1, block_size)]
+        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": [list(b) for b in blocks]}
+
+    tokenized = raw.map(tokenize, batched=True, remove_columns=raw.column_names)
+    # One batch holds the whole corpus so that blocks run across document boundaries, as in run_clm.
+    return tokenized.map(chunk, batched=True, batch_size=None, remove_columns=["ids"])
+
+
+def answer_accuracy(logits_or_preds, labels) -> float:
+    """Share of answer tokens (labels != -100) predicted exactly, from logits [B, T, V] or argmax ids [B, T] as
+    the model's forward returns them (position t predicts token t + 1)."""
+    preds = logits_or_preds.argmax(-1) if logits_or_preds.dim() == 3 else logits_or_preds
+    preds, labels = preds[:, :-1], labels[:, 1:]
+    scored = labels != IGNORE_INDEX
+    return float((preds[scored] == labels[scored]).float().mean()) if bool(scored.any()) else float("nan")
