@@ -5,6 +5,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import PreTrainedConfig
+from transformers import configuration_utils as _config_utils
 
 LAYER_TYPES = ("tensor_attention", "full_attention")
 POSITION_EMBEDDING_TYPES = ("rope", "none")
@@ -169,5 +170,12 @@ def _validate(self) -> None:
 
 # `@strict` defines `validate` and calls it after __init__; wrapping it keeps its checks and changes only the type.
 TensorAttnConfig.validate = _validate
+
+# Some transformers code reads a saved config.json with the base `PreTrainedConfig`, whose validator knows only
+# transformers' own layer types: `Trainer(resume_from_checkpoint=...)` does, and then fails on "tensor_attention".
+# The validator looks the list up at call time, so adding our type to it makes those paths accept our checkpoints.
+if "tensor_attention" not in _config_utils.ALLOWED_ATTN_LAYER_TYPES:
+    _config_utils.ALLOWED_ATTN_LAYER_TYPES = (*_config_utils.ALLOWED_ATTN_LAYER_TYPES, "tensor_attention")
+    _config_utils.ALLOWED_LAYER_TYPES = (*_config_utils.ALLOWED_LAYER_TYPES, "tensor_attention")
 
 __all__ = ["TensorAttnConfig", "TensorAttnConfigError"]
