@@ -7,8 +7,15 @@ A run config is a JSON object with three sections and two script options:
       "task":     {"task": "match3" | "text", and that task's keys (see MATCH3_KEYS / TEXT_KEYS)},
       "training": {transformers.TrainingArguments fields: output_dir, max_steps, learning_rate, bf16, ...},
       "resume_from_checkpoint": null | true | "path/to/checkpoint-N",
-      "write_param_checksums": false
+      "write_param_checksums": false,
+      "init_from": null | "path/or/name of a pretrained model to fine-tune",
+      "lora": null | {peft.LoraConfig fields, e.g. "r": 8, "lora_alpha": 16, "target_modules": [...]}
     }
+
+Without `init_from` the model is freshly initialised from the "model" section; with it, the "model" section holds
+config overrides passed to `from_pretrained` (e.g. dropout). With `lora`, only LoRA adapters on the attention
+projections (q_proj, k_proj, v_proj, o_proj unless `target_modules` says otherwise) are trained, and output_dir
+receives the adapter (peft's format, which `AutoModelForCausalLM.from_pretrained` also loads).
 
 Command-line overrides `--key=value` name a key either plainly (`--max_steps=30`), which must belong to exactly
 one section, or with its section (`--model.hidden_size=128`). Values are parsed as JSON when they parse
@@ -66,9 +73,14 @@ TEXT_KEYS = {
 TEXT_FORMATS = ("text", "json")
 # Held-out Match3 data comes from a seed no training seed reaches by `task_seed + small int`.
 EVAL_SEED_OFFSET = 1_000_003
-SCRIPT_KEYS = {"resume_from_checkpoint": None, "write_param_checksums": False}
+SCRIPT_KEYS = {"resume_from_checkpoint": None, "write_param_checksums": False, "init_from": None, "lora": None}
+LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 MODEL_KEYS = tuple(f.name for f in dataclasses.fields(TensorAttnConfig))
-TRAINING_FIELDS = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+# `resume_from_checkpoint` is a TrainingArguments field that Trainer itself ignores; the script key of that name
+# is what resumes, so the training section does not offer it.
+TRAINING_FIELDS = {
+    f.name: f for f in dataclasses.fields(TrainingArguments) if f.init and f.name not in ("resume_from_checkpoint",)
+}
 # What a run sets unless its config says otherwise: no experiment trackers, evaluation on the eval split.
 TRAINING_DEFAULTS = {"report_to": "none", "eval_strategy": "steps", "save_total_limit": 2}
 SECTIONS = ("model", "task", "training")
@@ -81,6 +93,8 @@ class RunConfig:
     training: dict[str, Any] = field(default_factory=dict)
     resume_from_checkpoint: bool | str | None = None
     write_param_checksums: bool = False
+    init_from: str | None = None
+    lora: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -170,7 +184,7 @@ def validate(config: RunConfig, overrides: list[str] = ()) -> RunConfig:
     config = apply_overrides(config, list(overrides))
     _validate_task(config.task)
     _validate_training(config.training)
-    _validate_model(config.model)
+    _validate_model(config.model, fine_tuning=config.init_from is not None)
     value = config.resume_from_checkpoint
     if not (value is None or isinstance(value, (bool, str))):
         raise ValueError(
@@ -178,7 +192,28 @@ def validate(config: RunConfig, overrides: list[str] = ()) -> RunConfig:
         )
     if not isinstance(config.write_param_checksums, bool):
         raise ValueError(f"`write_param_checksums` must be true or false, got {config.write_param_checksums!r}")
+    if config.init_from is not None and not isinstance(config.init_from, str):
+        raise ValueError(f"`init_from` must be null or a model path/name, got {config.init_from!r}")
+    if config.lora is not None:
+        config.lora = _validate_lora(config.lora)
     return config
+
+
+def _validate_lora(lora: Any) -> dict[str, Any]:
+    if not isinstance(lora, dict):
+        raise ValueError(f"`lora` must be null or an object of peft.LoraConfig fields, got {lora!r}")
+    from peft import LoraConfig
+
+    allowed = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    unknown = sorted(set(lora) - allowed)
+    if unknown:
+        raise ValueError(f"`lora` has unknown keys {unknown}; allowed: peft.LoraConfig fields, e.g. {list(LORA_DEFAULTS)}")
+    lora = {**LORA_DEFAULTS, **lora}
+    r = lora["r"]
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"`lora.r` must be an int >= 1, got {r!r}")
+    LoraConfig(**lora)  # peft's own checks on the remaining fields
+    return lora
 
 
 def _validate_task(task: dict[str, Any]) -> None:
@@ -281,21 +316,28 @@ def _validate_training(training: dict[str, Any]) -> None:
         raise ValueError("training key `fp16` is not supported: use `bf16: true` or float32 (both false)")
 
 
-def _validate_model(model: dict[str, Any]) -> None:
+def _validate_model(model: dict[str, Any], fine_tuning: bool) -> None:
     unknown = sorted(set(model) - set(MODEL_KEYS))
     if unknown:
         raise ValueError(f"model section has unknown keys {unknown}; allowed: TensorAttnConfig fields {sorted(MODEL_KEYS)}")
-    TensorAttnConfig(**model)  # its strict validators name the field, the value and what is allowed
+    if not fine_tuning:  # overrides of a pretrained config are checked when from_pretrained applies them
+        TensorAttnConfig(**model)  # its strict validators name the field, the value and what is allowed
 
 
 # ---------------------------------------------------------------------------------------------------- building
 
 
-def build_tokenizer(task: dict[str, Any]):
+def build_tokenizer(task: dict[str, Any], init_from: str | None = None):
+    """The task's named tokenizer; else the pretrained model's own when fine-tuning one; else the byte tokenizer."""
     name = task.get("tokenizer")
-    if name is None:
-        return TensorAttnByteTokenizer()
-    return AutoTokenizer.from_pretrained(name)
+    if name is not None:
+        return AutoTokenizer.from_pretrained(name)
+    if init_from is not None:
+        try:
+            return AutoTokenizer.from_pretrained(init_from)
+        except (OSError, ValueError):
+            pass  # a model saved without a tokenizer: fall back to the byte tokenizer it was most likely trained with
+    return TensorAttnByteTokenizer()
 
 
 def build_datasets(task: dict[str, Any], tokenizer) -> tuple[Any, Any | None]:
@@ -311,14 +353,27 @@ def build_datasets(task: dict[str, Any], tokenizer) -> tuple[Any, Any | None]:
     return train, evaluation
 
 
-def build_model(model: dict[str, Any], tokenizer, seed: int):
-    """A freshly initialised model; a tokenizer other than the byte tokenizer sets vocab size and special ids."""
+def build_model(model: dict[str, Any], tokenizer, seed: int, init_from: str | None = None, lora: dict | None = None):
+    """A freshly initialised model (a tokenizer other than the byte tokenizer sets vocab size and special ids), or
+    the pretrained `init_from` with `model` as config overrides; wrapped with LoRA adapters when `lora` is given."""
+    torch.manual_seed(seed)
+    if init_from is not None:
+        net = AutoModelForCausalLM.from_pretrained(init_from, **model)
+    else:
+        net = _fresh_model(model, tokenizer)
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        net = get_peft_model(net, LoraConfig(task_type="CAUSAL_LM", **lora))
+    return net
+
+
+def _fresh_model(model: dict[str, Any], tokenizer):
     kwargs = dict(model)
     if not isinstance(tokenizer, TensorAttnByteTokenizer):
         kwargs.setdefault("vocab_size", len(tokenizer))
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             kwargs.setdefault(name, getattr(tokenizer, name))
-    torch.manual_seed(seed)
     config = AutoConfig.for_model("tensor_attn", **kwargs)
     return AutoModelForCausalLM.from_config(config)
 
@@ -359,13 +414,16 @@ class ParamChecksumCallback(TrainerCallback):
 
 def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] = ()) -> Trainer:
     """Tokenizer, datasets, model and `Trainer` of a validated config; nothing is trained or written yet."""
-    tokenizer = build_tokenizer(config.task)
+    tokenizer = build_tokenizer(config.task, config.init_from)
     train, evaluation = build_datasets(config.task, tokenizer)
     training = dict(config.training)
     if evaluation is None:
         training["eval_strategy"] = "no"
+    if "use_cpu" not in training and not torch.accelerator.is_available():
+        # TrainingArguments refuses bf16 on a machine without an accelerator unless told the run is on CPU.
+        training["use_cpu"] = True
     args = TrainingArguments(**training)
-    model = build_model(config.model, tokenizer, seed=args.seed)
+    model = build_model(config.model, tokenizer, seed=args.seed, init_from=config.init_from, lora=config.lora)
     is_match3 = config.task["task"] == "match3"
     callbacks = list(callbacks)
     if config.write_param_checksums:

@@ -1,0 +1,236 @@
+"""Training: Match3 and text data, the config-driven Trainer run, resume, reload, LoRA."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+import hf_tensor_attn
+from hf_tensor_attn.tasks import (
+    BOS_ID,
+    IGNORE_INDEX,
+    NEGATIVE_ID,
+    POSITIVE_ID,
+    Match3Task,
+    match3_labels,
+    number_token_id,
+    text_dataset,
+)
+from hf_tensor_attn.training import build_trainer, load_config, param_checksum, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "match3-tiny.json"
+QUIET = ["--disable_tqdm=true", "--logging_steps=2", "--save_total_limit=null"]
+
+
+def brute_force_match3(numbers, modulus):
+    """Position i is positive iff some j1, j2 <= i (any, equal allowed) have x_i + x_j1 + x_j2 == 0 mod M."""
+    return [
+        any((numbers[i] + numbers[a] + numbers[b]) % modulus == 0 for a, b in itertools.product(range(i + 1), repeat=2))
+        for i in range(len(numbers))
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("modulus, length, rate", [(8, 12, 0.5), (16, 16, 0.5), (5, 7, 0.2), (12, 20, 0.9)])
+def test_match3_labels_agree_with_brute_force(modulus, length, rate):
+    task = Match3Task(modulus=modulus, length=length, num_examples=60, seed=3, positive_rate=rate)
+    dataset = task.build()
+    for row in dataset:
+        numbers = row["numbers"]
+        expected = brute_force_match3(numbers, modulus)
+        assert [bool(a) for a in row["answers"]] == expected
+        assert match3_labels(numbers, modulus) == expected
+        answer_ids = [POSITIVE_ID if y else NEGATIVE_ID for y in expected]
+        assert row["input_ids"] == [BOS_ID] + [t for x, a in zip(numbers, answer_ids) for t in (number_token_id(x), a)]
+        # Loss only on answers: every label is -100 except at the answer tokens, which carry their own id.
+        assert row["labels"] == [IGNORE_INDEX] + [t for a in answer_ids for t in (IGNORE_INDEX, a)]
+        assert all(0 <= x < modulus for x in numbers)
+
+
+def test_match3_is_seeded_balanced_and_readable():
+    task = Match3Task(modulus=32, length=8, num_examples=400, seed=7)
+    first, again = task.build(), task.build()
+    assert first["input_ids"] == again["input_ids"]
+    assert first["input_ids"] != Match3Task(modulus=32, length=8, num_examples=400, seed=8).build()["input_ids"]
+    stats = task.describe(first)
+    # With M = 32 and 8 numbers the prefix never saturates, so the drawn rate is the realised one.
+    assert abs(stats["positive_rate"] - 0.5) < 0.05
+    text = hf_tensor_attn.TensorAttnByteTokenizer().decode(first[0]["input_ids"])
+    letters = "".join(chr(ord("A") + x) for x in first[0]["numbers"])
+    assert text.startswith("<s>") and text[3::2] == letters and set(text[4::2]) <= {"+", "-"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [({"modulus": 0}, "modulus"), ({"modulus": 300}, "modulus"), ({"length": 0}, "length"),
+     ({"positive_rate": 1.5}, "positive_rate"), ({"seed": -1}, "seed"), ({"num_examples": 2.5}, "num_examples")],
+)
+def test_match3_rejects_bad_settings(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Match3Task(**kwargs)
+
+
+def test_text_dataset_chunks_local_files_with_any_tokenizer(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world\nsecond line\n")
+    (tmp_path / "b.txt").write_text("more text here")
+    records = [{"body": "json record one"}, {"body": "two"}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    byte_tok = hf_tensor_attn.TensorAttnByteTokenizer()
+
+    blocks = text_dataset([tmp_path / "a.txt", tmp_path / "b.txt"], byte_tok, block_size=8)
+    stream = [i for b in blocks["input_ids"] for i in b]
+    expected = byte_tok("hello world\nsecond line\n", add_special_tokens=False).input_ids + [2]
+    expected += byte_tok("more text here", add_special_tokens=False).input_ids + [2]
+    assert stream == expected[: len(expected) // 8 * 8]
+    assert blocks["labels"] == blocks["input_ids"] and all(len(b) == 8 for b in blocks["input_ids"])
+
+    # A tokenizer named by path, as AutoTokenizer.from_pretrained(name) resolves it.
+    byte_tok.save_pretrained(tmp_path / "tok")
+    named = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    json_blocks = text_dataset(str(tmp_path / "c.jsonl"), named, block_size=4, text_format="json", text_field="body")
+    decoded = named.decode([i for b in json_blocks["input_ids"] for i in b])
+    assert decoded.startswith("json record one</s>two")
+
+    with pytest.raises(ValueError, match="text_field"):
+        text_dataset(str(tmp_path / "c.jsonl"), named, block_size=4, text_format="json", text_field="missing")
+    with pytest.raises(ValueError, match="do not exist"):
+        text_dataset(str(tmp_path / "nope.txt"), named)
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("--not_a_key=1", ("not_a_key", "allowed")),
+        ("--lr_scheduler_type=sideways", ("lr_scheduler_type", "sideways", "cosine")),
+        ("--max_steps=ten", ("max_steps", "ten", "int")),
+        ("--modulus=0", ("modulus", "0", "[1, 191]")),
+        ("--task=poetry", ("task", "poetry", "match3")),
+        ("--model.hidden_size=-4", ("hidden_size", "-4", "positive int")),
+        ('--model.layer_types=["cross"]', ("layer_types", "cross", "tensor_attention")),
+        ("--use_cache=true", ("use_cache", "model", "training")),
+        ("--block_size=64", ("match3", "block_size", "allowed")),
+        ('--lora={"rank": 4}', ("lora", "rank", "allowed")),
+        ("max_steps=3", ("max_steps=3", "--key=value")),
+        ("--bf16=yes", ("bf16", "yes", "bool")),
+    ],
+)
+def test_bad_config_keys_and_values_are_named(override, names):
+    """Every error names the key, the value and what is allowed."""
+    with pytest.raises(ValueError) as error:
+        load_config(TINY, [override])
+    for name in names:
+        assert name in str(error.value), (name, str(error.value))
+
+
+def test_overrides_reach_their_sections():
+    config = load_config(TINY, ["--max_steps=3", "--model.hidden_size=48", "--modulus=5", "--output_dir=/tmp/x"])
+    assert config.training["max_steps"] == 3 and config.training["output_dir"] == "/tmp/x"
+    assert config.model["hidden_size"] == 48 and config.task["modulus"] == 5
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """16 steps of the tiny Match3 config with checkpoints at 8 and 16."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    config = load_config(TINY, QUIET + ["--max_steps=16", "--save_steps=8", "--eval_steps=8", f"--output_dir={out}"])
+    trainer = train(config)
+    return config, trainer, out
+
+
+def test_tiny_match3_run_lowers_loss_and_writes_state(tiny_run):
+    _, trainer, out = tiny_run
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert state["global_step"] == 16 and len(losses) >= 4
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert any("eval_accuracy" in h for h in state["log_history"])
+    assert (out / "checkpoint-8").is_dir() and (out / "checkpoint-16").is_dir()
+    assert json.loads((out / "run_config.json").read_text())["training"]["max_steps"] == 16
+
+
+def test_saved_model_reloads_with_identical_logits(tiny_run):
+    _, trainer, out = tiny_run
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert isinstance(reloaded, hf_tensor_attn.TensorAttnForCausalLM)
+    assert isinstance(tokenizer, hf_tensor_attn.TensorAttnByteTokenizer)
+    ids = torch.tensor(trainer.eval_dataset[:4]["input_ids"])
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, trained(ids).logits)
+
+
+def test_resume_from_checkpoint_continues_to_the_same_parameters(tiny_run, tmp_path):
+    config, trainer, out = tiny_run
+    # Only checkpoint-8 in a fresh output_dir: `true` must pick it up and train steps 9..16 again.
+    shutil.copytree(out / "checkpoint-8", tmp_path / "checkpoint-8")
+    resumed = load_config(TINY, QUIET + ["--max_steps=16", "--save_steps=8", "--eval_steps=8",
+                                        f"--output_dir={tmp_path}", "--resume_from_checkpoint=true"])
+    second = train(resumed)
+    steps = [h["step"] for h in second.state.log_history if "loss" in h]
+    assert second.state.global_step == 16 and steps[0] <= 8 and steps[-1] == 16
+    # Same data order, RNG and optimizer state as the uninterrupted run: the same parameters, bit for bit.
+    assert param_checksum(second.model) == param_checksum(trainer.model)
+
+
+def test_bf16_with_activation_checkpointing_trains(tmp_path):
+    config = load_config(TINY, QUIET + ["--max_steps=3", "--bf16=true", "--activation_checkpointing=true",
+                                        "--eval_strategy=no", "--save_strategy=no", "--logging_steps=1",
+                                        f"--output_dir={tmp_path}"])
+    trainer = train(config)
+    assert trainer.model.is_gradient_checkpointing
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+# ---------------------------------------------------------------------------------------------------- LoRA
+
+
+class Snapshot(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_lora_trains_only_adapters_on_attention_projections(tiny_run, tmp_path):
+    _, _, base_dir = tiny_run
+    config = load_config(TINY, QUIET + [
+        "--max_steps=8", "--learning_rate=0.01", "--eval_strategy=no", "--save_strategy=no",
+        f"--output_dir={tmp_path}", f"--init_from={base_dir}", "--lora={\"r\": 4, \"lora_alpha\": 8}",
+    ])
+    snapshot = Snapshot()
+    trainer = build_trainer(config, callbacks=[snapshot])
+    before_loss = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after_loss = trainer.evaluate()["eval_loss"]
+    assert after_loss < before_loss
+
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, snapshot.before[n])}
+    lora_names = {n for n in snapshot.before if "lora_" in n}
+    assert changed == lora_names
+    projections = {n.split(".self_attn.")[1].split(".")[0] for n in lora_names}
+    assert projections == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    layers = {n.split(".layers.")[1].split(".")[0] for n in lora_names}
+    assert layers == {"0", "1"}  # the tensor layer and the standard layer both carry adapters
+
+    trainer.save_model()
+    assert (tmp_path / "adapter_config.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor(trainer.eval_dataset[:2]["input_ids"])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, trainer.model.eval()(ids).logits, atol=1e-6)
