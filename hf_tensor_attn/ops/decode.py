@@ -3,11 +3,12 @@ layout's explicit pair rows (Def. 3.8), and the explicit-Kronecker baseline of t
 
 For a query q and cached K1, K2, V1, V2 (i x d each), `four_cache_decode` computes
 
-    S = (K1 * (scale q)) @ K2^T        # [i, i] scores, one (i x d) @ (d x i) product
-    P = exp(S - max S) over allowed pairs
+    S = (K1 * (scale q)) @ K2^T            # [i, i] scores, one (i x d) @ (d x i) product (in blocks of rows a)
+    P = exp(S - shift) over allowed pairs  # shift = max S, or 0 when a bound on |S| makes exp safe
     o = sum_a v1_a * (P @ V2)_a / sum(P)   # (i x i) @ (i x d), then a weighted row sum
 
-About 4 i^2 d flops and O(i^2) scratch; the i^2 x d Kronecker matrix K1 ⊘ K2 is never formed.
+About 4 i^2 d flops and at most one block of scores as scratch; the i^2 x d Kronecker matrix K1 ⊘ K2 is never
+formed.
 """
 
 from __future__ import annotations
