@@ -173,6 +173,23 @@ def test_queries_without_pairs_give_zeros(dtype, tiling):
         assert_close_scaled(a.double(), e, TOL[dtype], name)
 
 
+@pytest.mark.parametrize("w", [None, 4])
+def test_pad_query_whose_own_pair_dwarfs_its_allowed_pairs(w, tiling):
+    """A pad query may not use itself; its own pair's score (x20 inputs there) must not enter its softmax, not
+    even as the reference the kernel subtracts before exp (that would underflow every allowed pair)."""
+    B, H, T, D, pad = 1, 2, 20, 16, 10
+    inputs, dout = make_inputs(B, H, T, T, D, torch.float32)
+    for t in inputs[:3]:
+        t[:, :, pad] *= 20
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, pad] = False
+    kw = dict(scale=0.25, w1=w, w2=w, attention_mask=mask)
+    fast = outputs_and_grads(tensor_attention, inputs, dout, **kw)
+    ref = outputs_and_grads(naive_tensor_attention, [t.double() for t in inputs], dout.double(), **kw)
+    for name, a, e in zip(NAMES, fast, ref):
+        assert_close_scaled(a.double(), e, TOL[torch.float32], name)
+
+
 def test_windows_visit_only_in_window_tiles():
     """The work of a windowed call is O(T * w1 * w2): the planned tiles hold a small multiple of the used pairs."""
     T, w_row, w_col = 1024, 32, 128

@@ -101,7 +101,8 @@ class Masker:
 
     The causal/window part of a key block's bias depends only on the offset of the query block within the key
     block, which repeats from block to block, so it is built once per offset and reused; padding adds a slice
-    of one [B, Tk] bias.
+    of one [B, Tk] bias. Only the keys that some query of the block may not use are touched: along the diagonal
+    that is bq - 1 keys of the block, so the add costs a sliver of a pass instead of a whole one.
     """
 
     def __init__(self, w_row, w_col, attention_mask, dtype, device):
@@ -110,28 +111,37 @@ class Masker:
         self.pad = None
         if attention_mask is not None:
             self.pad = torch.zeros(attention_mask.shape, dtype=dtype, device=device).masked_fill_(~attention_mask, float("-inf"))
-        self.cache: dict[tuple, torch.Tensor] = {}
+            self.padded = [0] + torch.cumsum((~attention_mask).any(0).to(torch.int64), 0).tolist()
+        self.cache: dict[tuple, tuple[torch.Tensor, int, int]] = {}
 
-    def _bias(self, block: QueryBlock, kb: KeyBlock, window) -> torch.Tensor:
-        """[B or 1, bq, n] bias over the keys of kb for the queries of block."""
+    def _bias(self, block: QueryBlock, kb: KeyBlock, window) -> tuple[torch.Tensor, int, int]:
+        """([B or 1, bq, n] bias over the keys of kb for the queries of block, lo, hi): keys outside [lo, hi)
+        of the block have bias 0 for every query."""
         bq, n = block.stop - block.start, kb.stop - kb.start
         key = (block.t0 - kb.start, bq, n, window)
-        rel = self.cache.get(key)
-        if rel is None:
+        entry = self.cache.get(key)
+        if entry is None:
             t = torch.arange(bq, device=self.device)[:, None] + (block.t0 - kb.start)  # query - first key
             a = torch.arange(n, device=self.device)[None, :]
             ok = a <= t
             if window is not None:
                 ok = ok & (t - a < window)
-            rel = self.cache[key] = torch.zeros(bq, n, dtype=self.dtype, device=self.device).masked_fill_(~ok, float("-inf"))
-        if self.pad is None:
-            return rel[None]
-        return rel[None] + self.pad[:, None, kb.start : kb.stop]
+            rel = torch.zeros(bq, n, dtype=self.dtype, device=self.device).masked_fill_(~ok, float("-inf"))
+            cols = (~ok).any(0).nonzero()
+            lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 0)
+            entry = self.cache[key] = (rel[None], lo, hi)
+        if self.pad is not None and self.padded[kb.stop] > self.padded[kb.start]:
+            return entry[0] + self.pad[:, None, kb.start : kb.stop], 0, n
+        return entry
 
     def apply(self, scores: torch.Tensor, block: QueryBlock, rb: KeyBlock, cb: KeyBlock, B: int, H: int) -> None:
         bq = block.stop - block.start
         s5 = scores.view(B, H, bq, rb.stop - rb.start, cb.stop - cb.start)
         if rb.masked:
-            s5.add_(self._bias(block, rb, self.windows[0])[:, None, :, :, None])
+            bias, lo, hi = self._bias(block, rb, self.windows[0])
+            if hi > lo:
+                s5[:, :, :, lo:hi].add_(bias[:, None, :, lo:hi, None])
         if cb.masked:
-            s5.add_(self._bias(block, cb, self.windows[1])[:, None, :, None, :])
+            bias, lo, hi = self._bias(block, cb, self.windows[1])
+            if hi > lo:
+                s5[..., lo:hi].add_(bias[:, None, :, None, lo:hi])

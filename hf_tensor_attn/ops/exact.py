@@ -39,43 +39,93 @@ class _Workspace:
         return buf[:n].view(shape)
 
 
+def _headroom(dtype: torch.dtype) -> float:
+    """Largest s - m allowed into exp without checking the tile: e^40 times 1e10 pairs times |v1*v2| up to
+    1e11 still fits float32; float64 has far more room."""
+    return 300.0 if dtype == torch.float64 else 40.0
+
+
+def _reference_scores(q, kr, kc, w_row, w_col, mask, B, H):
+    """[BH, Tq] the score s_t(c, c) of the latest real key c <= t: an allowed pair of query t whenever t has one.
+
+    If t has any allowed pair (a, b), the narrower window holds a real key, hence c, and (c, c) is allowed.
+    A query with no allowed pair gets some finite value; its scores are all -inf anyway.
+    """
+    BH, Tq, d = q.shape
+    Tk = kr.shape[1]
+    pos = torch.arange(Tk - Tq, Tk, device=q.device)
+    if mask is None:
+        return (q * kr[:, pos] * kc[:, pos]).sum(-1)
+    keys = torch.arange(Tk, device=q.device).expand(B, Tk)
+    latest = torch.where(mask, keys, 0).cummax(dim=1).values[:, Tk - Tq :]  # [B, Tq]
+    index = latest.repeat_interleave(H, dim=0)[:, :, None].expand(BH, Tq, d)  # [BH, Tq, d]
+    return (q * kr.gather(1, index) * kc.gather(1, index)).sum(-1)
+
+
 def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
-    """q pre-scaled; all [BH, T, d] in the compute dtype. Returns out [BH, Tq, d] and lse [BH, Tq]."""
+    """q pre-scaled; all [BH, T, d] in the compute dtype. Returns out [BH, Tq, d] and lse [BH, Tq].
+
+    Each query t carries a reference m_t subtracted inside the score GEMM (a ones column in kc meets -m_t), and
+    the tile holds exp(s - m_t) once exp is applied. m_t starts at the score of an allowed pair (see
+    `_reference_scores`), so sum_ab exp(s - m_t) >= 1 and nothing that matters underflows. exp cannot
+    overflow while s - m_t stays under the headroom, which Cauchy-Schwarz bounds per row block:
+    s <= ||q_t * kr_a|| * ||kc_b||. Only when that bound is too loose does a tile pay for its max (amax), and
+    m_t moves only when a score really exceeds m_t + headroom. Without the check every tile would need two
+    more passes (max, subtract) and a rescale of the accumulators.
+    """
     BH, Tq, d = q.shape
     Tk = kr.shape[1]
     dtype, device = q.dtype, q.device
     ws = _Workspace(dtype, device)
+    headroom = _headroom(dtype)
     out = torch.zeros(BH, Tq, d, dtype=dtype, device=device)
     lse = torch.zeros(BH, Tq, dtype=dtype, device=device)
-    kc_t = kc.transpose(1, 2)  # [BH, d, Tk]
+    kc1 = torch.ones(BH, Tk, d + 1, dtype=dtype, device=device)
+    kc1[:, :, :d] = kc
+    kc1_t = kc1.transpose(1, 2)  # [BH, d+1, Tk]
+    kc_norm = torch.linalg.vector_norm(kc, dim=-1)  # [BH, Tk]
+    m_all = _reference_scores(q, kr, kc, w_row, w_col, mask, B, H)  # [BH, Tq]
     masker = Masker(w_row, w_col, mask, dtype, device)
-    lowest = torch.finfo(dtype).min  # finite start for the running max: exp(-inf - lowest) = 0, never NaN
     for block in plan(Tq, Tk, w_row, w_col, mask, sizes):
         bq = block.stop - block.start
         qb = q[:, block.start : block.stop]  # [BH, bq, d]
-        m = torch.full((BH, bq), lowest, dtype=dtype, device=device)
+        m = m_all[:, block.start : block.stop].clone()  # [BH, bq]
         l = torch.zeros(BH, bq, dtype=dtype, device=device)
         acc = torch.zeros(BH, bq, d, dtype=dtype, device=device)
+        col_lo, col_hi = block.col_blocks[0].start, block.col_blocks[-1].stop
+        kc_max = kc_norm[:, col_lo:col_hi].amax(-1, keepdim=True)  # [BH, 1]
         for rb in block.row_blocks:
             ba = rb.stop - rb.start
-            qk = ws.get("qk", BH, bq, ba, d)
-            torch.mul(qb[:, :, None, :], kr[:, None, rb.start : rb.stop, :], out=qk)  # rows (t, a): q_t * kr_a
-            qk = qk.view(BH, bq * ba, d)
-            vrb = vr[:, None, rb.start : rb.stop, :]  # [BH, 1, ba, d]
+            qk = ws.get("qk", BH, bq, ba, d + 1)  # rows (t, a): [q_t * kr_a, -m_t]
+            torch.mul(qb[:, :, None, :], kr[:, None, rb.start : rb.stop, :], out=qk[..., :d])
+            bound = torch.linalg.vector_norm(qk[..., :d], dim=-1).amax(-1) * kc_max  # [BH, bq] >= any s here
+            checked = bool(((bound - m) > headroom).any())
+            qk[..., d] = -m[:, :, None]
+            qk_rows = qk.view(BH, bq * ba, d + 1)
+            # P @ vc summed over the column blocks first: the product with vr and the sum over a, a pass over
+            # [bq, ba, d], then happens once per row block instead of once per tile.
+            pv = ws.get("pv", BH, bq * ba, d).zero_()
             for cb in block.col_blocks:
                 bc = cb.stop - cb.start
-                s = torch.bmm(qk, kc_t[:, :, cb.start : cb.stop], out=ws.get("s", BH, bq * ba, bc))
+                s = torch.bmm(qk_rows, kc1_t[:, :, cb.start : cb.stop], out=ws.get("s", BH, bq * ba, bc))  # s - m
                 if rb.masked or cb.masked:
                     masker.apply(s, block, rb, cb, B, H)
                 s_t = s.view(BH, bq, ba * bc)  # all pairs of query t in this tile
-                m_new = torch.maximum(m, s_t.amax(-1))  # [BH, bq]
-                alpha = torch.exp(m - m_new)
-                s_t.sub_(m_new[:, :, None]).exp_()
-                l.mul_(alpha).add_(s_t.sum(-1))
-                pv = torch.bmm(s, vc[:, cb.start : cb.stop], out=ws.get("pv", BH, bq, ba, d).view(BH, bq * ba, d))
-                prod = torch.mul(pv.view(BH, bq, ba, d), vrb, out=ws.get("prod", BH, bq, ba, d))
-                acc.mul_(alpha[:, :, None]).add_(prod.sum(2))
-                m = m_new
+                if checked:
+                    over = s_t.amax(-1)  # [BH, bq]
+                    shift = torch.where(over > headroom, over, 0)
+                    if bool(shift.any()):
+                        s_t.sub_(shift[:, :, None])
+                        m += shift
+                        alpha = torch.exp(-shift)
+                        l.mul_(alpha)
+                        acc.mul_(alpha[:, :, None])
+                        pv.view(BH, bq, ba * d).mul_(alpha[:, :, None])
+                        qk[..., d] = -m[:, :, None]
+                l.add_(s_t.exp_().sum(-1))
+                pv.baddbmm_(s, vc[:, cb.start : cb.stop])  # [BH, bq*ba, d]
+            prod = torch.mul(pv.view(BH, bq, ba, d), vr[:, None, rb.start : rb.stop, :], out=ws.get("prod", BH, bq, ba, d))
+            acc.add_(prod.sum(2))
         has_pair = l > 0
         out[:, block.start : block.stop] = acc / torch.where(has_pair, l, 1)[:, :, None]
         lse[:, block.start : block.stop] = torch.where(has_pair, m + torch.log(l), 0)
