@@ -79,6 +79,8 @@ CASES = {
     "window_w2_lt_w1": (1, 2, 63, 63, 60, 40, 3, None),
     "window_w1_is_1": (1, 1, 63, 63, 16, 1, 9, None),
     "window_w2_only": (1, 2, 63, 63, 16, None, 1, None),
+    "window_both_wide": (1, 2, 63, 63, 16, 45, 50, None),
+    "window_not_shorter_than_T": (1, 1, 63, 63, 16, 63, 200, None),
     "padded": (2, 2, 63, 63, 60, None, None, {"left": 10, "interior": (30,)}),
     "padded_window": (2, 1, 130, 130, 16, 7, 20, {"left": 3, "interior": (50, 51)}),
     "Tq_lt_Tk": (1, 2, 40, 130, 16, None, 9, None),

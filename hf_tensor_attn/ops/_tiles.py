@@ -1,13 +1,18 @@
 """Tile plan of the exact tensor-attention kernels: which key ranges each query block visits, and where masks apply.
 
-A query block [t0, t1) (absolute positions) needs keys a < t1, and with a window w only a > t0 - w. Those key
-ranges are split into blocks; a tile is (query block x row-stream block x column-stream block). Tiles wholly
-inside the causal/window region of every query of the block need no mask, which is most of them; only blocks
-that cross the diagonal, the window edge or a padded position get an additive 0/-inf bias.
+A query block [t0, t1) (absolute positions) needs keys a < t1, and with a window w only a > t0 - w. A tile is
+(query block x row-stream block x column-stream block): the row stream's keys are multiplied into the queries
+(rows (t, a) of the score GEMM), the column stream is the GEMM's N dimension.
+
+Row blocks come in two kinds. Without a row window they are aligned key ranges [start, stop) shared by the
+queries of the block. With a row window w they are ranges [start, stop) of the window offset j, and query t
+uses the key a = t - w + 1 + j: each query gets exactly its own window, so a window costs no wasted rows.
+Column blocks are always aligned ranges (the GEMM's columns are shared by all rows).
 
 The allowed-pair set factorises: pair (a, b) is allowed for query t iff a is allowed on its own (causal, window
 w1, real token) and b is allowed on its own. So a tile's mask is a row bias over a plus a column bias over b,
-never a bq x ba x bc tensor.
+never a bq x ba x bc tensor, and most tiles (wholly inside every query's causal/window region, no padding) need
+none.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ class QueryBlock:
     start: int  # index into q
     stop: int
     t0: int  # absolute position of the first query
-    row_blocks: tuple[KeyBlock, ...]  # over the row stream (its keys are multiplied into q)
-    col_blocks: tuple[KeyBlock, ...]  # over the column stream (the GEMM's N dimension)
+    row_blocks: tuple[KeyBlock, ...]  # row-stream keys, or window offsets j when the row stream has a window
+    col_blocks: tuple[KeyBlock, ...]  # column-stream keys
 
     @property
     def t1(self) -> int:
@@ -47,14 +52,13 @@ class TileSizes:
 def choose_tile_sizes(Tq: int, w_row: int | None, w_col: int | None) -> TileSizes:
     """Tile sizes tuned on a 2-core AVX-512 CPU (see scripts/bench_attention.py) for head dims around 64.
 
-    The score GEMM is (query*row, d) @ (d, col); a few hundred to a thousand rows and ~256 columns keep MKL near
-    peak while the fp32 score tile of all heads stays in L2. With a window the row range of a query block spans
-    w_row + query - 1 keys of which each query uses w_row, so smaller query blocks waste less.
+    The score GEMM is (query*row, d+1) @ (d+1, col); about 512 rows and 256 columns keep MKL near its peak while
+    the fp32 score tile of four heads (2 MiB) stays in the two cores' L2. Column blocks of a windowed column
+    stream span w_col + query - 1 keys of which each query uses w_col, hence small query blocks there.
     """
     if w_row is None:
         return TileSizes(query=16, row=32, col=256)
-    query = 8 if w_row <= 64 else 16
-    return TileSizes(query=query, row=min(w_row + query - 1, 64), col=256)
+    return TileSizes(query=16, row=min(w_row, 32), col=256)
 
 
 def _key_blocks(lo: int, hi: int, size: int, t0: int, t1: int, window: int | None, padded: list[int]) -> tuple:
@@ -65,6 +69,19 @@ def _key_blocks(lo: int, hi: int, size: int, t0: int, t1: int, window: int | Non
         if window is not None:
             masked = masked or (t1 - 1) - start >= window  # the last query's window ends inside the block
         masked = masked or padded[stop] - padded[start] > 0
+        blocks.append(KeyBlock(start, stop, masked))
+    return tuple(blocks)
+
+
+def _window_blocks(t0: int, t1: int, w: int, size: int, first_real: int, padded: list[int]) -> tuple:
+    """Blocks of window offsets j in [0, w): query t uses key t - w + 1 + j."""
+    blocks = []
+    for start in range(0, w, size):
+        stop = min(start + size, w)
+        lo, hi = t0 - w + 1 + start, t1 - w + stop  # keys touched by the block: [lo, hi)
+        if hi <= first_real:
+            continue  # before the sequence or all padding
+        masked = lo < 0 or padded[hi] - padded[max(lo, 0)] > 0
         blocks.append(KeyBlock(start, stop, masked))
     return tuple(blocks)
 
@@ -86,37 +103,50 @@ def plan(Tq: int, Tk: int, w_row, w_col, attention_mask, sizes: TileSizes) -> li
     for start in range(0, Tq, sizes.query):
         stop = min(start + sizes.query, Tq)
         t0, t1 = offset + start, offset + stop
-        row_lo = max(first_real, 0 if w_row is None else t0 - w_row + 1)
         col_lo = max(first_real, 0 if w_col is None else t0 - w_col + 1)
-        if row_lo >= t1 or col_lo >= t1:
+        if w_row is None:
+            rows = _key_blocks(first_real, t1, sizes.row, t0, t1, None, padded)
+        else:
+            rows = _window_blocks(t0, t1, w_row, sizes.row, first_real, padded)
+        if not rows or col_lo >= t1:
             continue
-        rows = _key_blocks(row_lo, t1, sizes.row, t0, t1, w_row, padded)
         cols = _key_blocks(col_lo, t1, sizes.col, t0, t1, w_col, padded)
         blocks.append(QueryBlock(start, stop, t0, rows, cols))
     return blocks
 
 
 class Masker:
-    """Adds the 0/-inf bias of a masked tile to its scores, seen as [B, H, bq, ba, bc].
+    """Adds the 0/-inf bias of a masked tile to its scores, seen as [B, H, bq, ba, bc], and clamps what it
+    touched to the exp floor (see `exact._exp_floor`).
 
-    The causal/window part of a key block's bias depends only on the offset of the query block within the key
+    The causal/window bias of an aligned key block depends only on the offset of the query block within the key
     block, which repeats from block to block, so it is built once per offset and reused; padding adds a slice
     of one [B, Tk] bias. Only the keys that some query of the block may not use are touched: along the diagonal
-    that is bq - 1 keys of the block, so the add costs a sliver of a pass instead of a whole one.
+    that is bq - 1 keys of the block, a sliver of a pass instead of a whole one. Windowed row blocks read their
+    bias (keys before 0, padding) as a Hankel view of one [B, w - 1 + Tk] vector.
     """
 
-    def __init__(self, w_row, w_col, attention_mask, dtype, device):
+    def __init__(self, w_row, w_col, attention_mask, Tk, dtype, device, floor: float):
         self.windows = (w_row, w_col)
+        self.floor = floor
         self.dtype, self.device = dtype, device
         self.pad = None
+        self.padded = None
         if attention_mask is not None:
             self.pad = torch.zeros(attention_mask.shape, dtype=dtype, device=device).masked_fill_(~attention_mask, float("-inf"))
             self.padded = [0] + torch.cumsum((~attention_mask).any(0).to(torch.int64), 0).tolist()
+        if w_row is not None:
+            pad = self.pad if self.pad is not None else torch.zeros(1, Tk, dtype=dtype, device=device)
+            before = torch.full((pad.shape[0], w_row - 1), float("-inf"), dtype=dtype, device=device)
+            self.row_ext = torch.cat([before, pad], 1).contiguous()  # [B or 1, w_row - 1 + Tk]: key a at a + w_row - 1
         self.cache: dict[tuple, tuple[torch.Tensor, int, int]] = {}
 
-    def _bias(self, block: QueryBlock, kb: KeyBlock, window) -> tuple[torch.Tensor, int, int]:
-        """([B or 1, bq, n] bias over the keys of kb for the queries of block, lo, hi): keys outside [lo, hi)
-        of the block have bias 0 for every query."""
+    def _has_pad(self, lo: int, hi: int) -> bool:
+        return self.padded is not None and self.padded[hi] > self.padded[max(lo, 0)]
+
+    def _bias(self, block: QueryBlock, kb: KeyBlock, window) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """[B or 1, bq, n] bias over the keys of aligned block kb for the queries of block, and the runs [lo, hi)
+        of keys where it is not 0 for every query (at the diagonal and at the window's far edge)."""
         bq, n = block.stop - block.start, kb.stop - kb.start
         key = (block.t0 - kb.start, bq, n, window)
         entry = self.cache.get(key)
@@ -127,21 +157,42 @@ class Masker:
             if window is not None:
                 ok = ok & (t - a < window)
             rel = torch.zeros(bq, n, dtype=self.dtype, device=self.device).masked_fill_(~ok, float("-inf"))
-            cols = (~ok).any(0).nonzero()
-            lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 0)
-            entry = self.cache[key] = (rel[None], lo, hi)
-        if self.pad is not None and self.padded[kb.stop] > self.padded[kb.start]:
-            return entry[0] + self.pad[:, None, kb.start : kb.stop], 0, n
+            entry = self.cache[key] = (rel[None], _runs((~ok).any(0).tolist()))
+        if self._has_pad(kb.start, kb.stop):
+            return entry[0] + self.pad[:, None, kb.start : kb.stop], [(0, n)]
         return entry
+
+    def _window_bias(self, block: QueryBlock, rb: KeyBlock) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Bias of a windowed row block: entry [t, j] belongs to key block.t0 + t - w + 1 + j."""
+        w = self.windows[0]
+        bq, n = block.stop - block.start, rb.stop - rb.start
+        first = block.t0 - w + 1 + rb.start  # key of the block's first query at its first offset
+        ext = self.row_ext
+        bias = ext.as_strided((ext.shape[0], bq, n), (ext.stride(0), 1, 1), first + w - 1)  # [B or 1, bq, n]
+        if self._has_pad(first, first + bq + n - 1):
+            return bias, [(0, n)]
+        return bias, [(0, min(n, -first))] if first < 0 else []  # offsets whose key is < 0 for the first query
 
     def apply(self, scores: torch.Tensor, block: QueryBlock, rb: KeyBlock, cb: KeyBlock, B: int, H: int) -> None:
         bq = block.stop - block.start
         s5 = scores.view(B, H, bq, rb.stop - rb.start, cb.stop - cb.start)
         if rb.masked:
-            bias, lo, hi = self._bias(block, rb, self.windows[0])
-            if hi > lo:
-                s5[:, :, :, lo:hi].add_(bias[:, None, :, lo:hi, None])
+            bias, runs = self._bias(block, rb, None) if self.windows[0] is None else self._window_bias(block, rb)
+            for lo, hi in runs:
+                s5[:, :, :, lo:hi].add_(bias[:, None, :, lo:hi, None]).clamp_min_(self.floor)
         if cb.masked:
-            bias, lo, hi = self._bias(block, cb, self.windows[1])
-            if hi > lo:
-                s5[..., lo:hi].add_(bias[:, None, :, None, lo:hi])
+            bias, runs = self._bias(block, cb, self.windows[1])
+            for lo, hi in runs:
+                s5[..., lo:hi].add_(bias[:, None, :, None, lo:hi]).clamp_min_(self.floor)
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """Maximal runs [lo, hi) of True in flags."""
+    runs, lo = [], None
+    for i, flag in enumerate(flags + [False]):
+        if flag and lo is None:
+            lo = i
+        elif not flag and lo is not None:
+            runs.append((lo, i))
+            lo = None
+    return runs

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ._tiles import Masker, TileSizes, choose_tile_sizes, plan
+from ._tiles import Masker, QueryBlock, TileSizes, choose_tile_sizes, plan
 from .common import check_inputs
 
 
@@ -39,27 +39,84 @@ class _Workspace:
         return buf[:n].view(shape)
 
 
+class _RowStream:
+    """A row-stream tensor ([BH, Tk, d]) as tiles see it: without a window an aligned key block shared by the
+    queries ([BH, 1, ba, d]); with a window w each query's own slice of offsets ([BH, bq, nj, d]), read from a
+    strided view whose [t, j] is key t - w + 1 + j (zeros before key 0, masked anyway)."""
+
+    def __init__(self, x: torch.Tensor, window: int | None):
+        self.window = window
+        if window is None:
+            self.x = x
+        else:
+            BH, Tk, d = x.shape
+            xp = torch.cat([x.new_zeros(BH, window - 1, d), x], 1)  # key a at a + window - 1
+            self.x = xp.as_strided((BH, Tk, window, d), (xp.stride(0), d, d, 1))  # [BH, Tk, w, d]
+
+    def tile(self, block: QueryBlock, rb) -> torch.Tensor:
+        if self.window is None:
+            return self.x[:, None, rb.start : rb.stop]
+        return self.x[:, block.t0 : block.t1, rb.start : rb.stop]
+
+
+class _RowGrad:
+    """Accumulates the gradient of a row-stream tensor from per-(query, row) contributions [BH, bq, n, d]."""
+
+    def __init__(self, BH: int, Tk: int, d: int, window: int | None, dtype, device):
+        self.windowed = window is not None
+        self.lead = 0 if window is None else window - 1
+        self.g = torch.zeros(BH, self.lead + Tk, d, dtype=dtype, device=device)
+        self.index: dict[tuple[int, int], torch.Tensor] = {}
+
+    def add(self, block: QueryBlock, rb, contrib: torch.Tensor) -> None:
+        BH, bq, n, d = contrib.shape
+        if not self.windowed:
+            self.g[:, rb.start : rb.stop] += contrib.sum(1)
+            return
+        rel = self.index.get((bq, n))
+        if rel is None:
+            rel = self.index[(bq, n)] = (torch.arange(bq)[:, None] + torch.arange(n)[None, :]).flatten().to(self.g.device)
+        # (t, j) holds key t - w + 1 + j, stored at t + j
+        self.g.index_add_(1, rel + (block.t0 + rb.start), contrib.reshape(BH, bq * n, d))
+
+    def result(self) -> torch.Tensor:
+        return self.g[:, self.lead :]
+
+
 def _headroom(dtype: torch.dtype) -> float:
     """Largest s - m allowed into exp without checking the tile: e^40 times 1e10 pairs times |v1*v2| up to
     1e11 still fits float32; float64 has far more room."""
     return 300.0 if dtype == torch.float64 else 40.0
 
 
+def _exp_floor(dtype: torch.dtype) -> float:
+    """Arguments of exp are clamped to at least this: below about -87 (float32) or -708 (float64) torch's exp
+    leaves its vector path, and a tile full of such values (or of -inf from masks) runs 5-200x slower. A masked
+    pair then weighs e^-80 ~ 2e-35 (e^-700 in float64) instead of 0, against at least 1 for the reference pair:
+    far below rounding. Queries with no allowed pair at all are zeroed explicitly."""
+    return -700.0 if dtype == torch.float64 else -80.0
+
+
 def _reference_scores(q, kr, kc, w_row, w_col, mask, B, H):
-    """[BH, Tq] the score s_t(c, c) of the latest real key c <= t: an allowed pair of query t whenever t has one.
+    """([BH, Tq] score s_t(c, c) of the latest real key c <= t, [BH, Tq] bool: query t has an allowed pair).
 
     If t has any allowed pair (a, b), the narrower window holds a real key, hence c, and (c, c) is allowed.
-    A query with no allowed pair gets some finite value; its scores are all -inf anyway.
+    A query with no allowed pair gets some finite value.
     """
     BH, Tq, d = q.shape
     Tk = kr.shape[1]
     pos = torch.arange(Tk - Tq, Tk, device=q.device)
     if mask is None:
-        return (q * kr[:, pos] * kc[:, pos]).sum(-1)
+        return (q * kr[:, pos] * kc[:, pos]).sum(-1), torch.ones(BH, Tq, dtype=torch.bool, device=q.device)
     keys = torch.arange(Tk, device=q.device).expand(B, Tk)
-    latest = torch.where(mask, keys, 0).cummax(dim=1).values[:, Tk - Tq :]  # [B, Tq]
-    index = latest.repeat_interleave(H, dim=0)[:, :, None].expand(BH, Tq, d)  # [BH, Tq, d]
-    return (q * kr.gather(1, index) * kc.gather(1, index)).sum(-1)
+    latest = torch.where(mask, keys, -1).cummax(dim=1).values[:, Tk - Tq :]  # [B, Tq], -1: no real key yet
+    narrow = w_row if w_row is not None else w_col  # the row stream has the narrower window
+    has_pair = latest >= 0
+    if narrow is not None:
+        has_pair = has_pair & (pos - latest < narrow)
+    index = latest.clamp_min(0).repeat_interleave(H, dim=0)[:, :, None].expand(BH, Tq, d)  # [BH, Tq, d]
+    m = (q * kr.gather(1, index) * kc.gather(1, index)).sum(-1)
+    return m, has_pair.repeat_interleave(H, dim=0)
 
 
 def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
@@ -67,25 +124,26 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
 
     Each query t carries a reference m_t subtracted inside the score GEMM (a ones column in kc meets -m_t), and
     the tile holds exp(s - m_t) once exp is applied. m_t starts at the score of an allowed pair (see
-    `_reference_scores`), so sum_ab exp(s - m_t) >= 1 and nothing that matters underflows. exp cannot
-    overflow while s - m_t stays under the headroom, which Cauchy-Schwarz bounds per row block:
-    s <= ||q_t * kr_a|| * ||kc_b||. Only when that bound is too loose does a tile pay for its max (amax), and
-    m_t moves only when a score really exceeds m_t + headroom. Without the check every tile would need two
-    more passes (max, subtract) and a rescale of the accumulators.
+    `_reference_scores`), so sum_ab exp(s - m_t) >= 1 and nothing that matters underflows. Cauchy-Schwarz
+    bounds every score of a row block, |s| <= ||q_t * kr_a|| * ||kc_b||: while s - m_t stays under the headroom
+    exp cannot overflow, and while it stays over the floor nothing needs clamping. Only when the bound is too
+    loose does a tile pay for its max (amax), and m_t moves only when a score really exceeds m_t + headroom.
+    Without the bound every tile would need two more passes (max, subtract) and a rescale of the accumulators.
     """
     BH, Tq, d = q.shape
     Tk = kr.shape[1]
     dtype, device = q.dtype, q.device
     ws = _Workspace(dtype, device)
-    headroom = _headroom(dtype)
+    headroom, floor = _headroom(dtype), _exp_floor(dtype)
     out = torch.zeros(BH, Tq, d, dtype=dtype, device=device)
     lse = torch.zeros(BH, Tq, dtype=dtype, device=device)
     kc1 = torch.ones(BH, Tk, d + 1, dtype=dtype, device=device)
     kc1[:, :, :d] = kc
     kc1_t = kc1.transpose(1, 2)  # [BH, d+1, Tk]
     kc_norm = torch.linalg.vector_norm(kc, dim=-1)  # [BH, Tk]
-    m_all = _reference_scores(q, kr, kc, w_row, w_col, mask, B, H)  # [BH, Tq]
-    masker = Masker(w_row, w_col, mask, dtype, device)
+    m_all, has_pair = _reference_scores(q, kr, kc, w_row, w_col, mask, B, H)  # [BH, Tq] each
+    masker = Masker(w_row, w_col, mask, Tk, dtype, device, floor)
+    kr_rows, vr_rows = _RowStream(kr, w_row), _RowStream(vr, w_row)
     for block in plan(Tq, Tk, w_row, w_col, mask, sizes):
         bq = block.stop - block.start
         qb = q[:, block.start : block.stop]  # [BH, bq, d]
@@ -97,9 +155,10 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
         for rb in block.row_blocks:
             ba = rb.stop - rb.start
             qk = ws.get("qk", BH, bq, ba, d + 1)  # rows (t, a): [q_t * kr_a, -m_t]
-            torch.mul(qb[:, :, None, :], kr[:, None, rb.start : rb.stop, :], out=qk[..., :d])
-            bound = torch.linalg.vector_norm(qk[..., :d], dim=-1).amax(-1) * kc_max  # [BH, bq] >= any s here
+            torch.mul(qb[:, :, None, :], kr_rows.tile(block, rb), out=qk[..., :d])
+            bound = torch.linalg.vector_norm(qk[..., :d], dim=-1).amax(-1) * kc_max  # [BH, bq] >= any |s| here
             checked = bool(((bound - m) > headroom).any())
+            clamp = bool(((bound + m) > -floor).any())
             qk[..., d] = -m[:, :, None]
             qk_rows = qk.view(BH, bq * ba, d + 1)
             # P @ vc summed over the column blocks first: the product with vr and the sum over a, a pass over
@@ -122,23 +181,31 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
                         acc.mul_(alpha[:, :, None])
                         pv.view(BH, bq, ba * d).mul_(alpha[:, :, None])
                         qk[..., d] = -m[:, :, None]
+                        clamp = True
+                if clamp:
+                    s.clamp_min_(floor)
                 l.add_(s_t.exp_().sum(-1))
                 pv.baddbmm_(s, vc[:, cb.start : cb.stop])  # [BH, bq*ba, d]
-            prod = torch.mul(pv.view(BH, bq, ba, d), vr[:, None, rb.start : rb.stop, :], out=ws.get("prod", BH, bq, ba, d))
+            prod = torch.mul(pv.view(BH, bq, ba, d), vr_rows.tile(block, rb), out=ws.get("prod", BH, bq, ba, d))
             acc.add_(prod.sum(2))
-        has_pair = l > 0
-        out[:, block.start : block.stop] = acc / torch.where(has_pair, l, 1)[:, :, None]
-        lse[:, block.start : block.stop] = torch.where(has_pair, m + torch.log(l), 0)
-    return out, lse
+        has = has_pair[:, block.start : block.stop]
+        out[:, block.start : block.stop] = torch.where(has[:, :, None], acc / l[:, :, None], 0)
+        lse[:, block.start : block.stop] = torch.where(has, m + torch.log(l), 0)
+    return out, lse, has_pair
 
 
-def _backward(q, kr, kc, vr, vc, out, lse, dout, w_row, w_col, mask, B, H, sizes: TileSizes):
+def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B, H, sizes: TileSizes):
     """Gradients w.r.t. the pre-scaled q, kr, kc, vr, vc (all [BH, T, d])."""
     BH, Tq, d = q.shape
     Tk = kr.shape[1]
     dtype, device = q.dtype, q.device
     ws = _Workspace(dtype, device)
+    floor = _exp_floor(dtype)
+    # A query without allowed pairs has output 0 whatever its inputs; its clamped tiles are not exactly 0, so
+    # its output gradient is dropped instead.
+    dout = dout * has_pair[:, :, None]
     delta = (dout * out).sum(-1)  # [BH, Tq]: D_t = sum_ab P dP = <dO_t, o_t>
+    kc_norm = torch.linalg.vector_norm(kc, dim=-1)  # [BH, Tk]
     # One batched GEMM gives two products when the column stream is stacked: [kc; vc] for (scores, dP) and
     # [vc; kc] for (P @ vc, dS @ kc). A column of ones, met by -lse_t and -D_t on the left, makes the first GEMM
     # return S - lse and dP - D directly (one width-65 GEMM costs about what a width-64 one does; the two
@@ -147,10 +214,11 @@ def _backward(q, kr, kc, vr, vc, out, lse, dout, w_row, w_col, mask, B, H, sizes
     for i, t in enumerate((kc, vc, kc)):
         kvk[i * BH : (i + 1) * BH, :, :d] = t
     kvk_t = kvk.transpose(1, 2)  # [3BH, d+1, Tk]
-    masker = Masker(w_row, w_col, mask, dtype, device)
+    masker = Masker(w_row, w_col, mask, Tk, dtype, device, floor)
+    kr_rows, vr_rows = _RowStream(kr, w_row), _RowStream(vr, w_row)
     dq = torch.zeros_like(q)
-    dkr = torch.zeros_like(kr)
-    dvr = torch.zeros_like(vr)
+    dkr = _RowGrad(BH, Tk, d, w_row, dtype, device)
+    dvr = _RowGrad(BH, Tk, d, w_row, dtype, device)
     dvk = torch.zeros(2 * BH, Tk, d, dtype=dtype, device=device)  # [dvc; dkc]
     for block in plan(Tq, Tk, w_row, w_col, mask, sizes):
         bq = block.stop - block.start
@@ -159,17 +227,22 @@ def _backward(q, kr, kc, vr, vc, out, lse, dout, w_row, w_col, mask, B, H, sizes
         neg_lse = -lse[:, block.start : block.stop, None]  # [BH, bq, 1]
         neg_delta = -delta[:, block.start : block.stop, None]
         dq_b = torch.zeros(BH, bq, d, dtype=dtype, device=device)
+        col_lo, col_hi = block.col_blocks[0].start, block.col_blocks[-1].stop
+        kc_max = kc_norm[:, col_lo:col_hi].amax(-1, keepdim=True)  # [BH, 1]
         for rb in block.row_blocks:
             ba = rb.stop - rb.start
-            krb = kr[:, None, rb.start : rb.stop, :]  # [BH, 1, ba, d]
+            krb = kr_rows.tile(block, rb)  # [BH, 1 or bq, ba, d]
             # Rows (t, a) of [q*kr, -lse; dO*vr, -D; q*kr, -lse]: against kvk they give (S - lse, dP - D),
             # transposed against the d columns (dvc, dkc).
             left = ws.get("left", 3 * BH, bq, ba, d + 1)
             torch.mul(qb[:, :, None, :], krb, out=left[:BH, :, :, :d])
-            torch.mul(gb[:, :, None, :], vr[:, None, rb.start : rb.stop, :], out=left[BH : 2 * BH, :, :, :d])
+            torch.mul(gb[:, :, None, :], vr_rows.tile(block, rb), out=left[BH : 2 * BH, :, :, :d])
             left[:BH, :, :, d] = neg_lse
             left[BH : 2 * BH, :, :, d] = neg_delta
             left[2 * BH :] = left[:BH]
+            # s - lse >= -bound - lse: clamp only row blocks where that may fall under the floor
+            bound = torch.linalg.vector_norm(left[:BH, :, :, :d], dim=-1).amax(-1) * kc_max  # [BH, bq]
+            clamp = bool(((bound - neg_lse[:, :, 0]) > -floor).any())
             left = left.view(3 * BH, bq * ba, d + 1)
             yx = ws.get("yx", 2 * BH, bq * ba, d).zero_()  # accumulates [P @ vc; dS @ kc] over column blocks
             for cb in block.col_blocks:
@@ -178,16 +251,18 @@ def _backward(q, kr, kc, vr, vc, out, lse, dout, w_row, w_col, mask, B, H, sizes
                 s, dp = sp[:BH], sp[BH:]  # S - lse and dP - D, [BH, bq*ba, bc] each
                 if rb.masked or cb.masked:
                     masker.apply(s, block, rb, cb, B, H)
+                if clamp:
+                    s.clamp_min_(floor)
                 dp.mul_(s.exp_())  # s becomes P, dp becomes dS = P * (dP - D)
                 yx.baddbmm_(sp, kvk[BH:, cb.start : cb.stop, :d])
                 dvk_b = torch.bmm(sp.transpose(1, 2), left[BH:, :, :d], out=ws.get("dvk", 2 * BH, bc, d))
                 dvk[:, cb.start : cb.stop] += dvk_b
             y, x = yx[:BH].view(BH, bq, ba, d), yx[BH:].view(BH, bq, ba, d)
-            dvr[:, rb.start : rb.stop] += (y * gb[:, :, None, :]).sum(1)
-            dkr[:, rb.start : rb.stop] += (x * qb[:, :, None, :]).sum(1)
+            dvr.add(block, rb, y * gb[:, :, None, :])
+            dkr.add(block, rb, x * qb[:, :, None, :])
             dq_b += (x * krb).sum(2)
         dq[:, block.start : block.stop] = dq_b
-    return dq, dkr, dvk[BH:], dvr, dvk[:BH]
+    return dq, dkr.result(), dvk[BH:], dvr.result(), dvk[:BH]
 
 
 class _TensorAttention(torch.autograd.Function):
@@ -196,6 +271,8 @@ class _TensorAttention(torch.autograd.Function):
         B, H, Tq, D = q.shape
         Tk = k1.shape[2]
         dtype = _compute_dtype(q.dtype)
+        # A window as long as the keys excludes nothing (t - a <= Tk - 1).
+        w1, w2 = (None if w is not None and w >= Tk else w for w in (w1, w2))
         # The smaller window goes on the rows (see module docstring); no window counts as the largest.
         swap = w2 is not None and (w1 is None or w2 < w1)
         kr, kc, vr, vc = (k2, k1, v2, v1) if swap else (k1, k2, v1, v2)
@@ -204,15 +281,15 @@ class _TensorAttention(torch.autograd.Function):
         qs = flat(q, Tq) * scale
         sizes = choose_tile_sizes(Tq, w_row, w_col)
         mask = attention_mask.to(torch.bool) if attention_mask is not None else None
-        out, lse = _forward(qs, flat(kr, Tk), flat(kc, Tk), flat(vr, Tk), flat(vc, Tk), w_row, w_col, mask, B, H, sizes)
-        ctx.save_for_backward(q, k1, k2, v1, v2, out, lse, mask)
+        out, lse, has_pair = _forward(qs, flat(kr, Tk), flat(kc, Tk), flat(vr, Tk), flat(vc, Tk), w_row, w_col, mask, B, H, sizes)
+        ctx.save_for_backward(q, k1, k2, v1, v2, out, lse, has_pair, mask)
         ctx.meta = (scale, swap, w_row, w_col, sizes)
         return out.view(B, H, Tq, D).to(q.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k1, k2, v1, v2, out, lse, mask = ctx.saved_tensors
+        q, k1, k2, v1, v2, out, lse, has_pair, mask = ctx.saved_tensors
         scale, swap, w_row, w_col, sizes = ctx.meta
         B, H, Tq, D = q.shape
         Tk = k1.shape[2]
@@ -221,7 +298,7 @@ class _TensorAttention(torch.autograd.Function):
         flat = lambda t, T: t.to(dtype).reshape(B * H, T, D)
         qs = flat(q, Tq) * scale
         dq, dkr, dkc, dvr, dvc = _backward(
-            qs, flat(kr, Tk), flat(kc, Tk), flat(vr, Tk), flat(vc, Tk), out, lse, flat(dout, Tq),
+            qs, flat(kr, Tk), flat(kc, Tk), flat(vr, Tk), flat(vc, Tk), out, lse, has_pair, flat(dout, Tq),
             w_row, w_col, mask, B, H, sizes,
         )
         shape = lambda t, T, like: t.view(B, H, T, D).to(like.dtype)
