@@ -107,8 +107,8 @@ def _task_keys(task_name: str) -> dict[str, Any]:
     return MATCH3_KEYS if task_name == "match3" else TEXT_KEYS
 
 
-def _section_of(key: str, config: RunConfig) -> str:
-    """The section a plain `--key` belongs to; the task section is the current task's keys plus "task"."""
+def _section_of(key: str, value: Any) -> str:
+    """The one section a plain `--key=value` override belongs to."""
     owners = []
     if key in MODEL_KEYS:
         owners.append("model")
@@ -120,12 +120,15 @@ def _section_of(key: str, config: RunConfig) -> str:
         owners.append("script")
     if not owners:
         raise ValueError(
-            f"unknown config key {key!r}; allowed: TensorAttnConfig fields (section 'model'), task keys "
-            f"{['task', *MATCH3_KEYS, *TEXT_KEYS]} (section 'task'), TrainingArguments fields (section 'training'), "
-            f"or {list(SCRIPT_KEYS)}"
+            f"unknown config key {key!r} (value {value!r}); allowed: TensorAttnConfig fields (section 'model'), "
+            f"task keys {['task', *MATCH3_KEYS, *TEXT_KEYS]} (section 'task'), TrainingArguments fields "
+            f"(section 'training'), or {list(SCRIPT_KEYS)}"
         )
     if len(owners) > 1:
-        raise ValueError(f"config key {key!r} belongs to sections {owners}; name it as SECTION.{key}")
+        raise ValueError(
+            f"config key {key!r} (value {value!r}) belongs to sections {owners}; name it as SECTION.{key}, "
+            f"e.g. --{owners[0]}.{key}={value!r}"
+        )
     return owners[0]
 
 
@@ -149,7 +152,7 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
             if section not in SECTIONS:
                 raise ValueError(f"override {arg!r}: unknown section {section!r}; allowed: {list(SECTIONS)}")
         else:
-            section = _section_of(key, config)
+            section = _section_of(key, value)
         if section == "script":
             setattr(config, key, value)
         else:
@@ -171,7 +174,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"{source} must be a JSON object, got {type(raw).__name__}")
     allowed = [*SECTIONS, *SCRIPT_KEYS]
-    unknown = sorted(set(raw) - set(allowed))
+    unknown = {k: raw[k] for k in sorted(set(raw) - set(allowed))}
     if unknown:
         raise ValueError(f"{source}: unknown top-level keys {unknown}; allowed: {allowed}")
     for section in SECTIONS:
@@ -205,7 +208,7 @@ def _validate_lora(lora: Any) -> dict[str, Any]:
     from peft import LoraConfig
 
     allowed = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
-    unknown = sorted(set(lora) - allowed)
+    unknown = {k: lora[k] for k in sorted(set(lora) - allowed)}
     if unknown:
         raise ValueError(f"`lora` has unknown keys {unknown}; allowed: peft.LoraConfig fields, e.g. {list(LORA_DEFAULTS)}")
     lora = {**LORA_DEFAULTS, **lora}
@@ -221,7 +224,7 @@ def _validate_task(task: dict[str, Any]) -> None:
     if name not in TASKS:
         raise ValueError(f"task key `task` must be one of {list(TASKS)}, got {name!r}")
     keys = _task_keys(name)
-    unknown = sorted(set(task) - set(keys) - {"task"})
+    unknown = {k: task[k] for k in sorted(set(task) - set(keys) - {"task"})}
     if unknown:
         raise ValueError(f"task {name!r} has no keys {unknown}; allowed: {['task', *keys]}")
     for key, default in keys.items():
@@ -236,12 +239,11 @@ def _validate_task(task: dict[str, Any]) -> None:
         return
     for key in ("train_files", "eval_files"):
         value = task[key]
-        files = [value] if isinstance(value, str) else value
-        ok = isinstance(files, list) and all(isinstance(p, str) for p in files) and (files or key == "eval_files")
         if value is None and key == "eval_files":
-            continue
-        if not ok:
-            raise ValueError(f"task key `{key}` must be a path or a list of paths, got {value!r}")
+            continue  # no evaluation
+        files = [value] if isinstance(value, str) else value
+        if not (isinstance(files, list) and files and all(isinstance(p, str) for p in files)):
+            raise ValueError(f"task key `{key}` must be a path or a non-empty list of paths, got {value!r}")
         missing = [p for p in files if not os.path.exists(p)]
         if missing:
             raise ValueError(f"task key `{key}` names files that do not exist: {missing}")
@@ -293,7 +295,7 @@ def _describe(annotation: Any) -> str:
 def _validate_training(training: dict[str, Any]) -> None:
     for key, default in TRAINING_DEFAULTS.items():
         training.setdefault(key, default)
-    unknown = sorted(set(training) - set(TRAINING_FIELDS))
+    unknown = {k: training[k] for k in sorted(set(training) - set(TRAINING_FIELDS))}
     if unknown:
         raise ValueError(
             f"training section has unknown keys {unknown}; allowed: transformers.TrainingArguments fields, e.g. "
@@ -317,7 +319,7 @@ def _validate_training(training: dict[str, Any]) -> None:
 
 
 def _validate_model(model: dict[str, Any], fine_tuning: bool) -> None:
-    unknown = sorted(set(model) - set(MODEL_KEYS))
+    unknown = {k: model[k] for k in sorted(set(model) - set(MODEL_KEYS))}
     if unknown:
         raise ValueError(f"model section has unknown keys {unknown}; allowed: TensorAttnConfig fields {sorted(MODEL_KEYS)}")
     if not fine_tuning:  # overrides of a pretrained config are checked when from_pretrained applies them

@@ -199,6 +199,24 @@ def test_bf16_with_activation_checkpointing_trains(tmp_path):
     assert len(losses) == 3 and all(np.isfinite(losses))
 
 
+def test_text_run_trains_a_hybrid_byte_model(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a lazy dog sleeps while the quick fox runs. " * 10)
+    config = load_config(ROOT / "configs" / "text-bytes.json", QUIET + [
+        f"--train_files={json.dumps([str(corpus)])}", f"--eval_files={held_out}", "--block_size=32",
+        "--model.hidden_size=32", "--model.num_hidden_layers=2", '--model.layer_types=["full_attention", "tensor_attention"]',
+        "--model.w1=8", "--model.w2=4", "--max_steps=6", "--eval_steps=6", "--save_strategy=no", "--learning_rate=0.003",
+        f"--output_dir={tmp_path / 'run'}",
+    ])
+    trainer = train(config)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    assert any("eval_loss" in h for h in trainer.state.log_history)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run").config.w1 == 8
+
+
 # ---------------------------------------------------------------------------------------------------- LoRA
 
 
