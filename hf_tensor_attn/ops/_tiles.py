@@ -49,7 +49,7 @@ class TileSizes:
     col: int
 
 
-def choose_tile_sizes(Tq: int, w_row: int | None, w_col: int | None) -> TileSizes:
+def choose_tile_sizes(Tq: int, w_row: int | None, w_col: int | None, *, backward: bool = False) -> TileSizes:
     """Tile sizes tuned on a 2-core AVX-512 CPU (see scripts/bench_attention.py) for head dims around 64.
 
     The score GEMM is (query*row, d+1) @ (d+1, col); about 512 rows and 256 columns keep MKL near its peak while

@@ -119,6 +119,18 @@ def _reference_scores(q, kr, kc, w_row, w_col, mask, B, H):
     return m, has_pair.repeat_interleave(H, dim=0)
 
 
+def _score_bound(qb, kr_sq, kc_max, block: QueryBlock, w_row) -> torch.Tensor:
+    """[BH, bq] bound on |s_t(a, b)| over the block's tiles: ||q_t * kr_a|| * ||kc_b|| (Cauchy-Schwarz), with
+    ||q_t * kr_a||^2 = q_t^2 . kr_a^2 as one small GEMM over the block's row keys."""
+    first, last = block.row_blocks[0], block.row_blocks[-1]
+    if w_row is None:
+        lo, hi = first.start, last.stop
+    else:
+        lo, hi = max(block.t0 - w_row + 1 + first.start, 0), block.t1 - w_row + last.stop
+    sq = torch.bmm(qb * qb, kr_sq[:, lo:hi].transpose(1, 2))  # [BH, bq, hi - lo]
+    return sq.amax(-1).sqrt_() * kc_max
+
+
 def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
     """q pre-scaled; all [BH, T, d] in the compute dtype. Returns out [BH, Tq, d] and lse [BH, Tq].
 
@@ -141,6 +153,7 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
     kc1[:, :, :d] = kc
     kc1_t = kc1.transpose(1, 2)  # [BH, d+1, Tk]
     kc_norm = torch.linalg.vector_norm(kc, dim=-1)  # [BH, Tk]
+    kr_sq = kr * kr
     m_all, has_pair = _reference_scores(q, kr, kc, w_row, w_col, mask, B, H)  # [BH, Tq] each
     masker = Masker(w_row, w_col, mask, Tk, dtype, device, floor)
     kr_rows, vr_rows = _RowStream(kr, w_row), _RowStream(vr, w_row)
@@ -152,19 +165,18 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
         acc = torch.zeros(BH, bq, d, dtype=dtype, device=device)
         col_lo, col_hi = block.col_blocks[0].start, block.col_blocks[-1].stop
         kc_max = kc_norm[:, col_lo:col_hi].amax(-1, keepdim=True)  # [BH, 1]
+        bound = _score_bound(qb, kr_sq, kc_max, block, w_row)  # [BH, bq]
+        checked, clamp = torch.stack([((bound - m) > headroom).any(), ((bound + m) > -floor).any()]).tolist()
         for rb in block.row_blocks:
             ba = rb.stop - rb.start
             qk = ws.get("qk", BH, bq, ba, d + 1)  # rows (t, a): [q_t * kr_a, -m_t]
             torch.mul(qb[:, :, None, :], kr_rows.tile(block, rb), out=qk[..., :d])
-            bound = torch.linalg.vector_norm(qk[..., :d], dim=-1).amax(-1) * kc_max  # [BH, bq] >= any |s| here
-            checked = bool(((bound - m) > headroom).any())
-            clamp = bool(((bound + m) > -floor).any())
             qk[..., d] = -m[:, :, None]
             qk_rows = qk.view(BH, bq * ba, d + 1)
             # P @ vc summed over the column blocks first: the product with vr and the sum over a, a pass over
             # [bq, ba, d], then happens once per row block instead of once per tile.
-            pv = ws.get("pv", BH, bq * ba, d).zero_()
-            for cb in block.col_blocks:
+            pv = ws.get("pv", BH, bq * ba, d)
+            for ci, cb in enumerate(block.col_blocks):
                 bc = cb.stop - cb.start
                 s = torch.bmm(qk_rows, kc1_t[:, :, cb.start : cb.stop], out=ws.get("s", BH, bq * ba, bc))  # s - m
                 if rb.masked or cb.masked:
@@ -185,7 +197,10 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
                 if clamp:
                     s.clamp_min_(floor)
                 l.add_(s_t.exp_().sum(-1))
-                pv.baddbmm_(s, vc[:, cb.start : cb.stop])  # [BH, bq*ba, d]
+                if ci == 0:
+                    torch.bmm(s, vc[:, cb.start : cb.stop], out=pv)  # [BH, bq*ba, d]
+                else:
+                    pv.baddbmm_(s, vc[:, cb.start : cb.stop])
             prod = torch.mul(pv.view(BH, bq, ba, d), vr_rows.tile(block, rb), out=ws.get("prod", BH, bq, ba, d))
             acc.add_(prod.sum(2))
         has = has_pair[:, block.start : block.stop]
@@ -206,6 +221,7 @@ def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B
     dout = dout * has_pair[:, :, None]
     delta = (dout * out).sum(-1)  # [BH, Tq]: D_t = sum_ab P dP = <dO_t, o_t>
     kc_norm = torch.linalg.vector_norm(kc, dim=-1)  # [BH, Tk]
+    kr_sq = kr * kr
     # One batched GEMM gives two products when the column stream is stacked: [kc; vc] for (scores, dP) and
     # [vc; kc] for (P @ vc, dS @ kc). A column of ones, met by -lse_t and -D_t on the left, makes the first GEMM
     # return S - lse and dP - D directly (one width-65 GEMM costs about what a width-64 one does; the two
@@ -229,6 +245,9 @@ def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B
         dq_b = torch.zeros(BH, bq, d, dtype=dtype, device=device)
         col_lo, col_hi = block.col_blocks[0].start, block.col_blocks[-1].stop
         kc_max = kc_norm[:, col_lo:col_hi].amax(-1, keepdim=True)  # [BH, 1]
+        # s - lse >= -bound - lse: clamp only where that may fall under the floor
+        bound = _score_bound(qb, kr_sq, kc_max, block, w_row)  # [BH, bq]
+        clamp = bool(((bound - neg_lse[:, :, 0]) > -floor).any())
         for rb in block.row_blocks:
             ba = rb.stop - rb.start
             krb = kr_rows.tile(block, rb)  # [BH, 1 or bq, ba, d]
@@ -240,12 +259,9 @@ def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B
             left[:BH, :, :, d] = neg_lse
             left[BH : 2 * BH, :, :, d] = neg_delta
             left[2 * BH :] = left[:BH]
-            # s - lse >= -bound - lse: clamp only row blocks where that may fall under the floor
-            bound = torch.linalg.vector_norm(left[:BH, :, :, :d], dim=-1).amax(-1) * kc_max  # [BH, bq]
-            clamp = bool(((bound - neg_lse[:, :, 0]) > -floor).any())
             left = left.view(3 * BH, bq * ba, d + 1)
-            yx = ws.get("yx", 2 * BH, bq * ba, d).zero_()  # accumulates [P @ vc; dS @ kc] over column blocks
-            for cb in block.col_blocks:
+            yx = ws.get("yx", 2 * BH, bq * ba, d)  # accumulates [P @ vc; dS @ kc] over column blocks
+            for ci, cb in enumerate(block.col_blocks):
                 bc = cb.stop - cb.start
                 sp = torch.bmm(left[: 2 * BH], kvk_t[: 2 * BH, :, cb.start : cb.stop], out=ws.get("sp", 2 * BH, bq * ba, bc))
                 s, dp = sp[:BH], sp[BH:]  # S - lse and dP - D, [BH, bq*ba, bc] each
@@ -254,7 +270,10 @@ def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B
                 if clamp:
                     s.clamp_min_(floor)
                 dp.mul_(s.exp_())  # s becomes P, dp becomes dS = P * (dP - D)
-                yx.baddbmm_(sp, kvk[BH:, cb.start : cb.stop, :d])
+                if ci == 0:
+                    torch.bmm(sp, kvk[BH:, cb.start : cb.stop, :d], out=yx)
+                else:
+                    yx.baddbmm_(sp, kvk[BH:, cb.start : cb.stop, :d])
                 dvk_b = torch.bmm(sp.transpose(1, 2), left[BH:, :, :d], out=ws.get("dvk", 2 * BH, bc, d))
                 dvk[:, cb.start : cb.stop] += dvk_b
             y, x = yx[:BH].view(BH, bq, ba, d), yx[BH:].view(BH, bq, ba, d)
@@ -282,6 +301,7 @@ class _TensorAttention(torch.autograd.Function):
         sizes = choose_tile_sizes(Tq, w_row, w_col)
         mask = attention_mask.to(torch.bool) if attention_mask is not None else None
         out, lse, has_pair = _forward(qs, flat(kr, Tk), flat(kc, Tk), flat(vr, Tk), flat(vc, Tk), w_row, w_col, mask, B, H, sizes)
+        sizes = choose_tile_sizes(Tq, w_row, w_col, backward=True)
         ctx.save_for_backward(q, k1, k2, v1, v2, out, lse, has_pair, mask)
         ctx.meta = (scale, swap, w_row, w_col, sizes)
         return out.view(B, H, Tq, D).to(q.dtype)
