@@ -1,13 +1,16 @@
 """Exact tensor attention that never materialises the Tq x Tk x Tk scores (FlashAttention-style, for CPU torch).
 
 Forward: for each query block, tiles over (row-stream block x column-stream block). The scores of a tile are one
-batched GEMM, (q * k_row) [bq*ba, d] @ k_col^T [d, bc]; an online softmax over *pairs* keeps a running max and
-normaliser per query; the values are a second GEMM, P [bq*ba, bc] @ v_col [bc, d], times v_row and summed over
-the row keys. Backward recomputes the scores tile by tile from the saved per-query log-sum-exp, so memory is
-O(tile + T*d) and a window (w1, w2) costs O(T * w1 * w2 * d).
+batched GEMM over all heads, (q * k_row) [bq*ba, d] @ k_col^T [d, bc]; the values are a second one,
+P [bq*ba, bc] @ v_col [bc, d], times v_row and summed over the row keys. The softmax over *pairs* runs against a
+per-query reference score subtracted inside the first GEMM (see `_forward`), so a tile costs two GEMMs, one exp
+pass and one row-sum pass. Backward saves only the inputs, the output and the per-query log-sum-exp, and
+recomputes each tile: one GEMM gives S - lse and dP - D together, two more give the five gradients. Memory is
+O(tile + T*d); a window (w1, w2) costs O(T * w1 * w2 * d).
 
-The maths is symmetric in the two streams (<q, k1*k2> = <q, k2*k1>, v1*v2 = v2*v1), so the stream with the
-smaller window becomes the row stream: its range per query block is the one the query block widens least.
+The maths is symmetric in the two streams (<q, k1*k2> = <q, k2*k1>, v1*v2 = v2*v1). The row stream reads each
+query's own window exactly (see `_tiles`), while a column block is shared by the query block and so spans
+w + bq - 1 keys for a window w; the wider window therefore goes on the columns, where that widening costs least.
 """
 
 from __future__ import annotations
@@ -132,12 +135,13 @@ def _score_bound(qb, kr_sq, kc_max, block: QueryBlock, w_row) -> torch.Tensor:
 
 
 def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
-    """q pre-scaled; all [BH, T, d] in the compute dtype. Returns out [BH, Tq, d] and lse [BH, Tq].
+    """q pre-scaled; all [BH, T, d] in the compute dtype. Returns out [BH, Tq, d], lse [BH, Tq] and has_pair
+    [BH, Tq] (the query has an allowed pair).
 
     Each query t carries a reference m_t subtracted inside the score GEMM (a ones column in kc meets -m_t), and
     the tile holds exp(s - m_t) once exp is applied. m_t starts at the score of an allowed pair (see
     `_reference_scores`), so sum_ab exp(s - m_t) >= 1 and nothing that matters underflows. Cauchy-Schwarz
-    bounds every score of a row block, |s| <= ||q_t * kr_a|| * ||kc_b||: while s - m_t stays under the headroom
+    bounds every score of a query block, |s| <= ||q_t * kr_a|| * ||kc_b||: while s - m_t stays under the headroom
     exp cannot overflow, and while it stays over the floor nothing needs clamping. Only when the bound is too
     loose does a tile pay for its max (amax), and m_t moves only when a score really exceeds m_t + headroom.
     Without the bound every tile would need two more passes (max, subtract) and a rescale of the accumulators.
@@ -210,7 +214,11 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
 
 
 def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B, H, sizes: TileSizes):
-    """Gradients w.r.t. the pre-scaled q, kr, kc, vr, vc (all [BH, T, d])."""
+    """Gradients w.r.t. the pre-scaled q, kr, kc, vr, vc (all [BH, T, d]).
+
+    Per tile: [S - lse; dP - D] = [q*kr, -lse; dO*vr, -D] @ [kc, 1; vc, 1]^T in one GEMM, P = exp(S - lse),
+    dS = P * (dP - D); then [P @ vc; dS @ kc] (for dvr, dkr and dq) and [P^T @ (dO*vr); dS^T @ (q*kr)] (dvc, dkc).
+    """
     BH, Tq, d = q.shape
     Tk = kr.shape[1]
     dtype, device = q.dtype, q.device
