@@ -173,17 +173,26 @@ class Masker:
             return bias, [(0, n)]
         return bias, [(0, min(n, -first))] if first < 0 else []  # offsets whose key is < 0 for the first query
 
-    def apply(self, scores: torch.Tensor, block: QueryBlock, rb: KeyBlock, cb: KeyBlock, B: int, H: int) -> None:
-        bq = block.stop - block.start
-        s5 = scores.view(B, H, bq, rb.stop - rb.start, cb.stop - cb.start)
-        if rb.masked:
-            bias, runs = self._bias(block, rb, None) if self.windows[0] is None else self._window_bias(block, rb)
-            for lo, hi in runs:
-                s5[:, :, :, lo:hi].add_(bias[:, None, :, lo:hi, None]).clamp_min_(self.floor)
-        if cb.masked:
-            bias, runs = self._bias(block, cb, self.windows[1])
-            for lo, hi in runs:
-                s5[..., lo:hi].add_(bias[:, None, :, None, lo:hi]).clamp_min_(self.floor)
+    def row_runs(self, block: QueryBlock, rb: KeyBlock) -> list[tuple[int, int, torch.Tensor]]:
+        """(lo, hi, bias [B or 1, 1, bq, hi - lo, 1]) for the rows of a row block that need a bias."""
+        if not rb.masked:
+            return []
+        bias, runs = self._bias(block, rb, None) if self.windows[0] is None else self._window_bias(block, rb)
+        return [(lo, hi, bias[:, None, :, lo:hi, None]) for lo, hi in runs]
+
+    def col_runs(self, block: QueryBlock, cb: KeyBlock) -> list[tuple[int, int, torch.Tensor]]:
+        """(lo, hi, bias [B or 1, 1, bq, 1, hi - lo]) for the columns of a column block that need a bias."""
+        if not cb.masked:
+            return []
+        bias, runs = self._bias(block, cb, self.windows[1])
+        return [(lo, hi, bias[:, None, :, None, lo:hi]) for lo, hi in runs]
+
+    def apply(self, scores5: torch.Tensor, row_runs, col_runs) -> None:
+        """Adds the biases to scores viewed as [B, H, bq, ba, bc] and clamps what they touched to the floor."""
+        for lo, hi, bias in row_runs:
+            scores5[:, :, :, lo:hi].add_(bias).clamp_min_(self.floor)
+        for lo, hi, bias in col_runs:
+            scores5[..., lo:hi].add_(bias).clamp_min_(self.floor)
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int]]:

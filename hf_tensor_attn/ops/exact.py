@@ -33,13 +33,18 @@ class _Workspace:
     def __init__(self, dtype, device):
         self.dtype, self.device = dtype, device
         self.buffers: dict[str, torch.Tensor] = {}
+        self.views: dict[tuple, torch.Tensor] = {}
 
     def get(self, name: str, *shape: int) -> torch.Tensor:
-        n = math.prod(shape)
-        buf = self.buffers.get(name)
-        if buf is None or buf.numel() < n:
-            buf = self.buffers[name] = torch.empty(n, dtype=self.dtype, device=self.device)
-        return buf[:n].view(shape)
+        view = self.views.get((name, shape))
+        if view is None:
+            n = math.prod(shape)
+            buf = self.buffers.get(name)
+            if buf is None or buf.numel() < n:
+                buf = self.buffers[name] = torch.empty(n, dtype=self.dtype, device=self.device)
+                self.views = {key: v for key, v in self.views.items() if key[0] != name}
+            view = self.views[(name, shape)] = buf[:n].view(shape)
+        return view
 
 
 class _RowStream:
@@ -171,8 +176,13 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
         kc_max = kc_norm[:, col_lo:col_hi].amax(-1, keepdim=True)  # [BH, 1]
         bound = _score_bound(qb, kr_sq, kc_max, block, w_row)  # [BH, bq]
         checked, clamp = torch.stack([((bound - m) > headroom).any(), ((bound + m) > -floor).any()]).tolist()
+        cols = [
+            (cb.stop - cb.start, kc1_t[:, :, cb.start : cb.stop], vc[:, cb.start : cb.stop], masker.col_runs(block, cb))
+            for cb in block.col_blocks
+        ]
         for rb in block.row_blocks:
             ba = rb.stop - rb.start
+            row_runs = masker.row_runs(block, rb)
             qk = ws.get("qk", BH, bq, ba, d + 1)  # rows (t, a): [q_t * kr_a, -m_t]
             torch.mul(qb[:, :, None, :], kr_rows.tile(block, rb), out=qk[..., :d])
             qk[..., d] = -m[:, :, None]
@@ -180,11 +190,10 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
             # P @ vc summed over the column blocks first: the product with vr and the sum over a, a pass over
             # [bq, ba, d], then happens once per row block instead of once per tile.
             pv = ws.get("pv", BH, bq * ba, d)
-            for ci, cb in enumerate(block.col_blocks):
-                bc = cb.stop - cb.start
-                s = torch.bmm(qk_rows, kc1_t[:, :, cb.start : cb.stop], out=ws.get("s", BH, bq * ba, bc))  # s - m
-                if rb.masked or cb.masked:
-                    masker.apply(s, block, rb, cb, B, H)
+            for ci, (bc, kc_tile, vc_tile, col_runs) in enumerate(cols):
+                s = torch.bmm(qk_rows, kc_tile, out=ws.get("s", BH, bq * ba, bc))  # s - m
+                if row_runs or col_runs:
+                    masker.apply(s.view(B, H, bq, ba, bc), row_runs, col_runs)
                 s_t = s.view(BH, bq, ba * bc)  # all pairs of query t in this tile
                 if checked:
                     over = s_t.amax(-1)  # [BH, bq]
@@ -202,9 +211,9 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
                     s.clamp_min_(floor)
                 l.add_(s_t.exp_().sum(-1))
                 if ci == 0:
-                    torch.bmm(s, vc[:, cb.start : cb.stop], out=pv)  # [BH, bq*ba, d]
+                    torch.bmm(s, vc_tile, out=pv)  # [BH, bq*ba, d]
                 else:
-                    pv.baddbmm_(s, vc[:, cb.start : cb.stop])
+                    pv.baddbmm_(s, vc_tile)
             prod = torch.mul(pv.view(BH, bq, ba, d), vr_rows.tile(block, rb), out=ws.get("prod", BH, bq, ba, d))
             acc.add_(prod.sum(2))
         has = has_pair[:, block.start : block.stop]
@@ -256,8 +265,19 @@ def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B
         # s - lse >= -bound - lse: clamp only where that may fall under the floor
         bound = _score_bound(qb, kr_sq, kc_max, block, w_row)  # [BH, bq]
         clamp = bool(((bound - neg_lse[:, :, 0]) > -floor).any())
+        cols = [
+            (
+                cb.stop - cb.start,
+                kvk_t[: 2 * BH, :, cb.start : cb.stop],  # [kc, 1; vc, 1]^T
+                kvk[BH:, cb.start : cb.stop, :d],  # [vc; kc]
+                dvk[:, cb.start : cb.stop],
+                masker.col_runs(block, cb),
+            )
+            for cb in block.col_blocks
+        ]
         for rb in block.row_blocks:
             ba = rb.stop - rb.start
+            row_runs = masker.row_runs(block, rb)
             krb = kr_rows.tile(block, rb)  # [BH, 1 or bq, ba, d]
             # Rows (t, a) of [q*kr, -lse; dO*vr, -D; q*kr, -lse]: against kvk they give (S - lse, dP - D),
             # transposed against the d columns (dvc, dkc).
@@ -269,21 +289,19 @@ def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B
             left[2 * BH :] = left[:BH]
             left = left.view(3 * BH, bq * ba, d + 1)
             yx = ws.get("yx", 2 * BH, bq * ba, d)  # accumulates [P @ vc; dS @ kc] over column blocks
-            for ci, cb in enumerate(block.col_blocks):
-                bc = cb.stop - cb.start
-                sp = torch.bmm(left[: 2 * BH], kvk_t[: 2 * BH, :, cb.start : cb.stop], out=ws.get("sp", 2 * BH, bq * ba, bc))
+            for ci, (bc, kv_t, vk, dvk_tile, col_runs) in enumerate(cols):
+                sp = torch.bmm(left[: 2 * BH], kv_t, out=ws.get("sp", 2 * BH, bq * ba, bc))
                 s, dp = sp[:BH], sp[BH:]  # S - lse and dP - D, [BH, bq*ba, bc] each
-                if rb.masked or cb.masked:
-                    masker.apply(s, block, rb, cb, B, H)
+                if row_runs or col_runs:
+                    masker.apply(s.view(B, H, bq, ba, bc), row_runs, col_runs)
                 if clamp:
                     s.clamp_min_(floor)
                 dp.mul_(s.exp_())  # s becomes P, dp becomes dS = P * (dP - D)
                 if ci == 0:
-                    torch.bmm(sp, kvk[BH:, cb.start : cb.stop, :d], out=yx)
+                    torch.bmm(sp, vk, out=yx)
                 else:
-                    yx.baddbmm_(sp, kvk[BH:, cb.start : cb.stop, :d])
-                dvk_b = torch.bmm(sp.transpose(1, 2), left[BH:, :, :d], out=ws.get("dvk", 2 * BH, bc, d))
-                dvk[:, cb.start : cb.stop] += dvk_b
+                    yx.baddbmm_(sp, vk)
+                dvk_tile += torch.bmm(sp.transpose(1, 2), left[BH:, :, :d], out=ws.get("dvk", 2 * BH, bc, d))
             y, x = yx[:BH].view(BH, bq, ba, d), yx[BH:].view(BH, bq, ba, d)
             dvr.add(block, rb, y * gb[:, :, None, :])
             dkr.add(block, rb, x * qb[:, :, None, :])
