@@ -171,11 +171,13 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
         qb = q[:, block.start : block.stop]  # [BH, bq, d]
         m = m_all[:, block.start : block.stop].clone()  # [BH, bq]
         l = torch.zeros(BH, bq, dtype=dtype, device=device)
-        acc = torch.zeros(BH, bq, d, dtype=dtype, device=device)
+        # sum_b P vc_b * vr_a accumulated per (t, a) over the whole block; summed over a once at the end
+        acc = ws.get("acc", BH, bq, max(rb.stop - rb.start for rb in block.row_blocks), d).zero_()
         col_lo, col_hi = block.col_blocks[0].start, block.col_blocks[-1].stop
         kc_max = kc_norm[:, col_lo:col_hi].amax(-1, keepdim=True)  # [BH, 1]
         bound = _score_bound(qb, kr_sq, kc_max, block, w_row)  # [BH, bq]
         checked, clamp = torch.stack([((bound - m) > headroom).any(), ((bound + m) > -floor).any()]).tolist()
+        aug_rows = None  # row count of the qk view whose -m column is up to date
         cols = [
             (cb.stop - cb.start, kc1_t[:, :, cb.start : cb.stop], vc[:, cb.start : cb.stop], masker.col_runs(block, cb))
             for cb in block.col_blocks
@@ -185,7 +187,9 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
             row_runs = masker.row_runs(block, rb)
             qk = ws.get("qk", BH, bq, ba, d + 1)  # rows (t, a): [q_t * kr_a, -m_t]
             torch.mul(qb[:, :, None, :], kr_rows.tile(block, rb), out=qk[..., :d])
-            qk[..., d] = -m[:, :, None]
+            if aug_rows != ba:
+                qk[..., d] = -m[:, :, None]
+                aug_rows = ba
             qk_rows = qk.view(BH, bq * ba, d + 1)
             # P @ vc summed over the column blocks first: the product with vr and the sum over a, a pass over
             # [bq, ba, d], then happens once per row block instead of once per tile.
@@ -203,7 +207,7 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
                         m += shift
                         alpha = torch.exp(-shift)
                         l.mul_(alpha)
-                        acc.mul_(alpha[:, :, None])
+                        acc.mul_(alpha[:, :, None, None])
                         pv.view(BH, bq, ba * d).mul_(alpha[:, :, None])
                         qk[..., d] = -m[:, :, None]
                         clamp = True
@@ -214,10 +218,9 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
                     torch.bmm(s, vc_tile, out=pv)  # [BH, bq*ba, d]
                 else:
                     pv.baddbmm_(s, vc_tile)
-            prod = torch.mul(pv.view(BH, bq, ba, d), vr_rows.tile(block, rb), out=ws.get("prod", BH, bq, ba, d))
-            acc.add_(prod.sum(2))
+            acc[:, :, :ba].addcmul_(pv.view(BH, bq, ba, d), vr_rows.tile(block, rb))
         has = has_pair[:, block.start : block.stop]
-        out[:, block.start : block.stop] = torch.where(has[:, :, None], acc / l[:, :, None], 0)
+        out[:, block.start : block.stop] = torch.where(has[:, :, None], acc.sum(2) / l[:, :, None], 0)
         lse[:, block.start : block.stop] = torch.where(has, m + torch.log(l), 0)
     return out, lse, has_pair
 
@@ -259,7 +262,7 @@ def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B
         gb = dout[:, block.start : block.stop]
         neg_lse = -lse[:, block.start : block.stop, None]  # [BH, bq, 1]
         neg_delta = -delta[:, block.start : block.stop, None]
-        dq_b = torch.zeros(BH, bq, d, dtype=dtype, device=device)
+        dq_b = ws.get("dq", BH, bq, max(rb.stop - rb.start for rb in block.row_blocks), d).zero_()  # per (t, a)
         col_lo, col_hi = block.col_blocks[0].start, block.col_blocks[-1].stop
         kc_max = kc_norm[:, col_lo:col_hi].amax(-1, keepdim=True)  # [BH, 1]
         # s - lse >= -bound - lse: clamp only where that may fall under the floor
@@ -305,8 +308,8 @@ def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B
             y, x = yx[:BH].view(BH, bq, ba, d), yx[BH:].view(BH, bq, ba, d)
             dvr.add(block, rb, y * gb[:, :, None, :])
             dkr.add(block, rb, x * qb[:, :, None, :])
-            dq_b += (x * krb).sum(2)
-        dq[:, block.start : block.stop] = dq_b
+            dq_b[:, :, :ba].addcmul_(x, krb)
+        dq[:, block.start : block.stop] = dq_b.sum(2)
     return dq, dkr.result(), dvk[BH:], dvr.result(), dvk[:BH]
 
 
