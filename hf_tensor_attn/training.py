@@ -448,8 +448,10 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] = ()) -> Trainer:
     output_dir. Returns the trainer (its `state.log_history` holds the losses and eval metrics)."""
     trainer = build_trainer(config, callbacks)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint or None)
-    if trainer.eval_dataset is not None:
-        trainer.evaluate()
+    final_step = trainer.state.global_step
+    evaluated = any("eval_loss" in h and h.get("step") == final_step for h in trainer.state.log_history)
+    if trainer.eval_dataset is not None and not evaluated:
+        trainer.evaluate()  # the final model's held-out metrics, unless the last step already logged them
     trainer.save_model()
     trainer.save_state()
     if trainer.is_world_process_zero():
