@@ -127,16 +127,20 @@ def _reference_scores(q, kr, kc, w_row, w_col, mask, B, H):
     return m, has_pair.repeat_interleave(H, dim=0)
 
 
-def _score_bound(qb, kr_sq, kc_max, block: QueryBlock, w_row) -> torch.Tensor:
-    """[BH, bq] bound on |s_t(a, b)| over the block's tiles: ||q_t * kr_a|| * ||kc_b|| (Cauchy-Schwarz), with
-    ||q_t * kr_a||^2 = q_t^2 . kr_a^2 as one small GEMM over the block's row keys."""
-    first, last = block.row_blocks[0], block.row_blocks[-1]
-    if w_row is None:
-        lo, hi = first.start, last.stop
-    else:
-        lo, hi = max(block.t0 - w_row + 1 + first.start, 0), block.t1 - w_row + last.stop
-    sq = torch.bmm(qb * qb, kr_sq[:, lo:hi].transpose(1, 2))  # [BH, bq, hi - lo]
-    return sq.amax(-1).sqrt_() * kc_max
+def _score_bounds(q, kr, kc, Tk: int) -> torch.Tensor:
+    """[BH, Tq] bound on |s_t(a, b)| over every key pair a, b <= t: by Cauchy-Schwarz twice,
+    |<q_t * kr_a, kc_b>| <= ||q_t * kr_a||_2 ||kc_b||_2 <= ||q_t||_4 ||kr_a||_4 ||kc_b||_2, with running maxima
+    over the keys. Later keys only enter tiles of query t masked (-inf, then clamped), so they need no bound."""
+    Tq = q.shape[1]
+    kr_max = torch.linalg.vector_norm(kr, ord=4, dim=-1).cummax(1).values[:, Tk - Tq :]  # [BH, Tq]
+    kc_max = torch.linalg.vector_norm(kc, ord=2, dim=-1).cummax(1).values[:, Tk - Tq :]
+    return torch.linalg.vector_norm(q, ord=4, dim=-1) * kr_max * kc_max
+
+
+def _block_flags(flags: torch.Tensor, blocks) -> list[bool]:
+    """Per query block: does any query (of any head) of the block raise the [BH, Tq] flag?"""
+    per_query = flags.any(0).tolist()
+    return [any(per_query[block.start : block.stop]) for block in blocks]
 
 
 def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
@@ -156,27 +160,25 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
     dtype, device = q.dtype, q.device
     ws = _Workspace(dtype, device)
     headroom, floor = _headroom(dtype), _exp_floor(dtype)
-    out = torch.zeros(BH, Tq, d, dtype=dtype, device=device)
-    lse = torch.zeros(BH, Tq, dtype=dtype, device=device)
     kc1 = torch.ones(BH, Tk, d + 1, dtype=dtype, device=device)
     kc1[:, :, :d] = kc
     kc1_t = kc1.transpose(1, 2)  # [BH, d+1, Tk]
-    kc_norm = torch.linalg.vector_norm(kc, dim=-1)  # [BH, Tk]
-    kr_sq = kr * kr
-    m_all, has_pair = _reference_scores(q, kr, kc, w_row, w_col, mask, B, H)  # [BH, Tq] each
+    m_all, has_pair = _reference_scores(q, kr, kc, w_row, w_col, mask, B, H)  # [BH, Tq] each, m_all updated
+    l_all = torch.zeros(BH, Tq, dtype=dtype, device=device)  # sum_ab exp(s - m_t)
+    num = torch.zeros(BH, Tq, d, dtype=dtype, device=device)  # sum_ab exp(s - m_t) v1_a * v2_b
+    blocks = plan(Tq, Tk, w_row, w_col, mask, sizes)
+    bound = _score_bounds(q, kr, kc, Tk)  # [BH, Tq]
+    checked_blocks = _block_flags(bound - m_all > headroom, blocks)
+    clamped_blocks = _block_flags(bound + m_all > -floor, blocks)
     masker = Masker(w_row, w_col, mask, Tk, dtype, device, floor)
     kr_rows, vr_rows = _RowStream(kr, w_row), _RowStream(vr, w_row)
-    for block in plan(Tq, Tk, w_row, w_col, mask, sizes):
+    for block, checked, clamp in zip(blocks, checked_blocks, clamped_blocks):
         bq = block.stop - block.start
         qb = q[:, block.start : block.stop]  # [BH, bq, d]
-        m = m_all[:, block.start : block.stop].clone()  # [BH, bq]
-        l = torch.zeros(BH, bq, dtype=dtype, device=device)
+        m = m_all[:, block.start : block.stop]  # [BH, bq], views: updated in place
+        l = l_all[:, block.start : block.stop]
         # sum_b P vc_b * vr_a accumulated per (t, a) over the whole block; summed over a once at the end
         acc = ws.get("acc", BH, bq, max(rb.stop - rb.start for rb in block.row_blocks), d).zero_()
-        col_lo, col_hi = block.col_blocks[0].start, block.col_blocks[-1].stop
-        kc_max = kc_norm[:, col_lo:col_hi].amax(-1, keepdim=True)  # [BH, 1]
-        bound = _score_bound(qb, kr_sq, kc_max, block, w_row)  # [BH, bq]
-        checked, clamp = torch.stack([((bound - m) > headroom).any(), ((bound + m) > -floor).any()]).tolist()
         aug_rows = None  # row count of the qk view whose -m column is up to date
         cols = [
             (cb.stop - cb.start, kc1_t[:, :, cb.start : cb.stop], vc[:, cb.start : cb.stop], masker.col_runs(block, cb))
@@ -219,9 +221,9 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
                 else:
                     pv.baddbmm_(s, vc_tile)
             acc[:, :, :ba].addcmul_(pv.view(BH, bq, ba, d), vr_rows.tile(block, rb))
-        has = has_pair[:, block.start : block.stop]
-        out[:, block.start : block.stop] = torch.where(has[:, :, None], acc.sum(2) / l[:, :, None], 0)
-        lse[:, block.start : block.stop] = torch.where(has, m + torch.log(l), 0)
+        num[:, block.start : block.stop] = acc.sum(2)
+    out = torch.where(has_pair[:, :, None], num / l_all[:, :, None], 0)
+    lse = torch.where(has_pair, m_all + torch.log(l_all), 0)
     return out, lse, has_pair
 
 
@@ -240,8 +242,9 @@ def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B
     # its output gradient is dropped instead.
     dout = dout * has_pair[:, :, None]
     delta = (dout * out).sum(-1)  # [BH, Tq]: D_t = sum_ab P dP = <dO_t, o_t>
-    kc_norm = torch.linalg.vector_norm(kc, dim=-1)  # [BH, Tk]
-    kr_sq = kr * kr
+    blocks = plan(Tq, Tk, w_row, w_col, mask, sizes)
+    # s - lse >= -bound - lse: clamp only blocks where that may fall under the floor
+    clamped_blocks = _block_flags(_score_bounds(q, kr, kc, Tk) + lse > -floor, blocks)
     # One batched GEMM gives two products when the column stream is stacked: [kc; vc] for (scores, dP) and
     # [vc; kc] for (P @ vc, dS @ kc). A column of ones, met by -lse_t and -D_t on the left, makes the first GEMM
     # return S - lse and dP - D directly (one width-65 GEMM costs about what a width-64 one does; the two
@@ -256,18 +259,12 @@ def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B
     dkr = _RowGrad(BH, Tk, d, w_row, dtype, device)
     dvr = _RowGrad(BH, Tk, d, w_row, dtype, device)
     dvk = torch.zeros(2 * BH, Tk, d, dtype=dtype, device=device)  # [dvc; dkc]
-    for block in plan(Tq, Tk, w_row, w_col, mask, sizes):
+    neg_lse, neg_delta = -lse[:, :, None], -delta[:, :, None]  # [BH, Tq, 1]
+    for block, clamp in zip(blocks, clamped_blocks):
         bq = block.stop - block.start
         qb = q[:, block.start : block.stop]  # [BH, bq, d]
         gb = dout[:, block.start : block.stop]
-        neg_lse = -lse[:, block.start : block.stop, None]  # [BH, bq, 1]
-        neg_delta = -delta[:, block.start : block.stop, None]
         dq_b = ws.get("dq", BH, bq, max(rb.stop - rb.start for rb in block.row_blocks), d).zero_()  # per (t, a)
-        col_lo, col_hi = block.col_blocks[0].start, block.col_blocks[-1].stop
-        kc_max = kc_norm[:, col_lo:col_hi].amax(-1, keepdim=True)  # [BH, 1]
-        # s - lse >= -bound - lse: clamp only where that may fall under the floor
-        bound = _score_bound(qb, kr_sq, kc_max, block, w_row)  # [BH, bq]
-        clamp = bool(((bound - neg_lse[:, :, 0]) > -floor).any())
         cols = [
             (
                 cb.stop - cb.start,
@@ -287,8 +284,8 @@ def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B
             left = ws.get("left", 3 * BH, bq, ba, d + 1)
             torch.mul(qb[:, :, None, :], krb, out=left[:BH, :, :, :d])
             torch.mul(gb[:, :, None, :], vr_rows.tile(block, rb), out=left[BH : 2 * BH, :, :, :d])
-            left[:BH, :, :, d] = neg_lse
-            left[BH : 2 * BH, :, :, d] = neg_delta
+            left[:BH, :, :, d] = neg_lse[:, block.start : block.stop]
+            left[BH : 2 * BH, :, :, d] = neg_delta[:, block.start : block.stop]
             left[2 * BH :] = left[:BH]
             left = left.view(3 * BH, bq * ba, d + 1)
             yx = ws.get("yx", 2 * BH, bq * ba, d)  # accumulates [P @ vc; dS @ kc] over column blocks
