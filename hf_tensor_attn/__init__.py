@@ -6,6 +6,7 @@ AutoTokenizer.
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from . import compat
 from .cache import TensorAttnCache, available_cache_implementations
 from .configuration import TensorAttnConfig, TensorAttnConfigError
 from .modeling import TensorAttnForCausalLM, TensorAttnModel, TensorAttnPreTrainedModel
@@ -16,6 +17,8 @@ AutoConfig.register(TensorAttnConfig.model_type, TensorAttnConfig, exist_ok=True
 AutoModel.register(TensorAttnConfig, TensorAttnModel, exist_ok=True)
 AutoModelForCausalLM.register(TensorAttnConfig, TensorAttnForCausalLM, exist_ok=True)
 AutoTokenizer.register(TensorAttnConfig, tokenizer_class=TensorAttnByteTokenizer, exist_ok=True)
+
+compat.check_transformers_version()
 
 __version__ = "0.1.0"
 

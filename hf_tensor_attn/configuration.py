@@ -5,7 +5,8 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import PreTrainedConfig
-from transformers import configuration_utils as _config_utils
+
+from . import compat
 
 LAYER_TYPES = ("tensor_attention", "full_attention")
 POSITION_EMBEDDING_TYPES = ("rope", "none")
@@ -62,7 +63,7 @@ class TensorAttnConfig(PreTrainedConfig):
     """
 
     model_type = "tensor_attn"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [compat.CACHE_ARG]  # Trainer drops the cache from eval outputs
 
     vocab_size: int = 259
     hidden_size: int = 256
@@ -101,6 +102,25 @@ class TensorAttnConfig(PreTrainedConfig):
         if self.score_scale is None and isinstance(self.head_dim, int) and self.head_dim > 0:
             self.score_scale = self.head_dim**-0.5
         super().__post_init__(**kwargs)
+
+    register_for_auto_class = compat.keep_own_auto_map  # compat item 5
+
+    def to_dict(self) -> dict:
+        """The config's fields, plus the `auto_map` that lets `trust_remote_code=True` find the installed package."""
+        output = super().to_dict()
+        output["auto_map"] = {
+            auto_class: f"{compat.REMOTE_MODULE}.{cls}"
+            for auto_class, cls in (
+                ("AutoConfig", "TensorAttnConfig"),
+                ("AutoModel", "TensorAttnModel"),
+                ("AutoModelForCausalLM", "TensorAttnForCausalLM"),
+            )
+        }
+        return output
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        compat.write_remote_module(save_directory)
 
     def validate_layer_type(self):
         """Our layer types are not in transformers' closed list, so this validator replaces the base one."""
@@ -171,11 +191,7 @@ def _validate(self) -> None:
 # `@strict` defines `validate` and calls it after __init__; wrapping it keeps its checks and changes only the type.
 TensorAttnConfig.validate = _validate
 
-# Some transformers code reads a saved config.json with the base `PreTrainedConfig`, whose validator knows only
-# transformers' own layer types: `Trainer(resume_from_checkpoint=...)` does, and then fails on "tensor_attention".
-# The validator looks the list up at call time, so adding our type to it makes those paths accept our checkpoints.
-if "tensor_attention" not in _config_utils.ALLOWED_ATTN_LAYER_TYPES:
-    _config_utils.ALLOWED_ATTN_LAYER_TYPES = (*_config_utils.ALLOWED_ATTN_LAYER_TYPES, "tensor_attention")
-    _config_utils.ALLOWED_LAYER_TYPES = (*_config_utils.ALLOWED_LAYER_TYPES, "tensor_attention")
+# transformers also reads our config.json with its base class (compat item 2).
+compat.allow_layer_type("tensor_attention")
 
 __all__ = ["TensorAttnConfig", "TensorAttnConfigError"]

@@ -12,7 +12,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -20,6 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
+from . import compat
 from .cache import LAYOUTS, TensorAttnCache, available_cache_implementations
 from .configuration import TensorAttnConfig
 from .ops import tensor_attention
@@ -90,7 +91,7 @@ class TensorAttention(nn.Module):
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_bias)
         self.dropout = nn.Dropout(config.attention_dropout)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(hidden_states).view(B, T, self.num_heads, 2 * self.head_dim).transpose(1, 2)  # [B, H, T, 2D]
@@ -102,9 +103,9 @@ class TensorAttention(nn.Module):
             k = torch.cat((apply_rotary(k1, cos, sin), apply_rotary(k2, cos, sin)), dim=-1)
 
         attend_kwargs = dict(scale=self.scale, w1=self.w1, w2=self.w2, attention_mask=attention_mask)
-        if past_key_values is not None:
-            past_key_values.update(k, v, self.layer_idx, attention_mask=attention_mask)
-            out = past_key_values.layers[self.layer_idx].attend(q, **attend_kwargs)
+        if cache is not None:
+            cache.update(k, v, self.layer_idx, attention_mask=attention_mask)
+            out = cache.layers[self.layer_idx].attend(q, **attend_kwargs)
         else:
             k1, k2 = k.chunk(2, dim=-1)
             v1, v2 = v.chunk(2, dim=-1)
@@ -129,7 +130,7 @@ class StandardAttention(nn.Module):
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_bias)
         self.dropout = nn.Dropout(config.attention_dropout)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
         B, T, _ = hidden_states.shape
         shape = (B, T, self.num_heads, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [B, H, T, D]
@@ -138,8 +139,8 @@ class StandardAttention(nn.Module):
         if self.use_rope:
             cos, sin = position_embeddings
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         mask = causal_padding_mask(T, k.shape[2], attention_mask, q.device)  # [B or 1, 1, T, Tk]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(B, T, -1)
@@ -169,13 +170,16 @@ class TensorAttnDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = TensorAttnRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None):
+        # The model passes the cache under the name the installed transformers uses (compat item 1), the one
+        # `GradientCheckpointingLayer` drops under gradient checkpointing; transformers 5.23 says `past_key_values`.
+        cache = cache if cache is not None else past_key_values
         residual = hidden_states
         hidden_states = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
         )
         hidden_states = residual + self.dropout(hidden_states)
         residual = hidden_states
@@ -189,8 +193,9 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TensorAttnDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [compat.CACHE_ARG]  # accelerate's device hooks must not move the cache
     _supports_sdpa = True
+    register_for_auto_class = compat.keep_own_auto_map  # compat item 5
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -215,12 +220,20 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Like `LlamaModel.forward`. `past_key_values` is the name transformers < 5.24 gives `cache`.
+
+        There is no `**kwargs`: a keyword this model does not know raises `TypeError` instead of being ignored.
+        """
+        cache = compat.resolve_cache(cache, past_key_values, f"{type(self).__name__}.forward")
+        check_output_attentions(output_attentions)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`")
         if inputs_embeds is None:
@@ -228,11 +241,11 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
         if use_cache is None:
             # Training never reuses a cache: building one would only hold activations alive.
             use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = TensorAttnCache(self.config)
+        if use_cache and cache is None:
+            cache = TensorAttnCache(self.config)
 
         B, T = inputs_embeds.shape[:2]
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_seen = cache.get_seq_length() if cache is not None else 0
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape != (B, past_seen + T):
                 raise ValueError(
@@ -260,20 +273,33 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
+                **compat.cache_kwargs(cache),
             )
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
-        return BaseModelOutputWithPast(
+        output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            **compat.cache_kwargs(cache),
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+def check_output_attentions(output_attentions) -> None:
+    if output_attentions:
+        raise ValueError(
+            "`output_attentions=True` is not supported yet: tensor layers attend over pairs of tokens (T^2 weights "
+            "per query), and the standard layers use SDPA, which returns no weights. Leave it unset or False."
         )
 
 
 class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Keywords transformers passes on to forward besides the named parameters: Trainer's token count for the loss
+    # under gradient accumulation (it reads `accepts_loss_kwargs`). Anything else raises `TypeError`.
+    accepted_extra_kwargs = ("num_items_in_batch",)
+    accepts_loss_kwargs = True
 
     def __init__(self, config: TensorAttnConfig):
         super().__init__(config)
@@ -286,42 +312,68 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        **loss_kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Like `LlamaForCausalLM.forward`. `past_key_values` is the name transformers < 5.24 gives `cache`;
+        `loss_kwargs` may only hold `accepted_extra_kwargs`."""
+        unknown = sorted(set(loss_kwargs) - set(self.accepted_extra_kwargs))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}.forward() got unexpected keyword argument(s) {unknown}; besides its named "
+                f"parameters it accepts only {list(self.accepted_extra_kwargs)}"
+            )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=compat.resolve_cache(cache, past_key_values, f"{type(self).__name__}.forward"),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_hidden_states=kwargs.pop("output_hidden_states", None),
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **compat.cache_kwargs(compat.output_cache(outputs)),
         )
+        return output if return_dict is not False else output.to_tuple()
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, cache_implementation=None, cache_config=None, **kwargs):
         """`GenerationMixin.generate`, plus the tensor-attention cache layouts.
 
         `cache_implementation` may name a layout ("four_cache", "two_cache", "subgen4", "subgen2", with
         options in `cache_config`); "dynamic" or no name gives the config's default layout. transformers'
-        `GenerationConfig` rejects names outside its own list, so ours become a cache object here, before it looks.
+        `GenerationConfig` rejects names outside its own list (compat item 3), so ours become a cache object
+        here, before it looks. A cache passed in (`cache=`, or `past_key_values=` before transformers 5.24) is
+        used as it is.
         """
+        cache = compat.resolve_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None), "generate()")
+        if cache is not None and cache_implementation is not None:
+            raise ValueError(
+                f"generate() got both a cache object and cache_implementation={cache_implementation!r}; pass one: "
+                "the cache object is used as it is, the name builds a new cache"
+            )
         generation_config = kwargs.get("generation_config") or self.generation_config
-        name = kwargs.pop("cache_implementation", None) or generation_config.cache_implementation
-        cache_config = kwargs.pop("cache_config", None) or generation_config.cache_config
-        if name == "offloaded":  # transformers' own offloading DynamicCache works with every layout-free layer
+        name = cache_implementation or generation_config.cache_implementation
+        cache_config = cache_config or generation_config.cache_config
+        if name == "offloaded":
+            # transformers' own offloading DynamicCache, built from `_layer_type`s: tensor layers get four_cache.
             return super().generate(*args, cache_implementation=name, cache_config=cache_config, **kwargs)
         if name in (None, "dynamic"):
             name = self.config.default_cache_implementation
@@ -336,8 +388,10 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
             generation_config.cache_config = None
             kwargs["generation_config"] = generation_config
         use_cache = kwargs.get("use_cache", generation_config.use_cache)
-        if kwargs.get("past_key_values") is None and use_cache is not False:
-            kwargs["past_key_values"] = TensorAttnCache(self.config, name, cache_config)
+        if cache is None and use_cache is not False:
+            cache = TensorAttnCache(self.config, name, cache_config)
+        if cache is not None:
+            kwargs.update(compat.cache_kwargs(cache))
         return super().generate(*args, **kwargs)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers.tokenization_python import AddedToken, PreTrainedTokenizer
 
+from . import compat
+
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 NUM_BYTES = 256
 
@@ -18,6 +20,7 @@ class TensorAttnByteTokenizer(PreTrainedTokenizer):
     """
 
     model_input_names = ["input_ids", "attention_mask"]
+    register_for_auto_class = compat.keep_own_auto_map  # compat item 5
 
     def __init__(self, add_bos_token=False, add_eos_token=False, padding_side="left", **kwargs):
         pad, bos, eos = (AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS)
@@ -78,6 +81,13 @@ class TensorAttnByteTokenizer(PreTrainedTokenizer):
             else:
                 data.append(ord(token))
         return data.decode("utf-8", errors="replace")
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # tokenizer_config.json's `auto_map` lets AutoTokenizer(trust_remote_code=True) load the installed package.
+        self._auto_map = {"AutoTokenizer": [f"{compat.REMOTE_MODULE}.{type(self).__name__}", None]}
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        compat.write_remote_module(save_directory)
+        return saved
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
         return ()  # the vocabulary is the 256 bytes: nothing to write

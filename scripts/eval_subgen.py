@@ -301,10 +301,10 @@ class EvictionLayer(TensorCacheLayer):
 @torch.no_grad()
 def decode_through(model, cache, ids, labels, prompt=1):
     """Teacher-forced decoding token by token through `cache`; answer loss, accuracy and the cache's peak memory."""
-    logits = [model(ids[:, :prompt], past_key_values=cache, use_cache=True).logits]
+    logits = [model(ids[:, :prompt], cache=cache, use_cache=True).logits]
     peak = cache.memory_bytes()
     for t in range(prompt, ids.shape[1] - 1):
-        logits.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
         peak = max(peak, cache.memory_bytes())
     logits = torch.cat(logits, 1)  # [B, L - 1, V]: position t predicts token t + 1
     target = labels[:, 1:]

@@ -21,3 +21,9 @@ def tiny_model(dtype=torch.float64, **overrides):
 @pytest.fixture
 def make_model():
     return tiny_model
+
+
+def pytest_report_header(config):
+    import transformers
+
+    return f"hf_tensor_attn tested with transformers {transformers.__version__}, torch {torch.__version__}"

@@ -14,6 +14,7 @@ from hf_tensor_attn import TensorAttnCache
 from hf_tensor_attn.cache import LAYOUTS, FourCacheLayer, TwoCacheLayer, TwoCacheMemoryError
 from hf_tensor_attn.cache import two as two_module
 from hf_tensor_attn.ops import naive_tensor_attention
+from hf_tensor_attn.compat import output_cache
 from hf_tensor_attn.ops.decode import four_cache_decode, kronecker_decode, pair_rows_attention
 
 LAYOUT_NAMES = ["four_cache", "two_cache"]
@@ -42,9 +43,9 @@ def fill(model, ids, layout, *, prefill, mask=None):
     """A cache built the way generate builds it: a prefill of `prefill` tokens, then one token per step."""
     cache = TensorAttnCache(model.config, layout)
     am = lambda n: None if mask is None else mask[:, :n]  # noqa: E731
-    logits = [model(ids[:, :prefill], attention_mask=am(prefill), past_key_values=cache).logits]
+    logits = [model(ids[:, :prefill], attention_mask=am(prefill), cache=cache).logits]
     for t in range(prefill, ids.shape[1]):
-        logits.append(model(ids[:, t : t + 1], attention_mask=am(t + 1), past_key_values=cache).logits)
+        logits.append(model(ids[:, t : t + 1], attention_mask=am(t + 1), cache=cache).logits)
     return cache, torch.cat(logits, 1)
 
 
@@ -89,7 +90,7 @@ def test_greedy_tokens_identical_across_layouts_and_no_cache(make_model, name):
     ref = model.generate(ids, use_cache=False, **kw)
     for layout in LAYOUT_NAMES:
         out = model.generate(ids, cache_implementation=layout, **kw)
-        assert isinstance(out.past_key_values.layers[0], LAYOUTS[layout])
+        assert isinstance(output_cache(out).layers[0], LAYOUTS[layout])
         assert torch.equal(out.sequences, ref.sequences), layout
         # generate hands out float32 logits, so float32 rounding is all that may differ
         torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=1e-6, atol=1e-6)
@@ -127,10 +128,10 @@ def test_two_cache_prefill_chunks_and_decode_match_full_forward(make_model, name
     _, ids, mask = left_padded([13, 9])
     full = model(ids, attention_mask=mask, use_cache=False).logits
     cache = TensorAttnCache(model.config, "two_cache")
-    steps = [model(ids[:, :5], attention_mask=mask[:, :5], past_key_values=cache).logits]
-    steps.append(model(ids[:, 5:9], attention_mask=mask[:, :9], past_key_values=cache).logits)  # Tq > 1 continuation
+    steps = [model(ids[:, :5], attention_mask=mask[:, :5], cache=cache).logits]
+    steps.append(model(ids[:, 5:9], attention_mask=mask[:, :9], cache=cache).logits)  # Tq > 1 continuation
     for t in range(9, 13):
-        steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache).logits)
+        steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits)
     real = mask.bool()  # pad positions have no defined output
     torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-10, atol=1e-10)
     assert cache.get_seq_length() == 13
@@ -147,7 +148,7 @@ def test_memory_bytes_linear_for_four_quadratic_for_two(make_model):
     for layout in LAYOUT_NAMES:
         for n in (8, 64):
             cache = TensorAttnCache(model.config, layout)
-            model(ids[:, :n], past_key_values=cache)
+            model(ids[:, :n], cache=cache)
             held[layout, n] = cache.memory_bytes()
     # four: K (k1 | k2) and V (v1 | v2), [B, H, n, 2D] each (a prefill allocates exactly n tokens)
     for n in (8, 64):
@@ -166,10 +167,10 @@ def test_two_cache_appends_2i_plus_1_pairs_per_token_and_grows_by_doubling(make_
     ids = torch.randint(3, 259, (B, 40))
     cache = TensorAttnCache(model.config, "two_cache")
     layer = cache.layers[0]
-    model(ids[:, :5], past_key_values=cache)
+    model(ids[:, :5], cache=cache)
     capacity, growths = 25, 0
     for t in range(5, 40):
-        model(ids[:, t : t + 1], past_key_values=cache)
+        model(ids[:, t : t + 1], cache=cache)
         assert layer.num_pairs == (t + 1) ** 2  # token t added its 2t + 1 pairs
         if (t + 1) ** 2 > capacity:  # the rule: at least double
             capacity, growths = max((t + 1) ** 2, 2 * capacity), growths + 1
@@ -184,10 +185,10 @@ def test_four_cache_buffers_grow_by_doubling(make_model):
     B, H, D, e = 1, 2, 16, 8
     ids = torch.randint(3, 259, (B, 40))
     cache = TensorAttnCache(model.config, "four_cache")
-    model(ids[:, :5], past_key_values=cache)
+    model(ids[:, :5], cache=cache)
     capacity = 5
     for t in range(5, 40):
-        model(ids[:, t : t + 1], past_key_values=cache)
+        model(ids[:, t : t + 1], cache=cache)
         capacity = max(t + 1, 2 * capacity) if t + 1 > capacity else capacity
         assert cache.layers[0].keys.shape[2] == t + 1
         assert cache.memory_bytes() == 2 * B * H * capacity * 2 * D * e  # K and V buffers, spare capacity included
@@ -203,11 +204,11 @@ def test_two_cache_with_windows_holds_only_the_window_pairs(make_model):
     assert layer.keys.shape[2] == 4  # and the token streams only as far back as the longer window
     held = cache.memory_bytes()
     for t in range(30, 60):
-        model(ids[:, t : t + 1], past_key_values=cache)
+        model(ids[:, t : t + 1], cache=cache)
     assert cache.memory_bytes() == held  # constant in the context length
     # a long prefill forms only the band of pairs some query can use: b - a < w1 and a - b < w2
     cache = TensorAttnCache(model.config, "two_cache")
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     a, b = cache.layers[0].pair_index[:, : cache.layers[0].num_pairs]
     assert bool(((b - a < 4) & (a - b < 3)).all()) and cache.layers[0].num_pairs < 60 * 7
 
@@ -224,8 +225,8 @@ def test_crop_equals_building_from_scratch(make_model, layout):
     scratch, _ = fill(model, ids[:, :5], layout, prefill=5)
     assert cache.get_seq_length() == 5
     assert_same_cache(cache, scratch)
-    nxt = model(ids[:, 5:6], past_key_values=cache).logits
-    torch.testing.assert_close(nxt, model(ids[:, 5:6], past_key_values=scratch).logits, rtol=1e-12, atol=1e-12)
+    nxt = model(ids[:, 5:6], cache=cache).logits
+    torch.testing.assert_close(nxt, model(ids[:, 5:6], cache=scratch).logits, rtol=1e-12, atol=1e-12)
     cache.crop(0)
     assert cache.get_seq_length() == 6
     with pytest.raises(ValueError, match="negative"):
@@ -249,7 +250,7 @@ def test_two_cache_crop_with_windows(make_model):
     cache, _ = fill(model, ids[:, :12], "two_cache", prefill=6)
     cache.crop(-1)  # what generate's rollback and assisted decoding need: back to the last forward's first position
     _, full = fill(model, ids[:, :13], "four_cache", prefill=6)
-    logits = model(ids[:, 11:13], past_key_values=cache).logits  # a 2-token continuation after the crop
+    logits = model(ids[:, 11:13], cache=cache).logits  # a 2-token continuation after the crop
     torch.testing.assert_close(logits, full[:, 11:13], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="dropped the pairs"):
         cache.crop(-5)  # those queries would need pairs the windows already dropped
@@ -283,7 +284,7 @@ def test_cache_api_basics(make_model):
     for layout in LAYOUT_NAMES:
         cache = TensorAttnCache(model.config, layout)
         assert cache.get_seq_length() == 0 and cache.memory_bytes() == 0
-        model(ids, past_key_values=cache)
+        model(ids, cache=cache)
         layer = cache.layers[0]
         assert layer.get_seq_length() == 6 and layer.get_mask_sizes(1) == (7, 0) and layer.get_max_length() == -1
         assert cache.get_max_length() == -1 and cache.is_croppable
@@ -294,13 +295,13 @@ def test_cache_api_basics(make_model):
         assert cache.get_seq_length() == 0 and cache.memory_bytes() == 0
         # a reset cache is reusable
         torch.testing.assert_close(
-            model(ids, past_key_values=cache).logits, model(ids, use_cache=False).logits, rtol=1e-10, atol=1e-10
+            model(ids, cache=cache).logits, model(ids, use_cache=False).logits, rtol=1e-10, atol=1e-10
         )
     # early initialisation (what transformers' export recipes call) gives empty, usable layers
     cache = TensorAttnCache(model.config, "two_cache")
     cache.early_initialization(2, 2, 32, torch.float64, torch.device("cpu"))
     assert cache.layers[0].is_initialized and cache.get_seq_length() == 0
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     assert cache.get_seq_length() == 6
 
 
@@ -360,7 +361,7 @@ def test_two_cache_budget_counts_every_layer(make_model):
     one_layer = 16 * 16 * (2 * 1 * 2 * 16 * 8 + 16) + 2 * 1 * 2 * 16 * 32 * 8
     cache = TensorAttnCache(model.config, "two_cache", {"max_memory_bytes": others + one_layer + one_layer // 2})
     with pytest.raises(TwoCacheMemoryError):
-        model(ids, past_key_values=cache)  # the first layer fits, the second would pass the budget
+        model(ids, cache=cache)  # the first layer fits, the second would pass the budget
     assert cache.layers[0].memory_bytes() == one_layer
 
 

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_tensor_attn  # noqa: F401  (registers the model with the Auto classes)
 from hf_tensor_attn.cache import TensorCacheLayer
+from hf_tensor_attn.compat import output_cache
 from hf_tensor_attn.training import param_checksum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def test_offloaded_generation_matches_single_device(saved_model, tmp_path, place
 
     # Each cache layer lives where its layer computes. Here every layer, disk-offloaded ones included, executes
     # on the CPU, so this holds trivially; with layers on several GPUs the same check compares distinct devices.
-    for idx, layer in enumerate(result.past_key_values.layers):
+    for idx, layer in enumerate(output_cache(result).layers):
         tensors = [t for t in vars(layer).values() if isinstance(t, torch.Tensor)]
         assert tensors, f"cache layer {idx} holds no tensors"
         expected = torch.device("cpu")

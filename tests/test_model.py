@@ -6,6 +6,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 import hf_tensor_attn
 from hf_tensor_attn import TensorAttnCache, TensorAttnForCausalLM, TensorAttnModel
+from hf_tensor_attn.compat import output_cache
 
 CONFIGS = {
     "tensor": {},
@@ -21,11 +22,11 @@ def test_prefill_then_decode_matches_full_forward(make_model, name):
     ids = torch.randint(3, 259, (2, 13))
     full = model(ids, use_cache=False).logits
     out = model(ids[:, :5], use_cache=True)
-    cache, steps = out.past_key_values, [out.logits]
+    cache, steps = output_cache(out), [out.logits]
     assert isinstance(cache, TensorAttnCache)
-    steps.append(model(ids[:, 5:8], past_key_values=cache).logits)  # chunked prefill continuation, Tq < Tk
+    steps.append(model(ids[:, 5:8], cache=cache).logits)  # chunked prefill continuation, Tq < Tk
     for t in range(8, 13):
-        steps.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+        steps.append(model(ids[:, t : t + 1], cache=cache).logits)
     assert cache.get_seq_length() == 13
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
 

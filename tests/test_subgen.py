@@ -327,7 +327,7 @@ def test_memory_after_400_tokens_well_under_half_of_four_cache(make_model, layou
     held = {}
     for name, cfg in ((layout, {"recent_window": 16, "sink_tokens": 2, "delta": 4.0}), ("four_cache", None)):
         cache = TensorAttnCache(model.config, name, cfg)
-        model.generate(ids, max_new_tokens=400, min_new_tokens=400, do_sample=False, past_key_values=cache)
+        model.generate(ids, max_new_tokens=400, min_new_tokens=400, do_sample=False, cache=cache)
         assert cache.get_seq_length() == 407
         held[name] = cache.memory_bytes()
     assert held[layout] < 0.25 * held["four_cache"], held

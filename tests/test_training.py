@@ -194,7 +194,7 @@ def test_bf16_with_activation_checkpointing_trains(tmp_path):
                                         "--eval_strategy=no", "--save_strategy=no", "--logging_steps=1",
                                         f"--output_dir={tmp_path}"])
     trainer = train(config)
-    assert trainer.model.is_gradient_checkpointing
+    assert trainer.model.is_activation_checkpointing
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(np.isfinite(losses))
 

@@ -1,0 +1,139 @@
+"""Everything hf_tensor_attn relies on in transformers beyond its documented public API, in one place.
+
+Each item names the transformers behaviour it depends on; `tests/test_compat.py` has one test per item that fails
+loudly when upstream changes it. The package is tested on transformers OLDEST_TESTED .. NEWEST_TESTED (both
+pinned in CI); importing it with a newer minor release warns once.
+
+Items:
+ 1. The cache keyword. transformers 5.24 renamed `past_key_values` to `cache` in model forwards, model outputs
+    and `generate()`; 5.23 uses the old name. Our modules take both (`resolve_cache`) and pass the one the
+    installed version uses (`CACHE_ARG`), e.g. to `GradientCheckpointingLayer`, which drops exactly that keyword
+    under gradient checkpointing.
+ 2. Layer types. `PreTrainedConfig.validate_layer_type` accepts only names in
+    `configuration_utils.ALLOWED_ATTN_LAYER_TYPES`, read at call time. Our config overrides the validator, but
+    transformers also reads our config.json with the base class (`Trainer(resume_from_checkpoint=...)`), so
+    `allow_layer_type` appends our name to that tuple.
+ 3. `cache_implementation`. `GenerationConfig.validate` accepts only `ALL_CACHE_IMPLEMENTATIONS` (plus "paged"),
+    so `TensorAttnForCausalLM.generate` takes our layout names out of the call and the generation config, and
+    passes a cache object instead, before the base `generate` validates.
+ 4. Cache layers. `CacheLayerMixin` subclasses with `_layer_type = "tensor_attention"` are registered in
+    `cache_utils.DYNAMIC_LAYER_TYPE_MAPPING`, so `DynamicCache(config=...)` builds our layer for tensor layers.
+    Our layers rely on `DynamicLayer`'s `keys` / `values` / `is_initialized` / `lazy_initialization` /
+    `get_seq_length`, and on `crop(n)` taking a negative count.
+ 5. Remote code. The loaders for `trust_remote_code=True` call `register_for_auto_class()` on the class they
+    load; `save_pretrained` then copies that class's source file (with its relative imports) next to the
+    weights. Our classes come from the installed package and write their own one-line loader module instead
+    (`REMOTE_MODULE`), so they turn that registration into a no-op (`keep_own_auto_map`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import transformers
+from packaging.version import Version
+from transformers import configuration_utils as _config_utils
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+OLDEST_TESTED = "5.23.0"
+NEWEST_TESTED = "5.24.0"
+
+
+class UntestedTransformersWarning(UserWarning):
+    """The installed transformers is newer than the newest release this package was tested with."""
+
+
+def check_transformers_version(installed: str = transformers.__version__) -> None:
+    """Warn once when `installed` is a newer minor release than NEWEST_TESTED (patch releases are trusted)."""
+    newest = Version(NEWEST_TESTED).release[:2]
+    if Version(installed).release[:2] > newest:
+        warnings.warn(
+            f"hf_tensor_attn was tested with transformers {OLDEST_TESTED} to {NEWEST_TESTED}; the installed "
+            f"transformers {installed} is newer. If generation or training misbehaves, install the tested version: "
+            f"pip install 'transformers=={NEWEST_TESTED}'.",
+            UntestedTransformersWarning,
+            stacklevel=3,
+        )
+
+
+# ---- 1. the cache keyword ----
+
+LEGACY_CACHE_ARG = "past_key_values"
+# The name the installed transformers passes a cache under (generate -> forward, decoder layers) and stores it in
+# model outputs. Model outputs are transformers' dataclasses, so their field list is the authority.
+CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else LEGACY_CACHE_ARG
+
+
+def resolve_cache(cache, past_key_values, where: str):
+    """The cache given as `cache=` or as the older `past_key_values=`; both at once is an error.
+
+    On transformers releases that already renamed it, the old name logs one deprecation message per process, as
+    transformers' own models do; on older releases it is the current name and stays silent.
+    """
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise TypeError(f"{where} got both `cache` and `past_key_values`; pass the cache once, as `cache=`")
+    if CACHE_ARG != LEGACY_CACHE_ARG:
+        logger.warning_once(
+            f"`past_key_values` is deprecated since transformers 5.24; {where} takes it as `cache=` (same object)"
+        )
+    return past_key_values
+
+
+def cache_kwargs(cache) -> dict:
+    """`{name: cache}` under the name the installed transformers uses, for calls into its classes."""
+    return {CACHE_ARG: cache}
+
+
+def output_cache(output):
+    """The cache a model output (or `generate(..., return_dict_in_generate=True)` output) carries."""
+    return getattr(output, CACHE_ARG)
+
+
+# ---- 2. layer types ----
+
+
+def allow_layer_type(name: str) -> None:
+    """Let transformers' base-config validator accept `name` in `layer_types` (it reads the tuple at call time)."""
+    if name not in _config_utils.ALLOWED_ATTN_LAYER_TYPES:
+        _config_utils.ALLOWED_ATTN_LAYER_TYPES = (*_config_utils.ALLOWED_ATTN_LAYER_TYPES, name)
+        _config_utils.ALLOWED_LAYER_TYPES = (*_config_utils.ALLOWED_LAYER_TYPES, name)
+
+
+# ---- 5. remote code ----
+
+# The module `save_pretrained` writes next to the weights; config.json's and tokenizer_config.json's `auto_map`
+# point to it, so `trust_remote_code=True` loads the installed package in a process that never imported it.
+REMOTE_MODULE = "tensor_attn_remote"
+REMOTE_MODULE_SOURCE = '''"""Loads tensor-attention models saved by hf_tensor_attn: the code is the installed package, not this file."""
+
+try:
+    import hf_tensor_attn
+except ImportError as error:
+    raise ImportError(
+        "This checkpoint is a tensor-attention model saved by hf_tensor_attn, which is not installed in this "
+        "environment. Install it (pip install hf_tensor_attn, or pip install -e . in its source tree), then load again."
+    ) from error
+
+TensorAttnConfig = hf_tensor_attn.TensorAttnConfig
+TensorAttnModel = hf_tensor_attn.TensorAttnModel
+TensorAttnForCausalLM = hf_tensor_attn.TensorAttnForCausalLM
+TensorAttnByteTokenizer = hf_tensor_attn.TensorAttnByteTokenizer
+'''
+
+
+def write_remote_module(save_directory) -> None:
+    from pathlib import Path
+
+    (Path(save_directory) / f"{REMOTE_MODULE}.py").write_text(REMOTE_MODULE_SOURCE)
+
+
+def keep_own_auto_map(cls, auto_class=None) -> None:
+    """Replaces `register_for_auto_class` on our classes: they are never saved as copied source code."""
+
+
+keep_own_auto_map = classmethod(keep_own_auto_map)

@@ -1,0 +1,138 @@
+"""One test per transformers behaviour that `hf_tensor_attn.compat` depends on. When one of these fails after a
+transformers upgrade, the behaviour changed upstream: update compat.py (and its item) rather than the test."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AutoConfig, DynamicCache, GenerationConfig, GenerationMixin, LlamaForCausalLM, PreTrainedConfig
+from transformers import configuration_utils as config_utils
+from transformers.cache_utils import DynamicLayer
+
+import hf_tensor_attn
+from hf_tensor_attn import TensorAttnCache, compat
+from hf_tensor_attn.cache import FourCacheLayer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- the tested range ----
+
+
+def test_installed_transformers_is_in_the_tested_range():
+    installed = Version(transformers.__version__)
+    assert Version(compat.OLDEST_TESTED) <= installed
+    assert installed.release[:2] <= Version(compat.NEWEST_TESTED).release[:2]
+
+
+def test_declared_range_and_pins_agree_with_compat():
+    spec = re.search(r'"transformers([^"]*)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert f">={compat.OLDEST_TESTED}" in spec, spec
+    pins = dict(
+        line.split("==") for line in (ROOT / "configs/constraints.txt").read_text().split() if "==" in line
+    )
+    assert pins["transformers"] == compat.NEWEST_TESTED
+
+
+def test_newer_transformers_warns_once_naming_both_versions():
+    with pytest.warns(compat.UntestedTransformersWarning) as record:
+        compat.check_transformers_version("5.99.0")
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "5.99.0" in message and compat.NEWEST_TESTED in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compat.check_transformers_version(compat.NEWEST_TESTED)
+        compat.check_transformers_version(compat.OLDEST_TESTED)
+
+
+# ---- item 1: the cache keyword ----
+
+
+def test_cache_keyword_is_the_one_transformers_uses_everywhere():
+    """generate() hands the cache to forward, Llama's forward takes it and model outputs carry it under one name."""
+    prepare = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    assert compat.CACHE_ARG in prepare
+    assert compat.CACHE_ARG in inspect.signature(LlamaForCausalLM.forward).parameters
+    assert compat.CACHE_ARG in transformers.modeling_outputs.CausalLMOutputWithPast.__dataclass_fields__
+    if compat.CACHE_ARG == "cache":
+        assert "past_key_values" not in prepare
+
+
+def test_gradient_checkpointing_layer_drops_the_cache_keyword(make_model):
+    """Our model passes the cache to decoder layers under CACHE_ARG so GradientCheckpointingLayer can drop it."""
+    model = make_model(dtype=torch.float32)
+    model.activation_checkpointing_enable()
+    model.train()
+    cache = TensorAttnCache(model.config)
+    model(torch.randint(3, 259, (1, 5)), labels=torch.randint(3, 259, (1, 5)), cache=cache).loss.backward()
+    assert cache.get_seq_length() == 0  # the layers never wrote it: no double update on the backward replay
+
+
+# ---- item 2: layer types ----
+
+
+def test_base_config_validator_reads_the_allowed_layer_types_at_call_time(monkeypatch):
+    assert "tensor_attention" in config_utils.ALLOWED_ATTN_LAYER_TYPES  # added on import
+    config = PreTrainedConfig(layer_types=["tensor_attention"], num_hidden_layers=1)
+    config.validate_layer_type()
+    without = tuple(t for t in config_utils.ALLOWED_ATTN_LAYER_TYPES if t != "tensor_attention")
+    monkeypatch.setattr(config_utils, "ALLOWED_ATTN_LAYER_TYPES", without)
+    monkeypatch.setattr(config_utils, "ALLOWED_LAYER_TYPES",
+                        tuple(t for t in config_utils.ALLOWED_LAYER_TYPES if t != "tensor_attention"))
+    with pytest.raises(Exception, match="tensor_attention"):
+        config.validate_layer_type()
+
+
+# ---- item 3: cache_implementation ----
+
+
+def test_generation_config_rejects_our_layout_names():
+    """Why generate() must take our names out before transformers validates (remove the interception if this fails)."""
+    for name in hf_tensor_attn.available_cache_implementations():
+        with pytest.raises(ValueError, match="cache_implementation"):
+            GenerationConfig(cache_implementation=name).validate()
+
+
+# ---- item 4: cache layers ----
+
+
+def test_dynamic_cache_builds_our_layer_for_tensor_layers():
+    config = AutoConfig.for_model("tensor_attn", hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  layer_types=["tensor_attention", "full_attention"])
+    cache = DynamicCache(config=config)
+    assert [type(layer) for layer in cache.layers] == [FourCacheLayer, DynamicLayer]
+
+
+def test_dynamic_layer_interface_our_layers_build_on():
+    layer = DynamicLayer()
+    for name in ("keys", "values", "is_initialized"):
+        assert hasattr(layer, name), name
+    k = torch.randn(1, 2, 5, 4)
+    layer.update(k, k.clone())
+    assert layer.is_initialized and layer.get_seq_length() == 5
+    layer.crop(-2)  # a negative count removes that many tokens
+    assert layer.get_seq_length() == 3
+    assert "lazy_initialization" in vars(DynamicLayer)
+
+
+# ---- item 5: remote code ----
+
+
+def test_remote_code_loaders_register_the_class_they_load():
+    """The loaders call register_for_auto_class (which would make save_pretrained copy our sources); ours no-op it."""
+    from transformers.models.auto import auto_factory, configuration_auto, tokenization_auto
+
+    for module in (auto_factory, configuration_auto, tokenization_auto):
+        assert "register_for_auto_class" in inspect.getsource(module)
+    for cls in (hf_tensor_attn.TensorAttnConfig, hf_tensor_attn.TensorAttnForCausalLM,
+                hf_tensor_attn.TensorAttnByteTokenizer):
+        cls.register_for_auto_class()
+        assert cls._auto_class is None

@@ -1,0 +1,210 @@
+"""The model as transformers calls it, on whichever supported transformers is installed: the cache keyword
+(`cache` since 5.24, `past_key_values` before), keywords that must never be swallowed, quiet generation, and
+loading a saved model with `trust_remote_code=True` in a process that never imported the package."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+from hf_tensor_attn import TensorAttnCache, available_cache_implementations
+from hf_tensor_attn.compat import CACHE_ARG, REMOTE_MODULE, output_cache
+
+HYBRID = ["tensor_attention", "full_attention"]
+INIT = 0.2  # large enough that a cache which forgets the past changes the greedy tokens (checked below)
+
+
+def left_padded_batch():
+    """Three rows of lengths 7, 4 and 2, left-padded to 7."""
+    lengths = (7, 4, 2)
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, 7 - n :] = torch.randint(3, 259, (n,))
+        mask[i, 7 - n :] = 1
+    return ids, mask
+
+
+def greedy_without_history(model, ids, mask, steps):
+    """Greedy decoding where each step sees only the newest token: what a cache that is never read produces."""
+    tokens = ids
+    for _ in range(steps):
+        logits = model(tokens[:, -1:], use_cache=False).logits[:, -1]
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
+    return tokens
+
+
+@pytest.mark.parametrize("layout", available_cache_implementations())
+def test_greedy_generate_each_layout_equals_no_cache_on_left_padded_batch(make_model, layout):
+    model = make_model(initializer_range=INIT, layer_types=HYBRID)
+    ids, mask = left_padded_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+    ref = model.generate(ids, use_cache=False, **kw)
+    out = model.generate(ids, cache_implementation=layout, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    cache = output_cache(out)
+    assert isinstance(cache, TensorAttnCache) and cache.cache_implementation == layout
+    assert cache.get_seq_length() == ids.shape[1] + 10 - 1  # every step went through this cache
+    # The comparison can fail: decoding that ignores the past (the transformers 5.24 symptom) gives other tokens.
+    assert not torch.equal(greedy_without_history(model, ids, mask, 10), ref.sequences)
+
+
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_forward_decodes_like_full_forward_with_either_cache_keyword(make_model, keyword):
+    model = make_model(layer_types=HYBRID)
+    ids, mask = left_padded_batch()
+    full = model(ids, attention_mask=mask, use_cache=False).logits
+    cache = TensorAttnCache(model.config)
+    steps = [model(ids[:, :4], attention_mask=mask[:, :4], **{keyword: cache}).logits]
+    for t in range(4, 7):
+        steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **{keyword: cache}).logits)
+    assert cache.get_seq_length() == 7
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-10, atol=1e-10)
+
+
+def test_outputs_carry_the_cache_under_the_installed_name(make_model):
+    model = make_model()
+    out = model(torch.randint(3, 259, (1, 4)), use_cache=True)
+    assert isinstance(getattr(out, CACHE_ARG), TensorAttnCache)
+    assert out.to_tuple()[1] is getattr(out, CACHE_ARG)
+    assert model(torch.randint(3, 259, (1, 4)), return_dict=False)[0].shape == (1, 4, 259)
+
+
+@pytest.mark.parametrize("keyword", ["cache_position", "attn_mask", "past_key_value", "positions", "foo"])
+def test_unknown_keyword_raises_type_error_naming_it(make_model, keyword):
+    model = make_model()
+    ids = torch.randint(3, 259, (1, 4))
+    with pytest.raises(TypeError, match=keyword):
+        model(ids, **{keyword: None})
+    with pytest.raises(TypeError, match=keyword):
+        model.model(ids, **{keyword: None})
+
+
+def test_both_cache_keywords_at_once_raise(make_model):
+    model = make_model()
+    ids = torch.randint(3, 259, (1, 4))
+    with pytest.raises(TypeError, match="both `cache` and `past_key_values`"):
+        model(ids, cache=TensorAttnCache(model.config), past_key_values=TensorAttnCache(model.config))
+
+
+def test_cache_object_together_with_cache_implementation_raises(make_model):
+    model = make_model()
+    with pytest.raises(ValueError, match="both a cache object and cache_implementation"):
+        model.generate(torch.randint(3, 259, (1, 4)), max_new_tokens=2, cache_implementation="two_cache",
+                       **{CACHE_ARG: TensorAttnCache(model.config)})
+
+
+def test_trainer_token_count_is_accepted_and_used(make_model):
+    model = make_model()
+    ids = torch.randint(3, 259, (2, 6))
+    mean = model(ids, labels=ids).loss
+    summed = model(ids, labels=ids, num_items_in_batch=torch.tensor(5)).loss
+    torch.testing.assert_close(summed, mean * 10 / 5)  # 2 rows x 5 predicted tokens, summed, divided by 5
+
+
+def test_output_attentions_is_refused_not_ignored(make_model):
+    with pytest.raises(ValueError, match="output_attentions"):
+        make_model()(torch.randint(3, 259, (1, 4)), output_attentions=True)
+
+
+def test_generate_and_cached_forward_are_quiet(make_model, caplog):
+    """No deprecation warning or log line from our side, on either supported transformers."""
+    model = make_model(layer_types=HYBRID)
+    ids, mask = left_padded_batch()
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        for layout in available_cache_implementations():
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache_implementation=layout)
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2, do_sample=False)
+        out = model(ids, attention_mask=mask, use_cache=True)
+        model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), cache=output_cache(out))
+    assert not [r.getMessage() for r in caplog.records if "deprecat" in r.getMessage().lower()]
+
+
+# ---- loading with trust_remote_code in a process that never imported hf_tensor_attn ----
+
+REMOTE_SCRIPT = """
+import json, sys
+{block}
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+assert "hf_tensor_attn" not in sys.modules
+path = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="float64").eval()
+tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+batch = tok(json.loads(sys.argv[2]), return_tensors="pt", padding=True)
+out = model.generate(**batch, max_new_tokens=8, do_sample=False)
+gen = pipeline("text-generation", model=path, trust_remote_code=True)
+text = gen("abc", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+model.save_pretrained(sys.argv[3])
+print(json.dumps({{"tokens": out.tolist(), "tokenizer": type(tok).__name__, "text": text}}))
+"""
+
+BLOCK_PACKAGE = """
+import importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "hf_tensor_attn":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_fresh_python(script, *args, tmp_path):
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture
+def saved_model(make_model, tmp_path):
+    from hf_tensor_attn import TensorAttnByteTokenizer
+
+    model = make_model(initializer_range=INIT, layer_types=HYBRID)
+    path = tmp_path / "saved"
+    model.save_pretrained(path)
+    TensorAttnByteTokenizer().save_pretrained(path)
+    return model, path
+
+
+def test_save_writes_auto_map_and_loader_module(saved_model):
+    _, path = saved_model
+    config = json.loads((path / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == f"{REMOTE_MODULE}.TensorAttnForCausalLM"
+    tok_config = json.loads((path / "tokenizer_config.json").read_text())
+    assert tok_config["auto_map"]["AutoTokenizer"][0] == f"{REMOTE_MODULE}.TensorAttnByteTokenizer"
+    assert (path / f"{REMOTE_MODULE}.py").exists()
+
+
+def test_trust_remote_code_loads_in_a_process_that_never_imported_the_package(saved_model, tmp_path):
+    from hf_tensor_attn import TensorAttnByteTokenizer
+
+    model, path = saved_model
+    prompts = ["|adg", "hello wor", "x"]
+    batch = TensorAttnByteTokenizer()(prompts, return_tensors="pt", padding=True)
+    expected = model.generate(**batch, max_new_tokens=8, do_sample=False).tolist()
+    resaved = tmp_path / "resaved"
+    run = run_fresh_python(REMOTE_SCRIPT.format(block=""), str(path), json.dumps(prompts), str(resaved), tmp_path=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["tokens"] == expected
+    assert result["tokenizer"] == "TensorAttnByteTokenizer"
+    assert result["text"].startswith("abc")
+    # Saving the remotely loaded model writes the loader module again, never a copy of the package's sources.
+    assert sorted(p.name for p in resaved.glob("*.py")) == [f"{REMOTE_MODULE}.py"]
+
+
+def test_trust_remote_code_without_the_package_says_to_install_it(saved_model, tmp_path):
+    _, path = saved_model
+    script = REMOTE_SCRIPT.format(block=textwrap.dedent(BLOCK_PACKAGE))
+    run = run_fresh_python(script, str(path), "[]", str(tmp_path / "unused"), tmp_path=tmp_path)
+    assert run.returncode != 0
+    assert "hf_tensor_attn" in run.stderr and "Install it" in run.stderr, run.stderr[-3000:]
