@@ -4,7 +4,9 @@ reload it through the Auto classes, and generate with each KV-cache layout.
 The task: lines like "|adgjmpsvybeh" -- an arithmetic progression of letters (mod 26, step 1..12) whose step the
 model must read off the prompt's first letters and continue. No download: the data is generated here.
 
-    python scripts/quickstart.py [--steps 300] [--out runs/quickstart]
+    python scripts/quickstart.py [--steps 800] [--out runs/quickstart] [--min-exact 0.5]
+
+It exits non-zero when any cache layout gets fewer than `--min-exact` of the continuations exactly right.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import random
 import string
+import sys
 import time
 
 import torch
@@ -37,6 +40,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=800, help="optimizer steps")
     parser.add_argument("--out", default="runs/quickstart", help="where the model and tokenizer are saved")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-exact", type=float, default=0.5,
+                        help="exit non-zero when a layout gets fewer than this fraction of continuations exact")
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
@@ -79,6 +84,7 @@ def main() -> None:
     lines = [progression(test_rng) for _ in range(64)]
     prompts = [line[:3] for line in lines]  # "|" and two letters: enough to know the step
     inputs = tok(prompts, return_tensors="pt", padding=True)
+    failed = []
     for layout in hf_tensor_attn.available_cache_implementations():
         began = time.time()
         out = model.generate(**inputs, max_new_tokens=10, do_sample=False, cache_implementation=layout)
@@ -86,6 +92,12 @@ def main() -> None:
         correct = sum(p + t == line for p, t, line in zip(prompts, texts, lines))
         print(f"generate(cache_implementation={layout!r}): {correct}/{len(lines)} continuations exact "
               f"({time.time() - began:.1f} s); e.g. {prompts[0]!r} -> {texts[0]!r}")
+        if correct < args.min_exact * len(lines):
+            failed.append(layout)
+    if failed:
+        # A trained model that cannot continue its own task through a cache means a broken install, not bad luck.
+        sys.exit(f"FAILED: fewer than {args.min_exact:.0%} exact continuations with {failed}; the package does not "
+                 "work in this environment (check the transformers version against configs/constraints.txt)")
 
 
 if __name__ == "__main__":
