@@ -1,0 +1,206 @@
+"""Benchmark exact tensor attention (tiled `tensor_attention`) against the naive reference on this CPU.
+
+For each T and mask mode it times forward (no grad) and forward+backward, and reports achieved GFLOP/s counting
+useful flops only (4*d per allowed (query, a, b) pair forward, three times that for forward+backward), the
+ratio to this machine's fp32 `torch.mm` rate measured in the same run, the speed-up over
+`naive_tensor_attention` where that fits in memory, and peak memory (harness.peak_rss_mib: every byte the call
+touched, inputs' gradients included, not only torch tensors).
+
+Writes bench_attention.csv, bench_attention.png and tables.md to --out (default docs/bench_attention/ for a full
+run, runs/bench/bench_attention/ for --quick or other sizes):
+
+    python -m scripts.bench.bench_attention --wait-idle 60
+    python -m scripts.bench.bench_attention --quick --out /tmp/smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make `scripts.bench` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+
+from hf_tensor_attn.ops import naive_tensor_attention, tensor_attention
+from scripts.bench.harness import (
+    describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, peak_rss_mib, pyplot,
+    write_csv, write_tables,
+)
+
+NAME = "bench_attention"
+MODES = {"causal": (None, None), "window": (128, 32)}
+DEFAULT_T = [128, 256, 512, 1024]
+QUICK_T = [16, 40]
+
+
+def allowed_pairs_count(T: int, w1, w2) -> int:
+    t = torch.arange(T, dtype=torch.int64)
+    n1 = (t + 1).clamp(max=w1) if w1 else t + 1
+    n2 = (t + 1).clamp(max=w2) if w2 else t + 1
+    return int((n1 * n2).sum())
+
+
+def make_inputs(B, H, T, D):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(B, H, T, D, generator=g) for _ in range(5)], torch.randn(B, H, T, D, generator=g)
+
+
+def calls(fn, inputs, dout, scale, w1, w2):
+    def forward():
+        with torch.no_grad():
+            fn(*inputs, scale=scale, w1=w1, w2=w2)
+
+    def forward_backward():
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+        out = fn(*leaves, scale=scale, w1=w1, w2=w2)
+        torch.autograd.grad(out, leaves, dout)
+
+    return forward, forward_backward
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="output folder (default: docs/bench_attention/ for a full run)")
+    parser.add_argument("--quick", action="store_true", help=f"a smoke run: T in {QUICK_T}, d=16, short timings")
+    parser.add_argument("--T", type=int, nargs="+", default=None, help=f"sequence lengths (default {DEFAULT_T})")
+    parser.add_argument("--d", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--naive-max-T", type=int, default=256, help="largest T the naive op's fwd+bwd is run at")
+    parser.add_argument("--naive-fwd-max-T", type=int, default=512, help="largest T the naive forward is run at")
+    parser.add_argument("--repeats", type=int, default=3, help="clean timings per case (fewer for T > 256)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default 2; 1 with --quick, which a busy machine slows least)")
+    parser.add_argument(
+        "--wait-idle", type=float, default=0.0,
+        help="shared machine: retry timings disturbed by other processes for up to this many seconds each",
+    )
+    args = parser.parse_args(argv)
+    full = not args.quick and args.T in (None, DEFAULT_T) and args.d == 64 and args.heads == 4
+    if args.quick:
+        args.T, args.d, args.repeats = args.T or QUICK_T, 16, 1
+    args.threads = args.threads or (1 if args.quick else 2)
+    args.T = args.T or DEFAULT_T
+    args.out = output_dir(parser, args.out, NAME, full)
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    B, H, D = 1, args.heads, args.d
+    scale = D**-0.5
+    # The quick run only checks the plumbing: short timings and small GEMMs keep it to seconds.
+    timing = dict(min_run_time=0.02, wait_idle=0.0) if args.quick else dict(min_run_time=0.2, wait_idle=args.wait_idle)
+    mm_sizes = (256,) if args.quick else (1024, 2048)
+
+    load_before = load_snapshot()
+    warm_inputs, warm_dout = make_inputs(B, H, 64, D)
+    for fn in (tensor_attention, naive_tensor_attention):
+        for call in calls(fn, warm_inputs, warm_dout, scale, 16, 8):
+            call()  # one-time library start-up stays out of the first row's memory and time
+    mm_rate = mm_gflops(mm_sizes, **timing)
+    print(f"torch {torch.__version__}, {args.threads} threads; fp32 torch.mm: {mm_rate:.0f} GFLOP/s", flush=True)
+    rows = []
+    for mode, (w1, w2) in MODES.items():
+        for T in args.T:
+            inputs, dout = make_inputs(B, H, T, D)
+            flops = 4 * D * allowed_pairs_count(T, w1, w2) * B * H
+            repeats = args.repeats if T <= 256 else max(1, args.repeats - 1)
+            row = {"mode": mode, "T": T, "d": D, "B": B, "H": H, "w1": w1, "w2": w2, "useful_gflop_fwd": flops / 1e9}
+            disturbed = []
+            cases = [("", tensor_attention, repeats, True, True)]
+            # The reference is slow; its timing only feeds the speed-up, so it is timed once.
+            cases.append(("naive_", naive_tensor_attention, 1, T <= args.naive_fwd_max_T, T <= args.naive_max_T))
+            for prefix, fn, reps, run_fwd, run_fwdbwd in cases:
+                for what, call, run in zip(("fwd", "fwdbwd"), calls(fn, inputs, dout, scale, w1, w2), (run_fwd, run_fwdbwd)):
+                    if not run:
+                        continue
+                    row[f"{prefix}peak_mb_{what}"] = peak_rss_mib(call)
+                    t = measure(call, repeats=reps, **timing)
+                    row[f"{prefix}{what}_s"], row[f"{prefix}{what}_s_median"] = t.best, t.median
+                    if t.disturbed:
+                        disturbed.append(f"{prefix}{what}")
+            row["fwd_gflops"] = flops / row["fwd_s"] / 1e9
+            row["fwdbwd_gflops"] = 3 * flops / row["fwdbwd_s"] / 1e9
+            row["fwd_of_mm"] = row["fwd_gflops"] / mm_rate
+            row["fwdbwd_of_mm"] = row["fwdbwd_gflops"] / mm_rate
+            for what in ("fwd", "fwdbwd"):
+                if f"naive_{what}_s" in row:
+                    row[f"speedup_{what}"] = row[f"naive_{what}_s"] / row[f"{what}_s"]
+            row["mm_gflops"] = mm_rate
+            row["disturbed"] = " ".join(disturbed)
+            rows.append(row)
+            print(table_rows([row])[0], flush=True)
+    mm_after = mm_gflops(mm_sizes, **timing)
+    load_after = load_snapshot()
+
+    record = machine()
+    write_csv(args.out / f"{NAME}.csv", rows, record)
+    plot(rows, mm_rate, args.out / f"{NAME}.png")
+    mm_lines = markdown_table(["when", "fp32 torch.mm GFLOP/s (best of sizes)", "sizes"],
+                              [["before the run (the reference of every ratio)", f"{mm_rate:.0f}", mm_sizes],
+                               ["after the run", f"{mm_after:.0f}", mm_sizes]], "lrl")
+    windows = ", ".join(f"{mode}: w1={w1}, w2={w2}" for mode, (w1, w2) in MODES.items())
+    text = write_tables(args.out / "tables.md", NAME, argv, "Exact tensor attention: tiled op against torch.mm and "
+                        "the naive reference", record, describe_load(load_before, load_after), [
+                            ("torch.mm reference", mm_lines),
+                            (f"Tiled `tensor_attention`, d={D}, B={B}, H={H} ({windows})",
+                             markdown_table(TABLE_HEADER, table_rows(rows), "llrrrrrrrrrr")
+                             + ["", "Disturbed timings (other processes were busy in every measurement): "
+                                + ("; ".join(f"{r['mode']} T={r['T']}: {r['disturbed']}" for r in rows if r["disturbed"])
+                                   or "none") + "."]),
+                        ])
+    print(text)
+    print(f"wrote {args.out}/{NAME}.csv, {NAME}.png, tables.md")
+    return rows
+
+
+TABLE_HEADER = ["mode", "T", "fwd ms", "fwd GFLOP/s", "fwd of mm", "fwd+bwd ms", "fwd+bwd GFLOP/s", "fwd+bwd of mm",
+                "vs naive fwd", "vs naive fwd+bwd", "peak MiB fwd / fwd+bwd", "naive peak MiB fwd / fwd+bwd"]
+
+
+def table_rows(rows) -> list[list[str]]:
+    def cell(row, key, spec, scale=1.0, suffix=""):
+        return format(row[key] * scale, spec) + suffix if row.get(key) is not None else "-"
+
+    return [[row["mode"], row["T"], cell(row, "fwd_s", ".1f", 1e3), cell(row, "fwd_gflops", ".0f"),
+             cell(row, "fwd_of_mm", ".0%"), cell(row, "fwdbwd_s", ".1f", 1e3), cell(row, "fwdbwd_gflops", ".0f"),
+             cell(row, "fwdbwd_of_mm", ".0%"), cell(row, "speedup_fwd", ".1f", suffix="x"),
+             cell(row, "speedup_fwdbwd", ".1f", suffix="x"),
+             f"{cell(row, 'peak_mb_fwd', '.0f')} / {cell(row, 'peak_mb_fwdbwd', '.0f')}",
+             f"{cell(row, 'naive_peak_mb_fwd', '.0f')} / {cell(row, 'naive_peak_mb_fwdbwd', '.0f')}"]
+            for row in rows]
+
+
+def plot(rows, mm_rate, path):
+    plt = pyplot()
+    fig, (ax_rate, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in MODES:
+        sel = [r for r in rows if r["mode"] == mode]
+        Ts = [r["T"] for r in sel]
+        ax_rate.plot(Ts, [r["fwd_gflops"] for r in sel], "o-", label=f"{mode} forward")
+        ax_rate.plot(Ts, [r["fwdbwd_gflops"] for r in sel], "s--", label=f"{mode} forward+backward")
+        ax_mem.plot(Ts, [r["peak_mb_fwdbwd"] for r in sel], "s--", label=f"{mode} tiled fwd+bwd")
+        for key, style, what in (("naive_peak_mb_fwd", "o:", "fwd"), ("naive_peak_mb_fwdbwd", "x:", "fwd+bwd")):
+            naive = [r for r in sel if r.get(key) is not None]
+            if naive:
+                ax_mem.plot([r["T"] for r in naive], [r[key] for r in naive], style, label=f"{mode} naive {what}")
+    ax_rate.axhline(mm_rate, color="gray", lw=1, label="fp32 torch.mm")
+    d, heads = rows[0]["d"], rows[0]["B"] * rows[0]["H"]
+    ax_rate.set(xscale="log", xlabel="T", ylabel="useful GFLOP/s", title=f"tensor attention, d={d}, B*H={heads}")
+    ax_mem.set(xscale="log", yscale="log", xlabel="T", ylabel="peak RSS growth (MiB)", title="peak memory of one call")
+    Ts = sorted({r["T"] for r in rows})
+    for ax in (ax_rate, ax_mem):
+        ax.set_xticks(Ts, labels=[str(t) for t in Ts])
+        ax.set_xticks([], minor=True)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

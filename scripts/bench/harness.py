@@ -1,0 +1,288 @@
+"""What every benchmark and evaluation in scripts/bench shares: timing, peak memory, the machine's own GEMM rate,
+a record of the machine and its load, and where and how results are written.
+
+Timing uses `torch.utils.benchmark.Timer.blocked_autorange` (it picks a block size, warms up and sets the thread
+count) and adds what a shared machine needs: each measurement is checked against the CPU time other processes took
+meanwhile (/proc/stat), and a disturbed one is retried for up to `wait_idle` seconds. Peak memory is the growth of
+the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs) over one call: unlike
+tracemalloc or the torch profiler it counts every byte the call touches, MKL and OpenMP buffers included, and unlike
+`resource.getrusage` it can be reset between calls.
+
+Every CSV row and every table file carries the machine it was measured on (CPU model and id, torch's vector
+capability, cores, threads, torch version), because the same code gives different ratios on different CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import gc
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.benchmark import Timer
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+RUNS = ROOT / "runs" / "bench"
+
+# A measurement during which other processes took more than this share of one core is called disturbed.
+OTHERS_MAX_CORES = 0.15
+HAVE_PROC = os.path.exists("/proc/stat")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The machine and its load
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
+    if not os.path.exists("/proc/cpuinfo"):
+        return fields
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def machine() -> dict[str, object]:
+    """The CPU, cores, torch threads and torch version: the columns every CSV row and table file carries.
+
+    `cpu_id` adds vendor, family, model and stepping, because a virtual machine often names its CPU only
+    "Intel(R) Xeon(R) Processor"; `cpu_capability` is the vector instruction set torch's kernels use.
+    """
+    info = _cpuinfo()
+    cpu_id = " ".join(f"{key} {info[field]}" for key, field in
+                      (("vendor", "vendor_id"), ("family", "cpu family"), ("model", "model"), ("stepping", "stepping"))
+                      if field in info)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": info.get("model name") or platform.processor() or platform.machine(),
+        "cpu_id": cpu_id or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": usable,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def describe_machine(m: dict[str, object]) -> str:
+    return (f"{m['cpu']} ({m['cpu_id']}; torch kernels: {m['cpu_capability']}), {m['cores']} cores, "
+            f"torch {m['torch']}, torch threads: {m['threads']}")
+
+
+def busy_fraction(seconds: float = 0.3) -> float | None:
+    """Share of all cores busy while this process sleeps for `seconds`: the load of other processes."""
+    if not HAVE_PROC:
+        return None
+
+    def sample():
+        ticks = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def load_snapshot() -> dict[str, float | None]:
+    """Other processes' load now: the busy share of the cores over 0.3 s and the 1-minute load average."""
+    return {"busy": busy_fraction(), "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def describe_load(before: dict, after: dict) -> str:
+    def one(s):
+        busy = "unknown" if s["busy"] is None else f"{s['busy']:.0%} of the cores busy"
+        avg = "" if s["loadavg"] is None else f", 1-min load average {s['loadavg']:.2f}"
+        return busy + avg
+
+    return f"other processes: {one(before)} just before the run; {one(after)} just after"
+
+
+def wait_for_idle(max_seconds: float, busy_below: float = 0.25) -> None:
+    """Wait up to `max_seconds` for other processes to leave the cores (a shared machine)."""
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline:
+        busy = busy_fraction(0.5)
+        if busy is None or busy < busy_below:
+            return
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Time, GEMM rate, memory
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _ticks() -> tuple[int, int]:
+    """(busy ticks of the whole machine, ticks of this process) from /proc."""
+    ticks = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    own = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+    return busy, int(own[11]) + int(own[12])  # utime + stime
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: the best block (the least disturbed) and the median block of the clean measurements.
+    `disturbed`: every measurement overlapped other processes' work, so both come from disturbed ones."""
+
+    best: float
+    median: float
+    disturbed: bool
+
+
+def measure(fn, *, repeats: int = 3, min_run_time: float = 0.2, wait_idle: float = 0.0) -> Timing:
+    """Time `fn()` with `Timer.blocked_autorange`, `repeats` times, at the current torch thread count.
+
+    Each measurement runs blocks of calls for at least `min_run_time` seconds (long enough for CPU-time ticks of
+    10 ms to tell whether others took more than OTHERS_MAX_CORES of a core meanwhile). A disturbed one is retried
+    after a pause for up to `wait_idle` seconds in all; after that the timing is kept and flagged.
+    """
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    hz = os.sysconf("SC_CLK_TCK") if HAVE_PROC else 100
+    clean, disturbed = [], []
+    deadline = time.monotonic() + wait_idle
+    while len(clean) < repeats:
+        if HAVE_PROC:
+            busy0, own0 = _ticks()
+        start = time.perf_counter()
+        blocks = timer.blocked_autorange(min_run_time=min_run_time).times
+        elapsed = time.perf_counter() - start
+        others = 0.0
+        if HAVE_PROC:
+            busy1, own1 = _ticks()
+            others = ((busy1 - busy0) - (own1 - own0)) / hz / elapsed
+        if others < OTHERS_MAX_CORES:
+            clean.append(blocks)
+            continue
+        disturbed.append(blocks)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)  # let the other job's burst pass
+    times = [t for blocks in (clean or disturbed) for t in blocks]
+    return Timing(best=min(times), median=statistics.median(times), disturbed=not clean)
+
+
+def mm_gflops(sizes=(1024, 2048), *, repeats: int = 2, min_run_time: float = 0.2, wait_idle: float = 0.0) -> float:
+    """This machine's practical fp32 GEMM peak now: the best `torch.mm` rate over square sizes, same threads."""
+    rates = []
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        best = measure(lambda: torch.mm(a, b), repeats=repeats, min_run_time=min_run_time, wait_idle=wait_idle).best
+        rates.append(2 * n**3 / best / 1e9)
+    return max(rates)
+
+
+_libc = ctypes.CDLL("libc.so.6") if os.path.exists("/proc/self/clear_refs") else None
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_rss_mib(fn) -> float | None:
+    """Peak resident-set growth during one call of `fn`, in MiB; None where Linux's VmHWM reset is unavailable.
+    Freed heap is returned to the OS first (malloc_trim), so the growth is what the call itself touched."""
+    if _libc is None:
+        return None
+    gc.collect()
+    _libc.malloc_trim(0)
+    base = _status_kb("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    fn()
+    return (_status_kb("VmHWM:") - base) / 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def output_dir(parser: argparse.ArgumentParser, out: str | None, name: str, full: bool) -> Path:
+    """The folder a run writes into. A full run defaults to docs/<name>/ (the committed results); a quick or
+    partial run defaults to runs/bench/<name>/ and may not write anywhere under docs/, so that a smoke run never
+    replaces published numbers."""
+    path = Path(out) if out is not None else (DOCS / name if full else RUNS / name)
+    if not full and path.resolve().is_relative_to(DOCS.resolve()):
+        parser.error(f"--out {out}: a quick or partial run may not write under {DOCS} (the committed results); "
+                     f"allowed: any folder outside it, default {RUNS / name}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_csv(path: Path, rows: list[dict], machine_record: dict) -> None:
+    """One row per measurement, each followed by the machine's columns."""
+    rows = [{**row, **machine_record} for row in rows]
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a CSV this harness wrote, numbers parsed back (an empty cell stays '')."""
+
+    def value(x: str):
+        for cast in (int, float):
+            try:
+                return cast(x)
+            except ValueError:
+                pass
+        return x
+
+    with open(path, newline="") as f:
+        return [{key: value(v) for key, v in row.items()} for row in csv.DictReader(f)]
+
+
+def markdown_table(header: list[str], rows: list[list], align: str = "") -> list[str]:
+    """Lines of a markdown table; `align` is one character per column, 'r' for right-aligned, anything else left."""
+    rule = ["---:" if a == "r" else "---" for a in align.ljust(len(header), "l")]
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"] + [
+        "| " + " | ".join(str(cell) for cell in row) + " |" for row in rows
+    ]
+
+
+def write_tables(path: Path, script: str, args: list[str] | None, title: str, machine_record: dict | None,
+                 load: str, sections: list[tuple[str, list[str]]]) -> str:
+    """The table file of a run: the command (`script` with its arguments `args`, None for sys.argv's), the machine
+    (None: not recorded), its load, then each (heading, lines) section. Returns the text, which the scripts also
+    print."""
+    args = sys.argv[1:] if args is None else args
+    command = f"python -m scripts.bench.{script}" + "".join(" " + shlex.quote(a) for a in args)
+    where = "not recorded" if machine_record is None else describe_machine(machine_record)
+    lines = [f"# {title}", "", f"Command: `{command}`", "", f"Machine: {where}.", "", f"Load: {load}.", ""]
+    for heading, body in sections:
+        lines += [f"## {heading}", "", *body, ""]
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on a benchmark machine)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
