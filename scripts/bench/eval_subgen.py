@@ -2,8 +2,8 @@
 eviction everyone already uses: a recent window, sinks + window (StreamingLLM-style) and random eviction, at equal
 memory.
 
-    python scripts/eval_subgen.py                 # about 5 minutes on 2 CPU cores
-    python scripts/eval_subgen.py --quick         # smaller sizes, for a smoke run
+    python -m scripts.bench.eval_subgen                          # all three parts, full sizes
+    python -m scripts.bench.eval_subgen --quick --out /tmp/sg    # tiny sizes, for a smoke run
 
 (a) synthetic (m, δ)-clusterable keys: relative error ‖Ô−O‖/‖O‖, the Lemma 5.1 ratio
     ‖Ô−O‖ / (‖softmax(K̃q)‖₂·‖Ṽ‖_op) and memory against n, for i.i.d. clusters, clusters that appear in phases
@@ -13,16 +13,20 @@ memory.
 (c) the low-dimensional claim: keys uniform in the unit ball, the largest δ reaching a fixed error, its memory
     against d and against n.
 
-Writes CSVs and a PNG to --out (default docs/eval_subgen/) and the README section to docs/eval_subgen.md.
+Writes synthetic.csv, model.csv, lowdim.csv, eval_subgen.png (when all three parts run) and tables.md to --out
+(default docs/eval_subgen/ for a full run, runs/bench/eval_subgen/ for --quick or some parts only).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
+import sys
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make `scripts.bench` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
@@ -30,11 +34,28 @@ import hf_tensor_attn  # noqa: F401  (registers the Auto classes)
 from hf_tensor_attn.cache.base import TensorAttnCache, TensorCacheLayer
 from hf_tensor_attn.cache.subgen import SubGen2CacheLayer, SubGen4CacheLayer
 from hf_tensor_attn.ops import four_cache_decode, tensor_attention
-from hf_tensor_attn.ops.subgen import kron_value_op_norm
+from scripts.bench.harness import (
+    describe_load, load_snapshot, machine, markdown_table, output_dir, pyplot, write_csv, write_tables,
+)
+from scripts.bench.metrics import kron_value_op_norm, lemma51_ratio
 
+NAME = "eval_subgen"
 LAYERS = {"subgen4": SubGen4CacheLayer, "subgen2": SubGen2CacheLayer}
 SINKS, WINDOW = 4, 32
 ELEM = 4  # float32 bytes: every cache here holds float32
+# (a): clusters per stream, their delta, and the SubGen settings every synthetic stream is run with.
+SYN_CLUSTERS, SYN_DELTA, SYN_Q_NORM = 16, 0.3, 2.0
+SYN_SUBGEN = dict(delta=SYN_DELTA, recent_window=WINDOW, sink_tokens=SINKS, cluster_samples=8, value_samples=64)
+# (c): the δ sweep, largest first.
+LOWDIM_DELTAS = [1.0, 0.7, 0.5, 0.35, 0.25, 0.18]
+SIZES = {
+    "full": dict(a_ns=[1024, 4096, 16384], a_n2_max=4096, a_dims=[8, 32], b_windows=[4, 16],
+                 b_tokens=[8, 16, 24, 32, 48], c_ns=[1024, 4096, 16384], c_dims=[2, 3, 4, 6]),
+    "quick": dict(a_ns=[256, 512], a_n2_max=256, a_dims=[8], b_windows=[4], b_tokens=[8, 16], c_ns=[256, 512],
+                  c_dims=[2, 3]),
+}
+# --quick also shrinks (b)'s model run to seconds.
+QUICK_B = dict(train_steps=10, seq_len=24, eval_batch=8, model_deltas=[2.0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,14 +157,11 @@ def baseline_kept(method: str, n: int, tokens: int, seed: int) -> torch.Tensor:
 
 
 def part_a(args, rows_out):
-    ns = [1024, 4096, 16384] if not args.quick else [512, 2048]
-    n2_max = 4096 if not args.quick else 1024
-    dims = [8, 32]
-    m, delta = 16, 0.3
+    sizes = args.sizes
     for kind in ("iid", "phases", "needle"):
-        for d in dims:
-            for n in ns:
-                q, k, v = make_stream(kind, n, d, m, delta, seed=0)
+        for d in sizes["a_dims"]:
+            for n in sizes["a_ns"]:
+                q, k, v = make_stream(kind, n, d, SYN_CLUSTERS, SYN_DELTA, seed=0, q_norm=SYN_Q_NORM)
                 k1, k2 = k.chunk(2, -1)
                 v1, v2 = v.chunk(2, -1)
                 t0 = time.time()
@@ -151,20 +169,18 @@ def part_a(args, rows_out):
                 v_op = float(kron_value_op_norm(v1, v2))
 
                 def record(method, out, mem, secs):
-                    err = float((out - o).norm())
                     rows_out.append(dict(stream=kind, d=d, n=n, method=method, memory_bytes=mem,
-                                         rel_error=err / float(o.norm()), lemma51_ratio=err / (p_l2 * v_op),
-                                         seconds=round(secs, 2)))
+                                         rel_error=float((out - o).norm() / o.norm()),
+                                         lemma51_ratio=float(lemma51_ratio(out, o, p_l2, v_op)), seconds=round(secs, 2)))
 
                 budgets = {}
                 for layout in ("subgen4", "subgen2"):
-                    if layout == "subgen2" and (n > n2_max or d > 8):
-                        continue  # its update cost grows with (pair clusters x exact tokens): see the README
+                    if layout == "subgen2" and (n > sizes["a_n2_max"] or d > 8):
+                        continue  # its update cost grows with (pair clusters x exact tokens): see docs/eval_subgen.md
                     for numerator in ("cluster_sum", "sampled"):
-                        if layout == "subgen2" and numerator == "sampled" and n > n2_max // 4:
+                        if layout == "subgen2" and numerator == "sampled" and n > sizes["a_n2_max"] // 4:
                             continue
-                        cfg = dict(delta=delta, recent_window=WINDOW, sink_tokens=SINKS, numerator=numerator,
-                                   cluster_samples=8, value_samples=64, seed=0)
+                        cfg = dict(SYN_SUBGEN, numerator=numerator, seed=0)
                         t1 = time.time()
                         out, mem = run_subgen(layout, cfg, q, k, v, chunk=256 if layout == "subgen4" else 64)
                         record(f"{layout}/{numerator}", out, mem, time.time() - t1)
@@ -337,7 +353,7 @@ def part_b(args, rows_out):
     record("four_cache", "exact", full)
     for numerator in ("cluster_sum", "sampled"):
         for delta in args.model_deltas:
-            for window in (4, 16):
+            for window in args.sizes["b_windows"]:
                 cfg = dict(delta=delta, recent_window=window, sink_tokens=SINKS, numerator=numerator,
                            cluster_samples=4, value_samples=16)
                 for layout in ("subgen4", "subgen2"):
@@ -345,7 +361,7 @@ def part_b(args, rows_out):
                         continue  # keeps the run short; the trend is the same
                     res = decode_through(model, cache_with(lambda: LAYERS[layout](**cfg)), ids, labels)
                     record(f"{layout}/{numerator}", f"delta={delta} window={window}", res)
-    for tokens in (8, 16, 24, 32, 48):
+    for tokens in args.sizes["b_tokens"]:
         for policy in ("window", "sinks+window", "random"):
             res = decode_through(model, cache_with(lambda: EvictionLayer(policy, tokens)), ids, labels)
             record(policy, f"tokens={tokens}", res)
@@ -364,11 +380,9 @@ def unit_ball(n, d, g):
 def part_c(args, rows_out):
     """Keys uniform in the unit ball of R^d (Lemma 5.4: (e^d, e/3)-clusterable). ‖q‖ grows as √d so that the
     spread of the scores <q, k1 ⊙ k2> (‖k1 ⊙ k2‖ ~ 1/√d) is the same in every d."""
-    ns = [1024, 4096, 16384] if not args.quick else [512, 2048]
-    deltas = [1.0, 0.7, 0.5, 0.35, 0.25, 0.18]
-    for d in (2, 3, 4, 6):
+    for d in args.sizes["c_dims"]:
         streams = []
-        for n in ns:
+        for n in args.sizes["c_ns"]:
             g = torch.Generator().manual_seed(d)
             k = torch.cat([unit_ball(n, d, g), unit_ball(n, d, g)], -1)
             v = 1 + 0.5 * torch.randn(n, 2 * d, generator=g, dtype=torch.float64)
@@ -378,7 +392,7 @@ def part_c(args, rows_out):
             v1, v2 = v.chunk(2, -1)
             streams.append((n, q, k, v, exact_decode(q, k1, k2, v1, v2)[0]))
         chosen = None
-        for delta in deltas:
+        for delta in LOWDIM_DELTAS:
             errs = []
             for n, q, k, v, o in streams:
                 cfg = dict(delta=delta, recent_window=0, sink_tokens=0, numerator="cluster_sum")
@@ -398,50 +412,27 @@ def part_c(args, rows_out):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_csv(path: Path, rows):
-    if not rows:
-        return
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
-def read_csv(path: Path):
-    def value(x):
-        for cast in (int, float):
-            try:
-                return cast(x)
-            except ValueError:
-                pass
-        return x
-
-    with path.open() as f:
-        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def plot(out: Path, rows_a, rows_b, rows_c):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(path: Path, rows_a, rows_b, rows_c, target: float):
+    plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(22, 4.6))
+    d_plot = min(r["d"] for r in rows_a)
     ax = axes[0]
     for method in sorted({r["method"] for r in rows_a}):
-        pts = [(r["n"], r["rel_error"]) for r in rows_a if r["stream"] == "phases" and r["d"] == 8 and r["method"] == method]
+        pts = [(r["n"], r["rel_error"]) for r in rows_a
+               if r["stream"] == "phases" and r["d"] == d_plot and r["method"] == method]
         if pts:
             ax.loglog(*zip(*pts), marker="o", label=method)
-    ax.set(title="(a) phases, d=8: relative error", xlabel="n", ylabel="‖Ô−O‖/‖O‖")
+    ax.set(title=f"(a) phases, d={d_plot}: relative error", xlabel="n", ylabel="‖Ô−O‖/‖O‖")
     ax.legend(fontsize=6)
     ax = axes[1]
     for method in sorted({r["method"] for r in rows_a if r["method"].startswith("subgen")}):
-        pts = [(r["n"], r["memory_bytes"]) for r in rows_a if r["stream"] == "iid" and r["d"] == 8 and r["method"] == method]
+        pts = [(r["n"], r["memory_bytes"]) for r in rows_a
+               if r["stream"] == "iid" and r["d"] == d_plot and r["method"] == method]
         if pts:
             ax.loglog(*zip(*pts), marker="o", label=method)
     ns = sorted({r["n"] for r in rows_a})
-    ax.loglog(ns, [n * 4 * 8 * ELEM for n in ns], "k--", label="four_cache")
-    ax.set(title="(a) iid, d=8: memory", xlabel="n", ylabel="bytes per head")
+    ax.loglog(ns, [n * 4 * d_plot * ELEM for n in ns], "k--", label="four_cache")
+    ax.set(title=f"(a) iid, d={d_plot}: memory", xlabel="n", ylabel="bytes per head")
     ax.legend(fontsize=6)
     ax = axes[2]
     for method in sorted({r["method"] for r in rows_b}):
@@ -452,156 +443,89 @@ def plot(out: Path, rows_a, rows_b, rows_c):
     ax = axes[3]
     for d in sorted({r["d"] for r in rows_c}):
         for delta in sorted({r["delta"] for r in rows_c if r["d"] == d}):
-            pts = [(r["n"], r["memory_bytes"]) for r in rows_c if r["d"] == d and r["delta"] == delta]
-            errs = [r["rel_error"] for r in rows_c if r["d"] == d and r["delta"] == delta]
-            if max(errs) <= rows_c[0]["target"]:
-                ax.loglog(*zip(*pts), marker="o", label=f"d={d}, δ={delta}")
+            sel = [r for r in rows_c if r["d"] == d and r["delta"] == delta]
+            if max(r["rel_error"] for r in sel) <= target:
+                ax.loglog([r["n"] for r in sel], [r["memory_bytes"] for r in sel], marker="o", label=f"d={d}, δ={delta}")
     ax.set(title="(c) unit ball: memory at the target error", xlabel="n", ylabel="bytes per head")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(out / "eval_subgen.png", dpi=110)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def fmt(x: float) -> str:
     return "0" if x == 0 else f"{x:.1e}"
 
 
-def write_readme(path: Path, out: Path, rows_a, rows_b, rows_c, args, seconds):
-    """The README section: what was run, the tables of this run, and what they show."""
-    L = []
-    L.append("## SubGen eviction: measured (`scripts/eval_subgen.py`)\n")
-    L.append(
-        "`cache_implementation=\"subgen4\"` / `\"subgen2\"` keep the first `sink_tokens` and the last "
-        "`recent_window` tokens exactly and summarise every other token online: keys are clustered (a key joins the "
-        "first cluster whose first key is within `delta`, else opens one), and each cluster keeps either its count, "
-        "mean key and value sum (`numerator=\"cluster_sum\"`, the default) or, paper-faithful SubGen "
-        "(`numerator=\"sampled\"`), a reservoir of `cluster_samples` keys for the softmax denominator plus "
-        "`value_samples` ℓ2 samplers of (key, value) for the numerator. `subgen4` summarises the (k1, v1) and (k2, v2) "
-        "streams and combines them with one weighted factorized product; `subgen2` summarises the pair rows "
-        "(k1_a ⊙ k2_b, v1_a ⊙ v2_b).\n"
-    )
-    L.append(f"Run: `python scripts/eval_subgen.py` ({seconds:.0f} s on this run, 1 torch thread); CSVs and "
-             f"`{out.name}/eval_subgen.png` in `{out}/`. Caches hold float32; errors are against float64 exact "
-             "attention of the last token over the whole sequence.\n")
-    L.append(f"![SubGen evaluation]({out.relative_to(path.parent) if out.is_relative_to(path.parent) else out}/eval_subgen.png)\n")
+def tables(args, rows_a, rows_b, rows_c, seconds) -> list[tuple[str, list[str]]]:
+    sizes = args.sizes
+    settings = [
+        ["all", f"caches hold float32; errors against float64 exact attention of the last token; "
+                f"{args.threads} torch thread(s); this run took {seconds:.0f} s"],
+        ["(a)", f"{SYN_CLUSTERS} clusters per stream, keys within δ/2 = {SYN_DELTA / 2} of one, values with mean 1, "
+                f"‖q‖ = {SYN_Q_NORM}, scale 1; SubGen {SYN_SUBGEN}; d in {sizes['a_dims']}, n in {sizes['a_ns']} "
+                f"(subgen2 up to n = {sizes['a_n2_max']}, its sampled numerator up to {sizes['a_n2_max'] // 4})"],
+        ["(b)", f"2 layers, hidden 64, 2 heads, no position embedding; {args.train_steps} training steps on sequences "
+                f"of {args.seq_len} tokens; {args.eval_batch} held-out sequences; SubGen δ in {args.model_deltas}, "
+                f"recent_window in {sizes['b_windows']}, sink_tokens {SINKS}, cluster_samples 4, value_samples 16; "
+                f"baselines keep {sizes['b_tokens']} tokens"],
+        ["(c)", f"keys uniform in the unit ball, ‖q‖ = {args.lowdim_q_norm}·√(d/2), subgen4 cluster sums without "
+                f"a window; δ swept over {LOWDIM_DELTAS}; target error {args.lowdim_target}; d in {sizes['c_dims']}, "
+                f"n in {sizes['c_ns']}"],
+    ]
+    out = [("Settings", markdown_table(["part", "settings"], settings))]
     if rows_a:
-        n_max = max(r["n"] for r in rows_a)
-        L.append("### (a) Synthetic clusterable keys\n")
-        L.append(
-            "16 clusters per stream (centres with N(0,1) entries, keys within δ/2 = 0.15 of one), values with mean 1, "
-            "‖q‖ = 2, scale 1; SubGen with `delta=0.3, recent_window=32, sink_tokens=4, cluster_samples=8, "
-            "value_samples=64`. *iid*: cluster labels uniform in time. *phases*: four phases with their own clusters; "
-            "the query aligns with a first-phase cluster pair. *needle*: one outlier token at position 16 that the "
-            "query aligns with. Baselines keep the same bytes as `subgen4` with the numerator named after the `@`, "
-            "as exact tokens (k1, k2, v1, v2): the most recent (window), the first 4 and the most recent "
-            "(sinks+window), or a uniformly random token evicted whenever over budget (random).\n"
-        )
-        L.append(f"Error at n = {n_max} (subgen2: at its largest n, see below):\n")
-        L.append("| stream | d | method | n | memory (KB) | ‖Ô−O‖/‖O‖ | Lemma 5.1 ratio |")
-        L.append("|---|---|---|---|---|---|---|")
+        err_rows = []
         for kind in ("iid", "phases", "needle"):
             for d in sorted({r["d"] for r in rows_a}):
                 sel = [r for r in rows_a if r["stream"] == kind and r["d"] == d]
                 for method in dict.fromkeys(r["method"] for r in sel):
-                    rs = [r for r in sel if r["method"] == method]
-                    r = max(rs, key=lambda r: r["n"])
-                    L.append(f"| {kind} | {d} | {method} | {r['n']} | {r['memory_bytes'] / 1024:.1f} | "
-                             f"{fmt(r['rel_error'])} | {fmt(r['lemma51_ratio'])} |")
-        L.append("\nMemory against n (bytes per head, stream iid and needle, d = 8; four_cache holds 128 bytes per token):\n")
+                    r = max((r for r in sel if r["method"] == method), key=lambda r: r["n"])
+                    err_rows.append([kind, d, method, r["n"], f"{r['memory_bytes'] / 1024:.1f}",
+                                     fmt(r["rel_error"]), fmt(r["lemma51_ratio"])])
+        out.append(("(a) Synthetic clusterable keys: error at each method's largest n", markdown_table(
+            ["stream", "d", "method", "n", "memory (KB)", "‖Ô−O‖/‖O‖", "Lemma 5.1 ratio"], err_rows, "lrlrrrr")))
         ns = sorted({r["n"] for r in rows_a})
-        L.append("| stream | method | " + " | ".join(f"n={n}" for n in ns) + " |")
-        L.append("|---|---|" + "---|" * len(ns))
+        d_mem = min(r["d"] for r in rows_a)
+        mem_rows = []
         for kind in ("iid", "needle"):
             for method in ("subgen4/cluster_sum", "subgen4/sampled", "subgen2/cluster_sum", "subgen2/sampled"):
-                cells = []
-                for n in ns:
-                    r = [r for r in rows_a if r["stream"] == kind and r["d"] == 8 and r["n"] == n and r["method"] == method]
-                    cells.append(str(r[0]["memory_bytes"]) if r else "–")
-                L.append(f"| {kind} | {method} | " + " | ".join(cells) + " |")
-        L.append("| – | four_cache | " + " | ".join(str(n * 4 * 8 * ELEM) for n in ns) + " |\n")
+                cells = [next((str(r["memory_bytes"]) for r in rows_a if r["stream"] == kind and r["d"] == d_mem
+                               and r["n"] == n and r["method"] == method), "–") for n in ns]
+                mem_rows.append([kind, method, *cells])
+        mem_rows.append(["–", "four_cache", *(str(n * 4 * d_mem * ELEM) for n in ns)])
+        out.append((f"(a) Memory against n (bytes per head, d = {d_mem})",
+                    markdown_table(["stream", "method", *(f"n={n}" for n in ns)], mem_rows, "ll" + "r" * len(ns))))
     if rows_b:
-        L.append("### (b) A trained model on a task that needs distant tokens\n")
-        L.append(
-            f"A 2-layer tensor-attention model (hidden 64, 2 heads, no position embedding) trained here for "
-            f"{args.train_steps} steps on sequences of {args.seq_len} tokens: filler, one needle token somewhere in "
-            "the first half, and at the end a query token whose answer copies the needle. Decoded teacher-forced, "
-            f"token by token through each cache, on {args.eval_batch} held-out sequences; memory is the cache's peak "
-            "over the sequence, all layers and heads, per sequence.\n"
-        )
-        L.append("| method | setting | memory per sequence (KB) | answer loss | answer accuracy |")
-        L.append("|---|---|---|---|---|")
-        for r in sorted(rows_b, key=lambda r: (r["method"], r["memory_bytes_per_seq"])):
-            L.append(f"| {r['method']} | {r['setting']} | {r['memory_bytes_per_seq'] / 1024:.1f} | "
-                     f"{r['answer_loss']:.3f} | {r['answer_accuracy']:.3f} |")
-        L.append("")
+        exact = next(r["memory_bytes_per_seq"] for r in rows_b if r["method"] == "four_cache")
+        model_rows = [[r["method"], r["setting"], f"{r['memory_bytes_per_seq'] / 1024:.1f}",
+                       f"{r['memory_bytes_per_seq'] / exact:.0%}", f"{r['answer_loss']:.3f}", f"{r['answer_accuracy']:.3f}"]
+                      for r in sorted(rows_b, key=lambda r: (r["method"], r["memory_bytes_per_seq"]))]
+        out.append(("(b) Trained recall model decoded through each cache (memory: peak per sequence, all layers)",
+                    markdown_table(["method", "setting", "memory per sequence (KB)", "of four_cache", "answer loss",
+                                    "answer accuracy"], model_rows, "llrrrr")))
     if rows_c:
-        target = args.lowdim_target
-        L.append("### (c) Low dimension: memory at a fixed error, against d and n\n")
-        L.append(
-            f"Keys uniform in the unit ball of R^d (Lemma 5.4: (e^d, e/3)-clusterable), ‖q‖ = {args.lowdim_q_norm}·√(d/2) "
-            "so that the scores spread alike in every d, `subgen4` with cluster sums and no exact window. For each d, "
-            f"the largest δ in the sweep whose relative error is ≤ {target} at every n, and the memory it takes:\n"
-        )
         ns = sorted({r["n"] for r in rows_c})
-        L.append("| d | δ | " + " | ".join(f"memory n={n} (bytes)" for n in ns) + " | worst error |")
-        L.append("|---|---|" + "---|" * (len(ns) + 1))
+        low_rows = []
         for d in sorted({r["d"] for r in rows_c}):
             ok = [dl for dl in dict.fromkeys(r["delta"] for r in rows_c if r["d"] == d)
-                  if max(r["rel_error"] for r in rows_c if r["d"] == d and r["delta"] == dl) <= target]
+                  if max(r["rel_error"] for r in rows_c if r["d"] == d and r["delta"] == dl) <= args.lowdim_target]
             if not ok:
-                L.append(f"| {d} | none in the sweep | " + " | ".join("–" for _ in ns) + " | – |")
+                low_rows.append([d, "none in the sweep", *("–" for _ in ns), "–"])
                 continue
             rs = [r for r in rows_c if r["d"] == d and r["delta"] == ok[0]]
-            L.append(f"| {d} | {ok[0]} | " + " | ".join(str(r["memory_bytes"]) for r in rs)
-                     + f" | {fmt(max(r['rel_error'] for r in rs))} |")
-        L.append("")
-    L.append(FINDINGS)
-    path.write_text("\n".join(L) + "\n")
+            low_rows.append([d, ok[0], *(r["memory_bytes"] for r in rs), fmt(max(r["rel_error"] for r in rs))])
+        out.append((f"(c) Unit ball: the largest δ with error ≤ {args.lowdim_target} at every n, and its memory",
+                    markdown_table(["d", "δ", *(f"memory n={n} (bytes)" for n in ns), "worst error"], low_rows,
+                                   "rr" + "r" * (len(ns) + 1))))
+    return out
 
 
-FINDINGS = """### What the numbers say
-
-- **Cluster sums are the default.** Inside a δ-cluster every key scores nearly alike, so a cluster's count, mean
-  key and value sum stand for all its tokens with a deterministic error and no sampling variance. On the
-  synthetic streams they reach relative errors of 2e-4 to 4e-3 (the needle: exact to float32) in memory that
-  does not grow with n, where a window, sinks + window or random eviction of the same bytes are off by 0.1 (iid,
-  phases) to 0.75 (needle). On the trained model they keep every answer at 22 % of `four_cache`'s memory; at
-  half of its memory the best baseline answers 42 %, at three quarters 63 to 78 %.
-- **Paper-faithful sampling loses at equal memory.** With 64 ℓ2 value samples and 8-key reservoirs the sampled
-  numerator costs about 3x the bytes of cluster sums, and its error (0.1 to 1) is no better than a window of its
-  own size: sampling by ‖v‖² misses a rare heavy pair (the needle: error 1.0; the model: 36 % of answers), and
-  its variance falls only as 1/√s. It stays available as `numerator="sampled"`, and is unbiased (tested).
-- **The Lemma 5.1 ratio flatters everything when attention is concentrated.** ‖softmax‖₂ is then close to 1
-  and ‖Ṽ‖_op grows like n, so on the needle stream even a window that misses the answer scores 2e-4: read it
-  beside the relative error.
-- **subgen2 costs more than subgen4, in memory and in time.** Its clusters live in the pair space, where a pair
-  of δ-clusters spreads wider than δ (‖k1⊙k2 − c1⊙c2‖ can exceed δ when ‖k1 − c1‖ ≤ δ), so it holds many more
-  clusters; and a decoder must also keep per-stream summaries of evicted tokens to form the pair rows of later
-  tokens (the paper's streaming model takes those rows as given). Each token inserts O(recent_window +
-  clusters) pair rows into the summary, so it is evaluated here only up to n = 4096 (sampled: 1024). On the
-  synthetic streams its memory is 12 to 28x that of subgen4 and grows slowly with n (iid: 96 to 100 KB from n = 1k to
-  4k; needle: 108 to 223 KB); with the model's keys at δ = 0.5 it holds nearly 4x `four_cache`, and needs δ ≥ 2 to
-  come under it.
-- **Low dimension:** at the δ reaching the target error the memory is flat in n for every d, and it grows with
-  d from d = 2 to d = 4 (3.7 to 31 KB). At d = 6 the scores concentrate, per-cluster errors average out and a
-  coarser δ suffices: e^d is a covering bound, not what a given error costs.
-- **Caveat on (b):** without position embeddings a layer-0 key depends on the token only, so equal tokens
-  cluster exactly; a RoPE model's keys rotate with position and will need a larger δ or more memory. Not
-  measured here.
-- **Prefill** is exact: nothing is summarised until the prompt has been attended (with the tiled exact op); then
-  the tokens outside the window are summarised. A chunk that continues a summarised sequence is estimated with
-  causal masks over the chunk (exact with δ = 0, tested).
-"""
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("docs/eval_subgen"))
-    p.add_argument("--readme", type=Path, default=Path("docs/eval_subgen.md"))
-    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    p.add_argument("--parts", default="abc")
-    p.add_argument("--from-csv", action="store_true", help="rebuild the PNG and README section from the CSVs in --out")
-    p.add_argument("--from-csv-seconds", type=float, default=0, help="runtime to report with --from-csv")
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="output folder (default: docs/eval_subgen/ for a full run)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and a 10-step model, for a smoke run")
+    p.add_argument("--parts", default="abc", help="which parts to run, any of a, b, c")
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny kernels: 1 is fastest on a busy box)")
     p.add_argument("--train-steps", type=int, default=200)
     p.add_argument("--seq-len", type=int, default=64)
@@ -609,32 +533,42 @@ def main():
     p.add_argument("--model-deltas", type=float, nargs="+", default=[0.5, 2.0, 8.0])
     p.add_argument("--lowdim-target", type=float, default=0.005)
     p.add_argument("--lowdim-q-norm", type=float, default=4.0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.parts) - set("abc"))
+    if unknown or not args.parts:
+        p.error(f"--parts {args.parts!r}: allowed: one or more of the letters a, b, c")
+    defaults = {key: p.get_default(key) for key in ("train_steps", "seq_len", "eval_batch", "model_deltas")}
+    full = not args.quick and set(args.parts) == set("abc") and all(getattr(args, k) == v for k, v in defaults.items())
+    if args.quick:
+        for key, value in QUICK_B.items():
+            if getattr(args, key) == defaults[key]:
+                setattr(args, key, value)
+    args.sizes = SIZES["quick" if args.quick else "full"]
+    args.out = output_dir(p, args.out, NAME, full)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    load_before = load_snapshot()
     rows_a, rows_b, rows_c = [], [], []
     t0 = time.time()
-    if args.from_csv:
-        rows_a, rows_b, rows_c = (read_csv(args.out / name) for name in ("synthetic.csv", "model.csv", "lowdim.csv"))
-        plot(args.out, rows_a, rows_b, rows_c)
-        write_readme(args.readme, args.out, rows_a, rows_b, rows_c, args, float(args.from_csv_seconds))
-        return
-    if "a" in args.parts:
-        part_a(args, rows_a)
-        write_csv(args.out / "synthetic.csv", rows_a)
-    if "b" in args.parts:
-        part_b(args, rows_b)
-        write_csv(args.out / "model.csv", rows_b)
-    if "c" in args.parts:
-        part_c(args, rows_c)
-        for r in rows_c:
-            r["target"] = args.lowdim_target
-        write_csv(args.out / "lowdim.csv", rows_c)
-    if args.parts == "abc":
-        plot(args.out, rows_a, rows_b, rows_c)
+    parts = {"a": (part_a, rows_a, "synthetic.csv"), "b": (part_b, rows_b, "model.csv"),
+             "c": (part_c, rows_c, "lowdim.csv")}
+    record = machine()
+    for letter, (run, rows, filename) in parts.items():
+        if letter in args.parts:
+            run(args, rows)
+            write_csv(args.out / filename, rows, record)
     seconds = time.time() - t0
-    write_readme(args.readme, args.out, rows_a, rows_b, rows_c, args, seconds)
-    print(f"total {seconds:.0f}s; wrote {args.out}/*.csv, {args.readme}")
+    if set(args.parts) == set("abc"):
+        plot(args.out / f"{NAME}.png", rows_a, rows_b, rows_c, args.lowdim_target)
+    text = write_tables(args.out / "tables.md", NAME, argv, "SubGen eviction against exact attention and "
+                        "eviction baselines", record, describe_load(load_before, load_snapshot()),
+                        tables(args, rows_a, rows_b, rows_c, seconds))
+    print(text)
+    print(f"total {seconds:.0f}s; wrote {args.out}")
 
 
 if __name__ == "__main__":
