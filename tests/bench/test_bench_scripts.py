@@ -1,0 +1,53 @@
+"""Every benchmark and evaluation script runs end to end at its smallest sizes and writes its CSV, table file and
+plot; quick runs cannot write into docs/. Timings at these sizes mean nothing and are not looked at."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scripts.bench import bench_attention, bench_cache, eval_subgen, match3_experiment
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# (how the script is started, the files it must write). Both ways of starting a script are covered.
+SCRIPTS = {
+    "bench_attention": (["scripts/bench/bench_attention.py"], ["bench_attention.csv", "bench_attention.png"]),
+    "bench_cache": (["-m", "scripts.bench.bench_cache"], ["bench_cache.csv", "bench_cache.png"]),
+    "eval_subgen": (["-m", "scripts.bench.eval_subgen"],
+                    ["synthetic.csv", "model.csv", "lowdim.csv", "eval_subgen.png"]),
+    "match3_experiment": (["scripts/bench/match3_experiment.py"],
+                          ["match3_summary.csv", "match3_curves.csv", "match3_curves.png"]),
+}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_quick_run_writes_csv_table_and_plot(name, tmp_path):
+    start, files = SCRIPTS[name]
+    out = tmp_path / "out"
+    extra = ["--work_dir", str(tmp_path / "runs")] if name == "match3_experiment" else []
+    # The checkout first on the path, so the run uses this tree's package whatever is installed.
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, *start, "--quick", "--out", str(out), *extra], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for filename in files:
+        assert (out / filename).stat().st_size > 0, filename
+    for path in out.glob("*.csv"):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert rows, path
+        assert {"cpu", "cpu_capability", "cores", "threads", "torch"} <= set(rows[0]), path  # the machine it ran on
+    tables = (out / "tables.md").read_text()
+    assert "Machine: " in tables and "Load: " in tables and "\n| " in tables
+
+
+@pytest.mark.parametrize("module", [bench_attention, bench_cache, eval_subgen, match3_experiment])
+def test_quick_run_refuses_to_write_into_docs(module, capsys):
+    with pytest.raises(SystemExit):
+        module.parse_args(["--quick", "--out", str(ROOT / "docs" / "smoke")])
+    assert "may not write under" in capsys.readouterr().err
+    assert not (ROOT / "docs" / "smoke").exists()
