@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["mm_gflops"] = mm_rate
             row["disturbed"] = " ".join(disturbed)
             rows.append(row)
-            print(table_rows([row])[0], flush=True)
+            print(" | ".join(str(cell) for cell in table_rows([row])[0]), flush=True)
     mm_after = mm_gflops(mm_sizes, **timing)
     load_after = load_snapshot()
 
