@@ -16,10 +16,10 @@ Items:
  3. `cache_implementation`. `GenerationConfig.validate` accepts only `ALL_CACHE_IMPLEMENTATIONS` (plus "paged"),
     so `TensorAttnForCausalLM.generate` takes our layout names out of the call and the generation config, and
     passes a cache object instead, before the base `generate` validates.
- 4. Cache layers. `CacheLayerMixin` subclasses with `_layer_type = "tensor_attention"` are registered in
-    `cache_utils.DYNAMIC_LAYER_TYPE_MAPPING`, so `DynamicCache(config=...)` builds our layer for tensor layers.
-    Our layers rely on `DynamicLayer`'s `keys` / `values` / `is_initialized` / `lazy_initialization` /
-    `get_seq_length`, and on `crop(n)` taking a negative count.
+ 4. Cache layers. `TensorAttnCache` is a `Cache` built from a list of layers: ours (`CacheLayerMixin`
+    subclasses) and transformers' `DynamicLayer`. We rely on `Cache.update(k, v, layer_idx, **kwargs)` passing
+    keyword arguments through to the layer's `update` (and doing the offloading around it), on `Cache`'s length,
+    beam and batch methods delegating to each layer, and on `crop(n)` taking a negative count.
  5. Remote code. The loaders for `trust_remote_code=True` call `register_for_auto_class()` on the class they
     load; `save_pretrained` then copies that class's source file (with its relative imports) next to the
     weights. Our classes come from the installed package and write their own one-line loader module instead

@@ -7,10 +7,10 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import PreTrainedConfig
 
 from . import compat
+from .cache import available_cache_implementations
 
 LAYER_TYPES = ("tensor_attention", "full_attention")
 POSITION_EMBEDDING_TYPES = ("rope", "none")
-CACHE_IMPLEMENTATIONS = ("four_cache", "two_cache", "subgen4", "subgen2")
 
 
 @strict
@@ -163,9 +163,9 @@ class TensorAttnConfig(PreTrainedConfig):
             raise ValueError(f"`rms_norm_eps` must be > 0, got {self.rms_norm_eps!r}")
         if self.initializer_range < 0:
             raise ValueError(f"`initializer_range` must be >= 0, got {self.initializer_range!r}")
-        if self.default_cache_implementation not in CACHE_IMPLEMENTATIONS:
+        if self.default_cache_implementation not in available_cache_implementations():
             raise ValueError(
-                f"`default_cache_implementation` must be one of {list(CACHE_IMPLEMENTATIONS)}, "
+                f"`default_cache_implementation` must be one of {available_cache_implementations()}, "
                 f"got {self.default_cache_implementation!r}"
             )
 

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import slice_logits_to_keep
 
 from . import compat
-from .cache import LAYOUTS, TensorAttnCache, available_cache_implementations
+from .cache import LAYOUTS, TensorAttnCache, TensorAttnConstants, available_cache_implementations
 from .configuration import TensorAttnConfig
 from .ops import tensor_attention
 
@@ -81,8 +81,7 @@ class TensorAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.scale = config.score_scale
-        self.w1, self.w2 = config.w1, config.w2
+        self.constants = TensorAttnConstants.from_config(config)
         self.use_rope = config.position_embedding_type == "rope"
         inner = self.num_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, inner, bias=config.attention_bias)
@@ -102,14 +101,13 @@ class TensorAttention(nn.Module):
             q = apply_rotary(q, cos, sin)
             k = torch.cat((apply_rotary(k1, cos, sin), apply_rotary(k2, cos, sin)), dim=-1)
 
-        attend_kwargs = dict(scale=self.scale, w1=self.w1, w2=self.w2, attention_mask=attention_mask)
         if cache is not None:
-            cache.update(k, v, self.layer_idx, attention_mask=attention_mask)
-            out = cache.layers[self.layer_idx].attend(q, **attend_kwargs)
+            out = cache.attend(self.layer_idx, q, k, v, attention_mask)  # the cache's layout does the maths
         else:
             k1, k2 = k.chunk(2, dim=-1)
             v1, v2 = v.chunk(2, dim=-1)
-            out = tensor_attention(q, k1, k2, v1, v2, **attend_kwargs)
+            c = self.constants
+            out = tensor_attention(q, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=attention_mask)
         out = out.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(self.dropout(out))
 
@@ -233,6 +231,7 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
         There is no `**kwargs`: a keyword this model does not know raises `TypeError` instead of being ignored.
         """
         cache = compat.resolve_cache(cache, past_key_values, f"{type(self).__name__}.forward")
+        check_cache(cache, self.config)
         check_output_attentions(output_attentions)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`")
@@ -284,6 +283,19 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
             **compat.cache_kwargs(cache),
         )
         return output if return_dict is not False else output.to_tuple()
+
+
+def check_cache(cache, config) -> None:
+    """A cache passed in must be ours and built for this model: other caches have no tensor-attention layers."""
+    if cache is None:
+        return
+    if not isinstance(cache, TensorAttnCache):
+        raise TypeError(
+            f"tensor-attention models need a TensorAttnCache, got {type(cache).__name__}: pass "
+            "hf_tensor_attn.TensorAttnCache(model.config, cache_implementation=...) as `cache=`, or let the model "
+            "build one (use_cache=True, or generate(cache_implementation=...))"
+        )
+    cache.check_built_for(config)
 
 
 def check_output_attentions(output_attentions) -> None:
@@ -372,10 +384,9 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
         generation_config = kwargs.get("generation_config") or self.generation_config
         name = cache_implementation or generation_config.cache_implementation
         cache_config = cache_config or generation_config.cache_config
-        if name == "offloaded":
-            # transformers' own offloading DynamicCache, built from `_layer_type`s: tensor layers get four_cache.
-            return super().generate(*args, cache_implementation=name, cache_config=cache_config, **kwargs)
-        if name in (None, "dynamic"):
+        # "offloaded": transformers' offloading (layers wait on the CPU between uses) over the default layout.
+        offloading = name == "offloaded"
+        if name in (None, "dynamic", "offloaded"):
             name = self.config.default_cache_implementation
         elif name not in LAYOUTS:
             raise ValueError(
@@ -389,7 +400,7 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
             kwargs["generation_config"] = generation_config
         use_cache = kwargs.get("use_cache", generation_config.use_cache)
         if cache is None and use_cache is not False:
-            cache = TensorAttnCache(self.config, name, cache_config)
+            cache = TensorAttnCache(self.config, name, cache_config, offloading=offloading)
         if cache is not None:
             kwargs.update(compat.cache_kwargs(cache))
         return super().generate(*args, **kwargs)

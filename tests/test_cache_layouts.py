@@ -5,13 +5,18 @@ decode kernels against the naive reference. No test here looks at wall-clock tim
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 
 from hf_tensor_attn import TensorAttnCache
-from hf_tensor_attn.cache import LAYOUTS, FourCacheLayer, TwoCacheLayer, TwoCacheMemoryError
+from hf_tensor_attn.cache import (
+    LAYOUTS,
+    TensorAttnConstants,
+    TensorCacheLayer,
+    TwoCacheLayer,
+    TwoCacheMemoryError,
+    register_layout,
+)
 from hf_tensor_attn.cache import two as two_module
 from hf_tensor_attn.ops import naive_tensor_attention
 from hf_tensor_attn.compat import output_cache
@@ -336,11 +341,9 @@ def test_bad_cache_config_raises(make_model, layout, cache_config, match):
 
 
 def test_two_cache_over_budget_raises_a_clear_memory_error(make_model):
-    gc.collect()
-    others = sum(layer.memory_bytes() for layer in list(two_module._LIVE_LAYERS))
     model = make_model(num_hidden_layers=2)  # float64, B = 1, H = 2, D = 16: 528 bytes per pair row and layer
     ids = torch.randint(3, 259, (1, 8))
-    budget = others + 200_000
+    budget = 200_000
     with pytest.raises(TwoCacheMemoryError) as info:
         model.generate(ids, cache_implementation="two_cache", cache_config={"max_memory_bytes": budget},
                        max_new_tokens=30, do_sample=False)
@@ -353,16 +356,21 @@ def test_two_cache_over_budget_raises_a_clear_memory_error(make_model):
     model.generate(ids, cache_implementation="four_cache", max_new_tokens=30, do_sample=False)
 
 
-def test_two_cache_budget_counts_every_layer(make_model):
-    gc.collect()
-    others = sum(layer.memory_bytes() for layer in list(two_module._LIVE_LAYERS))
+def test_two_cache_budget_counts_every_layer_of_its_cache_only(make_model):
     model = make_model(num_hidden_layers=2)
     ids = torch.randint(3, 259, (1, 16))
     one_layer = 16 * 16 * (2 * 1 * 2 * 16 * 8 + 16) + 2 * 1 * 2 * 16 * 32 * 8
-    cache = TensorAttnCache(model.config, "two_cache", {"max_memory_bytes": others + one_layer + one_layer // 2})
+    budget = {"max_memory_bytes": one_layer + one_layer // 2}
+    cache = TensorAttnCache(model.config, "two_cache", budget)
     with pytest.raises(TwoCacheMemoryError):
         model(ids, cache=cache)  # the first layer fits, the second would pass the budget
     assert cache.layers[0].memory_bytes() == one_layer
+    # Another cache (another generate call, another model) has a budget of its own.
+    one_layer_model = make_model(num_hidden_layers=1)
+    held = [TensorAttnCache(one_layer_model.config, "two_cache", budget) for _ in range(3)]
+    for other in held:
+        one_layer_model(ids, cache=other)
+    assert all(other.memory_bytes() == one_layer for other in held)
 
 
 # ---- kernels against the naive reference (float64) ----
@@ -482,25 +490,60 @@ def test_two_cache_layer_attend_matches_naive(monkeypatch, windows, masked):
     q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
     mask = torch.ones(B, T, dtype=torch.long)
     mask[0, :3], mask[1, 6] = 0, 0
-    layer = TwoCacheLayer()
     w1, w2 = windows
+    layer = TwoCacheLayer(TensorAttnConstants(scale=0.3, w1=w1, w2=w2))
     seen = 0
     for c in chunks:
         layer.update(k[:, :, seen : seen + c], v[:, :, seen : seen + c])
         seen += c
         m = mask[:, :seen] if masked else None
-        out = layer.attend(q[:, :, seen - c : seen], scale=0.3, w1=w1, w2=w2, attention_mask=m)
+        out = layer.attend(q[:, :, seen - c : seen], m)
         k1, k2 = k[:, :, :seen].chunk(2, -1)
         v1, v2 = v[:, :, :seen].chunk(2, -1)
         ref = naive_tensor_attention(q[:, :, seen - c : seen], k1, k2, v1, v2, scale=0.3, w1=w1, w2=w2, attention_mask=m)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12, msg=lambda msg: f"after {seen} tokens: {msg}")
-    with pytest.raises(ValueError, match="windows"):
-        layer.attend(q[:, :, -1:], scale=0.3, w1=(w1 or 2) + 7, w2=w2)
 
 
-def test_four_cache_layer_is_what_dynamic_cache_builds(make_model):
-    from transformers import DynamicCache
+# ---- the protocol: a new layout is one class and one decorator ----
 
-    model = make_model(layer_types=HYBRID)
-    cache = DynamicCache(config=model.config)
-    assert isinstance(cache.layers[0], FourCacheLayer)
+
+def test_a_registered_toy_layout_generates_without_touching_the_model(make_model):
+    @register_layout("toy_concat")
+    class ToyConcatLayer(TensorCacheLayer):
+        """Keeps every token by concatenation and attends with the reference op."""
+
+        def allocate(self, key_states, value_states):
+            self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+
+        def append(self, key_states, value_states, attention_mask):
+            self.keys, self.values = torch.cat([self.keys, key_states], 2), torch.cat([self.values, value_states], 2)
+
+        def read(self, query, attention_mask):
+            (k1, k2), (v1, v2), c = self.keys.chunk(2, -1), self.values.chunk(2, -1), self.constants
+            return naive_tensor_attention(query, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2,
+                                          attention_mask=attention_mask)
+
+        def map_batch(self, fn):
+            self.keys, self.values = fn(self.keys), fn(self.values)
+
+        def move(self, device):
+            self.map_batch(lambda t: t.to(device))
+
+        def memory_bytes(self):
+            return 0 if not self.is_initialized else 2 * self.keys.numel() * self.keys.element_size()
+
+    try:
+        model = make_model(initializer_range=INIT, layer_types=HYBRID, w1=4, w2=3)
+        _, ids, mask = left_padded([7, 4, 2])
+        kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+        ref = model.generate(ids, use_cache=False, **kw)
+        out = model.generate(ids, cache_implementation="toy_concat", **kw)
+        assert torch.equal(out.sequences, ref.sequences)
+        assert isinstance(output_cache(out).layers[0], ToyConcatLayer)
+        beams = dict(num_beams=2, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        assert torch.equal(model.generate(ids, cache_implementation="toy_concat", **beams),
+                           model.generate(ids, use_cache=False, **beams))
+        # the config takes its name from the registry too
+        assert make_model(default_cache_implementation="toy_concat").config.default_cache_implementation == "toy_concat"
+    finally:
+        del LAYOUTS["toy_concat"]

@@ -12,13 +12,12 @@ import pytest
 import torch
 import transformers
 from packaging.version import Version
-from transformers import AutoConfig, DynamicCache, GenerationConfig, GenerationMixin, LlamaForCausalLM, PreTrainedConfig
+from transformers import GenerationConfig, GenerationMixin, LlamaForCausalLM, PreTrainedConfig
 from transformers import configuration_utils as config_utils
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 import hf_tensor_attn
 from hf_tensor_attn import TensorAttnCache, compat
-from hf_tensor_attn.cache import FourCacheLayer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,11 +103,23 @@ def test_generation_config_rejects_our_layout_names():
 # ---- item 4: cache layers ----
 
 
-def test_dynamic_cache_builds_our_layer_for_tensor_layers():
-    config = AutoConfig.for_model("tensor_attn", hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  layer_types=["tensor_attention", "full_attention"])
-    cache = DynamicCache(config=config)
-    assert [type(layer) for layer in cache.layers] == [FourCacheLayer, DynamicLayer]
+def test_cache_passes_keywords_to_layers_and_delegates_bookkeeping():
+    seen = {}
+
+    class Recorder(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            seen.update(kwargs)
+            return super().update(key_states, value_states)
+
+    cache = Cache(layers=[Recorder(), DynamicLayer()])
+    k = torch.randn(2, 1, 3, 4)
+    cache.update(k, k, 0, attention_mask="mask")
+    assert seen == {"attention_mask": "mask"}
+    assert cache.get_seq_length(0) == 3
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(cache.layers[0].keys, k[[1, 0]])
+    cache.batch_repeat_interleave(2)
+    assert cache.layers[0].keys.shape[0] == 4
 
 
 def test_dynamic_layer_interface_our_layers_build_on():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hf_tensor_attn import TensorAttnCache
+from hf_tensor_attn.cache import TensorAttnConstants
 from hf_tensor_attn.cache.subgen import SubGen2CacheLayer, SubGen4CacheLayer
 from hf_tensor_attn.ops import four_cache_decode, naive_tensor_attention
 from hf_tensor_attn.ops.subgen import (
@@ -12,13 +13,18 @@ from hf_tensor_attn.ops.subgen import (
     kron_value_op_norm,
     lemma51_ratio,
     log_weights,
+    naive_assign_clusters,
     naive_weighted_pair_sums,
-    StreamSummary,
-    reference_assign_clusters,
     weighted_pair_sums,
 )
+from hf_tensor_attn.cache.summary import StreamSummary
 
 LAYERS = {"subgen4": SubGen4CacheLayer, "subgen2": SubGen2CacheLayer}
+
+
+def make(layout, scale=1.0, w1=None, w2=None, **cache_config):
+    """A SubGen layer built for a model with this score scale and these windows."""
+    return LAYERS[layout](TensorAttnConstants(scale=scale, w1=w1, w2=w2), **cache_config)
 NUMERATORS = ("cluster_sum", "sampled")
 
 
@@ -49,18 +55,18 @@ def clusterable_stream(n, d, m, delta, seed, batch=1, heads=1, q_norm=2.0):
     return q_norm * q / q.norm(dim=-1, keepdim=True), k, v
 
 
-def feed(layer, k, v, scale, mask=None, prompt=None, queries=None, chunk=1):
+def feed(layer, k, v, mask=None, prompt=None, queries=None, chunk=1):
     """Prompt, then `chunk` tokens at a time; returns the outputs [B, H, n - prompt, D] of the positions after it."""
     B, H, n, D2 = k.shape
     prompt = prompt or n // 2
     queries = queries if queries is not None else torch.zeros(B, H, n, D2 // 2, dtype=k.dtype)
     layer.update(k[:, :, :prompt], v[:, :, :prompt], attention_mask=None if mask is None else mask[:, :prompt])
-    layer.attend(queries[:, :, :prompt], scale=scale)
+    layer.attend(queries[:, :, :prompt])
     outs = []
     for t in range(prompt, n, chunk):
         s = slice(t, min(t + chunk, n))
         layer.update(k[:, :, s], v[:, :, s], attention_mask=None if mask is None else mask[:, : s.stop])
-        outs.append(layer.attend(queries[:, :, s], scale=scale))
+        outs.append(layer.attend(queries[:, :, s]))
     return torch.cat(outs, dim=2)
 
 
@@ -98,7 +104,7 @@ def test_batched_clustering_equals_one_row_at_a_time(delta):
     centers = torch.randn(2, 3, 6, 4, generator=g, dtype=torch.float64)
     n_clusters = torch.tensor([[0, 2, 6], [1, 3, 4]])
     assign, _, opened = assign_clusters(x, valid, centers, n_clusters, delta)
-    assert torch.equal(assign, reference_assign_clusters(x, valid, centers, n_clusters, delta))
+    assert torch.equal(assign, naive_assign_clusters(x, valid, centers, n_clusters, delta))
     new_ids = [[len(set(assign[b, h][assign[b, h] >= n_clusters[b, h]].tolist())) for h in range(3)] for b in range(2)]
     assert opened.tolist() == new_ids
 
@@ -153,8 +159,8 @@ def test_window_covering_the_sequence_is_exact_attention(layout, numerator):
     B, H, n, D = 2, 2, 24, 6
     k, v = torch.randn(B, H, n, 2 * D, dtype=torch.float64), torch.randn(B, H, n, 2 * D, dtype=torch.float64)
     q = torch.randn(B, H, n, D, dtype=torch.float64)
-    layer = LAYERS[layout](recent_window=n, numerator=numerator)
-    out = feed(layer, k, v, 0.4, queries=q, prompt=9)
+    layer = make(layout, 0.4, recent_window=n, numerator=numerator)
+    out = feed(layer, k, v, queries=q, prompt=9)
     torch.testing.assert_close(out, exact_steps(q, k, v, 0.4, 9), rtol=1e-12, atol=1e-12)
     assert layer.get_seq_length() == n and layer.n_evicted == 0
 
@@ -172,8 +178,8 @@ def test_delta_zero_cluster_sums_are_exact_after_eviction_and_ignore_pads(layout
     mask = torch.ones(B, n, dtype=torch.long)
     mask[1, :4] = 0  # a left-padded row; huge pad keys would dominate any summary they leaked into
     k[1, :, :4] = 50.0
-    layer = LAYERS[layout](recent_window=3, sink_tokens=2, delta=0.0, numerator="cluster_sum")
-    out = feed(layer, k, v, 0.5, mask=mask, queries=q, prompt=7, chunk=chunk)
+    layer = make(layout, 0.5, recent_window=3, sink_tokens=2, delta=0.0, numerator="cluster_sum")
+    out = feed(layer, k, v, mask=mask, queries=q, prompt=7, chunk=chunk)
     torch.testing.assert_close(out, exact_steps(q, k, v, 0.5, 7, mask=mask), rtol=1e-10, atol=1e-10)
     assert layer.n_evicted > 0
 
@@ -183,22 +189,19 @@ def test_windowed_model_with_recent_window_at_least_w_is_exact():
     B, H, n, D = 1, 2, 20, 4
     k, v = torch.randn(B, H, n, 2 * D, dtype=torch.float64), torch.randn(B, H, n, 2 * D, dtype=torch.float64)
     q = torch.randn(B, H, n, D, dtype=torch.float64)
-    layer = SubGen4CacheLayer(recent_window=5, sink_tokens=1, delta=3.0)
+    layer = make("subgen4", 0.5, w1=5, w2=4, recent_window=5, sink_tokens=1, delta=3.0)
     k1, k2 = k.chunk(2, -1)
     v1, v2 = v.chunk(2, -1)
     layer.update(k[:, :, :8], v[:, :, :8])
-    layer.attend(q[:, :, :8], scale=0.5, w1=5, w2=4)
+    layer.attend(q[:, :, :8])
     for t in range(8, n):
         layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
-        out = layer.attend(q[:, :, t : t + 1], scale=0.5, w1=5, w2=4)
+        out = layer.attend(q[:, :, t : t + 1])
         ref = four_cache_decode(q[:, :, t : t + 1], k1[:, :, : t + 1], k2[:, :, : t + 1], v1[:, :, : t + 1],
                                 v2[:, :, : t + 1], scale=0.5, w1=5, w2=4)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    narrow = SubGen4CacheLayer(recent_window=2)
-    feed(narrow, k[:, :, :12], v[:, :, :12], 0.5, prompt=6)
-    narrow.update(k[:, :, 12:13], v[:, :, 12:13])
-    with pytest.raises(ValueError, match="recent_window"):
-        narrow.attend(q[:, :, 12:13], scale=0.5, w1=5, w2=None)
+    with pytest.raises(ValueError, match="recent_window"):  # a window wider than the exact tokens: refused up front
+        make("subgen4", 0.5, w1=5, recent_window=2)
 
 
 # -- statistics ---------------------------------------------------------------------------------------------------
@@ -212,21 +215,21 @@ def test_sampled_estimates_of_numerator_and_denominator_are_unbiased(layout):
     bias of any wrong weight (e.g. count instead of count/|R|) is many SEs here."""
     n, d, scale = 40, 3, 0.8
     q, k, v = clusterable_stream(n, d, m=3, delta=0.9, seed=5)
-    exact_layer = LAYERS[layout](recent_window=n)
+    exact_layer = make(layout, scale, recent_window=n)
     exact_layer.update(k, v)
-    N0, Z0, s0 = exact_layer.estimate_sums(q, scale=scale)
+    N0, Z0, s0 = exact_layer.estimate_sums(q)
     N0, Z0 = N0 * s0.exp()[..., None], Z0 * s0.exp()
 
     samples_N, samples_Z = [], []
     R = 300
     for seed in (0, 1):
-        layer = LAYERS[layout](recent_window=3, sink_tokens=1, delta=0.9, numerator="sampled", cluster_samples=3,
-                               value_samples=6, seed=seed)
+        layer = make(layout, scale, recent_window=3, sink_tokens=1, delta=0.9, numerator="sampled", cluster_samples=3,
+                     value_samples=6, seed=seed)
         rep = lambda t: t.expand(R, -1, -1, -1)
         layer.update(rep(k[:, :, : n - 1]), rep(v[:, :, : n - 1]))
-        layer.attend(torch.zeros(R, 1, n - 1, d, dtype=torch.float64), scale=scale)
+        layer.attend(torch.zeros(R, 1, n - 1, d, dtype=torch.float64))
         layer.update(rep(k[:, :, n - 1 :]), rep(v[:, :, n - 1 :]))
-        N, Z, shift = layer.estimate_sums(rep(q), scale=scale)
+        N, Z, shift = layer.estimate_sums(rep(q))
         samples_N.append(N * shift.exp()[..., None])
         samples_Z.append(Z * shift.exp())
     for est, true in ((torch.cat(samples_N), N0), (torch.cat(samples_Z), Z0)):
@@ -244,11 +247,11 @@ def test_error_within_lemma_51_form_on_clusterable_keys(layout, numerator, eps):
     n = 400 if layout == "subgen4" else 160
     for seed in range(3):
         q, k, v = clusterable_stream(n, 8, m=8, delta=0.2, seed=seed)
-        layer = LAYERS[layout](numerator=numerator, delta=0.2, recent_window=16, sink_tokens=0, value_samples=64)
+        layer = make(layout, numerator=numerator, delta=0.2, recent_window=16, sink_tokens=0, value_samples=64)
         layer.update(k[:, :, : n - 1], v[:, :, : n - 1])
-        layer.attend(torch.zeros(1, 1, n - 1, 8, dtype=torch.float64), scale=1.0)
+        layer.attend(torch.zeros(1, 1, n - 1, 8, dtype=torch.float64))
         layer.update(k[:, :, n - 1 :], v[:, :, n - 1 :])
-        out = layer.attend(q, scale=1.0)
+        out = layer.attend(q)
         k1, k2 = k.chunk(2, -1)
         v1, v2 = v.chunk(2, -1)
         ref = four_cache_decode(q, k1, k2, v1, v2, scale=1.0)
@@ -265,10 +268,10 @@ def test_memory_stops_growing_on_clusterable_streams(layout, numerator):
     held = []
     for length in (n, 4 * n):
         q, k, v = clusterable_stream(length, 4, m=4, delta=0.1, seed=0)
-        layer = LAYERS[layout](numerator=numerator, delta=0.1, recent_window=8, value_samples=16, cluster_samples=4)
+        layer = make(layout, numerator=numerator, delta=0.1, recent_window=8, value_samples=16, cluster_samples=4)
         for start in range(0, length, 40):  # chunked updates; eviction runs at the next update
             layer.update(k[:, :, start : start + 40], v[:, :, start : start + 40])
-        layer.attend(torch.zeros(1, 1, (length - 1) % 40 + 1, 4, dtype=torch.float64), scale=1.0)
+        layer.attend(torch.zeros(1, 1, (length - 1) % 40 + 1, 4, dtype=torch.float64))
         held.append(layer.memory_bytes())
     four_cache_bytes = 4 * n * 2 * 4 * 8  # what four_cache holds for 4n tokens
     assert held[1] <= held[0] < four_cache_bytes, held
@@ -285,14 +288,14 @@ def test_memory_stops_growing_on_clusterable_streams(layout, numerator):
 @pytest.mark.parametrize("layout", LAYERS)
 def test_bad_cache_config_values_raise_clear_errors(layout, key, value):
     with pytest.raises(ValueError, match=rf"cache_config\['{key}'\].*got"):
-        LAYERS[layout](**{key: value})
+        make(layout, **{key: value})
 
 
 def test_unknown_cache_config_key_and_crop_raise(make_model):
     model = make_model()
     with pytest.raises(ValueError, match="window"):
         TensorAttnCache(model.config, "subgen4", {"window": 8})
-    layer = SubGen2CacheLayer()
+    layer = make("subgen2")
     layer.crop(0)
     with pytest.raises(NotImplementedError, match="un-merged"):
         layer.crop(-2)

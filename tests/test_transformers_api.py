@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from hf_tensor_attn import TensorAttnCache, available_cache_implementations
 from hf_tensor_attn.compat import CACHE_ARG, REMOTE_MODULE, output_cache
@@ -109,6 +110,19 @@ def test_trainer_token_count_is_accepted_and_used(make_model):
     mean = model(ids, labels=ids).loss
     summed = model(ids, labels=ids, num_items_in_batch=torch.tensor(5)).loss
     torch.testing.assert_close(summed, mean * 10 / 5)  # 2 rows x 5 predicted tokens, summed, divided by 5
+
+
+def test_a_cache_that_is_not_ours_is_refused_with_what_to_pass(make_model):
+    model = make_model()
+    with pytest.raises(TypeError, match="TensorAttnCache"):
+        model(torch.randint(3, 259, (1, 4)), cache=DynamicCache())
+
+
+def test_a_cache_built_for_another_model_is_refused(make_model):
+    model = make_model()
+    other = make_model(w1=3, w2=3)
+    with pytest.raises(ValueError, match="built for"):
+        model(torch.randint(3, 259, (1, 4)), cache=TensorAttnCache(other.config))
 
 
 def test_output_attentions_is_refused_not_ignored(make_model):

@@ -1,6 +1,14 @@
-"""KV-cache layouts for tensor attention, chosen with `generate(cache_implementation=NAME)`."""
+"""KV-cache layouts for tensor attention, chosen with `generate(cache_implementation=NAME)`; see `base` for the
+protocol every layout follows."""
 
-from .base import LAYOUTS, TensorAttnCache, TensorCacheLayer, available_cache_implementations, register_layout
+from .base import (
+    LAYOUTS,
+    TensorAttnCache,
+    TensorAttnConstants,
+    TensorCacheLayer,
+    available_cache_implementations,
+    register_layout,
+)
 from .four import FourCacheLayer
 from .subgen import SubGen2CacheLayer, SubGen4CacheLayer
 from .two import TwoCacheLayer, TwoCacheMemoryError
@@ -11,6 +19,7 @@ __all__ = [
     "SubGen2CacheLayer",
     "SubGen4CacheLayer",
     "TensorAttnCache",
+    "TensorAttnConstants",
     "TensorCacheLayer",
     "TwoCacheLayer",
     "TwoCacheMemoryError",

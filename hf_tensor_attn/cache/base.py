@@ -1,26 +1,46 @@
-"""What every tensor-attention cache layout shares: the layer interface, the registry of layouts by
-`cache_implementation` name, and the `Cache` that mixes tensor layouts with transformers' standard layers.
+"""The one protocol every tensor-attention cache layout follows, the registry of layouts, and the `Cache`.
 
-A tensor layer hands the cache its new key states as one [B, H, T, 2D] tensor (k1 | k2 along the features)
-and its value states as [B, H, T, 2D] (v1 | v2), through the usual `Cache.update(...)`. Then it asks the
-layer to `attend(query, ...)` over whatever that layout holds, so the attention module never branches on the
-layout: each layout owns both its storage and its decode maths.
+Protocol
+--------
+A layout is a `TensorCacheLayer` subclass registered with `@register_layout(name)`; `name` is what users pass as
+`generate(cache_implementation=name)`, and the keyword arguments of its constructor are the `cache_config` keys.
+
+- **Built knowing the model.** `TensorAttnCache(config, name, cache_config)` builds each tensor layer as
+  `Layout(TensorAttnConstants.from_config(config), **cache_config)`: the score scale and the windows w1, w2 are
+  fixed for the layer's life and never passed per step.
+- **One call per step.** A tensor-attention module calls `out = cache.attend(layer_idx, query, key_states,
+  value_states, attention_mask)` once per forward. The cache appends the new tokens to the layer
+  (`layer.update`, through `Cache.update` so transformers' offloading still applies) and returns
+  `layer.attend(query, attention_mask)`: tensor attention of the last Tq positions over everything the layer
+  holds, [B, H, Tq, D]. Keys and values arrive as [B, H, T, 2D]: k1 | k2 and v1 | v2 side by side.
+  `attention_mask` is the [B, seen] 0/1 mask of every position so far, or None when none is padded.
+- **What a layout writes.** `allocate` (storage, from the first states), `append` (store new
+  tokens), `read` (the attention over what is held), `map_batch` (apply a batch-dimension map to every
+  per-sequence tensor: beam reordering, repetition, selection), `move` (to a device: offloading) and
+  `memory_bytes`. Length bookkeeping, beam / batch operations, offloading and config checking live here, once.
+  `crop` raises unless the layout can undo tokens.
+
+`update` returns the states it was given (the pair `Cache.update` passes on); nothing reads it.
 """
 
 from __future__ import annotations
 
+import inspect
 from abc import abstractmethod
+from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-LAYOUTS: dict[str, type["TensorCacheLayer"]] = {}
+LAYOUTS: dict[str, type[TensorCacheLayer]] = {}
 
 
 def register_layout(name: str):
     """Class decorator: make a `TensorCacheLayer` subclass available as `cache_implementation=name`."""
 
     def wrap(cls):
+        if not (isinstance(cls, type) and issubclass(cls, TensorCacheLayer)):
+            raise TypeError(f"@register_layout({name!r}) needs a TensorCacheLayer subclass, got {cls!r}")
         LAYOUTS[name] = cls
         cls.layout_name = name
         return cls
@@ -28,77 +48,244 @@ def register_layout(name: str):
     return wrap
 
 
-class TensorCacheLayer(CacheLayerMixin):
-    """Cache of one tensor-attention layer. Subclasses choose what they store and how a query attends to it."""
+def available_cache_implementations() -> list[str]:
+    return list(LAYOUTS)
 
-    layout_name: str = ""
-    # cache_config keys this layout accepts; anything else is a user error, reported by `check_cache_config`.
-    config_keys: tuple[str, ...] = ()
+
+@dataclass(frozen=True)
+class TensorAttnConstants:
+    """What a tensor layer's attention depends on besides its inputs: the score scale and the windows."""
+
+    scale: float
+    w1: int | None = None
+    w2: int | None = None
 
     @classmethod
-    def check_cache_config(cls, cache_config: dict) -> None:
-        unknown = sorted(set(cache_config) - set(cls.config_keys))
+    def from_config(cls, config) -> TensorAttnConstants:
+        return cls(scale=float(config.score_scale), w1=config.w1, w2=config.w2)
+
+
+class TensorCacheLayer(CacheLayerMixin):
+    """Cache of one tensor-attention layer; see the module docstring for the protocol."""
+
+    layout_name: str = ""
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = True
+    # What `crop` says when the layout cannot forget tokens (layouts that can override `crop`).
+    why_not_croppable = "it cannot forget tokens once added"
+
+    def __init__(self, constants: TensorAttnConstants, **cache_config):
+        if not isinstance(constants, TensorAttnConstants):
+            raise TypeError(
+                f"{type(self).__name__} needs the model's TensorAttnConstants first (e.g. "
+                f"TensorAttnConstants.from_config(model.config)), got {constants!r}"
+            )
+        self.check_cache_config(cache_config)
+        super().__init__()
+        self.constants = constants
+        self.seen = 0  # tokens appended so far (absolute positions 0 .. seen-1)
+
+    # ---- options ----
+
+    @classmethod
+    def config_keys(cls) -> tuple[str, ...]:
+        """The `cache_config` keys of this layout: the keyword-only parameters of its constructor."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+    @classmethod
+    def check_cache_config(cls, cache_config) -> None:
+        if not isinstance(cache_config, dict):
+            raise TypeError(f"`cache_config` must be a dict of options, got {type(cache_config).__name__}")
+        unknown = sorted(set(cache_config) - set(cls.config_keys()))
         if unknown:
-            allowed = list(cls.config_keys) or "none"
+            allowed = list(cls.config_keys()) or "none"
             raise ValueError(
                 f"`cache_config` has keys {unknown} that cache_implementation={cls.layout_name!r} does not use; "
                 f"allowed keys: {allowed}"
             )
 
-    @abstractmethod
-    def attend(self, query: torch.Tensor, *, scale: float, w1=None, w2=None, attention_mask=None) -> torch.Tensor:
-        """Tensor attention of `query` [B, H, Tq, D] (the last Tq positions seen) over what the layer holds.
+    @classmethod
+    def build(cls, constants: TensorAttnConstants, count: int, cache_config: dict) -> list[TensorCacheLayer]:
+        """The layers of one cache. Layouts whose layers share state (a memory budget) override this."""
+        return [cls(constants, **cache_config) for _ in range(count)]
 
-        `attention_mask` is the [B, T] 0/1 mask of every position seen so far, `None` when all are real.
-        Returns [B, H, Tq, D].
-        """
+    # ---- the protocol ----
+
+    def update(self, key_states, value_states, *args, attention_mask=None, **kwargs):
+        """Append new tokens' k1 | k2 and v1 | v2, [B, H, T, 2D] each."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.check_states(key_states, value_states)
+        self.append(key_states, value_states, attention_mask)
+        self.seen += key_states.shape[-2]
+        return key_states, value_states
+
+    def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor attention of `query` [B, H, Tq, D] (the last Tq positions seen) over what the layer holds."""
+        if not self.is_initialized or self.seen == 0:
+            raise ValueError("`attend` needs tokens in the cache: `update` it with the new key/value states first")
+        B, H, _, D2 = self.keys.shape
+        if not isinstance(query, torch.Tensor) or query.dim() != 4 or tuple(query.shape[:2]) != (B, H) or (
+            2 * query.shape[3] != D2
+        ):
+            shape = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
+            raise ValueError(f"`query` must be [B, H, Tq, D] = [{B}, {H}, Tq, {D2 // 2}], got {shape}")
+        if query.shape[2] > self.seen:
+            raise ValueError(f"`query` has {query.shape[2]} positions but the cache holds only {self.seen} tokens")
+        if attention_mask is not None and (
+            not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, self.seen)
+        ):
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise ValueError(f"`attention_mask` must be a [B, seen] = {(B, self.seen)} 0/1 or bool tensor, got {shape}")
+        return self.read(query, attention_mask)
+
+    def check_states(self, key_states, value_states) -> None:
+        expected = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3])
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != expected:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"`{name}` must be [B, H, T, 2D] with (B, H, 2D) = {expected}, got {shape}")
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate from the first states (`Cache.early_initialization` calls this with [B, H, 0, 2D] tensors)."""
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.allocate(key_states, value_states)
+        self.is_initialized = True
+
+    # ---- what a layout writes ----
+
+    @abstractmethod
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate storage from the first states. Every layout keeps the tokens it holds exactly as `self.keys`
+        [B, H, L, 2D] (L may be 0), which is where the batch size, heads and width are read from."""
+
+    @abstractmethod
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, attention_mask) -> None:
+        """Store new tokens (positions seen .. seen+T-1); `attention_mask` covers every position including them."""
+
+    @abstractmethod
+    def read(self, query: torch.Tensor, attention_mask) -> torch.Tensor:
+        """Attention of the last Tq positions over what is held, [B, H, Tq, D] (inputs already checked)."""
+
+    @abstractmethod
+    def map_batch(self, fn) -> None:
+        """Replace every per-sequence tensor t (batch first) by fn(t)."""
+
+    @abstractmethod
+    def move(self, device) -> None:
+        """Move every tensor to `device`."""
 
     @abstractmethod
     def memory_bytes(self) -> int:
         """Bytes of tensor storage this layer holds right now."""
+
+    # ---- shared bookkeeping (transformers' CacheLayerMixin API) ----
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.map_batch(lambda t: t[:0])  # free the storage; the next update allocates anew
+        self.is_initialized = False
+        self.seen = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.seen == 0:
+            return
+        idx = beam_idx.to(self.device)
+        if not torch.equal(idx, torch.arange(len(idx), device=idx.device)):  # identity: nothing moves
+            self.map_batch(lambda t: t.index_select(0, idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.seen:
+            self.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.seen:
+            self.map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def offload(self):
+        if self.is_initialized:
+            self.move("cpu")
+
+    def prefetch(self):
+        if self.is_initialized:
+            self.move(self.device)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove == 0:
+            return
+        raise NotImplementedError(
+            f"cache_implementation={self.layout_name!r} cannot crop: {self.why_not_croppable} (assisted or "
+            "contrastive decoding need a croppable layout such as 'four_cache')"
+        )
+
+    @staticmethod
+    def crop_count(tokens_to_remove: int, seen: int) -> int:
+        """Tokens kept after `crop(tokens_to_remove)`: transformers passes a negative count of tokens to drop."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"`crop` takes a negative number of tokens to remove (transformers' convention), got {tokens_to_remove}"
+            )
+        return max(seen + tokens_to_remove, 0)
 
 
 def layer_memory_bytes(layer) -> int:
     """Bytes held by any cache layer: a tensor layout reports its own, a standard layer holds keys and values."""
     if isinstance(layer, TensorCacheLayer):
         return layer.memory_bytes()
-    held = 0
-    for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-        if isinstance(t, torch.Tensor):
-            held += t.numel() * t.element_size()
-    return held
+    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
 
 
-class TensorAttnCache(DynamicCache):
-    """A dynamic cache whose tensor-attention layers use the layout `cache_implementation` and whose standard
-    layers use transformers' `DynamicLayer`.
+class TensorAttnCache(Cache):
+    """The cache of a tensor-attention model: layout `cache_implementation` for its tensor layers, transformers'
+    `DynamicLayer` for its standard ones.
 
     Args:
-        config: the model's `TensorAttnConfig` (its `layer_types` decide the layer classes).
+        config: the model's `TensorAttnConfig` (its `layer_types`, `score_scale`, `w1`, `w2`).
         cache_implementation: one of `available_cache_implementations()`; defaults to the config's.
         cache_config: options of that layout (e.g. `{"max_memory_bytes": ...}` for `"two_cache"`).
+        offloading: keep each layer on the CPU between its uses (transformers' offloaded cache; needs CUDA).
     """
 
-    def __init__(self, config, cache_implementation: str | None = None, cache_config: dict | None = None):
+    def __init__(self, config, cache_implementation: str | None = None, cache_config: dict | None = None,
+                 offloading: bool = False):
         name = cache_implementation or config.default_cache_implementation
         if name not in LAYOUTS:
-            raise ValueError(
-                f"`cache_implementation` must be one of {available_cache_implementations()}, got {name!r}"
-            )
+            raise ValueError(f"`cache_implementation` must be one of {available_cache_implementations()}, got {name!r}")
         layout = LAYOUTS[name]
-        cache_config = dict(cache_config or {})
+        cache_config = {} if cache_config is None else cache_config
         layout.check_cache_config(cache_config)
-        layers = [
-            layout(**cache_config) if layer_type == "tensor_attention" else DynamicLayer()
-            for layer_type in config.layer_types
-        ]
-        Cache.__init__(self, layers=layers)
+        self.constants = TensorAttnConstants.from_config(config)
+        self.layer_types = tuple(config.layer_types)
+        tensor_layers = iter(layout.build(self.constants, self.layer_types.count("tensor_attention"), cache_config))
+        layers = [next(tensor_layers) if t == "tensor_attention" else DynamicLayer() for t in self.layer_types]
+        super().__init__(layers=layers, offloading=offloading)
         self.cache_implementation = name
+
+    def attend(self, layer_idx: int, query, key_states, value_states, attention_mask=None) -> torch.Tensor:
+        """Append the new states to tensor layer `layer_idx` and return its attention for `query`."""
+        self.update(key_states, value_states, layer_idx, attention_mask=attention_mask)
+        return self.layers[layer_idx].attend(query, attention_mask)
+
+    def check_built_for(self, config) -> None:
+        """Raise ValueError when this cache was built for another model than `config` describes."""
+        if self.layer_types != tuple(config.layer_types) or self.constants != TensorAttnConstants.from_config(config):
+            raise ValueError(
+                f"this TensorAttnCache was built for layer_types={list(self.layer_types)} and {self.constants}, but the "
+                f"model has layer_types={list(config.layer_types)} and {TensorAttnConstants.from_config(config)}; "
+                "build it with TensorAttnCache(model.config, ...)"
+            )
 
     def memory_bytes(self) -> int:
         """Bytes of tensor storage held by all layers."""
         return sum(layer_memory_bytes(layer) for layer in self.layers)
-
-
-def available_cache_implementations() -> list[str]:
-    return list(LAYOUTS)

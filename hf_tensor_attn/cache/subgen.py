@@ -1,7 +1,7 @@
 """SubGen eviction (DESIGN.md §2, paper Lemmas 5.1/5.2): memory sublinear in the sequence length when keys cluster.
 
 Both layouts keep an exact window of tokens (the first `sink_tokens` positions and the `recent_window` most recent
-ones) and summarise every token that leaves it with `ops.subgen.StreamSummary`:
+ones) and summarise every token that leaves it with `summary.StreamSummary`:
 
 - ``subgen4`` summarises the (k1, v1) and (k2, v2) streams independently. A query then attends to the weighted
   rows of each stream (exact tokens with weight 1, summary rows with their estimator weights) through one
@@ -29,18 +29,10 @@ import math
 import torch
 
 from ..ops import four_cache_decode, tensor_attention
-from ..ops.subgen import NUMERATORS, StreamSummary, combine, log_weights, weighted_pair_sums, weighted_row_sums
+from ..ops.subgen import NUMERATORS, combine, log_weights, weighted_pair_sums, weighted_row_sums
+from .summary import StreamSummary
 from .base import TensorCacheLayer, register_layout
 
-DEFAULTS = {
-    "delta": 0.5,
-    "cluster_samples": 8,
-    "value_samples": 64,
-    "recent_window": 64,
-    "sink_tokens": 4,
-    "seed": 0,
-    "numerator": "cluster_sum",
-}
 QUERY_BLOCK = 16  # queries estimated together when a chunk continues a summarised sequence
 INSERT_ELEMENTS = 1 << 22  # rows x clusters per summary insert, bounding the distance matrix
 
@@ -52,33 +44,26 @@ def _check_int(name, value, low, high=None, what=""):
         raise ValueError(f"`cache_config['{name}']` must be an int >= {low}{upper}{what}, got {value!r}")
 
 
-def validate_subgen_config(cfg: dict) -> None:
-    """Raise ValueError naming the key, the value and the allowed range for any bad SubGen option."""
-    delta = cfg["delta"]
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta) or delta < 0:
-        raise ValueError(f"`cache_config['delta']` must be a finite float >= 0 (l2 clustering radius of keys), got {delta!r}")
-    _check_int("cluster_samples", cfg["cluster_samples"], 1, what=" (reservoir size per cluster)")
-    _check_int("value_samples", cfg["value_samples"], 1, what=" (number of ℓ2 value samplers)")
-    _check_int("recent_window", cfg["recent_window"], 0, what=" (recent tokens kept exactly)")
-    _check_int("sink_tokens", cfg["sink_tokens"], 0, what=" (first tokens kept exactly)")
-    _check_int("seed", cfg["seed"], 0, 2**63 - 1)
-    if cfg["numerator"] not in NUMERATORS:
-        raise ValueError(f"`cache_config['numerator']` must be one of {list(NUMERATORS)}, got {cfg['numerator']!r}")
-
-
 class _SubGenLayer(TensorCacheLayer):
     """What both SubGen layouts share: options, the exact buffer, lazy eviction and the batch operations."""
 
-    config_keys = tuple(DEFAULTS)
-    is_croppable = False
+    why_not_croppable = "evicted tokens are merged into cluster summaries and cannot be un-merged"
 
-    def __init__(self, **cache_config):
-        self.check_cache_config(cache_config)
-        cfg = {**DEFAULTS, **cache_config}
-        validate_subgen_config(cfg)
-        self.cfg = cfg
-        super().__init__()
-        self.seen = 0
+    def __init__(self, constants, *, delta: float = 0.5, cluster_samples: int = 8, value_samples: int = 64,
+                 recent_window: int = 64, sink_tokens: int = 4, seed: int = 0, numerator: str = "cluster_sum"):
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta) or delta < 0:
+            raise ValueError(f"`cache_config['delta']` must be a finite float >= 0 (l2 clustering radius of keys), got {delta!r}")
+        _check_int("cluster_samples", cluster_samples, 1, what=" (reservoir size per cluster)")
+        _check_int("value_samples", value_samples, 1, what=" (number of ℓ2 value samplers)")
+        _check_int("recent_window", recent_window, 0, what=" (recent tokens kept exactly)")
+        _check_int("sink_tokens", sink_tokens, 0, what=" (first tokens kept exactly)")
+        _check_int("seed", seed, 0, 2**63 - 1)
+        if numerator not in NUMERATORS:
+            raise ValueError(f"`cache_config['numerator']` must be one of {list(NUMERATORS)}, got {numerator!r}")
+        self.cfg = dict(delta=delta, cluster_samples=cluster_samples, value_samples=value_samples,
+                        recent_window=recent_window, sink_tokens=sink_tokens, seed=seed, numerator=numerator)
+        super().__init__(constants, **self.cfg)
+        self.check_windows()
 
     # -- layout hooks -----------------------------------------------------------------------------------------
 
@@ -92,57 +77,62 @@ class _SubGenLayer(TensorCacheLayer):
         """Move the exact tokens in `evicted` (a slice of the exact buffer) and the pending tokens into summaries."""
         raise NotImplementedError
 
-    def _parts(self, q, lw1, lw2, scale, w1, w2):
+    def _parts(self, q, lw1, lw2):
         """Partial sums (num parts, den parts) for queries q [B, H, Tq, D] given the exact rows' log-weights."""
         raise NotImplementedError
 
-    # -- CacheLayerMixin ----------------------------------------------------------------------------------------
+    def check_windows(self) -> None:
+        """Summarised tokens cannot honour a window: the exact window must cover it."""
+        W = self.cfg["recent_window"]
+        for name, w in (("w1", self.constants.w1), ("w2", self.constants.w2)):
+            if w is not None and W < w:
+                raise ValueError(
+                    f"cache_implementation={self.layout_name!r} with a windowed model ({name}={w}) needs "
+                    f"cache_config['recent_window'] >= {w} (summarised tokens cannot honour a window), got {W}"
+                )
 
-    def lazy_initialization(self, key_states, value_states) -> None:
+    # -- the protocol -----------------------------------------------------------------------------------------
+
+    def allocate(self, key_states, value_states) -> None:
         B, H, _, D2 = key_states.shape
-        self.dtype, self.device = key_states.dtype, key_states.device
         # Summaries accumulate sums and weights: keep them in float32 at least.
         self.sdtype = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
         self.generator = torch.Generator(device=self.device).manual_seed(self.cfg["seed"])
-        self.ek = key_states.new_zeros(B, H, 0, D2)  # exact tokens: k1 | k2
-        self.ev = value_states.new_zeros(B, H, 0, D2)  # v1 | v2
-        self.ereal = torch.zeros(B, 0, dtype=torch.bool, device=self.device)
-        self.epos = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.keys = key_states.new_zeros(B, H, 0, D2)  # exact tokens: k1 | k2
+        self.values = value_states.new_zeros(B, H, 0, D2)  # v1 | v2
+        self.real = torch.zeros(B, 0, dtype=torch.bool, device=self.device)  # [B, exact] not a pad
+        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)  # [exact] absolute positions
         self.n_pending = 0  # the last n_pending exact tokens arrived since the last eviction
         self.n_evicted = 0
         self._init_summaries(B, H, D2 // 2)
-        self.is_initialized = True
 
-    def update(self, key_states, value_states, *args, attention_mask=None, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._evict()  # in case `attend` was not called after the previous update
+    def append(self, key_states, value_states, attention_mask) -> None:
+        self._evict()  # in case no query read the previous tokens
         B, _, T, _ = key_states.shape
         if attention_mask is None:
             real = torch.ones(B, T, dtype=torch.bool, device=self.device)
         else:
             real = attention_mask[:, -T:].to(device=self.device, dtype=torch.bool)
-        self.ek = torch.cat([self.ek, key_states], dim=2)
-        self.ev = torch.cat([self.ev, value_states], dim=2)
-        self.ereal = torch.cat([self.ereal, real], dim=1)
-        self.epos = torch.cat([self.epos, torch.arange(self.seen, self.seen + T, device=self.device)])
-        self.seen += T
+        self.keys = torch.cat([self.keys, key_states], dim=2)
+        self.values = torch.cat([self.values, value_states], dim=2)
+        self.real = torch.cat([self.real, real], dim=1)
+        self.positions = torch.cat([self.positions, torch.arange(self.seen, self.seen + T, device=self.device)])
         self.n_pending += T
-        return key_states, value_states
 
-    def attend(self, query, *, scale, w1=None, w2=None, attention_mask=None):
+    def read(self, query, attention_mask):
+        """Exact attention while nothing is summarised, the estimators afterwards; then evict."""
         Tq = query.shape[2]
         if self.n_evicted == 0:
             # Nothing summarised yet: the exact buffer is the whole sequence, attend exactly.
-            k1, k2 = self.ek.chunk(2, dim=-1)
-            v1, v2 = self.ev.chunk(2, dim=-1)
-            mask = None if bool(self.ereal.all()) else self.ereal.long()
+            k1, k2 = self.keys.chunk(2, dim=-1)
+            v1, v2 = self.values.chunk(2, dim=-1)
+            mask = None if bool(self.real.all()) else self.real.long()
             op = four_cache_decode if Tq == 1 else tensor_attention
-            out = op(query, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=mask)
+            c = self.constants
+            out = op(query, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=mask)
         else:
             out = torch.cat(
-                [self._estimate(query[:, :, i : i + QUERY_BLOCK], Tq - i, scale, w1, w2) for i in range(0, Tq, QUERY_BLOCK)],
-                dim=2,
+                [self._estimate(query[:, :, i : i + QUERY_BLOCK], Tq - i) for i in range(0, Tq, QUERY_BLOCK)], dim=2
             ).to(query.dtype)
         self._evict()
         return out
@@ -150,26 +140,26 @@ class _SubGenLayer(TensorCacheLayer):
     def _exact_log_weights(self, Tq_block: int, from_end: int, window):
         """[B, 1, Tq_block, Ne] log-weights of the exact tokens for queries ending `from_end` positions before the end."""
         qpos = torch.arange(self.seen - from_end, self.seen - from_end + Tq_block, device=self.device)[:, None]
-        ok = (self.epos[None, :] <= qpos)[None] & self.ereal[:, None, :]  # [B, Tq, Ne]
+        ok = (self.positions[None, :] <= qpos)[None] & self.real[:, None, :]  # [B, Tq, Ne]
         if window is not None:
-            ok = ok & (qpos - self.epos[None, :] < window)[None]
+            ok = ok & (qpos - self.positions[None, :] < window)[None]
         zero = torch.zeros((), dtype=self.sdtype, device=self.device)
         return torch.where(ok, zero, float("-inf"))[:, None]
 
-    def _estimate(self, q, from_end, scale, w1, w2):
+    def _estimate(self, q, from_end):
         q = q.to(self.sdtype)
-        lw1 = self._exact_log_weights(q.shape[2], from_end, w1)
-        lw2 = self._exact_log_weights(q.shape[2], from_end, w2)
-        nums, dens = self._parts(q, lw1, lw2, scale, w1, w2)
+        lw1 = self._exact_log_weights(q.shape[2], from_end, self.constants.w1)
+        lw2 = self._exact_log_weights(q.shape[2], from_end, self.constants.w2)
+        nums, dens = self._parts(q, lw1, lw2)
         return combine(nums, dens)
 
-    def estimate_sums(self, query, *, scale, w1=None, w2=None):
+    def estimate_sums(self, query):
         """The unnormalised estimates (N̂ [B, H, Tq, D], Ẑ [B, H, Tq]) for the last Tq positions, both scaled by
         exp(-shift) with the returned shift [B, H, Tq]: Ô = N̂ / Ẑ. For tests and evaluation; evicts nothing."""
         q = query.to(self.sdtype)
-        lw1 = self._exact_log_weights(q.shape[2], q.shape[2], w1)
-        lw2 = self._exact_log_weights(q.shape[2], q.shape[2], w2)
-        nums, dens = self._parts(q, lw1, lw2, scale, w1, w2)
+        lw1 = self._exact_log_weights(q.shape[2], q.shape[2], self.constants.w1)
+        lw2 = self._exact_log_weights(q.shape[2], q.shape[2], self.constants.w2)
+        nums, dens = self._parts(q, lw1, lw2)
         top = torch.stack([p[2] for p in nums + dens]).amax(0)
         num = sum(p[0] * torch.exp(p[2] - top)[..., None] for p in nums)
         den = sum(p[1] * torch.exp(p[2] - top) for p in dens)
@@ -179,97 +169,47 @@ class _SubGenLayer(TensorCacheLayer):
         """Summarise the exact tokens outside the sinks and the recent window, then drop them."""
         if not self.is_initialized or self.n_pending == 0:
             return
-        Ne = self.ek.shape[2]
-        n_sinks = int((self.epos < self.cfg["sink_tokens"]).sum())
+        Ne = self.keys.shape[2]
+        n_sinks = int((self.positions < self.cfg["sink_tokens"]).sum())
         stop = max(Ne - self.cfg["recent_window"], n_sinks)
         evicted = slice(n_sinks, stop)
         self._summarise(evicted)
         self.n_pending = 0
         if stop > n_sinks:
             keep = torch.cat([torch.arange(n_sinks), torch.arange(stop, Ne)]).to(self.device)
-            self.ek, self.ev = self.ek[:, :, keep], self.ev[:, :, keep]
-            self.ereal, self.epos = self.ereal[:, keep], self.epos[keep]
+            self.keys, self.values = self.keys[:, :, keep], self.values[:, :, keep]
+            self.real, self.positions = self.real[:, keep], self.positions[keep]
             self.n_evicted += stop - n_sinks
 
     def _rows(self, part: slice, stream: int):
         """Exact keys, values [B, H, n, D] of stream 1 or 2 and weights [B, H, n] for the tokens in `part`."""
-        D = self.ek.shape[-1] // 2
+        D = self.keys.shape[-1] // 2
         cols = slice(0, D) if stream == 1 else slice(D, 2 * D)
-        k = self.ek[:, :, part, cols].to(self.sdtype)
-        v = self.ev[:, :, part, cols].to(self.sdtype)
-        w = self.ereal[:, None, part].to(self.sdtype).expand(k.shape[:3])
+        k = self.keys[:, :, part, cols].to(self.sdtype)
+        v = self.values[:, :, part, cols].to(self.sdtype)
+        w = self.real[:, None, part].to(self.sdtype).expand(k.shape[:3])
         return k, v, w
 
     def memory_bytes(self) -> int:
         if not self.is_initialized:
             return 0
-        held = sum(t.numel() * t.element_size() for t in (self.ek, self.ev, self.ereal, self.epos))
+        held = sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.real, self.positions))
         return held + sum(s.memory_bytes() for s in self._summaries())
 
-    def get_seq_length(self) -> int:
-        return self.seen
+    def map_batch(self, fn) -> None:
+        self.keys, self.values, self.real = fn(self.keys), fn(self.values), fn(self.real)
+        for summary in self._summaries():
+            summary.apply(fn)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.is_initialized = False
-        self.seen = 0
-
-    def _apply(self, fn) -> None:
-        if not self.is_initialized:
-            return
-        self.ek, self.ev, self.ereal = fn(self.ek), fn(self.ev), fn(self.ereal)
-        for s in self._summaries():
-            s.apply(fn)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: each beam continues from the summary of the beam it was selected from."""
-        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply(lambda t: t[indices.to(t.device)])
-
-    def offload(self):
-        self._apply(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self):
-        if self.is_initialized and self.ek.device != self.device:
-            self._apply(lambda t: t.to(self.device, non_blocking=True))
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove == 0:
-            return
-        raise NotImplementedError(
-            f"cache_implementation={self.layout_name!r} cannot crop: evicted tokens are merged into cluster summaries "
-            "and cannot be un-merged (assisted or contrastive decoding need a croppable layout such as 'four_cache')"
-        )
+    def move(self, device) -> None:
+        self.positions = self.positions.to(device, non_blocking=True)
+        self.map_batch(lambda t: t.to(device, non_blocking=True))
 
     def _summary(self, B, H, D, **kw) -> StreamSummary:
         c = self.cfg
         opts = dict(delta=c["delta"], numerator=c["numerator"], cluster_samples=c["cluster_samples"],
                     value_samples=c["value_samples"], dtype=self.sdtype, device=self.device, generator=self.generator)
         return StreamSummary(B, H, D, **{**opts, **kw})
-
-    def _check_windows(self, w1, w2, both_needed: bool) -> None:
-        W = self.cfg["recent_window"]
-        for name, w in (("w1", w1), ("w2", w2)):
-            if w is not None and W < w:
-                raise ValueError(
-                    f"cache_implementation={self.layout_name!r} with a windowed model ({name}={w}) needs "
-                    f"cache_config['recent_window'] >= {w} (summarised tokens cannot honour a window), got {W}"
-                )
-        if both_needed and (w1 is None) != (w2 is None):
-            raise ValueError(
-                f"cache_implementation={self.layout_name!r} supports windowed models only with both w1 and w2 set "
-                f"(its pair summary mixes pairs inside and outside a single window), got w1={w1}, w2={w2}"
-            )
 
 
 def _insert_chunked(summary: StreamSummary, keys, values, weights) -> None:
@@ -301,8 +241,8 @@ class SubGen4CacheLayer(_SubGenLayer):
         for stream, summary in zip((1, 2), self.streams):
             _insert_chunked(summary, *self._rows(evicted, stream))
 
-    def _parts(self, q, lw1, lw2, scale, w1, w2):
-        self._check_windows(w1, w2, both_needed=False)
+    def _parts(self, q, lw1, lw2):
+        scale, w1, w2 = self.constants.scale, self.constants.w1, self.constants.w2
         B, H, Tq, _ = q.shape
         exact = [self._rows(slice(None), s) for s in (1, 2)]
         lws = (lw1, lw2)
@@ -353,8 +293,8 @@ class SubGen2CacheLayer(_SubGenLayer):
         return [*self.sources, self.pairs]
 
     def _summarise(self, evicted):
-        B, H = self.ek.shape[:2]
-        Ne = self.ek.shape[2]
+        B, H = self.keys.shape[:2]
+        Ne = self.keys.shape[2]
         pending = slice(Ne - self.n_pending, Ne)
         # Pairs of the new tokens with tokens summarised before they arrived: from the per-stream sources.
         if self.n_evicted:
@@ -392,8 +332,17 @@ class SubGen2CacheLayer(_SubGenLayer):
             weights = (w1[:, :, a, None] * w2[:, :, None]).reshape(B, H, n * R2)
             _insert_chunked(self.pairs, keys, values, weights)
 
-    def _parts(self, q, lw1, lw2, scale, w1, w2):
-        self._check_windows(w1, w2, both_needed=True)
+    def check_windows(self) -> None:
+        super().check_windows()
+        w1, w2 = self.constants.w1, self.constants.w2
+        if (w1 is None) != (w2 is None):
+            raise ValueError(
+                f"cache_implementation={self.layout_name!r} supports windowed models only with both w1 and w2 set "
+                f"(its pair summary mixes pairs inside and outside a single window), got w1={w1}, w2={w2}"
+            )
+
+    def _parts(self, q, lw1, lw2):
+        scale, w1 = self.constants.scale, self.constants.w1
         B, H, Tq, _ = q.shape
         k1, v1, _ = self._rows(slice(None), 1)
         k2, v2, _ = self._rows(slice(None), 2)
@@ -402,7 +351,7 @@ class SubGen2CacheLayer(_SubGenLayer):
         if w1 is not None:  # both windows, both inside the exact window: nothing summarised is visible
             return nums, dens
         # Pairs of pending tokens with tokens summarised before them: not yet in the pair summary.
-        Ne = self.ek.shape[2]
+        Ne = self.keys.shape[2]
         pending = slice(Ne - self.n_pending, Ne)
         sk1, sv1, sw1 = self.sources[0].source_rows()
         sk2, sv2, sw2 = self.sources[1].source_rows()
@@ -425,4 +374,4 @@ class SubGen2CacheLayer(_SubGenLayer):
         return nums, dens
 
 
-__all__ = ["DEFAULTS", "SubGen2CacheLayer", "SubGen4CacheLayer", "validate_subgen_config"]
+__all__ = ["SubGen2CacheLayer", "SubGen4CacheLayer"]

@@ -13,16 +13,17 @@ Rows are ordered by (max(a, b), a, b), so the rows a query at position t may use
 a prefix, and `crop` cuts a suffix. The pair buffers grow by doubling, so appending token i+1 (its 2i+1 new
 pairs) is amortised O(i d), never a copy of everything per token.
 
-Rows are formed lazily in `attend`, where the windows w1 / w2 arrive (the layer is built without the model
-config). With windows, a pair is only ever formed if some query can use it (`b - a < w1`, `a - b < w2`), and
-rows that no later query can use (`a < t0 - w1 + 1` or `b < t0 - w2 + 1`, t0 the first query position) are
-dropped, so the layer holds O(w1 w2 d) rows in steady state.
+Rows are formed lazily, when a query reads them. With windows, a pair is only ever formed if some query can
+use it (`b - a < w1`, `a - b < w2`), and rows that no later query can use (`a < t0 - w1 + 1` or
+`b < t0 - w2 + 1`, t0 the first query position) are dropped, so the layer holds O(w1 w2 d) rows in steady state.
+
+The layers of one cache share one memory budget (`cache_config["max_memory_bytes"]`), so an L-layer model cannot
+hold L times the budget; two caches (two models, two generate calls) have budgets of their own.
 """
 
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 
@@ -33,9 +34,6 @@ from .base import TensorCacheLayer, register_layout
 _GATHER_ELEMENTS = 1 << 22
 # Query-block size for Tq > 1 is chosen so that one block's scores [B, H, Tq_block, P] stay about this size.
 _SCORES_PER_BLOCK = 1 << 22
-
-# Every live two_cache layer, so the memory guard can count what the others hold (a model has one per layer).
-_LIVE_LAYERS: "weakref.WeakSet[TwoCacheLayer]" = weakref.WeakSet()
 
 
 class TwoCacheMemoryError(MemoryError):
@@ -57,118 +55,84 @@ def default_memory_budget(device: torch.device) -> int:
             return 4 << 30
 
 
+class PairMemoryBudget:
+    """The memory limit that the two_cache layers of one cache share: what they hold together on a device type."""
+
+    def __init__(self, max_memory_bytes: int | None):
+        self.max_memory_bytes = max_memory_bytes
+        self.layers: list[TwoCacheLayer] = []
+
+    def limit(self, device: torch.device) -> int:
+        return self.max_memory_bytes if self.max_memory_bytes is not None else default_memory_budget(device)
+
+    def held(self, device_type: str) -> int:
+        return sum(layer.memory_bytes() for layer in self.layers if layer.on(device_type))
+
+
 @register_layout("two_cache")
 class TwoCacheLayer(TensorCacheLayer):
     """Cache layer of the two-matrix layout.
 
     Args (`cache_config` of `cache_implementation="two_cache"`):
-        max_memory_bytes (`int`, *optional*): the most bytes that all two_cache layers alive in this process may
-            hold together on this layer's device type (pair rows including spare capacity, pair indices, token
-            streams). Counting all layers, not one, is what keeps an L-layer model from using L times the budget.
+        max_memory_bytes (`int`, *optional*): the most bytes that the two_cache layers of this cache may hold
+            together on one device type (pair rows including spare capacity, pair indices, token streams).
             Defaults to a quarter of the physical memory (of the GPU's memory for CUDA tensors). A growth that
             would pass it raises `TwoCacheMemoryError` (a `MemoryError`) before allocating anything.
     """
 
-    config_keys = ("max_memory_bytes",)
     is_croppable = True
-    is_sliding = False
 
-    def __init__(self, **cache_config):
-        self.check_cache_config(cache_config)
-        super().__init__()
-        self.max_memory_bytes = cache_config.get("max_memory_bytes")
-        self._clear()
-        _LIVE_LAYERS.add(self)
-
-    @classmethod
-    def check_cache_config(cls, cache_config: dict) -> None:
-        super().check_cache_config(cache_config)
-        budget = cache_config.get("max_memory_bytes")
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+    def __init__(self, constants, *, max_memory_bytes: int | None = None):
+        if max_memory_bytes is not None and (
+            isinstance(max_memory_bytes, bool) or not isinstance(max_memory_bytes, int) or max_memory_bytes < 1
+        ):
             raise ValueError(
                 f"`cache_config['max_memory_bytes']` must be a positive int (bytes) or None (default: a quarter of "
-                f"physical memory), got {budget!r}"
+                f"physical memory), got {max_memory_bytes!r}"
             )
+        super().__init__(constants, max_memory_bytes=max_memory_bytes)
+        self.budget = PairMemoryBudget(max_memory_bytes)
+        self.budget.layers.append(self)
 
-    def _clear(self) -> None:
-        self.keys = self.values = None  # [B, H, L, 2D] token streams
-        self.pair_keys = self.pair_values = None  # [B, H, capacity, D]
-        self.pair_index = None  # [2, capacity]
+    @classmethod
+    def build(cls, constants, count, cache_config):
+        layers = super().build(constants, count, cache_config)
+        shared = PairMemoryBudget(cache_config.get("max_memory_bytes"))
+        for layer in layers:
+            layer.budget = shared
+        shared.layers.extend(layers)
+        return layers
+
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D2 = key_states.shape
+        self.keys = key_states.new_empty(B, H, 0, D2)  # [B, H, L, 2D] token streams
+        self.values = value_states.new_empty(B, H, 0, D2)
+        self.pair_keys = key_states.new_empty(B, H, 0, D2 // 2)  # [B, H, capacity, D]
+        self.pair_values = value_states.new_empty(B, H, 0, D2 // 2)
+        self.pair_index = torch.empty(2, 0, dtype=torch.long, device=self.device)  # [2, capacity]
         self.num_pairs = 0
-        self.seen = 0  # tokens appended so far (absolute positions 0 .. seen-1)
         self.first = 0  # absolute position of keys[:, :, 0]
         self.formed = 0  # every usable pair with max(a, b) < formed has its row
         self.low = (0, 0)  # rows with a < low[0] or b < low[1] were dropped: no later query can use them
-        self.windows = None  # (w1, w2) the rows were formed and dropped for; None before the first attend
-        self.is_initialized = False
 
-    # ---- transformers CacheLayerMixin API ----
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        B, H, _, D2 = key_states.shape
-        self.keys = key_states.new_empty(B, H, 0, D2)
-        self.values = value_states.new_empty(B, H, 0, D2)
-        self.pair_keys = key_states.new_empty(B, H, 0, D2 // 2)
-        self.pair_values = value_states.new_empty(B, H, 0, D2 // 2)
-        self.pair_index = torch.empty(2, 0, dtype=torch.long, device=self.device)
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        """Append new tokens' k1 | k2 and v1 | v2 ([B, H, T, 2D] each); their pair rows are formed in `attend`."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        expected = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3])
-        for name, t in (("key_states", key_states), ("value_states", value_states)):
-            if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != expected:
-                raise ValueError(f"`{name}` must be [B, H, T, 2D] with (B, H, 2D) = {expected}, got {tuple(t.shape)}")
+    def append(self, key_states, value_states, attention_mask) -> None:
+        """Append the token streams; the pair rows of the new tokens are formed when a query reads them."""
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        self.seen += key_states.shape[-2]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.seen if self.is_initialized else 0
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self._clear()
-
-    def offload(self):
-        if self.is_initialized:
-            self._move("cpu")
-
-    def prefetch(self):
-        if self.is_initialized and self.keys.device != self.device:
-            self._move(self.device)
-
-    def _move(self, device) -> None:
-        for name in ("keys", "values", "pair_keys", "pair_values", "pair_index"):
-            setattr(self, name, getattr(self, name).to(device, non_blocking=True))
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last `-tokens_to_remove` tokens (a negative count, as transformers 5 passes)."""
-        if tokens_to_remove > 0:
-            raise ValueError(
-                f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
-                "Please use a negative integer to remove that number of tokens from the cache instead."
-            )
-        if tokens_to_remove == 0 or not self.is_initialized:
+        keep = self.crop_count(tokens_to_remove, self.seen)
+        if keep == self.seen or not self.is_initialized:
             return
-        keep = max(self.seen + tokens_to_remove, 0)
-        if self.windows is not None:
-            needed = self._low_for(keep, *self.windows)
-            if needed[0] < self.low[0] or needed[1] < self.low[1]:
-                raise ValueError(
-                    f"cannot crop the two_cache back to {keep} tokens: with windows w1, w2 = {self.windows} it has "
-                    f"already dropped the pairs with a < {self.low[0]} or b < {self.low[1]}, which a query at "
-                    f"position {keep} would use. Crop at most to the first position of the last forward."
-                )
+        needed = self._low_for(keep, self.constants.w1, self.constants.w2)
+        if needed[0] < self.low[0] or needed[1] < self.low[1]:
+            raise ValueError(
+                f"cannot crop the two_cache back to {keep} tokens: with windows w1, w2 = "
+                f"{(self.constants.w1, self.constants.w2)} it has "
+                f"already dropped the pairs with a < {self.low[0]} or b < {self.low[1]}, which a query at "
+                f"position {keep} would use. Crop at most to the first position of the last forward."
+            )
         self.keys = self.keys[:, :, : max(keep - self.first, 0)]
         self.values = self.values[:, :, : max(keep - self.first, 0)]
         if self.num_pairs:
@@ -177,31 +141,22 @@ class TwoCacheLayer(TensorCacheLayer):
         self.formed = min(self.formed, keep)
         self.seen = keep
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.get_seq_length() > 0:
-            idx = beam_idx.to(self.keys.device)
-            if torch.equal(idx, torch.arange(len(idx), device=idx.device)):
-                return  # every beam kept its own history: nothing to move (the O(i^2 d) rows stay put)
-            self._map_batch(lambda t: t.index_select(0, idx))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.get_seq_length() > 0:
-            self._reserve(self.pair_keys.shape[2], batch=self.keys.shape[0] * repeats)
-            self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0:
-            self._map_batch(lambda t: t[indices, ...])
-
-    def _map_batch(self, fn) -> None:
+    def map_batch(self, fn) -> None:
         """Apply a batch-dimension map (reorder, repeat, select) to every per-sequence tensor, live rows only."""
-        self.keys, self.values = fn(self.keys), fn(self.values)
+        keys = fn(self.keys)
+        if keys.shape[0] > self.keys.shape[0]:
+            self._reserve(self.pair_keys.shape[2], batch=keys.shape[0])  # e.g. beam expansion: check the budget
+        self.keys, self.values = keys, fn(self.values)
         P, capacity = self.num_pairs, self.pair_keys.shape[2]
         for name in ("pair_keys", "pair_values"):
             live = fn(getattr(self, name)[:, :, :P])  # [B', H, P, D]
             buffer = live.new_empty(live.shape[0], live.shape[1], capacity, live.shape[3])
             buffer[:, :, :P] = live
             setattr(self, name, buffer)
+
+    def move(self, device) -> None:
+        for name in ("keys", "values", "pair_keys", "pair_values", "pair_index"):
+            setattr(self, name, getattr(self, name).to(device, non_blocking=True))
 
     # ---- memory ----
 
@@ -218,16 +173,15 @@ class TwoCacheLayer(TensorCacheLayer):
         batch = B if batch is None else batch
         if rows <= capacity and batch == B:
             return
-        _LIVE_LAYERS.add(self)  # again here: a deep copy of a layer skips __init__ but must be counted too
         new_capacity = rows if rows <= capacity else max(rows, 2 * capacity)
         row_bytes = 2 * batch * H * D * self.pair_keys.element_size() + 2 * self.pair_index.element_size()
         need = new_capacity * row_bytes + (batch - B) * (self.keys[0].numel() + self.values[0].numel()) * self.keys.element_size()
-        held = sum(layer.memory_bytes() for layer in list(_LIVE_LAYERS) if layer._on(self.device.type))
-        budget = self.max_memory_bytes if self.max_memory_bytes is not None else default_memory_budget(self.device)
+        held = self.budget.held(self.device.type)
+        budget = self.budget.limit(self.device)
         if held + need > budget:
             raise TwoCacheMemoryError(
                 f"two_cache needs {need:,} more bytes to hold {rows:,} pair rows (a batch of {batch} at {self.seen:,} "
-                f"tokens, buffers grown to {new_capacity:,} rows); two_cache layers already hold {held:,} bytes, so "
+                f"tokens, buffers grown to {new_capacity:,} rows); this cache's two_cache layers already hold {held:,} bytes, so "
                 f"{held + need:,} would pass max_memory_bytes={budget:,}. The two-matrix layout stores every pair "
                 f"(O(n^2 d) memory): use cache_implementation='four_cache' (same outputs, O(n d) memory) or "
                 f"'subgen4' / 'subgen2' (compressed), or raise cache_config['max_memory_bytes']."
@@ -244,7 +198,7 @@ class TwoCacheLayer(TensorCacheLayer):
         index[:, :P] = self.pair_index[:, :P]
         self.pair_index = index
 
-    def _on(self, device_type: str) -> bool:
+    def on(self, device_type: str) -> bool:
         return self.is_initialized and self.keys.device.type == device_type
 
     # ---- pairs ----
@@ -276,15 +230,9 @@ class TwoCacheLayer(TensorCacheLayer):
         b = torch.where(left, s_row, lo_b[shell] + offset - n_left[shell])
         return torch.stack([a, b])
 
-    def _form_pairs(self, t0: int, w1, w2) -> None:
+    def _form_pairs(self, t0: int) -> None:
         """Drop rows no query at position >= t0 can use, then form the rows of the pairs of the new tokens."""
-        if self.windows is None:
-            self.windows = (w1, w2)
-        elif self.windows != (w1, w2):
-            raise ValueError(
-                f"the two_cache formed its pairs for windows w1, w2 = {self.windows}; `attend` got w1={w1!r}, w2={w2!r}. "
-                "Use one cache per model (the windows are the model config's)."
-            )
+        w1, w2 = self.constants.w1, self.constants.w2
         low = self._low_for(t0, w1, w2)
         if low != self.low:
             self._drop_rows_before(low)
@@ -329,13 +277,12 @@ class TwoCacheLayer(TensorCacheLayer):
 
     # ---- attention ----
 
-    def attend(self, query, *, scale, w1=None, w2=None, attention_mask=None):
-        """Tensor attention of `query` [B, H, Tq, D] (positions seen-Tq .. seen-1) over the pair rows:
-        `Ṽᵀ softmax(K̃ q)` over the rows each query may use (causal, windows, padding). Returns [B, H, Tq, D]."""
-        self._check_attend(query, w1, w2, attention_mask)
+    def read(self, query, attention_mask):
+        """`Ṽᵀ softmax(K̃ q)` over the pair rows each query may use (causal, windows, padding)."""
+        scale, w1, w2 = self.constants.scale, self.constants.w1, self.constants.w2
         Tq = query.shape[2]
         t0 = self.seen - Tq
-        self._form_pairs(t0, w1, w2)
+        self._form_pairs(t0)
         P = self.num_pairs
         index = self.pair_index[:, :P]
         kt, vt = self.pair_keys[:, :, :P], self.pair_values[:, :, :P]  # [B, H, P, D]
@@ -367,23 +314,3 @@ class TwoCacheLayer(TensorCacheLayer):
                 ok = ok & real_pair[:, None, None, :n]
             outs.append(pair_rows_attention(query[:, :, q0:q1], kt[:, :, :n], vt[:, :, :n], scale=scale, allowed=ok))
         return torch.cat(outs, dim=2)
-
-    def _check_attend(self, query, w1, w2, attention_mask) -> None:
-        if not self.is_initialized or self.seen == 0:
-            raise ValueError("`attend` needs tokens in the cache: call `update` with the new key/value states first")
-        B, H, _, D2 = self.keys.shape
-        if not isinstance(query, torch.Tensor) or query.dim() != 4 or tuple(query.shape[:2]) != (B, H) or (
-            query.shape[3] * 2 != D2
-        ):
-            shape = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
-            raise ValueError(f"`query` must be [B, H, Tq, D] = [{B}, {H}, Tq, {D2 // 2}], got {shape}")
-        if query.shape[2] > self.seen:
-            raise ValueError(f"`query` has {query.shape[2]} positions but the cache only {self.seen} tokens")
-        for name, w in (("w1", w1), ("w2", w2)):
-            if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
-                raise ValueError(f"`{name}` must be None (no window) or an int >= 1, got {w!r}")
-        if attention_mask is not None and (
-            not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, self.seen)
-        ):
-            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
-            raise ValueError(f"`attention_mask` must be a [B, seen] = {(B, self.seen)} 0/1 or bool tensor, got {shape}")
