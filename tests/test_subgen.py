@@ -10,14 +10,13 @@ from hf_tensor_attn.cache.subgen import SubGen2CacheLayer, SubGen4CacheLayer
 from hf_tensor_attn.ops import four_cache_decode, naive_tensor_attention
 from hf_tensor_attn.ops.subgen import (
     assign_clusters,
-    kron_value_op_norm,
-    lemma51_ratio,
     log_weights,
     naive_assign_clusters,
     naive_weighted_pair_sums,
     weighted_pair_sums,
 )
 from hf_tensor_attn.cache.summary import StreamSummary
+from scripts.bench.metrics import kron_value_op_norm, lemma51_ratio
 
 LAYERS = {"subgen4": SubGen4CacheLayer, "subgen2": SubGen2CacheLayer}
 

@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a file: make `scripts.bench` importable 
 
 import torch
 
-from hf_tensor_attn.cache import FourCacheLayer, TwoCacheLayer, TwoCacheMemoryError
+from hf_tensor_attn.cache import FourCacheLayer, TensorAttnConstants, TwoCacheLayer, TwoCacheMemoryError
 from hf_tensor_attn.cache.two import default_memory_budget
 from hf_tensor_attn.ops.decode import decode_scratch_elements, release_decode_workspace
 from scripts.bench.baselines import kronecker_decode
@@ -50,6 +50,7 @@ METHODS = {
     "c": "two_cache",
 }
 DEFAULT_MAX_FOUR = 4096
+CONSTANTS = TensorAttnConstants(scale=D**-0.5)  # every pair allowed: no windows
 
 
 def streams(i: int, seed: int = 0):
@@ -63,18 +64,17 @@ def streams(i: int, seed: int = 0):
 def bench_four(i: int, timing: dict, explicit: bool):
     """(a) or (b): the four-matrix layer holding i - 1 tokens; a step appends token i and attends."""
     k, v, q = streams(i)
-    layer = FourCacheLayer()
+    layer = FourCacheLayer(CONSTANTS)
     layer.update(k[:, :, : i - 1], v[:, :, : i - 1])
-    scale = D**-0.5
 
     def step():
         layer.update(k[:, :, i - 1 : i], v[:, :, i - 1 : i])
         if explicit:
             k1, k2 = layer.keys.chunk(2, dim=-1)
             v1, v2 = layer.values.chunk(2, dim=-1)
-            kronecker_decode(q, k1, k2, v1, v2, scale=scale)
+            kronecker_decode(q, k1, k2, v1, v2, scale=CONSTANTS.scale)
         else:
-            layer.attend(q, scale=scale)
+            layer.attend(q)
         layer.crop(-1)  # back to i - 1 tokens, so every step decodes at context i
 
     with torch.no_grad():
@@ -87,16 +87,15 @@ def bench_two(i: int, timing: dict, budget: int):
     token i (its 2i - 1 new pair rows) and attends. Crop-then-append keeps the step at context i without
     doubling the buffers on the first step."""
     k, v, q = streams(i)
-    layer = TwoCacheLayer(max_memory_bytes=budget)
-    scale = D**-0.5
+    layer = TwoCacheLayer(CONSTANTS, max_memory_bytes=budget)
     with torch.no_grad():
         layer.update(k[:, :, :i], v[:, :, :i])
-        layer.attend(q, scale=scale)  # forms all i^2 rows, buffers of exactly i^2 rows
+        layer.attend(q)  # forms all i^2 rows, buffers of exactly i^2 rows
         layer.crop(-1)
 
         def step():
             layer.update(k[:, :, i - 1 : i], v[:, :, i - 1 : i])
-            layer.attend(q, scale=scale)
+            layer.attend(q)
             layer.crop(-1)
 
         timed = measure(step, **timing)

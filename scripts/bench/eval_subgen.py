@@ -31,8 +31,9 @@ if __package__ in (None, ""):  # run as a file: make `scripts.bench` importable 
 import torch
 
 import hf_tensor_attn  # noqa: F401  (registers the Auto classes)
-from hf_tensor_attn.cache.base import TensorAttnCache, TensorCacheLayer
-from hf_tensor_attn.cache.subgen import SubGen2CacheLayer, SubGen4CacheLayer
+from hf_tensor_attn.cache import (
+    SubGen2CacheLayer, SubGen4CacheLayer, TensorAttnCache, TensorAttnConstants, TensorCacheLayer,
+)
 from hf_tensor_attn.ops import four_cache_decode, tensor_attention
 from scripts.bench.harness import (
     describe_load, load_snapshot, machine, markdown_table, output_dir, pyplot, write_csv, write_tables,
@@ -125,14 +126,14 @@ def make_stream(kind: str, n: int, d: int, m: int, delta: float, seed: int, q_no
 
 def run_subgen(layout, cfg, q, k, v, chunk):
     """Feed the stream through a cache layer (float32, chunked prefill, the last token as the decode step)."""
-    layer = LAYERS[layout](**cfg)
-    n, D = k.shape[0], q.shape[0]
+    layer = LAYERS[layout](TensorAttnConstants(scale=1.0), **cfg)
+    n = k.shape[0]
     k32, v32 = k.float()[None, None], v.float()[None, None]
     for start in range(0, n - 1, chunk):
         stop = min(start + chunk, n - 1)
         layer.update(k32[:, :, start:stop], v32[:, :, start:stop])  # eviction runs at the next update
     layer.update(k32[:, :, n - 1 :], v32[:, :, n - 1 :])
-    out = layer.attend(q.float()[None, None, None], scale=1.0)[0, 0, 0].double()
+    out = layer.attend(q.float()[None, None, None])[0, 0, 0].double()
     return out, layer.memory_bytes()
 
 
@@ -256,35 +257,29 @@ class EvictionLayer(TensorCacheLayer):
 
     policy "window" keeps the most recent, "sinks+window" also the first SINKS, "random" evicts a uniformly random
     held token (never the newest). Not registered as a layout: the evaluation puts it into a cache by hand.
+    Eviction runs after each attention, so a step's new tokens are always attended.
     """
 
-    def __init__(self, policy: str, budget: int, seed: int = 0):
-        super().__init__()
-        self.policy, self.budget, self.seen = policy, budget, 0
+    def __init__(self, constants, *, policy: str, budget: int, seed: int = 0):
+        super().__init__(constants, policy=policy, budget=budget, seed=seed)
+        self.policy, self.budget = policy, budget
         self.generator = torch.Generator().manual_seed(seed)
 
-    def lazy_initialization(self, key_states, value_states):
+    def allocate(self, key_states, value_states):
         self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
-        self.pos = torch.zeros(0, dtype=torch.long)
-        self.is_initialized = True
+        self.pos = torch.zeros(0, dtype=torch.long)  # absolute position of each held token
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+    def append(self, key_states, value_states, attention_mask):
         T = key_states.shape[2]
         self.keys = torch.cat([self.keys, key_states], 2)
         self.values = torch.cat([self.values, value_states], 2)
         self.pos = torch.cat([self.pos, torch.arange(self.seen, self.seen + T)])
-        self.seen += T
-        return key_states, value_states
 
-    def attend(self, query, *, scale, w1=None, w2=None, attention_mask=None):
+    def read(self, query, attention_mask):
         k1, k2 = self.keys.chunk(2, -1)
         v1, v2 = self.values.chunk(2, -1)
-        if query.shape[2] == 1:
-            out = four_cache_decode(query, k1, k2, v1, v2, scale=scale)
-        else:
-            out = tensor_attention(query, k1, k2, v1, v2, scale=scale)
+        attention = four_cache_decode if query.shape[2] == 1 else tensor_attention
+        out = attention(query, k1, k2, v1, v2, scale=self.constants.scale)
         self._evict()
         return out
 
@@ -301,17 +296,14 @@ class EvictionLayer(TensorCacheLayer):
             keep = torch.cat([torch.arange(drop), torch.arange(drop + 1, n)])
             self.keys, self.values, self.pos = self.keys[:, :, keep], self.values[:, :, keep], self.pos[keep]
 
+    def map_batch(self, fn):
+        self.keys, self.values = fn(self.keys), fn(self.values)
+
+    def move(self, device):
+        self.keys, self.values = self.keys.to(device), self.values.to(device)
+
     def memory_bytes(self):
         return 0 if not self.is_initialized else (self.keys.numel() + self.values.numel()) * self.keys.element_size()
-
-    def get_seq_length(self):
-        return self.seen
-
-    def get_mask_sizes(self, query_length):
-        return self.seen + query_length, 0
-
-    def get_max_length(self):
-        return -1
 
 
 @torch.no_grad()
@@ -336,9 +328,9 @@ def part_b(args, rows_out):
     ids, labels = recall_batch(args.eval_batch, args.seq_len, g)
     config = model.config
 
-    def cache_with(factory):
+    def eviction_cache(policy, tokens):
         cache = TensorAttnCache(config, "four_cache")
-        cache.layers = [factory() for _ in cache.layers]
+        cache.layers = [EvictionLayer(cache.constants, policy=policy, budget=tokens) for _ in cache.layers]
         return cache
 
     def record(method, setting, result):
@@ -359,11 +351,11 @@ def part_b(args, rows_out):
                 for layout in ("subgen4", "subgen2"):
                     if layout == "subgen2" and numerator == "sampled" and delta < max(args.model_deltas):
                         continue  # keeps the run short; the trend is the same
-                    res = decode_through(model, cache_with(lambda: LAYERS[layout](**cfg)), ids, labels)
+                    res = decode_through(model, TensorAttnCache(config, layout, cfg), ids, labels)
                     record(f"{layout}/{numerator}", f"delta={delta} window={window}", res)
     for tokens in args.sizes["b_tokens"]:
         for policy in ("window", "sinks+window", "random"):
-            res = decode_through(model, cache_with(lambda: EvictionLayer(policy, tokens)), ids, labels)
+            res = decode_through(model, eviction_cache(policy, tokens), ids, labels)
             record(policy, f"tokens={tokens}", res)
 
 
