@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a file: make `scripts.bench` importable 
 
 import torch
 
-import hf_tensor_attn  # noqa: F401  (registers the Auto classes)
+# Importing the package also registers "tensor_attn" with the Auto classes, which train_model uses.
 from hf_tensor_attn.cache import (
     SubGen2CacheLayer, SubGen4CacheLayer, TensorAttnCache, TensorAttnConstants, TensorCacheLayer,
 )
