@@ -213,26 +213,39 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        past_key_values: Cache | None = None,
-    ) -> BaseModelOutputWithPast | tuple:
-        """Like `LlamaModel.forward`. `past_key_values` is the name transformers < 5.24 gives `cache`.
+    @staticmethod
+    def check_cache(cache, config) -> None:
+        """A cache passed in must be ours and built for this model: other caches have no tensor-attention layers."""
+        if cache is None:
+            return
+        if not isinstance(cache, TensorAttnCache):
+            raise TypeError(
+                f"tensor-attention models need a TensorAttnCache, got {type(cache).__name__}: pass "
+                "hf_tensor_attn.TensorAttnCache(model.config, cache_implementation=...) as `cache=`, or let the model "
+                "build one (use_cache=True, or generate(cache_implementation=...))"
+            )
+        cache.check_built_for(config)
 
-        There is no `**kwargs`: a keyword this model does not know raises `TypeError` instead of being ignored.
-        """
+    @staticmethod
+    def check_output_attentions(output_attentions) -> None:
+        if output_attentions:
+            raise ValueError(
+                "`output_attentions=True` is not supported yet: tensor layers attend over pairs of tokens (T^2 weights "
+                "per query), and the standard layers use SDPA, which returns no weights. Leave it unset or False."
+            )
+
+    def forward(
+        self, input_ids: torch.LongTensor | None = None, *, attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+        output_hidden_states: bool | None = None, output_attentions: bool | None = None,
+        return_dict: bool | None = None, past_key_values: Cache | None = None,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Like `LlamaModel.forward`, with every argument after `input_ids` by keyword. `past_key_values` is the name
+        transformers < 5.24 gives `cache`. There is no `**kwargs`: an unknown keyword raises `TypeError`."""
         cache = compat.resolve_cache(cache, past_key_values, f"{type(self).__name__}.forward")
-        check_cache(cache, self.config)
-        check_output_attentions(output_attentions)
+        self.check_cache(cache, self.config)
+        self.check_output_attentions(output_attentions)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`")
         if inputs_embeds is None:
@@ -283,27 +296,6 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
             **compat.cache_kwargs(cache),
         )
         return output if return_dict is not False else output.to_tuple()
-
-
-def check_cache(cache, config) -> None:
-    """A cache passed in must be ours and built for this model: other caches have no tensor-attention layers."""
-    if cache is None:
-        return
-    if not isinstance(cache, TensorAttnCache):
-        raise TypeError(
-            f"tensor-attention models need a TensorAttnCache, got {type(cache).__name__}: pass "
-            "hf_tensor_attn.TensorAttnCache(model.config, cache_implementation=...) as `cache=`, or let the model "
-            "build one (use_cache=True, or generate(cache_implementation=...))"
-        )
-    cache.check_built_for(config)
-
-
-def check_output_attentions(output_attentions) -> None:
-    if output_attentions:
-        raise ValueError(
-            "`output_attentions=True` is not supported yet: tensor layers attend over pairs of tokens (T^2 weights "
-            "per query), and the standard layers use SDPA, which returns no weights. Leave it unset or False."
-        )
 
 
 class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):

@@ -392,7 +392,7 @@ def exp_shift(request, monkeypatch):
     if request.param == "always":
         from hf_tensor_attn.ops import decode
 
-        monkeypatch.setattr(decode, "_UNSHIFTED_EXP_BOUND", {})
+        monkeypatch.setattr(decode, "EXP_HEADROOM", {})
     return request.param
 
 

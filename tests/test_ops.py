@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hf_tensor_attn.ops import exact, naive_tensor_attention, tensor_attention
+from hf_tensor_attn.ops import naive_tensor_attention, tensor_attention, tiled
 from hf_tensor_attn.ops._tiles import TileSizes, plan
 
 # Tolerances are relative to the largest entry of the reference tensor (at least 1), per dtype. float32 and bfloat16 both
@@ -33,7 +33,7 @@ def one_thread():
 @pytest.fixture(params=["default", *SMALL_TILINGS])
 def tiling(request, monkeypatch):
     if request.param in SMALL_TILINGS:
-        monkeypatch.setattr(exact, "choose_tile_sizes", lambda *args, **kw: SMALL_TILINGS[request.param])
+        monkeypatch.setattr(tiled, "choose_tile_sizes", lambda *args, **kw: SMALL_TILINGS[request.param])
     return request.param
 
 
@@ -116,7 +116,7 @@ def test_float64_matches_naive(case):
 )
 @pytest.mark.parametrize("sizes", list(SMALL_TILINGS))
 def test_float64_matches_naive_small_tiles(case, sizes, monkeypatch):
-    monkeypatch.setattr(exact, "choose_tile_sizes", lambda *args, **kw: SMALL_TILINGS[sizes])
+    monkeypatch.setattr(tiled, "choose_tile_sizes", lambda *args, **kw: SMALL_TILINGS[sizes])
     check_float64_matches_naive(case)
 
 
@@ -225,7 +225,7 @@ def test_pad_query_whose_own_pair_dwarfs_its_allowed_pairs(w, tiling):
 def test_windows_visit_only_in_window_tiles():
     """The work of a windowed call is O(T * w1 * w2): the planned tiles hold a small multiple of the used pairs."""
     T, w_row, w_col = 1024, 32, 128
-    sizes = exact.choose_tile_sizes(T, w_row, w_col)
+    sizes = tiled.choose_tile_sizes(T, w_row, w_col)
     visited = 0
     for block in plan(T, T, w_row, w_col, None, sizes):
         rows = sum(rb.stop - rb.start for rb in block.row_blocks)

@@ -1,4 +1,5 @@
-"""SubGen eviction (DESIGN.md §2, paper Lemmas 5.1/5.2): memory sublinear in the sequence length when keys cluster.
+"""SubGen eviction (after Zandieh et al. 2024; the KV-cache paper's Lemmas 5.1/5.2): memory sublinear in the
+sequence length when keys cluster.
 
 Both layouts keep an exact window of tokens (the first `sink_tokens` positions and the `recent_window` most recent
 ones) and summarise every token that leaves it with `summary.StreamSummary`:
