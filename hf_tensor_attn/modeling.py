@@ -361,11 +361,12 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
     def generate(self, *args, cache_implementation=None, cache_config=None, **kwargs):
         """`GenerationMixin.generate`, plus the tensor-attention cache layouts.
 
-        `cache_implementation` may name a layout ("four_cache", "two_cache", "subgen4", "subgen2", with
-        options in `cache_config`); "dynamic" or no name gives the config's default layout. transformers'
-        `GenerationConfig` rejects names outside its own list (compat item 3), so ours become a cache object
-        here, before it looks. A cache passed in (`cache=`, or `past_key_values=` before transformers 5.24) is
-        used as it is.
+        The layout is the first of: `cache_implementation` (a name from `available_cache_implementations()`,
+        options in `cache_config`), the passed `generation_config`'s, `model.generation_config`'s (saved in
+        generation_config.json), `config.default_cache_implementation`. "dynamic" means the config's default;
+        "offloaded" the same, offloaded to the CPU between layers. The name becomes a cache object here, before the
+        base `generate` would build a cache of its own from it. A cache passed in (`cache=`, or `past_key_values=`
+        before transformers 5.24) is used as it is.
         """
         cache = compat.resolve_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None), "generate()")
         if cache is not None and cache_implementation is not None:
@@ -373,10 +374,10 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
                 f"generate() got both a cache object and cache_implementation={cache_implementation!r}; pass one: "
                 "the cache object is used as it is, the name builds a new cache"
             )
-        generation_config = kwargs.get("generation_config") or self.generation_config
-        name = cache_implementation or generation_config.cache_implementation
-        cache_config = cache_config or generation_config.cache_config
-        # "offloaded": transformers' offloading (layers wait on the CPU between uses) over the default layout.
+        passed = kwargs.get("generation_config")
+        configs = [c for c in (passed, self.generation_config) if c is not None]
+        name = cache_implementation or next((c.cache_implementation for c in configs if c.cache_implementation), None)
+        cache_config = cache_config or next((c.cache_config for c in configs if c.cache_config), None)
         offloading = name == "offloaded"
         if name in (None, "dynamic", "offloaded"):
             name = self.config.default_cache_implementation
@@ -385,17 +386,22 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
                 f"`cache_implementation` must be one of {available_cache_implementations()}, or 'dynamic' (the "
                 f"config's default layout) or 'offloaded'; got {name!r}"
             )
-        if generation_config.cache_implementation is not None:
-            generation_config = copy.deepcopy(generation_config)
-            generation_config.cache_implementation = None
-            generation_config.cache_config = None
-            kwargs["generation_config"] = generation_config
-        use_cache = kwargs.get("use_cache", generation_config.use_cache)
+        if passed is not None and passed.cache_implementation is not None:
+            kwargs["generation_config"] = passed = copy.deepcopy(passed)
+            passed.cache_implementation = passed.cache_config = None
+        use_cache = kwargs.get("use_cache", (passed or self.generation_config).use_cache)
         if cache is None and use_cache is not False:
             cache = TensorAttnCache(self.config, name, cache_config, offloading=offloading)
         if cache is not None:
             kwargs.update(compat.cache_kwargs(cache))
-        return super().generate(*args, **kwargs)
+        # The base generate merges the model's generation config into the call's and refuses a cache object next
+        # to a cache_implementation: the model's name must be out of sight while it runs.
+        saved = self.generation_config.cache_implementation, self.generation_config.cache_config
+        self.generation_config.cache_implementation = self.generation_config.cache_config = None
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self.generation_config.cache_implementation, self.generation_config.cache_config = saved
 
 
 __all__ = ["TensorAttnForCausalLM", "TensorAttnModel", "TensorAttnPreTrainedModel"]

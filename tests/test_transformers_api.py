@@ -222,3 +222,29 @@ def test_trust_remote_code_without_the_package_says_to_install_it(saved_model, t
     run = run_fresh_python(script, str(path), "[]", str(tmp_path / "unused"), tmp_path=tmp_path)
     assert run.returncode != 0
     assert "hf_tensor_attn" in run.stderr and "Install it" in run.stderr, run.stderr[-3000:]
+
+
+# ---- the layout as generation config ----
+
+
+def test_generation_config_naming_a_layout_is_saved_restored_and_used(make_model, tmp_path):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = make_model(initializer_range=INIT, layer_types=HYBRID)
+    ids, mask = left_padded_batch()
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
+    model.generation_config.cache_implementation = "two_cache"
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert output_cache(out).cache_implementation == "two_cache" and torch.equal(out.sequences, ref)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["cache_implementation"] == "two_cache"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    out = loaded.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert output_cache(out).cache_implementation == "two_cache" and torch.equal(out.sequences, ref)
+    # an explicit GenerationConfig naming a layout works too, and the call's own name wins over it
+    config = GenerationConfig(cache_implementation="subgen4", max_new_tokens=6, do_sample=False)
+    out = loaded.generate(ids, attention_mask=mask, generation_config=config, return_dict_in_generate=True)
+    assert output_cache(out).cache_implementation == "subgen4" and torch.equal(out.sequences, ref)
+    out = loaded.generate(ids, attention_mask=mask, generation_config=config, cache_implementation="four_cache",
+                          return_dict_in_generate=True)
+    assert output_cache(out).cache_implementation == "four_cache"

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
+from .. import compat
+
 LAYOUTS: dict[str, type[TensorCacheLayer]] = {}
 
 
@@ -43,6 +45,7 @@ def register_layout(name: str):
             raise TypeError(f"@register_layout({name!r}) needs a TensorCacheLayer subclass, got {cls!r}")
         LAYOUTS[name] = cls
         cls.layout_name = name
+        compat.allow_cache_implementation(name)  # GenerationConfig / generation_config.json accept the name too
         return cls
 
     return wrap
