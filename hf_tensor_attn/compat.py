@@ -27,6 +27,11 @@ Items:
     load; `save_pretrained` then copies that class's source file (with its relative imports) next to the
     weights. Our classes come from the installed package and write their own one-line loader module instead
     (`REMOTE_MODULE`), so they turn that registration into a no-op (`keep_own_auto_map`).
+ 6. Attention kernels. `PreTrainedModel._check_and_adjust_attn_implementation(attn_implementation, is_init_check,
+    ...)` validates `attn_implementation` at init and in `set_attn_implementation`; our model overrides it to
+    refuse kernels its standard layers cannot use with a message that names the ones they can. Standard layers
+    call `ALL_ATTENTION_FUNCTIONS["sdpa"]` with transformers' signature `(module, q, k, v, mask, scaling=,
+    dropout=)`, returning ([B, T, H, D], weights).
 """
 
 from __future__ import annotations

@@ -18,12 +18,13 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 
 from . import compat
 from .cache import LAYOUTS, TensorAttnCache, TensorAttnConstants, available_cache_implementations
 from .configuration import TensorAttnConfig
 from .ops import tensor_attention
+from .ops.common import masked_softmax
 
 
 class TensorAttnRMSNorm(nn.RMSNorm):
@@ -109,14 +110,26 @@ class TensorAttention(nn.Module):
             c = self.constants
             out = tensor_attention(q, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=attention_mask)
         out = out.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(self.dropout(out))
+        return self.o_proj(self.dropout(out)), None  # pair weights (T^2 per query) are not returned
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention with a boolean mask [B or 1, 1, Tq, Tk]; the reference of the SDPA path, and the
+    backend that returns its weights. Returns ([B, Tq, H, D], weights [B, H, Tq, Tk])."""
+    weights = masked_softmax(torch.matmul(query, key.transpose(-1, -2)) * scaling, attention_mask)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 class StandardAttention(nn.Module):
-    """Causal softmax attention through SDPA, for the `"full_attention"` layers of a hybrid stack."""
+    """Causal softmax attention for the `"full_attention"` layers of a hybrid stack, through transformers' attention
+    interface: `config._attn_implementation` "sdpa" (default) or "eager" (returns attention weights)."""
+
+    is_causal = True
 
     def __init__(self, config: TensorAttnConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
@@ -140,9 +153,10 @@ class StandardAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         mask = causal_padding_mask(T, k.shape[2], attention_mask, q.device)  # [B or 1, 1, T, Tk]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(self.dropout(out))
+        backend = self.config._attn_implementation
+        attend = eager_attention if backend == "eager" else ALL_ATTENTION_FUNCTIONS[backend]
+        out, weights = attend(self, q, k, v, mask, scaling=self.head_dim**-0.5, dropout=0.0)  # out [B, T, H, D]
+        return self.o_proj(self.dropout(out.reshape(B, T, -1))), weights
 
 
 def causal_padding_mask(Tq: int, Tk: int, attention_mask, device) -> torch.Tensor:
@@ -173,7 +187,7 @@ class TensorAttnDecoderLayer(GradientCheckpointingLayer):
         # `GradientCheckpointingLayer` drops under gradient checkpointing; transformers 5.23 says `past_key_values`.
         cache = cache if cache is not None else past_key_values
         residual = hidden_states
-        hidden_states = self.self_attn(
+        hidden_states, attention_weights = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
@@ -182,7 +196,7 @@ class TensorAttnDecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + self.dropout(hidden_states)
         residual = hidden_states
         hidden_states = residual + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
-        return hidden_states
+        return hidden_states, attention_weights
 
 
 class TensorAttnPreTrainedModel(PreTrainedModel):
@@ -193,6 +207,19 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["TensorAttnDecoderLayer"]
     _skip_keys_device_placement = [compat.CACHE_ARG]  # accelerate's device hooks must not move the cache
     _supports_sdpa = True
+    # attn_implementation picks the standard layers' kernel; tensor layers always run ops.tensor_attention.
+    supported_attn_implementations = ("sdpa", "eager")
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
+        """Refuse, at load time and by name, the attention kernels this model cannot use (compat item 6)."""
+        if attn_implementation is not None and attn_implementation not in self.supported_attn_implementations:
+            raise ValueError(
+                f"tensor_attn models support attn_implementation in {list(self.supported_attn_implementations)}, got "
+                f"{attn_implementation!r}: it selects the kernel of the standard ('full_attention') layers, 'sdpa' by "
+                "default, 'eager' to return their attention weights; tensor layers always use "
+                "hf_tensor_attn.ops.tensor_attention"
+            )
+        return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
     register_for_auto_class = compat.keep_own_auto_map  # compat item 5
 
     def _init_weights(self, module):
@@ -226,14 +253,6 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
             )
         cache.check_built_for(config)
 
-    @staticmethod
-    def check_output_attentions(output_attentions) -> None:
-        if output_attentions:
-            raise ValueError(
-                "`output_attentions=True` is not supported yet: tensor layers attend over pairs of tokens (T^2 weights "
-                "per query), and the standard layers use SDPA, which returns no weights. Leave it unset or False."
-            )
-
     def forward(
         self, input_ids: torch.LongTensor | None = None, *, attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
@@ -245,7 +264,6 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
         transformers < 5.24 gives `cache`. There is no `**kwargs`: an unknown keyword raises `TypeError`."""
         cache = compat.resolve_cache(cache, past_key_values, f"{type(self).__name__}.forward")
         self.check_cache(cache, self.config)
-        self.check_output_attentions(output_attentions)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`")
         if inputs_embeds is None:
@@ -275,24 +293,27 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
 
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         hidden_states = inputs_embeds
-        all_hidden_states = [] if output_hidden_states else None
+        all_hidden_states, all_attentions = [], []
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            hidden_states = layer(
+            all_hidden_states.append(hidden_states)
+            hidden_states, attention_weights = layer(
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=attention_mask,
                 **compat.cache_kwargs(cache),
             )
+            if output_attentions:
+                all_attentions.append(attention_weights)  # None for tensor layers and the SDPA backend
         hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states.append(hidden_states)
+        all_hidden_states.append(hidden_states)
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
             **compat.cache_kwargs(cache),
         )
         return output if return_dict is not False else output.to_tuple()
@@ -354,6 +375,7 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             **compat.cache_kwargs(compat.output_cache(outputs)),
         )
         return output if return_dict is not False else output.to_tuple()

@@ -125,9 +125,41 @@ def test_a_cache_built_for_another_model_is_refused(make_model):
         model(torch.randint(3, 259, (1, 4)), cache=TensorAttnCache(other.config))
 
 
-def test_output_attentions_is_refused_not_ignored(make_model):
-    with pytest.raises(ValueError, match="output_attentions"):
-        make_model()(torch.randint(3, 259, (1, 4)), output_attentions=True)
+# ---- the attention interface (standard layers) ----
+
+
+def test_eager_and_sdpa_standard_layers_agree_and_eager_returns_weights(make_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = make_model(initializer_range=INIT, layer_types=HYBRID)
+    model.save_pretrained(tmp_path)
+    eager = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="eager").eval()
+    sdpa = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="sdpa").eval()
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    ids, mask = left_padded_batch()
+    out_eager = eager(ids, attention_mask=mask, output_attentions=True)
+    out_sdpa = sdpa(ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(out_eager.logits[real], out_sdpa.logits[real], rtol=1e-10, atol=1e-10)
+    tensor_weights, standard_weights = out_eager.attentions
+    assert tensor_weights is None  # pair weights are not returned
+    assert standard_weights.shape == (3, 2, 7, 7)
+    real_queries = real[:, None, :].expand(3, 2, 7)
+    rows = standard_weights.sum(-1)[real_queries]
+    torch.testing.assert_close(rows, torch.ones_like(rows))
+    assert (standard_weights.triu(1).sum(-1)[real_queries] == 0).all()  # causal for every real query
+    assert (standard_weights[2, :, -1, :5] == 0).all()  # the padded keys of the shortest row get no weight
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(eager.generate(ids, **kw), sdpa.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("backend", ["flash_attention_2", "flex_attention"])
+def test_unsupported_attention_kernels_are_refused_at_load_naming_the_supported_ones(make_model, backend, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"attn_implementation in \['sdpa', 'eager'\]"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=backend)
 
 
 def test_generate_and_cached_forward_are_quiet(make_model, caplog):
