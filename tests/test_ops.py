@@ -317,3 +317,33 @@ def test_bad_inputs_raise_value_error_naming_argument(fn, change, kw, name):
     kw = {"scale": 0.5, **kw}
     with pytest.raises(ValueError, match=f"`{name}`"):
         fn(tensors["q"], tensors["k1"], tensors["k2"], tensors["v1"], tensors["v2"], **kw)
+
+
+# ---- torch.compile: the passes are custom ops, opaque to the compiler ----
+
+
+def test_custom_ops_pass_opcheck():
+    """Fake (meta) kernels, schema and autograd registration agree with the real kernels."""
+    from hf_tensor_attn.ops.tiled import _forward_op
+
+    (q, k1, k2, v1, v2), _ = make_inputs(1, 2, 5, 7, 4, torch.float64)
+    for t in (q, k1, k2, v1, v2):
+        t.requires_grad_(True)
+    mask = torch.ones(1, 7, dtype=torch.long)
+    mask[0, :2] = 0
+    for w1, w2, m in ((None, None, None), (3, 2, mask)):
+        torch.library.opcheck(_forward_op, (q, k1, k2, v1, v2, 0.5, w1, w2, m))
+
+
+def test_compiled_op_has_no_graph_break_and_matches_eager():
+    (q, k1, k2, v1, v2), _ = make_inputs(2, 2, 9, 9, 8, torch.float32)
+    for t in (q, k1, k2, v1, v2):
+        t.requires_grad_(True)
+    fn = lambda *x: tensor_attention(*x, scale=0.3, w1=4, w2=None)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out, ref = compiled(q, k1, k2, v1, v2), fn(q, k1, k2, v1, v2)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    grads = torch.autograd.grad(out.square().sum(), (q, k1, k2, v1, v2))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k1, k2, v1, v2))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)

@@ -280,3 +280,23 @@ def test_generation_config_naming_a_layout_is_saved_restored_and_used(make_model
     out = loaded.generate(ids, attention_mask=mask, generation_config=config, cache_implementation="four_cache",
                           return_dict_in_generate=True)
     assert output_cache(out).cache_implementation == "four_cache"
+
+
+# ---- torch.compile ----
+
+
+def test_compiled_model_forward_fullgraph_and_training_step_match_eager(make_model):
+    model = make_model(dtype=torch.float32, layer_types=HYBRID, w1=5, w2=3)
+    ids = torch.randint(3, 259, (2, 9))
+    with torch.no_grad():  # inductor, the default backend, with the whole forward as one graph
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                   rtol=1e-5, atol=1e-5)
+    model.train()
+    trained = torch.compile(model, fullgraph=True, backend="aot_eager")
+    trained(ids, labels=ids).loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-7)

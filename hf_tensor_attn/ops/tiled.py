@@ -329,38 +329,75 @@ def _problem(q, kr, kc, vr, vc, scale, w_row, w_col, mask, dtype) -> _Problem:
     )
 
 
-class _TensorAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
-        B, H, Tq, D = q.shape
-        Tk = k1.shape[2]
-        dtype = _compute_dtype(q.dtype)
-        # A window as long as the keys excludes nothing (t - a <= Tk - 1).
-        w1, w2 = (None if w is not None and w >= Tk else w for w in (w1, w2))
-        # The smaller window goes on the rows (see module docstring); no window counts as the largest.
-        swap = w2 is not None and (w1 is None or w2 < w1)
-        kr, kc, vr, vc = (k2, k1, v2, v1) if swap else (k1, k2, v1, v2)
-        w_row, w_col = (w2, w1) if swap else (w1, w2)
-        mask = attention_mask.to(torch.bool) if attention_mask is not None else None
-        out, lse, has_pair = _forward(_problem(q, kr, kc, vr, vc, scale, w_row, w_col, mask, dtype))
-        ctx.save_for_backward(q, k1, k2, v1, v2, out, lse, has_pair, mask)
-        ctx.meta = (scale, swap, w_row, w_col)
-        return out.view(B, H, Tq, D).to(q.dtype)
+def _oriented(k1, k2, v1, v2, w1, w2):
+    """(swap, w_row, w_col, (k_row, k_col, v_row, v_col)): the narrower window on the rows (module docstring)."""
+    Tk = k1.shape[2]
+    # A window as long as the keys excludes nothing (t - a <= Tk - 1); no window counts as the widest.
+    w1, w2 = (None if w is not None and w >= Tk else w for w in (w1, w2))
+    swap = w2 is not None and (w1 is None or w2 < w1)
+    if swap:
+        return swap, w2, w1, (k2, k1, v2, v1)
+    return swap, w1, w2, (k1, k2, v1, v2)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k1, k2, v1, v2, out, lse, has_pair, mask = ctx.saved_tensors
-        scale, swap, w_row, w_col = ctx.meta
-        B, H, Tq, D = q.shape
-        Tk = k1.shape[2]
-        kr, kc, vr, vc = (k2, k1, v2, v1) if swap else (k1, k2, v1, v2)
-        problem = _problem(q, kr, kc, vr, vc, scale, w_row, w_col, mask, out.dtype)
-        dq, dkr, dkc, dvr, dvc = _backward(problem, out, lse, has_pair, dout.to(out.dtype).reshape(B * H, Tq, D))
-        shape = lambda t, T, like: t.view(B, H, T, D).to(like.dtype)
-        dq = shape(dq * scale, Tq, q)
-        dk1, dk2, dv1, dv2 = (dkc, dkr, dvc, dvr) if swap else (dkr, dkc, dvr, dvc)
-        return dq, shape(dk1, Tk, k1), shape(dk2, Tk, k2), shape(dv1, Tk, v1), shape(dv2, Tk, v2), None, None, None, None
+
+# The passes are custom ops, so `torch.compile` treats each as one opaque call: their tile loops depend on the
+# data (masks, score bounds) and would otherwise break the graph at every `.tolist()` and `bool(...)`.
+@torch.library.custom_op("hf_tensor_attn::tiled_attention_forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, scale: float,
+    w1: int | None, w2: int | None, attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [BH, Tq, D], lse [BH, Tq], has_pair [BH, Tq]) in the compute dtype."""
+    _, w_row, w_col, streams = _oriented(k1, k2, v1, v2, w1, w2)
+    mask = attention_mask.to(torch.bool) if attention_mask is not None else None
+    return _forward(_problem(q, *streams, scale, w_row, w_col, mask, _compute_dtype(q.dtype)))
+
+
+@_forward_op.register_fake
+def _(q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
+    B, H, Tq, D = q.shape
+    dtype = _compute_dtype(q.dtype)
+    return (q.new_empty(B * H, Tq, D, dtype=dtype), q.new_empty(B * H, Tq, dtype=dtype),
+            q.new_empty(B * H, Tq, dtype=torch.bool))
+
+
+@torch.library.custom_op("hf_tensor_attn::tiled_attention_backward", mutates_args=())
+def _backward_op(
+    dout: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, has_pair: torch.Tensor, scale: float, w1: int | None, w2: int | None,
+    attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k1, k2, v1, v2 from dout [BH, Tq, D] (compute dtype)."""
+    B, H, Tq, D = q.shape
+    Tk = k1.shape[2]
+    swap, w_row, w_col, streams = _oriented(k1, k2, v1, v2, w1, w2)
+    mask = attention_mask.to(torch.bool) if attention_mask is not None else None
+    problem = _problem(q, *streams, scale, w_row, w_col, mask, out.dtype)
+    dq, dkr, dkc, dvr, dvc = _backward(problem, out, lse, has_pair, dout)
+    # Copies: a custom op's outputs may not alias each other (dk_col and dv_col share one buffer).
+    shape = lambda t, T, like: t.view(B, H, T, D).to(like.dtype, copy=True)  # noqa: E731
+    dk1, dk2, dv1, dv2 = (dkc, dkr, dvc, dvr) if swap else (dkr, dkc, dvr, dvc)
+    return shape(dq * scale, Tq, q), shape(dk1, Tk, k1), shape(dk2, Tk, k2), shape(dv1, Tk, v1), shape(dv2, Tk, v2)
+
+
+@_backward_op.register_fake
+def _(dout, q, k1, k2, v1, v2, out, lse, has_pair, scale, w1, w2, attention_mask):
+    return tuple(t.new_empty(t.shape) for t in (q, k1, k2, v1, v2))  # contiguous, like the real gradients
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k1, k2, v1, v2, scale, w1, w2, attention_mask = inputs
+    ctx.save_for_backward(q, k1, k2, v1, v2, *output, attention_mask)
+    ctx.meta = (scale, w1, w2)
+
+
+def _gradients(ctx, dout, dlse, dhas_pair):
+    q, k1, k2, v1, v2, out, lse, has_pair, attention_mask = ctx.saved_tensors
+    grads = _backward_op(dout.to(out.dtype), q, k1, k2, v1, v2, out, lse, has_pair, *ctx.meta, attention_mask)
+    return (*grads, None, None, None, None)
+
+
+_forward_op.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
 def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
@@ -370,4 +407,5 @@ def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_ma
     accumulation is fp32); returns q's dtype. Peak extra memory is O(tile + T*d).
     """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
-    return _TensorAttention.apply(q, k1, k2, v1, v2, float(scale), w1, w2, attention_mask)
+    out, _, _ = _forward_op(q, k1, k2, v1, v2, float(scale), w1, w2, attention_mask)
+    return out.view(q.shape).to(q.dtype)
