@@ -19,12 +19,15 @@ from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.utils import logging
 
 from . import compat
 from .cache import LAYOUTS, TensorAttnCache, TensorAttnConstants, available_cache_implementations
 from .configuration import TensorAttnConfig
 from .ops import tensor_attention
 from .ops.common import masked_softmax
+
+logger = logging.get_logger(__name__)
 
 
 class TensorAttnRMSNorm(nn.RMSNorm):
@@ -276,6 +279,11 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
 
         B, T = inputs_embeds.shape[:2]
         past_seen = cache.get_seq_length() if cache is not None else 0
+        if past_seen + T > self.config.max_position_embeddings:
+            logger.warning_once(  # one message per process: the same text is not repeated
+                f"Inputs run past max_position_embeddings={self.config.max_position_embeddings}, the positions this "
+                "model was built for; positions beyond it were never trained and outputs may degrade."
+            )
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape != (B, past_seen + T):
                 raise ValueError(

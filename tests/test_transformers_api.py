@@ -300,3 +300,14 @@ def test_compiled_model_forward_fullgraph_and_training_step_match_eager(make_mod
     model(ids, labels=ids).loss.backward()
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_inputs_longer_than_the_positions_warn_once(make_model, caplog):
+    model = make_model(max_position_embeddings=8)
+    with caplog.at_level(logging.WARNING):
+        model(torch.randint(3, 259, (1, 6)), use_cache=False)
+        assert not caplog.records
+        model(torch.randint(3, 259, (1, 10)), use_cache=False)
+        model(torch.randint(3, 259, (1, 12)), use_cache=False)
+    warned = [r for r in caplog.records if "max_position_embeddings=8" in r.getMessage()]
+    assert len(warned) == 1
