@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import (
     AutoConfig,
@@ -50,7 +49,7 @@ from transformers import (
 )
 
 from .configuration import TensorAttnConfig
-from .tasks import IGNORE_INDEX, Match3Task, text_dataset
+from .data import Match3Task, answer_accuracy, text_dataset
 from .tokenization import TensorAttnByteTokenizer
 
 TASKS = ("match3", "text")
@@ -382,10 +381,7 @@ def _fresh_model(model: dict[str, Any], tokenizer):
 
 def answer_metrics(eval_pred) -> dict[str, float]:
     """Accuracy over answer tokens (labels != -100): the next-token prediction at each scored position."""
-    preds, labels = eval_pred.predictions, eval_pred.label_ids
-    preds, labels = np.asarray(preds)[:, :-1], np.asarray(labels)[:, 1:]
-    scored = labels != IGNORE_INDEX
-    return {"accuracy": float((preds[scored] == labels[scored]).mean())}
+    return {"accuracy": answer_accuracy(eval_pred.predictions, eval_pred.label_ids)}
 
 
 def argmax_logits(logits, labels):

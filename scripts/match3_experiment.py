@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_tensor_attn.tasks import Match3Task, answer_accuracy
+from hf_tensor_attn.data import Match3Task, answer_accuracy
 from hf_tensor_attn.training import load_config, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import hf_tensor_attn
-from hf_tensor_attn.tasks import (
-    BOS_ID,
+from hf_tensor_attn.data import (
     IGNORE_INDEX,
     NEGATIVE_ID,
     POSITIVE_ID,
@@ -23,6 +22,7 @@ from hf_tensor_attn.tasks import (
     number_token_id,
     text_dataset,
 )
+from hf_tensor_attn.tokenization import BOS_ID
 from hf_tensor_attn.training import build_trainer, load_config, param_checksum, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,9 +14,9 @@ Token format (direct token ids, chosen so the package's byte tokenizer renders t
 
     <s> x_1 a_1 x_2 a_2 ... x_N a_N
 
-- `<s>` is id 1 (the byte tokenizer's bos);
-- number x is the byte `chr(ord("A") + x)`, i.e. token id `3 + 65 + x` (so M <= 191);
-- answer a_i is the byte "+" (positive, id 46) or "-" (negative, id 48).
+- `<s>` is the byte tokenizer's bos (`tokenization.BOS_ID`);
+- number x is the byte `chr(ord("A") + x)`, i.e. token id `BYTE_OFFSET + 65 + x` (so M <= 191);
+- answer a_i is the byte "+" (positive) or "-" (negative).
 
 The model reads x_i and predicts the next token, the answer; labels are the answer ids at answer positions and
 -100 everywhere else, so the loss (after transformers' usual one-token shift) is on answer tokens only. Decoding
@@ -28,24 +28,27 @@ among the numbers that give that label. When no number gives it -- late in a seq
 prefix can cover every residue, and then every number is positive -- the other label is used. So the realised
 positive rate is `positive_rate` until the prefix saturates and higher after; `Match3Task.describe()` reports it.
 Keep `length` around M or below for a near-balanced task (M=16, N=16: about 63% positive).
+
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from datasets import Dataset, load_dataset
 
-BOS_ID = 1
-BYTE_OFFSET = 3  # the byte tokenizer's id of byte b is 3 + b
+from .tokenization import BOS_ID, BYTE_OFFSET, NUM_BYTES
+
 NUMBER_BASE_ID = BYTE_OFFSET + ord("A")
 POSITIVE_ID = BYTE_OFFSET + ord("+")
 NEGATIVE_ID = BYTE_OFFSET + ord("-")
-MAX_MODULUS = 256 - ord("A")
-IGNORE_INDEX = -100
+MAX_MODULUS = NUM_BYTES - ord("A")
+IGNORE_INDEX = -100  # the label transformers' losses skip
+# Held-out Match3 data comes from a seed no training seed reaches by `seed + small int`.
+EVAL_SEED_OFFSET = 1_000_003
 
 
 def number_token_id(x: int) -> int:
@@ -102,39 +105,35 @@ class Match3Task:
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
             raise ValueError(f"Match3 `positive_rate` must be a float in [0, 1], got {rate!r}")
 
-    @property
-    def sequence_length(self) -> int:
-        return 1 + 2 * self.length
-
     def sample_numbers(self, rng: np.random.Generator) -> tuple[list[int], list[bool]]:
         """One sequence and its labels, drawn to hit `positive_rate` per position while the prefix allows it."""
-        M = self.modulus
-        values = np.arange(M)
-        seen = np.zeros(M, dtype=bool)
-        pair_sums = np.zeros(M, dtype=bool)
+        modulus = self.modulus
+        values = np.arange(modulus)
+        seen = np.zeros(modulus, dtype=bool)
+        pair_sums = np.zeros(modulus, dtype=bool)
         numbers, labels = [], []
         for _ in range(self.length):
-            positive = pair_sums[-values % M] | seen[-2 * values % M] | (3 * values % M == 0)  # [M]
-            want = rng.random() < self.positive_rate
-            candidates = np.flatnonzero(positive == want)
+            positive = pair_sums[-values % modulus] | seen[-2 * values % modulus] | (3 * values % modulus == 0)  # [M]
+            want_positive = rng.random() < self.positive_rate
+            candidates = np.flatnonzero(positive == want_positive)
             if candidates.size == 0:
                 candidates = values
             x = int(rng.choice(candidates))
             numbers.append(x)
             labels.append(bool(positive[x]))
             pair_sums |= np.roll(seen, x)
-            pair_sums[2 * x % M] = True
+            pair_sums[2 * x % modulus] = True
             seen[x] = True
         return numbers, labels
 
     def encode(self, numbers: Sequence[int], labels: Sequence[bool]) -> dict[str, list[int]]:
         input_ids = [BOS_ID]
-        target = [IGNORE_INDEX]
-        for x, y in zip(numbers, labels):
-            answer = POSITIVE_ID if y else NEGATIVE_ID
+        targets = [IGNORE_INDEX]
+        for x, positive in zip(numbers, labels):
+            answer = POSITIVE_ID if positive else NEGATIVE_ID
             input_ids += [number_token_id(x), answer]
-            target += [IGNORE_INDEX, answer]
-        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": target}
+            targets += [IGNORE_INDEX, answer]
+        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": targets}
 
     def build(self) -> Dataset:
         """Columns: input_ids, attention_mask, labels (model inputs); numbers, answers (0/1) for inspection."""
@@ -145,7 +144,7 @@ class Match3Task:
             for key, value in self.encode(numbers, labels).items():
                 rows[key].append(value)
             rows["numbers"].append(numbers)
-            rows["answers"].append([int(y) for y in labels])
+            rows["answers"].append([int(positive) for positive in labels])
         return Dataset.from_dict(rows)
 
     def describe(self, dataset: Dataset) -> dict[str, float]:
@@ -157,8 +156,25 @@ class Match3Task:
             "position_only_accuracy": float(np.maximum(per_position, 1 - per_position).mean()),
         }
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+def match3_splits(
+    modulus: int, length: int, positive_rate: float, num_train_examples: int, num_eval_examples: int, seed: int
+) -> tuple[Dataset, Dataset]:
+    """Training and held-out Match3 datasets; the held-out one is drawn from `seed + EVAL_SEED_OFFSET`."""
+    train = Match3Task(modulus, length, num_train_examples, seed, positive_rate)
+    held_out = Match3Task(modulus, length, num_eval_examples, seed + EVAL_SEED_OFFSET, positive_rate)
+    return train.build(), held_out.build()
+
+
+def answer_accuracy(predictions, labels) -> float:
+    """Share of answer tokens (labels != -100) predicted exactly, from logits [B, T, V] or argmax ids [B, T]
+    (numpy arrays or CPU tensors) as the model's forward returns them: position t predicts token t + 1."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    if predictions.ndim == 3:
+        predictions = predictions.argmax(-1)
+    predictions, labels = predictions[:, :-1], labels[:, 1:]
+    scored = labels != IGNORE_INDEX
+    return float((predictions[scored] == labels[scored]).mean()) if scored.any() else float("nan")
 
 
 def text_dataset(
@@ -202,12 +218,3 @@ def text_dataset(
     tokenized = raw.map(tokenize, batched=True, remove_columns=raw.column_names)
     # One batch holds the whole corpus so that blocks run across document boundaries, as in run_clm.
     return tokenized.map(chunk, batched=True, batch_size=None, remove_columns=["ids"])
-
-
-def answer_accuracy(logits_or_preds, labels) -> float:
-    """Share of answer tokens (labels != -100) predicted exactly, from logits [B, T, V] or argmax ids [B, T] as
-    the model's forward returns them (position t predicts token t + 1)."""
-    preds = logits_or_preds.argmax(-1) if logits_or_preds.dim() == 3 else logits_or_preds
-    preds, labels = preds[:, :-1], labels[:, 1:]
-    scored = labels != IGNORE_INDEX
-    return float((preds[scored] == labels[scored]).float().mean()) if bool(scored.any()) else float("nan")
