@@ -1,4 +1,4 @@
-"""Training data as `datasets.Dataset`: the synthetic Match3 task, and plain text from local files.
+"""Training data as `datasets` datasets: the synthetic Match3 task, and causal-LM blocks of any text corpus.
 
 Match3 (Sanford, Hsu & Telgarsky 2023), causal version
 ------------------------------------------------------
@@ -29,16 +29,22 @@ prefix can cover every residue, and then every number is positive -- the other l
 positive rate is `positive_rate` until the prefix saturates and higher after; `Match3Task.describe()` reports it.
 Keep `length` around M or below for a near-balanced task (M=16, N=16: about 63% positive).
 
+Text corpora
+------------
+`text_dataset` reads local files with the `datasets` builder their extension names (`.txt`: one document per file;
+`.json` / `.jsonl`, `.csv`, `.parquet`: one document per record, its `text_column`); any other source
+(`datasets.load_dataset(name)`, a streamed dataset) goes through `causal_lm_blocks` directly.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from datasets import Dataset, load_dataset
+from datasets import Dataset, IterableDataset, load_dataset
 
 from .tokenization import BOS_ID, BYTE_OFFSET, NUM_BYTES
 
@@ -49,6 +55,8 @@ MAX_MODULUS = NUM_BYTES - ord("A")
 IGNORE_INDEX = -100  # the label transformers' losses skip
 # Held-out Match3 data comes from a seed no training seed reaches by `seed + small int`.
 EVAL_SEED_OFFSET = 1_000_003
+# The `datasets` builder that reads each file extension.
+BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def number_token_id(x: int) -> int:
@@ -177,44 +185,86 @@ def answer_accuracy(predictions, labels) -> float:
     return float((predictions[scored] == labels[scored]).mean()) if scored.any() else float("nan")
 
 
-def text_dataset(
-    files: str | Sequence[str],
+def check_text_files(
+    files: str | os.PathLike | Sequence[str | os.PathLike], argument: str = "files"
+) -> tuple[list[str], str]:
+    """The paths of local text files and the `datasets` builder that reads them (`BUILDERS`, by extension), after
+    checking that they exist, are not empty and share one format; `argument` names the files in errors."""
+    paths = [str(files)] if isinstance(files, (str, os.PathLike)) else [str(f) for f in files]
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise ValueError(f"`{argument}`: files do not exist: {missing}")
+    empty = [path for path in paths if os.path.getsize(path) == 0]
+    if empty:
+        raise ValueError(f"`{argument}`: files are empty: {empty}")
+    builders = {path: BUILDERS.get(Path(path).suffix.lower()) for path in paths}
+    unknown = [path for path, builder in builders.items() if builder is None]
+    if unknown:
+        raise ValueError(f"`{argument}`: no format known for the extension of {unknown}; allowed: {sorted(BUILDERS)}")
+    if len(set(builders.values())) > 1:
+        raise ValueError(f"`{argument}` mixes formats {builders}; give files of one format")
+    return paths, builders[paths[0]]
+
+
+def read_text_files(
+    files: str | os.PathLike | Sequence[str | os.PathLike],
+    streaming: bool = False,
+    num_proc: int | None = None,
+    argument: str = "files",
+) -> Dataset | IterableDataset:
+    """Local files of one format as raw records (see `check_text_files`). A `.txt` file is one record (datasets'
+    `sample_by="document"`): its line breaks stay in the text, and it gets one eos."""
+    paths, builder = check_text_files(files, argument)
+    options = {"sample_by": "document"} if builder == "text" else {}
+    if not streaming:
+        options["num_proc"] = num_proc
+    return load_dataset(builder, data_files=paths, split="train", streaming=streaming, **options)
+
+
+def causal_lm_blocks(
+    records: Dataset | IterableDataset,
     tokenizer,
     block_size: int = 128,
-    text_format: str = "text",
-    text_field: str = "text",
-) -> Dataset:
-    """Local text files as causal-LM blocks of `block_size` tokens (input_ids, attention_mask, labels).
+    text_column: str = "text",
+    num_proc: int | None = None,
+) -> Dataset | IterableDataset:
+    """Records of text as blocks of `block_size` tokens (input_ids, attention_mask, labels), as run_clm makes them.
 
-    `text_format` "text" reads each file as one document (datasets' text loader, `sample_by="document"`);
-    "json" reads JSON / JSON-lines records and takes each record's `text_field`. Every document is tokenized
-    without special tokens and followed by the tokenizer's eos (when it has one), the stream is concatenated and
-    cut into blocks; the last partial block is dropped. Labels equal input_ids (the model shifts them).
-    `tokenizer` is the package's byte tokenizer or any tokenizer, e.g. `AutoTokenizer.from_pretrained(name)`.
+    Each record's `text_column` is tokenized without special tokens and followed by the tokenizer's eos (when it has
+    one); the records of one map batch (1,000) are concatenated and cut into blocks, and the tail of each batch that
+    does not fill a block is dropped. Memory holds one batch at a time, whatever the size of the corpus; a streamed
+    `IterableDataset` stays streamed. Labels equal input_ids (the model shifts them). `tokenizer` is the package's
+    byte tokenizer or any other, e.g. `AutoTokenizer.from_pretrained(name)`.
     """
-    if text_format not in ("text", "json"):
-        raise ValueError(f"`text_format` must be 'text' or 'json', got {text_format!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
         raise ValueError(f"`block_size` must be an int >= 2, got {block_size!r}")
-    files = [files] if isinstance(files, (str, os.PathLike)) else [str(f) for f in files]
-    missing = [f for f in files if not os.path.exists(f)]
-    if missing:
-        raise ValueError(f"text files do not exist: {missing}")
-    options = {"sample_by": "document"} if text_format == "text" else {}
-    raw = load_dataset(text_format, data_files=[str(f) for f in files], split="train", **options)
-    if text_field not in raw.column_names:
-        raise ValueError(f"`text_field` {text_field!r} is not a field of the records; fields: {raw.column_names}")
+    # A streamed csv or text source does not know its columns before it is read.
+    columns = records.column_names or list(next(iter(records)))
+    if text_column not in columns:
+        raise ValueError(f"`text_column` {text_column!r} is not a column of the data; columns: {columns}")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
-    def tokenize(batch):
-        encoded = tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]
-        return {"ids": [ids + eos for ids in encoded]}
+    def tokenize_and_group(batch):
+        encoded = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
+        stream = [token for ids in encoded for token in ids + eos]
+        starts = range(0, len(stream) - block_size + 1, block_size)
+        blocks = [stream[start : start + block_size] for start in starts]
+        labels = [list(block) for block in blocks]
+        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": labels}
 
-    def chunk(batch):
-        stream = [i for ids in batch["ids"] for i in ids]
-        blocks = [stream[s : s + block_size] for s in range(0, len(stream) - block_size + 1, block_size)]
-        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": [list(b) for b in blocks]}
+    options = {} if isinstance(records, IterableDataset) else {"num_proc": num_proc}
+    return records.map(tokenize_and_group, batched=True, remove_columns=columns, **options)
 
-    tokenized = raw.map(tokenize, batched=True, remove_columns=raw.column_names)
-    # One batch holds the whole corpus so that blocks run across document boundaries, as in run_clm.
-    return tokenized.map(chunk, batched=True, batch_size=None, remove_columns=["ids"])
+
+def text_dataset(
+    files: str | os.PathLike | Sequence[str | os.PathLike],
+    tokenizer,
+    block_size: int = 128,
+    text_column: str = "text",
+    streaming: bool = False,
+    num_proc: int | None = None,
+    argument: str = "files",
+) -> Dataset | IterableDataset:
+    """Local text, json / jsonl, csv or parquet files as causal-LM blocks: `read_text_files`, then `causal_lm_blocks`."""
+    records = read_text_files(files, streaming=streaming, num_proc=num_proc, argument=argument)
+    return causal_lm_blocks(records, tokenizer, block_size=block_size, text_column=text_column, num_proc=num_proc)
