@@ -14,6 +14,7 @@ checked alike; unknown keys, ill-typed values and options that the chosen task o
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -30,7 +31,8 @@ from transformers import HfArgumentParser, TrainingArguments
 from .configuration import TensorAttnConfig
 from .data import Match3Task, check_text_files
 
-TASKS = ("match3", "text")
+Task = Literal["match3", "text"]
+TASKS = typing.get_args(Task)
 MATCH3_FIELDS = ("modulus", "length", "positive_rate", "num_train_examples", "num_eval_examples", "task_seed")
 TEXT_FIELDS = ("train_files", "eval_files", "dataset_name", "dataset_config_name", "train_split", "eval_split",
                "text_column", "block_size", "streaming", "num_proc")
@@ -131,7 +133,7 @@ class DataArguments:
     """What the model trains on: the synthetic Match3 task (`hf_tensor_attn.data`), or text from local files or a
     `datasets` dataset, cut into blocks of `block_size` tokens."""
 
-    task: Literal["match3", "text"] = field(default="match3", metadata={"help": "the training data"})
+    task: Task = field(default="match3", metadata={"help": "the training data"})
     modulus: int = field(default=16, metadata={"help": "match3: numbers lie in [0, modulus)"})
     length: int = field(default=16, metadata={"help": "match3: numbers per sequence"})
     positive_rate: float = field(default=0.5, metadata={"help": "match3: chance a position is drawn positive"})
@@ -257,31 +259,43 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def _options(parser: HfArgumentParser) -> dict[str, argparse.Action]:
+    return {action.dest: action for action in parser._actions if action.option_strings}
+
+
+def _unknown(what: str, keys: Sequence[str], parser: HfArgumentParser) -> ValueError:
+    """The error for unknown keys, with the closest known key of each: "(did you mean 'max_steps' for 'max_step'?)"."""
+    guesses = {key: difflib.get_close_matches(key, list(_options(parser)), n=1) for key in keys}
+    hints = ", ".join(f"{guess[0]!r} for {key!r}" for key, guess in guesses.items() if guess)
+    return ValueError(f"{what}{f' (did you mean {hints}?)' if hints else ''}; allowed keys: the fields of "
+                      "ModelArguments, DataArguments and TrainingArguments that `train.py --help` lists, each given as "
+                      "`--key value` or `--key=value`")
+
+
+def _as_command_line(key: str, value: Any, option: argparse.Action) -> list[str]:
+    if isinstance(value, list) and option.nargs == "+":
+        return [f"--{key}", *map(str, value)]
+    if isinstance(value, (dict, list)):
+        return [f"--{key}={json.dumps(value)}"]
+    if isinstance(value, bool):
+        return [f"--{key}={str(value).lower()}"]
+    return [f"--{key}={value}"]
+
+
 def config_file_args(parser: HfArgumentParser, path: str | Path) -> list[str]:
     """A config file's values as command-line arguments, so that argparse checks them as it checks the command line."""
     values = read_config_file(path)
-    actions = {action.dest: action for action in parser._actions if action.option_strings}
-    unknown = sorted(set(values) - set(actions))
+    options = _options(parser)
+    unknown = sorted(set(values) - set(options))
     if unknown:
-        guesses = {key: difflib.get_close_matches(key, actions, n=1) for key in unknown}
-        hints = "".join(f"; {key!r}: did you mean {guess[0]!r}?" for key, guess in guesses.items() if guess)
-        raise ValueError(f"config file {str(path)!r}: unknown keys {unknown}{hints} (`train.py --help` lists the "
-                         "allowed keys: the fields of ModelArguments, DataArguments and TrainingArguments)")
+        raise _unknown(f"config file {str(path)!r}: unknown keys {unknown}", unknown, parser)
     args = []
     for key, value in values.items():
-        if value is None:
-            if actions[key].default is not None:
-                raise ValueError(f"config file {str(path)!r}: `{key}` is null, allowed only where the default is "
-                                 f"null; give a value (default {actions[key].default!r}) or leave the key out")
-            continue
-        if isinstance(value, list) and actions[key].nargs == "+":
-            args += [f"--{key}", *map(str, value)]
-        elif isinstance(value, (dict, list)):
-            args.append(f"--{key}={json.dumps(value)}")
-        elif isinstance(value, bool):
-            args.append(f"--{key}={str(value).lower()}")
-        else:
-            args.append(f"--{key}={value}")
+        if value is None and options[key].default is not None:
+            raise ValueError(f"config file {str(path)!r}: `{key}` is null, allowed only where the default is null; "
+                             f"give a value (default {options[key].default!r}) or leave the key out")
+        if value is not None:
+            args += _as_command_line(key, value, options[key])
     return args
 
 
@@ -297,9 +311,8 @@ def parse_args(
     *arguments, unknown = parser.parse_args_into_dataclasses(
         args=[*file_args, *argv], return_remaining_strings=True, look_for_args_file=False)
     if unknown:
-        raise ValueError(f"unknown arguments {unknown}: each must be `--key value` or `--key=value` with a key that "
-                         "`train.py --help` lists (allowed: the fields of ModelArguments, DataArguments and "
-                         "TrainingArguments)")
+        keys = [arg[2:].split("=")[0] for arg in unknown if arg.startswith("--")]
+        raise _unknown(f"unknown arguments {unknown}", keys, parser)
     model_args, data_args, training_args = arguments
     check_run(data_args, training_args)
     return model_args, data_args, training_args
