@@ -27,16 +27,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_tensor_attn.tasks import Match3Task, answer_accuracy
-from hf_tensor_attn.training import load_config, train
+from hf_tensor_attn.arguments import DataArguments, parse_args
+from hf_tensor_attn.data import Match3Task, answer_accuracy
+from hf_tensor_attn.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"tensor": ROOT / "configs" / "match3-tensor.json", "standard": ROOT / "configs" / "match3-standard.json"}
 TEST_SEED = 987_654_321  # far from every training seed and from the per-run eval seeds (task_seed + 1_000_003)
 
 
-def test_accuracy(model, task: dict, num_examples: int, batch_size: int = 500) -> float:
-    data = Match3Task(task["modulus"], task["length"], num_examples, TEST_SEED, task["positive_rate"]).build()
+def test_set_task(data_args: DataArguments, num_examples: int) -> Match3Task:
+    return Match3Task(data_args.modulus, data_args.length, num_examples, TEST_SEED, data_args.positive_rate)
+
+
+def test_accuracy(model, data_args: DataArguments, num_examples: int, batch_size: int = 500) -> float:
+    data = test_set_task(data_args, num_examples).build()
     ids, labels = torch.tensor(data["input_ids"]), torch.tensor(data["labels"])
     correct = total = 0
     model.eval()
@@ -49,9 +54,9 @@ def test_accuracy(model, task: dict, num_examples: int, batch_size: int = 500) -
     return correct / total
 
 
-def test_set_stats(task: dict, num_examples: int) -> dict[str, float]:
-    spec = Match3Task(task["modulus"], task["length"], num_examples, TEST_SEED, task["positive_rate"])
-    return spec.describe(spec.build())
+def test_set_stats(data_args: DataArguments, num_examples: int) -> dict[str, float]:
+    task = test_set_task(data_args, num_examples)
+    return task.describe(task.build())
 
 
 def curves(log_history: list[dict]) -> list[dict]:
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     # One thread: on the shared 2-core machine this was written on, a tensor-attention training step took 0.12 s
     # with one torch thread and 1.7 s with two (the cores were also busy with other work).
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    # Anything else is a run-config override applied to every run, e.g. --max_steps=300 (checked by load_config).
+    # Anything else is a run-config override applied to every run, e.g. --max_steps=300 (checked by parse_args).
     args, overrides = parser.parse_known_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -121,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out_dir, ignore_errors=True)
             run_overrides = [f"--seed={seed}", f"--task_seed={seed}", f"--output_dir={out_dir}", "--save_strategy=no",
                              "--disable_tqdm=true", *overrides]
-            config = load_config(MODELS[model], run_overrides)
+            model_args, data_args, training_args = parse_args([MODELS[model], *run_overrides])
             t0 = time.perf_counter()
-            trainer = train(config)
+            trainer = train(model_args, data_args, training_args)
             seconds = time.perf_counter() - t0
-            accuracy = test_accuracy(trainer.model, config.task, args.test_examples)
+            accuracy = test_accuracy(trainer.model, data_args, args.test_examples)
             params = sum(p.numel() for p in trainer.model.parameters())
             runtime = next(h["train_runtime"] for h in trainer.state.log_history if "train_runtime" in h)
             summary.append({"model": model, "seed": seed, "parameters": params, "steps": trainer.state.global_step,
@@ -144,9 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         writer.writerows(summary)
     plot(curve_rows, args.out / "match3_curves.png")
 
-    task = config.task
-    stats = test_set_stats(task, args.test_examples)
-    print(f"\nMatch3 M={task['modulus']}, N={task['length']}; test set: {args.test_examples} sequences, "
+    stats = test_set_stats(data_args, args.test_examples)
+    print(f"\nMatch3 M={data_args.modulus}, N={data_args.length}; test set: {args.test_examples} sequences, "
           f"positive rate {stats['positive_rate']:.3f}, best guess from position alone {stats['position_only_accuracy']:.3f}")
     print(f"total wall time {time.perf_counter() - started:.0f} s, torch threads {torch.get_num_threads()}\n")
     print("| model | parameters | steps | seed | test accuracy | train time (s) |")
