@@ -5,12 +5,18 @@ from __future__ import annotations
 from transformers.tokenization_python import AddedToken, PreTrainedTokenizer
 
 from . import compat
+from .configuration import TensorAttnConfig
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 PAD_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
 # Byte b is token BYTE_OFFSET + b: the special tokens come first, so every byte keeps one fixed id.
 BYTE_OFFSET = len(SPECIAL_TOKENS)
 NUM_BYTES = 256
+# Each turn as "<s>role: content</s>" and a newline; with add_generation_prompt the reply starts "<s>assistant: ".
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ bos_token }}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ bos_token }}assistant: {% endif %}"
+)
 
 
 class TensorAttnByteTokenizer(PreTrainedTokenizer):
@@ -20,12 +26,22 @@ class TensorAttnByteTokenizer(PreTrainedTokenizer):
         add_bos_token (`bool`, defaults to False): prepend `<s>` when encoding.
         add_eos_token (`bool`, defaults to False): append `</s>` when encoding.
         padding_side (`str`, defaults to `"left"`): left padding, what batched generation needs.
+        model_max_length (`int`, *optional*): the longest input `truncation=True` keeps; defaults to the config's
+            default `max_position_embeddings` (`for_config` takes it from a model's config).
+        chat_template (`str`, *optional*): defaults to one turn per line, `<s>role: content</s>`.
     """
 
     model_input_names = ["input_ids", "attention_mask"]
     register_for_auto_class = compat.keep_own_auto_map  # compat item 5
 
+    @classmethod
+    def for_config(cls, config: TensorAttnConfig, **kwargs) -> TensorAttnByteTokenizer:
+        """The tokenizer of a model with this config: inputs are truncated to its `max_position_embeddings`."""
+        return cls(model_max_length=config.max_position_embeddings, **kwargs)
+
     def __init__(self, add_bos_token=False, add_eos_token=False, padding_side="left", **kwargs):
+        kwargs.setdefault("model_max_length", TensorAttnConfig.max_position_embeddings)
+        kwargs.setdefault("chat_template", DEFAULT_CHAT_TEMPLATE)
         pad, bos, eos = (AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS)
         self._added_tokens_decoder = {PAD_ID: pad, BOS_ID: bos, EOS_ID: eos}
         self.add_bos_token = add_bos_token

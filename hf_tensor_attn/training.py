@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from .arguments import DataArguments, ModelArguments, TensorAttnTrainingArguments, check_run, run_config
+from .configuration import TensorAttnConfig
 from .data import answer_accuracy, causal_lm_blocks, match3_splits, text_dataset
 from .tokenization import TensorAttnByteTokenizer
 
@@ -42,7 +43,8 @@ def build_tokenizer(model_args: ModelArguments):
             return AutoTokenizer.from_pretrained(model_args.init_from)
         except (OSError, ValueError):
             pass  # a model saved without a tokenizer: fall back to the byte tokenizer it was most likely trained with
-    return TensorAttnByteTokenizer()
+    positions = model_args.max_position_embeddings or TensorAttnConfig.max_position_embeddings
+    return TensorAttnByteTokenizer(model_max_length=positions)  # truncation keeps what the model has positions for
 
 
 def _text_blocks(data_args: DataArguments, tokenizer, held_out: bool) -> Dataset | IterableDataset | None:

@@ -42,11 +42,11 @@ def training_lines(tokenizer, rng: random.Random, num_lines: int) -> Dataset:
 
 def train(args: argparse.Namespace) -> None:
     set_seed(args.seed)
-    tokenizer = TensorAttnByteTokenizer()
     config = AutoConfig.for_model(
         "tensor_attn", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         layer_types=["tensor_attention", "full_attention"],
     )
+    tokenizer = TensorAttnByteTokenizer.for_config(config)
     model = AutoModelForCausalLM.from_config(config)
     num_params = sum(p.numel() for p in model.parameters())
     print(f"model: {type(model).__name__}, layers {config.layer_types}, {num_params / 1e3:.0f}k parameters")
