@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..ops import four_cache_decode, tensor_attention
 from .base import TensorCacheLayer, register_layout
 

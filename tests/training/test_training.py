@@ -29,7 +29,7 @@ from hf_tensor_attn.data import (
 from hf_tensor_attn.tokenization import BOS_ID
 from hf_tensor_attn.training import build_trainer, param_checksum, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "match3-tiny.json"
 TEXT = ROOT / "configs" / "text-bytes.json"
 QUIET = ["--disable_tqdm=true", "--logging_steps=2"]

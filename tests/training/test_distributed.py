@@ -18,7 +18,7 @@ from hf_tensor_attn.cache import TensorCacheLayer
 from hf_tensor_attn.compat import output_cache
 from hf_tensor_attn.training import param_checksum
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
