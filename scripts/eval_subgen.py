@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import hf_tensor_attn  # noqa: F401  (registers the Auto classes)
-from hf_tensor_attn.cache.base import TensorAttnCache, TensorCacheLayer
+from hf_tensor_attn.cache.base import TensorAttnCache, TensorAttnCacheLayer
 from hf_tensor_attn.cache.subgen import SubGen2CacheLayer, SubGen4CacheLayer
 from hf_tensor_attn.ops import four_cache_decode, tensor_attention
 from hf_tensor_attn.ops.subgen import kron_value_op_norm
@@ -235,7 +235,7 @@ def train_model(args):
     return model.eval()
 
 
-class EvictionLayer(TensorCacheLayer):
+class EvictionLayer(TensorAttnCacheLayer):
     """A baseline cache: keep at most `budget` tokens exactly and attend over those as if they were everything.
 
     policy "window" keeps the most recent, "sinks+window" also the first SINKS, "random" evicts a uniformly random

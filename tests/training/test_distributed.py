@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_tensor_attn  # noqa: F401  (registers the model with the Auto classes)
-from hf_tensor_attn.cache import TensorCacheLayer
+from hf_tensor_attn.cache import TensorAttnCacheLayer
 from hf_tensor_attn.compat import output_cache
 from hf_tensor_attn.training import param_checksum
 
@@ -111,4 +111,4 @@ def test_offloaded_generation_matches_single_device(saved_model, tmp_path, place
         expected = torch.device("cpu")
         assert all(t.device == expected for t in tensors), (idx, [t.device for t in tensors])
         if offloaded.config.layer_types[idx] == "tensor_attention":
-            assert isinstance(layer, TensorCacheLayer)
+            assert isinstance(layer, TensorAttnCacheLayer)
