@@ -13,9 +13,12 @@ Items:
     `configuration_utils.ALLOWED_ATTN_LAYER_TYPES`, read at call time. Our config overrides the validator, but
     transformers also reads our config.json with the base class (`Trainer(resume_from_checkpoint=...)`), so
     `allow_layer_type` appends our name to that tuple.
- 3. `cache_implementation`. `GenerationConfig.validate` accepts only `ALL_CACHE_IMPLEMENTATIONS` (plus "paged"),
-    so `TensorAttnForCausalLM.generate` takes our layout names out of the call and the generation config, and
-    passes a cache object instead, before the base `generate` validates.
+ 3. `cache_implementation`. `GenerationConfig.validate` accepts only names in
+    `generation.configuration_utils.ALL_CACHE_IMPLEMENTATIONS` (plus "paged"), read at call time, and runs on
+    construction, `save_pretrained` and `from_pretrained`. `allow_cache_implementation` appends each registered
+    layout name, so `GenerationConfig(cache_implementation="two_cache")` and a `generation_config.json` naming a
+    layout work; `TensorAttnForCausalLM.generate` turns the name into a cache object before the base `generate`
+    builds anything from it.
  4. Cache layers. `TensorAttnCache` is a `Cache` built from a list of layers: ours (`CacheLayerMixin`
     subclasses) and transformers' `DynamicLayer`. We rely on `Cache.update(k, v, layer_idx, **kwargs)` passing
     keyword arguments through to the layer's `update` (and doing the offloading around it), on `Cache`'s length,
@@ -24,6 +27,11 @@ Items:
     load; `save_pretrained` then copies that class's source file (with its relative imports) next to the
     weights. Our classes come from the installed package and write their own one-line loader module instead
     (`REMOTE_MODULE`), so they turn that registration into a no-op (`keep_own_auto_map`).
+ 6. Attention kernels. `PreTrainedModel._check_and_adjust_attn_implementation(attn_implementation, is_init_check,
+    ...)` validates `attn_implementation` at init and in `set_attn_implementation`; our model overrides it to
+    refuse kernels its standard layers cannot use with a message that names the ones they can. Standard layers
+    call `ALL_ATTENTION_FUNCTIONS["sdpa"]` with transformers' signature `(module, q, k, v, mask, scaling=,
+    dropout=)`, returning ([B, T, H, D], weights).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import warnings
 import transformers
 from packaging.version import Version
 from transformers import configuration_utils as _config_utils
+from transformers.generation import configuration_utils as _generation_config_utils
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
@@ -102,6 +111,15 @@ def allow_layer_type(name: str) -> None:
     if name not in _config_utils.ALLOWED_ATTN_LAYER_TYPES:
         _config_utils.ALLOWED_ATTN_LAYER_TYPES = (*_config_utils.ALLOWED_ATTN_LAYER_TYPES, name)
         _config_utils.ALLOWED_LAYER_TYPES = (*_config_utils.ALLOWED_LAYER_TYPES, name)
+
+
+# ---- 3. cache_implementation ----
+
+
+def allow_cache_implementation(name: str) -> None:
+    """Let `GenerationConfig` validate `name` as a cache implementation (it reads the tuple at call time)."""
+    if name not in _generation_config_utils.ALL_CACHE_IMPLEMENTATIONS:
+        _generation_config_utils.ALL_CACHE_IMPLEMENTATIONS = (*_generation_config_utils.ALL_CACHE_IMPLEMENTATIONS, name)
 
 
 # ---- 5. remote code ----

@@ -18,12 +18,16 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.utils import logging
 
 from . import compat
 from .cache import LAYOUTS, TensorAttnCache, TensorAttnConstants, available_cache_implementations
 from .configuration import TensorAttnConfig
 from .ops import tensor_attention
+from .ops.common import masked_softmax
+
+logger = logging.get_logger(__name__)
 
 
 class TensorAttnRMSNorm(nn.RMSNorm):
@@ -109,14 +113,26 @@ class TensorAttention(nn.Module):
             c = self.constants
             out = tensor_attention(q, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=attention_mask)
         out = out.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(self.dropout(out))
+        return self.o_proj(self.dropout(out)), None  # pair weights (T^2 per query) are not returned
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention with a boolean mask [B or 1, 1, Tq, Tk]; the reference of the SDPA path, and the
+    backend that returns its weights. Returns ([B, Tq, H, D], weights [B, H, Tq, Tk])."""
+    weights = masked_softmax(torch.matmul(query, key.transpose(-1, -2)) * scaling, attention_mask)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 class StandardAttention(nn.Module):
-    """Causal softmax attention through SDPA, for the `"full_attention"` layers of a hybrid stack."""
+    """Causal softmax attention for the `"full_attention"` layers of a hybrid stack, through transformers' attention
+    interface: `config._attn_implementation` "sdpa" (default) or "eager" (returns attention weights)."""
+
+    is_causal = True
 
     def __init__(self, config: TensorAttnConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
@@ -140,9 +156,10 @@ class StandardAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         mask = causal_padding_mask(T, k.shape[2], attention_mask, q.device)  # [B or 1, 1, T, Tk]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(self.dropout(out))
+        backend = self.config._attn_implementation
+        attend = eager_attention if backend == "eager" else ALL_ATTENTION_FUNCTIONS[backend]
+        out, weights = attend(self, q, k, v, mask, scaling=self.head_dim**-0.5, dropout=0.0)  # out [B, T, H, D]
+        return self.o_proj(self.dropout(out.reshape(B, T, -1))), weights
 
 
 def causal_padding_mask(Tq: int, Tk: int, attention_mask, device) -> torch.Tensor:
@@ -173,7 +190,7 @@ class TensorAttnDecoderLayer(GradientCheckpointingLayer):
         # `GradientCheckpointingLayer` drops under gradient checkpointing; transformers 5.23 says `past_key_values`.
         cache = cache if cache is not None else past_key_values
         residual = hidden_states
-        hidden_states = self.self_attn(
+        hidden_states, attention_weights = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
@@ -182,7 +199,7 @@ class TensorAttnDecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + self.dropout(hidden_states)
         residual = hidden_states
         hidden_states = residual + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
-        return hidden_states
+        return hidden_states, attention_weights
 
 
 class TensorAttnPreTrainedModel(PreTrainedModel):
@@ -193,6 +210,19 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["TensorAttnDecoderLayer"]
     _skip_keys_device_placement = [compat.CACHE_ARG]  # accelerate's device hooks must not move the cache
     _supports_sdpa = True
+    # attn_implementation picks the standard layers' kernel; tensor layers always run ops.tensor_attention.
+    supported_attn_implementations = ("sdpa", "eager")
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
+        """Refuse, at load time and by name, the attention kernels this model cannot use (compat item 6)."""
+        if attn_implementation is not None and attn_implementation not in self.supported_attn_implementations:
+            raise ValueError(
+                f"tensor_attn models support attn_implementation in {list(self.supported_attn_implementations)}, got "
+                f"{attn_implementation!r}: it selects the kernel of the standard ('full_attention') layers, 'sdpa' by "
+                "default, 'eager' to return their attention weights; tensor layers always use "
+                "hf_tensor_attn.ops.tensor_attention"
+            )
+        return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
     register_for_auto_class = compat.keep_own_auto_map  # compat item 5
 
     def _init_weights(self, module):
@@ -213,26 +243,30 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        past_key_values: Cache | None = None,
-    ) -> BaseModelOutputWithPast | tuple:
-        """Like `LlamaModel.forward`. `past_key_values` is the name transformers < 5.24 gives `cache`.
+    @staticmethod
+    def check_cache(cache, config) -> None:
+        """A cache passed in must be ours and built for this model: other caches have no tensor-attention layers."""
+        if cache is None:
+            return
+        if not isinstance(cache, TensorAttnCache):
+            raise TypeError(
+                f"tensor-attention models need a TensorAttnCache, got {type(cache).__name__}: pass "
+                "hf_tensor_attn.TensorAttnCache(model.config, cache_implementation=...) as `cache=`, or let the model "
+                "build one (use_cache=True, or generate(cache_implementation=...))"
+            )
+        cache.check_built_for(config)
 
-        There is no `**kwargs`: a keyword this model does not know raises `TypeError` instead of being ignored.
-        """
+    def forward(
+        self, input_ids: torch.LongTensor | None = None, *, attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+        output_hidden_states: bool | None = None, output_attentions: bool | None = None,
+        return_dict: bool | None = None, past_key_values: Cache | None = None,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Like `LlamaModel.forward`, with every argument after `input_ids` by keyword. `past_key_values` is the name
+        transformers < 5.24 gives `cache`. There is no `**kwargs`: an unknown keyword raises `TypeError`."""
         cache = compat.resolve_cache(cache, past_key_values, f"{type(self).__name__}.forward")
-        check_cache(cache, self.config)
-        check_output_attentions(output_attentions)
+        self.check_cache(cache, self.config)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`")
         if inputs_embeds is None:
@@ -245,6 +279,11 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
 
         B, T = inputs_embeds.shape[:2]
         past_seen = cache.get_seq_length() if cache is not None else 0
+        if past_seen + T > self.config.max_position_embeddings:
+            logger.warning_once(  # one message per process: the same text is not repeated
+                f"Inputs run past max_position_embeddings={self.config.max_position_embeddings}, the positions this "
+                "model was built for; positions beyond it were never trained and outputs may degrade."
+            )
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape != (B, past_seen + T):
                 raise ValueError(
@@ -262,48 +301,30 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
 
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         hidden_states = inputs_embeds
-        all_hidden_states = [] if output_hidden_states else None
+        all_hidden_states, all_attentions = [], []
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            hidden_states = layer(
+            all_hidden_states.append(hidden_states)
+            hidden_states, attention_weights = layer(
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=attention_mask,
                 **compat.cache_kwargs(cache),
             )
+            if output_attentions:
+                all_attentions.append(attention_weights)  # None for tensor layers and the SDPA backend
         hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states.append(hidden_states)
+        all_hidden_states.append(hidden_states)
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
             **compat.cache_kwargs(cache),
         )
         return output if return_dict is not False else output.to_tuple()
-
-
-def check_cache(cache, config) -> None:
-    """A cache passed in must be ours and built for this model: other caches have no tensor-attention layers."""
-    if cache is None:
-        return
-    if not isinstance(cache, TensorAttnCache):
-        raise TypeError(
-            f"tensor-attention models need a TensorAttnCache, got {type(cache).__name__}: pass "
-            "hf_tensor_attn.TensorAttnCache(model.config, cache_implementation=...) as `cache=`, or let the model "
-            "build one (use_cache=True, or generate(cache_implementation=...))"
-        )
-    cache.check_built_for(config)
-
-
-def check_output_attentions(output_attentions) -> None:
-    if output_attentions:
-        raise ValueError(
-            "`output_attentions=True` is not supported yet: tensor layers attend over pairs of tokens (T^2 weights "
-            "per query), and the standard layers use SDPA, which returns no weights. Leave it unset or False."
-        )
 
 
 class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
@@ -362,6 +383,7 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             **compat.cache_kwargs(compat.output_cache(outputs)),
         )
         return output if return_dict is not False else output.to_tuple()
@@ -369,11 +391,12 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
     def generate(self, *args, cache_implementation=None, cache_config=None, **kwargs):
         """`GenerationMixin.generate`, plus the tensor-attention cache layouts.
 
-        `cache_implementation` may name a layout ("four_cache", "two_cache", "subgen4", "subgen2", with
-        options in `cache_config`); "dynamic" or no name gives the config's default layout. transformers'
-        `GenerationConfig` rejects names outside its own list (compat item 3), so ours become a cache object
-        here, before it looks. A cache passed in (`cache=`, or `past_key_values=` before transformers 5.24) is
-        used as it is.
+        The layout is the first of: `cache_implementation` (a name from `available_cache_implementations()`,
+        options in `cache_config`), the passed `generation_config`'s, `model.generation_config`'s (saved in
+        generation_config.json), `config.default_cache_implementation`. "dynamic" means the config's default;
+        "offloaded" the same, offloaded to the CPU between layers. The name becomes a cache object here, before the
+        base `generate` would build a cache of its own from it. A cache passed in (`cache=`, or `past_key_values=`
+        before transformers 5.24) is used as it is.
         """
         cache = compat.resolve_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None), "generate()")
         if cache is not None and cache_implementation is not None:
@@ -381,10 +404,10 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
                 f"generate() got both a cache object and cache_implementation={cache_implementation!r}; pass one: "
                 "the cache object is used as it is, the name builds a new cache"
             )
-        generation_config = kwargs.get("generation_config") or self.generation_config
-        name = cache_implementation or generation_config.cache_implementation
-        cache_config = cache_config or generation_config.cache_config
-        # "offloaded": transformers' offloading (layers wait on the CPU between uses) over the default layout.
+        passed = kwargs.get("generation_config")
+        configs = [c for c in (passed, self.generation_config) if c is not None]
+        name = cache_implementation or next((c.cache_implementation for c in configs if c.cache_implementation), None)
+        cache_config = cache_config or next((c.cache_config for c in configs if c.cache_config), None)
         offloading = name == "offloaded"
         if name in (None, "dynamic", "offloaded"):
             name = self.config.default_cache_implementation
@@ -393,17 +416,22 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
                 f"`cache_implementation` must be one of {available_cache_implementations()}, or 'dynamic' (the "
                 f"config's default layout) or 'offloaded'; got {name!r}"
             )
-        if generation_config.cache_implementation is not None:
-            generation_config = copy.deepcopy(generation_config)
-            generation_config.cache_implementation = None
-            generation_config.cache_config = None
-            kwargs["generation_config"] = generation_config
-        use_cache = kwargs.get("use_cache", generation_config.use_cache)
+        if passed is not None and passed.cache_implementation is not None:
+            kwargs["generation_config"] = passed = copy.deepcopy(passed)
+            passed.cache_implementation = passed.cache_config = None
+        use_cache = kwargs.get("use_cache", (passed or self.generation_config).use_cache)
         if cache is None and use_cache is not False:
             cache = TensorAttnCache(self.config, name, cache_config, offloading=offloading)
         if cache is not None:
             kwargs.update(compat.cache_kwargs(cache))
-        return super().generate(*args, **kwargs)
+        # The base generate merges the model's generation config into the call's and refuses a cache object next
+        # to a cache_implementation: the model's name must be out of sight while it runs.
+        saved = self.generation_config.cache_implementation, self.generation_config.cache_config
+        self.generation_config.cache_implementation = self.generation_config.cache_config = None
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self.generation_config.cache_implementation, self.generation_config.cache_config = saved
 
 
 __all__ = ["TensorAttnForCausalLM", "TensorAttnModel", "TensorAttnPreTrainedModel"]

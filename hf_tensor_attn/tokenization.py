@@ -5,9 +5,18 @@ from __future__ import annotations
 from transformers.tokenization_python import AddedToken, PreTrainedTokenizer
 
 from . import compat
+from .configuration import TensorAttnConfig
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+PAD_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
+# Byte b is token BYTE_OFFSET + b: the special tokens come first, so every byte keeps one fixed id.
+BYTE_OFFSET = len(SPECIAL_TOKENS)
 NUM_BYTES = 256
+# Each turn as "<s>role: content</s>" and a newline; with add_generation_prompt the reply starts "<s>assistant: ".
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ bos_token }}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ bos_token }}assistant: {% endif %}"
+)
 
 
 class TensorAttnByteTokenizer(PreTrainedTokenizer):
@@ -17,16 +26,24 @@ class TensorAttnByteTokenizer(PreTrainedTokenizer):
         add_bos_token (`bool`, defaults to False): prepend `<s>` when encoding.
         add_eos_token (`bool`, defaults to False): append `</s>` when encoding.
         padding_side (`str`, defaults to `"left"`): left padding, what batched generation needs.
+        model_max_length (`int`, *optional*): the longest input `truncation=True` keeps; defaults to the config's
+            default `max_position_embeddings` (`for_config` takes it from a model's config).
+        chat_template (`str`, *optional*): defaults to one turn per line, `<s>role: content</s>`.
     """
 
     model_input_names = ["input_ids", "attention_mask"]
     register_for_auto_class = compat.keep_own_auto_map  # compat item 5
 
+    @classmethod
+    def for_config(cls, config: TensorAttnConfig, **kwargs) -> TensorAttnByteTokenizer:
+        """The tokenizer of a model with this config: inputs are truncated to its `max_position_embeddings`."""
+        return cls(model_max_length=config.max_position_embeddings, **kwargs)
+
     def __init__(self, add_bos_token=False, add_eos_token=False, padding_side="left", **kwargs):
+        kwargs.setdefault("model_max_length", TensorAttnConfig.max_position_embeddings)
+        kwargs.setdefault("chat_template", DEFAULT_CHAT_TEMPLATE)
         pad, bos, eos = (AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS)
-        # Fixed ids for the special tokens, before the bytes, so `id = 3 + byte` holds for every byte.
-        self._added_tokens_decoder = {0: pad, 1: bos, 2: eos}
-        self.offset = len(SPECIAL_TOKENS)
+        self._added_tokens_decoder = {PAD_ID: pad, BOS_ID: bos, EOS_ID: eos}
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
         for key in ("pad_token", "bos_token", "eos_token"):
@@ -38,10 +55,10 @@ class TensorAttnByteTokenizer(PreTrainedTokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return NUM_BYTES + self.offset
+        return NUM_BYTES + BYTE_OFFSET
 
     def get_vocab(self) -> dict[str, int]:
-        vocab = {chr(b): b + self.offset for b in range(NUM_BYTES)}
+        vocab = {chr(b): b + BYTE_OFFSET for b in range(NUM_BYTES)}
         vocab.update(self.added_tokens_encoder)
         return vocab
 
@@ -65,13 +82,13 @@ class TensorAttnByteTokenizer(PreTrainedTokenizer):
 
     def _convert_token_to_id(self, token: str) -> int:
         if len(token) == 1 and ord(token) < NUM_BYTES:
-            return ord(token) + self.offset
+            return ord(token) + BYTE_OFFSET
         raise ValueError(f"token {token!r} is neither a byte nor one of the special tokens {list(SPECIAL_TOKENS)}")
 
     def _convert_id_to_token(self, index: int) -> str:
-        if not self.offset <= index < self.vocab_size:
-            raise ValueError(f"token id {index} is outside the byte range [{self.offset}, {self.vocab_size})")
-        return chr(index - self.offset)
+        if not BYTE_OFFSET <= index < self.vocab_size:
+            raise ValueError(f"token id {index} is outside the byte range [{BYTE_OFFSET}, {self.vocab_size})")
+        return chr(index - BYTE_OFFSET)
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         data = bytearray()
@@ -93,4 +110,4 @@ class TensorAttnByteTokenizer(PreTrainedTokenizer):
         return ()  # the vocabulary is the 256 bytes: nothing to write
 
 
-__all__ = ["TensorAttnByteTokenizer"]
+__all__ = ["BOS_ID", "BYTE_OFFSET", "EOS_ID", "NUM_BYTES", "PAD_ID", "SPECIAL_TOKENS", "TensorAttnByteTokenizer"]

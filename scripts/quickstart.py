@@ -1,5 +1,6 @@
-"""The main demo: train a tiny tensor-attention LM on built-in synthetic text for about a minute on CPU, save it,
-reload it through the Auto classes, and generate with each KV-cache layout.
+"""The main demo: train a tiny tensor-attention LM on built-in synthetic text for about a minute on CPU with
+transformers' Trainer (the same steps as scripts/train.py), save it, reload it through the Auto classes, and generate
+with each KV-cache layout.
 
 The task: lines like "|adgjmpsvybeh" -- an arithmetic progression of letters (mod 26, step 1..12) whose step the
 model must read off the prompt's first letters and continue. No download: the data is generated here.
@@ -17,13 +18,15 @@ import string
 import sys
 import time
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from datasets import Dataset
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 
 import hf_tensor_attn
 from hf_tensor_attn import TensorAttnByteTokenizer
+from hf_tensor_attn.training import make_trainer, run_trainer
 
 LETTERS = string.ascii_lowercase
+BATCH_SIZE = 32
 
 
 def progression(rng: random.Random, length: int = 12) -> str:
@@ -31,8 +34,55 @@ def progression(rng: random.Random, length: int = 12) -> str:
     return "|" + "".join(LETTERS[(start + i * step) % 26] for i in range(length))
 
 
-def batch(tok, rng, size):
-    return tok([progression(rng) for _ in range(size)], return_tensors="pt").input_ids
+def training_lines(tokenizer, rng: random.Random, num_lines: int) -> Dataset:
+    """Fresh lines for every step, as model inputs; the labels are the input ids (the model shifts them)."""
+    ids = tokenizer([progression(rng) for _ in range(num_lines)]).input_ids
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids], "labels": ids})
+
+
+def train(args: argparse.Namespace) -> None:
+    set_seed(args.seed)
+    config = AutoConfig.for_model(
+        "tensor_attn", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        layer_types=["tensor_attention", "full_attention"],
+    )
+    tokenizer = TensorAttnByteTokenizer.for_config(config)
+    model = AutoModelForCausalLM.from_config(config)
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {type(model).__name__}, layers {config.layer_types}, {num_params / 1e3:.0f}k parameters")
+    training_args = TrainingArguments(
+        output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=BATCH_SIZE, learning_rate=3e-3,
+        lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.01, max_grad_norm=1.0, optim="adamw_torch",
+        logging_steps=50, save_strategy="no", report_to="none", seed=args.seed,
+    )
+    data = training_lines(tokenizer, random.Random(args.seed), args.steps * BATCH_SIZE)
+    started = time.time()
+    run_trainer(make_trainer(model, tokenizer, training_args, data))
+    print(f"trained {args.steps} steps in {time.time() - started:.0f} s; saved model and tokenizer to {args.out}")
+
+
+def exact_continuations(args: argparse.Namespace) -> list[str]:
+    """Reload the saved model and tokenizer through the Auto classes, continue 64 prompts greedily with every cache
+    layout, and return the layouts that got fewer than `--min-exact` of them exactly right."""
+    model = AutoModelForCausalLM.from_pretrained(args.out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.out)
+    print(f"reloaded: {type(model).__name__} + {type(tokenizer).__name__} via AutoModelForCausalLM / AutoTokenizer")
+
+    test_rng = random.Random(args.seed + 1)
+    lines = [progression(test_rng) for _ in range(64)]
+    prompts = [line[:3] for line in lines]  # "|" and two letters: enough to know the step
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    failed = []
+    for layout in hf_tensor_attn.available_cache_implementations():
+        began = time.time()
+        generated = model.generate(**inputs, max_new_tokens=10, do_sample=False, cache_implementation=layout)
+        texts = tokenizer.batch_decode(generated[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+        correct = sum(prompt + text == line for prompt, text, line in zip(prompts, texts, lines))
+        print(f"generate(cache_implementation={layout!r}): {correct}/{len(lines)} continuations exact "
+              f"({time.time() - began:.1f} s); e.g. {prompts[0]!r} -> {texts[0]!r}")
+        if correct < args.min_exact * len(lines):
+            failed.append(layout)
+    return failed
 
 
 def main() -> None:
@@ -46,54 +96,8 @@ def main() -> None:
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
 
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    tok = TensorAttnByteTokenizer()
-    config = AutoConfig.for_model(
-        "tensor_attn", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        layer_types=["tensor_attention", "full_attention"],
-    )
-    model = AutoModelForCausalLM.from_config(config)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {type(model).__name__}, layers {config.layer_types}, {n_params / 1e3:.0f}k parameters")
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=args.steps, pct_start=0.1)
-    start = time.time()
-    model.train()
-    for step in range(1, args.steps + 1):
-        ids = batch(tok, rng, 32)
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        if step % 50 == 0 or step == 1:
-            print(f"step {step:4d}  loss {loss.item():.3f}  ({time.time() - start:.0f} s)")
-
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
-    print(f"saved model and tokenizer to {args.out}")
-
-    model = AutoModelForCausalLM.from_pretrained(args.out).eval()
-    tok = AutoTokenizer.from_pretrained(args.out)
-    print(f"reloaded: {type(model).__name__} + {type(tok).__name__} via AutoModelForCausalLM / AutoTokenizer")
-
-    test_rng = random.Random(args.seed + 1)
-    lines = [progression(test_rng) for _ in range(64)]
-    prompts = [line[:3] for line in lines]  # "|" and two letters: enough to know the step
-    inputs = tok(prompts, return_tensors="pt", padding=True)
-    failed = []
-    for layout in hf_tensor_attn.available_cache_implementations():
-        began = time.time()
-        out = model.generate(**inputs, max_new_tokens=10, do_sample=False, cache_implementation=layout)
-        texts = tok.batch_decode(out[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
-        correct = sum(p + t == line for p, t, line in zip(prompts, texts, lines))
-        print(f"generate(cache_implementation={layout!r}): {correct}/{len(lines)} continuations exact "
-              f"({time.time() - began:.1f} s); e.g. {prompts[0]!r} -> {texts[0]!r}")
-        if correct < args.min_exact * len(lines):
-            failed.append(layout)
+    train(args)
+    failed = exact_continuations(args)
     if failed:
         # A trained model that cannot continue its own task through a cache means a broken install, not bad luck.
         sys.exit(f"FAILED: fewer than {args.min_exact:.0%} exact continuations with {failed}; the package does not "

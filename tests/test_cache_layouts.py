@@ -12,7 +12,7 @@ from hf_tensor_attn import TensorAttnCache
 from hf_tensor_attn.cache import (
     LAYOUTS,
     TensorAttnConstants,
-    TensorCacheLayer,
+    TensorAttnCacheLayer,
     TwoCacheLayer,
     TwoCacheMemoryError,
     register_layout,
@@ -392,7 +392,7 @@ def exp_shift(request, monkeypatch):
     if request.param == "always":
         from hf_tensor_attn.ops import decode
 
-        monkeypatch.setattr(decode, "_UNSHIFTED_EXP_BOUND", {})
+        monkeypatch.setattr(decode, "EXP_HEADROOM", {})
     return request.param
 
 
@@ -509,7 +509,7 @@ def test_two_cache_layer_attend_matches_naive(monkeypatch, windows, masked):
 
 def test_a_registered_toy_layout_generates_without_touching_the_model(make_model):
     @register_layout("toy_concat")
-    class ToyConcatLayer(TensorCacheLayer):
+    class ToyConcatLayer(TensorAttnCacheLayer):
         """Keeps every token by concatenation and attends with the reference op."""
 
         def allocate(self, key_states, value_states):

@@ -93,11 +93,17 @@ def test_base_config_validator_reads_the_allowed_layer_types_at_call_time(monkey
 # ---- item 3: cache_implementation ----
 
 
-def test_generation_config_rejects_our_layout_names():
-    """Why generate() must take our names out before transformers validates (remove the interception if this fails)."""
+def test_generation_config_validates_against_the_tuple_we_extend(monkeypatch):
+    from transformers.generation import configuration_utils as generation_config_utils
+
     for name in hf_tensor_attn.available_cache_implementations():
-        with pytest.raises(ValueError, match="cache_implementation"):
-            GenerationConfig(cache_implementation=name).validate()
+        assert name in generation_config_utils.ALL_CACHE_IMPLEMENTATIONS
+        GenerationConfig(cache_implementation=name).validate()
+    theirs = tuple(n for n in generation_config_utils.ALL_CACHE_IMPLEMENTATIONS
+                   if n not in hf_tensor_attn.available_cache_implementations())
+    monkeypatch.setattr(generation_config_utils, "ALL_CACHE_IMPLEMENTATIONS", theirs)
+    with pytest.raises(ValueError, match="cache_implementation"):
+        GenerationConfig(cache_implementation="two_cache").validate()
 
 
 # ---- item 4: cache layers ----

@@ -5,7 +5,7 @@ from .base import (
     LAYOUTS,
     TensorAttnCache,
     TensorAttnConstants,
-    TensorCacheLayer,
+    TensorAttnCacheLayer,
     available_cache_implementations,
     register_layout,
 )
@@ -20,7 +20,7 @@ __all__ = [
     "SubGen4CacheLayer",
     "TensorAttnCache",
     "TensorAttnConstants",
-    "TensorCacheLayer",
+    "TensorAttnCacheLayer",
     "TwoCacheLayer",
     "TwoCacheMemoryError",
     "available_cache_implementations",

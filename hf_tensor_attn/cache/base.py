@@ -2,7 +2,7 @@
 
 Protocol
 --------
-A layout is a `TensorCacheLayer` subclass registered with `@register_layout(name)`; `name` is what users pass as
+A layout is a `TensorAttnCacheLayer` subclass registered with `@register_layout(name)`; `name` is what users pass as
 `generate(cache_implementation=name)`, and the keyword arguments of its constructor are the `cache_config` keys.
 
 - **Built knowing the model.** `TensorAttnCache(config, name, cache_config)` builds each tensor layer as
@@ -32,17 +32,20 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-LAYOUTS: dict[str, type[TensorCacheLayer]] = {}
+from .. import compat
+
+LAYOUTS: dict[str, type[TensorAttnCacheLayer]] = {}
 
 
 def register_layout(name: str):
-    """Class decorator: make a `TensorCacheLayer` subclass available as `cache_implementation=name`."""
+    """Class decorator: make a `TensorAttnCacheLayer` subclass available as `cache_implementation=name`."""
 
     def wrap(cls):
-        if not (isinstance(cls, type) and issubclass(cls, TensorCacheLayer)):
-            raise TypeError(f"@register_layout({name!r}) needs a TensorCacheLayer subclass, got {cls!r}")
+        if not (isinstance(cls, type) and issubclass(cls, TensorAttnCacheLayer)):
+            raise TypeError(f"@register_layout({name!r}) needs a TensorAttnCacheLayer subclass, got {cls!r}")
         LAYOUTS[name] = cls
         cls.layout_name = name
+        compat.allow_cache_implementation(name)  # GenerationConfig / generation_config.json accept the name too
         return cls
 
     return wrap
@@ -65,7 +68,7 @@ class TensorAttnConstants:
         return cls(scale=float(config.score_scale), w1=config.w1, w2=config.w2)
 
 
-class TensorCacheLayer(CacheLayerMixin):
+class TensorAttnCacheLayer(CacheLayerMixin):
     """Cache of one tensor-attention layer; see the module docstring for the protocol."""
 
     layout_name: str = ""
@@ -107,7 +110,7 @@ class TensorCacheLayer(CacheLayerMixin):
             )
 
     @classmethod
-    def build(cls, constants: TensorAttnConstants, count: int, cache_config: dict) -> list[TensorCacheLayer]:
+    def build(cls, constants: TensorAttnConstants, count: int, cache_config: dict) -> list[TensorAttnCacheLayer]:
         """The layers of one cache. Layouts whose layers share state (a memory budget) override this."""
         return [cls(constants, **cache_config) for _ in range(count)]
 
@@ -241,7 +244,7 @@ class TensorCacheLayer(CacheLayerMixin):
 
 def layer_memory_bytes(layer) -> int:
     """Bytes held by any cache layer: a tensor layout reports its own, a standard layer holds keys and values."""
-    if isinstance(layer, TensorCacheLayer):
+    if isinstance(layer, TensorAttnCacheLayer):
         return layer.memory_bytes()
     return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..ops import four_cache_decode, tensor_attention
-from .base import TensorCacheLayer, register_layout
+from .base import TensorAttnCacheLayer, register_layout
 
 
 @register_layout("four_cache")
-class FourCacheLayer(TensorCacheLayer):
+class FourCacheLayer(TensorAttnCacheLayer):
     """Stores keys as [B, H, T, 2D] (k1 | k2) and values as [B, H, T, 2D] (v1 | v2).
 
     `keys` / `values` are views of buffers with spare capacity that grow by doubling: appending a token copies

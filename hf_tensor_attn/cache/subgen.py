@@ -1,4 +1,5 @@
-"""SubGen eviction (DESIGN.md §2, paper Lemmas 5.1/5.2): memory sublinear in the sequence length when keys cluster.
+"""SubGen eviction (after Zandieh et al. 2024; the KV-cache paper's Lemmas 5.1/5.2): memory sublinear in the
+sequence length when keys cluster.
 
 Both layouts keep an exact window of tokens (the first `sink_tokens` positions and the `recent_window` most recent
 ones) and summarise every token that leaves it with `summary.StreamSummary`:
@@ -31,7 +32,7 @@ import torch
 from ..ops import four_cache_decode, tensor_attention
 from ..ops.subgen import NUMERATORS, combine, log_weights, weighted_pair_sums, weighted_row_sums
 from .summary import StreamSummary
-from .base import TensorCacheLayer, register_layout
+from .base import TensorAttnCacheLayer, register_layout
 
 QUERY_BLOCK = 16  # queries estimated together when a chunk continues a summarised sequence
 INSERT_ELEMENTS = 1 << 22  # rows x clusters per summary insert, bounding the distance matrix
@@ -44,7 +45,7 @@ def _check_int(name, value, low, high=None, what=""):
         raise ValueError(f"`cache_config['{name}']` must be an int >= {low}{upper}{what}, got {value!r}")
 
 
-class _SubGenLayer(TensorCacheLayer):
+class _SubGenLayer(TensorAttnCacheLayer):
     """What both SubGen layouts share: options, the exact buffer, lazy eviction and the batch operations."""
 
     why_not_croppable = "evicted tokens are merged into cluster summaries and cannot be un-merged"

@@ -1,4 +1,4 @@
-"""SubGen's summary of one stream of (key, value) rows (DESIGN.md §2): online δ-clusters, per-cluster reservoirs,
+"""SubGen's summary of one stream of (key, value) rows: online δ-clusters, per-cluster reservoirs,
 ℓ2-norm value samplers and per-cluster value sums, batched over [B, H] and deterministic given a `torch.Generator`.
 
 A summary turns a stream of rows into a small set of weighted rows (key, value, weight) such that

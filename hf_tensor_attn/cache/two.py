@@ -28,7 +28,7 @@ import os
 import torch
 
 from ..ops.decode import pair_rows_attention
-from .base import TensorCacheLayer, register_layout
+from .base import TensorAttnCacheLayer, register_layout
 
 # Elements gathered at once when new pair rows are formed ([B, H, rows, D]), to bound the scratch of a long prefill.
 _GATHER_ELEMENTS = 1 << 22
@@ -70,7 +70,7 @@ class PairMemoryBudget:
 
 
 @register_layout("two_cache")
-class TwoCacheLayer(TensorCacheLayer):
+class TwoCacheLayer(TensorAttnCacheLayer):
     """Cache layer of the two-matrix layout.
 
     Args (`cache_config` of `cache_implementation="two_cache"`):

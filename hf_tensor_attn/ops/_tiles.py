@@ -49,14 +49,14 @@ class TileSizes:
     col: int
 
 
-def choose_tile_sizes(Tq: int, w_row: int | None, w_col: int | None, *, backward: bool = False) -> TileSizes:
+def choose_tile_sizes(Tq: int, w_row: int | None, w_col: int | None) -> TileSizes:
     """Tile sizes tuned on a 2-core AVX-512 CPU (see scripts/bench_attention.py) for head dims around 64.
 
     The score GEMM is (query*row, d+1) @ (d+1, col); about 512 rows and 256 columns keep MKL near its peak while
     the fp32 score tile of four heads (2 MiB) stays in the two cores' L2. Larger query blocks would cut per-block
     overhead but waste more pairs: on the diagonal, and in windowed column blocks, which span w_col + query - 1
     keys of which each query uses w_col. Backward tiles hold two products (4 MiB); among the shapes tried
-    (256 to 1024 rows, 128 to 512 columns) none beat these, so `backward` does not change them yet.
+    (256 to 1024 rows, 128 to 512 columns) none beat these for backward either, so both passes use them.
     """
     if w_row is None:
         return TileSizes(query=16, row=32, col=256)

@@ -1,4 +1,5 @@
-"""Input validation and the allowed-pair mask shared by every tensor-attention op.
+"""What every tensor-attention op shares: input validation, the allowed-pair mask, the masked softmax and the limits
+of exp.
 
 Conventions (all ops): q is [B, H, Tq, D]; k1, k2, v1, v2 are [B, H, Tk, D] with Tq <= Tk. The queries are the
 *last* Tq positions of the key sequence, so query i sits at absolute position t = Tk - Tq + i (prefill
@@ -66,3 +67,29 @@ def allowed_pairs(Tq: int, Tk: int, w1, w2, attention_mask, device) -> torch.Ten
         real = attention_mask.to(device=device, dtype=torch.bool)  # [B, Tk]
         pairs = pairs & (real[:, None, None, :, None] & real[:, None, None, None, :])
     return pairs
+
+
+# Largest score above the running reference (shift) that may enter exp unchecked: e^40 times 1e10 pairs times values
+# up to 1e11 still fits float32 (e^300 in float64 has far more room). Below this, no max pass is needed.
+EXP_HEADROOM = {torch.float32: 40.0, torch.float64: 300.0}
+# exp arguments are clamped to at least this: below about -87 (float32) or -708 (float64) torch's exp leaves its
+# vector path, and a tile full of such values (or of -inf from masks) runs 5-200x slower. A masked pair then weighs
+# e^-80 ~ 2e-35 (e^-700 in float64) instead of 0, against at least 1 for the reference pair: far below rounding.
+EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
+
+
+def finite_or_zero(shift: torch.Tensor) -> torch.Tensor:
+    """A softmax shift (a max over scores) with -inf, from rows where nothing is allowed, replaced by 0, so that
+    exp(-inf - shift) is 0 there instead of NaN."""
+    return torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+
+
+def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
+    """softmax of `scores` over `dim` among the `allowed` entries (a bool mask broadcastable to scores, or None for
+    all); disallowed entries get 0, and a row with nothing allowed is all zeros, never NaN."""
+    if allowed is None:
+        return torch.softmax(scores, dim=dim)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.exp(scores - finite_or_zero(scores.amax(dim, keepdim=True)))
+    denom = probs.sum(dim, keepdim=True)
+    return probs / torch.where(denom > 0, denom, torch.ones_like(denom))

@@ -17,16 +17,13 @@ import threading
 
 import torch
 
-from .common import check_inputs
+from .common import EXP_HEADROOM, check_inputs, finite_or_zero, masked_softmax
 
 _workspace = threading.local()
 # Scores per block of the in-place decode step (B * H * rows * n2), 16 MiB in fp32: it bounds the scratch while
 # keeping the number of kernel launches (each a parallel region) small. Measured on a 2-core CPU with a large L3,
 # smaller, L2-sized blocks were no faster at i = 1024, and slower whenever another process held a core.
 _SCORES_PER_BLOCK = 1 << 22
-# Largest |score| bound for which exp needs no max shift: e^40 (fp32) or e^300 (fp64) times up to 2^30 pairs still
-# fits the type, and the largest term stays far above the smallest normal number.
-_UNSHIFTED_EXP_BOUND = {torch.float32: 40.0, torch.float64: 300.0}
 
 
 def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -112,7 +109,7 @@ def _decode_in_place(qs, k1, k2, v1, v2, real1, real2):
     # overflow nor lose the largest terms, and softmax does not depend on the shift: skip the max pass and the
     # subtraction, two of the four elementwise trips over the scores.
     bound = kq.norm(dim=-1).amax(-1) * k2.norm(dim=-1).amax(-1)  # [B, H]
-    unshifted = bool((bound <= _UNSHIFTED_EXP_BOUND.get(kq.dtype, 0.0)).all())
+    unshifted = bool((bound <= EXP_HEADROOM.get(kq.dtype, 0.0)).all())
     shifts, denoms, outs = [], [], []
     for a0 in range(0, n1, rows):
         a1 = min(a0 + rows, n1)
@@ -130,7 +127,7 @@ def _decode_in_place(qs, k1, k2, v1, v2, real1, real2):
             flat.exp_()  # unnormalised probabilities, in place
         else:
             block_max = flat.amax(-1, keepdim=True)  # [B, H, 1]; -inf when the block has no allowed pair
-            shift = block_max if real1 is None else torch.where(torch.isfinite(block_max), block_max, 0.0)
+            shift = block_max if real1 is None else finite_or_zero(block_max)
             flat.sub_(shift).exp_()
         denoms.append(flat.sum(-1, keepdim=True))  # [B, H, 1]
         pv = torch.matmul(scores, v2, out=pv_buf[: B * H * r * D].view(B, H, r, D)) if on_cpu else scores @ v2
@@ -141,7 +138,7 @@ def _decode_in_place(qs, k1, k2, v1, v2, real1, real2):
     else:
         block_max = torch.cat(shifts, -1)  # [B, H, blocks]
         top = block_max.amax(-1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, 0.0)
+        top = finite_or_zero(top)
         weight = torch.exp(block_max - top)  # 0 for blocks without an allowed pair
         denom = (torch.cat(denoms, -1) * weight).sum(-1, keepdim=True)  # [B, H, 1]
         out = (torch.stack(outs, -2) * weight[..., None]).sum(-2)  # [B, H, D]
@@ -152,16 +149,11 @@ def _decode_in_place(qs, k1, k2, v1, v2, real1, real2):
 def _decode_differentiable(kq, k2, v1, v2, real1, real2):
     B, H, n1, _ = kq.shape
     n2 = k2.shape[2]
-    scores = torch.matmul(kq, k2.transpose(-1, -2))  # [B, H, n1, n2]
+    scores = torch.matmul(kq, k2.transpose(-1, -2)).reshape(B, H, n1 * n2)  # all pairs of the query
+    allowed = None
     if real1 is not None:
-        ok = real1[:, None, :, None] & real2[:, None, None, :]  # [B, 1, n1, n2]
-        scores = scores.masked_fill(~ok, float("-inf"))
-    flat = scores.reshape(B, H, n1 * n2)
-    row_max = flat.amax(-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    probs = torch.exp(flat - row_max)
-    denom = probs.sum(-1, keepdim=True)
-    probs = (probs / torch.where(denom > 0, denom, torch.ones_like(denom))).reshape(B, H, n1, n2)
+        allowed = (real1[:, None, :, None] & real2[:, None, None, :]).reshape(B, 1, n1 * n2)
+    probs = masked_softmax(scores, allowed).reshape(B, H, n1, n2)
     return (v1 * torch.matmul(probs, v2)).sum(-2, keepdim=True)  # [B, H, 1, D]
 
 
@@ -175,16 +167,7 @@ def pair_rows_attention(q, pair_keys, pair_values, *, scale, allowed=None):
     dtype = q.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     scores = torch.matmul(q * scale, pair_keys.transpose(-1, -2)).to(compute)  # [B, H, Tq, P]
-    if allowed is None:
-        probs = torch.softmax(scores, dim=-1)
-    else:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        row_max = scores.amax(-1, keepdim=True)
-        # A query without an allowed row has max -inf; shift by 0 instead so exp gives 0 and the output 0, not NaN.
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        probs = torch.exp(scores - row_max)
-        denom = probs.sum(-1, keepdim=True)
-        probs = probs / torch.where(denom > 0, denom, torch.ones_like(denom))
+    probs = masked_softmax(scores, allowed)
     return torch.matmul(probs.to(pair_values.dtype), pair_values).to(dtype)
 
 

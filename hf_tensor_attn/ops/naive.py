@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import allowed_pairs, check_inputs
+from .common import allowed_pairs, check_inputs, masked_softmax
 
 
 def naive_tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
@@ -20,11 +20,9 @@ def naive_tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attent
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     q, k1, k2, v1, v2 = (t.to(compute) for t in (q, k1, k2, v1, v2))
     scores = torch.einsum("bhtd,bhad,bhcd->bhtac", q, k1, k2) * scale  # [B, H, Tq, Tk, Tk]
-    allowed = allowed_pairs(Tq, Tk, w1, w2, attention_mask, q.device)
-    scores = scores.masked_fill(~allowed, float("-inf")).reshape(B, H, Tq, Tk * Tk)
-    # A row with no allowed pair would be softmax(all -inf) = NaN; it must give zeros instead.
-    has_pair = allowed.reshape(allowed.shape[0], 1, Tq, Tk * Tk).any(-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~has_pair, 0.0), dim=-1) * has_pair
+    allowed = allowed_pairs(Tq, Tk, w1, w2, attention_mask, q.device)  # [B or 1, 1, Tq, Tk, Tk]
+    # One softmax over all pairs of a query, not row by row.
+    probs = masked_softmax(scores.reshape(B, H, Tq, Tk * Tk), allowed.reshape(allowed.shape[0], 1, Tq, Tk * Tk))
     probs = probs.reshape(B, H, Tq, Tk, Tk)
     out = torch.einsum("bhtac,bhad,bhcd->bhtd", probs, v1, v2)
     return out.to(dtype)

@@ -1,4 +1,4 @@
-"""Stateless numerics of SubGen eviction for tensor attention (DESIGN.md §2), each with its plain reference:
+"""Stateless numerics of SubGen eviction for tensor attention (Zandieh et al. 2024, adapted to pairs), each with its plain reference:
 
 - the estimators: `weighted_pair_sums` (the factorized product over two weighted streams; reference
   `naive_weighted_pair_sums`, which forms the Kronecker rows k1_a ⊙ k2_b explicitly), `weighted_row_sums` (over
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .common import finite_or_zero
+
 NUMERATORS = ("cluster_sum", "sampled")
 
 
@@ -23,9 +25,7 @@ def log_weights(weights: torch.Tensor) -> torch.Tensor:
 def _safe_max(logits: torch.Tensor, dims) -> torch.Tensor:
     if logits.numel() == 0:  # no rows at all (an empty summary)
         return logits.sum(dim=dims)
-    shift = logits.amax(dim=dims)
-    # Nothing visible: the shift is -inf; 0 keeps exp(-inf - 0) = 0 instead of NaN.
-    return torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    return finite_or_zero(logits.amax(dim=dims))
 
 
 def weighted_pair_sums(q, k1, lw1, k2, lw2, *, scale, v1=None, v2=None):

@@ -32,7 +32,7 @@ import torch
 
 # Importing the package also registers "tensor_attn" with the Auto classes, which train_model uses.
 from hf_tensor_attn.cache import (
-    SubGen2CacheLayer, SubGen4CacheLayer, TensorAttnCache, TensorAttnConstants, TensorCacheLayer,
+    SubGen2CacheLayer, SubGen4CacheLayer, TensorAttnCache, TensorAttnCacheLayer, TensorAttnConstants,
 )
 from hf_tensor_attn.ops import four_cache_decode, tensor_attention
 from scripts.bench.harness import (
@@ -252,7 +252,7 @@ def train_model(args):
     return model.eval()
 
 
-class EvictionLayer(TensorCacheLayer):
+class EvictionLayer(TensorAttnCacheLayer):
     """A baseline cache: keep at most `budget` tokens exactly and attend over those as if they were everything.
 
     policy "window" keeps the most recent, "sinks+window" also the first SINKS, "random" evicts a uniformly random

@@ -30,8 +30,10 @@ if __package__ in (None, ""):  # run as a file: make `scripts.bench` importable 
 import numpy as np
 import torch
 
-from hf_tensor_attn.tasks import Match3Task, answer_accuracy
-from hf_tensor_attn.training import load_config, train
+from hf_tensor_attn.arguments import DataArguments
+from hf_tensor_attn.arguments import parse_args as parse_run_args  # this script's own parse_args reads its CLI
+from hf_tensor_attn.data import Match3Task, answer_accuracy
+from hf_tensor_attn.training import train
 from scripts.bench.harness import (
     ROOT, describe_load, load_snapshot, machine, markdown_table, output_dir, pyplot, read_csv, write_csv, write_tables,
 )
@@ -47,8 +49,12 @@ QUICK_OVERRIDES = ["--max_steps=4", "--length=8", "--num_train_examples=256", "-
 QUICK_TEST_EXAMPLES = 64
 
 
-def test_accuracy(model, task: dict, num_examples: int, batch_size: int = 500) -> float:
-    data = Match3Task(task["modulus"], task["length"], num_examples, TEST_SEED, task["positive_rate"]).build()
+def test_set_task(data_args: DataArguments, num_examples: int) -> Match3Task:
+    return Match3Task(data_args.modulus, data_args.length, num_examples, TEST_SEED, data_args.positive_rate)
+
+
+def test_accuracy(model, data_args: DataArguments, num_examples: int, batch_size: int = 500) -> float:
+    data = test_set_task(data_args, num_examples).build()
     ids, labels = torch.tensor(data["input_ids"]), torch.tensor(data["labels"])
     correct = total = 0
     model.eval()
@@ -61,9 +67,9 @@ def test_accuracy(model, task: dict, num_examples: int, batch_size: int = 500) -
     return correct / total
 
 
-def test_set_stats(task: dict, num_examples: int) -> dict[str, float]:
-    spec = Match3Task(task["modulus"], task["length"], num_examples, TEST_SEED, task["positive_rate"])
-    return spec.describe(spec.build())
+def test_set_stats(data_args: DataArguments, num_examples: int) -> dict[str, float]:
+    task = test_set_task(data_args, num_examples)
+    return task.describe(task.build())
 
 
 def curves(log_history: list[dict]) -> list[dict]:
@@ -104,8 +110,8 @@ def plot(curve_rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def summary_tables(summary: list[dict], task: dict, test_examples: int) -> list[tuple[str, list[str]]]:
-    stats = test_set_stats(task, test_examples)
+def summary_tables(summary: list[dict], data_args: DataArguments, test_examples: int) -> list[tuple[str, list[str]]]:
+    stats = test_set_stats(data_args, test_examples)
     seeds = sorted({r["seed"] for r in summary})
     rows = []
     for model in dict.fromkeys(r["model"] for r in summary):
@@ -118,7 +124,7 @@ def summary_tables(summary: list[dict], task: dict, test_examples: int) -> list[
                     + [f"{np.mean(accs):.3f} ± {np.std(accs):.3f}", f"{min(times):.0f}–{max(times):.0f}"])
     header = ["model", "parameters", "steps", *(f"seed {s}" for s in seeds), "mean ± std", "train seconds per seed"]
     return [
-        (f"Test accuracy on answer tokens (M={task['modulus']}, N={task['length']}, {test_examples} test sequences)",
+        (f"Test accuracy on answer tokens (M={data_args.modulus}, N={data_args.length}, {test_examples} test sequences)",
          markdown_table(header, rows, "lrr" + "r" * (len(seeds) + 2))),
         ("The test set", markdown_table(
             ["positive answers", "best guess from the position alone"],
@@ -140,7 +146,7 @@ def parse_args(argv):
     # One thread: on the shared 2-core machine this was written on, two threads were many times slower per step
     # whenever another process held a core (OpenMP waits for the descheduled thread).
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    # Anything else is a run-config override applied to every run, e.g. --max_steps=300 (checked by load_config).
+    # Anything else is a run-config override applied to every run, e.g. --max_steps=300 (checked by parse_run_args).
     args, overrides = parser.parse_known_args(argv)
     full = args.from_csv or (not args.quick and not overrides and args.seeds in (None, DEFAULT_SEEDS)
                              and args.test_examples in (None, DEFAULT_TEST_EXAMPLES) and args.models == list(MODELS))
@@ -158,12 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    task = load_config(MODELS[args.models[0]], overrides).task
+    data_args = parse_run_args([MODELS[args.models[0]], *overrides])[1]
     if args.from_csv:
         summary = read_csv(args.out / "match3_summary.csv")
         recorded = {key: summary[0][key] for key in machine() if key in summary[0]}
         text = write_tables(args.out / "tables.md", Path(__file__).stem, argv, "Match3: tensor vs standard attention",
-                            recorded or None, "not recorded in these CSVs", summary_tables(summary, task, args.test_examples))
+                            recorded or None, "not recorded in these CSVs", summary_tables(summary, data_args, args.test_examples))
         print(text)
         return 0
 
@@ -175,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out_dir, ignore_errors=True)
             run_overrides = [f"--seed={seed}", f"--task_seed={seed}", f"--output_dir={out_dir}", "--save_strategy=no",
                              "--disable_tqdm=true", *overrides]
-            config = load_config(MODELS[model], run_overrides)
-            trainer = train(config)
-            accuracy = test_accuracy(trainer.model, config.task, args.test_examples)
+            model_args, data_args, training_args = parse_run_args([MODELS[model], *run_overrides])
+            trainer = train(model_args, data_args, training_args)
+            accuracy = test_accuracy(trainer.model, data_args, args.test_examples)
             params = sum(p.numel() for p in trainer.model.parameters())
             runtime = next(h["train_runtime"] for h in trainer.state.log_history if "train_runtime" in h)
             summary.append({"model": model, "seed": seed, "parameters": params, "steps": trainer.state.global_step,
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(args.out / "match3_summary.csv", summary, record)
     plot(curve_rows, args.out / "match3_curves.png")
     text = write_tables(args.out / "tables.md", Path(__file__).stem, argv, "Match3: tensor vs standard attention", record,
-                        describe_load(load_before, load_after), summary_tables(summary, task, args.test_examples))
+                        describe_load(load_before, load_after), summary_tables(summary, data_args, args.test_examples))
     print(text)
     return 0
 

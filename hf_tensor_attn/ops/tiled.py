@@ -1,4 +1,4 @@
-"""Exact tensor attention that never materialises the Tq x Tk x Tk scores (FlashAttention-style, for CPU torch).
+"""Tiled tensor attention: exact, and never materialises the Tq x Tk x Tk scores (FlashAttention-style, CPU torch).
 
 Forward: for each query block, tiles over (row-stream block x column-stream block). The scores of a tile are one
 batched GEMM over all heads, (q * k_row) [bq*ba, d] @ k_col^T [d, bc]; the values are a second one,
@@ -16,11 +16,12 @@ w + bq - 1 keys for a window w; the wider window therefore goes on the columns, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 
 from ._tiles import Masker, QueryBlock, TileSizes, choose_tile_sizes, plan
-from .common import check_inputs
+from .common import EXP_FLOOR, EXP_HEADROOM, check_inputs
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,18 +92,25 @@ class _RowGrad:
         return self.g[:, self.lead :]
 
 
-def _headroom(dtype: torch.dtype) -> float:
-    """Largest s - m allowed into exp without checking the tile: e^40 times 1e10 pairs times |v1*v2| up to
-    1e11 still fits float32; float64 has far more room."""
-    return 300.0 if dtype == torch.float64 else 40.0
+@dataclass
+class _Problem:
+    """One call's inputs as both passes see them: [BH, T, d] tensors in the compute dtype, q pre-scaled, the two
+    key/value streams ordered as rows (the narrower window) and columns."""
 
+    q: torch.Tensor
+    k_row: torch.Tensor
+    k_col: torch.Tensor
+    v_row: torch.Tensor
+    v_col: torch.Tensor
+    w_row: int | None
+    w_col: int | None
+    mask: torch.Tensor | None  # [B, Tk] bool: real tokens
+    batch: int
+    heads: int
+    sizes: TileSizes
 
-def _exp_floor(dtype: torch.dtype) -> float:
-    """Arguments of exp are clamped to at least this: below about -87 (float32) or -708 (float64) torch's exp
-    leaves its vector path, and a tile full of such values (or of -inf from masks) runs 5-200x slower. A masked
-    pair then weighs e^-80 ~ 2e-35 (e^-700 in float64) instead of 0, against at least 1 for the reference pair:
-    far below rounding. Queries with no allowed pair at all are zeroed explicitly."""
-    return -700.0 if dtype == torch.float64 else -80.0
+    def unpack(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self))
 
 
 def _reference_scores(q, kr, kc, w_row, w_col, mask, B, H):
@@ -143,9 +151,8 @@ def _block_flags(flags: torch.Tensor, blocks) -> list[bool]:
     return [any(per_query[block.start : block.stop]) for block in blocks]
 
 
-def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
-    """q pre-scaled; all [BH, T, d] in the compute dtype. Returns out [BH, Tq, d], lse [BH, Tq] and has_pair
-    [BH, Tq] (the query has an allowed pair).
+def _forward(p: _Problem):
+    """Returns out [BH, Tq, d], lse [BH, Tq] and has_pair [BH, Tq] (the query has an allowed pair).
 
     Each query t carries a reference m_t subtracted inside the score GEMM (a ones column in kc meets -m_t), and
     the tile holds exp(s - m_t) once exp is applied. m_t starts at the score of an allowed pair (see
@@ -155,11 +162,12 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
     loose does a tile pay for its max (amax), and m_t moves only when a score really exceeds m_t + headroom.
     Without the bound every tile would need two more passes (max, subtract) and a rescale of the accumulators.
     """
+    q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes = p.unpack()
     BH, Tq, d = q.shape
     Tk = kr.shape[1]
     dtype, device = q.dtype, q.device
     ws = _Workspace(dtype, device)
-    headroom, floor = _headroom(dtype), _exp_floor(dtype)
+    headroom, floor = EXP_HEADROOM[dtype], EXP_FLOOR[dtype]
     kc1 = torch.ones(BH, Tk, d + 1, dtype=dtype, device=device)
     kc1[:, :, :d] = kc
     kc1_t = kc1.transpose(1, 2)  # [BH, d+1, Tk]
@@ -227,17 +235,18 @@ def _forward(q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes: TileSizes):
     return out, lse, has_pair
 
 
-def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B, H, sizes: TileSizes):
-    """Gradients w.r.t. the pre-scaled q, kr, kc, vr, vc (all [BH, T, d]).
+def _backward(p: _Problem, out, lse, has_pair, dout):
+    """Gradients w.r.t. the pre-scaled q, k_row, k_col, v_row, v_col (all [BH, T, d]).
 
     Per tile: [S - lse; dP - D] = [q*kr, -lse; dO*vr, -D] @ [kc, 1; vc, 1]^T in one GEMM, P = exp(S - lse),
     dS = P * (dP - D); then [P @ vc; dS @ kc] (for dvr, dkr and dq) and [P^T @ (dO*vr); dS^T @ (q*kr)] (dvc, dkc).
     """
+    q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes = p.unpack()
     BH, Tq, d = q.shape
     Tk = kr.shape[1]
     dtype, device = q.dtype, q.device
     ws = _Workspace(dtype, device)
-    floor = _exp_floor(dtype)
+    floor = EXP_FLOOR[dtype]
     # A query without allowed pairs has output 0 whatever its inputs; its clamped tiles are not exactly 0, so
     # its output gradient is dropped instead.
     dout = dout * has_pair[:, :, None]
@@ -249,10 +258,10 @@ def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B
     # [vc; kc] for (P @ vc, dS @ kc). A column of ones, met by -lse_t and -D_t on the left, makes the first GEMM
     # return S - lse and dP - D directly (one width-65 GEMM costs about what a width-64 one does; the two
     # subtractions would be two passes over the tile).
-    kvk = torch.ones(3 * BH, Tk, d + 1, dtype=dtype, device=device)  # [3BH, Tk, d+1]
+    col_stack = torch.ones(3 * BH, Tk, d + 1, dtype=dtype, device=device)  # [3BH, Tk, d+1]
     for i, t in enumerate((kc, vc, kc)):
-        kvk[i * BH : (i + 1) * BH, :, :d] = t
-    kvk_t = kvk.transpose(1, 2)  # [3BH, d+1, Tk]
+        col_stack[i * BH : (i + 1) * BH, :, :d] = t
+    col_stack_t = col_stack.transpose(1, 2)  # [3BH, d+1, Tk]
     masker = Masker(w_row, w_col, mask, Tk, dtype, device, floor)
     kr_rows, vr_rows = _RowStream(kr, w_row), _RowStream(vr, w_row)
     dq = torch.zeros_like(q)
@@ -268,8 +277,8 @@ def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B
         cols = [
             (
                 cb.stop - cb.start,
-                kvk_t[: 2 * BH, :, cb.start : cb.stop],  # [kc, 1; vc, 1]^T
-                kvk[BH:, cb.start : cb.stop, :d],  # [vc; kc]
+                col_stack_t[: 2 * BH, :, cb.start : cb.stop],  # [kc, 1; vc, 1]^T
+                col_stack[BH:, cb.start : cb.stop, :d],  # [vc; kc]
                 dvk[:, cb.start : cb.stop],
                 masker.col_runs(block, cb),
             )
@@ -279,7 +288,7 @@ def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B
             ba = rb.stop - rb.start
             row_runs = masker.row_runs(block, rb)
             krb = kr_rows.tile(block, rb)  # [BH, 1 or bq, ba, d]
-            # Rows (t, a) of [q*kr, -lse; dO*vr, -D; q*kr, -lse]: against kvk they give (S - lse, dP - D),
+            # Rows (t, a) of [q*kr, -lse; dO*vr, -D; q*kr, -lse]: against col_stack they give (S - lse, dP - D),
             # transposed against the d columns (dvc, dkc).
             left = ws.get("left", 3 * BH, bq, ba, d + 1)
             torch.mul(qb[:, :, None, :], krb, out=left[:BH, :, :, :d])
@@ -288,21 +297,21 @@ def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B
             left[BH : 2 * BH, :, :, d] = neg_delta[:, block.start : block.stop]
             left[2 * BH :] = left[:BH]
             left = left.view(3 * BH, bq * ba, d + 1)
-            yx = ws.get("yx", 2 * BH, bq * ba, d)  # accumulates [P @ vc; dS @ kc] over column blocks
+            row_products = ws.get("row_products", 2 * BH, bq * ba, d)  # [P @ vc; dS @ kc] summed over column blocks
             for ci, (bc, kv_t, vk, dvk_tile, col_runs) in enumerate(cols):
-                sp = torch.bmm(left[: 2 * BH], kv_t, out=ws.get("sp", 2 * BH, bq * ba, bc))
-                s, dp = sp[:BH], sp[BH:]  # S - lse and dP - D, [BH, bq*ba, bc] each
+                tile = torch.bmm(left[: 2 * BH], kv_t, out=ws.get("tile", 2 * BH, bq * ba, bc))
+                s, dp = tile[:BH], tile[BH:]  # S - lse and dP - D, [BH, bq*ba, bc] each
                 if row_runs or col_runs:
                     masker.apply(s.view(B, H, bq, ba, bc), row_runs, col_runs)
                 if clamp:
                     s.clamp_min_(floor)
                 dp.mul_(s.exp_())  # s becomes P, dp becomes dS = P * (dP - D)
                 if ci == 0:
-                    torch.bmm(sp, vk, out=yx)
+                    torch.bmm(tile, vk, out=row_products)
                 else:
-                    yx.baddbmm_(sp, vk)
-                dvk_tile += torch.bmm(sp.transpose(1, 2), left[BH:, :, :d], out=ws.get("dvk", 2 * BH, bc, d))
-            y, x = yx[:BH].view(BH, bq, ba, d), yx[BH:].view(BH, bq, ba, d)
+                    row_products.baddbmm_(tile, vk)
+                dvk_tile += torch.bmm(tile.transpose(1, 2), left[BH:, :, :d], out=ws.get("dvk", 2 * BH, bc, d))
+            y, x = row_products[:BH].view(BH, bq, ba, d), row_products[BH:].view(BH, bq, ba, d)
             dvr.add(block, rb, y * gb[:, :, None, :])
             dkr.add(block, rb, x * qb[:, :, None, :])
             dq_b[:, :, :ba].addcmul_(x, krb)
@@ -310,47 +319,85 @@ def _backward(q, kr, kc, vr, vc, out, lse, has_pair, dout, w_row, w_col, mask, B
     return dq, dkr.result(), dvk[BH:], dvr.result(), dvk[:BH]
 
 
-class _TensorAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
-        B, H, Tq, D = q.shape
-        Tk = k1.shape[2]
-        dtype = _compute_dtype(q.dtype)
-        # A window as long as the keys excludes nothing (t - a <= Tk - 1).
-        w1, w2 = (None if w is not None and w >= Tk else w for w in (w1, w2))
-        # The smaller window goes on the rows (see module docstring); no window counts as the largest.
-        swap = w2 is not None and (w1 is None or w2 < w1)
-        kr, kc, vr, vc = (k2, k1, v2, v1) if swap else (k1, k2, v1, v2)
-        w_row, w_col = (w2, w1) if swap else (w1, w2)
-        flat = lambda t, T: t.to(dtype).reshape(B * H, T, D)
-        qs = flat(q, Tq) * scale
-        sizes = choose_tile_sizes(Tq, w_row, w_col)
-        mask = attention_mask.to(torch.bool) if attention_mask is not None else None
-        out, lse, has_pair = _forward(qs, flat(kr, Tk), flat(kc, Tk), flat(vr, Tk), flat(vc, Tk), w_row, w_col, mask, B, H, sizes)
-        sizes = choose_tile_sizes(Tq, w_row, w_col, backward=True)
-        ctx.save_for_backward(q, k1, k2, v1, v2, out, lse, has_pair, mask)
-        ctx.meta = (scale, swap, w_row, w_col, sizes)
-        return out.view(B, H, Tq, D).to(q.dtype)
+def _problem(q, kr, kc, vr, vc, scale, w_row, w_col, mask, dtype) -> _Problem:
+    B, H, Tq, D = q.shape
+    Tk = kr.shape[2]
+    flat = lambda t, T: t.to(dtype).reshape(B * H, T, D)  # noqa: E731
+    return _Problem(
+        q=flat(q, Tq) * scale, k_row=flat(kr, Tk), k_col=flat(kc, Tk), v_row=flat(vr, Tk), v_col=flat(vc, Tk),
+        w_row=w_row, w_col=w_col, mask=mask, batch=B, heads=H, sizes=choose_tile_sizes(Tq, w_row, w_col),
+    )
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k1, k2, v1, v2, out, lse, has_pair, mask = ctx.saved_tensors
-        scale, swap, w_row, w_col, sizes = ctx.meta
-        B, H, Tq, D = q.shape
-        Tk = k1.shape[2]
-        dtype = out.dtype
-        kr, kc, vr, vc = (k2, k1, v2, v1) if swap else (k1, k2, v1, v2)
-        flat = lambda t, T: t.to(dtype).reshape(B * H, T, D)
-        qs = flat(q, Tq) * scale
-        dq, dkr, dkc, dvr, dvc = _backward(
-            qs, flat(kr, Tk), flat(kc, Tk), flat(vr, Tk), flat(vc, Tk), out, lse, has_pair, flat(dout, Tq),
-            w_row, w_col, mask, B, H, sizes,
-        )
-        shape = lambda t, T, like: t.view(B, H, T, D).to(like.dtype)
-        dq = shape(dq * scale, Tq, q)
-        dk1, dk2, dv1, dv2 = (dkc, dkr, dvc, dvr) if swap else (dkr, dkc, dvr, dvc)
-        return dq, shape(dk1, Tk, k1), shape(dk2, Tk, k2), shape(dv1, Tk, v1), shape(dv2, Tk, v2), None, None, None, None
+
+def _oriented(k1, k2, v1, v2, w1, w2):
+    """(swap, w_row, w_col, (k_row, k_col, v_row, v_col)): the narrower window on the rows (module docstring)."""
+    Tk = k1.shape[2]
+    # A window as long as the keys excludes nothing (t - a <= Tk - 1); no window counts as the widest.
+    w1, w2 = (None if w is not None and w >= Tk else w for w in (w1, w2))
+    swap = w2 is not None and (w1 is None or w2 < w1)
+    if swap:
+        return swap, w2, w1, (k2, k1, v2, v1)
+    return swap, w1, w2, (k1, k2, v1, v2)
+
+
+# The passes are custom ops, so `torch.compile` treats each as one opaque call: their tile loops depend on the
+# data (masks, score bounds) and would otherwise break the graph at every `.tolist()` and `bool(...)`.
+@torch.library.custom_op("hf_tensor_attn::tiled_attention_forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, scale: float,
+    w1: int | None, w2: int | None, attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [BH, Tq, D], lse [BH, Tq], has_pair [BH, Tq]) in the compute dtype."""
+    _, w_row, w_col, streams = _oriented(k1, k2, v1, v2, w1, w2)
+    mask = attention_mask.to(torch.bool) if attention_mask is not None else None
+    return _forward(_problem(q, *streams, scale, w_row, w_col, mask, _compute_dtype(q.dtype)))
+
+
+@_forward_op.register_fake
+def _(q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
+    B, H, Tq, D = q.shape
+    dtype = _compute_dtype(q.dtype)
+    return (q.new_empty(B * H, Tq, D, dtype=dtype), q.new_empty(B * H, Tq, dtype=dtype),
+            q.new_empty(B * H, Tq, dtype=torch.bool))
+
+
+@torch.library.custom_op("hf_tensor_attn::tiled_attention_backward", mutates_args=())
+def _backward_op(
+    dout: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, has_pair: torch.Tensor, scale: float, w1: int | None, w2: int | None,
+    attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k1, k2, v1, v2 from dout [BH, Tq, D] (compute dtype)."""
+    B, H, Tq, D = q.shape
+    Tk = k1.shape[2]
+    swap, w_row, w_col, streams = _oriented(k1, k2, v1, v2, w1, w2)
+    mask = attention_mask.to(torch.bool) if attention_mask is not None else None
+    problem = _problem(q, *streams, scale, w_row, w_col, mask, out.dtype)
+    dq, dkr, dkc, dvr, dvc = _backward(problem, out, lse, has_pair, dout)
+    # Copies: a custom op's outputs may not alias each other (dk_col and dv_col share one buffer).
+    shape = lambda t, T, like: t.view(B, H, T, D).to(like.dtype, copy=True)  # noqa: E731
+    dk1, dk2, dv1, dv2 = (dkc, dkr, dvc, dvr) if swap else (dkr, dkc, dvr, dvc)
+    return shape(dq * scale, Tq, q), shape(dk1, Tk, k1), shape(dk2, Tk, k2), shape(dv1, Tk, v1), shape(dv2, Tk, v2)
+
+
+@_backward_op.register_fake
+def _(dout, q, k1, k2, v1, v2, out, lse, has_pair, scale, w1, w2, attention_mask):
+    return tuple(t.new_empty(t.shape) for t in (q, k1, k2, v1, v2))  # contiguous, like the real gradients
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k1, k2, v1, v2, scale, w1, w2, attention_mask = inputs
+    ctx.save_for_backward(q, k1, k2, v1, v2, *output, attention_mask)
+    ctx.meta = (scale, w1, w2)
+
+
+def _gradients(ctx, dout, dlse, dhas_pair):
+    q, k1, k2, v1, v2, out, lse, has_pair, attention_mask = ctx.saved_tensors
+    grads = _backward_op(dout.to(out.dtype), q, k1, k2, v1, v2, out, lse, has_pair, *ctx.meta, attention_mask)
+    return (*grads, None, None, None, None)
+
+
+_forward_op.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
 def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
@@ -360,4 +407,5 @@ def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_ma
     accumulation is fp32); returns q's dtype. Peak extra memory is O(tile + T*d).
     """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
-    return _TensorAttention.apply(q, k1, k2, v1, v2, float(scale), w1, w2, attention_mask)
+    out, _, _ = _forward_op(q, k1, k2, v1, v2, float(scale), w1, w2, attention_mask)
+    return out.view(q.shape).to(q.dtype)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hf_tensor_attn.ops import exact, naive_tensor_attention, tensor_attention
+from hf_tensor_attn.ops import naive_tensor_attention, tensor_attention, tiled
 from hf_tensor_attn.ops._tiles import TileSizes, plan
 
 # Tolerances are relative to the largest entry of the reference tensor (at least 1), per dtype. float32 and bfloat16 both
@@ -33,7 +33,7 @@ def one_thread():
 @pytest.fixture(params=["default", *SMALL_TILINGS])
 def tiling(request, monkeypatch):
     if request.param in SMALL_TILINGS:
-        monkeypatch.setattr(exact, "choose_tile_sizes", lambda *args, **kw: SMALL_TILINGS[request.param])
+        monkeypatch.setattr(tiled, "choose_tile_sizes", lambda *args, **kw: SMALL_TILINGS[request.param])
     return request.param
 
 
@@ -116,7 +116,7 @@ def test_float64_matches_naive(case):
 )
 @pytest.mark.parametrize("sizes", list(SMALL_TILINGS))
 def test_float64_matches_naive_small_tiles(case, sizes, monkeypatch):
-    monkeypatch.setattr(exact, "choose_tile_sizes", lambda *args, **kw: SMALL_TILINGS[sizes])
+    monkeypatch.setattr(tiled, "choose_tile_sizes", lambda *args, **kw: SMALL_TILINGS[sizes])
     check_float64_matches_naive(case)
 
 
@@ -225,7 +225,7 @@ def test_pad_query_whose_own_pair_dwarfs_its_allowed_pairs(w, tiling):
 def test_windows_visit_only_in_window_tiles():
     """The work of a windowed call is O(T * w1 * w2): the planned tiles hold a small multiple of the used pairs."""
     T, w_row, w_col = 1024, 32, 128
-    sizes = exact.choose_tile_sizes(T, w_row, w_col)
+    sizes = tiled.choose_tile_sizes(T, w_row, w_col)
     visited = 0
     for block in plan(T, T, w_row, w_col, None, sizes):
         rows = sum(rb.stop - rb.start for rb in block.row_blocks)
@@ -317,3 +317,33 @@ def test_bad_inputs_raise_value_error_naming_argument(fn, change, kw, name):
     kw = {"scale": 0.5, **kw}
     with pytest.raises(ValueError, match=f"`{name}`"):
         fn(tensors["q"], tensors["k1"], tensors["k2"], tensors["v1"], tensors["v2"], **kw)
+
+
+# ---- torch.compile: the passes are custom ops, opaque to the compiler ----
+
+
+def test_custom_ops_pass_opcheck():
+    """Fake (meta) kernels, schema and autograd registration agree with the real kernels."""
+    from hf_tensor_attn.ops.tiled import _forward_op
+
+    (q, k1, k2, v1, v2), _ = make_inputs(1, 2, 5, 7, 4, torch.float64)
+    for t in (q, k1, k2, v1, v2):
+        t.requires_grad_(True)
+    mask = torch.ones(1, 7, dtype=torch.long)
+    mask[0, :2] = 0
+    for w1, w2, m in ((None, None, None), (3, 2, mask)):
+        torch.library.opcheck(_forward_op, (q, k1, k2, v1, v2, 0.5, w1, w2, m))
+
+
+def test_compiled_op_has_no_graph_break_and_matches_eager():
+    (q, k1, k2, v1, v2), _ = make_inputs(2, 2, 9, 9, 8, torch.float32)
+    for t in (q, k1, k2, v1, v2):
+        t.requires_grad_(True)
+    fn = lambda *x: tensor_attention(*x, scale=0.3, w1=4, w2=None)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out, ref = compiled(q, k1, k2, v1, v2), fn(q, k1, k2, v1, v2)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    grads = torch.autograd.grad(out.square().sum(), (q, k1, k2, v1, v2))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k1, k2, v1, v2))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)

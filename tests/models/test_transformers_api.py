@@ -125,9 +125,41 @@ def test_a_cache_built_for_another_model_is_refused(make_model):
         model(torch.randint(3, 259, (1, 4)), cache=TensorAttnCache(other.config))
 
 
-def test_output_attentions_is_refused_not_ignored(make_model):
-    with pytest.raises(ValueError, match="output_attentions"):
-        make_model()(torch.randint(3, 259, (1, 4)), output_attentions=True)
+# ---- the attention interface (standard layers) ----
+
+
+def test_eager_and_sdpa_standard_layers_agree_and_eager_returns_weights(make_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = make_model(initializer_range=INIT, layer_types=HYBRID)
+    model.save_pretrained(tmp_path)
+    eager = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="eager").eval()
+    sdpa = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="sdpa").eval()
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    ids, mask = left_padded_batch()
+    out_eager = eager(ids, attention_mask=mask, output_attentions=True)
+    out_sdpa = sdpa(ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(out_eager.logits[real], out_sdpa.logits[real], rtol=1e-10, atol=1e-10)
+    tensor_weights, standard_weights = out_eager.attentions
+    assert tensor_weights is None  # pair weights are not returned
+    assert standard_weights.shape == (3, 2, 7, 7)
+    real_queries = real[:, None, :].expand(3, 2, 7)
+    rows = standard_weights.sum(-1)[real_queries]
+    torch.testing.assert_close(rows, torch.ones_like(rows))
+    assert (standard_weights.triu(1).sum(-1)[real_queries] == 0).all()  # causal for every real query
+    assert (standard_weights[2, :, -1, :5] == 0).all()  # the padded keys of the shortest row get no weight
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(eager.generate(ids, **kw), sdpa.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("backend", ["flash_attention_2", "flex_attention"])
+def test_unsupported_attention_kernels_are_refused_at_load_naming_the_supported_ones(make_model, backend, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"attn_implementation in \['sdpa', 'eager'\]"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=backend)
 
 
 def test_generate_and_cached_forward_are_quiet(make_model, caplog):
@@ -222,3 +254,60 @@ def test_trust_remote_code_without_the_package_says_to_install_it(saved_model, t
     run = run_fresh_python(script, str(path), "[]", str(tmp_path / "unused"), tmp_path=tmp_path)
     assert run.returncode != 0
     assert "hf_tensor_attn" in run.stderr and "Install it" in run.stderr, run.stderr[-3000:]
+
+
+# ---- the layout as generation config ----
+
+
+def test_generation_config_naming_a_layout_is_saved_restored_and_used(make_model, tmp_path):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = make_model(initializer_range=INIT, layer_types=HYBRID)
+    ids, mask = left_padded_batch()
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
+    model.generation_config.cache_implementation = "two_cache"
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert output_cache(out).cache_implementation == "two_cache" and torch.equal(out.sequences, ref)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["cache_implementation"] == "two_cache"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    out = loaded.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert output_cache(out).cache_implementation == "two_cache" and torch.equal(out.sequences, ref)
+    # an explicit GenerationConfig naming a layout works too, and the call's own name wins over it
+    config = GenerationConfig(cache_implementation="subgen4", max_new_tokens=6, do_sample=False)
+    out = loaded.generate(ids, attention_mask=mask, generation_config=config, return_dict_in_generate=True)
+    assert output_cache(out).cache_implementation == "subgen4" and torch.equal(out.sequences, ref)
+    out = loaded.generate(ids, attention_mask=mask, generation_config=config, cache_implementation="four_cache",
+                          return_dict_in_generate=True)
+    assert output_cache(out).cache_implementation == "four_cache"
+
+
+# ---- torch.compile ----
+
+
+def test_compiled_model_forward_fullgraph_and_training_step_match_eager(make_model):
+    model = make_model(dtype=torch.float32, layer_types=HYBRID, w1=5, w2=3)
+    ids = torch.randint(3, 259, (2, 9))
+    with torch.no_grad():  # inductor, the default backend, with the whole forward as one graph
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                   rtol=1e-5, atol=1e-5)
+    model.train()
+    trained = torch.compile(model, fullgraph=True, backend="aot_eager")
+    trained(ids, labels=ids).loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_inputs_longer_than_the_positions_warn_once(make_model, caplog):
+    model = make_model(max_position_embeddings=8)
+    with caplog.at_level(logging.WARNING):
+        model(torch.randint(3, 259, (1, 6)), use_cache=False)
+        assert not caplog.records
+        model(torch.randint(3, 259, (1, 10)), use_cache=False)
+        model(torch.randint(3, 259, (1, 12)), use_cache=False)
+    warned = [r for r in caplog.records if "max_position_embeddings=8" in r.getMessage()]
+    assert len(warned) == 1

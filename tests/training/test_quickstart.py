@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "quickstart.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "quickstart.py"
 
 
 def test_quickstart_exits_nonzero_when_continuations_are_mostly_wrong(tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import hf_tensor_attn
 from hf_tensor_attn import TensorAttnCache, TensorAttnForCausalLM, TensorAttnModel

@@ -1,4 +1,4 @@
-"""Scaling out: `accelerate launch` DDP on CPU, and inference with layers spread over CPU and disk offload."""
+"""Scaling out: `accelerate launch --multi_gpu` DDP on CPU, and inference with layers spread over CPU and disk offload."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_tensor_attn  # noqa: F401  (registers the model with the Auto classes)
-from hf_tensor_attn.cache import TensorCacheLayer
+from hf_tensor_attn.cache import TensorAttnCacheLayer
 from hf_tensor_attn.compat import output_cache
 from hf_tensor_attn.training import param_checksum
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -30,15 +30,19 @@ def free_port() -> int:
 
 def test_accelerate_cpu_ddp_two_processes_end_with_identical_parameters(tmp_path):
     out = tmp_path / "run"
+    # accelerate's `--cpu` launcher starts one process whatever --num_processes says (several only through mpirun);
+    # `--multi_gpu` starts them through torch.distributed.run, and on a machine without GPUs each process then
+    # trains on the CPU over gloo. `torchrun --nproc_per_node 2` does the same.
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
         str(ROOT / "scripts" / "train.py"), str(ROOT / "configs" / "match3-tiny.json"),
         "--max_steps=12", "--logging_steps=2", "--eval_steps=12", "--save_steps=12", "--disable_tqdm=true",
         f"--output_dir={out}", "--write_param_checksums=true",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # No visible GPU, so that this stays a CPU run on a machine that has one.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -107,4 +111,4 @@ def test_offloaded_generation_matches_single_device(saved_model, tmp_path, place
         expected = torch.device("cpu")
         assert all(t.device == expected for t in tensors), (idx, [t.device for t in tensors])
         if offloaded.config.layer_types[idx] == "tensor_attention":
-            assert isinstance(layer, TensorCacheLayer)
+            assert isinstance(layer, TensorAttnCacheLayer)
