@@ -22,6 +22,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -77,6 +78,23 @@ def machine() -> dict[str, object]:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+
+
+def code_version() -> str:
+    """The commit the measured code is at, and whether the package or the scripts differ from it: a table is only
+    reproducible from code someone can check out."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--", "hf_tensor_attn", "scripts")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (git did not run)"
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    return f"commit {head.stdout.strip()}" + (
+        ", with uncommitted changes to hf_tensor_attn/ or scripts/" if changed.stdout.strip() else "")
 
 
 def describe_machine(m: dict[str, object]) -> str:
@@ -263,14 +281,15 @@ def markdown_table(header: list[str], rows: list[list], align: str = "") -> list
 
 
 def write_tables(path: Path, script: str, args: list[str] | None, title: str, machine_record: dict | None,
-                 load: str, sections: list[tuple[str, list[str]]]) -> str:
-    """The table file of a run: the command (`script` with its arguments `args`, None for sys.argv's), the machine
-    (None: not recorded), its load, then each (heading, lines) section. Returns the text, which the scripts also
-    print."""
+                 load: str, sections: list[tuple[str, list[str]]], code: str | None = None) -> str:
+    """The table file of a run: the command (`script` with its arguments `args`, None for sys.argv's), the code it
+    measured (default: this checkout's commit), the machine (None: not recorded), its load, then each (heading,
+    lines) section. Returns the text, which the scripts also print."""
     args = sys.argv[1:] if args is None else args
     command = f"python -m scripts.bench.{script}" + "".join(" " + shlex.quote(a) for a in args)
     where = "not recorded" if machine_record is None else describe_machine(machine_record)
-    lines = [f"# {title}", "", f"Command: `{command}`", "", f"Machine: {where}.", "", f"Load: {load}.", ""]
+    lines = [f"# {title}", "", f"Command: `{command}`", "", f"Code: {code or code_version()}.", "", f"Machine: {where}.", "",
+             f"Load: {load}.", ""]
     for heading, body in sections:
         lines += [f"## {heading}", "", *body, ""]
     text = "\n".join(lines)

@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = read_csv(args.out / "match3_summary.csv")
         recorded = {key: summary[0][key] for key in machine() if key in summary[0]}
         text = write_tables(args.out / "tables.md", Path(__file__).stem, argv, "Match3: tensor vs standard attention",
-                            recorded or None, "not recorded in these CSVs", summary_tables(summary, data_args, args.test_examples))
+                            recorded or None, "not recorded in these CSVs",
+                            summary_tables(summary, data_args, args.test_examples),
+                            code="that of the run that wrote these CSVs, not recorded in them")
         print(text)
         return 0
 
