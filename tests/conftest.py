@@ -23,6 +23,22 @@ def make_model():
     return tiny_model
 
 
+def left_padded_batch(lengths, vocab=259):
+    """Rows of the given lengths, left-padded to the longest: (rows, ids [B, T], attention mask [B, T])."""
+    rows = [torch.randint(3, vocab, (n,)) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    return rows, ids, mask
+
+
+@pytest.fixture
+def left_padded():
+    return left_padded_batch
+
+
 def pytest_report_header(config):
     import transformers
 

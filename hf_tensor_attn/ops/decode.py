@@ -1,5 +1,5 @@
-"""One-query decode kernels: the four cache matrices (paper Def. 3.7) as GEMM-shaped products, the two-matrix
-layout's explicit pair rows (Def. 3.8), and the explicit-Kronecker baseline of the paper's Theorem 4.3.
+"""One-query decode kernels: the four cache matrices (paper Def. 3.7) as GEMM-shaped products, and the two-matrix
+layout's explicit pair rows (Def. 3.8). Their reference is `naive.naive_tensor_attention`.
 
 For a query q and cached K1, K2, V1, V2 (i x d each), `four_cache_decode` computes
 
@@ -169,37 +169,3 @@ def pair_rows_attention(q, pair_keys, pair_values, *, scale, allowed=None):
     scores = torch.matmul(q * scale, pair_keys.transpose(-1, -2)).to(compute)  # [B, H, Tq, P]
     probs = masked_softmax(scores, allowed)
     return torch.matmul(probs.to(pair_values.dtype), pair_values).to(dtype)
-
-
-@torch.no_grad()
-def kronecker_decode(q, k1, k2, v1, v2, *, scale, rows_per_chunk=1 << 14):
-    """One decode step the way the paper's Theorem 4.3 accounts for the four-matrix layout: form the Kronecker
-    rows K1 ⊘ K2 and V1 ⊘ V2 explicitly (i^2 x d each, `rows_per_chunk` rows per head at a time, written into one
-    reused buffer so the scratch stays cache-sized), then `(V1 ⊘ V2)ᵀ softmax((K1 ⊘ K2) q)`. A baseline for
-    benchmarks (no autograd), not a path the model uses: the factorized `four_cache_decode` does the same score and
-    value flops without writing i^2 x d rows.
-
-    q is [B, H, 1, D]; k1, k2, v1, v2 are [B, H, Tk, D]; no windows or padding (every pair allowed).
-    """
-    check_inputs(q, k1, k2, v1, v2, scale=scale)
-    if q.shape[2] != 1:
-        raise ValueError(f"`q` must hold one decode position, got shape {tuple(q.shape)}")
-    B, H, Tk, D = k1.shape
-    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    qs = (q * scale).transpose(-1, -2)  # [B, H, D, 1]
-    a_chunk = max(1, min(Tk, rows_per_chunk // Tk))  # rows (a, b) for a block of a and every b
-    rows_buffer = k1.new_empty(B, H, a_chunk * Tk, D)
-    scores = torch.empty(B, H, Tk, Tk, dtype=compute, device=q.device)  # [B, H, a, b]
-    for a0 in range(0, Tk, a_chunk):
-        a1 = min(a0 + a_chunk, Tk)
-        rows = rows_buffer[:, :, : (a1 - a0) * Tk]  # [B, H, (a1 - a0) * Tk, D]
-        torch.mul(k1[:, :, a0:a1, None, :], k2[:, :, None, :, :], out=rows.view(B, H, a1 - a0, Tk, D))  # K1 ⊘ K2
-        scores[:, :, a0:a1] = torch.matmul(rows, qs).view(B, H, a1 - a0, Tk)
-    probs = torch.softmax(scores.view(B, H, Tk * Tk), dim=-1).view(B, H, Tk, Tk)
-    out = torch.zeros(B, H, 1, D, dtype=compute, device=q.device)
-    for a0 in range(0, Tk, a_chunk):
-        a1 = min(a0 + a_chunk, Tk)
-        rows = rows_buffer[:, :, : (a1 - a0) * Tk]
-        torch.mul(v1[:, :, a0:a1, None, :], v2[:, :, None, :, :], out=rows.view(B, H, a1 - a0, Tk, D))  # V1 ⊘ V2
-        out += torch.matmul(probs[:, :, a0:a1].reshape(B, H, 1, (a1 - a0) * Tk).to(rows.dtype), rows).to(compute)
-    return out.to(q.dtype)

@@ -23,17 +23,6 @@ HYBRID = ["tensor_attention", "full_attention"]
 INIT = 0.2  # large enough that a cache which forgets the past changes the greedy tokens (checked below)
 
 
-def left_padded_batch():
-    """Three rows of lengths 7, 4 and 2, left-padded to 7."""
-    lengths = (7, 4, 2)
-    ids = torch.zeros(3, 7, dtype=torch.long)
-    mask = torch.zeros(3, 7, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, 7 - n :] = torch.randint(3, 259, (n,))
-        mask[i, 7 - n :] = 1
-    return ids, mask
-
-
 def greedy_without_history(model, ids, mask, steps):
     """Greedy decoding where each step sees only the newest token: what a cache that is never read produces."""
     tokens = ids
@@ -44,9 +33,9 @@ def greedy_without_history(model, ids, mask, steps):
 
 
 @pytest.mark.parametrize("layout", available_cache_implementations())
-def test_greedy_generate_each_layout_equals_no_cache_on_left_padded_batch(make_model, layout):
+def test_greedy_generate_each_layout_equals_no_cache_on_left_padded_batch(make_model, layout, left_padded):
     model = make_model(initializer_range=INIT, layer_types=HYBRID)
-    ids, mask = left_padded_batch()
+    ids, mask = left_padded([7, 4, 2])[1:]
     kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
     ref = model.generate(ids, use_cache=False, **kw)
     out = model.generate(ids, cache_implementation=layout, **kw)
@@ -59,9 +48,9 @@ def test_greedy_generate_each_layout_equals_no_cache_on_left_padded_batch(make_m
 
 
 @pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
-def test_forward_decodes_like_full_forward_with_either_cache_keyword(make_model, keyword):
+def test_forward_decodes_like_full_forward_with_either_cache_keyword(make_model, keyword, left_padded):
     model = make_model(layer_types=HYBRID)
-    ids, mask = left_padded_batch()
+    ids, mask = left_padded([7, 4, 2])[1:]
     full = model(ids, attention_mask=mask, use_cache=False).logits
     cache = TensorAttnCache(model.config)
     steps = [model(ids[:, :4], attention_mask=mask[:, :4], **{keyword: cache}).logits]
@@ -128,7 +117,7 @@ def test_a_cache_built_for_another_model_is_refused(make_model):
 # ---- the attention interface (standard layers) ----
 
 
-def test_eager_and_sdpa_standard_layers_agree_and_eager_returns_weights(make_model, tmp_path):
+def test_eager_and_sdpa_standard_layers_agree_and_eager_returns_weights(make_model, tmp_path, left_padded):
     from transformers import AutoModelForCausalLM
 
     model = make_model(initializer_range=INIT, layer_types=HYBRID)
@@ -136,7 +125,7 @@ def test_eager_and_sdpa_standard_layers_agree_and_eager_returns_weights(make_mod
     eager = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="eager").eval()
     sdpa = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="sdpa").eval()
     assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
-    ids, mask = left_padded_batch()
+    ids, mask = left_padded([7, 4, 2])[1:]
     out_eager = eager(ids, attention_mask=mask, output_attentions=True)
     out_sdpa = sdpa(ids, attention_mask=mask)
     real = mask.bool()
@@ -162,10 +151,10 @@ def test_unsupported_attention_kernels_are_refused_at_load_naming_the_supported_
         AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=backend)
 
 
-def test_generate_and_cached_forward_are_quiet(make_model, caplog):
+def test_generate_and_cached_forward_are_quiet(make_model, caplog, left_padded):
     """No deprecation warning or log line from our side, on either supported transformers."""
     model = make_model(layer_types=HYBRID)
-    ids, mask = left_padded_batch()
+    ids, mask = left_padded([7, 4, 2])[1:]
     with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
@@ -259,11 +248,11 @@ def test_trust_remote_code_without_the_package_says_to_install_it(saved_model, t
 # ---- the layout as generation config ----
 
 
-def test_generation_config_naming_a_layout_is_saved_restored_and_used(make_model, tmp_path):
+def test_generation_config_naming_a_layout_is_saved_restored_and_used(make_model, tmp_path, left_padded):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = make_model(initializer_range=INIT, layer_types=HYBRID)
-    ids, mask = left_padded_batch()
+    ids, mask = left_padded([7, 4, 2])[1:]
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
     model.generation_config.cache_implementation = "two_cache"
     out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)

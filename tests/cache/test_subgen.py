@@ -7,15 +7,8 @@ import torch
 from hf_tensor_attn import TensorAttnCache
 from hf_tensor_attn.cache import TensorAttnConstants
 from hf_tensor_attn.cache.subgen import SubGen2CacheLayer, SubGen4CacheLayer
-from hf_tensor_attn.ops import four_cache_decode, naive_tensor_attention
-from hf_tensor_attn.ops.subgen import (
-    assign_clusters,
-    log_weights,
-    naive_assign_clusters,
-    naive_weighted_pair_sums,
-    weighted_pair_sums,
-)
 from hf_tensor_attn.cache.summary import StreamSummary
+from hf_tensor_attn.ops import four_cache_decode, naive_tensor_attention
 from scripts.bench.metrics import kron_value_op_norm, lemma51_ratio
 
 LAYERS = {"subgen4": SubGen4CacheLayer, "subgen2": SubGen2CacheLayer}
@@ -24,6 +17,8 @@ LAYERS = {"subgen4": SubGen4CacheLayer, "subgen2": SubGen2CacheLayer}
 def make(layout, scale=1.0, w1=None, w2=None, **cache_config):
     """A SubGen layer built for a model with this score scale and these windows."""
     return LAYERS[layout](TensorAttnConstants(scale=scale, w1=w1, w2=w2), **cache_config)
+
+
 NUMERATORS = ("cluster_sum", "sampled")
 
 
@@ -77,35 +72,6 @@ def exact_steps(q, k, v, scale, prompt, mask=None):
 
 
 # -- ops ----------------------------------------------------------------------------------------------------------
-
-
-def test_weighted_pair_sums_match_kronecker_reference():
-    B, H, Tq, R1, R2, D = 2, 3, 2, 7, 5, 6
-    q = torch.randn(B, H, Tq, D, dtype=torch.float64)
-    k1, v1 = torch.randn(B, H, R1, D, dtype=torch.float64), torch.randn(B, H, R1, D, dtype=torch.float64)
-    k2, v2 = torch.randn(B, H, R2, D, dtype=torch.float64), torch.randn(B, H, R2, D, dtype=torch.float64)
-    w1 = torch.rand(B, H, Tq, R1, dtype=torch.float64) * (torch.rand(B, H, Tq, R1) > 0.3)
-    w2 = torch.rand(B, H, 1, R2, dtype=torch.float64) * 3
-    w1[0, 0, 0] = 0  # a query that sees no pair gives zeros, not NaN
-    fast = weighted_pair_sums(q, k1, log_weights(w1), k2, log_weights(w2), scale=0.7, v1=v1, v2=v2)
-    ref = naive_weighted_pair_sums(q, k1, log_weights(w1), k2, log_weights(w2), scale=0.7, v1=v1, v2=v2)
-    for a, b in zip(fast, ref):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert fast[1][0, 0, 0] == 0 and torch.isfinite(fast[0]).all()
-
-
-@pytest.mark.parametrize("delta", [0.0, 0.8, 1.5])
-def test_batched_clustering_equals_one_row_at_a_time(delta):
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 3, 60, 4, generator=g, dtype=torch.float64)
-    x[:, :, 30:] = x[:, :, :30]  # repeated keys: delta=0 must put them in the existing clusters
-    valid = torch.rand(2, 3, 60, generator=g) > 0.2
-    centers = torch.randn(2, 3, 6, 4, generator=g, dtype=torch.float64)
-    n_clusters = torch.tensor([[0, 2, 6], [1, 3, 4]])
-    assign, _, opened = assign_clusters(x, valid, centers, n_clusters, delta)
-    assert torch.equal(assign, naive_assign_clusters(x, valid, centers, n_clusters, delta))
-    new_ids = [[len(set(assign[b, h][assign[b, h] >= n_clusters[b, h]].tolist())) for h in range(3)] for b in range(2)]
-    assert opened.tolist() == new_ids
 
 
 @pytest.mark.parametrize("weighted", [False, True])

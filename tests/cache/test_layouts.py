@@ -20,7 +20,6 @@ from hf_tensor_attn.cache import (
 from hf_tensor_attn.cache import two as two_module
 from hf_tensor_attn.ops import naive_tensor_attention
 from hf_tensor_attn.compat import output_cache
-from hf_tensor_attn.ops.decode import four_cache_decode, pair_rows_attention
 
 LAYOUT_NAMES = ["four_cache", "two_cache"]
 HYBRID = ["tensor_attention", "full_attention"]
@@ -32,16 +31,6 @@ CONFIGS = {
 }
 # A larger init than the default 0.02 so attention moves the logits enough for a wrong cache to show.
 INIT = 0.2
-
-
-def left_padded(lengths, vocab=259):
-    rows = [torch.randint(3, vocab, (n,)) for n in lengths]
-    width = max(lengths)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
-    return rows, ids, mask
 
 
 def fill(model, ids, layout, *, prefill, mask=None):
@@ -103,7 +92,7 @@ def test_greedy_tokens_identical_across_layouts_and_no_cache(make_model, name):
 
 @pytest.mark.parametrize("layout", LAYOUT_NAMES)
 @pytest.mark.parametrize("name", ["plain", "hybrid_windowed"])
-def test_beam_search_on_left_padded_batch_matches_no_cache(make_model, layout, name):
+def test_beam_search_on_left_padded_batch_matches_no_cache(make_model, layout, name, left_padded):
     model = make_model(initializer_range=INIT, **CONFIGS[name])
     _, ids, mask = left_padded([7, 4, 2])
     kw = dict(num_beams=3, num_return_sequences=2, do_sample=False, max_new_tokens=6, return_dict_in_generate=True,
@@ -116,7 +105,7 @@ def test_beam_search_on_left_padded_batch_matches_no_cache(make_model, layout, n
 
 @pytest.mark.parametrize("layout", LAYOUT_NAMES)
 @pytest.mark.parametrize("name", ["plain", "windowed"])
-def test_left_padded_batch_rows_match_each_row_alone(make_model, layout, name):
+def test_left_padded_batch_rows_match_each_row_alone(make_model, layout, name, left_padded):
     model = make_model(initializer_range=INIT, **CONFIGS[name])
     rows, ids, mask = left_padded([7, 4, 1])
     width = ids.shape[1]
@@ -128,7 +117,7 @@ def test_left_padded_batch_rows_match_each_row_alone(make_model, layout, name):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_two_cache_prefill_chunks_and_decode_match_full_forward(make_model, name):
+def test_two_cache_prefill_chunks_and_decode_match_full_forward(make_model, name, left_padded):
     model = make_model(initializer_range=INIT, **CONFIGS[name])
     _, ids, mask = left_padded([13, 9])
     full = model(ids, attention_mask=mask, use_cache=False).logits
@@ -270,7 +259,7 @@ def test_two_cache_crop_with_windows(make_model):
         ("batch_repeat_interleave", 2),
     ],
 )
-def test_batch_ops_equal_building_from_scratch(make_model, layout, op, batch_map):
+def test_batch_ops_equal_building_from_scratch(make_model, layout, op, batch_map, left_padded):
     model = make_model(layer_types=HYBRID, w1=5)
     rows, ids, mask = left_padded([8, 6, 3])
     cache, _ = fill(model, ids, layout, prefill=5, mask=mask)
@@ -373,110 +362,6 @@ def test_two_cache_budget_counts_every_layer_of_its_cache_only(make_model):
     assert all(other.memory_bytes() == one_layer for other in held)
 
 
-# ---- kernels against the naive reference (float64) ----
-
-
-def decode_inputs(B=2, H=3, T=11, D=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64)
-    streams = [torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(4)]
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[0, : T // 2] = 0
-    mask[-1, max(T - 3, 0)] = 0
-    return q, streams, mask
-
-
-@pytest.fixture(params=["bound", "always"])
-def exp_shift(request, monkeypatch):
-    """The in-place decode skips the max shift when a Cauchy-Schwarz bound allows it; 'always' forces the shift."""
-    if request.param == "always":
-        from hf_tensor_attn.ops import decode
-
-        monkeypatch.setattr(decode, "EXP_HEADROOM", {})
-    return request.param
-
-
-@pytest.mark.parametrize("windows", [(None, None), (3, None), (2, 5), (20, 1)])
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("T", [1, 11])
-def test_four_cache_decode_matches_naive_in_place_and_differentiable(windows, masked, T, exp_shift):
-    q, streams, mask = decode_inputs(T=T)
-    kw = dict(scale=0.4, w1=windows[0], w2=windows[1], attention_mask=mask if masked else None)
-    ref = naive_tensor_attention(q, *streams, **kw)
-    with torch.no_grad():
-        torch.testing.assert_close(four_cache_decode(q, *streams, **kw), ref, rtol=1e-12, atol=1e-12)
-    leaves = [t.clone().requires_grad_(True) for t in (q, *streams)]
-    out = four_cache_decode(*leaves, **kw)
-    torch.testing.assert_close(out.detach(), ref, rtol=1e-12, atol=1e-12)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, dout)
-    ref_leaves = [t.clone().requires_grad_(True) for t in (q, *streams)]
-    ref_grads = torch.autograd.grad(naive_tensor_attention(*ref_leaves, **kw), ref_leaves, dout)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("windows", [(None, None), (37, 20)])
-def test_four_cache_decode_in_blocks_matches_naive(monkeypatch, windows, exp_shift):
-    from hf_tensor_attn.ops import decode
-
-    monkeypatch.setattr(decode, "_SCORES_PER_BLOCK", 1)  # blocks of 16 rows: 3 blocks for 40 tokens
-    q, streams, _ = decode_inputs(B=3, T=40)
-    mask = torch.ones(3, 40, dtype=torch.long)
-    mask[0, :20] = 0  # the whole first block masked, the second half masked
-    mask[1, :] = 0  # no allowed pair at all: zeros
-    mask[2, 5:9] = 0
-    kw = dict(scale=0.4, w1=windows[0], w2=windows[1])
-    with torch.no_grad():
-        for m in (None, mask):
-            torch.testing.assert_close(
-                four_cache_decode(q, *streams, attention_mask=m, **kw),
-                naive_tensor_attention(q, *streams, attention_mask=m, **kw),
-                rtol=1e-12,
-                atol=1e-12,
-            )
-
-
-def test_four_cache_decode_large_scores_take_the_shifted_exp():
-    # scores in the hundreds: exp without the max shift would overflow float32
-    q, streams, mask = decode_inputs(T=20, D=60)
-    q32, s32 = (q * 4).float(), [(t * 4).float() for t in streams]
-    with torch.no_grad():
-        out = four_cache_decode(q32, *s32, scale=1.0, attention_mask=mask)
-    ref = naive_tensor_attention(q32.double(), *[t.double() for t in s32], scale=1.0, attention_mask=mask).float()
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
-
-
-def test_four_cache_decode_pad_query_gives_zeros_and_float32_matches():
-    q, streams, _ = decode_inputs(B=1, T=5)
-    with torch.no_grad():
-        out = four_cache_decode(q, *streams, scale=1.0, attention_mask=torch.zeros(1, 5, dtype=torch.long))
-    assert torch.equal(out, torch.zeros_like(out))
-    q, streams, mask = decode_inputs(T=33, D=60)
-    q32, s32 = q.float(), [t.float() for t in streams]
-    with torch.no_grad():
-        out = four_cache_decode(q32, *s32, scale=0.125, attention_mask=mask)
-    torch.testing.assert_close(out, naive_tensor_attention(q32, *s32, scale=0.125, attention_mask=mask), rtol=1e-4, atol=1e-5)
-
-
-def test_pair_rows_decode_matches_naive():
-    q, (k1, k2, v1, v2), mask = decode_inputs(T=9)
-    ref = naive_tensor_attention(q, k1, k2, v1, v2, scale=0.3)
-    B, H, T, D = k1.shape
-    kt = (k1[:, :, :, None] * k2[:, :, None]).reshape(B, H, T * T, D)  # row (a, b) = k1_a * k2_b
-    vt = (v1[:, :, :, None] * v2[:, :, None]).reshape(B, H, T * T, D)
-    torch.testing.assert_close(pair_rows_attention(q, kt, vt, scale=0.3), ref, rtol=1e-12, atol=1e-12)
-    real = mask.bool()
-    allowed = (real[:, :, None] & real[:, None, :]).reshape(B, 1, 1, T * T)
-    torch.testing.assert_close(
-        pair_rows_attention(q, kt, vt, scale=0.3, allowed=allowed),
-        naive_tensor_attention(q, k1, k2, v1, v2, scale=0.3, attention_mask=mask),
-        rtol=1e-12,
-        atol=1e-12,
-    )
-
-
 @pytest.mark.parametrize("windows", [(None, None), (3, None), (None, 2), (4, 3), (1, 1)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_two_cache_layer_attend_matches_naive(monkeypatch, windows, masked):
@@ -507,7 +392,7 @@ def test_two_cache_layer_attend_matches_naive(monkeypatch, windows, masked):
 # ---- the protocol: a new layout is one class and one decorator ----
 
 
-def test_a_registered_toy_layout_generates_without_touching_the_model(make_model):
+def test_a_registered_toy_layout_generates_without_touching_the_model(make_model, left_padded):
     @register_layout("toy_concat")
     class ToyConcatLayer(TensorAttnCacheLayer):
         """Keeps every token by concatenation and attends with the reference op."""
