@@ -229,7 +229,7 @@ class SubGen4CacheLayer(_SubGenLayer):
     value_samples (ℓ2 samplers s, 64), recent_window (64), sink_tokens (4), seed (0), numerator ("cluster_sum" or
     "sampled"; cluster_samples and value_samples only matter for "sampled"). Every layer's generator starts from
     `seed`, so a run is reproducible whatever the global torch seed. "cluster_sum" is the default because it was
-    measured better at equal memory (scripts/eval_subgen.py): errors of 1e-3 where "sampled" gives 0.1 to 1.
+    measured better at equal memory (scripts/bench/eval_subgen.py; docs/eval_subgen.md).
     """
 
     def _init_summaries(self, B, H, D):

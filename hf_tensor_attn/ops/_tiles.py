@@ -50,7 +50,7 @@ class TileSizes:
 
 
 def choose_tile_sizes(Tq: int, w_row: int | None, w_col: int | None) -> TileSizes:
-    """Tile sizes tuned on a 2-core AVX-512 CPU (see scripts/bench_attention.py) for head dims around 64.
+    """Tile sizes tuned on a 2-core AVX-512 CPU (see scripts/bench/bench_attention.py) for head dims around 64.
 
     The score GEMM is (query*row, d+1) @ (d+1, col); about 512 rows and 256 columns keep MKL near its peak while
     the fp32 score tile of four heads (2 MiB) stays in the two cores' L2. Larger query blocks would cut per-block
