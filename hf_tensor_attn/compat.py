@@ -37,6 +37,7 @@ Items:
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import transformers
 from packaging.version import Version
@@ -145,8 +146,6 @@ TensorAttnByteTokenizer = hf_tensor_attn.TensorAttnByteTokenizer
 
 
 def write_remote_module(save_directory) -> None:
-    from pathlib import Path
-
     (Path(save_directory) / f"{REMOTE_MODULE}.py").write_text(REMOTE_MODULE_SOURCE)
 
 

@@ -74,7 +74,6 @@ class TensorAttnCacheLayer(CacheLayerMixin):
     layout_name: str = ""
     is_croppable = False
     is_sliding = False
-    supports_early_init = True
     # What `crop` says when the layout cannot forget tokens (layouts that can override `crop`).
     why_not_croppable = "it cannot forget tokens once added"
 
@@ -116,8 +115,8 @@ class TensorAttnCacheLayer(CacheLayerMixin):
 
     # ---- the protocol ----
 
-    def update(self, key_states, value_states, *args, attention_mask=None, **kwargs):
-        """Append new tokens' k1 | k2 and v1 | v2, [B, H, T, 2D] each."""
+    def update(self, key_states, value_states, *, attention_mask=None):
+        """Append new tokens' k1 | k2 and v1 | v2, [B, H, T, 2D] each; `attention_mask` covers every position."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.check_states(key_states, value_states)

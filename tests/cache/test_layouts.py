@@ -432,3 +432,10 @@ def test_a_registered_toy_layout_generates_without_touching_the_model(make_model
         assert make_model(default_cache_implementation="toy_concat").config.default_cache_implementation == "toy_concat"
     finally:
         del LAYOUTS["toy_concat"]
+
+
+def test_layer_update_refuses_unknown_keywords(make_model):
+    layer = TensorAttnCache(make_model().config).layers[0]
+    k = torch.randn(1, 2, 3, 32, dtype=torch.float64)
+    with pytest.raises(TypeError, match="position_ids"):
+        layer.update(k, k, position_ids=None)
