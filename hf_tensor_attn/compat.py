@@ -30,8 +30,9 @@ Items:
  6. Attention kernels. `PreTrainedModel._check_and_adjust_attn_implementation(attn_implementation, is_init_check,
     ...)` validates `attn_implementation` at init and in `set_attn_implementation`; our model overrides it to
     refuse kernels its standard layers cannot use with a message that names the ones they can. Standard layers
-    call `ALL_ATTENTION_FUNCTIONS["sdpa"]` with transformers' signature `(module, q, k, v, mask, scaling=,
-    dropout=)`, returning ([B, T, H, D], weights).
+    call `ALL_ATTENTION_FUNCTIONS["sdpa" | "flex_attention"]` with transformers' signature `(module, q, k, v,
+    mask, scaling=, dropout=)`, returning ([B, T, H, D], weights); the flex backend gets a torch `BlockMask`
+    (a dense tensor there is added to the scores). tests/models/test_transformers_api.py checks both.
 """
 
 from __future__ import annotations

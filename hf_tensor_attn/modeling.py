@@ -126,7 +126,8 @@ def eager_attention(module, query, key, value, attention_mask, scaling, dropout=
 
 class StandardAttention(nn.Module):
     """Causal softmax attention for the `"full_attention"` layers of a hybrid stack, through transformers' attention
-    interface: `config._attn_implementation` "sdpa" (default) or "eager" (returns attention weights)."""
+    interface: `config._attn_implementation` "sdpa" (default), "eager" (returns attention weights) or
+    "flex_attention" (torch's FlexAttention with a block mask; on CPU torch runs it forward only)."""
 
     is_causal = True
 
@@ -157,6 +158,8 @@ class StandardAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)
         mask = causal_padding_mask(T, k.shape[2], attention_mask, q.device)  # [B or 1, 1, T, Tk]
         backend = self.config._attn_implementation
+        if backend == "flex_attention":
+            mask = flex_block_mask(mask)
         attend = eager_attention if backend == "eager" else ALL_ATTENTION_FUNCTIONS[backend]
         out, weights = attend(self, q, k, v, mask, scaling=self.head_dim**-0.5, dropout=0.0)  # out [B, T, H, D]
         return self.o_proj(self.dropout(out.reshape(B, T, -1))), weights
@@ -171,6 +174,21 @@ def causal_padding_mask(Tq: int, Tk: int, attention_mask, device) -> torch.Tenso
     # A pad query before any real token sees no key; SDPA would return NaN. Let it see every key instead:
     # its output is never used (its own position is masked everywhere downstream) but stays finite.
     return mask | ~mask.any(-1, keepdim=True)
+
+
+def flex_block_mask(mask: torch.Tensor):
+    """The boolean mask [B or 1, 1, Tq, Tk] as a FlexAttention `BlockMask`: transformers' flex backend adds a dense
+    tensor mask to the scores (a boolean one would be added as 0/1), while a block mask is applied as a mask and
+    lets the kernel skip fully masked blocks."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dense = mask[:, 0]
+    per_row = dense.shape[0] > 1
+
+    def visible(b, h, q_idx, kv_idx):
+        return dense[b if per_row else 0, q_idx, kv_idx]
+
+    return create_block_mask(visible, dense.shape[0] if per_row else None, None, *dense.shape[1:], device=mask.device)
 
 
 ATTENTION_CLASSES = {"tensor_attention": TensorAttention, "full_attention": StandardAttention}
@@ -210,8 +228,9 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["TensorAttnDecoderLayer"]
     _skip_keys_device_placement = [compat.CACHE_ARG]  # accelerate's device hooks must not move the cache
     _supports_sdpa = True
+    _supports_flex_attn = True
     # attn_implementation picks the standard layers' kernel; tensor layers always run ops.tensor_attention.
-    supported_attn_implementations = ("sdpa", "eager")
+    supported_attn_implementations = ("sdpa", "eager", "flex_attention")
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         """Refuse, at load time and by name, the attention kernels this model cannot use (compat item 6)."""
@@ -219,8 +238,8 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"tensor_attn models support attn_implementation in {list(self.supported_attn_implementations)}, got "
                 f"{attn_implementation!r}: it selects the kernel of the standard ('full_attention') layers, 'sdpa' by "
-                "default, 'eager' to return their attention weights; tensor layers always use "
-                "hf_tensor_attn.ops.tensor_attention"
+                "default, 'eager' to return their attention weights, 'flex_attention' for torch's FlexAttention; "
+                "tensor layers always use hf_tensor_attn.ops.tensor_attention (pair attention has no such kernel)"
             )
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
     register_for_auto_class = compat.keep_own_auto_map  # compat item 5
