@@ -309,8 +309,10 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
                     f"`attention_mask` must be a 2D [batch, past + new tokens] = {(B, past_seen + T)} 0/1 mask, "
                     f"got shape {tuple(attention_mask.shape)}"
                 )
-            if bool(attention_mask.all()):
-                attention_mask = None  # nothing is padded: the masks reduce to causality
+            # Nothing padded: the masks reduce to causality and the ops take their unpadded path. Reading the mask's
+            # values is a data-dependent branch, which a compiled graph cannot hold: compiled, the mask is kept.
+            if not torch.compiler.is_compiling() and bool(attention_mask.all()):
+                attention_mask = None
         if position_ids is None:
             if attention_mask is not None:
                 # Count only real tokens, so a left-padded row gets the positions it would have alone.

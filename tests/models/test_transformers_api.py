@@ -301,6 +301,11 @@ def test_compiled_model_forward_fullgraph_and_training_step_match_eager(make_mod
         compiled = torch.compile(model, fullgraph=True)
         torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
                                    rtol=1e-5, atol=1e-5)
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0  # left padding: compiled, the mask reaches every layer (no data-dependent branch)
+        real = mask.bool()
+        torch.testing.assert_close(compiled(ids, attention_mask=mask, use_cache=False).logits[real],
+                                   model(ids, attention_mask=mask, use_cache=False).logits[real], rtol=1e-5, atol=1e-5)
     model.train()
     trained = torch.compile(model, fullgraph=True, backend="aot_eager")
     trained(ids, labels=ids).loss.backward()
