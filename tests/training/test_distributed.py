@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +16,9 @@ import hf_tensor_attn  # noqa: F401  (registers the model with the Auto classes)
 from hf_tensor_attn.cache import TensorAttnCacheLayer
 from hf_tensor_attn.compat import output_cache
 from hf_tensor_attn.training import param_checksum
+from tests.training.distributed_worker import free_port  # other runs may hold accelerate's default 29500
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    # Other test runs on this machine may hold accelerate's default port 29500.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_accelerate_cpu_ddp_two_processes_end_with_identical_parameters(tmp_path):
