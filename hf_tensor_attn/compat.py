@@ -32,6 +32,13 @@ Items:
     refuse kernels its standard layers cannot use with a message that names the ones they can. Standard layers
     call `ALL_ATTENTION_FUNCTIONS["sdpa"]` with transformers' signature `(module, q, k, v, mask, scaling=,
     dropout=)`, returning ([B, T, H, D], weights).
+ 7. Distributed plans. `from_pretrained(..., distributed_config=DistributedConfig(...))` (transformers.distributed)
+    merges the config's `base_model_tp_plan` / `base_model_fsdp_plan` with the head class's `_tp_plan` /
+    `_fsdp_plan` (`DistributedMixin.init_parallel_plans`), adds `embed_tokens: embedding_rowwise`, and looks the
+    style names up in `ALL_PARALLEL_STYLES` / `ALL_FSDP_STYLES`. With tied embeddings it drops the embedding's FSDP
+    rule and, when the head has a `keep_full_weight` rule, gives the embedding that rule instead; training then
+    diverged from one process (measured on 5.24), so our head declares no FSDP rule and the tied weight
+    stays in the root unit. Colwise outputs reach the attention as local tensors holding this rank's heads.
 """
 
 from __future__ import annotations

@@ -331,7 +331,7 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
 class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     # The head's share of the tensor-parallel plan (the base model's is in TensorAttnConfig), as in Llama. Unlike
-    # Llama, no FSDP rule for the head: with it and the tied embedding (our default), transformers 5.23/5.24 wrap the
+    # Llama, no FSDP rule for the head: with it and the tied embedding (our default), transformers 5.24 wraps the
     # embedding as a unit of its own, and training left the single-process losses from the second step on (the
     # first gradients agreed; an untied model agreed throughout). Without the rule, the tied weight sits in the root
     # unit and FSDP2 training matches one process (tests/training/test_parallel.py).

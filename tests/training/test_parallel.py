@@ -77,7 +77,9 @@ def test_tensor_parallel_matches_one_process(hybrid, tmp_path):
     reference = inference_record(model)
     assert [r["world_size"] for r in ranks] == [2, 2]
 
-    for rank in ranks:
+    for r, rank in enumerate(ranks):  # `pytest -s` shows the measured numbers that docs/distributed.md quotes
+        print(f"tp rank {r}: max |logits - one process| = {(rank['logits'] - reference['logits']).abs().max():.1e}",
+              {layout: (rank[layout]["memory_bytes"], reference[layout]["memory_bytes"]) for layout in LAYOUTS})
         torch.testing.assert_close(rank["logits"], reference["logits"], rtol=0, atol=1e-5)
         for layout in LAYOUTS:
             mine, theirs = rank[layout], reference[layout]
@@ -107,7 +109,11 @@ def test_fsdp2_training_matches_one_process_and_reloads(hybrid, tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 10 and losses[-1] < losses[0] - 1.0, losses
     reference = full_state(model)
-    for rank in ranks:
+    for r, rank in enumerate(ranks):
+        gaps = (torch.tensor(rank["losses"]) - torch.tensor(losses)).abs().max()
+        params = max((rank["state"][name] - value).abs().max() for name, value in reference.items())
+        print(f"fsdp rank {r}: losses {losses[0]:.3f} -> {losses[-1]:.3f}, max |loss - one process| = {gaps:.1e}, "
+              f"max |parameter - one process| = {params:.1e}")
         torch.testing.assert_close(torch.tensor(rank["losses"]), torch.tensor(losses), rtol=0, atol=1e-4)
         assert rank["state"].keys() == reference.keys()
         for name, value in reference.items():
@@ -145,3 +151,35 @@ def test_two_nodes_on_loopback_end_with_identical_parameters(tmp_path):
     assert [r["world_size"] for r in records] == [2, 2]
     assert [r["global_step"] for r in records] == [4, 4]
     assert records[0]["sha256"] == records[1]["sha256"]
+
+
+@pytest.mark.parametrize("route", ["accelerate config", "Trainer arguments"])
+def test_accelerate_fsdp2_routes_shard_each_decoder_layer(hybrid, monkeypatch, route):
+    """The two routes into accelerate's FSDP2 plugin: configs/accelerate/fsdp-multigpu.yaml through accelerate's own
+    launcher code (the environment it gives each process), and Trainer's `fsdp` / `fsdp_config` arguments. Both must
+    ask for FSDP2 with a full state dict at save, and the plugin must wrap exactly our decoder layers. Running them
+    needs GPUs: accelerate 1.15 turns FSDP into DDP on CPU processes (docs/distributed.md)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from transformers import TrainingArguments
+
+    if route == "accelerate config":
+        config = ROOT / "configs" / "accelerate" / "fsdp-multigpu.yaml"
+        args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(config), "x"]))
+        env = prepare_multi_gpu_env(args)
+        assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+        for key, value in env.items():
+            if key.startswith("FSDP_"):
+                monkeypatch.setenv(key, value)
+        plugin = FullyShardedDataParallelPlugin()
+    else:
+        fsdp_config = {"transformer_layer_cls_to_wrap": "TensorAttnDecoderLayer"}  # version 2 is the default
+        args = TrainingArguments("unused", fsdp=True, fsdp_config=fsdp_config, use_cpu=True, report_to="none")
+        plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "FULL_STATE_DICT"
+    model, _ = hybrid
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = [name for name, module in model.named_modules() if policy(module)]
+    assert wrapped == [f"model.layers.{i}" for i in range(3)]
