@@ -39,6 +39,9 @@ Items:
     rule and, when the head has a `keep_full_weight` rule, gives the embedding that rule instead; training then
     diverged from one process (measured on 5.24), so our head declares no FSDP rule and the tied weight
     stays in the root unit. Colwise outputs reach the attention as local tensors holding this rank's heads.
+    Pipeline stages replace absent decoder layers by an identity returning the hidden states alone, where ours
+    return (hidden_states, weights), and `pp_size` is not checked against a plan; `from_pretrained` asks the model
+    class first through `prepare_distribute_model`, where ours refuses `pp_size > 1` (`refuse_pipeline_parallel`).
 """
 
 from __future__ import annotations
@@ -161,3 +164,20 @@ def keep_own_auto_map(cls, auto_class=None) -> None:
 
 
 keep_own_auto_map = classmethod(keep_own_auto_map)
+
+
+# ---- 7. distributed plans ----
+
+
+def refuse_pipeline_parallel(distributed_config) -> None:
+    """Raise for `pp_size > 1` (a `DistributedConfig` or its dict): our decoder layers do not fit transformers'
+    pipeline stages, which would misread the stand-in layers' outputs rather than fail."""
+    if isinstance(distributed_config, dict):
+        pp_size = distributed_config.get("pp_size")
+    else:
+        pp_size = getattr(distributed_config, "pp_size", None)
+    if pp_size is not None and pp_size > 1:
+        raise ValueError(
+            f"tensor_attn models do not support pipeline parallelism, got distributed_config pp_size={pp_size}; use "
+            "tp_size (tensor parallel) and/or fsdp_size (FSDP2), see docs/distributed.md"
+        )

@@ -226,6 +226,12 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
     register_for_auto_class = compat.keep_own_auto_map  # compat item 5
 
+    @classmethod
+    def prepare_distribute_model(cls, distributed_config, device_map=None):
+        """Refuse pipeline parallelism by name before transformers builds a device mesh (compat item 7)."""
+        compat.refuse_pipeline_parallel(distributed_config)
+        return super().prepare_distribute_model(distributed_config, device_map)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         # The rotary table is a non-persistent buffer: recompute it when weights are initialised off the meta device.

@@ -183,3 +183,15 @@ def test_distributed_plans_resolve_as_our_model_expects(make_model, tied):
     if not tied:
         expected["model.embed_tokens"] = "free_full_weight"
     assert fsdp_plan == expected
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_pipeline_parallel_is_refused_by_name_before_any_mesh(make_model, tmp_path, as_dict):
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    make_model(dtype=torch.float32).save_pretrained(tmp_path)
+    config = {"pp_size": 2} if as_dict else DistributedConfig(pp_size=2)
+    with pytest.raises(ValueError, match="pipeline parallelism, got distributed_config pp_size=2"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, distributed_config=config)
+    assert not torch.distributed.is_initialized()

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_tensor_attn  # noqa: F401  (registers the model with the Auto classes)
+from hf_tensor_attn.arguments import parse_args
 from tests.training.distributed_worker import LAYOUTS, PER_RANK_BATCH, free_port, full_state, inference_record, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,14 +157,13 @@ def test_two_nodes_on_loopback_end_with_identical_parameters(tmp_path):
 @pytest.mark.parametrize("route", ["accelerate config", "Trainer arguments"])
 def test_accelerate_fsdp2_routes_shard_each_decoder_layer(hybrid, monkeypatch, route):
     """The two routes into accelerate's FSDP2 plugin: configs/accelerate/fsdp-multigpu.yaml through accelerate's own
-    launcher code (the environment it gives each process), and Trainer's `fsdp` / `fsdp_config` arguments. Both must
+    launcher code (the environment it gives each process), and Trainer's `fsdp` argument (`scripts/train.py --fsdp`). Both must
     ask for FSDP2 with a full state dict at save, and the plugin must wrap exactly our decoder layers. Running them
     needs GPUs: accelerate 1.15 turns FSDP into DDP on CPU processes (docs/distributed.md)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
     from accelerate.utils.launch import prepare_multi_gpu_env
-    from transformers import TrainingArguments
 
     if route == "accelerate config":
         config = ROOT / "configs" / "accelerate" / "fsdp-multigpu.yaml"
@@ -175,9 +175,9 @@ def test_accelerate_fsdp2_routes_shard_each_decoder_layer(hybrid, monkeypatch, r
                 monkeypatch.setenv(key, value)
         plugin = FullyShardedDataParallelPlugin()
     else:
-        fsdp_config = {"transformer_layer_cls_to_wrap": "TensorAttnDecoderLayer"}  # version 2 is the default
-        args = TrainingArguments("unused", fsdp=True, fsdp_config=fsdp_config, use_cpu=True, report_to="none")
-        plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+        # scripts/train.py's `--fsdp`: FSDP2 is the default version, the wrap units our model's _no_split_modules.
+        _, _, training_args = parse_args([str(ROOT / "configs" / "match3-tiny.json"), "--fsdp"])
+        plugin = FullyShardedDataParallelPlugin(**training_args.fsdp_plugin_args)
     assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "FULL_STATE_DICT"
     model, _ = hybrid
     policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
