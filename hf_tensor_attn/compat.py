@@ -41,7 +41,9 @@ Items:
     stays in the root unit. Colwise outputs reach the attention as local tensors holding this rank's heads.
     Pipeline stages replace absent decoder layers by an identity returning the hidden states alone, where ours
     return (hidden_states, weights), and `pp_size` is not checked against a plan; `from_pretrained` asks the model
-    class first through `prepare_distribute_model`, where ours refuses `pp_size > 1` (`refuse_pipeline_parallel`).
+    class first through `prepare_distribute_model`, where ours refuses `pp_size > 1` (`refuse_pipeline_parallel`),
+    then shards the built model through `maybe_distribute_model`, where ours first checks that `tp_size` divides
+    the head counts (`check_tensor_parallel_heads`; transformers itself would cut a head between ranks).
 """
 
 from __future__ import annotations
@@ -181,3 +183,16 @@ def refuse_pipeline_parallel(distributed_config) -> None:
             f"tensor_attn models do not support pipeline parallelism, got distributed_config pp_size={pp_size}; use "
             "tp_size (tensor parallel) and/or fsdp_size (FSDP2), see docs/distributed.md"
         )
+
+
+def check_tensor_parallel_heads(config, distributed_config) -> None:
+    """Raise unless `tp_size` divides the attention head counts: the column-wise split of the projections would
+    otherwise cut a head between ranks (the attention's reshape would then fail with a bare shape error)."""
+    tp_size = getattr(distributed_config, "tp_size", None) or 1
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        count = getattr(config, name, None)
+        if tp_size > 1 and count is not None and count % tp_size:
+            raise ValueError(
+                f"`{name}`={count} is not a multiple of distributed_config tp_size={tp_size}: tensor parallelism "
+                "gives each rank whole attention heads; choose a tp_size that divides it"
+            )

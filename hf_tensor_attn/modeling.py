@@ -232,6 +232,12 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
         compat.refuse_pipeline_parallel(distributed_config)
         return super().prepare_distribute_model(distributed_config, device_map)
 
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        """Check that each rank gets whole heads before transformers shards the model (compat item 7)."""
+        compat.check_tensor_parallel_heads(model.config, distributed_config)
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         # The rotary table is a non-persistent buffer: recompute it when weights are initialised off the meta device.

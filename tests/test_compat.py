@@ -195,3 +195,17 @@ def test_pipeline_parallel_is_refused_by_name_before_any_mesh(make_model, tmp_pa
     with pytest.raises(ValueError, match="pipeline parallelism, got distributed_config pp_size=2"):
         AutoModelForCausalLM.from_pretrained(tmp_path, distributed_config=config)
     assert not torch.distributed.is_initialized()
+
+
+def test_tensor_parallel_needs_whole_heads_per_rank(make_model):
+    """from_pretrained hands the built model to `maybe_distribute_model`, ours checks the heads before sharding."""
+    from transformers import PreTrainedModel
+    from transformers.distributed import DistributedConfig
+
+    assert "cls.maybe_distribute_model(model, distributed_config, mesh_manager)" in inspect.getsource(
+        PreTrainedModel.from_pretrained
+    )
+    model = make_model(dtype=torch.float32, hidden_size=36, num_attention_heads=3)
+    with pytest.raises(ValueError, match="`num_attention_heads`=3 is not a multiple of distributed_config tp_size=2"):
+        type(model).maybe_distribute_model(model, DistributedConfig(tp_size=2), mesh_manager=object())
+    assert type(model).maybe_distribute_model(model, DistributedConfig(tp_size=1), mesh_manager=None) is model
