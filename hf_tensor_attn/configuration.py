@@ -77,7 +77,8 @@ class TensorAttnConfig(PreTrainedConfig):
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",
     }
-    # FSDP2 units: each decoder layer (what _no_split_modules names), the embedding; the final norm stays whole.
+    # FSDP2 units: each decoder layer (what _no_split_modules names) and the embedding, resharded after forward; the
+    # final norm keeps its gathered weight for the backward that follows at once. (The tied head: TensorAttnForCausalLM.)
     base_model_fsdp_plan = {
         "embed_tokens": "free_full_weight",
         "layers.*": "free_full_weight",
