@@ -33,6 +33,18 @@ Items:
     call `ALL_ATTENTION_FUNCTIONS["sdpa" | "flex_attention"]` with transformers' signature `(module, q, k, v,
     mask, scaling=, dropout=)`, returning ([B, T, H, D], weights); the flex backend gets a torch `BlockMask`
     (a dense tensor there is added to the scores). tests/models/test_transformers_api.py checks both.
+ 7. Distributed plans. `from_pretrained(..., distributed_config=DistributedConfig(...))` (transformers.distributed)
+    merges the config's `base_model_tp_plan` / `base_model_fsdp_plan` with the head class's `_tp_plan` /
+    `_fsdp_plan` (`DistributedMixin.init_parallel_plans`), adds `embed_tokens: embedding_rowwise`, and looks the
+    style names up in `ALL_PARALLEL_STYLES` / `ALL_FSDP_STYLES`. With tied embeddings it drops the embedding's FSDP
+    rule and, when the head has a `keep_full_weight` rule, gives the embedding that rule instead; training then
+    diverged from one process (measured on 5.24), so our head declares no FSDP rule and the tied weight
+    stays in the root unit. Colwise outputs reach the attention as local tensors holding this rank's heads.
+    Pipeline stages replace absent decoder layers by an identity returning the hidden states alone, where ours
+    return (hidden_states, weights), and `pp_size` is not checked against a plan; `from_pretrained` asks the model
+    class first through `prepare_distribute_model`, where ours refuses `pp_size > 1` (`refuse_pipeline_parallel`),
+    then shards the built model through `maybe_distribute_model`, where ours first checks that `tp_size` divides
+    the head counts (`check_tensor_parallel_heads`; transformers itself would cut a head between ranks).
 """
 
 from __future__ import annotations
@@ -155,3 +167,33 @@ def keep_own_auto_map(cls, auto_class=None) -> None:
 
 
 keep_own_auto_map = classmethod(keep_own_auto_map)
+
+
+# ---- 7. distributed plans ----
+
+
+def refuse_pipeline_parallel(distributed_config) -> None:
+    """Raise for `pp_size > 1` (a `DistributedConfig` or its dict): our decoder layers do not fit transformers'
+    pipeline stages, which would misread the stand-in layers' outputs rather than fail."""
+    if isinstance(distributed_config, dict):
+        pp_size = distributed_config.get("pp_size")
+    else:
+        pp_size = getattr(distributed_config, "pp_size", None)
+    if pp_size is not None and pp_size > 1:
+        raise ValueError(
+            f"tensor_attn models do not support pipeline parallelism, got distributed_config pp_size={pp_size}; use "
+            "tp_size (tensor parallel) and/or fsdp_size (FSDP2), see docs/distributed.md"
+        )
+
+
+def check_tensor_parallel_heads(config, distributed_config) -> None:
+    """Raise unless `tp_size` divides the attention head counts: the column-wise split of the projections would
+    otherwise cut a head between ranks (the attention's reshape would then fail with a bare shape error)."""
+    tp_size = getattr(distributed_config, "tp_size", None) or 1
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        count = getattr(config, name, None)
+        if tp_size > 1 and count is not None and count % tp_size:
+            raise ValueError(
+                f"`{name}`={count} is not a multiple of distributed_config tp_size={tp_size}: tensor parallelism "
+                "gives each rank whole attention heads; choose a tp_size that divides it"
+            )

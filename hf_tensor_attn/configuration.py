@@ -64,6 +64,26 @@ class TensorAttnConfig(PreTrainedConfig):
 
     model_type = "tensor_attn"
     keys_to_ignore_at_inference = [compat.CACHE_ARG]  # Trainer drops the cache from eval outputs
+    # What `from_pretrained(..., distributed_config=DistributedConfig(tp_size=..., fsdp_size=...))` applies, as in
+    # Llama (docs/distributed.md). Tensor and standard layers both name their projections q/k/v/o_proj, so one plan
+    # covers both. Tensor parallelism splits heads: a tensor layer's k_proj / v_proj rows are laid out per head as
+    # k1 | k2 (v1 | v2), so a contiguous column split by heads keeps both streams of a head on one rank.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    # FSDP2 units: each decoder layer (what _no_split_modules names) and the embedding, resharded after forward; the
+    # final norm keeps its gathered weight for the backward that follows at once. (The tied head: TensorAttnForCausalLM.)
+    base_model_fsdp_plan = {
+        "embed_tokens": "free_full_weight",
+        "layers.*": "free_full_weight",
+        "norm": "keep_full_weight",
+    }
 
     vocab_size: int = 259
     hidden_size: int = 256

@@ -96,9 +96,10 @@ class TensorAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
         B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(hidden_states).view(B, T, self.num_heads, 2 * self.head_dim).transpose(1, 2)  # [B, H, T, 2D]
-        v = self.v_proj(hidden_states).view(B, T, self.num_heads, 2 * self.head_dim).transpose(1, 2)  # [B, H, T, 2D]
+        # -1 heads: under tensor parallelism the projections hold only this rank's heads (config.base_model_tp_plan).
+        q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(hidden_states).view(B, T, -1, 2 * self.head_dim).transpose(1, 2)  # [B, H, T, 2D]
+        v = self.v_proj(hidden_states).view(B, T, -1, 2 * self.head_dim).transpose(1, 2)  # [B, H, T, 2D]
         if self.use_rope:
             cos, sin = position_embeddings
             k1, k2 = k.chunk(2, dim=-1)
@@ -147,7 +148,7 @@ class StandardAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
         B, T, _ = hidden_states.shape
-        shape = (B, T, self.num_heads, self.head_dim)
+        shape = (B, T, -1, self.head_dim)  # -1: this rank's heads under tensor parallelism
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
@@ -243,6 +244,18 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
             )
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
     register_for_auto_class = compat.keep_own_auto_map  # compat item 5
+
+    @classmethod
+    def prepare_distribute_model(cls, distributed_config, device_map=None):
+        """Refuse pipeline parallelism by name before transformers builds a device mesh (compat item 7)."""
+        compat.refuse_pipeline_parallel(distributed_config)
+        return super().prepare_distribute_model(distributed_config, device_map)
+
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        """Check that each rank gets whole heads before transformers shards the model (compat item 7)."""
+        compat.check_tensor_parallel_heads(model.config, distributed_config)
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -350,6 +363,12 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
 
 class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # The head's share of the tensor-parallel plan (the base model's is in TensorAttnConfig), as in Llama. Unlike
+    # Llama, no FSDP rule for the head: with it and the tied embedding (our default), transformers 5.24 wraps the
+    # embedding as a unit of its own, and training left the single-process losses from the second step on (the
+    # first gradients agreed; an untied model agreed throughout). Without the rule, the tied weight sits in the root
+    # unit and FSDP2 training matches one process (tests/training/test_parallel.py).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     # Keywords transformers passes on to forward besides the named parameters: Trainer's token count for the loss
     # under gradient accumulation (it reads `accepts_loss_kwargs`). Anything else raises `TypeError`.
     accepted_extra_kwargs = ("num_items_in_batch",)
