@@ -213,6 +213,12 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
     # attn_implementation picks the standard layers' kernel; tensor layers always run ops.tensor_attention.
     supported_attn_implementations = ("sdpa", "eager")
 
+    def __init__(self, config: TensorAttnConfig, *args, **kwargs):
+        # Fields assigned after the config was built (config.score_scale = ...) have not been validated yet.
+        if isinstance(config, TensorAttnConfig):
+            config.validate()
+        super().__init__(config, *args, **kwargs)
+
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         """Refuse, at load time and by name, the attention kernels this model cannot use (compat item 6)."""
         if attn_implementation is not None and attn_implementation not in self.supported_attn_implementations:
