@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import warnings
 
 from huggingface_hub.dataclasses import strict
@@ -11,6 +12,7 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import PreTrainedConfig
 
 from . import compat
+from .atomic import atomic_directory
 from .cache import available_cache_implementations
 
 LAYER_TYPES = ("tensor_attention", "full_attention")
@@ -157,8 +159,12 @@ class TensorAttnConfig(PreTrainedConfig):
         return output
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
-        compat.write_remote_module(save_directory)
+        """`PreTrainedConfig.save_pretrained`, crash-safe (`hf_tensor_attn.atomic`), plus the remote-code loader."""
+        if kwargs.get("push_to_hub", False):
+            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging name
+        with atomic_directory(save_directory) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
+            compat.write_remote_module(staging)
 
     def validate_layer_type(self):
         """Our layer types are not in transformers' closed list, so this validator replaces the base one."""

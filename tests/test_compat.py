@@ -153,3 +153,36 @@ def test_remote_code_loaders_register_the_class_they_load():
                 hf_tensor_attn.TensorAttnByteTokenizer):
         cls.register_for_auto_class()
         assert cls._auto_class is None
+
+
+# ---- 7. Trainer checkpoints ----
+
+
+def test_trainer_save_checkpoint_writes_under_get_output_dir_and_rotates_there():
+    from transformers import Trainer, trainer_utils
+
+    assert list(inspect.signature(Trainer._save_checkpoint).parameters) == ["self", "model", "trial"]
+    source = inspect.getsource(Trainer._save_checkpoint)
+    # compat.save_checkpoint_staged redirects exactly this call, and renames exactly this folder name.
+    assert "run_dir = self._get_output_dir(trial=trial)" in source
+    assert 'checkpoint_folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"' in source
+    assert "output_dir = os.path.join(run_dir, checkpoint_folder)" in source
+    assert "rotate_checkpoints(" in source and "output_dir=run_dir" in source
+    assert trainer_utils.PREFIX_CHECKPOINT_DIR == "checkpoint"
+    assert "rotate_checkpoints" in dir(trainer_utils)
+    assert (compat.TRAINER_STATE_NAME, compat.OPTIMIZER_NAME, compat.SCHEDULER_NAME) == (
+        "trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+def test_trainer_would_resume_from_a_partial_checkpoint_without_our_check(tmp_path):
+    """Why `training.resolve_checkpoint` exists: upstream picks the highest-numbered folder, complete or not, and
+    skips a missing scheduler.pt without a word."""
+    from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    (tmp_path / "checkpoint-100").mkdir()
+    (tmp_path / "checkpoint-100" / compat.TRAINER_STATE_NAME).write_text("{}")
+    (tmp_path / "checkpoint-200").mkdir()
+    assert get_last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-200")
+    assert "os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME))" in inspect.getsource(
+        Trainer._load_optimizer_and_scheduler)

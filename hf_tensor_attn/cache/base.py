@@ -99,7 +99,10 @@ class TensorAttnCacheLayer(CacheLayerMixin):
     @classmethod
     def check_cache_config(cls, cache_config) -> None:
         if not isinstance(cache_config, dict):
-            raise TypeError(f"`cache_config` must be a dict of options, got {type(cache_config).__name__}")
+            raise TypeError(
+                f"`cache_config` must be a dict of options such as {{'delta': 0.5}}, got the {type(cache_config).__name__} "
+                f"{cache_config!r}; keys of cache_implementation={cls.layout_name!r}: {list(cls.config_keys()) or 'none'}"
+            )
         unknown = sorted(set(cache_config) - set(cls.config_keys()))
         if unknown:
             allowed = list(cls.config_keys()) or "none"
@@ -261,6 +264,16 @@ class TensorAttnCache(Cache):
 
     def __init__(self, config, cache_implementation: str | None = None, cache_config: dict | None = None,
                  offloading: bool = False):
+        if not all(hasattr(config, field) for field in ("layer_types", "score_scale", "default_cache_implementation")):
+            raise TypeError(
+                f"`config` must be the model's TensorAttnConfig (TensorAttnCache(model.config, ...)), got {config!r}"
+            )
+        if offloading and not torch.cuda.is_available():
+            raise ValueError(
+                "`offloading=True` (cache_implementation='offloaded') moves each layer to the CPU between uses and back "
+                "to its CUDA device, but torch sees no CUDA device here; on a CPU-only machine use 'dynamic' or a "
+                f"layout from {available_cache_implementations()}"
+            )
         name = cache_implementation or config.default_cache_implementation
         if name not in LAYOUTS:
             raise ValueError(f"`cache_implementation` must be one of {available_cache_implementations()}, got {name!r}")
@@ -287,6 +300,17 @@ class TensorAttnCache(Cache):
                 f"model has layer_types={list(config.layer_types)} and {TensorAttnConstants.from_config(config)}; "
                 "build it with TensorAttnCache(model.config, ...)"
             )
+        for idx, layer in enumerate(self.layers):
+            # A tensor layer holds k1 | k2 side by side, a standard layer k alone.
+            width = config.head_dim * (2 if isinstance(layer, TensorAttnCacheLayer) else 1)
+            keys = layer.keys if layer.is_initialized else None
+            held = keys.shape[-1] if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.numel() else width
+            if held != width:
+                raise ValueError(
+                    f"this TensorAttnCache holds states of width {held} in layer {idx}, but the model's layer {idx} "
+                    f"uses {width} (head_dim={config.head_dim}): it was filled by another model; build a new one with "
+                    "TensorAttnCache(model.config, ...)"
+                )
 
     def memory_bytes(self) -> int:
         """Bytes of tensor storage held by all layers."""
