@@ -172,11 +172,13 @@ def pair_rows_attention(q, pair_keys, pair_values, *, scale, allowed=None):
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     scores = torch.matmul(q * scale, pair_keys.transpose(-1, -2)).to(compute)  # [B, H, Tq, P]
     probs = masked_softmax(scores, allowed)
-    bad = ~torch.isfinite(pair_values)  # [B, H, P, D]
-    if allowed is not None and bool(bad.any()):
-        # The rows are shared by all queries: zero them in the product, then mark the entries of the queries that
-        # use them (a value spoils only its own component).
+    out = torch.matmul(probs.to(pair_values.dtype), pair_values)  # [B, H, Tq, D]
+    if allowed is not None and not bool(torch.isfinite(out).all()):
+        # A pair a query may not use weighs 0, but 0 * NaN is NaN: zero the non-finite rows in the product, then
+        # mark the entries of the queries that may use them (a value spoils only its own component). Only outputs
+        # with a non-finite entry pay for this pass over the rows.
+        bad = ~torch.isfinite(pair_values)  # [B, H, P, D]
         used = torch.matmul(allowed.to(probs.dtype), bad.to(probs.dtype)) > 0  # [B, H, Tq, D]
         out = torch.matmul(probs.to(pair_values.dtype), pair_values.masked_fill(bad, 0))
-        return out.masked_fill(used, float("nan")).to(dtype)
-    return torch.matmul(probs.to(pair_values.dtype), pair_values).to(dtype)
+        out = out.masked_fill(used, float("nan"))
+    return out.to(dtype)
