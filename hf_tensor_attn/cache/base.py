@@ -289,6 +289,14 @@ class TensorAttnCache(Cache):
 
     def attend(self, layer_idx: int, query, key_states, value_states, attention_mask=None) -> torch.Tensor:
         """Append the new states to tensor layer `layer_idx` and return its attention for `query`."""
+        if attention_mask is not None:
+            # Padded tokens never contribute, but a NaN they hold would survive a zero weight (0 * NaN) in layouts
+            # that sum or cluster what they hold: such entries are stored as 0. Finite states are stored unchanged.
+            padded = ~attention_mask[:, -key_states.shape[-2] :].to(device=key_states.device, dtype=torch.bool)
+            padded = padded[:, None, :, None]  # [B, 1, T, 1]
+            key_states, value_states = (
+                torch.where(padded & ~torch.isfinite(t), torch.zeros_like(t), t) for t in (key_states, value_states)
+            )
         self.update(key_states, value_states, layer_idx, attention_mask=attention_mask)
         return self.layers[layer_idx].attend(query, attention_mask)
 

@@ -1,6 +1,6 @@
 """NaN containment (issue #15): a NaN or an infinity in one input changes exactly the output rows that the
 definition says it changes, in the naive reference and in every fast path (tiled prefill, decode, the two-matrix
-pair rows, the cache layouts' read paths). Positions a query may not use (later keys, outside a window, padding)
+pair rows; the cache layouts' read paths are in tests/cache/test_cache_nonfinite.py). Positions a query may not use (later keys, outside a window, padding)
 never contribute, whatever they hold."""
 
 from __future__ import annotations
@@ -8,8 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_tensor_attn.cache import TensorAttnCache
-from hf_tensor_attn.configuration import TensorAttnConfig
 from hf_tensor_attn.ops import four_cache_decode, naive_tensor_attention, tensor_attention
 from hf_tensor_attn.ops._tiles import TileSizes
 from hf_tensor_attn.ops import tiled
@@ -115,19 +113,3 @@ def test_four_cache_decode_ignores_padded_positions(name, position, value, grad)
         out = four_cache_decode(*leaves, scale=0.5, attention_mask=mask)
     assert_same_rows(out.detach(), ref)
     assert bool(torch.isfinite(out).all()) == (position < 3)  # padded: contained; real: it is used
-
-
-@pytest.mark.parametrize("layout", ["four_cache", "two_cache"])
-@pytest.mark.parametrize("name, position", [("v1", 1), ("k2", 2), ("v2", 10), ("k1", 14)])
-def test_cache_read_paths_match_naive(layout, name, position):
-    """Prefill of 12 tokens then single-token steps through a layout, against the naive op over everything."""
-    tensors, mask = inputs()
-    q, k1, k2, v1, v2 = poison(tensors, name, position, float("nan"))
-    config = TensorAttnConfig(hidden_size=2 * D, num_attention_heads=2, num_hidden_layers=1, score_scale=0.5)
-    cache = TensorAttnCache(config, layout)
-    keys, values = torch.cat([k1, k2], -1), torch.cat([v1, v2], -1)  # [B, H, T, 2D]: k1 | k2, v1 | v2
-    outs = [cache.attend(0, q[:, :, :12], keys[:, :, :12], values[:, :, :12], mask[:, :12])]
-    for t in range(12, T):
-        outs.append(cache.attend(0, q[:, :, t : t + 1], keys[:, :, t : t + 1], values[:, :, t : t + 1], mask[:, : t + 1]))
-    ref = naive_tensor_attention(q, k1, k2, v1, v2, scale=0.5, attention_mask=mask)
-    assert_same_rows(torch.cat(outs, 2), ref)
