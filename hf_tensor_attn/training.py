@@ -294,6 +294,9 @@ def run_trainer(trainer: Trainer, resume_from_checkpoint: str | bool | None = No
     evaluated = any("eval_loss" in entry and entry.get("step") == final_step for entry in trainer.state.log_history)
     if trainer.eval_dataset is not None and not evaluated:
         trainer.evaluate()
+    # The save swaps output_dir as a whole (hf_tensor_attn.atomic): every process must have written its files there
+    # (ParamChecksumCallback) before the main process takes stock of them.
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model()
     trainer.save_state()
     return trainer
