@@ -45,10 +45,20 @@ Items:
     class first through `prepare_distribute_model`, where ours refuses `pp_size > 1` (`refuse_pipeline_parallel`),
     then shards the built model through `maybe_distribute_model`, where ours first checks that `tp_size` divides
     the head counts (`check_tensor_parallel_heads`; transformers itself would cut a head between ranks).
+ 8. Trainer checkpoints. `Trainer._save_checkpoint(model, trial)` writes checkpoint `f"{PREFIX_CHECKPOINT_DIR}-{step}"`
+    (model, optimizer.pt, scheduler.pt, rng_state*.pth, trainer_state.json) into the folder that
+    `self._get_output_dir(trial=trial)` returns, then rotates old checkpoints there. `save_checkpoint_staged` points
+    that folder at a staging folder for the call and renames the finished checkpoint into the run folder, so a
+    folder named checkpoint-N is always complete. `get_last_checkpoint` would pick a partial folder, and
+    `Trainer._load_optimizer_and_scheduler` silently skips missing files; `training.resolve_checkpoint` chooses and
+    checks instead, by the file names below.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -56,7 +66,9 @@ import transformers
 from packaging.version import Version
 from transformers import configuration_utils as _config_utils
 from transformers.generation import configuration_utils as _generation_config_utils
+from transformers import trainer as _trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -197,3 +209,45 @@ def check_tensor_parallel_heads(config, distributed_config) -> None:
                 f"`{name}`={count} is not a multiple of distributed_config tp_size={tp_size}: tensor parallelism "
                 "gives each rank whole attention heads; choose a tp_size that divides it"
             )
+
+
+# ---- 8. Trainer checkpoints ----
+
+TRAINER_STATE_NAME = _trainer.TRAINER_STATE_NAME
+OPTIMIZER_NAME = _trainer.OPTIMIZER_NAME
+SCHEDULER_NAME = _trainer.SCHEDULER_NAME
+# Where checkpoints are written before they get their final name; no `checkpoint-N` pattern matches it.
+CHECKPOINT_STAGING_DIR = ".checkpoint-staging"
+
+
+def save_checkpoint_staged(trainer, base_save, model, trial) -> None:
+    """Run `base_save` (the base `Trainer._save_checkpoint`) into a staging folder, then swap the complete
+    checkpoint in under its final name and rotate old checkpoints in the run folder."""
+    from .atomic import fsync_tree, swap_in
+
+    run_dir = trainer._get_output_dir(trial=trial)
+    name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+    staging_root = os.path.join(run_dir, CHECKPOINT_STAGING_DIR)
+    staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+    if trainer.args.should_save:
+        shutil.rmtree(staged, ignore_errors=True)  # what an interrupted save left
+    trainer.accelerator.wait_for_everyone()
+    trainer._get_output_dir = lambda trial=None: staging_root  # the instance attribute shadows the method
+    try:
+        base_save(model, trial)
+    finally:
+        del trainer._get_output_dir
+    trainer.accelerator.wait_for_everyone()  # every process has written its part
+    if trainer.args.should_save:
+        best = trainer.state.best_model_checkpoint
+        if best is not None and os.path.dirname(best) == staging_root:  # this checkpoint is the best: its real name
+            trainer.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            trainer.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        fsync_tree(Path(staged))
+        swap_in(Path(staged), Path(final))
+        shutil.rmtree(staged, ignore_errors=True)  # the older checkpoint of the same step, if there was one
+        with contextlib.suppress(OSError):
+            os.rmdir(staging_root)  # only when empty
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=trainer.args.save_total_limit,
+                           best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
+    trainer.accelerator.wait_for_everyone()

@@ -8,6 +8,7 @@ config's `layer_types` say.
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to
 from transformers.utils import logging
 
 from . import compat
+from .atomic import MODEL_WEIGHT_FILES, atomic_directory
 from .cache import LAYOUTS, TensorAttnCache, TensorAttnConstants, available_cache_implementations
 from .configuration import TensorAttnConfig
 from .ops import tensor_attention
@@ -232,6 +234,24 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     # attn_implementation picks the standard layers' kernel; tensor layers always run ops.tensor_attention.
     supported_attn_implementations = ("sdpa", "eager", "flex_attention")
+
+    def __init__(self, config: TensorAttnConfig, *args, **kwargs):
+        # Fields assigned after the config was built (config.score_scale = ...) have not been validated yet.
+        if isinstance(config, TensorAttnConfig):
+            config.validate()
+        super().__init__(config, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, crash-safe: written into a temporary folder beside `save_directory`
+        and swapped in only when complete (`hf_tensor_attn.atomic`), so a failed save leaves the previous
+        checkpoint loadable. Saves that several processes write together (not `is_main_process`,
+        `distributed_checkpoint`) go straight to the folder, as in transformers."""
+        if not kwargs.get("is_main_process", True) or kwargs.get("distributed_checkpoint", False):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("push_to_hub", False):
+            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging name
+        with atomic_directory(save_directory, replaced=MODEL_WEIGHT_FILES.match) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         """Refuse, at load time and by name, the attention kernels this model cannot use (compat item 6)."""

@@ -209,3 +209,36 @@ def test_tensor_parallel_needs_whole_heads_per_rank(make_model):
     with pytest.raises(ValueError, match="`num_attention_heads`=3 is not a multiple of distributed_config tp_size=2"):
         type(model).maybe_distribute_model(model, DistributedConfig(tp_size=2), mesh_manager=object())
     assert type(model).maybe_distribute_model(model, DistributedConfig(tp_size=1), mesh_manager=None) is model
+
+
+# ---- item 8: Trainer checkpoints ----
+
+
+def test_trainer_save_checkpoint_writes_under_get_output_dir_and_rotates_there():
+    from transformers import Trainer, trainer_utils
+
+    assert list(inspect.signature(Trainer._save_checkpoint).parameters) == ["self", "model", "trial"]
+    source = inspect.getsource(Trainer._save_checkpoint)
+    # compat.save_checkpoint_staged redirects exactly this call, and renames exactly this folder name.
+    assert "run_dir = self._get_output_dir(trial=trial)" in source
+    assert 'checkpoint_folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"' in source
+    assert "output_dir = os.path.join(run_dir, checkpoint_folder)" in source
+    assert "rotate_checkpoints(" in source and "output_dir=run_dir" in source
+    assert trainer_utils.PREFIX_CHECKPOINT_DIR == "checkpoint"
+    assert "rotate_checkpoints" in dir(trainer_utils)
+    assert (compat.TRAINER_STATE_NAME, compat.OPTIMIZER_NAME, compat.SCHEDULER_NAME) == (
+        "trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+def test_trainer_would_resume_from_a_partial_checkpoint_without_our_check(tmp_path):
+    """Why `training.resolve_checkpoint` exists: upstream picks the highest-numbered folder, complete or not, and
+    skips a missing scheduler.pt without a word."""
+    from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    (tmp_path / "checkpoint-100").mkdir()
+    (tmp_path / "checkpoint-100" / compat.TRAINER_STATE_NAME).write_text("{}")
+    (tmp_path / "checkpoint-200").mkdir()
+    assert get_last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-200")
+    assert "os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME))" in inspect.getsource(
+        Trainer._load_optimizer_and_scheduler)

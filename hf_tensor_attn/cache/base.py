@@ -99,7 +99,10 @@ class TensorAttnCacheLayer(CacheLayerMixin):
     @classmethod
     def check_cache_config(cls, cache_config) -> None:
         if not isinstance(cache_config, dict):
-            raise TypeError(f"`cache_config` must be a dict of options, got {type(cache_config).__name__}")
+            raise TypeError(
+                f"`cache_config` must be a dict of options such as {{'delta': 0.5}}, got the {type(cache_config).__name__} "
+                f"{cache_config!r}; keys of cache_implementation={cls.layout_name!r}: {list(cls.config_keys()) or 'none'}"
+            )
         unknown = sorted(set(cache_config) - set(cls.config_keys()))
         if unknown:
             allowed = list(cls.config_keys()) or "none"
@@ -261,6 +264,16 @@ class TensorAttnCache(Cache):
 
     def __init__(self, config, cache_implementation: str | None = None, cache_config: dict | None = None,
                  offloading: bool = False):
+        if not all(hasattr(config, field) for field in ("layer_types", "score_scale", "default_cache_implementation")):
+            raise TypeError(
+                f"`config` must be the model's TensorAttnConfig (TensorAttnCache(model.config, ...)), got {config!r}"
+            )
+        if offloading and not torch.cuda.is_available():
+            raise ValueError(
+                "`offloading=True` (cache_implementation='offloaded') moves each layer to the CPU between uses and back "
+                "to its CUDA device, but torch sees no CUDA device here; on a CPU-only machine use 'dynamic' or a "
+                f"layout from {available_cache_implementations()}"
+            )
         name = cache_implementation or config.default_cache_implementation
         if name not in LAYOUTS:
             raise ValueError(f"`cache_implementation` must be one of {available_cache_implementations()}, got {name!r}")
@@ -276,6 +289,14 @@ class TensorAttnCache(Cache):
 
     def attend(self, layer_idx: int, query, key_states, value_states, attention_mask=None) -> torch.Tensor:
         """Append the new states to tensor layer `layer_idx` and return its attention for `query`."""
+        if attention_mask is not None:
+            # Padded tokens never contribute, but a NaN they hold would survive a zero weight (0 * NaN) in layouts
+            # that sum or cluster what they hold: such entries are stored as 0. Finite states are stored unchanged.
+            padded = ~attention_mask[:, -key_states.shape[-2] :].to(device=key_states.device, dtype=torch.bool)
+            padded = padded[:, None, :, None]  # [B, 1, T, 1]
+            key_states, value_states = (
+                torch.where(padded & ~torch.isfinite(t), torch.zeros_like(t), t) for t in (key_states, value_states)
+            )
         self.update(key_states, value_states, layer_idx, attention_mask=attention_mask)
         return self.layers[layer_idx].attend(query, attention_mask)
 
@@ -287,6 +308,17 @@ class TensorAttnCache(Cache):
                 f"model has layer_types={list(config.layer_types)} and {TensorAttnConstants.from_config(config)}; "
                 "build it with TensorAttnCache(model.config, ...)"
             )
+        for idx, layer in enumerate(self.layers):
+            # A tensor layer holds k1 | k2 side by side, a standard layer k alone.
+            width = config.head_dim * (2 if isinstance(layer, TensorAttnCacheLayer) else 1)
+            keys = layer.keys if layer.is_initialized else None
+            held = keys.shape[-1] if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.numel() else width
+            if held != width:
+                raise ValueError(
+                    f"this TensorAttnCache holds states of width {held} in layer {idx}, but the model's layer {idx} "
+                    f"uses {width} (head_dim={config.head_dim}): it was filled by another model; build a new one with "
+                    "TensorAttnCache(model.config, ...)"
+                )
 
     def memory_bytes(self) -> int:
         """Bytes of tensor storage held by all layers."""
