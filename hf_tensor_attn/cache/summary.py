@@ -312,8 +312,9 @@ class StreamSummary:
             n_kept = filled.sum(-1, keepdim=True).clamp_min(1)
             weight = (st["counts"][..., :C, None] / n_kept).expand_as(prio)
         weight = torch.where(filled, weight, torch.zeros_like(weight)).reshape(B, H, C * self.t)
-        keys = st["res_keys"][..., :C, :, :].reshape(B, H, C * self.t, -1)
-        values = st["res_values"][..., :C, :, :].reshape(B, H, C * self.t, -1) if self.reservoir_values else None
+        D = st["res_keys"].shape[-1]  # explicit: the reshape of an empty summary (C = 0) cannot infer it
+        keys = st["res_keys"][..., :C, :, :].reshape(B, H, C * self.t, D)
+        values = st["res_values"][..., :C, :, :].reshape(B, H, C * self.t, D) if self.reservoir_values else None
         return keys, values, weight
 
     def l2_rows(self):
