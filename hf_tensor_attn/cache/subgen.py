@@ -287,8 +287,10 @@ class SubGen4CacheLayer(_SubGenLayer):
         return self.streams
 
     def _summarise(self, evicted):
-        for stream, summary in zip((1, 2), self.streams):
-            _insert_chunked(summary, *self._rows(evicted, stream))
+        windows = (self.constants.w1, self.constants.w2)
+        for stream, summary, window in zip((1, 2), self.streams, windows):
+            if window is None:  # a windowed stream never sees an evicted token again: summarising it wastes memory
+                _insert_chunked(summary, *self._rows(evicted, stream))
 
     def _parts(self, q, lw1, lw2):
         scale, w1, w2 = self.constants.scale, self.constants.w1, self.constants.w2
