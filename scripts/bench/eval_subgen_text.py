@@ -263,12 +263,25 @@ def decode_through(model, cache, ids):
     return float(nll.mean()), float(nll[:, half:].mean()), peak // ids.shape[0]
 
 
-def subgen_settings(args) -> list[tuple[str, str, dict]]:
-    """(method, setting, cache_config) of every SubGen run on text."""
+@torch.no_grad()
+def key_scale(model, length: int) -> float:
+    """Median l2 norm of the standard layers' keys over the first `length` bytes of the *training* text: the unit of
+    the fixed-δ radii, so that they are chosen without looking at held-out text."""
+    train, _ = stdlib_split()
+    ids = train_stream(train)[None, :length]
+    cache = TensorAttnCache(model.config, "four_cache")
+    model(ids, cache=cache, use_cache=True)
+    keys = [layer.keys for layer, t in zip(cache.layers, model.config.layer_types) if t == "full_attention"]
+    return float(torch.cat([k.reshape(-1, k.shape[-1]) for k in keys]).norm(dim=-1).median())
+
+
+def subgen_settings(args, scale: float) -> list[tuple[str, str, dict]]:
+    """(method, setting, cache_config) of every SubGen run on text; fixed radii are fractions of `scale`."""
     runs = []
     base = dict(standard_layers="subgen", recent_window=args.tensor_window, sink_tokens=SINKS)
-    for delta in args.deltas:
-        runs.append(("subgen fixed δ", f"delta={delta}", dict(base, delta=delta)))
+    for fraction in args.delta_fractions:
+        delta = round(fraction * scale, 3)
+        runs.append(("subgen fixed δ", f"delta={delta} ({fraction} x key norm)", dict(base, delta=delta)))
     for tokens in args.budget_tokens:
         runs.append(("subgen budget", f"budget={tokens} tokens", dict(base, delta=0.0, budget_bytes=tokens * args.token_bytes)))
         runs.append(("subgen budget, sampled", f"budget={tokens} tokens",
@@ -299,7 +312,9 @@ def part_text(args, rows_out, record):
     for tokens in args.tokens:
         for policy in POLICIES:
             run(policy, f"tokens={tokens}", baseline_cache(config, policy, tokens))
-    for method, setting, cfg in subgen_settings(args):
+    scale = key_scale(model, args.eval_len)
+    record["key_scale"] = round(scale, 3)
+    for method, setting, cfg in subgen_settings(args, scale):
         run(method, setting, TensorAttnCache(config, "subgen4", cfg))
 
 
@@ -482,7 +497,7 @@ SIZES = {
     "full": dict(syn_ns=[1024, 4096], syn_budgets=[6144, 8192, 16384]),
     "quick": dict(syn_ns=[256], syn_budgets=[8192]),
 }
-QUICK = dict(train_steps=4, seq_len=64, batch=2, eval_seqs=1, eval_len=48, hidden=16, tokens=[24], deltas=[4.0],
+QUICK = dict(train_steps=4, seq_len=64, batch=2, eval_seqs=1, eval_len=48, hidden=16, tokens=[24], delta_fractions=[0.5],
              budget_tokens=[128])
 
 
@@ -504,7 +519,8 @@ def parse_args(argv):
     p.add_argument("--eval-seqs", type=int, default=3, help="held-out sequences, decoded as one batch")
     p.add_argument("--eval-len", type=int, default=1025, help="bytes per held-out sequence (BOS included)")
     p.add_argument("--tokens", type=int, nargs="+", default=[32, 64, 128, 256], help="baselines' tokens per standard layer")
-    p.add_argument("--deltas", type=float, nargs="+", default=[2.0, 4.0, 8.0], help="fixed-δ SubGen radii")
+    p.add_argument("--delta-fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+                   help="fixed-δ SubGen radii, as fractions of the median key norm on training text")
     p.add_argument("--budget-tokens", type=int, nargs="+", default=[96, 128, 192, 320],
                    help="budgeted SubGen: budget_bytes per layer, in standard-layer tokens")
     args = p.parse_args(argv)
@@ -550,6 +566,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.time() - t0
     train = run.pop("train", None)
     files = run.pop("eval_files", [])
+    scale = run.pop("key_scale", None)
     settings = {
         "text": (f"Python {sys.version.split()[0]} standard library, {sysconfig.get_paths()['stdlib']}/*.py: "
                  f"modules a-m train the model, n-z are held out; evaluated: {', '.join(files)} "
@@ -565,13 +582,18 @@ def main(argv: list[str] | None = None) -> None:
                       f"score = least accumulated attention evicted, {SCORE_RECENT} newest spared); the tensor layer "
                       "keeps exactly its window"),
         "SubGen": (f"subgen4 + standard_layers='subgen', cluster sums unless 'sampled', recent_window "
-                   f"{args.tensor_window}, sink_tokens {SINKS}; fixed δ in {args.deltas}; budgeted: delta 0, "
+                   f"{args.tensor_window}, sink_tokens {SINKS}; fixed δ = {args.delta_fractions} x the median key norm of the "
+                   f"standard layers on training text ({scale}); budgeted: delta 0, "
                    f"budget_bytes per layer = {args.budget_tokens} standard-layer tokens"),
         "synthetic": (f"eval_subgen.py's streams (d = {SYN_D}, {SYN_CLUSTERS} clusters, δ = {SYN_DELTA}) plus "
                       f"'spread' (i.i.d. N(0, I) keys: never clusters), n in {args.syn_ns}; subgen4 cluster sums "
                       f"{SYN_SUBGEN}; budgets {args.syn_budgets} bytes; sinks+window at each budget's tokens"),
         "run": f"{args.threads} torch thread(s), {seconds:.0f} s",
     }
+    if "t" not in args.parts:
+        settings = {k: v for k, v in settings.items() if k in ("synthetic", "run")}
+    if "s" not in args.parts:
+        del settings["synthetic"]
     run.update(settings=settings, load=describe_load(load_before, load_snapshot()), seconds=round(seconds, 1))
     (args.out / "run.json").write_text(json.dumps(run, indent=1, default=str))
     plot(args.out)
