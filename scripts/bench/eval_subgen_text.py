@@ -251,8 +251,8 @@ def baseline_cache(config, policy: str, tokens: int) -> TensorAttnCache:
 
 @torch.no_grad()
 def decode_through(model, cache, ids):
-    """Teacher-forced decoding one token at a time: loss per byte (all positions, and the second half) and the peak
-    memory of the whole cache per sequence."""
+    """Teacher-forced decoding one token at a time: loss per byte (all positions, and the second half), each
+    sequence's loss, and the peak memory of the whole cache per sequence."""
     logits, peak = [], 0
     for t in range(ids.shape[1] - 1):
         logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
@@ -260,7 +260,7 @@ def decode_through(model, cache, ids):
     logits = torch.cat(logits, 1)  # position t predicts token t + 1
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, L - 1]
     half = nll.shape[1] // 2
-    return float(nll.mean()), float(nll[:, half:].mean()), peak // ids.shape[0]
+    return float(nll.mean()), float(nll[:, half:].mean()), nll.mean(1).tolist(), peak // ids.shape[0]
 
 
 @torch.no_grad()
@@ -302,9 +302,10 @@ def part_text(args, rows_out, record):
 
     def run(method, setting, cache):
         t0 = time.time()
-        loss, loss_2nd, peak = decode_through(model, cache, ids)
-        rows_out.append(dict(method=method, setting=setting, memory_bytes_per_seq=peak, loss=round(loss, 4),
-                             loss_second_half=round(loss_2nd, 4), seconds=round(time.time() - t0, 1)))
+        loss, loss_2nd, per_seq, peak = decode_through(model, cache, ids)
+        rows_out.append(dict(method=method, setting=setting, memory_bytes_per_seq=peak, loss=round(loss, 5),
+                             loss_second_half=round(loss_2nd, 5), loss_per_seq=" ".join(f"{x:.5f}" for x in per_seq),
+                             seconds=round(time.time() - t0, 1)))
         print(f"{method:24s} {setting:22s} mem/seq {peak:8d}  loss {loss:.4f}  2nd half {loss_2nd:.4f} "
               f"({time.time() - t0:.0f}s)", flush=True)
 
@@ -378,38 +379,48 @@ def kb(x: float) -> str:
     return f"{x / 1024:.1f}"
 
 
+def paired_se(a: dict, b: dict) -> float:
+    """Standard error of the mean over sequences of the per-sequence loss difference a - b (0 with one sequence)."""
+    x = [float(u) - float(v) for u, v in zip(str(a["loss_per_seq"]).split(), str(b["loss_per_seq"]).split())]
+    if len(x) < 2:
+        return 0.0
+    mean = sum(x) / len(x)
+    return math.sqrt(sum((u - mean) ** 2 for u in x) / (len(x) - 1) / len(x))
+
+
 def text_verdict(rows: list[dict]) -> list[str]:
     """Each SubGen run against the best baseline holding no more memory per sequence; sentences from the data."""
     base = [r for r in rows if r["method"] in BASELINES]
     exact = next(r for r in rows if r["method"] == "exact")
-    lines, wins, total = [], 0, 0
+    lines, wins, losses, total = [], 0, 0, 0
     table = []
     for r in (r for r in rows if r["method"].startswith("subgen")):
         rivals = [b for b in base if b["memory_bytes_per_seq"] <= r["memory_bytes_per_seq"]]
         if not rivals:
             table.append([r["method"], r["setting"], kb(r["memory_bytes_per_seq"]), f"{r['loss']:.4f}",
-                          "none holds so little", "–", "–"])
+                          "none holds so little", "–", "–", "–"])
             continue
         best = min(rivals, key=lambda b: b["loss"])
         gain = best["loss"] - r["loss"]
+        se = paired_se(best, r)
         total += 1
-        wins += gain > 0
+        wins += gain > 2 * se
+        losses += gain < -2 * se
         table.append([r["method"], r["setting"], kb(r["memory_bytes_per_seq"]), f"{r['loss']:.4f}",
-                      f"{best['method']} {best['setting']}", kb(best["memory_bytes_per_seq"]), f"{gain:+.4f}"])
+                      f"{best['method']} {best['setting']}", kb(best["memory_bytes_per_seq"]), f"{gain:+.4f}",
+                      f"{se:.4f}"])
     lines += markdown_table(["SubGen", "setting", "memory (KB/seq)", "loss", "best baseline with no more memory",
-                             "its memory (KB/seq)", "SubGen's gain (nats/byte)"], table, "llrrlrr")
-    gains = [float(t[-1]) for t in table if t[-1] != "–"]
+                             "its memory (KB/seq)", "SubGen's gain (nats/byte)", "± s.e. over sequences"], table,
+                            "llrrlrrr")
+    gains = [float(t[-2]) for t in table if t[-1] != "–"]
     lines.append("")
     if total:
-        verdict = (f"SubGen beats the best baseline holding no more memory in {wins} of {total} settings "
-                   f"(gains from {min(gains):+.4f} to {max(gains):+.4f} nats/byte; positive: SubGen better). ")
-        if wins == 0:
-            verdict += "On this text a plain eviction baseline is at least as good at every memory measured."
-        elif wins == total:
-            verdict += "It wins at every memory measured."
-        else:
-            verdict += "Where it loses, a baseline of equal or smaller memory predicts better."
-        lines.append(verdict)
+        lines.append(
+            f"SubGen beats the best baseline holding no more memory by more than twice the standard error of the "
+            f"paired difference in {wins} of {total} settings, loses by more than that in {losses}, and is within it "
+            f"in {total - wins - losses} (gains from {min(gains):+.4f} to {max(gains):+.4f} nats/byte; positive: "
+            "SubGen better)."
+        )
     best_any = min(base, key=lambda b: b["loss"])
     lines += ["", f"Exact attention: {exact['loss']:.4f} nats/byte at {kb(exact['memory_bytes_per_seq'])} KB per sequence; "
               f"the best baseline overall, {best_any['method']} {best_any['setting']}: {best_any['loss']:.4f} at "
@@ -519,9 +530,9 @@ def parse_args(argv):
     p.add_argument("--eval-seqs", type=int, default=3, help="held-out sequences, decoded as one batch")
     p.add_argument("--eval-len", type=int, default=1025, help="bytes per held-out sequence (BOS included)")
     p.add_argument("--tokens", type=int, nargs="+", default=[32, 64, 128, 256], help="baselines' tokens per standard layer")
-    p.add_argument("--delta-fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+    p.add_argument("--delta-fractions", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0],
                    help="fixed-δ SubGen radii, as fractions of the median key norm on training text")
-    p.add_argument("--budget-tokens", type=int, nargs="+", default=[96, 128, 192, 320],
+    p.add_argument("--budget-tokens", type=int, nargs="+", default=[128, 192, 320, 576],
                    help="budgeted SubGen: budget_bytes per layer, in standard-layer tokens")
     args = p.parse_args(argv)
     if args.from_csv is not None:
