@@ -421,6 +421,18 @@ def text_verdict(rows: list[dict]) -> list[str]:
             f"in {total - wins - losses} (gains from {min(gains):+.4f} to {max(gains):+.4f} nats/byte; positive: "
             "SubGen better)."
         )
+    # Fidelity: how far from exact attention's loss each method lands (a lower loss than exact is also a departure).
+    closer = 0
+    measured = 0
+    for r in (r for r in rows if r["method"].startswith("subgen")):
+        rivals = [b for b in base if b["memory_bytes_per_seq"] <= r["memory_bytes_per_seq"]]
+        if rivals:
+            measured += 1
+            nearest = min(abs(b["loss"] - exact["loss"]) for b in rivals)
+            closer += abs(r["loss"] - exact["loss"]) < nearest
+    if measured:
+        lines += ["", f"Closer to exact attention's loss than every baseline holding no more memory: {closer} of "
+                  f"{measured} SubGen settings."]
     best_any = min(base, key=lambda b: b["loss"])
     lines += ["", f"Exact attention: {exact['loss']:.4f} nats/byte at {kb(exact['memory_bytes_per_seq'])} KB per sequence; "
               f"the best baseline overall, {best_any['method']} {best_any['setting']}: {best_any['loss']:.4f} at "
