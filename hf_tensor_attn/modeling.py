@@ -157,6 +157,10 @@ class StandardAttention(nn.Module):
         if self.use_rope:
             cos, sin = position_embeddings
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if isinstance(cache, TensorAttnCache) and cache.attends(self.layer_idx):
+            # The layer summarises what it holds (cache_config["standard_layers"] = "subgen"): it does the maths.
+            out = cache.attend(self.layer_idx, q, k, v, attention_mask).transpose(1, 2)  # [B, T, H, D]
+            return self.o_proj(self.dropout(out.reshape(B, T, -1))), None
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         mask = causal_padding_mask(T, k.shape[2], attention_mask, q.device)  # [B or 1, 1, T, Tk]

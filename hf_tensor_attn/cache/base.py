@@ -35,6 +35,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from .. import compat
 
 LAYOUTS: dict[str, type[TensorAttnCacheLayer]] = {}
+# What the standard (softmax) layers of a hybrid stack keep: every key and value, or a SubGen summary.
+STANDARD_LAYERS = ("exact", "subgen")
 
 
 def register_layout(name: str):
@@ -72,6 +74,10 @@ class TensorAttnCacheLayer(CacheLayerMixin):
     """Cache of one tensor-attention layer; see the module docstring for the protocol."""
 
     layout_name: str = ""
+    # Key/value streams side by side in the states (k1 | k2); a layer of standard attention has 1.
+    stream_count = 2
+    # The layer class `cache_config["standard_layers"] = "subgen"` builds for standard layers (None: not offered).
+    standard_layer: type | None = None
     is_croppable = False
     is_sliding = False
     # What `crop` says when the layout cannot forget tokens (layouts that can override `crop`).
@@ -133,10 +139,10 @@ class TensorAttnCacheLayer(CacheLayerMixin):
             raise ValueError("`attend` needs tokens in the cache: `update` it with the new key/value states first")
         B, H, _, D2 = self.keys.shape
         if not isinstance(query, torch.Tensor) or query.dim() != 4 or tuple(query.shape[:2]) != (B, H) or (
-            2 * query.shape[3] != D2
+            self.stream_count * query.shape[3] != D2
         ):
             shape = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
-            raise ValueError(f"`query` must be [B, H, Tq, D] = [{B}, {H}, Tq, {D2 // 2}], got {shape}")
+            raise ValueError(f"`query` must be [B, H, Tq, D] = [{B}, {H}, Tq, {D2 // self.stream_count}], got {shape}")
         if query.shape[2] > self.seen:
             raise ValueError(f"`query` has {query.shape[2]} positions but the cache holds only {self.seen} tokens")
         if attention_mask is not None and (
@@ -253,12 +259,14 @@ def layer_memory_bytes(layer) -> int:
 
 class TensorAttnCache(Cache):
     """The cache of a tensor-attention model: layout `cache_implementation` for its tensor layers, transformers'
-    `DynamicLayer` for its standard ones.
+    `DynamicLayer` for its standard ones (or SubGen: `cache_config["standard_layers"] = "subgen"`).
 
     Args:
         config: the model's `TensorAttnConfig` (its `layer_types`, `score_scale`, `w1`, `w2`).
         cache_implementation: one of `available_cache_implementations()`; defaults to the config's.
-        cache_config: options of that layout (e.g. `{"max_memory_bytes": ...}` for `"two_cache"`).
+        cache_config: options of that layout (e.g. `{"max_memory_bytes": ...}` for `"two_cache"`), and
+            `"standard_layers"`: `"exact"` (default, every key and value) or `"subgen"` (a layout that offers it,
+            "subgen4" / "subgen2": the standard layers are summarised too, with the same options).
         offloading: keep each layer on the CPU between its uses (transformers' offloaded cache; needs CUDA).
     """
 
@@ -279,16 +287,37 @@ class TensorAttnCache(Cache):
             raise ValueError(f"`cache_implementation` must be one of {available_cache_implementations()}, got {name!r}")
         layout = LAYOUTS[name]
         cache_config = {} if cache_config is None else cache_config
+        if isinstance(cache_config, dict) and "standard_layers" in cache_config:
+            cache_config = dict(cache_config)
+            standard = cache_config.pop("standard_layers")
+        else:
+            standard = "exact"
         layout.check_cache_config(cache_config)
+        if standard not in STANDARD_LAYERS or standard == "subgen" and layout.standard_layer is None:
+            offered = [n for n, cls in LAYOUTS.items() if cls.standard_layer is not None]
+            raise ValueError(
+                f"`cache_config['standard_layers']` must be one of {list(STANDARD_LAYERS)} ('subgen' only with "
+                f"cache_implementation in {offered}), got {standard!r} with cache_implementation={name!r}"
+            )
         self.constants = TensorAttnConstants.from_config(config)
         self.layer_types = tuple(config.layer_types)
         tensor_layers = iter(layout.build(self.constants, self.layer_types.count("tensor_attention"), cache_config))
-        layers = [next(tensor_layers) if t == "tensor_attention" else DynamicLayer() for t in self.layer_types]
+
+        def standard_layer():
+            if standard == "exact":
+                return DynamicLayer()
+            return layout.standard_layer(TensorAttnConstants(scale=config.head_dim**-0.5), **cache_config)
+
+        layers = [next(tensor_layers) if t == "tensor_attention" else standard_layer() for t in self.layer_types]
         super().__init__(layers=layers, offloading=offloading)
         self.cache_implementation = name
 
+    def attends(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` computes its own attention (`attend`); False for a `DynamicLayer`."""
+        return isinstance(self.layers[layer_idx], TensorAttnCacheLayer)
+
     def attend(self, layer_idx: int, query, key_states, value_states, attention_mask=None) -> torch.Tensor:
-        """Append the new states to tensor layer `layer_idx` and return its attention for `query`."""
+        """Append the new states to layer `layer_idx` and return its attention for `query` (see `attends`)."""
         if attention_mask is not None:
             # Padded tokens never contribute, but a NaN they hold would survive a zero weight (0 * NaN) in layouts
             # that sum or cluster what they hold: such entries are stored as 0. Finite states are stored unchanged.
