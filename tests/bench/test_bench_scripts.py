@@ -1,5 +1,7 @@
-"""Every benchmark and evaluation script runs end to end at its smallest sizes and writes its CSV, table file and
-plot; quick runs cannot write into docs/. Timings at these sizes mean nothing and are not looked at."""
+"""Every benchmark and evaluation script runs end to end at its smallest sizes and writes its CSV, run record,
+table file and plot, the table file being what its `render` builds from those files; quick runs cannot write into
+docs/. Timings at these sizes mean nothing and are not looked at. (scripts/quickstart.py is run by
+tests/training/test_quickstart.py, scripts/train.py by tests/training.)"""
 
 import csv
 import os
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from scripts.bench import bench_attention, bench_cache, eval_subgen, match3_experiment
+from scripts.bench.harness import read_run_record, render_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,7 +23,7 @@ SCRIPTS = {
     "eval_subgen": (["-m", "scripts.bench.eval_subgen"],
                     ["synthetic.csv", "model.csv", "lowdim.csv", "eval_subgen.png"]),
     "match3_experiment": (["scripts/bench/match3_experiment.py"],
-                          ["match3_summary.csv", "match3_curves.csv", "match3_curves.png"]),
+                          ["runs.csv", "curves.csv", "test_set.csv", "curves.png"]),
 }
 
 
@@ -43,6 +46,8 @@ def test_quick_run_writes_csv_table_and_plot(name, tmp_path):
         assert {"cpu", "cpu_capability", "cores", "threads", "torch"} <= set(rows[0]), path  # the machine it ran on
     tables = (out / "tables.md").read_text()
     assert "Machine: " in tables and "Load: " in tables and "\n| " in tables
+    assert read_run_record(out)["module"] == f"scripts.bench.{name}"
+    assert tables == render_folder(out)  # a normal run publishes exactly what --from-csv would rebuild
 
 
 @pytest.mark.parametrize("module", [bench_attention, bench_cache, eval_subgen, match3_experiment])
