@@ -404,7 +404,8 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="one tiny cell, two grid points, a few steps (smoke run)")
     parser.add_argument("--cells", nargs="+", default=None, metavar="M,N",
                         help="run only these cells of the study (e.g. to share the sweep between two processes on "
-                             "one --work_dir); every run publishes all the blocks finished so far")
+                             "one --work_dir): a partial run, which publishes the blocks finished so far outside "
+                             "docs/; the plain command then gathers every finished block into docs/match3/")
     parser.add_argument("--from-csv", action="store_true", help="train nothing: rebuild tables.md from --out's files")
     # One thread: on a shared 2-core machine, two threads were many times slower per step whenever another process
     # held a core (OpenMP waits for the descheduled thread).
@@ -419,7 +420,7 @@ def parse_args(argv):
         unknown = [cell for cell in args.cells if cell not in study["cells"]]
         if unknown:
             parser.error(f"--cells: {unknown} are not cells of the study; allowed: {study['cells']}")
-    args.out = output_dir(parser, args.out, NAME, full=not args.quick)
+    args.out = output_dir(parser, args.out, NAME, full=not args.quick and args.cells is None)
     return args
 
 

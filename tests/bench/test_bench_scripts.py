@@ -56,3 +56,10 @@ def test_quick_run_refuses_to_write_into_docs(module, capsys):
         module.parse_args(["--quick", "--out", str(ROOT / "docs" / "smoke")])
     assert "may not write under" in capsys.readouterr().err
     assert not (ROOT / "docs" / "smoke").exists()
+
+
+def test_a_match3_run_of_some_cells_is_partial_and_refuses_docs(capsys):
+    with pytest.raises(SystemExit):
+        match3_experiment.parse_args(["--cells", "8,8", "--out", str(ROOT / "docs" / "smoke")])
+    assert "may not write under" in capsys.readouterr().err
+    assert not (ROOT / "docs" / "smoke").exists()
