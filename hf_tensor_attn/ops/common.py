@@ -123,7 +123,7 @@ def allowed_pairs(Tq: int, Tk: int, w1, w2, attention_mask, device) -> torch.Ten
 # up to 1e11 still fits float32 (e^300 in float64 has far more room). Below this, no max pass is needed.
 EXP_HEADROOM = {torch.float32: 40.0, torch.float64: 300.0}
 # exp arguments are clamped to at least this: below about -87 (float32) or -708 (float64) torch's exp leaves its
-# vector path, and a tile full of such values (or of -inf from masks) runs 5-200x slower. A masked pair then weighs
+# vector path, and a tile full of such values (or of -inf from masks) runs many times slower. A masked pair then weighs
 # e^-80 ~ 2e-35 (e^-700 in float64) instead of 0, against at least 1 for the reference pair: far below rounding.
 EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 

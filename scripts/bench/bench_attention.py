@@ -6,11 +6,13 @@ ratio to this machine's fp32 `torch.mm` rate measured in the same run just befor
 `naive_tensor_attention` where that fits in memory, and peak memory (harness.peak_rss_mib: every byte the call
 touched, inputs' gradients included, not only torch tensors).
 
-Writes bench_attention.csv, bench_attention.png and tables.md to --out (default docs/bench_attention/ for a full
-run, runs/bench/bench_attention/ for --quick or other sizes):
+Writes bench_attention.csv, run.json, bench_attention.png and tables.md (= `render(out)`, the publishing convention
+of scripts/bench/harness.py) to --out (default docs/bench_attention/ for a full run, runs/bench/bench_attention/
+for --quick or other sizes):
 
     python -m scripts.bench.bench_attention --wait-idle 60
     python -m scripts.bench.bench_attention --quick --out /tmp/smoke
+    python -m scripts.bench.bench_attention --from-csv           # rebuild docs/bench_attention/tables.md
 """
 
 from __future__ import annotations
@@ -26,11 +28,16 @@ import torch
 
 from hf_tensor_attn.ops import naive_tensor_attention, tensor_attention
 from scripts.bench.harness import (
-    describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, peak_rss_mib, pyplot,
-    write_csv, write_tables,
+    describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, peak_rss_mib, publish,
+    pyplot, read_csv, read_run_record, render_document, run_record, write_csv, write_run_record,
 )
 
 NAME = "bench_attention"
+MODULE = "scripts.bench.bench_attention"
+TITLE = "Exact tensor attention: tiled op against torch.mm and the naive reference"
+# The targets the kernel was written to (goals, not measurements): causal T=512 forward and forward+backward as a
+# share of torch.mm, and the speed-up over the naive op at T=256.
+TARGETS = {"T_share": 512, "fwd_of_mm": 0.50, "fwdbwd_of_mm": 0.35, "T_speedup": 256, "speedup": 6.0}
 MODES = {"causal": (None, None), "window": (128, 32)}
 DEFAULT_T = [128, 256, 512, 1024]
 QUICK_T = [16, 40]
@@ -77,8 +84,9 @@ def parse_args(argv):
         "--wait-idle", type=float, default=0.0,
         help="shared machine: retry timings disturbed by other processes for up to this many seconds each",
     )
+    parser.add_argument("--from-csv", action="store_true", help="measure nothing: rebuild tables.md from --out's files")
     args = parser.parse_args(argv)
-    full = not args.quick and args.T in (None, DEFAULT_T) and args.d == 64 and args.heads == 4
+    full = args.from_csv or (not args.quick and args.T in (None, DEFAULT_T) and args.d == 64 and args.heads == 4)
     if args.quick:
         args.T, args.d, args.repeats = args.T or QUICK_T, 16, 1
     args.threads = args.threads or (1 if args.quick else 2)
@@ -89,6 +97,9 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.from_csv:
+        print(publish(args.out, render))
+        return read_csv(args.out / f"{NAME}.csv")
     torch.set_num_threads(args.threads)
     B, H, D = 1, args.heads, args.d
     scale = D**-0.5
@@ -141,26 +152,86 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     record = machine()
     write_csv(args.out / f"{NAME}.csv", rows, record)
+    write_run_record(args.out, run_record(MODULE, argv, TITLE, record, describe_load(load_before, load_after),
+                                          mm_sizes=list(mm_sizes), mm_gflops_after=mm_after))
     plot(rows, args.out / f"{NAME}.png")
+    print(publish(args.out, render))
+    print(f"wrote {args.out}/{NAME}.csv, run.json, {NAME}.png, tables.md")
+    return rows
+
+
+def _given(row, key) -> bool:
+    return row.get(key) not in (None, "")
+
+
+def render(folder: Path) -> str:
+    """tables.md from run.json and bench_attention.csv alone."""
+    record = read_run_record(folder)
+    rows = read_csv(Path(folder) / f"{NAME}.csv")
+    mm_sizes = tuple(record["mm_sizes"])
     mm_rates = [row["mm_gflops"] for row in rows]
     mm_lines = markdown_table(
         ["when", "fp32 torch.mm GFLOP/s (best of sizes)", "sizes"],
         [["before each row (the reference of that row's ratios): lowest", f"{min(mm_rates):.0f}", mm_sizes],
          ["before each row: highest", f"{max(mm_rates):.0f}", mm_sizes],
-         ["after the run", f"{mm_after:.0f}", mm_sizes]], "lrl")
-    windows = ", ".join(f"{mode}: w1={w1}, w2={w2}" for mode, (w1, w2) in MODES.items())
-    text = write_tables(args.out / "tables.md", NAME, argv, "Exact tensor attention: tiled op against torch.mm and "
-                        "the naive reference", record, describe_load(load_before, load_after), [
-                            ("torch.mm reference", mm_lines),
-                            (f"Tiled `tensor_attention`, d={D}, B={B}, H={H} ({windows})",
-                             markdown_table(TABLE_HEADER, table_rows(rows), "llrrrrrrrrrrr")
-                             + ["", "Disturbed timings (other processes were busy in every measurement): "
-                                + ("; ".join(f"{r['mode']} T={r['T']}: {r['disturbed']}" for r in rows if r["disturbed"])
-                                   or "none") + "."]),
-                        ])
-    print(text)
-    print(f"wrote {args.out}/{NAME}.csv, {NAME}.png, tables.md")
-    return rows
+         ["after the run", f"{record['mm_gflops_after']:.0f}", mm_sizes]], "lrl")
+    modes = {row["mode"]: tuple(row[w] if _given(row, w) else None for w in ("w1", "w2")) for row in rows}
+    windows = ", ".join(f"{mode}: w1={w1}, w2={w2}" for mode, (w1, w2) in modes.items())
+    first = rows[0]
+    disturbed = "; ".join(f"{r['mode']} T={r['T']}: {r['disturbed']}" for r in rows if r["disturbed"]) or "none"
+    return render_document(record, [
+        ("torch.mm reference", mm_lines),
+        (f"Tiled `tensor_attention`, d={first['d']}, B={first['B']}, H={first['H']} ({windows})",
+         markdown_table(TABLE_HEADER, table_rows(rows), "llrrrrrrrrrrr")
+         + ["", f"Disturbed timings (other processes were busy in every measurement): {disturbed}."]),
+        ("What the numbers say (computed from the table above)", findings(rows)),
+    ])
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """The sentences with figures that docs/bench_attention.md interprets; each is skipped when its rows are absent."""
+    def row(mode, T):
+        return next((r for r in rows if r["mode"] == mode and r["T"] == T), None)
+
+    def met(value, target):
+        return "met" if value >= target else "not met"
+
+    lines = []
+    share, fast = row("causal", TARGETS["T_share"]), row("causal", TARGETS["T_speedup"])
+    if share is not None:
+        lines.append(f"- Targets at causal T={TARGETS['T_share']}: forward at least {TARGETS['fwd_of_mm']:.0%} of "
+                     f"torch.mm: {met(share['fwd_of_mm'], TARGETS['fwd_of_mm'])}, {share['fwd_of_mm']:.0%}; "
+                     f"forward+backward at least {TARGETS['fwdbwd_of_mm']:.0%}: "
+                     f"{met(share['fwdbwd_of_mm'], TARGETS['fwdbwd_of_mm'])}, {share['fwdbwd_of_mm']:.0%}.")
+    if fast is not None and _given(fast, "speedup_fwd") and _given(fast, "speedup_fwdbwd"):
+        lines.append(f"- At least {TARGETS['speedup']:.0f}x faster than the naive op at causal T={TARGETS['T_speedup']}: "
+                     f"{met(min(fast['speedup_fwd'], fast['speedup_fwdbwd']), TARGETS['speedup'])}, "
+                     f"{fast['speedup_fwd']:.1f}x forward and {fast['speedup_fwdbwd']:.1f}x forward+backward.")
+    causal = [r for r in rows if r["mode"] == "causal"]
+    if causal:
+        top = causal[-1]
+        lines.append(f"- At the largest causal T={top['T']} the forward reaches {top['fwd_of_mm']:.0%} of torch.mm and "
+                     f"forward+backward {top['fwdbwd_of_mm']:.0%}.")
+    mm_rates = [r["mm_gflops"] for r in rows]
+    lines.append(f"- The torch.mm reference moved between {min(mm_rates):.0f} and {max(mm_rates):.0f} GFLOP/s during "
+                 "the run.")
+    naive = [r for r in causal if _given(r, "naive_peak_mb_fwd")]
+    if naive:
+        big = naive[-1]
+        lines.append(f"- Peak memory at causal T={big['T']}: tiled {big['peak_mb_fwd']:.0f} / {big['peak_mb_fwdbwd']:.0f}"
+                     f" MiB (forward / forward+backward), naive forward {big['naive_peak_mb_fwd']:.0f} MiB; the tiled "
+                     f"peak stays between {min(r['peak_mb_fwd'] for r in rows):.0f} and "
+                     f"{max(r['peak_mb_fwdbwd'] for r in rows):.0f} MiB at every T.")
+    window = [r for r in rows if r["mode"] == "window" and r["T"] >= 256]
+    if window:
+        shares = [r["fwd_of_mm"] for r in window]
+        lines.append(f"- Windowed forward from T=256 on: {min(shares):.0%}–{max(shares):.0%} of torch.mm.")
+        long = window[-1]
+        same = row("causal", long["T"])
+        if same is not None:
+            lines.append(f"- At T={long['T']} the windowed forward takes {long['fwd_s'] * 1e3:.1f} ms, the causal one "
+                         f"{same['fwd_s'] * 1e3:.1f} ms.")
+    return lines
 
 
 TABLE_HEADER = ["mode", "T", "torch.mm GFLOP/s", "fwd ms", "fwd GFLOP/s", "fwd of mm", "fwd+bwd ms", "fwd+bwd GFLOP/s", "fwd+bwd of mm",
@@ -169,7 +240,7 @@ TABLE_HEADER = ["mode", "T", "torch.mm GFLOP/s", "fwd ms", "fwd GFLOP/s", "fwd o
 
 def table_rows(rows) -> list[list[str]]:
     def cell(row, key, spec, scale=1.0, suffix=""):
-        return format(row[key] * scale, spec) + suffix if row.get(key) is not None else "-"
+        return format(row[key] * scale, spec) + suffix if _given(row, key) else "-"
 
     return [[row["mode"], row["T"], cell(row, "mm_gflops", ".0f"), cell(row, "fwd_s", ".1f", 1e3), cell(row, "fwd_gflops", ".0f"),
              cell(row, "fwd_of_mm", ".0%"), cell(row, "fwdbwd_s", ".1f", 1e3), cell(row, "fwdbwd_gflops", ".0f"),
@@ -190,7 +261,7 @@ def plot(rows, path):
         ax_rate.plot(Ts, [r["fwdbwd_gflops"] for r in sel], "s--", label=f"{mode} forward+backward")
         ax_mem.plot(Ts, [r["peak_mb_fwdbwd"] for r in sel], "s--", label=f"{mode} tiled fwd+bwd")
         for key, style, what in (("naive_peak_mb_fwd", "o:", "fwd"), ("naive_peak_mb_fwdbwd", "x:", "fwd+bwd")):
-            naive = [r for r in sel if r.get(key) is not None]
+            naive = [r for r in sel if _given(r, key)]
             if naive:
                 ax_mem.plot([r["T"] for r in naive], [r[key] for r in naive], style, label=f"{mode} naive {what}")
     mm_rates = [r["mm_gflops"] for r in rows]

@@ -12,11 +12,13 @@ reference of that length's GEMM share. Memory is the bytes the cache layer holds
 included); (a)'s per-step scratch (a block of scores, K1 * q and P V2 rows; reused across steps) is reported beside it.
 (c) runs until the two_cache memory guard refuses (--two-budget, default a quarter of RAM capped at 6 GiB).
 
-Writes bench_cache.csv, bench_cache.png and tables.md to --out (default docs/bench_cache/ for a full run,
-runs/bench/bench_cache/ for --quick or other sizes):
+Writes bench_cache.csv, run.json, bench_cache.png and tables.md (= `render(out)`, the publishing convention of
+scripts/bench/harness.py) to --out (default docs/bench_cache/ for a full run, runs/bench/bench_cache/ for --quick
+or other sizes):
 
     python -m scripts.bench.bench_cache --wait-idle 45
     python -m scripts.bench.bench_cache --quick --out /tmp/smoke
+    python -m scripts.bench.bench_cache --from-csv               # rebuild docs/bench_cache/tables.md
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ from hf_tensor_attn.cache.two import default_memory_budget
 from hf_tensor_attn.ops.decode import decode_scratch_elements, release_decode_workspace
 from scripts.bench.baselines import kronecker_decode
 from scripts.bench.harness import (
-    describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, pyplot, wait_for_idle,
-    write_csv, write_tables,
+    describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, publish, pyplot, read_csv,
+    read_run_record, render_document, run_record, wait_for_idle, write_csv, write_run_record,
 )
 
 NAME = "bench_cache"
+MODULE = "scripts.bench.bench_cache"
+TITLE = "Cache layouts: decode step time and memory"
 B, H, D = 1, 4, 64
 DTYPE = torch.float32
 METHODS = {
@@ -124,8 +128,9 @@ def parse_args(argv):
     parser.add_argument("--wait-idle", type=float, default=0.0,
                         help="shared machine: wait up to this many seconds for idle cores before each i, and retry "
                              "disturbed timings as long")
+    parser.add_argument("--from-csv", action="store_true", help="measure nothing: rebuild tables.md from --out's files")
     args = parser.parse_args(argv)
-    full = not args.quick and args.max_four == DEFAULT_MAX_FOUR and args.two_budget is None
+    full = args.from_csv or (not args.quick and args.max_four == DEFAULT_MAX_FOUR and args.two_budget is None)
     args.threads = args.threads or (1 if args.quick else 2)
     args.out = output_dir(parser, args.out, NAME, full)
     return args
@@ -133,6 +138,9 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.from_csv:
+        print(publish(args.out, render))
+        return read_csv(args.out / f"{NAME}.csv")
     torch.set_num_threads(args.threads)
     if args.quick:
         sizes_four, max_b, fit_from, top = [16, 32, 64], 64, 16, 6
@@ -178,6 +186,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         gc.collect()  # a two_cache layer and its memory budget refer to each other: free its GiBs before the next i
     load_after = load_snapshot()
 
+    record = machine()
+    write_csv(args.out / f"{NAME}.csv", rows, record)
+    write_run_record(args.out, run_record(
+        MODULE, argv, TITLE, record, describe_load(load_before, load_after), mm_sizes=list(mm_sizes),
+        fit_from=fit_from, two_budget_bytes=budget, two_stopped_at=stopped[0] if stopped else None))
+    by, slopes = by_method(rows, fit_from)
+    plot(by, slopes, args.out / f"{NAME}.png", fit_from)
+    print(publish(args.out, render))
+    print(f"wrote {args.out}/{NAME}.csv, run.json, {NAME}.png, tables.md")
+    return rows
+
+
+def by_method(rows: list[dict], fit_from: int):
+    """Rows per method, and each method's fitted (time, memory) exponents on i >= fit_from."""
     by = {m: [r for r in rows if r["method"] == m] for m in METHODS}
     slopes = {}
     for m, rs in by.items():
@@ -185,16 +207,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if len(fit) >= 2:
             slopes[m] = (fit_slope([r["i"] for r in fit], [r["step_ms_best"] for r in fit]),
                          fit_slope([r["i"] for r in fit], [r["cache_bytes"] for r in fit]))
+    return by, slopes
 
-    record = machine()
-    write_csv(args.out / f"{NAME}.csv", rows, record)
-    plot(by, slopes, args.out / f"{NAME}.png", fit_from)
-    text = write_tables(args.out / "tables.md", NAME, argv, "Cache layouts: decode step time and memory", record,
-                        describe_load(load_before, load_after),
-                        tables(by, slopes, mm_rates, mm_sizes, fit_from, stopped, budget))
-    print(text)
-    print(f"wrote {args.out}/{NAME}.csv, {NAME}.png, tables.md")
-    return rows
+
+def render(folder: Path) -> str:
+    """tables.md from run.json and bench_cache.csv alone."""
+    record = read_run_record(folder)
+    rows = read_csv(Path(folder) / f"{NAME}.csv")
+    for row in rows:
+        row["disturbed"] = row["disturbed"] in (True, "True")  # the CSV holds the bool as text
+    by, slopes = by_method(rows, record["fit_from"])
+    # Every context length's rows carry the torch.mm rate measured before it.
+    mm_rates = list({r["i"]: r["mm_gflops_before"] for r in rows}.values())
+    stopped = record["two_stopped_at"]
+    return render_document(record, tables(by, slopes, mm_rates, tuple(record["mm_sizes"]), record["fit_from"],
+                                          stopped, record["two_budget_bytes"]))
 
 
 def tables(by, slopes, mm_rates, mm_sizes, fit_from, stopped, budget) -> list[tuple[str, list[str]]]:
@@ -221,7 +248,7 @@ def tables(by, slopes, mm_rates, mm_sizes, fit_from, stopped, budget) -> list[tu
         ["i", "torch.mm GFLOP/s", "(a) four, factorized ms", "(a) median ms", "(a) GFLOP/s", "(b) four, explicit K1⊘K2 ms",
          "(c) two_cache ms", "four_cache MiB", "(a) scratch MiB", "two_cache MiB", "disturbed"],
         step_rows, "r" * 10 + "l")
-    guard = (f"at i = {stopped[0]}: the memory guard (budget {budget / 2**30:.2f} GiB) refused its next growth"
+    guard = (f"at i = {stopped}: the memory guard (budget {budget / 2**30:.2f} GiB) refused its next growth"
              if stopped else "no")
     step_lines += ["", "Times are the best block of steps; the median block is in the CSV (and for (a) above). "
                    "`disturbed`: every timing of that method overlapped other processes' work. "
@@ -256,7 +283,31 @@ def tables(by, slopes, mm_rates, mm_sizes, fit_from, stopped, budget) -> list[tu
         (f"One decode step at context length i (B = {B}, H = {H}, d = {D}, fp32)", step_lines),
         (f"Fitted exponents (log-log least squares on i >= {fit_from}): time ∝ i^x, memory ∝ i^y", slope_lines),
         ("Ratios measured in this run", markdown_table(["quantity", "value"], ratio_rows, "lr")),
+        ("What the numbers say (computed from the tables above)", findings(by, slopes, mm_rates, by_i)),
     ]
+
+
+def findings(by, slopes, mm_rates, by_i) -> list[str]:
+    """The sentences with figures that docs/bench_cache.md interprets; each is skipped when its rows are absent."""
+    lines = []
+    if slopes:
+        lines.append("- Fitted time exponents: " + ", ".join(f"({m}) {st:.2f}" for m, (st, _) in slopes.items())
+                     + "; memory exponents: " + ", ".join(f"({m}) {sm:.2f}" for m, (_, sm) in slopes.items()) + ".")
+    both = [i for i, d in sorted(by_i.items()) if "a" in d and "c" in d]
+    if both:
+        i = both[-1]
+        lines.append(f"- At i = {i} four_cache holds {by_i[i]['a']['cache_bytes'] / 2**20:.2f} MiB and two_cache "
+                     f"{by_i[i]['c']['cache_bytes'] / 2**20:.2f} MiB.")
+    late = [r for r in by["a"] if r["i"] >= 1024]
+    if late:
+        lines.append(f"- (a)'s scratch from i = {late[0]['i']} to {late[-1]['i']}: "
+                     f"{min(r['scratch_bytes'] for r in late) / 2**20:.2f} to "
+                     f"{max(r['scratch_bytes'] for r in late) / 2**20:.2f} MiB, while its cache grows from "
+                     f"{late[0]['cache_bytes'] / 2**20:.2f} to {late[-1]['cache_bytes'] / 2**20:.2f} MiB.")
+    lines.append(f"- The torch.mm rate moved between {min(mm_rates):.0f} and {max(mm_rates):.0f} GFLOP/s during the run.")
+    disturbed = [f"({m}) at i = {r['i']}" for m, rs in by.items() for r in rs if r["disturbed"]]
+    lines.append(f"- Disturbed timings: {', '.join(disturbed) if disturbed else 'none'}.")
+    return lines
 
 
 def plot(by, slopes, path, fit_from) -> None:

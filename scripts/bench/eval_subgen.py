@@ -13,8 +13,10 @@ memory.
 (c) the low-dimensional claim: keys uniform in the unit ball, the largest δ reaching a fixed error, its memory
     against d and against n.
 
-Writes synthetic.csv, model.csv, lowdim.csv, eval_subgen.png (when all three parts run) and tables.md to --out
-(default docs/eval_subgen/ for a full run, runs/bench/eval_subgen/ for --quick or some parts only).
+Writes synthetic.csv, model.csv, lowdim.csv (the parts run), run.json, eval_subgen.png (when all three parts run)
+and tables.md (= `render(out)`, the publishing convention of scripts/bench/harness.py) to --out (default
+docs/eval_subgen/ for a full run, runs/bench/eval_subgen/ for --quick or some parts only);
+`python -m scripts.bench.eval_subgen --from-csv` rebuilds docs/eval_subgen/tables.md from those files.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 if __package__ in (None, ""):  # run as a file: make `scripts.bench` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -36,11 +39,18 @@ from hf_tensor_attn.cache import (
 )
 from hf_tensor_attn.ops import four_cache_decode, tensor_attention
 from scripts.bench.harness import (
-    describe_load, load_snapshot, machine, markdown_table, output_dir, pyplot, write_csv, write_tables,
+    describe_load, load_snapshot, machine, markdown_table, output_dir, publish, pyplot, read_csv, read_run_record,
+    render_document, run_record, write_csv, write_run_record,
 )
 from scripts.bench.metrics import kron_value_op_norm, lemma51_ratio
 
 NAME = "eval_subgen"
+MODULE = "scripts.bench.eval_subgen"
+TITLE = "SubGen eviction against exact attention and eviction baselines"
+CSV_OF_PART = {"a": "synthetic.csv", "b": "model.csv", "c": "lowdim.csv"}
+# The run's settings that render() needs, saved in run.json.
+SETTINGS = ("parts", "threads", "train_steps", "seq_len", "eval_batch", "model_deltas", "lowdim_target",
+            "lowdim_q_norm", "sizes")
 LAYERS = {"subgen4": SubGen4CacheLayer, "subgen2": SubGen2CacheLayer}
 SINKS, WINDOW = 4, 32
 ELEM = 4  # float32 bytes: every cache here holds float32
@@ -449,6 +459,24 @@ def fmt(x: float) -> str:
     return "0" if x == 0 else f"{x:.1e}"
 
 
+def at_largest_n(rows_a: list[dict]) -> list[dict]:
+    """Each (stream, d, method)'s row at its largest n."""
+    out = []
+    for kind in ("iid", "phases", "needle"):
+        for d in sorted({r["d"] for r in rows_a}):
+            sel = [r for r in rows_a if r["stream"] == kind and r["d"] == d]
+            for method in dict.fromkeys(r["method"] for r in sel):
+                out.append(max((r for r in sel if r["method"] == method), key=lambda r: r["n"]))
+    return out
+
+
+def lowdim_choice(rows_c: list[dict], d: int, target: float) -> list[dict]:
+    """(c)'s rows of the largest δ whose error is within `target` at every n (empty: none in the sweep)."""
+    ok = [dl for dl in dict.fromkeys(r["delta"] for r in rows_c if r["d"] == d)
+          if max(r["rel_error"] for r in rows_c if r["d"] == d and r["delta"] == dl) <= target]
+    return [r for r in rows_c if r["d"] == d and r["delta"] == ok[0]] if ok else []
+
+
 def tables(args, rows_a, rows_b, rows_c, seconds) -> list[tuple[str, list[str]]]:
     sizes = args.sizes
     settings = [
@@ -467,14 +495,8 @@ def tables(args, rows_a, rows_b, rows_c, seconds) -> list[tuple[str, list[str]]]
     ]
     out = [("Settings", markdown_table(["part", "settings"], settings))]
     if rows_a:
-        err_rows = []
-        for kind in ("iid", "phases", "needle"):
-            for d in sorted({r["d"] for r in rows_a}):
-                sel = [r for r in rows_a if r["stream"] == kind and r["d"] == d]
-                for method in dict.fromkeys(r["method"] for r in sel):
-                    r = max((r for r in sel if r["method"] == method), key=lambda r: r["n"])
-                    err_rows.append([kind, d, method, r["n"], f"{r['memory_bytes'] / 1024:.1f}",
-                                     fmt(r["rel_error"]), fmt(r["lemma51_ratio"])])
+        err_rows = [[r["stream"], r["d"], r["method"], r["n"], f"{r['memory_bytes'] / 1024:.1f}", fmt(r["rel_error"]),
+                     fmt(r["lemma51_ratio"])] for r in at_largest_n(rows_a)]
         out.append(("(a) Synthetic clusterable keys: error at each method's largest n", markdown_table(
             ["stream", "d", "method", "n", "memory (KB)", "‖Ô−O‖/‖O‖", "Lemma 5.1 ratio"], err_rows, "lrlrrrr")))
         ns = sorted({r["n"] for r in rows_a})
@@ -500,17 +522,97 @@ def tables(args, rows_a, rows_b, rows_c, seconds) -> list[tuple[str, list[str]]]
         ns = sorted({r["n"] for r in rows_c})
         low_rows = []
         for d in sorted({r["d"] for r in rows_c}):
-            ok = [dl for dl in dict.fromkeys(r["delta"] for r in rows_c if r["d"] == d)
-                  if max(r["rel_error"] for r in rows_c if r["d"] == d and r["delta"] == dl) <= args.lowdim_target]
-            if not ok:
+            rs = lowdim_choice(rows_c, d, args.lowdim_target)
+            if not rs:
                 low_rows.append([d, "none in the sweep", *("–" for _ in ns), "–"])
                 continue
-            rs = [r for r in rows_c if r["d"] == d and r["delta"] == ok[0]]
-            low_rows.append([d, ok[0], *(r["memory_bytes"] for r in rs), fmt(max(r["rel_error"] for r in rs))])
+            low_rows.append([d, rs[0]["delta"], *(r["memory_bytes"] for r in rs), fmt(max(r["rel_error"] for r in rs))])
         out.append((f"(c) Unit ball: the largest δ with error ≤ {args.lowdim_target} at every n, and its memory",
                     markdown_table(["d", "δ", *(f"memory n={n} (bytes)" for n in ns), "worst error"], low_rows,
                                    "rr" + "r" * (len(ns) + 1))))
+    lines = findings(rows_a, rows_b, rows_c, args.lowdim_target)
+    if lines:
+        out.append(("What the numbers say (computed from the tables above)", lines))
     return out
+
+
+def _span(values, spec=fmt) -> str:
+    """'x' when all values format alike, else 'lowest to highest'."""
+    low, high = spec(min(values)), spec(max(values))
+    return low if low == high else f"{low} to {high}"
+
+
+def findings(rows_a, rows_b, rows_c, target) -> list[str]:
+    """The sentences with figures that docs/eval_subgen.md interprets, from the rows of the parts that ran."""
+    lines = []
+    if rows_a:
+        top = at_largest_n(rows_a)
+        d_mem = min(r["d"] for r in rows_a)
+
+        def errors(method_test, streams):
+            return [r["rel_error"] for r in top if method_test(r["method"]) and r["stream"] in streams]
+
+        def memory(method, stream="iid"):
+            return [r["memory_bytes"] for r in rows_a if r["method"] == method and r["d"] == d_mem
+                    and r["stream"] == stream]
+
+        cluster = lambda m: m == "subgen4/cluster_sum"
+        exact_at = lambda numerator: (lambda m: m.endswith(f"@{numerator}"))
+        sampled = lambda m: m.endswith("/sampled")
+        lines += [
+            f"- (a) subgen4/cluster_sum: relative error {_span(errors(cluster, ('iid', 'phases')))} on the iid and "
+            f"phases streams and {_span(errors(cluster, ('needle',)))} on the needle, holding "
+            f"{_span(memory('subgen4/cluster_sum'), str)} bytes per head at every n for d = {d_mem}; exact tokens of "
+            f"the same bytes: {_span(errors(exact_at('cluster_sum'), ('iid', 'phases')))} (iid, phases) and "
+            f"{_span(errors(exact_at('cluster_sum'), ('needle',)))} (needle).",
+            f"- (a) the sampled numerator holds {_span(memory('subgen4/sampled'), str)} bytes per head where cluster "
+            f"sums hold {_span(memory('subgen4/cluster_sum'), str)} (d = {d_mem}); its error is "
+            f"{_span(errors(sampled, ('iid', 'phases', 'needle')))} over all streams and dimensions "
+            f"({_span(errors(sampled, ('needle',)))} on the needle), against "
+            f"{_span(errors(exact_at('sampled'), ('iid', 'phases')))} for exact tokens of its own size on iid and "
+            "phases.",
+        ]
+        window = [r for r in top if r["method"] == "window@cluster_sum" and r["stream"] == "needle" and r["d"] == d_mem]
+        if window:
+            lines.append(f"- (a) Lemma 5.1 ratio on the needle (d = {d_mem}): the window that misses the needle has "
+                         f"relative error {fmt(window[0]['rel_error'])} and ratio {fmt(window[0]['lemma51_ratio'])}.")
+        pair = {kind: memory("subgen2/cluster_sum", kind) for kind in ("iid", "needle")}
+        if pair["iid"] and pair["needle"]:
+            lines.append(f"- (a) subgen2/cluster_sum holds {_span(pair['iid'], str)} bytes per head on iid and "
+                         f"{_span(pair['needle'], str)} on the needle (d = {d_mem}, n up to "
+                         f"{max(r['n'] for r in rows_a if r['method'] == 'subgen2/cluster_sum')}), against "
+                         f"{_span(memory('subgen4/cluster_sum'), str)} for subgen4.")
+    if rows_b:
+        exact = next(r["memory_bytes_per_seq"] for r in rows_b if r["method"] == "four_cache")
+        share = {id(r): r["memory_bytes_per_seq"] / exact for r in rows_b}
+        sub4 = [r for r in rows_b if r["method"] == "subgen4/cluster_sum"]
+        best = max(r["answer_accuracy"] for r in sub4)
+        small = min((r for r in sub4 if r["answer_accuracy"] == best), key=lambda r: r["memory_bytes_per_seq"])
+        line = (f"- (b) subgen4/cluster_sum answers {best:.3f} at {small['memory_bytes_per_seq'] / 1024:.1f} KB per "
+                f"sequence, {share[id(small)]:.0%} of four_cache")
+        baselines = [r for r in rows_b if r["method"] in ("window", "sinks+window", "random")]
+        for level in sorted({round(share[id(r)], 2) for r in baselines if share[id(r)] >= 0.5}):
+            accs = [r["answer_accuracy"] for r in baselines if round(share[id(r)], 2) == level]
+            line += f"; at {level:.0%} of four_cache the baselines answer {_span(accs, lambda x: f'{x:.3f}')}"
+        lines.append(line + ".")
+        sampled4 = [r["answer_accuracy"] for r in rows_b if r["method"] == "subgen4/sampled"]
+        if sampled4:
+            lines.append(f"- (b) subgen4/sampled answers {_span(sampled4, lambda x: f'{x:.3f}')} over its settings.")
+        pair = [r for r in rows_b if r["method"] == "subgen2/cluster_sum"]
+        if pair:
+            delta = {id(r): float(r["setting"].split()[0].split("=")[1]) for r in pair}  # "delta=0.5 window=4"
+            low = min(delta.values())
+            low_shares = [share[id(r)] for r in pair if delta[id(r)] == low]
+            under = sorted({delta[id(r)] for r in pair if share[id(r)] < 1})
+            lines.append(f"- (b) subgen2/cluster_sum at δ = {low} holds {_span(low_shares, lambda x: f'{x:.0%}')} of "
+                         f"four_cache's memory; below four_cache at δ in {under}.")
+    if rows_c:
+        for d in sorted({r["d"] for r in rows_c}):
+            rs = lowdim_choice(rows_c, d, target)
+            if rs:
+                lines.append(f"- (c) d = {d}: {_span([r['memory_bytes'] for r in rs], str)} bytes from n = "
+                             f"{rs[0]['n']} to {rs[-1]['n']} at δ = {rs[0]['delta']}.")
+    return lines
 
 
 def parse_args(argv):
@@ -525,12 +627,14 @@ def parse_args(argv):
     p.add_argument("--model-deltas", type=float, nargs="+", default=[0.5, 2.0, 8.0])
     p.add_argument("--lowdim-target", type=float, default=0.005)
     p.add_argument("--lowdim-q-norm", type=float, default=4.0)
+    p.add_argument("--from-csv", action="store_true", help="run nothing: rebuild tables.md from --out's files")
     args = p.parse_args(argv)
     unknown = sorted(set(args.parts) - set("abc"))
     if unknown or not args.parts:
         p.error(f"--parts {args.parts!r}: allowed: one or more of the letters a, b, c")
     defaults = {key: p.get_default(key) for key in ("train_steps", "seq_len", "eval_batch", "model_deltas")}
-    full = not args.quick and set(args.parts) == set("abc") and all(getattr(args, k) == v for k, v in defaults.items())
+    full = args.from_csv or (not args.quick and set(args.parts) == set("abc")
+                             and all(getattr(args, k) == v for k, v in defaults.items()))
     if args.quick:
         for key, value in QUICK_B.items():
             if getattr(args, key) == defaults[key]:
@@ -542,25 +646,36 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.from_csv:
+        print(publish(args.out, render))
+        return
     torch.set_num_threads(args.threads)
     load_before = load_snapshot()
-    rows_a, rows_b, rows_c = [], [], []
+    rows = {"a": [], "b": [], "c": []}
     t0 = time.time()
-    parts = {"a": (part_a, rows_a, "synthetic.csv"), "b": (part_b, rows_b, "model.csv"),
-             "c": (part_c, rows_c, "lowdim.csv")}
+    parts = {"a": part_a, "b": part_b, "c": part_c}
     record = machine()
-    for letter, (run, rows, filename) in parts.items():
+    for letter, run in parts.items():
         if letter in args.parts:
-            run(args, rows)
-            write_csv(args.out / filename, rows, record)
+            run(args, rows[letter])
+            write_csv(args.out / CSV_OF_PART[letter], rows[letter], record)
     seconds = time.time() - t0
     if set(args.parts) == set("abc"):
-        plot(args.out / f"{NAME}.png", rows_a, rows_b, rows_c, args.lowdim_target)
-    text = write_tables(args.out / "tables.md", NAME, argv, "SubGen eviction against exact attention and "
-                        "eviction baselines", record, describe_load(load_before, load_snapshot()),
-                        tables(args, rows_a, rows_b, rows_c, seconds))
-    print(text)
+        plot(args.out / f"{NAME}.png", rows["a"], rows["b"], rows["c"], args.lowdim_target)
+    settings = {key: getattr(args, key) for key in SETTINGS}
+    write_run_record(args.out, run_record(MODULE, argv, TITLE, record, describe_load(load_before, load_snapshot()),
+                                          settings=settings, seconds=round(seconds)))
+    print(publish(args.out, render))
     print(f"total {seconds:.0f}s; wrote {args.out}")
+
+
+def render(folder: Path) -> str:
+    """tables.md from run.json and the CSVs of the parts that ran."""
+    record = read_run_record(folder)
+    args = SimpleNamespace(**record["settings"])
+    rows = {letter: read_csv(Path(folder) / CSV_OF_PART[letter]) if letter in args.parts else []
+            for letter in CSV_OF_PART}
+    return render_document(record, tables(args, rows["a"], rows["b"], rows["c"], record["seconds"]))
 
 
 if __name__ == "__main__":

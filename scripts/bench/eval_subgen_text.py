@@ -41,11 +41,12 @@ from scripts.bench.eval_subgen import (  # the synthetic streams and the exact r
     SYN_CLUSTERS, SYN_DELTA, SYN_Q_NORM, SYN_SUBGEN, attend_over, baseline_kept, exact_decode, make_stream, run_subgen,
 )
 from scripts.bench.harness import (
-    code_version, describe_load, load_snapshot, machine, markdown_table, output_dir, pyplot, read_csv, write_csv,
-    write_tables,
+    describe_load, load_snapshot, machine, markdown_table, output_dir, publish, pyplot, read_csv, read_run_record,
+    render_document, run_record, write_csv, write_run_record,
 )
 
 NAME = "eval_subgen_text"
+TITLE = "SubGen on real text, and the adaptive SubGen on synthetic streams"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data: the standard library's own modules
@@ -471,7 +472,7 @@ def synthetic_sections(rows: list[dict]) -> list[tuple[str, list[str]]]:
 def render(folder) -> str:
     """tables.md of a run, from the files it wrote (text.csv, synthetic.csv, run.json) alone."""
     folder = Path(folder)
-    run = json.loads((folder / "run.json").read_text())
+    run = read_run_record(folder)
     sections = [("Settings", markdown_table(["what", "value"], [[k, v] for k, v in run["settings"].items()]))]
     if (folder / "text.csv").exists():
         rows = read_csv(folder / "text.csv")
@@ -485,8 +486,7 @@ def render(folder) -> str:
         sections.append(("Verdict on real text", text_verdict(rows)))
     if (folder / "synthetic.csv").exists():
         sections += synthetic_sections(read_csv(folder / "synthetic.csv"))
-    return write_tables(folder / "tables.md", NAME, run["argv"], "SubGen on real text, and the adaptive SubGen on "
-                        "synthetic streams", run["machine"], run["load"], sections, code=run["code"])
+    return render_document(run, sections)
 
 
 def plot(folder: Path) -> None:
@@ -572,13 +572,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.from_csv is not None:
         plot(Path(args.from_csv))
-        print(render(args.from_csv))
+        print(publish(Path(args.from_csv), render))
         return
     torch.set_num_threads(args.threads)
     load_before = load_snapshot()
     record = machine()
     t0 = time.time()
-    run = dict(argv=sys.argv[1:] if argv is None else argv, code=code_version(), machine=record)
+    run = {}  # what the parts report for the settings below
     text_rows, syn_rows = [], []
     if "t" in args.parts:
         part_text(args, text_rows, run)
@@ -617,10 +617,11 @@ def main(argv: list[str] | None = None) -> None:
         settings = {k: v for k, v in settings.items() if k in ("synthetic", "run")}
     if "s" not in args.parts:
         del settings["synthetic"]
-    run.update(settings=settings, load=describe_load(load_before, load_snapshot()), seconds=round(seconds, 1))
-    (args.out / "run.json").write_text(json.dumps(run, indent=1, default=str))
+    write_run_record(args.out, run_record(
+        f"scripts.bench.{NAME}", argv, TITLE, record, describe_load(load_before, load_snapshot()),
+        settings=settings, seconds=round(seconds, 1)))
     plot(args.out)
-    print(render(args.out))
+    print(publish(args.out, render))
     print(f"total {seconds:.0f}s; wrote {args.out}")
 
 

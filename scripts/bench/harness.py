@@ -10,12 +10,28 @@ tracemalloc or the torch profiler it counts every byte the call touches, MKL and
 
 Every CSV row and every table file carries the machine it was measured on (CPU model and id, torch's vector
 capability, cores, threads, torch version), because the same code gives different ratios on different CPUs.
+
+The publishing convention (every script that writes into docs/ follows it; tests/bench/test_docs_regenerate.py
+checks it for every docs/NAME/ folder that holds a run record)
+--------------------------------------------------------------------------------------------------------------
+1. A run writes its measurements as CSV files (`write_csv`) and a run record, `run.json` (`write_run_record`):
+   the module that wrote it, the command, the code version, the machine, the load around the run and the title.
+2. The script has a function `render(folder: Path) -> str` that builds the whole text of `tables.md` -- every
+   table and every sentence that contains a number -- from the files in `folder` alone (`read_run_record`,
+   `read_csv`); no constant in the script carries a measured figure. It may use the package (e.g. to rebuild a
+   deterministic data set), never the clock, the machine or a random draw.
+3. A normal run ends with `publish(out, render)`, which writes `tables.md = render(out)`; `--from-csv` calls the
+   same on an existing folder, so the committed text can always be rebuilt from the committed data.
+4. Interpretive prose in docs/*.md quotes no figure; it points at the rendered `tables.md`.
+A new script only needs `render` and a `run.json` whose "module" names it (e.g. "scripts.bench.my_script").
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib
+import json
 import ctypes
 import gc
 import os
@@ -280,23 +296,6 @@ def markdown_table(header: list[str], rows: list[list], align: str = "") -> list
     ]
 
 
-def write_tables(path: Path, script: str, args: list[str] | None, title: str, machine_record: dict | None,
-                 load: str, sections: list[tuple[str, list[str]]], code: str | None = None) -> str:
-    """The table file of a run: the command (`script` with its arguments `args`, None for sys.argv's), the code it
-    measured (default: this checkout's commit), the machine (None: not recorded), its load, then each (heading,
-    lines) section. Returns the text, which the scripts also print."""
-    args = sys.argv[1:] if args is None else args
-    command = f"python -m scripts.bench.{script}" + "".join(" " + shlex.quote(a) for a in args)
-    where = "not recorded" if machine_record is None else describe_machine(machine_record)
-    lines = [f"# {title}", "", f"Command: `{command}`", "", f"Code: {code or code_version()}.", "", f"Machine: {where}.", "",
-             f"Load: {load}.", ""]
-    for heading, body in sections:
-        lines += [f"## {heading}", "", *body, ""]
-    text = "\n".join(lines)
-    path.write_text(text)
-    return text
-
-
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display on a benchmark machine)."""
     import matplotlib
@@ -305,3 +304,58 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run record and the rendered tables (the publishing convention, see the module docstring)
+# ---------------------------------------------------------------------------------------------------------------
+
+RUN_RECORD = "run.json"
+TABLES = "tables.md"
+
+
+def command_line(module: str, args: list[str] | None) -> str:
+    """How the run was started, as one shell line (`args` None: this process's own arguments)."""
+    args = sys.argv[1:] if args is None else args
+    return f"python -m {module}" + "".join(" " + shlex.quote(a) for a in args)
+
+
+def run_record(module: str, args: list[str] | None, title: str, machine_record: dict | None, load: str,
+               **extra) -> dict:
+    """What `render` needs besides the CSVs: the module (e.g. "scripts.bench.bench_cache"), the command, the code
+    version, the machine (None: not recorded), the load around the run, the title, and any script-specific
+    settings in `extra` (plain JSON values)."""
+    return {"module": module, "command": command_line(module, args), "code": code_version(), "machine": machine_record,
+            "load": load, "title": title, **extra}
+
+
+def write_run_record(folder: Path, record: dict) -> None:
+    (Path(folder) / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_run_record(folder: Path) -> dict:
+    return json.loads((Path(folder) / RUN_RECORD).read_text())
+
+
+def render_document(record: dict, sections: list[tuple[str, list[str]]]) -> str:
+    """The text of tables.md: title, command, code, machine and load from the run record, then each (heading, lines)
+    section."""
+    where = "not recorded" if record["machine"] is None else describe_machine(record["machine"])
+    lines = [f"# {record['title']}", "", f"Command: `{record['command']}`", "", f"Code: {record['code']}.", "",
+             f"Machine: {where}.", "", f"Load: {record['load']}.", ""]
+    for heading, body in sections:
+        lines += [f"## {heading}", "", *body, ""]
+    return "\n".join(lines)
+
+
+def publish(folder: Path, render) -> str:
+    """Write tables.md = render(folder) and return the text (the scripts also print it)."""
+    text = render(Path(folder))
+    (Path(folder) / TABLES).write_text(text)
+    return text
+
+
+def render_folder(folder: Path) -> str:
+    """tables.md as the script named in the folder's run record builds it from the folder's files."""
+    module = importlib.import_module(read_run_record(folder)["module"])
+    return module.render(Path(folder))

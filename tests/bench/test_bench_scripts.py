@@ -1,5 +1,7 @@
-"""Every benchmark and evaluation script runs end to end at its smallest sizes and writes its CSV, table file and
-plot; quick runs cannot write into docs/. Timings at these sizes mean nothing and are not looked at."""
+"""Every benchmark and evaluation script runs end to end at its smallest sizes and writes its CSV, run record,
+table file and plot, the table file being what its `render` builds from those files; quick runs cannot write into
+docs/. Timings at these sizes mean nothing and are not looked at. (scripts/quickstart.py is run by
+tests/training/test_quickstart.py, scripts/train.py by tests/training.)"""
 
 import csv
 import os
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from scripts.bench import bench_attention, bench_cache, eval_subgen, eval_subgen_text, match3_experiment
+from scripts.bench.harness import read_run_record, render_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +25,7 @@ SCRIPTS = {
     "eval_subgen_text": (["-m", "scripts.bench.eval_subgen_text"],
                          ["text.csv", "synthetic.csv", "run.json", "eval_subgen_text.png"]),
     "match3_experiment": (["scripts/bench/match3_experiment.py"],
-                          ["match3_summary.csv", "match3_curves.csv", "match3_curves.png"]),
+                          ["runs.csv", "curves.csv", "test_set.csv", "curves.png"]),
 }
 
 
@@ -45,6 +48,8 @@ def test_quick_run_writes_csv_table_and_plot(name, tmp_path):
         assert {"cpu", "cpu_capability", "cores", "threads", "torch"} <= set(rows[0]), path  # the machine it ran on
     tables = (out / "tables.md").read_text()
     assert "Machine: " in tables and "Load: " in tables and "\n| " in tables
+    assert read_run_record(out)["module"] == f"scripts.bench.{name}"
+    assert tables == render_folder(out)  # a normal run publishes exactly what --from-csv would rebuild
 
 
 @pytest.mark.parametrize("module", [bench_attention, bench_cache, eval_subgen, eval_subgen_text, match3_experiment])
@@ -63,3 +68,10 @@ def test_eval_subgen_text_tables_rebuild_from_its_files_alone(tmp_path):
     (out / "tables.md").unlink()
     eval_subgen_text.main(["--from-csv", str(out)])
     assert (out / "tables.md").read_text() == written and "spread" in written
+
+
+def test_a_match3_run_of_some_cells_is_partial_and_refuses_docs(capsys):
+    with pytest.raises(SystemExit):
+        match3_experiment.parse_args(["--cells", "8,8", "--out", str(ROOT / "docs" / "smoke")])
+    assert "may not write under" in capsys.readouterr().err
+    assert not (ROOT / "docs" / "smoke").exists()
