@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -167,21 +168,24 @@ def _key_mask(attention_mask, B: int, Tk: int, dtype, device) -> torch.Tensor:
     return attention_mask.to(device=device, dtype=dtype)[:, None, :, None]
 
 
-def denominator_floor(q, k1, k2, real, *, scale: float, causal: bool) -> torch.Tensor:
-    """count_t * exp(-R_t) [B, H, Tq]: a lower bound of the exact softmax denominator of each query (module doc).
+def _floor(q, m1, m2, n, scale: float) -> torch.Tensor:
+    """count * exp(-R) [B, H, Tq] (module doc): q [B, H, Tq, Dk]; m1, m2 the coordinate-wise max |k| over each
+    query's visible keys (broadcastable to q); n [B, 1, Tq] its visible real keys (count = n^2 pairs)."""
+    bound = scale * (q.abs() * m1 * m2).sum(-1)  # [B, H, Tq] >= |s_t(a, b)| for every visible pair
+    return n**2 * torch.exp(-bound).clamp_min(torch.finfo(q.dtype).tiny)
 
-    `real` is the [B, 1, Tk, 1] key mask; queries are the last Tq positions."""
+
+def denominator_floor(q, k1, k2, real, *, scale: float, causal: bool) -> torch.Tensor:
+    """The floor of every query from the whole key sequence at once (the oracle's way; `real` [B, 1, Tk, 1])."""
     Tq, Tk = q.shape[2], k1.shape[2]
     if causal:
-        m1 = torch.cummax(k1.abs() * real, dim=2).values[:, :, Tk - Tq :]  # [B, H, Tq, D] max over a <= t
+        m1 = torch.cummax(k1.abs() * real, dim=2).values[:, :, Tk - Tq :]  # [B, H, Tq, Dk] max over a <= t
         m2 = torch.cummax(k2.abs() * real, dim=2).values[:, :, Tk - Tq :]
-        count = torch.cumsum(real[..., 0], dim=2)[:, :, Tk - Tq :] ** 2  # [B, 1, Tq] visible pairs
+        n = torch.cumsum(real[..., 0], dim=2)[:, :, Tk - Tq :]  # [B, 1, Tq]
     else:
-        m1 = (k1.abs() * real).amax(dim=2, keepdim=True)
-        m2 = (k2.abs() * real).amax(dim=2, keepdim=True)
-        count = real[..., 0].sum(dim=2, keepdim=True) ** 2
-    bound = scale * (q.abs() * m1 * m2).sum(-1)  # [B, H, Tq] >= |s_t(a, b)| for every visible pair
-    return count * torch.exp(-bound).clamp_min(torch.finfo(q.dtype).tiny)
+        m1, m2 = (k1.abs() * real).amax(dim=2, keepdim=True), (k2.abs() * real).amax(dim=2, keepdim=True)
+        n = real[..., 0].sum(dim=2, keepdim=True)
+    return _floor(q, m1, m2, n, scale)
 
 
 def _normalise(num, den, floor):
@@ -224,24 +228,88 @@ def _auto_chunk(r: int, dv: int) -> int:
     return max(1, min(MAX_CHUNK, CHUNK_NUMBERS // (r * dv)))
 
 
-def _causal_chunk(state, uq, f1, f2, v1, v2):
-    """One chunk of causal positions: prefix sums continued from `state` = (S1, S2, Z1, Z2).
+class PolyState(NamedTuple):
+    """What the causal recurrence carries between chunks (and what the `poly` cache layer holds), per sequence
+    and head: the feature sums and what the denominator floor needs. Size O(r (Dv + 1) + Dk), whatever n."""
 
-    uq [B, H, C, r] (query features, or None for a chunk holding no query), f1/f2 [B, H, C, r] (masked key
-    features), v1/v2 [B, H, C, Dv]. Returns (numerator [B, H, C, Dv] or None, denominator [B, H, C] or None, new
-    state)."""
-    S1, S2, Z1, Z2 = state  # [B, H, r, Dv], [B, H, r, Dv], [B, H, r], [B, H, r]
-    if uq is None:
-        new = (S1 + torch.einsum("bhcm,bhcd->bhmd", f1, v1), S2 + torch.einsum("bhcm,bhcd->bhmd", f2, v2),
-               Z1 + f1.sum(2), Z2 + f2.sum(2))
-        return None, None, new
-    s1 = S1[:, :, None] + torch.cumsum(f1[..., None] * v1[:, :, :, None, :], dim=2)  # [B, H, C, r, Dv]
-    s2 = S2[:, :, None] + torch.cumsum(f2[..., None] * v2[:, :, :, None, :], dim=2)
-    z1 = Z1[:, :, None] + torch.cumsum(f1, dim=2)  # [B, H, C, r]
-    z2 = Z2[:, :, None] + torch.cumsum(f2, dim=2)
-    num = torch.einsum("bhcm,bhcmd->bhcd", uq, s1 * s2)
-    den = (uq * z1 * z2).sum(-1)
-    return num, den, (s1[:, :, -1], s2[:, :, -1], z1[:, :, -1], z2[:, :, -1])
+    S1: torch.Tensor  # [B, H, r, Dv] sum_a U2(k1_a) v1_a^T
+    S2: torch.Tensor  # [B, H, r, Dv] sum_b U3(k2_b) v2_b^T
+    Z1: torch.Tensor  # [B, H, r]     sum_a U2(k1_a)
+    Z2: torch.Tensor  # [B, H, r]     sum_b U3(k2_b)
+    M1: torch.Tensor  # [B, H, Dk]    max_a |k1_a| per coordinate
+    M2: torch.Tensor  # [B, H, Dk]    max_b |k2_b|
+    N: torch.Tensor  # [B, 1]        real keys so far
+
+    @classmethod
+    def zeros(cls, B: int, H: int, r: int, Dk: int, Dv: int, *, dtype, device) -> PolyState:
+        z = functools.partial(torch.zeros, dtype=dtype, device=device)
+        return cls(z(B, H, r, Dv), z(B, H, r, Dv), z(B, H, r), z(B, H, r), z(B, H, Dk), z(B, H, Dk), z(B, 1))
+
+
+def _accumulate(state: PolyState, k1, k2, v1, v2, real, degree: int) -> PolyState:
+    """Add keys [B, H, C, Dk] and values [B, H, C, Dv] (mask `real` [B, 1, C, 1]) to the state, no query."""
+    f1, f2 = key_features(k1, degree) * real, key_features(k2, degree) * real  # [B, H, C, r]
+    return PolyState(
+        state.S1 + torch.einsum("bhcm,bhcd->bhmd", f1, v1), state.S2 + torch.einsum("bhcm,bhcd->bhmd", f2, v2),
+        state.Z1 + f1.sum(2), state.Z2 + f2.sum(2),
+        torch.maximum(state.M1, (k1.abs() * real).amax(2)), torch.maximum(state.M2, (k2.abs() * real).amax(2)),
+        state.N + real[:, 0, :, 0].sum(1, keepdim=True),
+    )
+
+
+def _query_chunk(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, degree: int, score_bound):
+    """Causal outputs of C positions that are all queries, continuing `state`; returns (out [B, H, C, Dv], state).
+
+    The prefix sums are [B, H, C, r, Dv]: the O(chunk r d) memory of the recurrence."""
+    uq = query_features(q, scale=scale, degree=degree, score_bound=score_bound)  # [B, H, C, r]
+    f1, f2 = key_features(k1, degree) * real, key_features(k2, degree) * real
+    s1 = state.S1[:, :, None] + torch.cumsum(f1[..., None] * v1[:, :, :, None, :], dim=2)  # [B, H, C, r, Dv]
+    s2 = state.S2[:, :, None] + torch.cumsum(f2[..., None] * v2[:, :, :, None, :], dim=2)
+    z1 = state.Z1[:, :, None] + torch.cumsum(f1, dim=2)  # [B, H, C, r]
+    z2 = state.Z2[:, :, None] + torch.cumsum(f2, dim=2)
+    m1 = torch.maximum(state.M1[:, :, None], torch.cummax(k1.abs() * real, dim=2).values)  # [B, H, C, Dk]
+    m2 = torch.maximum(state.M2[:, :, None], torch.cummax(k2.abs() * real, dim=2).values)
+    n = state.N[:, :, None] + torch.cumsum(real[..., 0], dim=2)  # [B, 1, C]
+    out = _normalise(torch.einsum("bhcm,bhcmd->bhcd", uq, s1 * s2), (uq * z1 * z2).sum(-1),
+                     _floor(q, m1, m2, n, scale))
+    return out, PolyState(s1[:, :, -1], s2[:, :, -1], z1[:, :, -1], z2[:, :, -1], m1[:, :, -1], m2[:, :, -1], n[:, :, -1])
+
+
+def poly_attention_continue(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, degree: int, score_bound,
+                            causal: bool = True, chunk_size: int | None = None):
+    """Attention of q (the last Tq of the Tk new positions) continuing `state`: (out [B, H, Tq, Dv], new state).
+
+    Inputs already checked and in the compute dtype; `real` is the [B, 1, Tk, 1] key mask. The op runs it from
+    an empty state; the `poly` cache layer from the state it holds."""
+    Tq, Tk, Dk, Dv = q.shape[2], k1.shape[2], q.shape[3], v1.shape[3]
+    C = chunk_size or _auto_chunk(num_features(Dk, degree), Dv)
+    first_query = Tk - Tq if causal else Tk  # bidirectional: every key goes into the state before any query
+    for lo in range(0, first_query, C):
+        sl = slice(lo, min(lo + C, first_query))
+        state = _accumulate(state, k1[:, :, sl], k2[:, :, sl], v1[:, :, sl], v2[:, :, sl], real[:, :, sl], degree)
+    outs = []
+    if not causal:
+        S, Z = state.S1 * state.S2, state.Z1 * state.Z2  # [B, H, r, Dv], [B, H, r]
+        floor = _floor(q, state.M1[:, :, None], state.M2[:, :, None], state.N[:, :, None], scale)  # [B, H, Tq]
+        for lo in range(0, Tq, C):
+            uq = query_features(q[:, :, lo : lo + C], scale=scale, degree=degree, score_bound=score_bound)
+            outs.append(_normalise(uq @ S, torch.einsum("bhcm,bhm->bhc", uq, Z), floor[:, :, lo : lo + C]))
+        return torch.cat(outs, dim=2), state
+
+    # Under autograd each chunk is recomputed in backward: only the inputs and the carried states stay saved.
+    checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k1, k2, v1, v2, *state))
+    step = functools.partial(_query_chunk, scale=scale, degree=degree, score_bound=score_bound)
+    for lo in range(first_query, Tk, C):
+        hi = min(lo + C, Tk)
+        args = (state, q[:, :, lo - first_query : hi - first_query], k1[:, :, lo:hi], k2[:, :, lo:hi],
+                v1[:, :, lo:hi], v2[:, :, lo:hi], real[:, :, lo:hi])
+        if checkpoint:
+            out, state = torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
+            state = PolyState(*state)
+        else:
+            out, state = step(*args)
+        outs.append(out)
+    return torch.cat(outs, dim=2), state
 
 
 def poly_tensor_attention(
@@ -256,51 +324,12 @@ def poly_tensor_attention(
     """
     _check_inputs(q, k1, k2, v1, v2, scale=scale, degree=degree, attention_mask=attention_mask, causal=causal,
                   score_bound=score_bound, chunk_size=chunk_size)
-    B, H, Tq, Dk = q.shape
+    B, H, _, Dk = q.shape
     Tk, Dv = k1.shape[2], v1.shape[3]
     dtype = q.dtype
     q, k1, k2, v1, v2 = (t.to(_compute_dtype(dtype)) for t in (q, k1, k2, v1, v2))
-    scale = float(scale)
-    r = num_features(Dk, degree)
-    C = chunk_size or _auto_chunk(r, Dv)
+    state = PolyState.zeros(B, H, num_features(Dk, degree), Dk, Dv, dtype=q.dtype, device=q.device)
     real = _key_mask(attention_mask, B, Tk, q.dtype, q.device)
-    floor = denominator_floor(q, k1, k2, real, scale=scale, causal=causal)  # [B, H, Tq]
-    features = functools.partial(key_features, degree=degree)
-    qfeatures = functools.partial(query_features, scale=scale, degree=degree, score_bound=score_bound)
-    zeros = q.new_zeros(B, H, r, Dv), q.new_zeros(B, H, r, Dv), q.new_zeros(B, H, r), q.new_zeros(B, H, r)
-
-    def accumulate(state, lo, hi):
-        m = real[:, :, lo:hi]
-        return _causal_chunk(state, None, features(k1[:, :, lo:hi]) * m, features(k2[:, :, lo:hi]) * m,
-                             v1[:, :, lo:hi], v2[:, :, lo:hi])[2]
-
-    first_query = Tk - Tq if causal else Tk  # bidirectional: every key goes into the state before any query
-    state = zeros
-    for lo in range(0, first_query, C):
-        state = accumulate(state, lo, min(lo + C, first_query))
-    outs = []
-    if not causal:
-        S1, S2, Z1, Z2 = state
-        S, Z = S1 * S2, Z1 * Z2  # [B, H, r, Dv], [B, H, r]
-        for lo in range(0, Tq, C):
-            uq = qfeatures(q[:, :, lo : lo + C])  # [B, H, C, r]
-            outs.append(_normalise(uq @ S, torch.einsum("bhcm,bhm->bhc", uq, Z), floor[:, :, lo : lo + C]))
-        return torch.cat(outs, dim=2).to(dtype)
-
-    # Under autograd each chunk is recomputed in backward: only the carried state and the inputs stay saved.
-    checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k1, k2, v1, v2))
-    step = functools.partial(_query_chunk, features=features, qfeatures=qfeatures)
-    for lo in range(first_query, Tk, C):
-        hi = min(lo + C, Tk)
-        args = (state, q[:, :, lo - first_query : hi - first_query], k1[:, :, lo:hi], k2[:, :, lo:hi],
-                v1[:, :, lo:hi], v2[:, :, lo:hi], real[:, :, lo:hi])
-        if checkpoint:
-            num, den, state = torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
-        else:
-            num, den, state = step(*args)
-        outs.append(_normalise(num, den, floor[:, :, lo - first_query : hi - first_query]))
-    return torch.cat(outs, dim=2).to(dtype)
-
-
-def _query_chunk(state, q, k1, k2, v1, v2, real, *, features, qfeatures):
-    return _causal_chunk(state, qfeatures(q), features(k1) * real, features(k2) * real, v1, v2)
+    out, _ = poly_attention_continue(state, q, k1, k2, v1, v2, real, scale=float(scale), degree=degree,
+                                     score_bound=score_bound, causal=causal, chunk_size=chunk_size)
+    return out.to(dtype)

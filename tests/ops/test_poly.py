@@ -97,19 +97,35 @@ def test_gradients_match_autograd_through_oracle(causal, degree, score_bound):
         assert_close_scaled(g, e, TOL[torch.float64], name)
 
 
-def test_causal_training_keeps_no_chunk_prefix_sums():
-    """Checkpointed chunks: the saved activations of a causal forward grow like n*d, not n*r*d."""
+def saved_numbers(checkpointed: bool) -> int:
     saved = []
 
     def count(t):
         saved.append(t.numel())
         return t
 
-    inputs = [t.requires_grad_(True) for t in make_inputs(1, 1, 256, 256, 4, 4)]
-    r = num_features(4, 4)  # 70
+    n, d = 256, 4
+    inputs = [t.requires_grad_(True) for t in make_inputs(1, 1, n, n, d, d)]
     with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-        poly_tensor_attention(*inputs, scale=0.5, degree=4, chunk_size=16)
-    assert max(saved) < 256 * r  # one [n, r] or [chunk, r, d] tensor would be at least this
+        with torch.set_grad_enabled(True):
+            if not checkpointed:  # the same maths, every chunk's prefix sums kept for backward
+                from hf_tensor_attn.ops import poly
+                real = torch.ones(1, 1, n, 1, dtype=torch.float64)
+                state = poly.PolyState.zeros(1, 1, num_features(d, 4), d, d, dtype=torch.float64, device="cpu")
+                for lo in range(0, n, 32):
+                    sl = slice(lo, lo + 32)
+                    _, state = poly._query_chunk(state, *(t[:, :, sl] for t in inputs), real[:, :, sl], scale=0.5,
+                                                 degree=4, score_bound=None)
+            else:
+                poly_tensor_attention(*inputs, scale=0.5, degree=4, chunk_size=32)
+    return sum(saved)
+
+
+def test_causal_training_keeps_no_chunk_prefix_sums():
+    """Checkpointed chunks: what a causal forward saves for backward grows like n*d + (n/chunk)*r*d, not n*r*d."""
+    n, d, r = 256, 4, num_features(4, 4)
+    assert saved_numbers(checkpointed=False) > n * r * d  # the prefix sums: what checkpointing avoids
+    assert saved_numbers(checkpointed=True) < n * r * d / 4
 
 
 def test_feature_count_and_factorisation():
