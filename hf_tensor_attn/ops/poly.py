@@ -46,6 +46,7 @@ import torch.utils.checkpoint
 # Memory of one chunk's carried prefix sums, in numbers: chunk * r * d_v stays under this when choosing chunk sizes.
 CHUNK_NUMBERS = 1 << 21
 MAX_CHUNK = 128
+MAX_KEY_CHUNK = 1024
 
 
 def check_degree(degree) -> None:
@@ -114,8 +115,9 @@ def num_features(d: int, degree: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _monomials(d: int, degree: int):
-    """Per degree j >= 1: (parent index among degree j-1 monomials, last variable, j!/alpha!), as lists."""
+def _monomials(d: int, degree: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per degree j >= 1, over the monomials of degree j in lexicographic order: the index of its parent (itself
+    divided by its last variable) among degree j - 1 monomials, that last variable, and j! / alpha! (float64)."""
     levels = []
     previous = {(): 0}
     for j in range(1, degree + 1):
@@ -126,7 +128,7 @@ def _monomials(d: int, degree: int):
             variables.append(combo[-1])
             counts = np.bincount(combo, minlength=d)
             weights.append(math.factorial(j) / math.prod(math.factorial(int(c)) for c in counts))
-        levels.append((parents, variables, weights))
+        levels.append((torch.tensor(parents), torch.tensor(variables), torch.tensor(weights, dtype=torch.float64)))
         previous = current
     return levels
 
@@ -134,10 +136,8 @@ def _monomials(d: int, degree: int):
 def monomial_features(x: torch.Tensor, degree: int) -> list[torch.Tensor]:
     """x [..., d] -> per degree j = 0..g the monomials x^alpha, |alpha| = j: [..., C(d + j - 1, j)] each."""
     features = [torch.ones_like(x[..., :1])]
-    for parents, variables, _ in _monomials(x.shape[-1], degree):
-        parent = torch.tensor(parents, device=x.device)
-        var = torch.tensor(variables, device=x.device)
-        features.append(features[-1][..., parent] * x[..., var])
+    for parent, var, _ in _monomials(x.shape[-1], degree):
+        features.append(features[-1][..., parent.to(x.device)] * x[..., var.to(x.device)])
     return features
 
 
@@ -147,8 +147,7 @@ def query_features(q: torch.Tensor, *, scale: float, degree: int, score_bound) -
     levels = monomial_features(q, degree)
     weighted = [levels[0] * coefficients[0]]
     for j, (level, (_, _, weights)) in enumerate(zip(levels[1:], _monomials(q.shape[-1], degree)), start=1):
-        w = torch.tensor(weights, dtype=q.dtype, device=q.device) * (coefficients[j] * scale**j)
-        weighted.append(level * w)
+        weighted.append(level * (weights * (coefficients[j] * scale**j)).to(q))
     return torch.cat(weighted, dim=-1)
 
 
@@ -282,10 +281,13 @@ def poly_attention_continue(state: PolyState, q, k1, k2, v1, v2, real, *, scale:
     Inputs already checked and in the compute dtype; `real` is the [B, 1, Tk, 1] key mask. The op runs it from
     an empty state; the `poly` cache layer from the state it holds."""
     Tq, Tk, Dk, Dv = q.shape[2], k1.shape[2], q.shape[3], v1.shape[3]
-    C = chunk_size or _auto_chunk(num_features(Dk, degree), Dv)
+    r = num_features(Dk, degree)
+    C = chunk_size or _auto_chunk(r, Dv)
+    # Keys with no query among them need no per-position prefix sums, only [chunk, r] features: longer chunks.
+    C_keys = chunk_size or max(1, min(MAX_KEY_CHUNK, CHUNK_NUMBERS // r))
     first_query = Tk - Tq if causal else Tk  # bidirectional: every key goes into the state before any query
-    for lo in range(0, first_query, C):
-        sl = slice(lo, min(lo + C, first_query))
+    for lo in range(0, first_query, C_keys):
+        sl = slice(lo, min(lo + C_keys, first_query))
         state = _accumulate(state, k1[:, :, sl], k2[:, :, sl], v1[:, :, sl], v2[:, :, sl], real[:, :, sl], degree)
     outs = []
     if not causal:
