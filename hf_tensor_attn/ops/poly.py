@@ -105,7 +105,8 @@ def polynomial_coefficients(degree: int, score_bound: float | None) -> tuple[flo
     R = float(score_bound)
     # Interpolate exp(R x) at the g + 1 Chebyshev points of [-1, 1], then rescale x = s / R.
     cheb = np.polynomial.chebyshev.chebinterpolate(lambda x: np.exp(R * x), degree)
-    power = np.polynomial.chebyshev.cheb2poly(cheb)
+    power = np.polynomial.chebyshev.cheb2poly(cheb)  # drops top coefficients that round to 0 on small intervals
+    power = np.pad(power, (0, degree + 1 - len(power)))
     return tuple(float(power[j]) / R**j for j in range(degree + 1))
 
 

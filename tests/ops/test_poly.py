@@ -161,6 +161,15 @@ def test_chebyshev_fit_beats_taylor_on_its_interval():
         assert cheb < taylor / 2
 
 
+def test_chebyshev_on_a_tiny_interval_keeps_every_coefficient():
+    """On [-R, R] with small R the top Chebyshev terms round to 0; P still has g + 1 coefficients and fits exp."""
+    for degree in (7, 8):
+        coefficients = polynomial_coefficients(degree, 0.015625)
+        assert len(coefficients) == degree + 1
+        s = torch.linspace(-0.015625, 0.015625, 101, dtype=torch.float64)
+        assert ((P_on(s, degree, 0.015625) - s.exp()).abs() < 1e-14).all()
+
+
 def test_negative_polynomial_hits_the_floor_not_a_division_by_negative():
     """Degree 1 (P = 1 + s) with large scores: sum P < 0 for some queries; the floor keeps them finite and equal
     to the oracle, which applies the same floor."""
