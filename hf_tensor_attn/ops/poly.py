@@ -43,7 +43,8 @@ import numpy as np
 import torch
 import torch.utils.checkpoint
 
-# Memory of one chunk's carried prefix sums, in numbers: chunk * r * d_v stays under this when choosing chunk sizes.
+# Numbers in one chunk's prefix sums (B * H * chunk * r * Dv) or key features (B * H * chunk * r): automatic chunk
+# sizes keep them under this, so a chunk's scratch is at most ~8-16 MB whatever the batch, heads and degree.
 CHUNK_NUMBERS = 1 << 21
 MAX_CHUNK = 128
 MAX_KEY_CHUNK = 1024
@@ -224,8 +225,9 @@ def naive_poly_tensor_attention(
     return _normalise(num, den, floor).to(dtype)
 
 
-def _auto_chunk(r: int, dv: int) -> int:
-    return max(1, min(MAX_CHUNK, CHUNK_NUMBERS // (r * dv)))
+def _auto_chunk(per_position: int, longest: int) -> int:
+    """Positions per chunk such that chunk * per_position numbers stay under CHUNK_NUMBERS (at least 1)."""
+    return max(1, min(longest, CHUNK_NUMBERS // per_position))
 
 
 class PolyState(NamedTuple):
@@ -282,10 +284,10 @@ def poly_attention_continue(state: PolyState, q, k1, k2, v1, v2, real, *, scale:
     Inputs already checked and in the compute dtype; `real` is the [B, 1, Tk, 1] key mask. The op runs it from
     an empty state; the `poly` cache layer from the state it holds."""
     Tq, Tk, Dk, Dv = q.shape[2], k1.shape[2], q.shape[3], v1.shape[3]
-    r = num_features(Dk, degree)
-    C = chunk_size or _auto_chunk(r, Dv)
-    # Keys with no query among them need no per-position prefix sums, only [chunk, r] features: longer chunks.
-    C_keys = chunk_size or max(1, min(MAX_KEY_CHUNK, CHUNK_NUMBERS // r))
+    BH, r = q.shape[0] * q.shape[1], num_features(Dk, degree)
+    C = chunk_size or _auto_chunk(BH * r * Dv, MAX_CHUNK)  # prefix sums [B, H, C, r, Dv]
+    # Keys with no query among them need no per-position prefix sums, only [B, H, C, r] features: longer chunks.
+    C_keys = chunk_size or _auto_chunk(BH * r, MAX_KEY_CHUNK)
     first_query = Tk - Tq if causal else Tk  # bidirectional: every key goes into the state before any query
     for lo in range(0, first_query, C_keys):
         sl = slice(lo, min(lo + C_keys, first_query))
@@ -321,7 +323,7 @@ def poly_tensor_attention(
     """Polynomial tensor attention through monomial features (module doc); signature of the oracle
     `naive_poly_tensor_attention`. q, k1, k2 are [B, H, ., Dk], v1, v2 [B, H, Tk, Dv]; the Tq queries are the last Tq
     of the Tk positions. `causal=False` is the seed's bidirectional Algorithm 1 (every real pair). `chunk_size`
-    positions are processed at a time (None: as many as keep chunk * r * Dv under 2M numbers).
+    positions are processed at a time (None: as many as keep B * H * chunk * r * Dv under 2M numbers).
 
     Computes in float64 for float64 inputs and float32 otherwise; returns q's dtype. Differentiable.
     """

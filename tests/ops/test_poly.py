@@ -208,3 +208,26 @@ def test_bad_shapes_and_mask_raise():
         poly_tensor_attention(q, k1, k2, v1, v2, scale=0.5, degree=2, attention_mask=torch.ones(1, 3))
     with pytest.raises(ValueError, match="`chunk_size` must be"):
         poly_tensor_attention(q, k1, k2, v1, v2, scale=0.5, degree=2, chunk_size=0)
+
+
+def test_automatic_chunks_shrink_with_batch_and_heads(monkeypatch):
+    """The prefix sums of a chunk are [B, H, chunk, r, Dv]: the automatic chunk keeps them under CHUNK_NUMBERS
+    whatever the batch (a batch of 200 sequences at degree 8 once asked for 1.6G numbers)."""
+    from hf_tensor_attn.ops import poly
+
+    seen = []
+    original = poly._query_chunk
+
+    def recording(state, q, *args, **kw):
+        seen.append(q.shape[0] * q.shape[1] * q.shape[2])
+        return original(state, q, *args, **kw)
+
+    monkeypatch.setattr(poly, "_query_chunk", recording)
+    monkeypatch.setattr(poly, "CHUNK_NUMBERS", 4096)
+    for B in (1, 8):
+        seen.clear()
+        inputs = make_inputs(B, 2, 20, 20, 3, 4)
+        expected = naive_poly_tensor_attention(*inputs, scale=0.5, degree=2)
+        assert_close_scaled(poly_tensor_attention(*inputs, scale=0.5, degree=2), expected, TOL[torch.float64])
+        r = num_features(3, 2)  # 10
+        assert max(seen) * r * 4 <= 4096  # B * H * chunk * r * Dv
