@@ -138,3 +138,20 @@ def test_bad_cache_config_raises(make_model, cache_config, match):
     with pytest.raises(ValueError, match=match):
         model.generate(torch.randint(3, 259, (1, 3)), max_new_tokens=1, cache_implementation="poly",
                        cache_config=cache_config)
+
+
+def test_tensor_model_through_poly_cache_approaches_exact_when_scores_are_small(make_model, left_padded):
+    """With small scores (default init) a degree-6 Taylor P is exp to rounding: the cached logits equal the exact
+    model's. A wrong scale or a dropped pair would show at the size of the scores (~1e-4), far above 1e-10."""
+    model = make_model(hidden_size=16, num_attention_heads=2, layer_types=HYBRID, position_embedding_type="none")
+    _, ids, mask = left_padded([7, 4])
+    exact = model(ids, attention_mask=mask, use_cache=False).logits
+    cache = TensorAttnCache(model.config, "poly", {"degree": 6})
+    steps = [model(ids[:, :3], attention_mask=mask[:, :3], cache=cache).logits]
+    for t in range(3, ids.shape[1]):
+        steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real], exact[real], rtol=1e-10, atol=1e-10)
+    wrong = TensorAttnCache(model.config, "poly", {"degree": 1})  # P = 1 + s: off by s^2/2
+    assert not torch.allclose(model(ids, attention_mask=mask, cache=wrong).logits[real], exact[real],
+                              rtol=1e-10, atol=1e-10)
