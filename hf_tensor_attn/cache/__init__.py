@@ -11,13 +11,14 @@ from .base import (
 )
 from .four import FourCacheLayer
 from .poly import PolyCacheLayer
-from .subgen import SubGen2CacheLayer, SubGen4CacheLayer
+from .subgen import StandardSubGenCacheLayer, SubGen2CacheLayer, SubGen4CacheLayer
 from .two import TwoCacheLayer, TwoCacheMemoryError
 
 __all__ = [
     "LAYOUTS",
     "FourCacheLayer",
     "PolyCacheLayer",
+    "StandardSubGenCacheLayer",
     "SubGen2CacheLayer",
     "SubGen4CacheLayer",
     "TensorAttnCache",

@@ -75,6 +75,10 @@ def _check_inputs(q, k1, k2, v1, v2, *, scale, degree, attention_mask, causal, s
             raise ValueError(f"`{name}` must be a 4-dimensional tensor [B, H, T, D], got {shape}")
         if t.dtype != q.dtype:
             raise ValueError(f"`{name}` has dtype {t.dtype}; all inputs must share q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"`{name}` is on {t.device} but `q` is on {q.device}; all inputs must be on one device")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"`q` has dtype {q.dtype}; polynomial tensor attention needs floating-point inputs")
     B, H, Tq, Dk = q.shape
     Tk, Dv = k1.shape[2], v1.shape[3]
     # Keys share q's feature width; values may be wider or narrower (the poly layer projects q, k to a small dim).

@@ -206,6 +206,8 @@ def test_bad_shapes_and_mask_raise():
         poly_tensor_attention(q, k1, k2, v1, v2[..., :2], scale=0.5, degree=2)
     with pytest.raises(ValueError, match="`attention_mask` must be"):
         poly_tensor_attention(q, k1, k2, v1, v2, scale=0.5, degree=2, attention_mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="needs floating-point inputs"):
+        poly_tensor_attention(*(t.long() for t in (q, k1, k2, v1, v2)), scale=0.5, degree=2)
     with pytest.raises(ValueError, match="`chunk_size` must be"):
         poly_tensor_attention(q, k1, k2, v1, v2, scale=0.5, degree=2, chunk_size=0)
 
