@@ -15,7 +15,7 @@ from . import compat
 from .atomic import atomic_directory
 from .cache import available_cache_implementations
 
-LAYER_TYPES = ("tensor_attention", "full_attention")
+LAYER_TYPES = ("tensor_attention", "full_attention", "poly_tensor_attention")
 POSITION_EMBEDDING_TYPES = ("rope", "none")
 # Keys a saved config.json or transformers itself passes besides the fields; any other unknown keyword is most likely
 # a misspelt field, which would otherwise be stored silently and ignored.
@@ -44,9 +44,17 @@ class TensorAttnConfig(PreTrainedConfig):
         num_hidden_layers (`int`, defaults to 4): number of decoder layers.
         num_attention_heads (`int`, defaults to 4): heads per attention layer.
         head_dim (`int`, *optional*): width of each head; defaults to `hidden_size // num_attention_heads`.
-        layer_types (`list[str]`, *optional*): per layer, `"tensor_attention"` or `"full_attention"` (standard
-            softmax attention through SDPA). Defaults to all `"tensor_attention"`. A hybrid stack such as
-            Roy et al.'s one tensor layer in four is a change of this list.
+        layer_types (`list[str]`, *optional*): per layer, `"tensor_attention"`, `"full_attention"` (standard
+            softmax attention through SDPA) or `"poly_tensor_attention"` (tensor attention with the polynomial
+            kernel of Alman & Song, trained as such; linear in the sequence length, constant-memory cache). Defaults
+            to all `"tensor_attention"`. A hybrid stack such as Roy et al.'s one tensor layer in four is a change of
+            this list.
+        poly_feature_dim (`int`, defaults to 8): width f that `"poly_tensor_attention"` layers project q, k1, k2 to
+            (values keep `head_dim`); their state holds r = C(f + poly_degree, poly_degree) features per head
+            (45 for f = 8, degree 2). Their score scale is `1 / sqrt(f)`; they use no rotary embedding and no
+            windows (`w1`, `w2` apply to `"tensor_attention"` layers).
+        poly_degree (`int`, defaults to 2): degree of the Taylor polynomial of exp in `"poly_tensor_attention"`
+            layers; even, so the kernel is positive for every score (degree 2: 1 + s + s^2/2 >= 1/2).
         score_scale (`float`, *optional*): multiplies the trilinear scores `<q, k1 * k2>`. Defaults to
             `1 / sqrt(head_dim)` (Roy et al. 2025); Alman & Song use `1 / head_dim`.
         w1 (`int`, *optional*): window of the first key stream: query t uses k1_a only when `t - a < w1`.
@@ -111,6 +119,8 @@ class TensorAttnConfig(PreTrainedConfig):
     score_scale: float | None = None
     w1: int | None = None
     w2: int | None = None
+    poly_feature_dim: int = 8
+    poly_degree: int = 2
     position_embedding_type: str = "rope"
     rope_theta: float = 10000.0
     max_position_embeddings: int = 2048
@@ -148,6 +158,11 @@ class TensorAttnConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     register_for_auto_class = compat.keep_own_auto_map  # compat item 5
+
+    @property
+    def poly_score_scale(self) -> float:
+        """Score scale of the `"poly_tensor_attention"` layers: 1 / sqrt(poly_feature_dim)."""
+        return self.poly_feature_dim**-0.5
 
     @staticmethod
     def _warn_unknown_kwargs(kwargs: dict) -> None:
@@ -204,6 +219,16 @@ class TensorAttnConfig(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        if isinstance(self.poly_feature_dim, bool) or not isinstance(self.poly_feature_dim, int) or (
+            self.poly_feature_dim < 1
+        ):
+            raise ValueError(f"`poly_feature_dim` must be a positive int, got {self.poly_feature_dim!r}")
+        degree = self.poly_degree
+        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 2 or degree % 2:
+            raise ValueError(
+                f"`poly_degree` must be an even int >= 2 (an even-degree Taylor polynomial of exp is positive for "
+                f"every score, so the trained kernel is a positive weighting), got {degree!r}"
+            )
         for name in ("w1", "w2"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -273,5 +298,6 @@ TensorAttnConfig.validate = _validate
 
 # transformers also reads our config.json with its base class (compat item 2).
 compat.allow_layer_type("tensor_attention")
+compat.allow_layer_type("poly_tensor_attention")
 
 __all__ = ["TensorAttnConfig", "TensorAttnConfigError", "UnknownConfigKeyWarning"]

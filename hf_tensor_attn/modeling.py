@@ -26,7 +26,7 @@ from . import compat
 from .atomic import MODEL_WEIGHT_FILES, atomic_directory
 from .cache import LAYOUTS, TensorAttnCache, TensorAttnConstants, available_cache_implementations
 from .configuration import TensorAttnConfig
-from .ops import tensor_attention
+from .ops import poly_tensor_attention, tensor_attention
 from .ops.common import masked_softmax
 
 logger = logging.get_logger(__name__)
@@ -119,6 +119,44 @@ class TensorAttention(nn.Module):
         return self.o_proj(self.dropout(out)), None  # pair weights (T^2 per query) are not returned
 
 
+class PolyTensorAttention(nn.Module):
+    """Tensor attention with the polynomial kernel (Alman & Song): weights P(s) / sum P(s), P the degree-g Taylor
+    polynomial of exp, trained as such. q, k1, k2 are projected to `poly_feature_dim` = f features per head so that
+    the state stays small (r = C(f + g, g) features); values keep `head_dim`. No rotary embedding: the kernel state
+    sums over positions, and causality orders tokens. Cost O(T r d) for a sequence, O(r d) per decode step."""
+
+    def __init__(self, config: TensorAttnConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.feature_dim = config.poly_feature_dim
+        self.degree = config.poly_degree
+        self.scale = config.poly_score_scale
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.feature_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, 2 * self.num_heads * self.feature_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, 2 * inner, bias=config.attention_bias)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_bias)
+        self.dropout = nn.Dropout(config.attention_dropout)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
+        B, T, _ = hidden_states.shape
+        H, f = self.num_heads, self.feature_dim
+        q = self.q_proj(hidden_states).view(B, T, H, f).transpose(1, 2)  # [B, H, T, f]
+        k = self.k_proj(hidden_states).view(B, T, H, 2 * f).transpose(1, 2)  # [B, H, T, 2f]: k1 | k2
+        v = self.v_proj(hidden_states).view(B, T, H, 2 * self.head_dim).transpose(1, 2)  # [B, H, T, 2D]: v1 | v2
+        if cache is not None:
+            out = cache.attend(self.layer_idx, q, k, v, attention_mask)  # this layer's cache is always the poly state
+        else:
+            k1, k2 = k.chunk(2, dim=-1)
+            v1, v2 = v.chunk(2, dim=-1)
+            out = poly_tensor_attention(q, k1, k2, v1, v2, scale=self.scale, degree=self.degree,
+                                        attention_mask=attention_mask)
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(self.dropout(out)), None
+
+
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Plain softmax attention with a boolean mask [B or 1, 1, Tq, Tk]; the reference of the SDPA path, and the
     backend that returns its weights. Returns ([B, Tq, H, D], weights [B, H, Tq, Tk])."""
@@ -198,7 +236,11 @@ def flex_block_mask(mask: torch.Tensor):
     return create_block_mask(visible, dense.shape[0] if per_row else None, None, *dense.shape[1:], device=mask.device)
 
 
-ATTENTION_CLASSES = {"tensor_attention": TensorAttention, "full_attention": StandardAttention}
+ATTENTION_CLASSES = {
+    "tensor_attention": TensorAttention,
+    "full_attention": StandardAttention,
+    "poly_tensor_attention": PolyTensorAttention,
+}
 
 
 class TensorAttnDecoderLayer(GradientCheckpointingLayer):

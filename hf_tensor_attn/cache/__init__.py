@@ -10,12 +10,14 @@ from .base import (
     register_layout,
 )
 from .four import FourCacheLayer
+from .poly import PolyCacheLayer
 from .subgen import StandardSubGenCacheLayer, SubGen2CacheLayer, SubGen4CacheLayer
 from .two import TwoCacheLayer, TwoCacheMemoryError
 
 __all__ = [
     "LAYOUTS",
     "FourCacheLayer",
+    "PolyCacheLayer",
     "StandardSubGenCacheLayer",
     "SubGen2CacheLayer",
     "SubGen4CacheLayer",

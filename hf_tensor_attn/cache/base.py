@@ -35,6 +35,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from .. import compat
 
 LAYOUTS: dict[str, type[TensorAttnCacheLayer]] = {}
+# Layer types (other than "tensor_attention" and standard layers) whose cache layer is fixed by the layer itself,
+# whatever the chosen layout: layer type -> function of the config building that layer's cache layer.
+LAYER_TYPE_CACHES: dict = {}
 # What the standard (softmax) layers of a hybrid stack keep: every key and value, or a SubGen summary.
 STANDARD_LAYERS = ("exact", "subgen")
 
@@ -51,6 +54,11 @@ def register_layout(name: str):
         return cls
 
     return wrap
+
+
+def register_layer_type_cache(layer_type: str, build) -> None:
+    """Give every `layer_type` layer the cache layer `build(config)`, in any `TensorAttnCache`."""
+    LAYER_TYPE_CACHES[layer_type] = build
 
 
 def available_cache_implementations() -> list[str]:
@@ -82,6 +90,9 @@ class TensorAttnCacheLayer(CacheLayerMixin):
     is_sliding = False
     # What `crop` says when the layout cannot forget tokens (layouts that can override `crop`).
     why_not_croppable = "it cannot forget tokens once added"
+    # True for a layout that replaces exp by another kernel ("poly"): it matches softmax attention only
+    # approximately, at every length, so exactness checks across layouts leave it out.
+    changes_the_kernel = False
 
     def __init__(self, constants: TensorAttnConstants, **cache_config):
         if not isinstance(constants, TensorAttnConstants):
@@ -258,8 +269,9 @@ def layer_memory_bytes(layer) -> int:
 
 
 class TensorAttnCache(Cache):
-    """The cache of a tensor-attention model: layout `cache_implementation` for its tensor layers, transformers'
-    `DynamicLayer` for its standard ones (or SubGen: `cache_config["standard_layers"] = "subgen"`).
+    """The cache of a tensor-attention model: layout `cache_implementation` for its tensor layers, the layer type's
+    own cache layer for types in `LAYER_TYPE_CACHES` (poly layers), transformers' `DynamicLayer` for standard ones
+    (or SubGen: `cache_config["standard_layers"] = "subgen"`).
 
     Args:
         config: the model's `TensorAttnConfig` (its `layer_types`, `score_scale`, `w1`, `w2`).
@@ -308,7 +320,12 @@ class TensorAttnCache(Cache):
                 return DynamicLayer()
             return layout.standard_layer(TensorAttnConstants(scale=config.head_dim**-0.5), **cache_config)
 
-        layers = [next(tensor_layers) if t == "tensor_attention" else standard_layer() for t in self.layer_types]
+        layers = [
+            next(tensor_layers) if t == "tensor_attention"
+            else LAYER_TYPE_CACHES[t](config) if t in LAYER_TYPE_CACHES
+            else standard_layer()
+            for t in self.layer_types
+        ]
         super().__init__(layers=layers, offloading=offloading)
         self.cache_implementation = name
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.bench import bench_attention, bench_cache, eval_subgen, eval_subgen_text, match3_experiment
+from scripts.bench import bench_attention, bench_cache, bench_poly, eval_subgen, eval_subgen_text, match3_experiment
 from scripts.bench.harness import read_run_record, render_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,6 +22,8 @@ SCRIPTS = {
     "bench_cache": (["-m", "scripts.bench.bench_cache"], ["bench_cache.csv", "bench_cache.png"]),
     "eval_subgen": (["-m", "scripts.bench.eval_subgen"],
                     ["synthetic.csv", "model.csv", "lowdim.csv", "eval_subgen.png"]),
+    "bench_poly": (["-m", "scripts.bench.bench_poly"],
+                   ["error.csv", "runtime.csv", "match3.csv", "throughput.csv", "memory.csv", "bench_poly.png"]),
     "eval_subgen_text": (["-m", "scripts.bench.eval_subgen_text"],
                          ["text.csv", "synthetic.csv", "run.json", "eval_subgen_text.png"]),
     "match3_experiment": (["scripts/bench/match3_experiment.py"],
@@ -33,7 +35,7 @@ SCRIPTS = {
 def test_quick_run_writes_csv_table_and_plot(name, tmp_path):
     start, files = SCRIPTS[name]
     out = tmp_path / "out"
-    extra = ["--work_dir", str(tmp_path / "runs")] if name == "match3_experiment" else []
+    extra = ["--work_dir", str(tmp_path / "runs")] if name in ("match3_experiment", "bench_poly") else []
     # The checkout first on the path, so the run uses this tree's package whatever is installed.
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run = subprocess.run([sys.executable, *start, "--quick", "--out", str(out), *extra], cwd=ROOT, env=env,
@@ -52,7 +54,9 @@ def test_quick_run_writes_csv_table_and_plot(name, tmp_path):
     assert tables == render_folder(out)  # a normal run publishes exactly what --from-csv would rebuild
 
 
-@pytest.mark.parametrize("module", [bench_attention, bench_cache, eval_subgen, eval_subgen_text, match3_experiment])
+@pytest.mark.parametrize(
+    "module", [bench_attention, bench_cache, bench_poly, eval_subgen, eval_subgen_text, match3_experiment]
+)
 def test_quick_run_refuses_to_write_into_docs(module, capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--quick", "--out", str(ROOT / "docs" / "smoke")])

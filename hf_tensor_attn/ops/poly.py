@@ -1,0 +1,344 @@
+"""Polynomial tensor attention (Alman & Song, Algorithm 1): exp of the trilinear score replaced by a polynomial P,
+so that the n^3 pair sum factorises through monomial features and costs O(n r d), r = C(d + g, g).
+
+    s_t(a, b) = scale * <q_t, k1_a * k2_b>
+    o_t       = sum_(a,b) P(s_t(a, b)) (v1_a * v2_b) / max(sum_(a,b) P(s_t(a, b)), floor_t)
+
+**The factorisation.** s^j = scale^j <q^{(x)j}, k1^{(x)j} * k2^{(x)j}> (tensor powers). The tensor power is
+symmetric, so it is summed once per multiset of coordinates (a monomial x^alpha with |alpha| = j) with the
+multinomial weight j! / alpha!; hence P(s) = <U1(q), U2(k1) * U3(k2)> with
+
+    U1(q)_alpha = c_j scale^j (j! / alpha!) q^alpha,   U2(k)_alpha = U3(k)_alpha = k^alpha,   |alpha| <= g,
+
+r = C(d + g, g) features (d = 8, g = 2: 45; g = 8: 12,870) against sum_j d^j = 19M for plain tensor powers at
+g = 8, which is why the symmetric form is used. Each feature of degree j is one feature of degree j - 1 times one
+coordinate, so all r features of a vector cost r multiplications.
+
+Numerator and denominator are then running sums over a and b separately: with S1 = sum_a U2(k1_a) v1_a^T,
+S2 likewise, Z1 = sum_a U2(k1_a), Z2, o_t = sum_m U1(q_t)_m S1_m * S2_m / sum_m U1(q_t)_m Z1_m Z2_m.
+Causal prefill carries (S1, S2, Z1, Z2) over chunks of positions: O(chunk r d + r d) memory. Under autograd
+each chunk is recomputed in backward (activation checkpointing), so training memory is O(n d + (n/chunk) r d).
+
+**The polynomial.** `score_bound=None`: the degree-g Taylor polynomial of exp at 0. `score_bound=R`: the degree-g
+Chebyshev interpolant of exp on [-R, R] (near-minimax there, poor outside). docs/bench_poly.md measures both.
+
+**The denominator.** A polynomial may go negative (odd-degree Taylor below its one real root; Chebyshev fits
+outside [-R, R]); even-degree Taylor polynomials never do. Whatever P, the exact softmax denominator is at least
+count_t * exp(-R_t), with count_t the visible pairs and R_t = scale * sum_j |q_tj| max_a |k1_aj| max_b |k2_bj|
+>= |s_t(a, b)| (maxima over visible keys), so the denominator is clamped at that floor (and at count_t times the
+smallest positive normal number, so it is never 0): a query's weights can then be wrong, but never divided by a
+negative or zero sum. A query with no visible pair returns zeros, as `tensor_attention` does.
+
+`naive_poly_tensor_attention` evaluates P on the explicit Tq x Tk x Tk scores: the oracle of the feature path.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.utils.checkpoint
+
+# Numbers in one chunk's prefix sums (B * H * chunk * r * Dv) or key features (B * H * chunk * r): automatic chunk
+# sizes keep them under this, so a chunk's scratch is at most ~8-16 MB whatever the batch, heads and degree.
+CHUNK_NUMBERS = 1 << 21
+MAX_CHUNK = 128
+MAX_KEY_CHUNK = 1024
+
+
+def check_degree(degree) -> None:
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise ValueError(f"`degree` must be an int >= 1 (the degree of the polynomial replacing exp), got {degree!r}")
+
+
+def check_score_bound(score_bound) -> None:
+    if score_bound is None:
+        return
+    if isinstance(score_bound, bool) or not isinstance(score_bound, (int, float)) or not (
+        0 < score_bound < math.inf
+    ):
+        raise ValueError(
+            f"`score_bound` must be None (Taylor polynomial at 0) or a finite float > 0 (Chebyshev fit of exp on "
+            f"[-score_bound, score_bound]), got {score_bound!r}"
+        )
+
+
+def _check_inputs(q, k1, k2, v1, v2, *, scale, degree, attention_mask, causal, score_bound, chunk_size) -> None:
+    named = {"q": q, "k1": k1, "k2": k2, "v1": v1, "v2": v2}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"`{name}` must be a 4-dimensional tensor [B, H, T, D], got {shape}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"`{name}` has dtype {t.dtype}; all inputs must share q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"`{name}` is on {t.device} but `q` is on {q.device}; all inputs must be on one device")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"`q` has dtype {q.dtype}; polynomial tensor attention needs floating-point inputs")
+    B, H, Tq, Dk = q.shape
+    Tk, Dv = k1.shape[2], v1.shape[3]
+    # Keys share q's feature width; values may be wider or narrower (the poly layer projects q, k to a small dim).
+    for name, expected in (("k1", (B, H, Tk, Dk)), ("k2", (B, H, Tk, Dk)), ("v1", (B, H, Tk, Dv)), ("v2", (B, H, Tk, Dv))):
+        if tuple(named[name].shape) != expected:
+            raise ValueError(f"`{name}` has shape {tuple(named[name].shape)}; expected {expected} (from `q` and `k1`)")
+    if Tq > Tk:
+        raise ValueError(f"`q` has {Tq} positions but the keys only {Tk}; queries must be the last Tq <= Tk positions")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"`scale` must be a float, got {scale!r}")
+    check_degree(degree)
+    check_score_bound(score_bound)
+    if not isinstance(causal, bool):
+        raise ValueError(f"`causal` must be True or False, got {causal!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"`chunk_size` must be None (automatic) or an int >= 1, got {chunk_size!r}")
+    if attention_mask is not None and (
+        not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, Tk)
+    ):
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(f"`attention_mask` must be a [B, Tk] = {(B, Tk)} tensor of 0/1 or bool, got {shape}")
+
+
+@functools.lru_cache(maxsize=64)
+def polynomial_coefficients(degree: int, score_bound: float | None) -> tuple[float, ...]:
+    """c_0 .. c_g of P(s) = sum_j c_j s^j: Taylor of exp at 0, or the Chebyshev interpolant on [-R, R]."""
+    if score_bound is None:
+        return tuple(1.0 / math.factorial(j) for j in range(degree + 1))
+    R = float(score_bound)
+    # Interpolate exp(R x) at the g + 1 Chebyshev points of [-1, 1], then rescale x = s / R.
+    cheb = np.polynomial.chebyshev.chebinterpolate(lambda x: np.exp(R * x), degree)
+    power = np.polynomial.chebyshev.cheb2poly(cheb)  # drops top coefficients that round to 0 on small intervals
+    power = np.pad(power, (0, degree + 1 - len(power)))
+    return tuple(float(power[j]) / R**j for j in range(degree + 1))
+
+
+def num_features(d: int, degree: int) -> int:
+    """r = C(d + g, g): the monomials of degree <= g in d variables."""
+    return math.comb(d + degree, degree)
+
+
+@functools.lru_cache(maxsize=64)
+def _monomials(d: int, degree: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per degree j >= 1, over the monomials of degree j in lexicographic order: the index of its parent (itself
+    divided by its last variable) among degree j - 1 monomials, that last variable, and j! / alpha! (float64)."""
+    levels = []
+    previous = {(): 0}
+    for j in range(1, degree + 1):
+        current, parents, variables, weights = {}, [], [], []
+        for combo in itertools.combinations_with_replacement(range(d), j):
+            current[combo] = len(current)
+            parents.append(previous[combo[:-1]])
+            variables.append(combo[-1])
+            counts = np.bincount(combo, minlength=d)
+            weights.append(math.factorial(j) / math.prod(math.factorial(int(c)) for c in counts))
+        levels.append((torch.tensor(parents), torch.tensor(variables), torch.tensor(weights, dtype=torch.float64)))
+        previous = current
+    return levels
+
+
+def monomial_features(x: torch.Tensor, degree: int) -> list[torch.Tensor]:
+    """x [..., d] -> per degree j = 0..g the monomials x^alpha, |alpha| = j: [..., C(d + j - 1, j)] each."""
+    features = [torch.ones_like(x[..., :1])]
+    for parent, var, _ in _monomials(x.shape[-1], degree):
+        features.append(features[-1][..., parent.to(x.device)] * x[..., var.to(x.device)])
+    return features
+
+
+def query_features(q: torch.Tensor, *, scale: float, degree: int, score_bound) -> torch.Tensor:
+    """U1(q) [..., r]: the monomials of q weighted by c_j scale^j j!/alpha!."""
+    coefficients = polynomial_coefficients(degree, score_bound)
+    levels = monomial_features(q, degree)
+    weighted = [levels[0] * coefficients[0]]
+    for j, (level, (_, _, weights)) in enumerate(zip(levels[1:], _monomials(q.shape[-1], degree)), start=1):
+        weighted.append(level * (weights * (coefficients[j] * scale**j)).to(q))
+    return torch.cat(weighted, dim=-1)
+
+
+def key_features(k: torch.Tensor, degree: int) -> torch.Tensor:
+    """U2(k) = U3(k) [..., r]: the plain monomials of k."""
+    return torch.cat(monomial_features(k, degree), dim=-1)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _key_mask(attention_mask, B: int, Tk: int, dtype, device) -> torch.Tensor:
+    """[B, 1, Tk, 1] 1.0 for real keys, 0.0 for padding."""
+    if attention_mask is None:
+        return torch.ones(B, 1, Tk, 1, dtype=dtype, device=device)
+    return attention_mask.to(device=device, dtype=dtype)[:, None, :, None]
+
+
+def _floor(q, m1, m2, n, scale: float) -> torch.Tensor:
+    """count * exp(-R) [B, H, Tq] (module doc): q [B, H, Tq, Dk]; m1, m2 the coordinate-wise max |k| over each
+    query's visible keys (broadcastable to q); n [B, 1, Tq] its visible real keys (count = n^2 pairs)."""
+    bound = scale * (q.abs() * m1 * m2).sum(-1)  # [B, H, Tq] >= |s_t(a, b)| for every visible pair
+    return n**2 * torch.exp(-bound).clamp_min(torch.finfo(q.dtype).tiny)
+
+
+def denominator_floor(q, k1, k2, real, *, scale: float, causal: bool) -> torch.Tensor:
+    """The floor of every query from the whole key sequence at once (the oracle's way; `real` [B, 1, Tk, 1])."""
+    Tq, Tk = q.shape[2], k1.shape[2]
+    if causal:
+        m1 = torch.cummax(k1.abs() * real, dim=2).values[:, :, Tk - Tq :]  # [B, H, Tq, Dk] max over a <= t
+        m2 = torch.cummax(k2.abs() * real, dim=2).values[:, :, Tk - Tq :]
+        n = torch.cumsum(real[..., 0], dim=2)[:, :, Tk - Tq :]  # [B, 1, Tq]
+    else:
+        m1, m2 = (k1.abs() * real).amax(dim=2, keepdim=True), (k2.abs() * real).amax(dim=2, keepdim=True)
+        n = real[..., 0].sum(dim=2, keepdim=True)
+    return _floor(q, m1, m2, n, scale)
+
+
+def _normalise(num, den, floor):
+    """num / max(den, floor); zeros where the query sees no pair (floor 0, numerator exactly 0)."""
+    den = torch.maximum(den, floor)
+    return num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+
+
+def naive_poly_tensor_attention(
+    q, k1, k2, v1, v2, *, scale, degree, attention_mask=None, causal=True, score_bound=None, chunk_size=None
+):
+    """The oracle: P evaluated on all Tq x Tk x Tk explicit scores (Horner), masked sums, the same floor.
+
+    Computes in float64 for float64 inputs and float32 otherwise; returns q's dtype. `chunk_size` is accepted for
+    the shared signature and unused."""
+    _check_inputs(q, k1, k2, v1, v2, scale=scale, degree=degree, attention_mask=attention_mask, causal=causal,
+                  score_bound=score_bound, chunk_size=chunk_size)
+    B, H, Tq, _ = q.shape
+    Tk = k1.shape[2]
+    dtype = q.dtype
+    q, k1, k2, v1, v2 = (t.to(_compute_dtype(dtype)) for t in (q, k1, k2, v1, v2))
+    scores = torch.einsum("bhtd,bhad,bhcd->bhtac", q, k1, k2) * scale  # [B, H, Tq, Tk, Tk]
+    P = torch.zeros_like(scores)
+    for c in reversed(polynomial_coefficients(degree, score_bound)):
+        P = P * scores + c
+    real = _key_mask(attention_mask, B, Tk, q.dtype, q.device)
+    allowed = real[:, :, None, :, 0, None] * real[:, :, None, None, :, 0]  # [B, 1, 1, Tk, Tk]
+    if causal:
+        t = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+        seen = (torch.arange(Tk, device=q.device)[None, :] <= t).to(q.dtype)  # [Tq, Tk]
+        allowed = allowed * seen[:, :, None] * seen[:, None, :]  # [B, 1, Tq, Tk, Tk]
+    P = P * allowed
+    num = torch.einsum("bhtac,bhad,bhcd->bhtd", P, v1, v2)
+    den = P.sum(dim=(-1, -2))
+    floor = denominator_floor(q, k1, k2, real, scale=float(scale), causal=causal)
+    return _normalise(num, den, floor).to(dtype)
+
+
+def _auto_chunk(per_position: int, longest: int) -> int:
+    """Positions per chunk such that chunk * per_position numbers stay under CHUNK_NUMBERS (at least 1)."""
+    return max(1, min(longest, CHUNK_NUMBERS // per_position))
+
+
+class PolyState(NamedTuple):
+    """What the causal recurrence carries between chunks (and what the `poly` cache layer holds), per sequence
+    and head: the feature sums and what the denominator floor needs. Size O(r (Dv + 1) + Dk), whatever n."""
+
+    S1: torch.Tensor  # [B, H, r, Dv] sum_a U2(k1_a) v1_a^T
+    S2: torch.Tensor  # [B, H, r, Dv] sum_b U3(k2_b) v2_b^T
+    Z1: torch.Tensor  # [B, H, r]     sum_a U2(k1_a)
+    Z2: torch.Tensor  # [B, H, r]     sum_b U3(k2_b)
+    M1: torch.Tensor  # [B, H, Dk]    max_a |k1_a| per coordinate
+    M2: torch.Tensor  # [B, H, Dk]    max_b |k2_b|
+    N: torch.Tensor  # [B, 1]        real keys so far
+
+    @classmethod
+    def zeros(cls, B: int, H: int, r: int, Dk: int, Dv: int, *, dtype, device) -> PolyState:
+        z = functools.partial(torch.zeros, dtype=dtype, device=device)
+        return cls(z(B, H, r, Dv), z(B, H, r, Dv), z(B, H, r), z(B, H, r), z(B, H, Dk), z(B, H, Dk), z(B, 1))
+
+
+def _accumulate(state: PolyState, k1, k2, v1, v2, real, degree: int) -> PolyState:
+    """Add keys [B, H, C, Dk] and values [B, H, C, Dv] (mask `real` [B, 1, C, 1]) to the state, no query."""
+    f1, f2 = key_features(k1, degree) * real, key_features(k2, degree) * real  # [B, H, C, r]
+    return PolyState(
+        state.S1 + torch.einsum("bhcm,bhcd->bhmd", f1, v1), state.S2 + torch.einsum("bhcm,bhcd->bhmd", f2, v2),
+        state.Z1 + f1.sum(2), state.Z2 + f2.sum(2),
+        torch.maximum(state.M1, (k1.abs() * real).amax(2)), torch.maximum(state.M2, (k2.abs() * real).amax(2)),
+        state.N + real[:, 0, :, 0].sum(1, keepdim=True),
+    )
+
+
+def _query_chunk(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, degree: int, score_bound):
+    """Causal outputs of C positions that are all queries, continuing `state`; returns (out [B, H, C, Dv], state).
+
+    The prefix sums are [B, H, C, r, Dv]: the O(chunk r d) memory of the recurrence."""
+    uq = query_features(q, scale=scale, degree=degree, score_bound=score_bound)  # [B, H, C, r]
+    f1, f2 = key_features(k1, degree) * real, key_features(k2, degree) * real
+    s1 = state.S1[:, :, None] + torch.cumsum(f1[..., None] * v1[:, :, :, None, :], dim=2)  # [B, H, C, r, Dv]
+    s2 = state.S2[:, :, None] + torch.cumsum(f2[..., None] * v2[:, :, :, None, :], dim=2)
+    z1 = state.Z1[:, :, None] + torch.cumsum(f1, dim=2)  # [B, H, C, r]
+    z2 = state.Z2[:, :, None] + torch.cumsum(f2, dim=2)
+    m1 = torch.maximum(state.M1[:, :, None], torch.cummax(k1.abs() * real, dim=2).values)  # [B, H, C, Dk]
+    m2 = torch.maximum(state.M2[:, :, None], torch.cummax(k2.abs() * real, dim=2).values)
+    n = state.N[:, :, None] + torch.cumsum(real[..., 0], dim=2)  # [B, 1, C]
+    out = _normalise(torch.einsum("bhcm,bhcmd->bhcd", uq, s1 * s2), (uq * z1 * z2).sum(-1),
+                     _floor(q, m1, m2, n, scale))
+    return out, PolyState(s1[:, :, -1], s2[:, :, -1], z1[:, :, -1], z2[:, :, -1], m1[:, :, -1], m2[:, :, -1], n[:, :, -1])
+
+
+def poly_attention_continue(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, degree: int, score_bound,
+                            causal: bool = True, chunk_size: int | None = None):
+    """Attention of q (the last Tq of the Tk new positions) continuing `state`: (out [B, H, Tq, Dv], new state).
+
+    Inputs already checked and in the compute dtype; `real` is the [B, 1, Tk, 1] key mask. The op runs it from
+    an empty state; the `poly` cache layer from the state it holds."""
+    Tq, Tk, Dk, Dv = q.shape[2], k1.shape[2], q.shape[3], v1.shape[3]
+    BH, r = q.shape[0] * q.shape[1], num_features(Dk, degree)
+    C = chunk_size or _auto_chunk(BH * r * Dv, MAX_CHUNK)  # prefix sums [B, H, C, r, Dv]
+    # Keys with no query among them need no per-position prefix sums, only [B, H, C, r] features: longer chunks.
+    C_keys = chunk_size or _auto_chunk(BH * r, MAX_KEY_CHUNK)
+    first_query = Tk - Tq if causal else Tk  # bidirectional: every key goes into the state before any query
+    for lo in range(0, first_query, C_keys):
+        sl = slice(lo, min(lo + C_keys, first_query))
+        state = _accumulate(state, k1[:, :, sl], k2[:, :, sl], v1[:, :, sl], v2[:, :, sl], real[:, :, sl], degree)
+    outs = []
+    if not causal:
+        S, Z = state.S1 * state.S2, state.Z1 * state.Z2  # [B, H, r, Dv], [B, H, r]
+        floor = _floor(q, state.M1[:, :, None], state.M2[:, :, None], state.N[:, :, None], scale)  # [B, H, Tq]
+        for lo in range(0, Tq, C):
+            uq = query_features(q[:, :, lo : lo + C], scale=scale, degree=degree, score_bound=score_bound)
+            outs.append(_normalise(uq @ S, torch.einsum("bhcm,bhm->bhc", uq, Z), floor[:, :, lo : lo + C]))
+        return torch.cat(outs, dim=2), state
+
+    # Under autograd each chunk is recomputed in backward: only the inputs and the carried states stay saved.
+    checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k1, k2, v1, v2, *state))
+    step = functools.partial(_query_chunk, scale=scale, degree=degree, score_bound=score_bound)
+    for lo in range(first_query, Tk, C):
+        hi = min(lo + C, Tk)
+        args = (state, q[:, :, lo - first_query : hi - first_query], k1[:, :, lo:hi], k2[:, :, lo:hi],
+                v1[:, :, lo:hi], v2[:, :, lo:hi], real[:, :, lo:hi])
+        if checkpoint:
+            out, state = torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
+            state = PolyState(*state)
+        else:
+            out, state = step(*args)
+        outs.append(out)
+    return torch.cat(outs, dim=2), state
+
+
+def poly_tensor_attention(
+    q, k1, k2, v1, v2, *, scale, degree, attention_mask=None, causal=True, score_bound=None, chunk_size=None
+):
+    """Polynomial tensor attention through monomial features (module doc); signature of the oracle
+    `naive_poly_tensor_attention`. q, k1, k2 are [B, H, ., Dk], v1, v2 [B, H, Tk, Dv]; the Tq queries are the last Tq
+    of the Tk positions. `causal=False` is the seed's bidirectional Algorithm 1 (every real pair). `chunk_size`
+    positions are processed at a time (None: as many as keep B * H * chunk * r * Dv under 2M numbers).
+
+    Computes in float64 for float64 inputs and float32 otherwise; returns q's dtype. Differentiable.
+    """
+    _check_inputs(q, k1, k2, v1, v2, scale=scale, degree=degree, attention_mask=attention_mask, causal=causal,
+                  score_bound=score_bound, chunk_size=chunk_size)
+    B, H, _, Dk = q.shape
+    Tk, Dv = k1.shape[2], v1.shape[3]
+    dtype = q.dtype
+    q, k1, k2, v1, v2 = (t.to(_compute_dtype(dtype)) for t in (q, k1, k2, v1, v2))
+    state = PolyState.zeros(B, H, num_features(Dk, degree), Dk, Dv, dtype=q.dtype, device=q.device)
+    real = _key_mask(attention_mask, B, Tk, q.dtype, q.device)
+    out, _ = poly_attention_continue(state, q, k1, k2, v1, v2, real, scale=float(scale), degree=degree,
+                                     score_bound=score_bound, causal=causal, chunk_size=chunk_size)
+    return out.to(dtype)

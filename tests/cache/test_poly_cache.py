@@ -1,0 +1,157 @@
+"""The `poly` layout: its decode equals the polynomial op over the whole sequence, its memory is constant in the
+sequence length, batch operations act on its state, and it refuses what it cannot do (crop, windows, bad options)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_tensor_attn import TensorAttnCache
+from hf_tensor_attn.cache import PolyCacheLayer, TensorAttnConstants
+from hf_tensor_attn.compat import output_cache
+from hf_tensor_attn.ops import poly_tensor_attention
+
+HYBRID = ["tensor_attention", "full_attention"]
+
+
+def random_states(B, H, T, Dk, Dv, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, Dk, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, T, 2 * Dk, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, T, 2 * Dv, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def run_layer(layer, q, k, v, mask, prefill):
+    """Prefill `prefill` tokens, then one token per step, as generate does; the outputs of every position."""
+    outs = []
+    for lo, hi in [(0, prefill)] + [(t, t + 1) for t in range(prefill, q.shape[2])]:
+        layer.update(k[:, :, lo:hi], v[:, :, lo:hi], attention_mask=None if mask is None else mask[:, :hi])
+        outs.append(layer.attend(q[:, :, lo:hi], None if mask is None else mask[:, :hi]))
+    return torch.cat(outs, dim=2)
+
+
+@pytest.mark.parametrize("degree,score_bound", [(2, None), (3, 2.0)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_equals_whole_sequence_op(degree, score_bound, padded):
+    B, H, T, Dk, Dv = 3, 2, 11, 3, 5
+    q, k, v = random_states(B, H, T, Dk, Dv)
+    mask = None
+    if padded:
+        mask = torch.ones(B, T, dtype=torch.long)
+        mask[0, :4], mask[2, :9] = 0, 0  # row 2: the prompt is all padding
+    layer = PolyCacheLayer(TensorAttnConstants(scale=0.4), degree=degree, score_bound=score_bound)
+    cached = run_layer(layer, q, k, v, mask, prefill=5)
+    k1, k2 = k.chunk(2, -1)
+    v1, v2 = v.chunk(2, -1)
+    whole = poly_tensor_attention(q, k1, k2, v1, v2, scale=0.4, degree=degree, score_bound=score_bound,
+                                  attention_mask=mask)
+    torch.testing.assert_close(cached, whole, rtol=1e-10, atol=1e-10)
+    assert layer.get_seq_length() == T
+
+
+def test_memory_bytes_identical_at_64_and_512_tokens():
+    held = {}
+    for n in (64, 512):
+        q, k, v = random_states(2, 2, n, 4, 4)
+        layer = PolyCacheLayer(TensorAttnConstants(scale=0.5), degree=2)
+        run_layer(layer, q, k, v, None, prefill=n - 3)
+        held[n] = layer.memory_bytes()
+    assert held[64] == held[512] > 0
+
+
+def test_tensor_model_poly_cache_memory_is_constant_and_generates(make_model):
+    model = make_model(hidden_size=16, layer_types=HYBRID, num_attention_heads=2)
+    sizes = {}
+    for n in (64, 512):
+        ids = torch.randint(3, 259, (1, n))
+        out = model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="poly",
+                             cache_config={"degree": 2}, return_dict_in_generate=True)
+        cache = output_cache(out)
+        sizes[n] = cache.layers[0].memory_bytes()
+        assert isinstance(cache.layers[0], PolyCacheLayer) and type(cache.layers[1]).__name__ == "DynamicLayer"
+    assert sizes[64] == sizes[512]
+
+
+def test_left_padded_rows_equal_rows_alone(make_model, left_padded):
+    """Padding never enters the state: each row of a left-padded batch decodes as it does alone."""
+    model = make_model(hidden_size=16, num_attention_heads=2, initializer_range=0.2)
+    rows, ids, mask = left_padded([7, 4, 2])
+    kw = dict(max_new_tokens=6, do_sample=False, cache_implementation="poly", cache_config={"degree": 3})
+    batch = model.generate(ids, attention_mask=mask, **kw)[:, ids.shape[1] :]
+    for i, row in enumerate(rows):
+        alone = model.generate(row[None], **kw)[:, len(row) :]
+        assert torch.equal(batch[i : i + 1], alone)
+
+
+def test_beam_search_reorders_the_state(make_model, left_padded):
+    """Reordering the batch (what beam search does each step) gives the state built from the reordered rows; beam
+    search through `poly` then runs (its tokens equal no-cache beam search for poly layers: tests/models)."""
+    model = make_model(hidden_size=16, num_attention_heads=2, initializer_range=0.2)
+    _, ids, mask = left_padded([8, 6, 3])
+    cache = TensorAttnCache(model.config, "poly", {"degree": 2})
+    model(ids, attention_mask=mask, cache=cache)
+    index = torch.tensor([2, 0, 0])
+    cache.reorder_cache(index)
+    scratch = TensorAttnCache(model.config, "poly", {"degree": 2})
+    model(ids[index], attention_mask=mask[index], cache=scratch)
+    for a, b in zip(cache.layers[0].state, scratch.layers[0].state):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=3, do_sample=False,
+                         cache_implementation="poly")
+    assert out.shape == (3, ids.shape[1] + 4)
+
+
+def test_sampling_runs(make_model):
+    model = make_model(hidden_size=16, num_attention_heads=2)
+    torch.manual_seed(1)
+    out = model.generate(torch.randint(3, 259, (2, 5)), max_new_tokens=4, do_sample=True, cache_implementation="poly")
+    assert out.shape == (2, 9)
+
+
+def test_crop_raises_clearly(make_model):
+    model = make_model(hidden_size=16, num_attention_heads=2)
+    cache = TensorAttnCache(model.config, "poly")
+    model(torch.randint(3, 259, (1, 5)), cache=cache)
+    with pytest.raises(NotImplementedError, match="'poly' cannot crop: its state is a sum"):
+        cache.crop(-1)
+
+
+def test_windows_refused_by_name(make_model):
+    model = make_model(hidden_size=16, num_attention_heads=2, w1=4)
+    with pytest.raises(ValueError, match="cannot apply the model's windows w1=4, w2=None"):
+        TensorAttnCache(model.config, "poly")
+
+
+@pytest.mark.parametrize(
+    "cache_config, match",
+    [
+        ({"degree": 0}, r"`cache_config\['degree'\]`: `degree` must be an int >= 1.*got 0"),
+        ({"degree": 2.5}, r"`cache_config\['degree'\]`.*got 2.5"),
+        ({"score_bound": -1.0}, r"`cache_config\['score_bound'\]`.*finite float > 0.*got -1.0"),
+        ({"score_bound": float("inf")}, r"`cache_config\['score_bound'\]`.*got inf"),
+        ({"window": 3}, r"allowed keys: \['degree', 'score_bound'\]"),
+    ],
+)
+def test_bad_cache_config_raises(make_model, cache_config, match):
+    model = make_model(hidden_size=16, num_attention_heads=2)
+    with pytest.raises(ValueError, match=match):
+        model.generate(torch.randint(3, 259, (1, 3)), max_new_tokens=1, cache_implementation="poly",
+                       cache_config=cache_config)
+
+
+def test_tensor_model_through_poly_cache_approaches_exact_when_scores_are_small(make_model, left_padded):
+    """With small scores (default init) a degree-6 Taylor P is exp to rounding: the cached logits equal the exact
+    model's. A wrong scale or a dropped pair would show at the size of the scores (~1e-4), far above 1e-10."""
+    model = make_model(hidden_size=16, num_attention_heads=2, layer_types=HYBRID, position_embedding_type="none")
+    _, ids, mask = left_padded([7, 4])
+    exact = model(ids, attention_mask=mask, use_cache=False).logits
+    cache = TensorAttnCache(model.config, "poly", {"degree": 6})
+    steps = [model(ids[:, :3], attention_mask=mask[:, :3], cache=cache).logits]
+    for t in range(3, ids.shape[1]):
+        steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real], exact[real], rtol=1e-10, atol=1e-10)
+    wrong = TensorAttnCache(model.config, "poly", {"degree": 1})  # P = 1 + s: off by s^2/2
+    assert not torch.allclose(model(ids, attention_mask=mask, cache=wrong).logits[real], exact[real],
+                              rtol=1e-10, atol=1e-10)
