@@ -11,6 +11,7 @@ from .cache import available_cache_implementations
 
 LAYER_TYPES = ("tensor_attention", "full_attention")
 POSITION_EMBEDDING_TYPES = ("rope", "none")
+ROPE_STREAMS = ("q", "k1", "k2")
 
 
 @strict
@@ -27,6 +28,10 @@ class TensorAttnConfig(PreTrainedConfig):
             to a multiple of 8 (Llama's choice, same parameter count as a 4x GELU MLP).
         num_hidden_layers (`int`, defaults to 4): number of decoder layers.
         num_attention_heads (`int`, defaults to 4): heads per attention layer.
+        num_key_value_heads (`int`, *optional*): key/value heads per attention layer (grouped-query attention, as in
+            Llama); must divide `num_attention_heads`. In tensor layers the k1, k2, v1 and v2 streams all have this
+            many heads, each shared by a group of `num_attention_heads // num_key_value_heads` query heads, and the
+            caches hold only these heads. Defaults to `num_attention_heads`.
         head_dim (`int`, *optional*): width of each head; defaults to `hidden_size // num_attention_heads`.
         layer_types (`list[str]`, *optional*): per layer, `"tensor_attention"` or `"full_attention"` (standard
             softmax attention through SDPA). Defaults to all `"tensor_attention"`. A hybrid stack such as
@@ -38,14 +43,26 @@ class TensorAttnConfig(PreTrainedConfig):
         w2 (`int`, *optional*): window of the second key stream (`t - b < w2`), as `w1`.
         position_embedding_type (`str`, defaults to `"rope"`): `"rope"` rotates q and keys by position in every
             layer (in tensor layers q, k1 and k2); `"none"` uses no positional encoding (causality alone).
+        tensor_rope_streams (`list[str]`, *optional*): which streams of a tensor layer RoPE rotates, a subset of
+            `["q", "k1", "k2"]` (the default). A layer converted from a pretrained model rotates `["q", "k1"]`, so that
+            an unrotated k2 of ones leaves the pretrained scores unchanged.
         rope_theta (`float`, defaults to 10000.0): base of the rotary frequencies.
+        rope_parameters (`dict`, *optional*): transformers' RoPE parameters (`rope_type` and its keys, as in
+            `LlamaConfig`); the types with fixed frequencies are supported: "default", "linear", "llama3", "yarn".
+            `rope_theta` fills its "rope_theta".
         max_position_embeddings (`int`, defaults to 2048): longest sequence the model is meant for.
         hidden_act (`str`, defaults to `"silu"`): activation of the gated MLP.
         rms_norm_eps (`float`, defaults to 1e-6): epsilon of the RMS norms.
         attention_dropout (`float`, defaults to 0.0): dropout on the attention output (training only).
         hidden_dropout (`float`, defaults to 0.0): dropout on the residual branches (training only).
         initializer_range (`float`, defaults to 0.02): std of the normal weight initialisation.
-        attention_bias (`bool`, defaults to False): biases in the q/k/v/o projections.
+        attention_bias (`bool`, defaults to False): biases in the q/k/v/o projections (in tensor layers: q, k1, v1
+            and o).
+        attention_output_bias (`bool`, *optional*): bias in the o projection; defaults to `attention_bias` (Qwen2 has
+            q/k/v biases without one).
+        tensor_kv2_bias (`bool`, defaults to False): biases on the k2 and v2 streams of tensor layers, separate
+            parameters `k2_bias` / `v2_bias` [num_key_value_heads, head_dim]. A layer converted from a pretrained
+            model starts with k2 = v2 = 1 from these biases (zero weights).
         default_cache_implementation (`str`, defaults to `"four_cache"`): KV-cache layout `generate()` uses for tensor
             layers when the call does not name one: one of `"four_cache"`, `"two_cache"`, `"subgen4"`, `"subgen2"`.
         tie_word_embeddings (`bool`, defaults to True): share the input embedding and the LM head.
@@ -70,13 +87,16 @@ class TensorAttnConfig(PreTrainedConfig):
     intermediate_size: int | None = None
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
     head_dim: int | None = None
     layer_types: list[str] | None = None
     score_scale: float | None = None
     w1: int | None = None
     w2: int | None = None
     position_embedding_type: str = "rope"
+    tensor_rope_streams: list[str] | None = None
     rope_theta: float = 10000.0
+    rope_parameters: dict | None = None
     max_position_embeddings: int = 2048
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
@@ -84,6 +104,8 @@ class TensorAttnConfig(PreTrainedConfig):
     hidden_dropout: float = 0.0
     initializer_range: float = 0.02
     attention_bias: bool = False
+    attention_output_bias: bool | None = None
+    tensor_kv2_bias: bool = False
     default_cache_implementation: str = "four_cache"
     tie_word_embeddings: bool = True
     use_cache: bool = True
@@ -95,6 +117,12 @@ class TensorAttnConfig(PreTrainedConfig):
         if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_attention_heads, int):
             if self.num_attention_heads > 0:
                 self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.tensor_rope_streams is None:
+            self.tensor_rope_streams = list(ROPE_STREAMS)
+        if self.attention_output_bias is None:
+            self.attention_output_bias = self.attention_bias
         if self.intermediate_size is None and isinstance(self.hidden_size, int):
             self.intermediate_size = 8 * ((8 * self.hidden_size // 3 + 7) // 8)
         if self.layer_types is None and isinstance(self.num_hidden_layers, int):
@@ -132,14 +160,30 @@ class TensorAttnConfig(PreTrainedConfig):
                 "give one type per layer"
             )
 
+    def validate_rope(self):
+        """The base RoPE check (compat item 7), only when the model uses RoPE: a NoPE model may have an odd head_dim."""
+        if self.position_embedding_type == "rope":
+            super().validate_rope()
+
     def validate_architecture(self):
         """Part of `@strict` validation: every field in its allowed range."""
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "head_dim", "max_position_embeddings")
+                    "num_key_value_heads", "head_dim", "max_position_embeddings")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"`num_key_value_heads` must divide `num_attention_heads` = {self.num_attention_heads} (each key/value "
+                f"head serves a group of query heads), got {self.num_key_value_heads}"
+            )
+        streams = self.tensor_rope_streams
+        if not isinstance(streams, list) or any(s not in ROPE_STREAMS for s in streams) or len(set(streams)) < len(streams):
+            raise ValueError(
+                f"`tensor_rope_streams` must be a list of distinct names from {list(ROPE_STREAMS)} (the streams RoPE "
+                f"rotates in tensor layers), got {streams!r}"
+            )
         for name in ("w1", "w2"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -155,6 +199,18 @@ class TensorAttnConfig(PreTrainedConfig):
             raise ValueError(f"`head_dim` must be even with rotary position embeddings, got {self.head_dim}")
         if not self.rope_theta > 0:
             raise ValueError(f"`rope_theta` must be > 0, got {self.rope_theta!r}")
+        rope_parameters = self.rope_parameters or {}
+        rope_type = rope_parameters.get("rope_type", "default")
+        if rope_type not in compat.STATIC_ROPE_TYPES:
+            raise ValueError(
+                f"`rope_parameters['rope_type']` must be one of {list(compat.STATIC_ROPE_TYPES)} (RoPE with fixed "
+                f"frequencies), got {rope_type!r}"
+            )
+        if rope_parameters.get("rope_theta", self.rope_theta) != self.rope_theta:
+            raise ValueError(
+                f"`rope_parameters['rope_theta']` = {self.rope_parameters['rope_theta']!r} differs from `rope_theta` = "
+                f"{self.rope_theta!r}; give one value"
+            )
         for name in ("attention_dropout", "hidden_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

@@ -17,7 +17,7 @@ import threading
 
 import torch
 
-from .common import EXP_HEADROOM, check_inputs, finite_or_zero, masked_softmax
+from .common import EXP_HEADROOM, check_inputs, finite_or_zero, fold_groups, masked_softmax, repeat_kv, unfold_groups
 
 _workspace = threading.local()
 # Scores per block of the in-place decode step (B * H * rows * n2), 16 MiB in fp32: it bounds the scratch while
@@ -50,17 +50,20 @@ def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_m
     """Tensor attention of the last position (q is [B, H, 1, D]) over cached [B, H, Tk, D] streams.
 
     Same signature and result as `naive_tensor_attention` with Tq = 1. Differentiable when an input needs grad;
-    otherwise (decoding) it works in place in a reused scratch buffer.
+    otherwise (decoding) it works in place in a reused scratch buffer. Grouped key/value heads are repeated for
+    their query heads within the windows, an O(H * i * d) copy per step next to the O(H * i^2 * d) work; the cache
+    itself holds H_kv heads.
     """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
     if q.shape[2] != 1:
         raise ValueError(f"`q` must hold one decode position, got shape {tuple(q.shape)}")
-    B, H, Tk, D = k1.shape
+    H = q.shape[1]
+    B, H_kv, Tk, D = k1.shape
     # The windows only keep the last w1 (w2) positions of each stream: slice instead of masking.
     n1 = Tk if w1 is None else min(w1, Tk)
     n2 = Tk if w2 is None else min(w2, Tk)
-    k1, v1 = k1[:, :, Tk - n1 :], v1[:, :, Tk - n1 :]  # [B, H, n1, D]
-    k2, v2 = k2[:, :, Tk - n2 :], v2[:, :, Tk - n2 :]  # [B, H, n2, D]
+    k1, v1 = (repeat_kv(t[:, :, Tk - n1 :], H // H_kv) for t in (k1, v1))  # [B, H, n1, D]
+    k2, v2 = (repeat_kv(t[:, :, Tk - n2 :], H // H_kv) for t in (k2, v2))  # [B, H, n2, D]
     real1 = real2 = None
     if attention_mask is not None:
         real = attention_mask.to(device=q.device, dtype=torch.bool)
@@ -160,10 +163,19 @@ def _decode_differentiable(kq, k2, v1, v2, real1, real2):
 def pair_rows_attention(q, pair_keys, pair_values, *, scale, allowed=None):
     """Attention of q over explicit pair rows, the two-matrix layout's `Ṽᵀ softmax(K̃ q)` (paper Def. 3.8).
 
-    q is [B, H, Tq, D]; pair_keys / pair_values are [B, H, P, D] with row p = k1_a ⊙ k2_b / v1_a ⊙ v2_b of some
-    pair (a, b). `allowed` is None (every row for every query) or a bool mask broadcastable to [B, H, Tq, P].
-    The softmax runs over all P rows jointly; a query with no allowed row gets zeros. Returns [B, H, Tq, D].
+    q is [B, H, Tq, D]; pair_keys / pair_values are [B, H_kv, P, D] with row p = k1_a ⊙ k2_b / v1_a ⊙ v2_b of some
+    pair (a, b), H_kv dividing H. `allowed` is None (every row for every query) or a bool mask broadcastable to
+    [B, 1, Tq, P] (the same for every head). The softmax runs over all P rows jointly; a query with no allowed row
+    gets zeros. Returns [B, H, Tq, D]. The query heads of a group are folded into rows of their key/value head
+    (`fold_groups`), so the pair rows are never repeated.
     """
+    B, H, Tq, _ = q.shape
+    H_kv = pair_keys.shape[1]
+    if H_kv != H:
+        if allowed is not None:
+            allowed = allowed.expand(*allowed.shape[:2], Tq, allowed.shape[-1]).repeat(1, 1, H // H_kv, 1)
+        return unfold_groups(pair_rows_attention(fold_groups(q, H_kv), pair_keys, pair_values, scale=scale,
+                                                 allowed=allowed), H)
     dtype = q.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     scores = torch.matmul(q * scale, pair_keys.transpose(-1, -2)).to(compute)  # [B, H, Tq, P]
