@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.bench import bench_attention, bench_cache, eval_subgen, match3_experiment
+from scripts.bench import bench_attention, bench_cache, convert_llama_experiment, eval_subgen, match3_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,6 +21,8 @@ SCRIPTS = {
                     ["synthetic.csv", "model.csv", "lowdim.csv", "eval_subgen.png"]),
     "match3_experiment": (["scripts/bench/match3_experiment.py"],
                           ["match3_summary.csv", "match3_curves.csv", "match3_curves.png"]),
+    "convert_llama_experiment": (["-m", "scripts.bench.convert_llama_experiment"],
+                                 ["convert_llama_summary.csv", "convert_llama_curves.csv", "convert_llama_curves.png"]),
 }
 
 
@@ -28,7 +30,7 @@ SCRIPTS = {
 def test_quick_run_writes_csv_table_and_plot(name, tmp_path):
     start, files = SCRIPTS[name]
     out = tmp_path / "out"
-    extra = ["--work_dir", str(tmp_path / "runs")] if name == "match3_experiment" else []
+    extra = ["--work_dir", str(tmp_path / "runs")] if name in ("match3_experiment", "convert_llama_experiment") else []
     # The checkout first on the path, so the run uses this tree's package whatever is installed.
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run = subprocess.run([sys.executable, *start, "--quick", "--out", str(out), *extra], cwd=ROOT, env=env,
@@ -45,7 +47,8 @@ def test_quick_run_writes_csv_table_and_plot(name, tmp_path):
     assert "Machine: " in tables and "Load: " in tables and "\n| " in tables
 
 
-@pytest.mark.parametrize("module", [bench_attention, bench_cache, eval_subgen, match3_experiment])
+@pytest.mark.parametrize("module", [bench_attention, bench_cache, eval_subgen, match3_experiment,
+                                    convert_llama_experiment])
 def test_quick_run_refuses_to_write_into_docs(module, capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--quick", "--out", str(ROOT / "docs" / "smoke")])
