@@ -54,7 +54,7 @@ RUN = dict(task="match3", modulus=16, length=16, positive_rate=0.5, num_train_ex
            warmup_steps=0.05, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", logging_steps=10,
            eval_strategy="steps", eval_steps=25, save_strategy="no", seed=0, task_seed=0, report_to="none",
            dataloader_drop_last=True, disable_tqdm=True)
-FULL = dict(pretrain_steps=600, pretrain_lr=3e-3, finetune_steps=200, finetune_lr=1e-3, test_examples=2000)
+FULL = dict(pretrain_steps=300, pretrain_lr=3e-3, finetune_steps=150, finetune_lr=1e-3, test_examples=2000)
 QUICK = dict(pretrain_steps=4, pretrain_lr=3e-3, finetune_steps=4, finetune_lr=1e-3, test_examples=64)
 QUICK_RUN = dict(length=8, num_train_examples=256, num_eval_examples=32, per_device_train_batch_size=16,
                  per_device_eval_batch_size=16, eval_steps=2, logging_steps=1)
