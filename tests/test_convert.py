@@ -85,12 +85,6 @@ def test_rope_tables_equal_llamas():
         assert torch.equal(inv_freq, source.model.rotary_emb.inv_freq) and scaling == source.model.rotary_emb.attention_scaling
 
 
-def test_base_config_fills_rope_parameters_from_rope_theta():
-    """compat item 7: PreTrainedConfig fills `rope_parameters` of a config that has the field."""
-    config = hf_tensor_attn.TensorAttnConfig(rope_theta=1234.0)
-    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 1234.0}
-
-
 def test_save_load_identical_logits_with_the_source_tokenizer(tmp_path):
     source, layers = source_model("llama-gqa-yarn")
     source.save_pretrained(tmp_path / "llama")
