@@ -171,3 +171,23 @@ def test_grouped_tensor_layer_equals_the_layer_with_repeated_projections():
     x = torch.randn(B, 7, 48, dtype=torch.float64)
     cos_sin = TensorAttnRotaryEmbedding(config)(x, torch.arange(7)[None].expand(B, -1))
     torch.testing.assert_close(layer(x, cos_sin)[0], wide_layer(x, cos_sin)[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("blocks", ["one", "many"])
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("windows", [(None, None), (20, 7)])
+def test_in_place_decode_with_grouped_heads_in_blocks(monkeypatch, blocks, shifted, windows):
+    """The no-grad decode folds each group's query heads into the rows of one GEMM per key/value head: in one block
+    or many, with the max shift or without, windows and padding, it equals the repeated-heads computation."""
+    from hf_tensor_attn.ops import decode
+
+    if blocks == "many":
+        monkeypatch.setattr(decode, "_SCORES_PER_BLOCK", 1)  # blocks of 16 rows: 3 blocks for 40 tokens
+    if shifted:
+        monkeypatch.setattr(decode, "EXP_HEADROOM", {})
+    q, kv = grouped_inputs(1, 40, torch.float64, seed=3)
+    mask = torch.ones(B, 40, dtype=torch.long)
+    mask[1, :5] = 0
+    kw = dict(scale=0.4, w1=windows[0], w2=windows[1], attention_mask=mask)
+    torch.testing.assert_close(four_cache_decode(q, *kv, **kw), repeated_heads_reference(q, kv, **kw),
+                               rtol=1e-10, atol=1e-10)
