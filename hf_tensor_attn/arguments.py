@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from typing import Any, Literal, Sequence
 
 import torch
 import yaml
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import HfArgumentParser, TrainingArguments
 
 from .configuration import TensorAttnConfig
@@ -94,6 +97,21 @@ def _config_fields() -> list[tuple[str, Any, dataclasses.Field]]:
 ModelConfigArguments = dataclasses.make_dataclass("ModelConfigArguments", _config_fields())
 
 
+def check_pretrained_source(argument: str, value: str) -> None:
+    """A local folder that exists, or a Hub repo id ("name" or "org/name"); else ValueError naming both choices.
+    Without this, a mistyped path reaches the Hub client, which complains about repo id characters."""
+    if Path(value).expanduser().is_dir():
+        return
+    looks_local = value.startswith(("/", ".", "~")) or os.sep in value.strip(os.sep).replace("/", "", 1)
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        looks_local = True
+    if looks_local:
+        raise ValueError(f"`{argument}` {value!r} is no existing folder (nor a Hub repo id 'org/name'); give the folder a "
+                         "model was saved to (save_pretrained, or a run's output_dir) or a Hub repo id")
+
+
 @dataclass
 class ModelArguments(ModelConfigArguments):
     """The model: a fresh one from the `TensorAttnConfig` fields given, or the pretrained `init_from` with those
@@ -123,6 +141,10 @@ class ModelArguments(ModelConfigArguments):
             raise ValueError(f"`lora_r` must be an int >= 1, got {self.lora_r!r}")
         if self.init_from is None:
             TensorAttnConfig(**self.config_overrides())  # its strict validators name the field, value and allowed
+        else:
+            check_pretrained_source("init_from", self.init_from)
+        if self.tokenizer_name is not None:
+            check_pretrained_source("tokenizer_name", self.tokenizer_name)
 
     def config_overrides(self) -> dict[str, Any]:
         """The model config fields that were given."""
@@ -209,6 +231,10 @@ class TensorAttnTrainingArguments(TrainingArguments):
     """transformers' `TrainingArguments`, plus `write_param_checksums`. A `resume_from_checkpoint` of "true" resumes
     from the newest checkpoint in output_dir (as `Trainer.train(resume_from_checkpoint=True)` does)."""
 
+    resume_weights_only: bool = field(
+        default=False, metadata={"help": "allow resuming from a checkpoint without optimizer.pt or scheduler.pt: "
+                                         "its weights and step are restored, the optimizer and schedule start "
+                                         "afresh (the run then differs from an uninterrupted one)"})
     write_param_checksums: bool = field(
         default=False, metadata={"help": "at the end, write a sha256 of each process's parameters to "
                                          "output_dir/param_checksums/rank{R}.json (DDP ranks must agree)"})
@@ -216,6 +242,12 @@ class TensorAttnTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if self.fp16:
             raise ValueError("`fp16` true is not supported: use `bf16` true, or float32 (both false)")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or (
+            self.max_steps < 1 and self.max_steps != -1
+        ):
+            # TrainingArguments treats every max_steps <= 0 as "not set" and trains num_train_epochs epochs.
+            raise ValueError(f"`max_steps` must be an int >= 1, or -1 (the default: train num_train_epochs epochs), "
+                             f"got {self.max_steps!r}")
         if not self.use_cpu and not torch.accelerator.is_available():
             # TrainingArguments refuses bf16 without an accelerator unless told that the run is on the CPU, which
             # is where it runs anyway.

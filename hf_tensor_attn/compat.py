@@ -30,10 +30,31 @@ Items:
  6. Attention kernels. `PreTrainedModel._check_and_adjust_attn_implementation(attn_implementation, is_init_check,
     ...)` validates `attn_implementation` at init and in `set_attn_implementation`; our model overrides it to
     refuse kernels its standard layers cannot use with a message that names the ones they can. Standard layers
-    call `ALL_ATTENTION_FUNCTIONS["sdpa"]` with transformers' signature `(module, q, k, v, mask, scaling=,
-    dropout=)`, returning ([B, T, H, D], weights). With fewer key/value heads than query heads it reads
-    `module.num_key_value_groups` and repeats the key/value heads itself (`repeat_kv`), as for Llama.
- 7. RoPE parameters. A config with a `rope_parameters` attribute gets it filled by `PreTrainedConfig.__post_init__`
+    call `ALL_ATTENTION_FUNCTIONS["sdpa" | "flex_attention"]` with transformers' signature `(module, q, k, v,
+    mask, scaling=, dropout=)`, returning ([B, T, H, D], weights); the flex backend gets a torch `BlockMask`
+    (a dense tensor there is added to the scores). tests/models/test_transformers_api.py checks both.
+    With fewer key/value heads than query heads the interface reads `module.num_key_value_groups` and repeats
+    the key/value heads itself (`repeat_kv`), as for Llama.
+ 7. Distributed plans. `from_pretrained(..., distributed_config=DistributedConfig(...))` (transformers.distributed)
+    merges the config's `base_model_tp_plan` / `base_model_fsdp_plan` with the head class's `_tp_plan` /
+    `_fsdp_plan` (`DistributedMixin.init_parallel_plans`), adds `embed_tokens: embedding_rowwise`, and looks the
+    style names up in `ALL_PARALLEL_STYLES` / `ALL_FSDP_STYLES`. With tied embeddings it drops the embedding's FSDP
+    rule and, when the head has a `keep_full_weight` rule, gives the embedding that rule instead; training then
+    diverged from one process (measured on 5.24), so our head declares no FSDP rule and the tied weight
+    stays in the root unit. Colwise outputs reach the attention as local tensors holding this rank's heads.
+    Pipeline stages replace absent decoder layers by an identity returning the hidden states alone, where ours
+    return (hidden_states, weights), and `pp_size` is not checked against a plan; `from_pretrained` asks the model
+    class first through `prepare_distribute_model`, where ours refuses `pp_size > 1` (`refuse_pipeline_parallel`),
+    then shards the built model through `maybe_distribute_model`, where ours first checks that `tp_size` divides
+    the head counts (`check_tensor_parallel_heads`; transformers itself would cut a head between ranks).
+ 8. Trainer checkpoints. `Trainer._save_checkpoint(model, trial)` writes checkpoint `f"{PREFIX_CHECKPOINT_DIR}-{step}"`
+    (model, optimizer.pt, scheduler.pt, rng_state*.pth, trainer_state.json) into the folder that
+    `self._get_output_dir(trial=trial)` returns, then rotates old checkpoints there. `save_checkpoint_staged` points
+    that folder at a staging folder for the call and renames the finished checkpoint into the run folder, so a
+    folder named checkpoint-N is always complete. `get_last_checkpoint` would pick a partial folder, and
+    `Trainer._load_optimizer_and_scheduler` silently skips missing files; `training.resolve_checkpoint` chooses and
+    checks instead, by the file names below.
+ 9. RoPE parameters. A config with a `rope_parameters` attribute gets it filled by `PreTrainedConfig.__post_init__`
     (`convert_rope_params_to_dict`: "rope_type" and "rope_theta" from our `rope_theta` field; "llama3" / "yarn"
     also get "original_max_position_embeddings") and checked by the base `validate_rope`. The frequencies of each
     type come from `modeling_rope_utils.ROPE_INIT_FUNCTIONS[type](config)` -> (inv_freq, attention_scaling), the
@@ -44,6 +65,9 @@ Items:
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -52,8 +76,10 @@ import transformers
 from packaging.version import Version
 from transformers import configuration_utils as _config_utils
 from transformers.generation import configuration_utils as _generation_config_utils
+from transformers import trainer as _trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -166,7 +192,79 @@ def keep_own_auto_map(cls, auto_class=None) -> None:
 keep_own_auto_map = classmethod(keep_own_auto_map)
 
 
-# ---- 7. RoPE parameters ----
+# ---- 7. distributed plans ----
+
+
+def refuse_pipeline_parallel(distributed_config) -> None:
+    """Raise for `pp_size > 1` (a `DistributedConfig` or its dict): our decoder layers do not fit transformers'
+    pipeline stages, which would misread the stand-in layers' outputs rather than fail."""
+    if isinstance(distributed_config, dict):
+        pp_size = distributed_config.get("pp_size")
+    else:
+        pp_size = getattr(distributed_config, "pp_size", None)
+    if pp_size is not None and pp_size > 1:
+        raise ValueError(
+            f"tensor_attn models do not support pipeline parallelism, got distributed_config pp_size={pp_size}; use "
+            "tp_size (tensor parallel) and/or fsdp_size (FSDP2), see docs/distributed.md"
+        )
+
+
+def check_tensor_parallel_heads(config, distributed_config) -> None:
+    """Raise unless `tp_size` divides the attention head counts: the column-wise split of the projections would
+    otherwise cut a head between ranks (the attention's reshape would then fail with a bare shape error)."""
+    tp_size = getattr(distributed_config, "tp_size", None) or 1
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        count = getattr(config, name, None)
+        if tp_size > 1 and count is not None and count % tp_size:
+            raise ValueError(
+                f"`{name}`={count} is not a multiple of distributed_config tp_size={tp_size}: tensor parallelism "
+                "gives each rank whole attention heads; choose a tp_size that divides it"
+            )
+
+
+# ---- 8. Trainer checkpoints ----
+
+TRAINER_STATE_NAME = _trainer.TRAINER_STATE_NAME
+OPTIMIZER_NAME = _trainer.OPTIMIZER_NAME
+SCHEDULER_NAME = _trainer.SCHEDULER_NAME
+# Where checkpoints are written before they get their final name; no `checkpoint-N` pattern matches it.
+CHECKPOINT_STAGING_DIR = ".checkpoint-staging"
+
+
+def save_checkpoint_staged(trainer, base_save, model, trial) -> None:
+    """Run `base_save` (the base `Trainer._save_checkpoint`) into a staging folder, then swap the complete
+    checkpoint in under its final name and rotate old checkpoints in the run folder."""
+    from .atomic import fsync_tree, swap_in
+
+    run_dir = trainer._get_output_dir(trial=trial)
+    name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+    staging_root = os.path.join(run_dir, CHECKPOINT_STAGING_DIR)
+    staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+    if trainer.args.should_save:
+        shutil.rmtree(staged, ignore_errors=True)  # what an interrupted save left
+    trainer.accelerator.wait_for_everyone()
+    trainer._get_output_dir = lambda trial=None: staging_root  # the instance attribute shadows the method
+    try:
+        base_save(model, trial)
+    finally:
+        del trainer._get_output_dir
+    trainer.accelerator.wait_for_everyone()  # every process has written its part
+    if trainer.args.should_save:
+        best = trainer.state.best_model_checkpoint
+        if best is not None and os.path.dirname(best) == staging_root:  # this checkpoint is the best: its real name
+            trainer.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            trainer.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        fsync_tree(Path(staged))
+        swap_in(Path(staged), Path(final))
+        shutil.rmtree(staged, ignore_errors=True)  # the older checkpoint of the same step, if there was one
+        with contextlib.suppress(OSError):
+            os.rmdir(staging_root)  # only when empty
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=trainer.args.save_total_limit,
+                           best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
+    trainer.accelerator.wait_for_everyone()
+
+
+# ---- 9. RoPE parameters ----
 
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import difflib
+import math
+import os
+import warnings
+
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import PreTrainedConfig
 
 from . import compat
+from .atomic import atomic_directory
 from .cache import available_cache_implementations
 
 LAYER_TYPES = ("tensor_attention", "full_attention")
 POSITION_EMBEDDING_TYPES = ("rope", "none")
 ROPE_STREAMS = ("q", "k1", "k2")
+# Keys a saved config.json or transformers itself passes besides the fields; any other unknown keyword is most likely
+# a misspelt field, which would otherwise be stored silently and ignored.
+KNOWN_EXTRA_KWARGS = frozenset({
+    "auto_map", "model_type", "name_or_path", "_name_or_path", "transformers_version", "torch_dtype", "_commit_hash",
+    "attn_implementation", "experts_implementation", "output_attentions", "per_layer_config", "num_labels",
+})
+# The papers use 1/sqrt(head_dim), 1/head_dim or 1. At a scale of 1e3 the softmax over unit-sized features is already
+# an argmax in float32 (exp(-1e3 * 0.1) underflows); larger scales only overflow the scores.
+MAX_SCORE_SCALE = 1e3
+FLOAT32_MAX = 3.4028234663852886e38  # the rotary table and the ops compute in float32 at least
 
 
 @strict
@@ -81,6 +97,26 @@ class TensorAttnConfig(PreTrainedConfig):
 
     model_type = "tensor_attn"
     keys_to_ignore_at_inference = [compat.CACHE_ARG]  # Trainer drops the cache from eval outputs
+    # What `from_pretrained(..., distributed_config=DistributedConfig(tp_size=..., fsdp_size=...))` applies, as in
+    # Llama (docs/distributed.md). Tensor and standard layers both name their projections q/k/v/o_proj, so one plan
+    # covers both. Tensor parallelism splits heads: a tensor layer's k_proj / v_proj rows are laid out per head as
+    # k1 | k2 (v1 | v2), so a contiguous column split by heads keeps both streams of a head on one rank.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    # FSDP2 units: each decoder layer (what _no_split_modules names) and the embedding, resharded after forward; the
+    # final norm keeps its gathered weight for the backward that follows at once. (The tied head: TensorAttnForCausalLM.)
+    base_model_fsdp_plan = {
+        "embed_tokens": "free_full_weight",
+        "layers.*": "free_full_weight",
+        "norm": "keep_full_weight",
+    }
 
     vocab_size: int = 259
     hidden_size: int = 256
@@ -114,6 +150,14 @@ class TensorAttnConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 2
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.layer_types, str):
+            # transformers' legacy remapping would turn the string into a list of its characters before validation.
+            cause = ValueError(
+                f"`layer_types` must be a list with one entry per layer, got the string {self.layer_types!r}; write "
+                f"[{self.layer_types!r}] * num_hidden_layers"
+            )
+            raise TensorAttnConfigError(StrictDataclassClassValidationError("validate_layer_type", cause)) from cause
+        self._warn_unknown_kwargs(kwargs)
         if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_attention_heads, int):
             if self.num_attention_heads > 0:
                 self.head_dim = self.hidden_size // self.num_attention_heads
@@ -133,6 +177,22 @@ class TensorAttnConfig(PreTrainedConfig):
 
     register_for_auto_class = compat.keep_own_auto_map  # compat item 5
 
+    @staticmethod
+    def _warn_unknown_kwargs(kwargs: dict) -> None:
+        from transformers import GenerationConfig
+
+        unknown = sorted(set(kwargs) - KNOWN_EXTRA_KWARGS - set(GenerationConfig._get_default_generation_params()))
+        if unknown:
+            fields = list(TensorAttnConfig.__dict__["__annotations__"])
+            guesses = {key: difflib.get_close_matches(key, fields, n=1) for key in unknown}
+            hints = "".join(f" ({key!r}: did you mean {guess[0]!r}?)" for key, guess in guesses.items() if guess)
+            warnings.warn(
+                f"TensorAttnConfig got unknown keyword(s) {unknown}{hints}, stored but used by nothing; its own fields "
+                f"are {fields}, plus those of transformers' PreTrainedConfig",
+                UnknownConfigKeyWarning,
+                stacklevel=4,
+            )
+
     def to_dict(self) -> dict:
         """The config's fields, plus the `auto_map` that lets `trust_remote_code=True` find the installed package."""
         output = super().to_dict()
@@ -147,8 +207,12 @@ class TensorAttnConfig(PreTrainedConfig):
         return output
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
-        compat.write_remote_module(save_directory)
+        """`PreTrainedConfig.save_pretrained`, crash-safe (`hf_tensor_attn.atomic`), plus the remote-code loader."""
+        if kwargs.get("push_to_hub", False):
+            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging name
+        with atomic_directory(save_directory) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
+            compat.write_remote_module(staging)
 
     def validate_layer_type(self):
         """Our layer types are not in transformers' closed list, so this validator replaces the base one."""
@@ -161,12 +225,12 @@ class TensorAttnConfig(PreTrainedConfig):
             )
 
     def validate_rope(self):
-        """The base RoPE check (compat item 7), only when the model uses RoPE: a NoPE model may have an odd head_dim."""
+        """The base RoPE check (compat item 9), only when the model uses RoPE: a NoPE model may have an odd head_dim."""
         if self.position_embedding_type == "rope":
             super().validate_rope()
 
     def validate_architecture(self):
-        """Part of `@strict` validation: every field in its allowed range."""
+        """Part of `@strict` validation: every field of the right type and in its allowed range."""
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "head_dim", "max_position_embeddings")
         for name in positive:
@@ -188,8 +252,24 @@ class TensorAttnConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be None (whole causal past) or an int >= 1, got {value!r}")
-        if not isinstance(self.score_scale, (int, float)) or not self.score_scale > 0:
-            raise ValueError(f"`score_scale` must be a positive float (default 1/sqrt(head_dim)), got {self.score_scale!r}")
+        _check_float("score_scale", self.score_scale, "0 < score_scale <= 1e3 (default 1/sqrt(head_dim))",
+                     lambda v: 0 < v <= MAX_SCORE_SCALE)
+        _check_float("rope_theta", self.rope_theta, "a finite float > 0 that float32 holds (default 10000.0)",
+                     lambda v: 0 < v <= FLOAT32_MAX)
+        _check_float("rms_norm_eps", self.rms_norm_eps, "0 < rms_norm_eps < 1 (default 1e-6)", lambda v: 0 < v < 1)
+        for name in ("attention_dropout", "hidden_dropout"):
+            _check_float(name, getattr(self, name), "a probability in [0, 1)", lambda v: 0 <= v < 1)
+        _check_float("initializer_range", self.initializer_range, "a finite float >= 0 (default 0.02)",
+                     lambda v: v >= 0)
+        for name in ("attention_bias", "attention_output_bias", "tensor_kv2_bias", "tie_word_embeddings", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
+        for name in ("pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"`{name}` must be None or a token id (int >= 0), got {value!r}")
+        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
+            raise ValueError(f"`pad_token_id` must be below vocab_size={self.vocab_size}, got {self.pad_token_id}")
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             raise ValueError(
                 f"`position_embedding_type` must be one of {list(POSITION_EMBEDDING_TYPES)}, "
@@ -197,8 +277,6 @@ class TensorAttnConfig(PreTrainedConfig):
             )
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             raise ValueError(f"`head_dim` must be even with rotary position embeddings, got {self.head_dim}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"`rope_theta` must be > 0, got {self.rope_theta!r}")
         rope_parameters = self.rope_parameters or {}
         rope_type = rope_parameters.get("rope_type", "default")
         if rope_type not in compat.STATIC_ROPE_TYPES:
@@ -211,19 +289,21 @@ class TensorAttnConfig(PreTrainedConfig):
                 f"`rope_parameters['rope_theta']` = {self.rope_parameters['rope_theta']!r} differs from `rope_theta` = "
                 f"{self.rope_theta!r}; give one value"
             )
-        for name in ("attention_dropout", "hidden_dropout"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"`rms_norm_eps` must be > 0, got {self.rms_norm_eps!r}")
-        if self.initializer_range < 0:
-            raise ValueError(f"`initializer_range` must be >= 0, got {self.initializer_range!r}")
         if self.default_cache_implementation not in available_cache_implementations():
             raise ValueError(
                 f"`default_cache_implementation` must be one of {available_cache_implementations()}, "
                 f"got {self.default_cache_implementation!r}"
             )
+
+
+def _check_float(name: str, value, allowed: str, in_range) -> None:
+    """A real number (int or float, never a bool), finite, and `in_range`; else ValueError naming all three."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not in_range(value):
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+
+
+class UnknownConfigKeyWarning(UserWarning):
+    """TensorAttnConfig got a keyword that is no field of it (most likely a misspelt one)."""
 
 
 class TensorAttnConfigError(StrictDataclassClassValidationError, ValueError):
@@ -250,4 +330,4 @@ TensorAttnConfig.validate = _validate
 # transformers also reads our config.json with its base class (compat item 2).
 compat.allow_layer_type("tensor_attention")
 
-__all__ = ["TensorAttnConfig", "TensorAttnConfigError"]
+__all__ = ["TensorAttnConfig", "TensorAttnConfigError", "UnknownConfigKeyWarning"]

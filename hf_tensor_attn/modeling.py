@@ -8,6 +8,7 @@ config's `layer_types` say.
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to
 from transformers.utils import logging
 
 from . import compat
+from .atomic import MODEL_WEIGHT_FILES, atomic_directory
 from .cache import LAYOUTS, TensorAttnCache, TensorAttnConstants, available_cache_implementations
 from .configuration import TensorAttnConfig
 from .ops import tensor_attention
@@ -36,7 +38,7 @@ class TensorAttnRMSNorm(nn.RMSNorm):
 
 class TensorAttnRotaryEmbedding(nn.Module):
     """cos/sin tables of rotary position embeddings for the given position ids; `config.rope_parameters` picks the
-    frequencies as in Llama (compat item 7), times its attention scaling (1 except for "yarn")."""
+    frequencies as in Llama (compat item 9), times its attention scaling (1 except for "yarn")."""
 
     def __init__(self, config: TensorAttnConfig):
         super().__init__()
@@ -110,14 +112,15 @@ class TensorAttention(nn.Module):
     def _streams(self, proj: nn.Linear, bias2, hidden_states) -> torch.Tensor:
         """[B, H_kv, T, 2D]: the two streams of each key/value head, side by side, plus the second stream's bias."""
         B, T, _ = hidden_states.shape
-        x = proj(hidden_states).view(B, T, self.num_key_value_heads, 2 * self.head_dim)
+        x = proj(hidden_states).view(B, T, -1, 2 * self.head_dim)  # -1: this rank's heads under tensor parallelism
         if bias2 is not None:
             x = x + F.pad(bias2, (self.head_dim, 0))  # [H_kv, 2D]: zeros on the first stream
         return x.transpose(1, 2)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
         B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        # -1 heads: under tensor parallelism the projections hold only this rank's heads (config.base_model_tp_plan).
+        q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self._streams(self.k_proj, self.k2_bias, hidden_states)  # [B, H_kv, T, 2D]
         v = self._streams(self.v_proj, self.v2_bias, hidden_states)  # [B, H_kv, T, 2D]
         if self.rope_streams:
@@ -151,7 +154,8 @@ def eager_attention(module, query, key, value, attention_mask, scaling, dropout=
 
 class StandardAttention(nn.Module):
     """Causal softmax attention for the `"full_attention"` layers of a hybrid stack, through transformers' attention
-    interface: `config._attn_implementation` "sdpa" (default) or "eager" (returns attention weights)."""
+    interface: `config._attn_implementation` "sdpa" (default), "eager" (returns attention weights) or
+    "flex_attention" (torch's FlexAttention with a block mask; on CPU torch runs it forward only)."""
 
     is_causal = True
 
@@ -173,17 +177,23 @@ class StandardAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
         B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        kv_shape = (B, T, self.num_key_value_heads, self.head_dim)
-        k = self.k_proj(hidden_states).view(kv_shape).transpose(1, 2)  # [B, H_kv, T, D]
-        v = self.v_proj(hidden_states).view(kv_shape).transpose(1, 2)
+        # -1 heads: this rank's heads under tensor parallelism
+        q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
+        v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.use_rope:
             cos, sin = position_embeddings
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if isinstance(cache, TensorAttnCache) and cache.attends(self.layer_idx):
+            # The layer summarises what it holds (cache_config["standard_layers"] = "subgen"): it does the maths.
+            out = cache.attend(self.layer_idx, q, k, v, attention_mask).transpose(1, 2)  # [B, T, H, D]
+            return self.o_proj(self.dropout(out.reshape(B, T, -1))), None
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         mask = causal_padding_mask(T, k.shape[2], attention_mask, q.device)  # [B or 1, 1, T, Tk]
         backend = self.config._attn_implementation
+        if backend == "flex_attention":
+            mask = flex_block_mask(mask)
         attend = eager_attention if backend == "eager" else ALL_ATTENTION_FUNCTIONS[backend]
         out, weights = attend(self, q, k, v, mask, scaling=self.head_dim**-0.5, dropout=0.0)  # out [B, T, H, D]
         return self.o_proj(self.dropout(out.reshape(B, T, -1))), weights
@@ -198,6 +208,21 @@ def causal_padding_mask(Tq: int, Tk: int, attention_mask, device) -> torch.Tenso
     # A pad query before any real token sees no key; SDPA would return NaN. Let it see every key instead:
     # its output is never used (its own position is masked everywhere downstream) but stays finite.
     return mask | ~mask.any(-1, keepdim=True)
+
+
+def flex_block_mask(mask: torch.Tensor):
+    """The boolean mask [B or 1, 1, Tq, Tk] as a FlexAttention `BlockMask`: transformers' flex backend adds a dense
+    tensor mask to the scores (a boolean one would be added as 0/1), while a block mask is applied as a mask and
+    lets the kernel skip fully masked blocks."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dense = mask[:, 0]
+    per_row = dense.shape[0] > 1
+
+    def visible(b, h, q_idx, kv_idx):
+        return dense[b if per_row else 0, q_idx, kv_idx]
+
+    return create_block_mask(visible, dense.shape[0] if per_row else None, None, *dense.shape[1:], device=mask.device)
 
 
 ATTENTION_CLASSES = {"tensor_attention": TensorAttention, "full_attention": StandardAttention}
@@ -237,8 +262,27 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["TensorAttnDecoderLayer"]
     _skip_keys_device_placement = [compat.CACHE_ARG]  # accelerate's device hooks must not move the cache
     _supports_sdpa = True
+    _supports_flex_attn = True
     # attn_implementation picks the standard layers' kernel; tensor layers always run ops.tensor_attention.
-    supported_attn_implementations = ("sdpa", "eager")
+    supported_attn_implementations = ("sdpa", "eager", "flex_attention")
+
+    def __init__(self, config: TensorAttnConfig, *args, **kwargs):
+        # Fields assigned after the config was built (config.score_scale = ...) have not been validated yet.
+        if isinstance(config, TensorAttnConfig):
+            config.validate()
+        super().__init__(config, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, crash-safe: written into a temporary folder beside `save_directory`
+        and swapped in only when complete (`hf_tensor_attn.atomic`), so a failed save leaves the previous
+        checkpoint loadable. Saves that several processes write together (not `is_main_process`,
+        `distributed_checkpoint`) go straight to the folder, as in transformers."""
+        if not kwargs.get("is_main_process", True) or kwargs.get("distributed_checkpoint", False):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("push_to_hub", False):
+            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging name
+        with atomic_directory(save_directory, replaced=MODEL_WEIGHT_FILES.match) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         """Refuse, at load time and by name, the attention kernels this model cannot use (compat item 6)."""
@@ -246,11 +290,23 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"tensor_attn models support attn_implementation in {list(self.supported_attn_implementations)}, got "
                 f"{attn_implementation!r}: it selects the kernel of the standard ('full_attention') layers, 'sdpa' by "
-                "default, 'eager' to return their attention weights; tensor layers always use "
-                "hf_tensor_attn.ops.tensor_attention"
+                "default, 'eager' to return their attention weights, 'flex_attention' for torch's FlexAttention; "
+                "tensor layers always use hf_tensor_attn.ops.tensor_attention (pair attention has no such kernel)"
             )
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
     register_for_auto_class = compat.keep_own_auto_map  # compat item 5
+
+    @classmethod
+    def prepare_distribute_model(cls, distributed_config, device_map=None):
+        """Refuse pipeline parallelism by name before transformers builds a device mesh (compat item 7)."""
+        compat.refuse_pipeline_parallel(distributed_config)
+        return super().prepare_distribute_model(distributed_config, device_map)
+
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        """Check that each rank gets whole heads before transformers shards the model (compat item 7)."""
+        compat.check_tensor_parallel_heads(model.config, distributed_config)
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -320,8 +376,10 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
                     f"`attention_mask` must be a 2D [batch, past + new tokens] = {(B, past_seen + T)} 0/1 mask, "
                     f"got shape {tuple(attention_mask.shape)}"
                 )
-            if bool(attention_mask.all()):
-                attention_mask = None  # nothing is padded: the masks reduce to causality
+            # Nothing padded: the masks reduce to causality and the ops take their unpadded path. Reading the mask's
+            # values is a data-dependent branch, which a compiled graph cannot hold: compiled, the mask is kept.
+            if not torch.compiler.is_compiling() and bool(attention_mask.all()):
+                attention_mask = None
         if position_ids is None:
             if attention_mask is not None:
                 # Count only real tokens, so a left-padded row gets the positions it would have alone.
@@ -359,6 +417,12 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
 
 class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # The head's share of the tensor-parallel plan (the base model's is in TensorAttnConfig), as in Llama. Unlike
+    # Llama, no FSDP rule for the head: with it and the tied embedding (our default), transformers 5.24 wraps the
+    # embedding as a unit of its own, and training left the single-process losses from the second step on (the
+    # first gradients agreed; an untied model agreed throughout). Without the rule, the tied weight sits in the root
+    # unit and FSDP2 training matches one process (tests/training/test_parallel.py).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     # Keywords transformers passes on to forward besides the named parameters: Trainer's token count for the loss
     # under gradient accumulation (it reads `accepts_loss_kwargs`). Anything else raises `TypeError`.
     accepted_extra_kwargs = ("num_items_in_batch",)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 from transformers.tokenization_python import AddedToken, PreTrainedTokenizer
+from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
 
 from . import compat
+from .atomic import atomic_directory
 from .configuration import TensorAttnConfig
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
@@ -53,6 +58,16 @@ class TensorAttnByteTokenizer(PreTrainedTokenizer):
             add_bos_token=add_bos_token, add_eos_token=add_eos_token, **kwargs,
         )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except json.JSONDecodeError as e:  # a bare JSONDecodeError names neither the file nor the way out
+            raise ValueError(
+                f"a tokenizer file in {str(pretrained_model_name_or_path)!r} is not valid JSON ({e}); it is most likely "
+                "truncated by an interrupted save: save the tokenizer again (TensorAttnByteTokenizer() needs no files)"
+            ) from e
+
     @property
     def vocab_size(self) -> int:
         return NUM_BYTES + BYTE_OFFSET
@@ -100,11 +115,21 @@ class TensorAttnByteTokenizer(PreTrainedTokenizer):
         return data.decode("utf-8", errors="replace")
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedTokenizer.save_pretrained`, crash-safe like the model's (`hf_tensor_attn.atomic`), keeping
+        `add_bos_token` and `add_eos_token`, which transformers leaves out of tokenizer_config.json."""
         # tokenizer_config.json's `auto_map` lets AutoTokenizer(trust_remote_code=True) load the installed package.
         self._auto_map = {"AutoTokenizer": [f"{compat.REMOTE_MODULE}.{type(self).__name__}", None]}
-        saved = super().save_pretrained(save_directory, *args, **kwargs)
-        compat.write_remote_module(save_directory)
-        return saved
+        if kwargs.get("push_to_hub", False):
+            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging name
+        with atomic_directory(save_directory) as staging:
+            saved = super().save_pretrained(staging, *args, **kwargs)
+            config_file = staging / TOKENIZER_CONFIG_FILE
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config.update(add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token)
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
+            compat.write_remote_module(staging)
+        return tuple(os.path.join(save_directory, os.path.relpath(path, staging)) for path in saved)
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
         return ()  # the vocabulary is the 256 bytes: nothing to write

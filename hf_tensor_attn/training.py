@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -27,22 +28,43 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
+from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+from . import compat
 
 from .arguments import DataArguments, ModelArguments, TensorAttnTrainingArguments, check_run, run_config
 from .configuration import TensorAttnConfig
 from .data import answer_accuracy, causal_lm_blocks, match3_splits, text_dataset
 from .tokenization import TensorAttnByteTokenizer
 
+logger = logging.get_logger(__name__)
+# What a checkpoint must hold to be one at all, and what an exact resume also needs besides the weights.
+CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+                      "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _load_tokenizer(argument: str, source: str):
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"`{argument}` {source!r}: its tokenizer_config.json is not valid JSON ({e}); it is most likely "
+                         "truncated by an interrupted save: save the tokenizer there again") from e
+
 
 def build_tokenizer(model_args: ModelArguments):
     """The named tokenizer; else the pretrained model's own when fine-tuning one; else the byte tokenizer."""
     if model_args.tokenizer_name is not None:
-        return AutoTokenizer.from_pretrained(model_args.tokenizer_name)
+        return _load_tokenizer("tokenizer_name", model_args.tokenizer_name)
     if model_args.init_from is not None:
-        try:
-            return AutoTokenizer.from_pretrained(model_args.init_from)
-        except (OSError, ValueError):
-            pass  # a model saved without a tokenizer: fall back to the byte tokenizer it was most likely trained with
+        local = Path(model_args.init_from).expanduser()
+        if not local.is_dir() or (local / TOKENIZER_CONFIG_FILE).is_file():
+            try:
+                return _load_tokenizer("init_from", model_args.init_from)
+            except OSError:
+                pass  # a Hub model without a tokenizer
+        # a model saved without a tokenizer: fall back to the byte tokenizer it was most likely trained with
     positions = model_args.max_position_embeddings or TensorAttnConfig.max_position_embeddings
     return TensorAttnByteTokenizer(model_max_length=positions)  # truncation keeps what the model has positions for
 
@@ -131,6 +153,91 @@ class ParamChecksumCallback(TrainerCallback):
         (directory / f"rank{args.process_index}.json").write_text(json.dumps(record))
 
 
+def _checkpoint_steps(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `checkpoint-N` folder in output_dir, newest first."""
+    found = []
+    for entry in output_dir.iterdir() if output_dir.is_dir() else ():
+        prefix, _, step = entry.name.partition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and entry.is_dir():
+            found.append((int(step), entry))
+    return sorted(found, reverse=True)
+
+
+def _missing(checkpoint: Path, names) -> list[str]:
+    return [name for name in names if not (checkpoint / name).exists()]
+
+
+def _missing_for_exact_resume(checkpoint: Path) -> list[str]:
+    """The optimizer, scheduler and RNG state files the checkpoint lacks (an FSDP or DeepSpeed checkpoint holds its
+    optimizer under other names starting with "optimizer")."""
+    missing = []
+    if not any(entry.name.startswith("optimizer") for entry in checkpoint.iterdir()):
+        missing.append(compat.OPTIMIZER_NAME)
+    missing += _missing(checkpoint, [compat.SCHEDULER_NAME])
+    if not any(entry.name.startswith("rng_state") for entry in checkpoint.iterdir()):
+        missing.append("rng_state.pth")
+    return missing
+
+
+def resolve_checkpoint(output_dir, resume_from_checkpoint, weights_only: bool = False) -> str | None:
+    """The checkpoint folder to resume from, checked: `True` (or "true") means the newest *complete* checkpoint in
+    output_dir, which it logs with the reason any newer one was skipped. A checkpoint without its optimizer,
+    scheduler or RNG state cannot resume exactly: ValueError naming the missing file, unless `weights_only`."""
+    if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() == "true":
+        resume_from_checkpoint = True
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return None
+    essential = [compat.TRAINER_STATE_NAME]
+    if resume_from_checkpoint is True:
+        skipped = []
+        for step, folder in _checkpoint_steps(Path(output_dir)):
+            has_weights = any((folder / name).exists() for name in CHECKPOINT_WEIGHTS)
+            missing = _missing(folder, essential) + ([] if has_weights else ["model weights"])
+            if not missing:
+                break
+            skipped.append(f"{folder.name} (no {', no '.join(missing)}: a save that did not finish)")
+        else:
+            raise ValueError(f"`resume_from_checkpoint` true found no complete checkpoint in output_dir {str(output_dir)!r}"
+                             f"{'; skipped ' + '; '.join(skipped) if skipped else ''}")
+        why = f"; skipped the newer {'; '.join(skipped)}" if skipped else ""
+        logger.warning(f"Resuming from {folder}: the newest complete checkpoint in {output_dir}{why}")
+        checkpoint = folder
+    else:
+        checkpoint = Path(resume_from_checkpoint)
+        if not checkpoint.is_dir():
+            raise ValueError(f"`resume_from_checkpoint` {str(checkpoint)!r} is no folder; give a checkpoint-N folder "
+                             "or true (the newest complete one in output_dir)")
+        missing = _missing(checkpoint, essential)
+        if missing:
+            raise ValueError(f"`resume_from_checkpoint` {str(checkpoint)!r} has no {missing[0]}: it is no complete "
+                             "checkpoint (an interrupted save?); give another one, or true for the newest complete one")
+    missing = _missing_for_exact_resume(checkpoint)
+    if missing and not weights_only:
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r} has no {', no '.join(missing)}: resuming from it would restart that state "
+            "and the run would silently differ from an uninterrupted one; resume from a complete checkpoint, or pass "
+            "resume_weights_only=true (--resume_weights_only=true) to restore its weights and step only"
+        )
+    if missing:
+        logger.warning(f"Resuming from {checkpoint} without {', '.join(missing)} (resume_weights_only): the run will "
+                       "differ from an uninterrupted one")
+    return os.fspath(checkpoint)
+
+
+class TensorAttnTrainer(Trainer):
+    """transformers' `Trainer` with crash-safe checkpoints: a `checkpoint-N` folder appears only once complete
+    (compat item 8), and `train(resume_from_checkpoint=...)` resumes only from a checked checkpoint
+    (`resolve_checkpoint`; `args.resume_weights_only` allows one without optimizer or scheduler state)."""
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        weights_only = getattr(self.args, "resume_weights_only", False)
+        checkpoint = resolve_checkpoint(self.args.output_dir, resume_from_checkpoint, weights_only)
+        return super().train(checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        compat.save_checkpoint_staged(self, super()._save_checkpoint, model, trial)
+
+
 def make_trainer(
     model,
     tokenizer,
@@ -145,7 +252,7 @@ def make_trainer(
     callbacks = list(callbacks)
     if getattr(training_args, "write_param_checksums", False):
         callbacks.append(ParamChecksumCallback())
-    return Trainer(
+    return TensorAttnTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -179,13 +286,17 @@ def build_trainer(
 def run_trainer(trainer: Trainer, resume_from_checkpoint: str | bool | None = None) -> Trainer:
     """Train (resuming from a checkpoint path, or from the newest in output_dir when it is true or "true"), evaluate
     the final model unless its last step just did, and save the model, tokenizer and `trainer_state.json`."""
-    if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() == "true":
-        resume_from_checkpoint = True
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
+    if not isinstance(trainer, TensorAttnTrainer):  # ours checks in `train`
+        weights_only = getattr(trainer.args, "resume_weights_only", False)
+        resume_from_checkpoint = resolve_checkpoint(trainer.args.output_dir, resume_from_checkpoint, weights_only)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     final_step = trainer.state.global_step
     evaluated = any("eval_loss" in entry and entry.get("step") == final_step for entry in trainer.state.log_history)
     if trainer.eval_dataset is not None and not evaluated:
         trainer.evaluate()
+    # The save swaps output_dir as a whole (hf_tensor_attn.atomic): every process must have written its files there
+    # (ParamChecksumCallback) before the main process takes stock of them.
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model()
     trainer.save_state()
     return trainer
@@ -209,12 +320,14 @@ def train(
 
 __all__ = [
     "ParamChecksumCallback",
+    "TensorAttnTrainer",
     "build_datasets",
     "build_model",
     "build_tokenizer",
     "build_trainer",
     "make_trainer",
     "param_checksum",
+    "resolve_checkpoint",
     "run_trainer",
     "train",
 ]

@@ -155,6 +155,95 @@ def test_remote_code_loaders_register_the_class_they_load():
         assert cls._auto_class is None
 
 
+# ---- item 7: distributed plans ----
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_distributed_plans_resolve_as_our_model_expects(make_model, tied):
+    """The plans DistributedConfig applies to our model: every projection by heads, the MLPs as Llama's, the vocabulary
+    sharded, and under FSDP2 one unit per decoder layer with a tied embedding and head left to the root unit."""
+    from transformers.distributed import DistributedConfig
+    from transformers.distributed.fsdp import ALL_FSDP_STYLES
+    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+
+    model = make_model(layer_types=["tensor_attention", "full_attention"], tie_word_embeddings=tied)
+    assert all(style in ALL_PARALLEL_STYLES for style in model.tp_plan.values()), model.tp_plan
+    assert all(style in ALL_FSDP_STYLES for style in model.fsdp_plan.values()), model.fsdp_plan
+    tp_plan, _, fsdp_plan = model._resolve_parallel_plans(DistributedConfig(tp_size=2, fsdp_size=2))
+    for layer in (0, 1):  # a tensor and a standard layer: the same rule names
+        prefix = f"model.layers.{layer}."
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            assert tp_plan[prefix + name] == "colwise" and tp_plan[prefix + name + ".weight"] == "colwise"
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            assert tp_plan[prefix + name] == "rowwise"
+    assert tp_plan["model.embed_tokens"] == "embedding_rowwise"
+    assert tp_plan["lm_head"] == "colwise_gather_output"
+    expected = {"model.layers.0": "free_full_weight", "model.layers.1": "free_full_weight",
+                "model.norm": "keep_full_weight"}
+    if not tied:
+        expected["model.embed_tokens"] = "free_full_weight"
+    assert fsdp_plan == expected
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_pipeline_parallel_is_refused_by_name_before_any_mesh(make_model, tmp_path, as_dict):
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    make_model(dtype=torch.float32).save_pretrained(tmp_path)
+    config = {"pp_size": 2} if as_dict else DistributedConfig(pp_size=2)
+    with pytest.raises(ValueError, match="pipeline parallelism, got distributed_config pp_size=2"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, distributed_config=config)
+    assert not torch.distributed.is_initialized()
+
+
+def test_tensor_parallel_needs_whole_heads_per_rank(make_model):
+    """from_pretrained hands the built model to `maybe_distribute_model`, ours checks the heads before sharding."""
+    from transformers import PreTrainedModel
+    from transformers.distributed import DistributedConfig
+
+    assert "cls.maybe_distribute_model(model, distributed_config, mesh_manager)" in inspect.getsource(
+        PreTrainedModel.from_pretrained
+    )
+    model = make_model(dtype=torch.float32, hidden_size=36, num_attention_heads=3)
+    with pytest.raises(ValueError, match="`num_attention_heads`=3 is not a multiple of distributed_config tp_size=2"):
+        type(model).maybe_distribute_model(model, DistributedConfig(tp_size=2), mesh_manager=object())
+    assert type(model).maybe_distribute_model(model, DistributedConfig(tp_size=1), mesh_manager=None) is model
+
+
+# ---- item 8: Trainer checkpoints ----
+
+
+def test_trainer_save_checkpoint_writes_under_get_output_dir_and_rotates_there():
+    from transformers import Trainer, trainer_utils
+
+    assert list(inspect.signature(Trainer._save_checkpoint).parameters) == ["self", "model", "trial"]
+    source = inspect.getsource(Trainer._save_checkpoint)
+    # compat.save_checkpoint_staged redirects exactly this call, and renames exactly this folder name.
+    assert "run_dir = self._get_output_dir(trial=trial)" in source
+    assert 'checkpoint_folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"' in source
+    assert "output_dir = os.path.join(run_dir, checkpoint_folder)" in source
+    assert "rotate_checkpoints(" in source and "output_dir=run_dir" in source
+    assert trainer_utils.PREFIX_CHECKPOINT_DIR == "checkpoint"
+    assert "rotate_checkpoints" in dir(trainer_utils)
+    assert (compat.TRAINER_STATE_NAME, compat.OPTIMIZER_NAME, compat.SCHEDULER_NAME) == (
+        "trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+def test_trainer_would_resume_from_a_partial_checkpoint_without_our_check(tmp_path):
+    """Why `training.resolve_checkpoint` exists: upstream picks the highest-numbered folder, complete or not, and
+    skips a missing scheduler.pt without a word."""
+    from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    (tmp_path / "checkpoint-100").mkdir()
+    (tmp_path / "checkpoint-100" / compat.TRAINER_STATE_NAME).write_text("{}")
+    (tmp_path / "checkpoint-200").mkdir()
+    assert get_last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-200")
+    assert "os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME))" in inspect.getsource(
+        Trainer._load_optimizer_and_scheduler)
+
+
 def test_sdpa_interface_repeats_key_value_heads_by_num_key_value_groups():
     """Item 6: standard layers with fewer key/value heads rely on the interface reading `module.num_key_value_groups`."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -173,7 +262,7 @@ def test_sdpa_interface_repeats_key_value_heads_by_num_key_value_groups():
 
 
 def test_rope_parameters_are_filled_by_the_base_config_and_computed_by_transformers_functions():
-    """Item 7: PreTrainedConfig fills `rope_parameters` from our `rope_theta`; ROPE_INIT_FUNCTIONS has the static types
+    """Item 9: PreTrainedConfig fills `rope_parameters` from our `rope_theta`; ROPE_INIT_FUNCTIONS has the static types
     and gives LlamaRotaryEmbedding's tables."""
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

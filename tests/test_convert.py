@@ -72,7 +72,7 @@ def test_greedy_tokens_equal_the_source_through_every_layout(converted):
 
 
 def test_rope_tables_equal_llamas():
-    """compat item 7: each RoPE type transformers' Llama supports and we allow gives Llama's exact tables."""
+    """compat item 9: each RoPE type transformers' Llama supports and we allow gives Llama's exact tables."""
     for name in SOURCES:
         source, layers = source_model(name)
         model = convert_from_llama(source, layers)

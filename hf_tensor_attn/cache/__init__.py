@@ -10,12 +10,13 @@ from .base import (
     register_layout,
 )
 from .four import FourCacheLayer
-from .subgen import SubGen2CacheLayer, SubGen4CacheLayer
+from .subgen import StandardSubGenCacheLayer, SubGen2CacheLayer, SubGen4CacheLayer
 from .two import TwoCacheLayer, TwoCacheMemoryError
 
 __all__ = [
     "LAYOUTS",
     "FourCacheLayer",
+    "StandardSubGenCacheLayer",
     "SubGen2CacheLayer",
     "SubGen4CacheLayer",
     "TensorAttnCache",

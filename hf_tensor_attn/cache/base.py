@@ -36,6 +36,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from .. import compat
 
 LAYOUTS: dict[str, type[TensorAttnCacheLayer]] = {}
+# What the standard (softmax) layers of a hybrid stack keep: every key and value, or a SubGen summary.
+STANDARD_LAYERS = ("exact", "subgen")
 
 
 def register_layout(name: str):
@@ -73,6 +75,10 @@ class TensorAttnCacheLayer(CacheLayerMixin):
     """Cache of one tensor-attention layer; see the module docstring for the protocol."""
 
     layout_name: str = ""
+    # Key/value streams side by side in the states (k1 | k2); a layer of standard attention has 1.
+    stream_count = 2
+    # The layer class `cache_config["standard_layers"] = "subgen"` builds for standard layers (None: not offered).
+    standard_layer: type | None = None
     is_croppable = False
     is_sliding = False
     # What `crop` says when the layout cannot forget tokens (layouts that can override `crop`).
@@ -100,7 +106,10 @@ class TensorAttnCacheLayer(CacheLayerMixin):
     @classmethod
     def check_cache_config(cls, cache_config) -> None:
         if not isinstance(cache_config, dict):
-            raise TypeError(f"`cache_config` must be a dict of options, got {type(cache_config).__name__}")
+            raise TypeError(
+                f"`cache_config` must be a dict of options such as {{'delta': 0.5}}, got the {type(cache_config).__name__} "
+                f"{cache_config!r}; keys of cache_implementation={cls.layout_name!r}: {list(cls.config_keys()) or 'none'}"
+            )
         unknown = sorted(set(cache_config) - set(cls.config_keys()))
         if unknown:
             allowed = list(cls.config_keys()) or "none"
@@ -131,12 +140,12 @@ class TensorAttnCacheLayer(CacheLayerMixin):
             raise ValueError("`attend` needs tokens in the cache: `update` it with the new key/value states first")
         B, H_kv, _, D2 = self.keys.shape
         if not isinstance(query, torch.Tensor) or query.dim() != 4 or query.shape[0] != B or query.shape[1] % H_kv or (
-            2 * query.shape[3] != D2
+            self.stream_count * query.shape[3] != D2
         ):
             shape = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
             raise ValueError(
-                f"`query` must be [B, H, Tq, D] = [{B}, H, Tq, {D2 // 2}] with H a multiple of the {H_kv} key/value "
-                f"heads held, got {shape}"
+                f"`query` must be [B, H, Tq, D] = [{B}, H, Tq, {D2 // self.stream_count}] with H a multiple of the "
+                f"{H_kv} key/value heads held, got {shape}"
             )
         if query.shape[2] > self.seen:
             raise ValueError(f"`query` has {query.shape[2]} positions but the cache holds only {self.seen} tokens")
@@ -254,32 +263,73 @@ def layer_memory_bytes(layer) -> int:
 
 class TensorAttnCache(Cache):
     """The cache of a tensor-attention model: layout `cache_implementation` for its tensor layers, transformers'
-    `DynamicLayer` for its standard ones.
+    `DynamicLayer` for its standard ones (or SubGen: `cache_config["standard_layers"] = "subgen"`).
 
     Args:
         config: the model's `TensorAttnConfig` (its `layer_types`, `score_scale`, `w1`, `w2`).
         cache_implementation: one of `available_cache_implementations()`; defaults to the config's.
-        cache_config: options of that layout (e.g. `{"max_memory_bytes": ...}` for `"two_cache"`).
+        cache_config: options of that layout (e.g. `{"max_memory_bytes": ...}` for `"two_cache"`), and
+            `"standard_layers"`: `"exact"` (default, every key and value) or `"subgen"` (a layout that offers it,
+            "subgen4" / "subgen2": the standard layers are summarised too, with the same options).
         offloading: keep each layer on the CPU between its uses (transformers' offloaded cache; needs CUDA).
     """
 
     def __init__(self, config, cache_implementation: str | None = None, cache_config: dict | None = None,
                  offloading: bool = False):
+        if not all(hasattr(config, field) for field in ("layer_types", "score_scale", "default_cache_implementation")):
+            raise TypeError(
+                f"`config` must be the model's TensorAttnConfig (TensorAttnCache(model.config, ...)), got {config!r}"
+            )
+        if offloading and not torch.cuda.is_available():
+            raise ValueError(
+                "`offloading=True` (cache_implementation='offloaded') moves each layer to the CPU between uses and back "
+                "to its CUDA device, but torch sees no CUDA device here; on a CPU-only machine use 'dynamic' or a "
+                f"layout from {available_cache_implementations()}"
+            )
         name = cache_implementation or config.default_cache_implementation
         if name not in LAYOUTS:
             raise ValueError(f"`cache_implementation` must be one of {available_cache_implementations()}, got {name!r}")
         layout = LAYOUTS[name]
         cache_config = {} if cache_config is None else cache_config
+        if isinstance(cache_config, dict) and "standard_layers" in cache_config:
+            cache_config = dict(cache_config)
+            standard = cache_config.pop("standard_layers")
+        else:
+            standard = "exact"
         layout.check_cache_config(cache_config)
+        if standard not in STANDARD_LAYERS or standard == "subgen" and layout.standard_layer is None:
+            offered = [n for n, cls in LAYOUTS.items() if cls.standard_layer is not None]
+            raise ValueError(
+                f"`cache_config['standard_layers']` must be one of {list(STANDARD_LAYERS)} ('subgen' only with "
+                f"cache_implementation in {offered}), got {standard!r} with cache_implementation={name!r}"
+            )
         self.constants = TensorAttnConstants.from_config(config)
         self.layer_types = tuple(config.layer_types)
         tensor_layers = iter(layout.build(self.constants, self.layer_types.count("tensor_attention"), cache_config))
-        layers = [next(tensor_layers) if t == "tensor_attention" else DynamicLayer() for t in self.layer_types]
+
+        def standard_layer():
+            if standard == "exact":
+                return DynamicLayer()
+            return layout.standard_layer(TensorAttnConstants(scale=config.head_dim**-0.5), **cache_config)
+
+        layers = [next(tensor_layers) if t == "tensor_attention" else standard_layer() for t in self.layer_types]
         super().__init__(layers=layers, offloading=offloading)
         self.cache_implementation = name
 
+    def attends(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` computes its own attention (`attend`); False for a `DynamicLayer`."""
+        return isinstance(self.layers[layer_idx], TensorAttnCacheLayer)
+
     def attend(self, layer_idx: int, query, key_states, value_states, attention_mask=None) -> torch.Tensor:
-        """Append the new states to tensor layer `layer_idx` and return its attention for `query`."""
+        """Append the new states to layer `layer_idx` and return its attention for `query` (see `attends`)."""
+        if attention_mask is not None:
+            # Padded tokens never contribute, but a NaN they hold would survive a zero weight (0 * NaN) in layouts
+            # that sum or cluster what they hold: such entries are stored as 0. Finite states are stored unchanged.
+            padded = ~attention_mask[:, -key_states.shape[-2] :].to(device=key_states.device, dtype=torch.bool)
+            padded = padded[:, None, :, None]  # [B, 1, T, 1]
+            key_states, value_states = (
+                torch.where(padded & ~torch.isfinite(t), torch.zeros_like(t), t) for t in (key_states, value_states)
+            )
         self.update(key_states, value_states, layer_idx, attention_mask=attention_mask)
         return self.layers[layer_idx].attend(query, attention_mask)
 
@@ -291,6 +341,17 @@ class TensorAttnCache(Cache):
                 f"model has layer_types={list(config.layer_types)} and {TensorAttnConstants.from_config(config)}; "
                 "build it with TensorAttnCache(model.config, ...)"
             )
+        for idx, layer in enumerate(self.layers):
+            # A tensor layer holds k1 | k2 side by side, a standard layer k alone.
+            width = config.head_dim * (2 if isinstance(layer, TensorAttnCacheLayer) else 1)
+            keys = layer.keys if layer.is_initialized else None
+            held = keys.shape[-1] if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.numel() else width
+            if held != width:
+                raise ValueError(
+                    f"this TensorAttnCache holds states of width {held} in layer {idx}, but the model's layer {idx} "
+                    f"uses {width} (head_dim={config.head_dim}): it was filled by another model; build a new one with "
+                    "TensorAttnCache(model.config, ...)"
+                )
 
     def memory_bytes(self) -> int:
         """Bytes of tensor storage held by all layers."""

@@ -21,6 +21,17 @@ evicts what falls outside the window. A prompt (nothing evicted yet) is therefor
 
 Sinks are the first `sink_tokens` *positions*, shared by every row of the batch: with left padding a shorter row's
 sinks may be pads, which are simply masked.
+
+**Bounded memory.** `max_clusters` caps the clusters of every summary (per head); `budget_bytes` caps the bytes of
+the whole layer (all batch rows, exact window included) by deriving that cap from the layer's shapes. Over the cap
+a summary merges its nearest clusters and grows its radius (`summary.StreamSummary`), so `memory_bytes()` stays
+within the budget on any key stream. It is measured between steps: within a forward the layer also holds that
+step's new tokens (the whole prompt during prefill) until it evicts them after attending.
+
+**Standard layers.** `StandardSubGenCacheLayer` is SubGen for the softmax-attention layers of a hybrid stack (the
+original SubGen setting): one summary of the (k, v) stream; the denominator from the clusters, the numerator from
+cluster value sums or ℓ2 samples. `TensorAttnCache` builds it for every standard layer when
+`cache_config["standard_layers"] == "subgen"`, with the same options as the tensor layers.
 """
 
 from __future__ import annotations
@@ -52,7 +63,8 @@ class _SubGenLayer(TensorAttnCacheLayer):
     why_not_croppable = "evicted tokens are merged into cluster summaries and cannot be un-merged"
 
     def __init__(self, constants, *, delta: float = 0.5, cluster_samples: int = 8, value_samples: int = 64,
-                 recent_window: int = 64, sink_tokens: int = 4, seed: int = 0, numerator: str = "cluster_sum"):
+                 recent_window: int = 64, sink_tokens: int = 4, seed: int = 0, numerator: str = "cluster_sum",
+                 max_clusters: int | None = None, budget_bytes: int | None = None):
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta) or delta < 0:
             raise ValueError(f"`cache_config['delta']` must be a finite float >= 0 (l2 clustering radius of keys), got {delta!r}")
         _check_int("cluster_samples", cluster_samples, 1, what=" (reservoir size per cluster)")
@@ -62,8 +74,13 @@ class _SubGenLayer(TensorAttnCacheLayer):
         _check_int("seed", seed, 0, 2**63 - 1)
         if numerator not in NUMERATORS:
             raise ValueError(f"`cache_config['numerator']` must be one of {list(NUMERATORS)}, got {numerator!r}")
+        if max_clusters is not None:
+            _check_int("max_clusters", max_clusters, 1, what=" or None (clusters per head and summary)")
+        if budget_bytes is not None:
+            _check_int("budget_bytes", budget_bytes, 1, what=" or None (bytes of the whole layer, all batch rows)")
         self.cfg = dict(delta=delta, cluster_samples=cluster_samples, value_samples=value_samples,
-                        recent_window=recent_window, sink_tokens=sink_tokens, seed=seed, numerator=numerator)
+                        recent_window=recent_window, sink_tokens=sink_tokens, seed=seed, numerator=numerator,
+                        max_clusters=max_clusters, budget_bytes=budget_bytes)
         super().__init__(constants, **self.cfg)
         self.check_windows()
 
@@ -106,7 +123,33 @@ class _SubGenLayer(TensorAttnCacheLayer):
         self.positions = torch.zeros(0, dtype=torch.long, device=self.device)  # [exact] absolute positions
         self.n_pending = 0  # the last n_pending exact tokens arrived since the last eviction
         self.n_evicted = 0
-        self._init_summaries(B, H, D2 // 2)
+        self._init_summaries(B, H, D2 // self.stream_count)
+        self._apply_cap()
+
+    def _apply_cap(self) -> None:
+        """Cap every summary at `max_clusters`, or at what `budget_bytes` leaves after the exact window."""
+        cap, budget = self.cfg["max_clusters"], self.cfg["budget_bytes"]
+        B, H, _, D2 = self.keys.shape
+        if budget is None and cap is None or B == 0:
+            return
+        summaries = self._summaries()
+        if budget is not None:
+            # The exact buffer holds at most sink_tokens + recent_window tokens between steps.
+            per_token = B * H * D2 * (self.keys.element_size() + self.values.element_size()) + B + 8  # + real, position
+            fixed = (self.cfg["sink_tokens"] + self.cfg["recent_window"]) * per_token
+            fixed += sum(s.fixed_bytes() for s in summaries)
+            per_cluster = sum(s.cluster_bytes() for s in summaries)
+            fit = (budget - fixed) // per_cluster
+            if fit < 1:
+                raise ValueError(
+                    f"`cache_config['budget_bytes']` must be at least {fixed + per_cluster} for this layer (batch {B}, "
+                    f"{H} heads, width {D2}: the exact window of sink_tokens + recent_window = "
+                    f"{self.cfg['sink_tokens'] + self.cfg['recent_window']} tokens and one cluster per summary), got "
+                    f"{budget}; raise it or shrink recent_window / sink_tokens"
+                )
+            cap = fit if cap is None else min(cap, fit)
+        for summary in summaries:
+            summary.limit(cap)
 
     def append(self, key_states, value_states, attention_mask) -> None:
         self._evict()  # in case no query read the previous tokens
@@ -123,21 +166,24 @@ class _SubGenLayer(TensorAttnCacheLayer):
 
     def read(self, query, attention_mask):
         """Exact attention while nothing is summarised, the estimators afterwards; then evict."""
-        Tq = query.shape[2]
-        if self.n_evicted == 0:
-            # Nothing summarised yet: the exact buffer is the whole sequence, attend exactly.
-            k1, k2 = self.keys.chunk(2, dim=-1)
-            v1, v2 = self.values.chunk(2, dim=-1)
-            mask = None if bool(self.real.all()) else self.real.long()
-            op = four_cache_decode if Tq == 1 else tensor_attention
-            c = self.constants
-            out = op(query, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=mask)
-        else:
-            out = torch.cat(
-                [self._estimate(query[:, :, i : i + QUERY_BLOCK], Tq - i) for i in range(0, Tq, QUERY_BLOCK)], dim=2
-            ).to(query.dtype)
+        out = self._exact(query) if self.n_evicted == 0 else self._estimate_blocks(query)
         self._evict()
         return out
+
+    def _exact(self, query):
+        """Nothing summarised yet: the exact buffer is the whole sequence, attend exactly."""
+        k1, k2 = self.keys.chunk(2, dim=-1)
+        v1, v2 = self.values.chunk(2, dim=-1)
+        mask = None if bool(self.real.all()) else self.real.long()
+        op = four_cache_decode if query.shape[2] == 1 else tensor_attention
+        c = self.constants
+        return op(query, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=mask)
+
+    def _estimate_blocks(self, query):
+        Tq = query.shape[2]
+        return torch.cat(
+            [self._estimate(query[:, :, i : i + QUERY_BLOCK], Tq - i) for i in range(0, Tq, QUERY_BLOCK)], dim=2
+        ).to(query.dtype)
 
     def _exact_log_weights(self, Tq_block: int, from_end: int, window):
         """[B, 1, Tq_block, Ne] log-weights of the exact tokens for queries ending `from_end` positions before the end."""
@@ -191,8 +237,8 @@ class _SubGenLayer(TensorAttnCacheLayer):
 
     def _rows(self, part: slice, stream: int):
         """Exact keys, values [B, H, n, D] of stream 1 or 2 and weights [B, H, n] for the tokens in `part`."""
-        D = self.keys.shape[-1] // 2
-        cols = slice(0, D) if stream == 1 else slice(D, 2 * D)
+        D = self.keys.shape[-1] // self.stream_count
+        cols = slice(0, D) if stream == 1 else slice(D, 2 * D)  # stream 1 of a standard layer: its whole width
         k = self.keys[:, :, part, cols].to(self.sdtype)
         v = self.values[:, :, part, cols].to(self.sdtype)
         w = self.real[:, None, part].to(self.sdtype).expand(k.shape[:3])
@@ -208,6 +254,7 @@ class _SubGenLayer(TensorAttnCacheLayer):
         self.keys, self.values, self.real = fn(self.keys), fn(self.values), fn(self.real)
         for summary in self._summaries():
             summary.apply(fn)
+        self._apply_cap()  # a larger batch (beams) leaves fewer clusters within the same budget
 
     def move(self, device) -> None:
         self.positions = self.positions.to(device, non_blocking=True)
@@ -234,7 +281,8 @@ class SubGen4CacheLayer(_SubGenLayer):
 
     cache_config: delta (clustering radius, default 0.5), cluster_samples (reservoir size t per cluster, 8),
     value_samples (ℓ2 samplers s, 64), recent_window (64), sink_tokens (4), seed (0), numerator ("cluster_sum" or
-    "sampled"; cluster_samples and value_samples only matter for "sampled"). Every layer's generator starts from
+    "sampled"; cluster_samples and value_samples only matter for "sampled"), max_clusters (None: unbounded) and
+    budget_bytes (None; bytes of this layer, all batch rows: see the module docstring). Every layer's generator starts from
     `seed`, so a run is reproducible whatever the global torch seed. "cluster_sum" is the default because it was
     measured better at equal memory (scripts/bench/eval_subgen.py; docs/eval_subgen.md).
     """
@@ -246,8 +294,10 @@ class SubGen4CacheLayer(_SubGenLayer):
         return self.streams
 
     def _summarise(self, evicted):
-        for stream, summary in zip((1, 2), self.streams):
-            _insert_chunked(summary, *self._rows(evicted, stream))
+        windows = (self.constants.w1, self.constants.w2)
+        for stream, summary, window in zip((1, 2), self.streams, windows):
+            if window is None:  # a windowed stream never sees an evicted token again: summarising it wastes memory
+                _insert_chunked(summary, *self._rows(evicted, stream))
 
     def _parts(self, q, lw1, lw2):
         scale, w1, w2 = self.constants.scale, self.constants.w1, self.constants.w2
@@ -382,4 +432,43 @@ class SubGen2CacheLayer(_SubGenLayer):
         return nums, dens
 
 
-__all__ = ["SubGen2CacheLayer", "SubGen4CacheLayer"]
+class StandardSubGenCacheLayer(_SubGenLayer):
+    """SubGen for a standard (softmax) attention layer: an exact window plus one summary of its (k, v) stream.
+    Built by `TensorAttnCache` for every standard layer when `cache_config["standard_layers"] == "subgen"`; takes the
+    tensor layers' SubGen options. Constants: the standard layer's score scale (1/sqrt(head_dim)), no windows."""
+
+    layout_name = "standard_layers='subgen'"
+    stream_count = 1
+
+    def _init_summaries(self, B, H, D):
+        self.summary = self._summary(B, H, D)
+
+    def _summaries(self):
+        return [self.summary]
+
+    def _summarise(self, evicted):
+        _insert_chunked(self.summary, *self._rows(evicted, 1))
+
+    def _exact(self, query):
+        # The estimator over exact rows alone (log-weights 0 / -inf) is exact softmax attention.
+        return self._estimate_blocks(query)
+
+    def _parts(self, q, lw, _unused):
+        scale = self.constants.scale
+        k, v, _ = self._rows(slice(None), 1)
+        exact = weighted_row_sums(q, k, lw, scale=scale, v=v)  # [B, H, Tq, D]
+        if self.summary.numerator == "cluster_sum":
+            sk, sv, sw = self.summary.cluster_rows()
+            part = weighted_row_sums(q, sk, log_weights(sw)[:, :, None], scale=scale, v=sv)
+            return [exact, part], [exact, part]
+        nk, nv, nw = self.summary.l2_rows()
+        dk, dw = self.summary.denominator_rows()
+        num = weighted_row_sums(q, nk, log_weights(nw)[:, :, None], scale=scale, v=nv)
+        den = weighted_row_sums(q, dk, log_weights(dw)[:, :, None], scale=scale)
+        return [exact, num], [exact, den]
+
+
+for _layout in (SubGen4CacheLayer, SubGen2CacheLayer):
+    _layout.standard_layer = StandardSubGenCacheLayer  # what cache_config["standard_layers"] = "subgen" builds
+
+__all__ = ["StandardSubGenCacheLayer", "SubGen2CacheLayer", "SubGen4CacheLayer"]

@@ -15,13 +15,26 @@ Reservoirs then use priority sampling (Duffield, Lund & Thorup 2007): priority w
 kept row by max(w, τ) with τ the largest priority ever dropped; unbiased per row and exact while a cluster holds
 at most t rows. With unit weights the kept set is a uniform sample, and `count / |R|` is used instead (lower
 variance, still unbiased). The estimators that read these rows are stateless: `ops.subgen`.
+
+A cap (`max_clusters`) bounds the memory of a summary for any stream: after each insert, while a head holds more
+clusters than the cap, its two nearest clusters (by center) are merged into one, and that head's radius grows to
+the distance of the merged pair, so that later keys join the coarser clusters instead of opening new ones.
+A merge is exact bookkeeping for every estimator: counts and sums add; two priority-sampled reservoirs merge into
+the top-t priorities of their union, which is the reservoir the union would have had (priorities are drawn
+independently per row); τ becomes the largest priority either dropped. What a merge costs is resolution: the
+merged cluster's keys are scored through one mean key (cluster sums) or one shared reservoir.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..ops.subgen import NUMERATORS, assign_clusters
+from ..ops.subgen import NUMERATORS, assign_clusters, nearest_cluster_pair
+
+# State tensors without a cluster dimension (everything else is [B, H, C, ...]).
+PER_HEAD = ("n_clusters", "radius", "l2_keys", "l2_values", "l2_mass")
 
 
 class StreamSummary:
@@ -35,13 +48,15 @@ class StreamSummary:
         reservoir_values: also keep each reservoir key's value (the two layout generates rows from them).
         weighted: rows may carry weights other than 0/1 (priority-sampling estimator instead of count/|R|).
         generator: the `torch.Generator` every random draw comes from.
+        max_clusters: at most this many clusters per head (None: unbounded); see the module docstring.
     """
 
     def __init__(self, batch, heads, dim, *, delta, numerator, cluster_samples, value_samples, dtype, device,
-                 generator, reservoir_values=False, weighted=False):
+                 generator, reservoir_values=False, weighted=False, max_clusters=None):
         if numerator not in NUMERATORS:
             raise ValueError(f"`numerator` must be one of {NUMERATORS}, got {numerator!r}")
         self.delta, self.numerator, self.weighted = float(delta), numerator, weighted
+        self.max_clusters = None
         self.t, self.s = int(cluster_samples), int(value_samples) if numerator == "sampled" else 0
         self.reservoir_values = reservoir_values
         self.generator = generator
@@ -51,6 +66,7 @@ class StreamSummary:
             "centers": torch.zeros(B, H, 0, D, **z),
             "counts": torch.zeros(B, H, 0, **z),
             "n_clusters": torch.zeros(B, H, dtype=torch.long, device=device),
+            "radius": torch.full((B, H), self.delta, **z),  # grows where merges happen
         }
         if numerator == "cluster_sum":
             self.state["key_sums"] = torch.zeros(B, H, 0, D, **z)
@@ -67,6 +83,8 @@ class StreamSummary:
                 self.state["l2_keys"] = torch.zeros(B, H, self.s, D, **z)
                 self.state["l2_values"] = torch.zeros(B, H, self.s, D, **z)
                 self.state["l2_mass"] = torch.zeros(B, H, **z)  # μ = Σ w·‖v‖² so far
+        if max_clusters is not None:
+            self.limit(max_clusters)
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
 
@@ -76,6 +94,25 @@ class StreamSummary:
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state.values())
+
+    def fixed_bytes(self) -> int:
+        """Bytes that do not depend on the number of clusters (per-head counters, ℓ2 samplers)."""
+        return sum(t.numel() * t.element_size() for k, t in self.state.items() if k in PER_HEAD)
+
+    def cluster_bytes(self) -> int:
+        """Bytes of one more cluster slot (every head of every row holds it)."""
+        total = 0
+        for k, t in self.state.items():
+            if k not in PER_HEAD:
+                total += math.prod(t.shape[:2]) * math.prod(t.shape[3:]) * t.element_size()
+        return total
+
+    def limit(self, max_clusters: int) -> None:
+        """Hold at most `max_clusters` clusters per head from now on (merging down to it now if needed)."""
+        if isinstance(max_clusters, bool) or not isinstance(max_clusters, int) or max_clusters < 1:
+            raise ValueError(f"`max_clusters` must be an int >= 1, got {max_clusters!r}")
+        self.max_clusters = max_clusters
+        self._merge_down()
 
     def apply(self, fn) -> None:
         """Apply `fn` (index_select, repeat_interleave, .to, ...) to every state tensor; all are batch-first."""
@@ -87,8 +124,10 @@ class StreamSummary:
         if need <= cap:
             return
         new_cap = max(need, 2 * cap, 4)
+        if self.max_clusters is not None:  # never more slots than the cap, beyond what this insert needs
+            new_cap = min(new_cap, max(need, self.max_clusters))
         for name, t in self.state.items():
-            if name in ("n_clusters", "l2_keys", "l2_values", "l2_mass"):
+            if name in PER_HEAD:
                 continue
             pad = list(t.shape)
             pad[2] = new_cap - cap
@@ -100,9 +139,14 @@ class StreamSummary:
         """Add rows keys, values [B, H, R, D] with multiplicities weights [B, H, R] (0: the row is absent)."""
         if keys.shape[2] == 0:
             return
+        m = self.max_clusters
+        if m is not None and keys.shape[2] > m:  # at most m new clusters at a time, so slots stay under 2m
+            for i in range(0, keys.shape[2], m):
+                self.insert(keys[:, :, i : i + m], values[:, :, i : i + m], weights[:, :, i : i + m])
+            return
         st = self.state
         valid = weights > 0
-        assign, new_centers, opened = assign_clusters(keys, valid, st["centers"], st["n_clusters"], self.delta)
+        assign, new_centers, opened = assign_clusters(keys, valid, st["centers"], st["n_clusters"], st["radius"])
         n_old = st["n_clusters"]
         self._grow(int((n_old + opened).max()))
         st = self.state
@@ -125,6 +169,58 @@ class StreamSummary:
             self._insert_reservoirs(keys, values, w, assign)
             if self.s:
                 self._insert_l2(keys, values, w)
+        self._merge_down()
+
+    # -- the cap -----------------------------------------------------------------------------------------------
+
+    def _merge_down(self) -> None:
+        """Merge nearest pairs until no head holds more than `max_clusters` clusters; then release extra slots."""
+        m = self.max_clusters
+        if m is None:
+            return
+        while bool((self.state["n_clusters"] > m).any()):
+            self._merge_nearest(self.state["n_clusters"] > m)
+        if self.capacity > m:
+            self.state = {k: (t if k in PER_HEAD else t[:, :, :m].contiguous()) for k, t in self.state.items()}
+
+    def _merge_nearest(self, active: torch.Tensor) -> None:
+        """In each head where `active` [B, H], merge cluster j into cluster i (its nearest pair, i < j), then move
+        the last cluster into slot j so that the clusters in use stay the first n_clusters."""
+        st = self.state
+        i, j, dist2 = nearest_cluster_pair(st["centers"], st["n_clusters"])
+        last = (st["n_clusters"] - 1).clamp_min(0)
+        ci, cj = _take(st["counts"], i), _take(st["counts"], j)
+        total = ci + cj
+        share = torch.where(total > 0, ci / torch.where(total > 0, total, torch.ones_like(total)), 0.5)[..., None]
+        merged = {
+            "counts": total,
+            "centers": share * _take(st["centers"], i) + (1 - share) * _take(st["centers"], j),
+        }
+        for name in ("key_sums", "value_sums"):
+            if name in st:
+                merged[name] = _take(st[name], i) + _take(st[name], j)
+        if "res_prio" in st:
+            prio = torch.cat([_take(st["res_prio"], i), _take(st["res_prio"], j)], -1)  # [B, H, 2t]
+            top_prio, top = prio.topk(self.t + 1, dim=-1)
+            keep = top[..., : self.t]
+            merged["res_prio"] = top_prio[..., : self.t]
+            for name in ("res_keys", "res_values", "res_w"):
+                if name in st:
+                    both = torch.cat([_take(st[name], i), _take(st[name], j)], 2)  # [B, H, 2t, ...]
+                    merged[name] = both.gather(2, keep.view(*keep.shape, *[1] * (both.dim() - 3)).expand(
+                        *keep.shape, *both.shape[3:]))
+            if "res_tau" in st:
+                merged["res_tau"] = torch.maximum(torch.maximum(_take(st["res_tau"], i), _take(st["res_tau"], j)),
+                                                  top_prio[..., self.t])
+        for name, t in st.items():
+            if name in PER_HEAD:
+                continue
+            _put(t, i, merged[name], active)
+            _put(t, j, _take(t, last), active)  # the last cluster moves into the freed slot (a no-op when j is last)
+            _put(t, last, torch.zeros_like(merged[name]), active)
+        st["n_clusters"] = st["n_clusters"] - active.long()
+        st["radius"] = torch.where(active, torch.maximum(st["radius"], dist2.clamp_min(0).sqrt().to(st["radius"].dtype)),
+                                   st["radius"])
 
     def _uniform(self, shape, like) -> torch.Tensor:
         """U(0, 1] draws from the summary's generator."""
@@ -216,8 +312,9 @@ class StreamSummary:
             n_kept = filled.sum(-1, keepdim=True).clamp_min(1)
             weight = (st["counts"][..., :C, None] / n_kept).expand_as(prio)
         weight = torch.where(filled, weight, torch.zeros_like(weight)).reshape(B, H, C * self.t)
-        keys = st["res_keys"][..., :C, :, :].reshape(B, H, C * self.t, -1)
-        values = st["res_values"][..., :C, :, :].reshape(B, H, C * self.t, -1) if self.reservoir_values else None
+        D = st["res_keys"].shape[-1]  # explicit: the reshape of an empty summary (C = 0) cannot infer it
+        keys = st["res_keys"][..., :C, :, :].reshape(B, H, C * self.t, D)
+        values = st["res_values"][..., :C, :, :].reshape(B, H, C * self.t, D) if self.reservoir_values else None
         return keys, values, weight
 
     def l2_rows(self):
@@ -248,6 +345,23 @@ class StreamSummary:
         if self.numerator == "cluster_sum":
             return self.cluster_rows()
         return self.reservoir_rows()
+
+
+def _index(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """idx [B, H] as an index into dimension 2 of t [B, H, C, ...], shaped for gather/scatter."""
+    return idx.view(*idx.shape, 1, *[1] * (t.dim() - 3)).expand(*idx.shape, 1, *t.shape[3:])
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t[b, h, idx[b, h]] for every head: [B, H, ...]."""
+    return t.gather(2, _index(t, idx)).squeeze(2)
+
+
+def _put(t: torch.Tensor, idx: torch.Tensor, value: torch.Tensor, where: torch.Tensor) -> None:
+    """t[b, h, idx[b, h]] = value[b, h] in the heads where `where` [B, H] holds (in place)."""
+    keep = _take(t, idx)
+    mask = where.view(*where.shape, *[1] * (value.dim() - 2))
+    t.scatter_(2, _index(t, idx), torch.where(mask, value.to(t.dtype), keep).unsqueeze(2))
 
 
 __all__ = ["StreamSummary"]

@@ -27,8 +27,18 @@ def check_inputs(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=N
             raise ValueError(f"`{name}` must be a torch.Tensor of shape [B, H, T, D], got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"`{name}` must have 4 dimensions [B, H, T, D], got shape {tuple(t.shape)}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"`q` has dtype {q.dtype}; tensor attention needs floating-point inputs (float32, float64, "
+                         "bfloat16 or float16)")
+    for name, t in named.items():
+        if t.device != q.device:
+            raise ValueError(f"`{name}` is on {t.device} but `q` is on {q.device}; all inputs must be on one device")
     B, H, Tq, D = q.shape
-    H_kv, Tk = k1.shape[1], k1.shape[2]
+    # The key length and head count are the ones most streams agree on, so the stream that differs is the one named.
+    lengths = [named[name].shape[2] for name in ("k1", "k2", "v1", "v2")]
+    Tk = max(lengths, key=lengths.count)
+    heads = [named[name].shape[1] for name in ("k1", "k2", "v1", "v2")]
+    H_kv = max(heads, key=heads.count)
     if H_kv < 1 or H % H_kv:
         raise ValueError(
             f"`k1` has {H_kv} heads, which must divide the {H} query heads of `q` (grouped-query attention)"
@@ -37,7 +47,8 @@ def check_inputs(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=N
         t = named[name]
         if tuple(t.shape) != (B, H_kv, Tk, D):
             raise ValueError(
-                f"`{name}` has shape {tuple(t.shape)}; expected {(B, H_kv, Tk, D)} to match `q` {tuple(q.shape)} and `k1`"
+                f"`{name}` has shape {tuple(t.shape)}; expected {(B, H_kv, Tk, D)} to match `q` {tuple(q.shape)} and "
+                "the other key/value streams"
             )
         if t.dtype != q.dtype:
             raise ValueError(f"`{name}` has dtype {t.dtype}; all inputs must share q's dtype {q.dtype}")
@@ -83,6 +94,47 @@ def allowed_positions(Tq: int, Tk: int, window: int | None, device) -> torch.Ten
     if window is not None:
         ok = ok & (t - a < window)
     return ok
+
+
+def _allowed_count(flags: torch.Tensor, Tq: int, window: int | None) -> torch.Tensor:
+    """[..., Tq, n] count of the flagged key positions (flags [..., Tk, n] bool) that each query may use (causal,
+    window)."""
+    Tk = flags.shape[-2]
+    counts = torch.nn.functional.pad(flags.to(torch.int64).cumsum(-2), (0, 0, 1, 0))  # [..., Tk + 1, n]
+    hi = torch.arange(Tk - Tq + 1, Tk + 1, device=flags.device)  # query t counts keys < t + 1 ...
+    lo = (hi - window).clamp_min(0) if window is not None else torch.zeros_like(hi)  # ... and >= t + 1 - w
+    return counts[..., hi, :] - counts[..., lo, :]
+
+
+def nonfinite_outputs(q, k1, k2, v1, v2, *, w1=None, w2=None, attention_mask=None) -> torch.Tensor | None:
+    """[B, H, Tq, D] bool: the output entries that the definition makes non-finite, or None when every input is
+    finite. Positions query t may not use (later, outside a window, padding) never matter. If t has an allowed
+    pair, a NaN or infinity in its query or in a key it may use spoils its whole row (every score may be NaN);
+    one in component j of a value it may use spoils only component j (o_t[j] = sum P v1_a[j] v2_b[j]).
+
+    Fast paths that share work between queries (tiles, GEMMs over shared columns) cannot keep a NaN out of the
+    rows that do not use it (0 * NaN = NaN), so they run on zeroed copies and set these entries afterwards.
+    """
+    bad_q = ~torch.isfinite(q).all(-1, keepdim=True)  # [B, H, Tq, 1]
+    bad_k1, bad_k2 = (~torch.isfinite(k).all(-1, keepdim=True) for k in (k1, k2))  # [B, H, Tk, 1]
+    bad_v1, bad_v2 = ~torch.isfinite(v1), ~torch.isfinite(v2)  # [B, H, Tk, D]
+    if not any(bool(bad.any()) for bad in (bad_q, bad_k1, bad_k2, bad_v1, bad_v2)):
+        return None
+    Tq = q.shape[2]
+    real = torch.ones_like(bad_k1[:1, :1]) if attention_mask is None else (
+        attention_mask.to(q.device, torch.bool)[:, None, :, None])  # [B or 1, 1, Tk, 1]
+
+    def used(flags, window):  # [..., Tk, n] -> [..., Tq, n]: some flagged position the query may use
+        return _allowed_count(flags & real, Tq, window) > 0
+
+    has_pair = used(real, w1) & used(real, w2)  # [B or 1, 1, Tq, 1]
+    row = bad_q | used(bad_k1, w1) | used(bad_k2, w2)  # [B, H, Tq, 1]
+    return has_pair & (row | used(bad_v1, w1) | used(bad_v2, w2))
+
+
+def finite_copies(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors with every NaN and infinity replaced by 0 (see `nonfinite_outputs`)."""
+    return tuple(torch.where(torch.isfinite(t), t, torch.zeros_like(t)) for t in tensors)
 
 
 def allowed_pairs(Tq: int, Tk: int, w1, w2, attention_mask, device) -> torch.Tensor:

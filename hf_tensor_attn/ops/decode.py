@@ -68,6 +68,9 @@ def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_m
     if attention_mask is not None:
         real = attention_mask.to(device=q.device, dtype=torch.bool)
         real1, real2 = real[:, Tk - n1 :], real[:, Tk - n2 :]  # [B, n1], [B, n2]
+        # A padded pair weighs 0, but 0 * NaN is NaN: padded values must not hold anything.
+        v1 = v1.masked_fill(~real1[:, None, :, None], 0)
+        v2 = v2.masked_fill(~real2[:, None, :, None], 0)
     dtype = q.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     q, k1, k2, v1, v2 = (t.to(compute) for t in (q, k1, k2, v1, v2))  # no copy when already `compute`
@@ -181,8 +184,9 @@ def pair_rows_attention(q, pair_keys, pair_values, *, scale, allowed=None):
     q is [B, H, Tq, D]; pair_keys / pair_values are [B, H_kv, P, D] with row p = k1_a ⊙ k2_b / v1_a ⊙ v2_b of some
     pair (a, b), H_kv dividing H. `allowed` is None (every row for every query) or a bool mask broadcastable to
     [B, 1, Tq, P] (the same for every head). The softmax runs over all P rows jointly; a query with no allowed row
-    gets zeros. Returns [B, H, Tq, D]. The query heads of a group are folded into rows of their key/value head
-    (`fold_groups`), so the pair rows are never repeated.
+    gets zeros. A non-finite value row makes exactly the entries of the queries that may use it non-finite
+    (`common.nonfinite_outputs`). Returns [B, H, Tq, D]. The query heads of a group are folded into rows of their
+    key/value head (`fold_groups`), so the pair rows are never repeated.
     """
     B, H, Tq, _ = q.shape
     H_kv = pair_keys.shape[1]
@@ -195,4 +199,13 @@ def pair_rows_attention(q, pair_keys, pair_values, *, scale, allowed=None):
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     scores = torch.matmul(q * scale, pair_keys.transpose(-1, -2)).to(compute)  # [B, H, Tq, P]
     probs = masked_softmax(scores, allowed)
-    return torch.matmul(probs.to(pair_values.dtype), pair_values).to(dtype)
+    out = torch.matmul(probs.to(pair_values.dtype), pair_values)  # [B, H, Tq, D]
+    if allowed is not None and not bool(torch.isfinite(out).all()):
+        # A pair a query may not use weighs 0, but 0 * NaN is NaN: zero the non-finite rows in the product, then
+        # mark the entries of the queries that may use them (a value spoils only its own component). Only outputs
+        # with a non-finite entry pay for this pass over the rows.
+        bad = ~torch.isfinite(pair_values)  # [B, H, P, D]
+        used = torch.matmul(allowed.to(probs.dtype), bad.to(probs.dtype)) > 0  # [B, H, Tq, D]
+        out = torch.matmul(probs.to(pair_values.dtype), pair_values.masked_fill(bad, 0))
+        out = out.masked_fill(used, float("nan"))
+    return out.to(dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import allowed_pairs, check_inputs, masked_softmax, repeat_kv
+from .common import allowed_pairs, allowed_positions, check_inputs, masked_softmax, repeat_kv
 
 
 def naive_tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
@@ -26,5 +26,15 @@ def naive_tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attent
     # One softmax over all pairs of a query, not row by row.
     probs = masked_softmax(scores.reshape(B, H, Tq, Tk * Tk), allowed.reshape(allowed.shape[0], 1, Tq, Tk * Tk))
     probs = probs.reshape(B, H, Tq, Tk, Tk)
-    out = torch.einsum("bhtac,bhad,bhcd->bhtd", probs, v1, v2)
+    # Each query sees only the values it may use: a pair it may not use weighs 0, but 0 * NaN would still be NaN.
+    v1, v2 = (_visible(v, Tq, w, attention_mask) for v, w in ((v1, w1), (v2, w2)))  # [B, H, Tq, Tk, D] each
+    out = torch.einsum("bhtac,bhtad,bhtcd->bhtd", probs, v1, v2)
     return out.to(dtype)
+
+
+def _visible(v, Tq, window, attention_mask):
+    """[B, H, Tq, Tk, D]: per query, the values of the positions it may use, zeros elsewhere."""
+    ok = allowed_positions(Tq, v.shape[2], window, v.device)[None]  # [1, Tq, Tk]
+    if attention_mask is not None:
+        ok = ok & attention_mask.to(device=v.device, dtype=torch.bool)[:, None, :]  # [B, Tq, Tk]
+    return torch.where(ok[:, None, :, :, None], v[:, :, None], 0)

@@ -87,18 +87,20 @@ def assign_clusters(x, valid, centers, n_clusters, delta):
     """Leader clustering of a batch of rows, exactly as if the rows arrived one by one.
 
     A row joins the first cluster (in creation order) whose center is within `delta`, else opens a new cluster
-    centred on itself. x [B, H, R, D]; valid [B, H, R] (absent rows join nothing); centers [B, H, C, D] with the
+    centred on itself. `delta` is a float or a per-head radius [B, H] (the budgeted summary grows it head by head).
+    x [B, H, R, D]; valid [B, H, R] (absent rows join nothing); centers [B, H, C, D] with the
     first n_clusters [B, H] in use. Returns (assign [B, H, R] long, -1 for absent rows; new_centers [B, H, R, D];
     new_count [B, H]) where the opened clusters take indices n_clusters, n_clusters + 1, ... and
     new_centers[:, :, j] is the center of the j-th opened one.
     The loop runs once per opened cluster (the most any head opens), not once per row.
     """
     B, H, R, D = x.shape
-    d2sq = delta * delta
+    radius = torch.as_tensor(delta, dtype=x.dtype, device=x.device).expand(B, H)
+    d2sq = (radius * radius)[..., None]  # [B, H, 1]
     C = centers.shape[2]
     if C:
         in_use = torch.arange(C, device=x.device) < n_clusters[..., None]  # [B, H, C]
-        near = (_sq_dist(x, centers) <= d2sq) & in_use[:, :, None, :]  # [B, H, R, C]
+        near = (_sq_dist(x, centers) <= d2sq[..., None]) & in_use[:, :, None, :]  # [B, H, R, C]
         matched = near.any(-1) & valid
         assign = torch.where(matched, near.int().argmax(-1), -1)
     else:
@@ -123,12 +125,48 @@ def assign_clusters(x, valid, centers, n_clusters, delta):
     return assign, new_centers, opened
 
 
+def nearest_cluster_pair(centers, n_clusters):
+    """The closest pair of clusters in use, per head: what a capped summary merges.
+
+    centers [B, H, C, D] with the first n_clusters [B, H] in use. Returns (i, j, dist2), each [B, H]: i < j the
+    pair with the smallest squared l2 distance (the first such pair in row-major order on ties), dist2 = inf where
+    a head has fewer than two clusters.
+    """
+    B, H, C, _ = centers.shape
+    d2 = _sq_dist(centers, centers)  # [B, H, C, C]
+    idx = torch.arange(C, device=centers.device)
+    in_use = idx < n_clusters[..., None]  # [B, H, C]
+    pair_ok = (idx[:, None] < idx[None, :]) & in_use[..., :, None] & in_use[..., None, :]  # [B, H, C, C]: i < j
+    d2 = torch.where(pair_ok, d2, float("inf")).reshape(B, H, C * C)
+    dist2, flat = d2.min(-1)
+    return flat // C, flat % C, dist2
+
+
+def naive_nearest_cluster_pair(centers, n_clusters):
+    """Plain double loop with the semantics of `nearest_cluster_pair` (its oracle in the tests)."""
+    B, H, C, _ = centers.shape
+    i_out = torch.zeros(B, H, dtype=torch.long)
+    j_out = torch.zeros(B, H, dtype=torch.long)
+    d_out = torch.full((B, H), float("inf"), dtype=centers.dtype)
+    for b in range(B):
+        for h in range(H):
+            n = int(n_clusters[b, h])
+            for i in range(n):
+                for j in range(i + 1, n):
+                    d = float((centers[b, h, i] - centers[b, h, j]).pow(2).sum())
+                    if d < d_out[b, h]:
+                        i_out[b, h], j_out[b, h], d_out[b, h] = i, j, d
+    return i_out, j_out, d_out
+
+
 def naive_assign_clusters(x, valid, centers, n_clusters, delta):
     """Plain per-row loop with the semantics of `assign_clusters` (its oracle in the tests)."""
     B, H, R, D = x.shape
+    radius = torch.as_tensor(delta, dtype=torch.float64).expand(B, H)
     assign = torch.full((B, H, R), -1, dtype=torch.long)
     for b in range(B):
         for h in range(H):
+            delta = float(radius[b, h])
             cs = [centers[b, h, c] for c in range(int(n_clusters[b, h]))]
             for r in range(R):
                 if not valid[b, h, r]:
@@ -150,6 +188,8 @@ __all__ = [
     "log_weights",
     "naive_weighted_pair_sums",
     "naive_assign_clusters",
+    "naive_nearest_cluster_pair",
+    "nearest_cluster_pair",
     "weighted_pair_sums",
     "weighted_row_sums",
 ]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ._tiles import Masker, QueryBlock, TileSizes, choose_tile_sizes, plan
-from .common import EXP_FLOOR, EXP_HEADROOM, check_inputs, repeat_kv
+from .common import EXP_FLOOR, EXP_HEADROOM, check_inputs, finite_copies, nonfinite_outputs, repeat_kv
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -348,6 +348,18 @@ def _forward_op(
     w1: int | None, w2: int | None, attention_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [BH, Tq, D], lse [BH, Tq], has_pair [BH, Tq]) in the compute dtype."""
+    out, lse, has_pair = _forward_finite(q, k1, k2, v1, v2, scale, w1, w2, attention_mask)
+    if not bool(torch.isfinite(out).all()):
+        # Tiles share keys and values between queries, so a NaN may have reached rows that do not use it: run again
+        # on finite copies and set the entries the definition makes non-finite. Finite inputs never come here.
+        poisoned = nonfinite_outputs(q, k1, k2, v1, v2, w1=w1, w2=w2, attention_mask=attention_mask)
+        if poisoned is not None:
+            out, lse, has_pair = _forward_finite(*finite_copies(q, k1, k2, v1, v2), scale, w1, w2, attention_mask)
+            out = out.masked_fill(poisoned.expand(q.shape).reshape(out.shape), float("nan"))
+    return out, lse, has_pair
+
+
+def _forward_finite(q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
     _, w_row, w_col, streams = _oriented(k1, k2, v1, v2, w1, w2)
     mask = attention_mask.to(torch.bool) if attention_mask is not None else None
     return _forward(_problem(q, *streams, scale, w_row, w_col, mask, _compute_dtype(q.dtype)))
@@ -370,6 +382,12 @@ def _backward_op(
     """Gradients of q, k1, k2, v1, v2 from dout [BH, Tq, D] (compute dtype)."""
     B, H, Tq, D = q.shape
     Tk = k1.shape[2]
+    poisoned = None if bool(torch.isfinite(out).all()) else nonfinite_outputs(
+        q, k1, k2, v1, v2, w1=w1, w2=w2, attention_mask=attention_mask)
+    if poisoned is not None:  # as in the forward; the non-finite entries pass no gradient back
+        q, k1, k2, v1, v2 = finite_copies(q, k1, k2, v1, v2)
+        entries = poisoned.expand(B, H, Tq, D).reshape(out.shape)
+        out, dout = out.masked_fill(entries, 0), dout.masked_fill(entries, 0)
     swap, w_row, w_col, streams = _oriented(k1, k2, v1, v2, w1, w2)
     mask = attention_mask.to(torch.bool) if attention_mask is not None else None
     problem = _problem(q, *streams, scale, w_row, w_col, mask, out.dtype)
@@ -410,6 +428,8 @@ def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_ma
     O(H * Tk * D) copy per call (the tiles are batched per query head); autograd sums their gradients back.
     """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(q.device)
     groups = q.shape[1] // k1.shape[1]
     k1, k2, v1, v2 = (repeat_kv(t, groups) for t in (k1, k2, v1, v2))
     out, _, _ = _forward_op(q, k1, k2, v1, v2, float(scale), w1, w2, attention_mask)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.bench import bench_attention, bench_cache, convert_llama_experiment, eval_subgen, match3_experiment
+from scripts.bench import (bench_attention, bench_cache, convert_llama_experiment, eval_subgen, eval_subgen_text,
+                           match3_experiment)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,6 +20,8 @@ SCRIPTS = {
     "bench_cache": (["-m", "scripts.bench.bench_cache"], ["bench_cache.csv", "bench_cache.png"]),
     "eval_subgen": (["-m", "scripts.bench.eval_subgen"],
                     ["synthetic.csv", "model.csv", "lowdim.csv", "eval_subgen.png"]),
+    "eval_subgen_text": (["-m", "scripts.bench.eval_subgen_text"],
+                         ["text.csv", "synthetic.csv", "run.json", "eval_subgen_text.png"]),
     "match3_experiment": (["scripts/bench/match3_experiment.py"],
                           ["match3_summary.csv", "match3_curves.csv", "match3_curves.png"]),
     "convert_llama_experiment": (["-m", "scripts.bench.convert_llama_experiment"],
@@ -47,10 +50,20 @@ def test_quick_run_writes_csv_table_and_plot(name, tmp_path):
     assert "Machine: " in tables and "Load: " in tables and "\n| " in tables
 
 
-@pytest.mark.parametrize("module", [bench_attention, bench_cache, eval_subgen, match3_experiment,
+@pytest.mark.parametrize("module", [bench_attention, bench_cache, eval_subgen, eval_subgen_text, match3_experiment,
                                     convert_llama_experiment])
 def test_quick_run_refuses_to_write_into_docs(module, capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--quick", "--out", str(ROOT / "docs" / "smoke")])
     assert "may not write under" in capsys.readouterr().err
     assert not (ROOT / "docs" / "smoke").exists()
+
+
+def test_eval_subgen_text_tables_rebuild_from_its_files_alone(tmp_path):
+    """--from-csv rebuilds tables.md from text.csv, synthetic.csv and run.json: the same text as the run wrote."""
+    out = tmp_path / "out"
+    eval_subgen_text.main(["--quick", "--out", str(out), "--parts", "s"])
+    written = (out / "tables.md").read_text()
+    (out / "tables.md").unlink()
+    eval_subgen_text.main(["--from-csv", str(out)])
+    assert (out / "tables.md").read_text() == written and "spread" in written

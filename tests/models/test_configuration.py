@@ -1,5 +1,7 @@
 """TensorAttnConfig: derived defaults, strict validation naming the field, round trips."""
 
+import re
+
 import pytest
 from transformers import AutoConfig
 
@@ -52,3 +54,64 @@ def test_config_round_trip(tmp_path):
     loaded = AutoConfig.from_pretrained(tmp_path)
     strip = lambda d: {k: v for k, v in d.items() if k != "_name_or_path"}
     assert strip(loaded.to_dict()) == strip(config.to_dict())
+
+
+# Issue #15: every float finite and in range, bools refused where numbers are meant.
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("score_scale", float("inf")),  # every logit was NaN
+        ("score_scale", 1e300),
+        ("score_scale", True),  # failed later as "`scale` must be a float"
+        ("score_scale", float("nan")),
+        ("rope_theta", float("inf")),
+        ("rope_theta", 0.0),
+        ("rope_theta", True),
+        ("rms_norm_eps", float("inf")),
+        ("rms_norm_eps", 0.0),
+        ("attention_dropout", float("nan")),
+        ("hidden_dropout", True),
+        ("initializer_range", float("inf")),
+        ("initializer_range", -0.1),
+        ("num_hidden_layers", True),
+        ("w1", True),
+        ("attention_bias", 1),
+        ("tie_word_embeddings", "yes"),
+        ("pad_token_id", 300),
+        ("bos_token_id", -1),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_field_and_value(field, value):
+    with pytest.raises(ValueError, match=rf"`{field}` must be .*got {re.escape(repr(value))}"):
+        TensorAttnConfig(**{**dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2), field: value})
+
+
+def test_layer_types_string_is_refused_by_name():
+    """It used to print a list of single characters."""
+    with pytest.raises(ValueError, match=r"`layer_types` must be a list .* got the string 'tensor_attention'"):
+        TensorAttnConfig(num_hidden_layers=2, layer_types="tensor_attention")
+
+
+def test_unknown_keyword_warns_with_the_closest_field():
+    from hf_tensor_attn.configuration import UnknownConfigKeyWarning
+
+    with pytest.warns(UnknownConfigKeyWarning, match=r"\['scor_scale'\].*did you mean 'score_scale'"):
+        TensorAttnConfig(num_hidden_layers=1, scor_scale=0.5)
+
+
+def test_saved_config_loads_without_unknown_key_warnings(tmp_path):
+    import warnings
+
+    TensorAttnConfig(num_hidden_layers=1).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AutoConfig.from_pretrained(tmp_path)
+
+
+def test_values_changed_after_construction_are_checked_when_the_model_is_built():
+    from transformers import AutoModelForCausalLM
+
+    config = TensorAttnConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2)
+    config.score_scale = float("inf")
+    with pytest.raises(ValueError, match="`score_scale` must be"):
+        AutoModelForCausalLM.from_config(config)

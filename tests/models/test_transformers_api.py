@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -142,13 +143,32 @@ def test_eager_and_sdpa_standard_layers_agree_and_eager_returns_weights(make_mod
     assert torch.equal(eager.generate(ids, **kw), sdpa.generate(ids, **kw))
 
 
-@pytest.mark.parametrize("backend", ["flash_attention_2", "flex_attention"])
+@pytest.mark.parametrize("backend", ["flash_attention_2", "flash_attention_3", "paged|sdpa"])
 def test_unsupported_attention_kernels_are_refused_at_load_naming_the_supported_ones(make_model, backend, tmp_path):
     from transformers import AutoModelForCausalLM
 
     make_model().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"attn_implementation in \['sdpa', 'eager'\]"):
+    with pytest.raises(ValueError, match=r"attn_implementation in \['sdpa', 'eager', 'flex_attention'\], got "
+                       + re.escape(repr(backend)) + ".*tensor layers always use"):
         AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=backend)
+
+
+def test_flex_attention_standard_layers_equal_sdpa_with_padding(make_model, tmp_path, left_padded):
+    """FlexAttention gets the causal + padding mask as a block mask. torch runs flex forward only on CPU, so this
+    checks inference; its backward is torch's own (GPU)."""
+    from transformers import AutoModelForCausalLM
+
+    make_model(initializer_range=INIT, layer_types=HYBRID).save_pretrained(tmp_path)
+    # float32: torch compiles flex for float32, float16 and bfloat16 on CPU, not float64.
+    flex, sdpa = (AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation=backend).eval()
+                  for backend in ("flex_attention", "sdpa"))
+    assert flex.config._attn_implementation == "flex_attention"
+    ids, mask = left_padded([7, 4, 2])[1:]
+    with torch.no_grad():
+        out_flex, out_sdpa = flex(ids, attention_mask=mask).logits, sdpa(ids, attention_mask=mask).logits
+    real = mask.bool()
+    # fp32: the two kernels sum in different orders; measured difference ~1e-7.
+    torch.testing.assert_close(out_flex[real], out_sdpa[real], rtol=1e-5, atol=1e-5)
 
 
 def test_generate_and_cached_forward_are_quiet(make_model, caplog, left_padded):
@@ -281,6 +301,11 @@ def test_compiled_model_forward_fullgraph_and_training_step_match_eager(make_mod
         compiled = torch.compile(model, fullgraph=True)
         torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
                                    rtol=1e-5, atol=1e-5)
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0  # left padding: compiled, the mask reaches every layer (no data-dependent branch)
+        real = mask.bool()
+        torch.testing.assert_close(compiled(ids, attention_mask=mask, use_cache=False).logits[real],
+                                   model(ids, attention_mask=mask, use_cache=False).logits[real], rtol=1e-5, atol=1e-5)
     model.train()
     trained = torch.compile(model, fullgraph=True, backend="aot_eager")
     trained(ids, labels=ids).loss.backward()

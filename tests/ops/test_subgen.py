@@ -8,7 +8,9 @@ from hf_tensor_attn.ops.subgen import (
     assign_clusters,
     log_weights,
     naive_assign_clusters,
+    naive_nearest_cluster_pair,
     naive_weighted_pair_sums,
+    nearest_cluster_pair,
     weighted_pair_sums,
 )
 
@@ -40,3 +42,25 @@ def test_batched_clustering_equals_one_row_at_a_time(delta):
     assert torch.equal(assign, naive_assign_clusters(x, valid, centers, n_clusters, delta))
     new_ids = [[len(set(assign[b, h][assign[b, h] >= n_clusters[b, h]].tolist())) for h in range(3)] for b in range(2)]
     assert opened.tolist() == new_ids
+
+
+def test_per_head_radius_clustering_equals_one_row_at_a_time():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 40, 4, generator=g, dtype=torch.float64)
+    valid = torch.rand(2, 3, 40, generator=g) > 0.2
+    centers = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    n_clusters = torch.tensor([[0, 2, 5], [1, 3, 4]])
+    radius = torch.tensor([[0.0, 1.0, 2.5], [0.5, 1.8, 3.0]], dtype=torch.float64)
+    assign, _, _ = assign_clusters(x, valid, centers, n_clusters, radius)
+    assert torch.equal(assign, naive_assign_clusters(x, valid, centers, n_clusters, radius))
+
+
+def test_nearest_cluster_pair_matches_reference():
+    g = torch.Generator().manual_seed(5)
+    centers = torch.randn(2, 3, 9, 5, generator=g, dtype=torch.float64)
+    n_clusters = torch.tensor([[9, 2, 0], [1, 6, 7]])  # fewer than two clusters: no pair, distance inf
+    i, j, dist2 = nearest_cluster_pair(centers, n_clusters)
+    ri, rj, rdist2 = naive_nearest_cluster_pair(centers, n_clusters)
+    assert torch.equal(i, ri) and torch.equal(j, rj)
+    torch.testing.assert_close(dist2, rdist2, rtol=1e-12, atol=1e-12)
+    assert bool((i < j)[n_clusters >= 2].all()) and bool(torch.isinf(dist2[n_clusters < 2]).all())

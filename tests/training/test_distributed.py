@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +16,9 @@ import hf_tensor_attn  # noqa: F401  (registers the model with the Auto classes)
 from hf_tensor_attn.cache import TensorAttnCacheLayer
 from hf_tensor_attn.compat import output_cache
 from hf_tensor_attn.training import param_checksum
+from tests.training.distributed_worker import free_port  # other runs may hold accelerate's default 29500
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    # Other test runs on this machine may hold accelerate's default port 29500.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_accelerate_cpu_ddp_two_processes_end_with_identical_parameters(tmp_path):
@@ -33,9 +26,10 @@ def test_accelerate_cpu_ddp_two_processes_end_with_identical_parameters(tmp_path
     # accelerate's `--cpu` launcher starts one process whatever --num_processes says (several only through mpirun);
     # `--multi_gpu` starts them through torch.distributed.run, and on a machine without GPUs each process then
     # trains on the CPU over gloo. `torchrun --nproc_per_node 2` does the same.
+    # The shipped configs/accelerate/ddp-multigpu.yaml, which is `--multi_gpu` with 2 processes.
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "configs" / "accelerate" / "ddp-multigpu.yaml"),
         "--main_process_port", str(free_port()),
         str(ROOT / "scripts" / "train.py"), str(ROOT / "configs" / "match3-tiny.json"),
         "--max_steps=12", "--logging_steps=2", "--eval_steps=12", "--save_steps=12", "--disable_tqdm=true",
