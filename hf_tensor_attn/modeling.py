@@ -306,6 +306,12 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
     def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
         """Check that each rank gets whole heads before transformers shards the model (compat item 7)."""
         compat.check_tensor_parallel_heads(model.config, distributed_config)
+        if model.config.tensor_kv2_bias and (getattr(distributed_config, "tp_size", None) or 1) > 1:
+            # The plans shard projections by module; the k2 / v2 bias parameters would stay whole on every rank.
+            raise ValueError(
+                f"tensor parallelism (tp_size={distributed_config.tp_size}) does not yet split the `tensor_kv2_bias` "
+                "parameters k2_bias / v2_bias of a converted model; use tp_size=1 (FSDP works) for this model"
+            )
         return super().maybe_distribute_model(model, distributed_config, mesh_manager)
 
     def _init_weights(self, module):

@@ -176,3 +176,12 @@ def test_refuses_bad_tensor_layers(layers):
 def test_new_config_fields_are_validated(field, value):
     with pytest.raises(ValueError, match=field.replace("rope_parameters", "rope_type")):
         hf_tensor_attn.TensorAttnConfig(hidden_size=32, num_attention_heads=4, **{field: value})
+
+
+def test_tensor_parallel_refuses_the_unsplit_kv2_biases():
+    from types import SimpleNamespace
+
+    source, layers = source_model("llama-gqa-untied-linear")
+    model = convert_from_llama(source, layers)
+    with pytest.raises(ValueError, match="tensor_kv2_bias"):
+        type(model).maybe_distribute_model(model, SimpleNamespace(tp_size=2), mesh_manager=None)

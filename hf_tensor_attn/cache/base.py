@@ -342,8 +342,8 @@ class TensorAttnCache(Cache):
                 "build it with TensorAttnCache(model.config, ...)"
             )
         for idx, layer in enumerate(self.layers):
-            # A tensor layer holds k1 | k2 side by side, a standard layer k alone.
-            width = config.head_dim * (2 if isinstance(layer, TensorAttnCacheLayer) else 1)
+            # A tensor layer holds k1 | k2 side by side, a standard layer k alone (ours say so in `stream_count`).
+            width = config.head_dim * (layer.stream_count if isinstance(layer, TensorAttnCacheLayer) else 1)
             keys = layer.keys if layer.is_initialized else None
             held = keys.shape[-1] if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.numel() else width
             if held != width:
