@@ -185,3 +185,16 @@ def test_tensor_parallel_refuses_the_unsplit_kv2_biases():
     model = convert_from_llama(source, layers)
     with pytest.raises(ValueError, match="tensor_kv2_bias"):
         type(model).maybe_distribute_model(model, SimpleNamespace(tp_size=2), mesh_manager=None)
+
+
+def test_grouped_standard_layers_with_subgen_summaries_keep_the_source_tokens():
+    """cache_config standard_layers='subgen' summarises the GQA standard layers too (delta=0: every key its own
+    cluster, so exact): the greedy tokens stay the source's."""
+    source, layers = source_model("llama-gqa-yarn")
+    model = convert_from_llama(source, layers)
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 6))
+    expected = source.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                         cache_implementation="subgen4",
+                         cache_config={"standard_layers": "subgen", "recent_window": 4, "sink_tokens": 1, "delta": 0.0})
+    assert torch.equal(out, expected)
