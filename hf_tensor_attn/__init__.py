@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from . import compat
 from .cache import TensorAttnCache, available_cache_implementations
 from .configuration import TensorAttnConfig, TensorAttnConfigError
+from .convert import convert_from_llama
 from .modeling import TensorAttnForCausalLM, TensorAttnModel, TensorAttnPreTrainedModel
 from .ops import naive_tensor_attention, tensor_attention
 from .tokenization import TensorAttnByteTokenizer
@@ -31,6 +32,7 @@ __all__ = [
     "TensorAttnModel",
     "TensorAttnPreTrainedModel",
     "available_cache_implementations",
+    "convert_from_llama",
     "naive_tensor_attention",
     "tensor_attention",
 ]

@@ -86,6 +86,8 @@ def _config_fields() -> list[tuple[str, Any, dataclasses.Field]]:
         if name in training_fields:
             continue
         value_types = [arg for arg in typing.get_args(annotation) if arg is not type(None)] or [annotation]
+        if value_types[0] is dict:
+            continue  # nested settings (rope_parameters) have no command-line form; a saved config carries them
         text = descriptions.get(name, f"TensorAttnConfig.{name}").replace("%", "%%")
         help_text = f"model config (unset: the config's default): {text}"
         fields.append((name, value_types[0] | None, field(default=None, metadata={"help": help_text})))

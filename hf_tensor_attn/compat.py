@@ -33,6 +33,8 @@ Items:
     call `ALL_ATTENTION_FUNCTIONS["sdpa" | "flex_attention"]` with transformers' signature `(module, q, k, v,
     mask, scaling=, dropout=)`, returning ([B, T, H, D], weights); the flex backend gets a torch `BlockMask`
     (a dense tensor there is added to the scores). tests/models/test_transformers_api.py checks both.
+    With fewer key/value heads than query heads the interface reads `module.num_key_value_groups` and repeats
+    the key/value heads itself (`repeat_kv`), as for Llama.
  7. Distributed plans. `from_pretrained(..., distributed_config=DistributedConfig(...))` (transformers.distributed)
     merges the config's `base_model_tp_plan` / `base_model_fsdp_plan` with the head class's `_tp_plan` /
     `_fsdp_plan` (`DistributedMixin.init_parallel_plans`), adds `embed_tokens: embedding_rowwise`, and looks the
@@ -52,6 +54,13 @@ Items:
     folder named checkpoint-N is always complete. `get_last_checkpoint` would pick a partial folder, and
     `Trainer._load_optimizer_and_scheduler` silently skips missing files; `training.resolve_checkpoint` chooses and
     checks instead, by the file names below.
+ 9. RoPE parameters. A config with a `rope_parameters` attribute gets it filled by `PreTrainedConfig.__post_init__`
+    (`convert_rope_params_to_dict`: "rope_type" and "rope_theta" from our `rope_theta` field; "llama3" / "yarn"
+    also get "original_max_position_embeddings") and checked by the base `validate_rope`. The frequencies of each
+    type come from `modeling_rope_utils.ROPE_INIT_FUNCTIONS[type](config)` -> (inv_freq, attention_scaling), the
+    functions `LlamaRotaryEmbedding` uses; `rope_frequencies` calls them, so a converted Llama gets its exact tables.
+    Only types whose frequencies do not change with the sequence length are allowed (`STATIC_ROPE_TYPES`):
+    "dynamic" and "longrope" recompute them from the longest position seen, which a cache would have to track.
 """
 
 from __future__ import annotations
@@ -62,12 +71,14 @@ import shutil
 import warnings
 from pathlib import Path
 
+import torch
 import transformers
 from packaging.version import Version
 from transformers import configuration_utils as _config_utils
 from transformers.generation import configuration_utils as _generation_config_utils
 from transformers import trainer as _trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
@@ -251,3 +262,22 @@ def save_checkpoint_staged(trainer, base_save, model, trial) -> None:
         rotate_checkpoints(output_dir=run_dir, save_total_limit=trainer.args.save_total_limit,
                            best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
     trainer.accelerator.wait_for_everyone()
+
+
+# ---- 9. RoPE parameters ----
+
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rope_frequencies(config) -> tuple[torch.Tensor, float]:
+    """(inv_freq [head_dim / 2] float32, attention_scaling) of the config's RoPE, as `LlamaRotaryEmbedding` computes
+    them. The default type is computed here, exactly as transformers' default, so plain configs need no
+    `rope_parameters` beyond the type."""
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise ValueError(f"`rope_parameters['rope_type']` must be one of {list(STATIC_ROPE_TYPES)}, got {rope_type!r}")
+    if rope_type == "default":
+        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
+        return 1.0 / (config.rope_theta**exponents), 1.0
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+    return inv_freq.to(torch.float32), float(attention_scaling)

@@ -17,6 +17,7 @@ from .cache import available_cache_implementations
 
 LAYER_TYPES = ("tensor_attention", "full_attention", "poly_tensor_attention")
 POSITION_EMBEDDING_TYPES = ("rope", "none")
+ROPE_STREAMS = ("q", "k1", "k2")
 # Keys a saved config.json or transformers itself passes besides the fields; any other unknown keyword is most likely
 # a misspelt field, which would otherwise be stored silently and ignored.
 KNOWN_EXTRA_KWARGS = frozenset({
@@ -43,6 +44,10 @@ class TensorAttnConfig(PreTrainedConfig):
             to a multiple of 8 (Llama's choice, same parameter count as a 4x GELU MLP).
         num_hidden_layers (`int`, defaults to 4): number of decoder layers.
         num_attention_heads (`int`, defaults to 4): heads per attention layer.
+        num_key_value_heads (`int`, *optional*): key/value heads per attention layer (grouped-query attention, as in
+            Llama); must divide `num_attention_heads`. In tensor layers the k1, k2, v1 and v2 streams all have this
+            many heads, each shared by a group of `num_attention_heads // num_key_value_heads` query heads, and the
+            caches hold only these heads. Defaults to `num_attention_heads`.
         head_dim (`int`, *optional*): width of each head; defaults to `hidden_size // num_attention_heads`.
         layer_types (`list[str]`, *optional*): per layer, `"tensor_attention"`, `"full_attention"` (standard
             softmax attention through SDPA) or `"poly_tensor_attention"` (tensor attention with the polynomial
@@ -62,14 +67,26 @@ class TensorAttnConfig(PreTrainedConfig):
         w2 (`int`, *optional*): window of the second key stream (`t - b < w2`), as `w1`.
         position_embedding_type (`str`, defaults to `"rope"`): `"rope"` rotates q and keys by position in every
             layer (in tensor layers q, k1 and k2); `"none"` uses no positional encoding (causality alone).
+        tensor_rope_streams (`list[str]`, *optional*): which streams of a tensor layer RoPE rotates, a subset of
+            `["q", "k1", "k2"]` (the default). A layer converted from a pretrained model rotates `["q", "k1"]`, so that
+            an unrotated k2 of ones leaves the pretrained scores unchanged.
         rope_theta (`float`, defaults to 10000.0): base of the rotary frequencies.
+        rope_parameters (`dict`, *optional*): transformers' RoPE parameters (`rope_type` and its keys, as in
+            `LlamaConfig`); the types with fixed frequencies are supported: "default", "linear", "llama3", "yarn".
+            `rope_theta` fills its "rope_theta".
         max_position_embeddings (`int`, defaults to 2048): longest sequence the model is meant for.
         hidden_act (`str`, defaults to `"silu"`): activation of the gated MLP.
         rms_norm_eps (`float`, defaults to 1e-6): epsilon of the RMS norms.
         attention_dropout (`float`, defaults to 0.0): dropout on the attention output (training only).
         hidden_dropout (`float`, defaults to 0.0): dropout on the residual branches (training only).
         initializer_range (`float`, defaults to 0.02): std of the normal weight initialisation.
-        attention_bias (`bool`, defaults to False): biases in the q/k/v/o projections.
+        attention_bias (`bool`, defaults to False): biases in the q/k/v/o projections (in tensor layers: q, k1, v1
+            and o).
+        attention_output_bias (`bool`, *optional*): bias in the o projection; defaults to `attention_bias` (Qwen2 has
+            q/k/v biases without one).
+        tensor_kv2_bias (`bool`, defaults to False): biases on the k2 and v2 streams of tensor layers, separate
+            parameters `k2_bias` / `v2_bias` [num_key_value_heads, head_dim]. A layer converted from a pretrained
+            model starts with k2 = v2 = 1 from these biases (zero weights).
         default_cache_implementation (`str`, defaults to `"four_cache"`): KV-cache layout `generate()` uses for tensor
             layers when the call does not name one: one of `"four_cache"`, `"two_cache"`, `"subgen4"`, `"subgen2"`.
         tie_word_embeddings (`bool`, defaults to True): share the input embedding and the LM head.
@@ -114,6 +131,7 @@ class TensorAttnConfig(PreTrainedConfig):
     intermediate_size: int | None = None
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
     head_dim: int | None = None
     layer_types: list[str] | None = None
     score_scale: float | None = None
@@ -122,7 +140,9 @@ class TensorAttnConfig(PreTrainedConfig):
     poly_feature_dim: int = 8
     poly_degree: int = 2
     position_embedding_type: str = "rope"
+    tensor_rope_streams: list[str] | None = None
     rope_theta: float = 10000.0
+    rope_parameters: dict | None = None
     max_position_embeddings: int = 2048
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
@@ -130,6 +150,8 @@ class TensorAttnConfig(PreTrainedConfig):
     hidden_dropout: float = 0.0
     initializer_range: float = 0.02
     attention_bias: bool = False
+    attention_output_bias: bool | None = None
+    tensor_kv2_bias: bool = False
     default_cache_implementation: str = "four_cache"
     tie_word_embeddings: bool = True
     use_cache: bool = True
@@ -149,6 +171,12 @@ class TensorAttnConfig(PreTrainedConfig):
         if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_attention_heads, int):
             if self.num_attention_heads > 0:
                 self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.tensor_rope_streams is None:
+            self.tensor_rope_streams = list(ROPE_STREAMS)
+        if self.attention_output_bias is None:
+            self.attention_output_bias = self.attention_bias
         if self.intermediate_size is None and isinstance(self.hidden_size, int):
             self.intermediate_size = 8 * ((8 * self.hidden_size // 3 + 7) // 8)
         if self.layer_types is None and isinstance(self.num_hidden_layers, int):
@@ -211,10 +239,15 @@ class TensorAttnConfig(PreTrainedConfig):
                 "give one type per layer"
             )
 
+    def validate_rope(self):
+        """The base RoPE check (compat item 9), only when the model uses RoPE: a NoPE model may have an odd head_dim."""
+        if self.position_embedding_type == "rope":
+            super().validate_rope()
+
     def validate_architecture(self):
         """Part of `@strict` validation: every field of the right type and in its allowed range."""
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "head_dim", "max_position_embeddings")
+                    "num_key_value_heads", "head_dim", "max_position_embeddings")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -229,6 +262,17 @@ class TensorAttnConfig(PreTrainedConfig):
                 f"`poly_degree` must be an even int >= 2 (an even-degree Taylor polynomial of exp is positive for "
                 f"every score, so the trained kernel is a positive weighting), got {degree!r}"
             )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"`num_key_value_heads` must divide `num_attention_heads` = {self.num_attention_heads} (each key/value "
+                f"head serves a group of query heads), got {self.num_key_value_heads}"
+            )
+        streams = self.tensor_rope_streams
+        if not isinstance(streams, list) or any(s not in ROPE_STREAMS for s in streams) or len(set(streams)) < len(streams):
+            raise ValueError(
+                f"`tensor_rope_streams` must be a list of distinct names from {list(ROPE_STREAMS)} (the streams RoPE "
+                f"rotates in tensor layers), got {streams!r}"
+            )
         for name in ("w1", "w2"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -242,7 +286,7 @@ class TensorAttnConfig(PreTrainedConfig):
             _check_float(name, getattr(self, name), "a probability in [0, 1)", lambda v: 0 <= v < 1)
         _check_float("initializer_range", self.initializer_range, "a finite float >= 0 (default 0.02)",
                      lambda v: v >= 0)
-        for name in ("attention_bias", "tie_word_embeddings", "use_cache"):
+        for name in ("attention_bias", "attention_output_bias", "tensor_kv2_bias", "tie_word_embeddings", "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
         for name in ("pad_token_id", "bos_token_id"):
@@ -258,6 +302,18 @@ class TensorAttnConfig(PreTrainedConfig):
             )
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             raise ValueError(f"`head_dim` must be even with rotary position embeddings, got {self.head_dim}")
+        rope_parameters = self.rope_parameters or {}
+        rope_type = rope_parameters.get("rope_type", "default")
+        if rope_type not in compat.STATIC_ROPE_TYPES:
+            raise ValueError(
+                f"`rope_parameters['rope_type']` must be one of {list(compat.STATIC_ROPE_TYPES)} (RoPE with fixed "
+                f"frequencies), got {rope_type!r}"
+            )
+        if rope_parameters.get("rope_theta", self.rope_theta) != self.rope_theta:
+            raise ValueError(
+                f"`rope_parameters['rope_theta']` = {self.rope_parameters['rope_theta']!r} differs from `rope_theta` = "
+                f"{self.rope_theta!r}; give one value"
+            )
         if self.default_cache_implementation not in available_cache_implementations():
             raise ValueError(
                 f"`default_cache_implementation` must be one of {available_cache_implementations()}, "

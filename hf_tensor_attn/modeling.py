@@ -27,7 +27,7 @@ from .atomic import MODEL_WEIGHT_FILES, atomic_directory
 from .cache import LAYOUTS, TensorAttnCache, TensorAttnConstants, available_cache_implementations
 from .configuration import TensorAttnConfig
 from .ops import poly_tensor_attention, tensor_attention
-from .ops.common import masked_softmax
+from .ops.common import masked_softmax, repeat_kv
 
 logger = logging.get_logger(__name__)
 
@@ -37,23 +37,27 @@ class TensorAttnRMSNorm(nn.RMSNorm):
 
 
 class TensorAttnRotaryEmbedding(nn.Module):
-    """cos/sin tables of rotary position embeddings for the given position ids."""
+    """cos/sin tables of rotary position embeddings for the given position ids; `config.rope_parameters` picks the
+    frequencies as in Llama (compat item 9), times its attention scaling (1 except for "yarn")."""
 
     def __init__(self, config: TensorAttnConfig):
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", self.compute_inv_freq(config), persistent=False)
+        inv_freq, self.attention_scaling = compat.rope_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @staticmethod
     def compute_inv_freq(config: TensorAttnConfig) -> torch.Tensor:
-        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
-        return 1.0 / (config.rope_theta**exponents)
+        return compat.rope_frequencies(config)[0]
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -79,34 +83,54 @@ class TensorAttnMLP(nn.Module):
 
 
 class TensorAttention(nn.Module):
-    """2-simplicial attention. `k_proj` and `v_proj` produce both streams of a head side by side:
-    k = k1 | k2 and v = v1 | v2 along the head features, which is also the layout the cache receives."""
+    """2-simplicial attention. `k_proj` and `v_proj` produce both streams of a key/value head side by side:
+    k = k1 | k2 and v = v1 | v2 along the head features, which is also the layout the cache receives (and keeps a
+    head's streams together when the projection is split by output columns). With `num_key_value_heads` < heads,
+    each key/value head serves a group of query heads (grouped-query attention)."""
 
     def __init__(self, config: TensorAttnConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.constants = TensorAttnConstants.from_config(config)
-        self.use_rope = config.position_embedding_type == "rope"
-        inner = self.num_heads * self.head_dim
+        rope = config.position_embedding_type == "rope"
+        self.rope_streams = frozenset(config.tensor_rope_streams) if rope else frozenset()
+        inner, kv_inner = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, inner, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, 2 * inner, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, 2 * inner, bias=config.attention_bias)
-        self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, 2 * kv_inner, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, 2 * kv_inner, bias=config.attention_bias)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_output_bias)
+        # Separate parameters rather than a bias on all of k_proj: the k1 / v1 streams keep `attention_bias`.
+        self.k2_bias = self.v2_bias = None
+        if config.tensor_kv2_bias:
+            self.k2_bias = nn.Parameter(torch.zeros(self.num_key_value_heads, self.head_dim))
+            self.v2_bias = nn.Parameter(torch.zeros(self.num_key_value_heads, self.head_dim))
         self.dropout = nn.Dropout(config.attention_dropout)
+
+    def _streams(self, proj: nn.Linear, bias2, hidden_states) -> torch.Tensor:
+        """[B, H_kv, T, 2D]: the two streams of each key/value head, side by side, plus the second stream's bias."""
+        B, T, _ = hidden_states.shape
+        x = proj(hidden_states).view(B, T, -1, 2 * self.head_dim)  # -1: this rank's heads under tensor parallelism
+        if bias2 is not None:
+            x = x + F.pad(bias2, (self.head_dim, 0))  # [H_kv, 2D]: zeros on the first stream
+        return x.transpose(1, 2)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
         B, T, _ = hidden_states.shape
         # -1 heads: under tensor parallelism the projections hold only this rank's heads (config.base_model_tp_plan).
         q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(hidden_states).view(B, T, -1, 2 * self.head_dim).transpose(1, 2)  # [B, H, T, 2D]
-        v = self.v_proj(hidden_states).view(B, T, -1, 2 * self.head_dim).transpose(1, 2)  # [B, H, T, 2D]
-        if self.use_rope:
+        k = self._streams(self.k_proj, self.k2_bias, hidden_states)  # [B, H_kv, T, 2D]
+        v = self._streams(self.v_proj, self.v2_bias, hidden_states)  # [B, H_kv, T, 2D]
+        if self.rope_streams:
             cos, sin = position_embeddings
             k1, k2 = k.chunk(2, dim=-1)
-            q = apply_rotary(q, cos, sin)
-            k = torch.cat((apply_rotary(k1, cos, sin), apply_rotary(k2, cos, sin)), dim=-1)
+            if "q" in self.rope_streams:
+                q = apply_rotary(q, cos, sin)
+            k1 = apply_rotary(k1, cos, sin) if "k1" in self.rope_streams else k1
+            k2 = apply_rotary(k2, cos, sin) if "k2" in self.rope_streams else k2
+            k = torch.cat((k1, k2), dim=-1)
 
         if cache is not None:
             out = cache.attend(self.layer_idx, q, k, v, attention_mask)  # the cache's layout does the maths
@@ -160,6 +184,7 @@ class PolyTensorAttention(nn.Module):
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Plain softmax attention with a boolean mask [B or 1, 1, Tq, Tk]; the reference of the SDPA path, and the
     backend that returns its weights. Returns ([B, Tq, H, D], weights [B, H, Tq, Tk])."""
+    key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
     weights = masked_softmax(torch.matmul(query, key.transpose(-1, -2)) * scaling, attention_mask)
     weights = F.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
@@ -177,21 +202,23 @@ class StandardAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads  # read by the attention interface
         self.head_dim = config.head_dim
         self.use_rope = config.position_embedding_type == "rope"
-        inner = self.num_heads * self.head_dim
+        inner, kv_inner = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, inner, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, inner, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, inner, bias=config.attention_bias)
-        self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_inner, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_inner, bias=config.attention_bias)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_output_bias)
         self.dropout = nn.Dropout(config.attention_dropout)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
         B, T, _ = hidden_states.shape
-        shape = (B, T, -1, self.head_dim)  # -1: this rank's heads under tensor parallelism
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        # -1 heads: this rank's heads under tensor parallelism
+        q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
+        v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.use_rope:
             cos, sin = position_embeddings
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -321,6 +348,12 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
     def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
         """Check that each rank gets whole heads before transformers shards the model (compat item 7)."""
         compat.check_tensor_parallel_heads(model.config, distributed_config)
+        if model.config.tensor_kv2_bias and (getattr(distributed_config, "tp_size", None) or 1) > 1:
+            # The plans shard projections by module; the k2 / v2 bias parameters would stay whole on every rank.
+            raise ValueError(
+                f"tensor parallelism (tp_size={distributed_config.tp_size}) does not yet split the `tensor_kv2_bias` "
+                "parameters k2_bias / v2_bias of a converted model; use tp_size=1 (FSDP works) for this model"
+            )
         return super().maybe_distribute_model(model, distributed_config, mesh_manager)
 
     def _init_weights(self, module):
@@ -328,6 +361,9 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
         # The rotary table is a non-persistent buffer: recompute it when weights are initialised off the meta device.
         if isinstance(module, TensorAttnRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
+        if isinstance(module, TensorAttention) and module.k2_bias is not None:
+            init.zeros_(module.k2_bias)
+            init.zeros_(module.v2_bias)
 
 
 class TensorAttnModel(TensorAttnPreTrainedModel):

@@ -242,3 +242,40 @@ def test_trainer_would_resume_from_a_partial_checkpoint_without_our_check(tmp_pa
     assert get_last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-200")
     assert "os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME))" in inspect.getsource(
         Trainer._load_optimizer_and_scheduler)
+
+
+def test_sdpa_interface_repeats_key_value_heads_by_num_key_value_groups():
+    """Item 6: standard layers with fewer key/value heads rely on the interface reading `module.num_key_value_groups`."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from hf_tensor_attn.modeling import eager_attention
+    from hf_tensor_attn.ops.common import repeat_kv
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 3, True, False
+    q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    out, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, k, v, mask, scaling=0.3, dropout=0.0)
+    module.num_key_value_groups = 1
+    expected, _ = eager_attention(module, q, repeat_kv(k, 3), repeat_kv(v, 3), mask, scaling=0.3)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_parameters_are_filled_by_the_base_config_and_computed_by_transformers_functions():
+    """Item 9: PreTrainedConfig fills `rope_parameters` from our `rope_theta`; ROPE_INIT_FUNCTIONS has the static types
+    and gives LlamaRotaryEmbedding's tables."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    assert hf_tensor_attn.TensorAttnConfig(rope_theta=1234.0).rope_parameters == {"rope_type": "default",
+                                                                                  "rope_theta": 1234.0}
+    assert set(compat.STATIC_ROPE_TYPES) - {"default"} <= set(ROPE_INIT_FUNCTIONS)
+    llama3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    for rope in ({"rope_type": "default", "rope_theta": 1e4}, llama3):
+        sizes = dict(hidden_size=32, num_attention_heads=4, max_position_embeddings=64, rope_parameters=dict(rope))
+        llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, vocab_size=8, intermediate_size=8, **sizes))
+        ours = hf_tensor_attn.TensorAttnConfig(rope_theta=rope["rope_theta"], num_hidden_layers=1, **sizes)
+        inv_freq, scaling = compat.rope_frequencies(ours)
+        assert torch.equal(inv_freq, llama.model.rotary_emb.inv_freq), rope["rope_type"]
+        assert scaling == llama.model.rotary_emb.attention_scaling

@@ -12,7 +12,8 @@ A layout is a `TensorAttnCacheLayer` subclass registered with `@register_layout(
   value_states, attention_mask)` once per forward. The cache appends the new tokens to the layer
   (`layer.update`, through `Cache.update` so transformers' offloading still applies) and returns
   `layer.attend(query, attention_mask)`: tensor attention of the last Tq positions over everything the layer
-  holds, [B, H, Tq, D]. Keys and values arrive as [B, H, T, 2D]: k1 | k2 and v1 | v2 side by side.
+  holds, [B, H, Tq, D]. Keys and values arrive as [B, H_kv, T, 2D]: k1 | k2 and v1 | v2 side by side, with
+  H_kv dividing the query heads H (grouped-query attention); a layout stores H_kv heads only.
   `attention_mask` is the [B, seen] 0/1 mask of every position so far, or None when none is padded.
 - **What a layout writes.** `allocate` (storage, from the first states), `append` (store new
   tokens), `read` (the attention over what is held), `map_batch` (apply a batch-dimension map to every
@@ -148,12 +149,15 @@ class TensorAttnCacheLayer(CacheLayerMixin):
         """Tensor attention of `query` [B, H, Tq, D] (the last Tq positions seen) over what the layer holds."""
         if not self.is_initialized or self.seen == 0:
             raise ValueError("`attend` needs tokens in the cache: `update` it with the new key/value states first")
-        B, H, _, D2 = self.keys.shape
-        if not isinstance(query, torch.Tensor) or query.dim() != 4 or tuple(query.shape[:2]) != (B, H) or (
+        B, H_kv, _, D2 = self.keys.shape
+        if not isinstance(query, torch.Tensor) or query.dim() != 4 or query.shape[0] != B or query.shape[1] % H_kv or (
             self.stream_count * query.shape[3] != D2
         ):
             shape = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
-            raise ValueError(f"`query` must be [B, H, Tq, D] = [{B}, {H}, Tq, {D2 // self.stream_count}], got {shape}")
+            raise ValueError(
+                f"`query` must be [B, H, Tq, D] = [{B}, H, Tq, {D2 // self.stream_count}] with H a multiple of the "
+                f"{H_kv} key/value heads held, got {shape}"
+            )
         if query.shape[2] > self.seen:
             raise ValueError(f"`query` has {query.shape[2]} positions but the cache holds only {self.seen} tokens")
         if attention_mask is not None and (

@@ -41,6 +41,7 @@ import math
 import torch
 
 from ..ops import four_cache_decode, tensor_attention
+from ..ops.common import fold_groups, unfold_groups
 from ..ops.subgen import NUMERATORS, combine, log_weights, weighted_pair_sums, weighted_row_sums
 from .summary import StreamSummary
 from .base import TensorAttnCacheLayer, register_layout
@@ -193,24 +194,30 @@ class _SubGenLayer(TensorAttnCacheLayer):
         zero = torch.zeros((), dtype=self.sdtype, device=self.device)
         return torch.where(ok, zero, float("-inf"))[:, None]
 
+    def _grouped_parts(self, query, from_end):
+        """`_parts` for query [B, H, Tq, D] over the H_kv heads held: the G query heads of a group are folded into
+        G * Tq query rows of their key/value head (the log-weights, per position, tiled to match), so no summary
+        is repeated per query head. Returns the parts with [B, H_kv, G * Tq, ...] shapes."""
+        H_kv = self.keys.shape[1]
+        Tq = query.shape[2]
+        groups = query.shape[1] // H_kv
+        q = fold_groups(query.to(self.sdtype), H_kv)
+        lw1, lw2 = (self._exact_log_weights(Tq, from_end, w).repeat(1, 1, groups, 1)
+                    for w in (self.constants.w1, self.constants.w2))
+        return self._parts(q, lw1, lw2)
+
     def _estimate(self, q, from_end):
-        q = q.to(self.sdtype)
-        lw1 = self._exact_log_weights(q.shape[2], from_end, self.constants.w1)
-        lw2 = self._exact_log_weights(q.shape[2], from_end, self.constants.w2)
-        nums, dens = self._parts(q, lw1, lw2)
-        return combine(nums, dens)
+        return unfold_groups(combine(*self._grouped_parts(q, from_end)), q.shape[1])
 
     def estimate_sums(self, query):
         """The unnormalised estimates (N̂ [B, H, Tq, D], Ẑ [B, H, Tq]) for the last Tq positions, both scaled by
         exp(-shift) with the returned shift [B, H, Tq]: Ô = N̂ / Ẑ. For tests and evaluation; evicts nothing."""
-        q = query.to(self.sdtype)
-        lw1 = self._exact_log_weights(q.shape[2], q.shape[2], self.constants.w1)
-        lw2 = self._exact_log_weights(q.shape[2], q.shape[2], self.constants.w2)
-        nums, dens = self._parts(q, lw1, lw2)
+        nums, dens = self._grouped_parts(query, query.shape[2])
         top = torch.stack([p[2] for p in nums + dens]).amax(0)
         num = sum(p[0] * torch.exp(p[2] - top)[..., None] for p in nums)
         den = sum(p[1] * torch.exp(p[2] - top) for p in dens)
-        return num, den, top
+        H = query.shape[1]
+        return unfold_groups(num, H), unfold_groups(den, H), unfold_groups(top, H)
 
     def _evict(self) -> None:
         """Summarise the exact tokens outside the sinks and the recent window, then drop them."""

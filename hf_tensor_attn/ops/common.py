@@ -1,7 +1,9 @@
 """What every tensor-attention op shares: input validation, the allowed-pair mask, the masked softmax and the limits
 of exp.
 
-Conventions (all ops): q is [B, H, Tq, D]; k1, k2, v1, v2 are [B, H, Tk, D] with Tq <= Tk. The queries are the
+Conventions (all ops): q is [B, H, Tq, D]; k1, k2, v1, v2 are [B, H_kv, Tk, D] with Tq <= Tk and H_kv dividing H
+(grouped-query attention: key/value head j serves query heads j*G .. j*G+G-1, G = H / H_kv, as transformers'
+`repeat_kv`). The queries are the
 *last* Tq positions of the key sequence, so query i sits at absolute position t = Tk - Tq + i (prefill
 continuation and decode). Query t may use the pair (a, b) when
 
@@ -32,15 +34,21 @@ def check_inputs(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=N
         if t.device != q.device:
             raise ValueError(f"`{name}` is on {t.device} but `q` is on {q.device}; all inputs must be on one device")
     B, H, Tq, D = q.shape
-    # The key length is the one most streams agree on, so the stream that differs is the one named.
+    # The key length and head count are the ones most streams agree on, so the stream that differs is the one named.
     lengths = [named[name].shape[2] for name in ("k1", "k2", "v1", "v2")]
     Tk = max(lengths, key=lengths.count)
+    heads = [named[name].shape[1] for name in ("k1", "k2", "v1", "v2")]
+    H_kv = max(heads, key=heads.count)
+    if H_kv < 1 or H % H_kv:
+        raise ValueError(
+            f"`k1` has {H_kv} heads, which must divide the {H} query heads of `q` (grouped-query attention)"
+        )
     for name in ("k1", "k2", "v1", "v2"):
         t = named[name]
-        if tuple(t.shape) != (B, H, Tk, D):
+        if tuple(t.shape) != (B, H_kv, Tk, D):
             raise ValueError(
-                f"`{name}` has shape {tuple(t.shape)}; expected {(B, H, Tk, D)} to match `q` {tuple(q.shape)} and the "
-                "other key/value streams"
+                f"`{name}` has shape {tuple(t.shape)}; expected {(B, H_kv, Tk, D)} to match `q` {tuple(q.shape)} and "
+                "the other key/value streams"
             )
         if t.dtype != q.dtype:
             raise ValueError(f"`{name}` has dtype {t.dtype}; all inputs must share q's dtype {q.dtype}")
@@ -55,6 +63,27 @@ def check_inputs(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=N
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, Tk):
             shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
             raise ValueError(f"`attention_mask` must be a [B, Tk] = {(B, Tk)} tensor of 0/1 or bool, got {shape}")
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, H_kv, T, D] -> [B, H_kv * groups, T, D], each key/value head repeated for its group of query heads."""
+    if groups == 1:
+        return x
+    B, H_kv, T, D = x.shape
+    return x[:, :, None].expand(B, H_kv, groups, T, D).reshape(B, H_kv * groups, T, D)
+
+
+def fold_groups(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, H, Tq, D] -> [B, H_kv, G * Tq, D]: the G query heads sharing a key/value head become more query rows of
+    that head (row g * Tq + i is query i of head j * G + g). A view for contiguous q; no key is copied."""
+    B, H, Tq, D = q.shape
+    return q.reshape(B, kv_heads, (H // kv_heads) * Tq, D)
+
+
+def unfold_groups(out: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of `fold_groups`: [B, H_kv, G * Tq, ...] -> [B, H, Tq, ...]."""
+    B, H_kv, rows = out.shape[:3]
+    return out.reshape(B, heads, rows * H_kv // heads, *out.shape[3:])
 
 
 def allowed_positions(Tq: int, Tk: int, window: int | None, device) -> torch.Tensor:

@@ -17,7 +17,7 @@ import threading
 
 import torch
 
-from .common import EXP_HEADROOM, check_inputs, finite_or_zero, masked_softmax
+from .common import EXP_HEADROOM, check_inputs, finite_or_zero, fold_groups, masked_softmax, repeat_kv, unfold_groups
 
 _workspace = threading.local()
 # Scores per block of the in-place decode step (B * H * rows * n2), 16 MiB in fp32: it bounds the scratch while
@@ -49,18 +49,21 @@ def release_decode_workspace() -> None:
 def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
     """Tensor attention of the last position (q is [B, H, 1, D]) over cached [B, H, Tk, D] streams.
 
-    Same signature and result as `naive_tensor_attention` with Tq = 1. Differentiable when an input needs grad;
-    otherwise (decoding) it works in place in a reused scratch buffer.
+    Same signature and result as `naive_tensor_attention` with Tq = 1. Differentiable when an input needs grad
+    (grouped key/value heads are then repeated for their query heads); otherwise (decoding) it works in place in a
+    reused scratch buffer, and the G query heads of a key/value group become G * rows rows of one GEMM against
+    that head's K2 and V2, which are never repeated.
     """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
     if q.shape[2] != 1:
         raise ValueError(f"`q` must hold one decode position, got shape {tuple(q.shape)}")
-    B, H, Tk, D = k1.shape
+    H = q.shape[1]
+    B, H_kv, Tk, D = k1.shape
     # The windows only keep the last w1 (w2) positions of each stream: slice instead of masking.
     n1 = Tk if w1 is None else min(w1, Tk)
     n2 = Tk if w2 is None else min(w2, Tk)
-    k1, v1 = k1[:, :, Tk - n1 :], v1[:, :, Tk - n1 :]  # [B, H, n1, D]
-    k2, v2 = k2[:, :, Tk - n2 :], v2[:, :, Tk - n2 :]  # [B, H, n2, D]
+    k1, v1 = k1[:, :, Tk - n1 :], v1[:, :, Tk - n1 :]  # [B, H_kv, n1, D]
+    k2, v2 = k2[:, :, Tk - n2 :], v2[:, :, Tk - n2 :]  # [B, H_kv, n2, D]
     real1 = real2 = None
     if attention_mask is not None:
         real = attention_mask.to(device=q.device, dtype=torch.bool)
@@ -73,6 +76,7 @@ def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_m
     q, k1, k2, v1, v2 = (t.to(compute) for t in (q, k1, k2, v1, v2))  # no copy when already `compute`
     # The scale is folded into q (D numbers), not into the i x i scores.
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k1, k2, v1, v2)):
+        k1, k2, v1, v2 = (repeat_kv(t, H // H_kv) for t in (k1, k2, v1, v2))  # [B, H, n, D]
         out = _decode_differentiable(k1 * (q * scale), k2, v1, v2, real1, real2)
     else:
         out = _decode_in_place(q * scale, k1, k2, v1, v2, real1, real2)
@@ -93,34 +97,43 @@ def decode_scratch_elements(B: int, H: int, n1: int, n2: int, D: int) -> int:
 def _decode_in_place(qs, k1, k2, v1, v2, real1, real2):
     """The decode step in blocks of rows a (one block up to `_SCORES_PER_BLOCK` scores, e.g. i = 1024 with 4 heads),
     so the scratch is O(i d + block) rather than O(i^2) per head at long contexts. Each block runs GEMM, max,
-    exp and sum in place, GEMM; blocks are combined by their own max shifts, as in FlashAttention."""
-    B, H, n1, D = k1.shape
+    exp and sum in place, GEMM; blocks are combined by their own max shifts, as in FlashAttention.
+
+    qs is [B, H, 1, D], the streams [B, H_kv, n, D]: the rows (g, a) of a key/value group's G query heads share one
+    GEMM with that head's K2 (and V2), and [B, H_kv, G * r, ...] results are read as [B, H, r, ...]."""
+    B, H, _, D = qs.shape
+    H_kv, n1 = k1.shape[1], k1.shape[2]
+    G = H // H_kv
     n2 = k2.shape[2]
     rows = _block_rows(B, H, n1, n2)
     on_cpu = k1.device.type == "cpu"
+    grouped_q = qs.view(B, H_kv, G, 1, D)
     if on_cpu:
         # Every intermediate lives in the reused scratch: on CPU a fresh tensor of a few MiB costs page faults
         # comparable to the elementwise work itself.
         buf = _scratch(decode_scratch_elements(B, H, n1, n2, D), k1.dtype, k1.device)
         scores_buf = buf[: B * H * rows * n2]
         pv_buf = buf[B * H * rows * n2 : B * H * rows * (n2 + D)]
-        kq = torch.mul(k1, qs, out=buf[B * H * rows * (n2 + D) :].view(B, H, n1, D))  # [B, H, n1, D]
+        kq = buf[B * H * rows * (n2 + D) :].view(B, H_kv, G, n1, D)
+        torch.mul(k1[:, :, None], grouped_q, out=kq)  # [B, H_kv, G, n1, D]
     else:  # the CUDA caching allocator already reuses memory
-        kq = k1 * qs
-    k2t = k2.transpose(-1, -2)  # [B, H, D, n2]
+        kq = k1[:, :, None] * grouped_q
+    k2t = k2.transpose(-1, -2)  # [B, H_kv, D, n2]
     # |score(a, b)| <= |kq_a| |k2_b| (Cauchy-Schwarz), an O(i d) bound. When it is small, exp(score) can neither
     # overflow nor lose the largest terms, and softmax does not depend on the shift: skip the max pass and the
     # subtraction, two of the four elementwise trips over the scores.
-    bound = kq.norm(dim=-1).amax(-1) * k2.norm(dim=-1).amax(-1)  # [B, H]
+    bound = kq.norm(dim=-1).amax(-1) * k2.norm(dim=-1).amax(-1)[:, :, None]  # [B, H_kv, G]
     unshifted = bool((bound <= EXP_HEADROOM.get(kq.dtype, 0.0)).all())
     shifts, denoms, outs = [], [], []
     for a0 in range(0, n1, rows):
         a1 = min(a0 + rows, n1)
         r = a1 - a0
+        kq_rows = kq[:, :, :, a0:a1].reshape(B, H_kv, G * r, D)  # a view when the block holds every row
         if on_cpu:
-            scores = torch.matmul(kq[:, :, a0:a1], k2t, out=scores_buf[: B * H * r * n2].view(B, H, r, n2))
+            scores = torch.matmul(kq_rows, k2t, out=scores_buf[: B * H * r * n2].view(B, H_kv, G * r, n2))
         else:
-            scores = torch.matmul(kq[:, :, a0:a1], k2t)  # [B, H, r, n2]
+            scores = torch.matmul(kq_rows, k2t)  # [B, H_kv, G * r, n2]
+        scores = scores.view(B, H, r, n2)
         if real1 is not None:
             scores.masked_fill_(~real1[:, None, a0:a1, None], float("-inf"))  # pairs whose first token is a pad
             scores.masked_fill_(~real2[:, None, None, :], float("-inf"))  # ... or whose second is
@@ -133,8 +146,13 @@ def _decode_in_place(qs, k1, k2, v1, v2, real1, real2):
             shift = block_max if real1 is None else finite_or_zero(block_max)
             flat.sub_(shift).exp_()
         denoms.append(flat.sum(-1, keepdim=True))  # [B, H, 1]
-        pv = torch.matmul(scores, v2, out=pv_buf[: B * H * r * D].view(B, H, r, D)) if on_cpu else scores @ v2
-        outs.append(pv.mul_(v1[:, :, a0:a1]).sum(-2))  # [B, H, D]
+        grouped_scores = scores.view(B, H_kv, G * r, n2)
+        if on_cpu:
+            pv = torch.matmul(grouped_scores, v2, out=pv_buf[: B * H * r * D].view(B, H_kv, G * r, D))
+        else:
+            pv = grouped_scores @ v2  # [B, H_kv, G * r, D]
+        pv = pv.view(B, H_kv, G, r, D).mul_(v1[:, :, None, a0:a1])
+        outs.append(pv.sum(-2).view(B, H, D))  # [B, H, D]
         shifts.append(block_max)
     if len(outs) == 1:
         out, denom = outs[0], denoms[0]
@@ -163,11 +181,20 @@ def _decode_differentiable(kq, k2, v1, v2, real1, real2):
 def pair_rows_attention(q, pair_keys, pair_values, *, scale, allowed=None):
     """Attention of q over explicit pair rows, the two-matrix layout's `Ṽᵀ softmax(K̃ q)` (paper Def. 3.8).
 
-    q is [B, H, Tq, D]; pair_keys / pair_values are [B, H, P, D] with row p = k1_a ⊙ k2_b / v1_a ⊙ v2_b of some
-    pair (a, b). `allowed` is None (every row for every query) or a bool mask broadcastable to [B, H, Tq, P].
-    The softmax runs over all P rows jointly; a query with no allowed row gets zeros. A non-finite value row
-    makes exactly the entries of the queries that may use it non-finite (`common.nonfinite_outputs`). Returns [B, H, Tq, D].
+    q is [B, H, Tq, D]; pair_keys / pair_values are [B, H_kv, P, D] with row p = k1_a ⊙ k2_b / v1_a ⊙ v2_b of some
+    pair (a, b), H_kv dividing H. `allowed` is None (every row for every query) or a bool mask broadcastable to
+    [B, 1, Tq, P] (the same for every head). The softmax runs over all P rows jointly; a query with no allowed row
+    gets zeros. A non-finite value row makes exactly the entries of the queries that may use it non-finite
+    (`common.nonfinite_outputs`). Returns [B, H, Tq, D]. The query heads of a group are folded into rows of their
+    key/value head (`fold_groups`), so the pair rows are never repeated.
     """
+    B, H, Tq, _ = q.shape
+    H_kv = pair_keys.shape[1]
+    if H_kv != H:
+        if allowed is not None:
+            allowed = allowed.expand(*allowed.shape[:2], Tq, allowed.shape[-1]).repeat(1, 1, H // H_kv, 1)
+        return unfold_groups(pair_rows_attention(fold_groups(q, H_kv), pair_keys, pair_values, scale=scale,
+                                                 allowed=allowed), H)
     dtype = q.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     scores = torch.matmul(q * scale, pair_keys.transpose(-1, -2)).to(compute)  # [B, H, Tq, P]

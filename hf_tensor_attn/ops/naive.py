@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import torch
 
-from .common import allowed_pairs, allowed_positions, check_inputs, masked_softmax
+from .common import allowed_pairs, allowed_positions, check_inputs, masked_softmax, repeat_kv
 
 
 def naive_tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
     """o_t = sum_(a,b) softmax_(a,b)(scale * <q_t, k1_a * k2_b>) * (v1_a * v2_b); see `ops.common` for masking.
 
-    Computes in float64 for float64 inputs and in float32 otherwise; returns q's dtype.
+    Computes in float64 for float64 inputs and in float32 otherwise; returns q's dtype. Grouped key/value heads are
+    repeated explicitly for their query heads.
     """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
     B, H, Tq, D = q.shape
+    k1, k2, v1, v2 = (repeat_kv(t, H // t.shape[1]) for t in (k1, k2, v1, v2))
     Tk = k1.shape[2]
     dtype = q.dtype
     compute = torch.float64 if dtype == torch.float64 else torch.float32

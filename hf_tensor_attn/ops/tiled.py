@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ._tiles import Masker, QueryBlock, TileSizes, choose_tile_sizes, plan
-from .common import EXP_FLOOR, EXP_HEADROOM, check_inputs, finite_copies, nonfinite_outputs
+from .common import EXP_FLOOR, EXP_HEADROOM, check_inputs, finite_copies, nonfinite_outputs, repeat_kv
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -423,9 +423,14 @@ def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_ma
 
     Computes in float64 for float64 inputs and in float32 otherwise (bf16/fp16 inputs are upcast once, all
     accumulation is fp32); returns q's dtype. Peak extra memory is O(tile + T*d).
+
+    Grouped key/value heads ([B, H_kv, Tk, D]) are repeated for their query heads before the tiled passes, an
+    O(H * Tk * D) copy per call (the tiles are batched per query head); autograd sums their gradients back.
     """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
     if attention_mask is not None:
         attention_mask = attention_mask.to(q.device)
+    groups = q.shape[1] // k1.shape[1]
+    k1, k2, v1, v2 = (repeat_kv(t, groups) for t in (k1, k2, v1, v2))
     out, _, _ = _forward_op(q, k1, k2, v1, v2, float(scale), w1, w2, attention_mask)
     return out.view(q.shape).to(q.dtype)

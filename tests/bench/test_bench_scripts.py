@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.bench import bench_attention, bench_cache, bench_poly, eval_subgen, eval_subgen_text, match3_experiment
+from scripts.bench import (bench_attention, bench_cache, bench_poly, convert_llama_experiment, eval_subgen,
+                           eval_subgen_text, match3_experiment)
 from scripts.bench.harness import read_run_record, render_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +29,8 @@ SCRIPTS = {
                          ["text.csv", "synthetic.csv", "run.json", "eval_subgen_text.png"]),
     "match3_experiment": (["scripts/bench/match3_experiment.py"],
                           ["runs.csv", "curves.csv", "test_set.csv", "curves.png"]),
+    "convert_llama_experiment": (["-m", "scripts.bench.convert_llama_experiment"],
+                                 ["convert_llama_summary.csv", "convert_llama_curves.csv", "convert_llama_curves.png"]),
 }
 
 
@@ -35,7 +38,8 @@ SCRIPTS = {
 def test_quick_run_writes_csv_table_and_plot(name, tmp_path):
     start, files = SCRIPTS[name]
     out = tmp_path / "out"
-    extra = ["--work_dir", str(tmp_path / "runs")] if name in ("match3_experiment", "bench_poly") else []
+    extra = (["--work_dir", str(tmp_path / "runs")]
+             if name in ("match3_experiment", "bench_poly", "convert_llama_experiment") else [])
     # The checkout first on the path, so the run uses this tree's package whatever is installed.
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run = subprocess.run([sys.executable, *start, "--quick", "--out", str(out), *extra], cwd=ROOT, env=env,
@@ -54,9 +58,8 @@ def test_quick_run_writes_csv_table_and_plot(name, tmp_path):
     assert tables == render_folder(out)  # a normal run publishes exactly what --from-csv would rebuild
 
 
-@pytest.mark.parametrize(
-    "module", [bench_attention, bench_cache, bench_poly, eval_subgen, eval_subgen_text, match3_experiment]
-)
+@pytest.mark.parametrize("module", [bench_attention, bench_cache, bench_poly, eval_subgen, eval_subgen_text,
+                                    match3_experiment, convert_llama_experiment])
 def test_quick_run_refuses_to_write_into_docs(module, capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--quick", "--out", str(ROOT / "docs" / "smoke")])
