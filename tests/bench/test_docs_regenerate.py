@@ -2,6 +2,8 @@
 run record (the publishing convention of scripts/bench/harness.py). Folders are found generically: any docs/NAME/
 with a run.json is checked, whichever script wrote it."""
 
+import csv
+import io
 from pathlib import Path
 
 import pytest
@@ -40,22 +42,21 @@ def test_changed_data_changes_the_tables(folder, tmp_path):
     assert csvs, f"{folder} has no CSV"
     changed = False
     for path in csvs:
-        lines = path.read_text().splitlines()
-        header = lines[0].split(",")
+        original = path.read_text()
+        header, *cells = list(csv.reader(io.StringIO(original)))
         for col, name in enumerate(header):
             if name in {"cpu", "cpu_id", "cpu_capability", "cores", "threads", "torch"}:
                 continue
-            cells = [line.split(",") for line in lines[1:]]
-            numeric = [row for row in cells if len(row) == len(header) and _is_float(row[col])]
-            if len(numeric) == len(cells) and numeric:
-                for row in numeric:
-                    row[col] = repr(float(row[col]) * 1.37 + 0.011)
-                path.write_text("\n".join([lines[0], *(",".join(row) for row in cells)]) + "\n")
+            if cells and all(_is_float(row[col]) for row in cells):
+                perturbed = [row[:col] + [repr(float(row[col]) * 1.37 + 0.011)] + row[col + 1:] for row in cells]
+                out = io.StringIO()
+                csv.writer(out, lineterminator="\n").writerows([header, *perturbed])
+                path.write_text(out.getvalue())
                 try:
                     changed = render_folder(copy) != before
                 except Exception:  # a perturbed count may break an invariant render relies on; try another column
                     changed = False
-                path.write_text("\n".join(lines) + "\n")
+                path.write_text(original)
                 if changed:
                     break
         if changed:
