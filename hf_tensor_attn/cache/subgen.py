@@ -130,7 +130,7 @@ class _SubGenLayer(TensorAttnCacheLayer):
             mask = None if bool(self.real.all()) else self.real.long()
             op = four_cache_decode if Tq == 1 else tensor_attention
             c = self.constants
-            out = op(query, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=mask)
+            out = op(query, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=mask, backend=c.backend)
         else:
             out = torch.cat(
                 [self._estimate(query[:, :, i : i + QUERY_BLOCK], Tq - i) for i in range(0, Tq, QUERY_BLOCK)], dim=2

@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ._tiles import Masker, QueryBlock, TileSizes, choose_tile_sizes, plan
+from .backend import use_triton
 from .common import EXP_FLOOR, EXP_HEADROOM, check_inputs
 
 
@@ -400,12 +401,19 @@ def _gradients(ctx, dout, dlse, dhas_pair):
 _forward_op.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
-def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
+def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None, backend=None):
     """Exact tensor attention with the signature of `naive_tensor_attention`; differentiable.
 
     Computes in float64 for float64 inputs and in float32 otherwise (bf16/fp16 inputs are upcast once, all
     accumulation is fp32); returns q's dtype. Peak extra memory is O(tile + T*d).
+    `backend`: None runs the Triton kernels on CUDA tensors when triton is installed and this tiled torch path
+    otherwise; "torch" or "triton" force one (see `ops.backend`).
     """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
+    if use_triton(backend, q):
+        from . import triton_kernels  # imported on first use: triton is an optional dependency
+
+        return triton_kernels.tensor_attention(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2,
+                                               attention_mask=attention_mask)
     out, _, _ = _forward_op(q, k1, k2, v1, v2, float(scale), w1, w2, attention_mask)
     return out.view(q.shape).to(q.dtype)
