@@ -11,6 +11,11 @@ run, runs/bench/bench_attention/ for --quick or other sizes):
 
     python -m scripts.bench.bench_attention --wait-idle 60
     python -m scripts.bench.bench_attention --quick --out /tmp/smoke
+
+`--cuda` benchmarks the Triton kernels on a GPU instead (bf16, against the GPU's bf16 torch.mm; see
+scripts/bench/attention_gpu.py) and writes docs/bench_attention_gpu/:
+
+    python -m scripts.bench.bench_attention --cuda
 """
 
 from __future__ import annotations
@@ -77,7 +82,16 @@ def parse_args(argv):
         "--wait-idle", type=float, default=0.0,
         help="shared machine: retry timings disturbed by other processes for up to this many seconds each",
     )
+    parser.add_argument("--cuda", action="store_true", help="the GPU benchmark of the Triton kernels (attention_gpu.py)")
+    parser.add_argument("--device", default="cuda",
+                        help="with --cuda: the device (cpu only for a smoke run under TRITON_INTERPRET=1)")
+    parser.add_argument("--causal-max-T", type=int, default=4096,
+                        help="with --cuda: longest causal T (its cost grows as T^3: T=16384 takes minutes)")
     args = parser.parse_args(argv)
+    if args.cuda:
+        full = not args.quick and args.device == "cuda"
+        args.out = output_dir(parser, args.out, "bench_attention_gpu", full)
+        return args
     full = not args.quick and args.T in (None, DEFAULT_T) and args.d == 64 and args.heads == 4
     if args.quick:
         args.T, args.d, args.repeats = args.T or QUICK_T, 16, 1
@@ -89,6 +103,10 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.cuda:
+        from scripts.bench import attention_gpu  # imports this module: loaded only when asked for
+
+        return attention_gpu.main(args, argv)
     torch.set_num_threads(args.threads)
     B, H, D = 1, args.heads, args.d
     scale = D**-0.5

@@ -2,6 +2,7 @@
 plot; quick runs cannot write into docs/. Timings at these sizes mean nothing and are not looked at."""
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -51,3 +52,20 @@ def test_quick_run_refuses_to_write_into_docs(module, capsys):
         module.parse_args(["--quick", "--out", str(ROOT / "docs" / "smoke")])
     assert "may not write under" in capsys.readouterr().err
     assert not (ROOT / "docs" / "smoke").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the `triton` package is not installed")
+def test_cuda_mode_starts_under_the_triton_interpreter(tmp_path):
+    """The GPU command (`bench_attention --cuda`) end to end at its quick sizes, CPU tensors standing in for CUDA
+    ones in Triton's interpreter: what a GPU run executes, except the device."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), TRITON_INTERPRET="1",
+               OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "scripts.bench.bench_attention", "--cuda", "--device", "cpu", "--quick",
+                          "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(out / "bench_attention_gpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["what"], r["mode"]) for r in rows} == {("attention", "causal"), ("attention", "window"), ("decode", "")}
+    assert all(float(r["fwdbwd_tflops"]) > 0 for r in rows if r["what"] == "attention")
+    assert "Four-cache decode step" in (out / "tables.md").read_text()
