@@ -123,8 +123,8 @@ def _reference_scores(q, kr, kc, w_row, w_col, mask, B, H):
     BH, Tq, d = q.shape
     Tk = kr.shape[1]
     pos = torch.arange(Tk - Tq, Tk, device=q.device)
-    if mask is None:
-        return (q * kr[:, pos] * kc[:, pos]).sum(-1), torch.ones(BH, Tq, dtype=torch.bool, device=q.device)
+    if mask is None:  # c = t: the queries' own keys, a slice (no gather)
+        return (q * kr[:, Tk - Tq :] * kc[:, Tk - Tq :]).sum(-1), torch.ones(BH, Tq, dtype=torch.bool, device=q.device)
     keys = torch.arange(Tk, device=q.device).expand(B, Tk)
     latest = torch.where(mask, keys, -1).cummax(dim=1).values[:, Tk - Tq :]  # [B, Tq], -1: no real key yet
     narrow = w_row if w_row is not None else w_col  # the row stream has the narrower window
@@ -141,9 +141,16 @@ def _score_bounds(q, kr, kc, Tk: int) -> torch.Tensor:
     |<q_t * kr_a, kc_b>| <= ||q_t * kr_a||_2 ||kc_b||_2 <= ||q_t||_4 ||kr_a||_4 ||kc_b||_2, with running maxima
     over the keys. Later keys only enter tiles of query t masked (-inf, then clamped), so they need no bound."""
     Tq = q.shape[1]
-    kr_max = torch.linalg.vector_norm(kr, ord=4, dim=-1).cummax(1).values[:, Tk - Tq :]  # [BH, Tq]
+    kr_max = _norm4(kr).cummax(1).values[:, Tk - Tq :]  # [BH, Tq]
     kc_max = torch.linalg.vector_norm(kc, ord=2, dim=-1).cummax(1).values[:, Tk - Tq :]
-    return torch.linalg.vector_norm(q, ord=4, dim=-1) * kr_max * kc_max
+    return _norm4(q) * kr_max * kc_max
+
+
+def _norm4(x: torch.Tensor) -> torch.Tensor:
+    """The 4-norm over the last dim with squares and square roots: vector_norm(ord=4) takes a generic pow path on
+    CPU that cost more than a forward's tile loop at small windows. Overflow (|x| > ~1e9 in fp32) gives an
+    infinite bound, which only switches a block to the checked path."""
+    return x.square().square().sum(-1).sqrt().sqrt()
 
 
 def _block_flags(flags: torch.Tensor, blocks) -> list[bool]:

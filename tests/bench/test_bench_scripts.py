@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.bench import bench_attention, bench_cache, eval_subgen, match3_experiment
+from scripts.bench import bench_attention, bench_cache, eval_subgen, match3_experiment, profile_attention
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,7 @@ def test_quick_run_writes_csv_table_and_plot(name, tmp_path):
     assert "Machine: " in tables and "Load: " in tables and "\n| " in tables
 
 
-@pytest.mark.parametrize("module", [bench_attention, bench_cache, eval_subgen, match3_experiment])
+@pytest.mark.parametrize("module", [bench_attention, bench_cache, eval_subgen, match3_experiment, profile_attention])
 def test_quick_run_refuses_to_write_into_docs(module, capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--quick", "--out", str(ROOT / "docs" / "smoke")])
@@ -69,3 +69,12 @@ def test_cuda_mode_starts_under_the_triton_interpreter(tmp_path):
     assert {(r["what"], r["mode"]) for r in rows} == {("attention", "causal"), ("attention", "window"), ("decode", "")}
     assert all(float(r["fwdbwd_tflops"]) > 0 for r in rows if r["what"] == "attention")
     assert "Four-cache decode step" in (out / "tables.md").read_text()
+
+
+def test_profile_attention_quick_run(tmp_path):
+    rows = profile_attention.main(["--quick", "--out", str(tmp_path)])
+    assert {r["case"] for r in rows} == {*profile_attention.CASES, "four-cache decode"}
+    for r in rows:
+        shares = [r[f"share_{c}"] for c in [*profile_attention.CATEGORIES, "other"]]
+        assert abs(sum(shares) - 1) < 1e-6 and r["share_GEMM"] > 0, r
+    assert (tmp_path / "profile_attention.png").stat().st_size > 0
