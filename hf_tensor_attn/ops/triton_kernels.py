@@ -3,15 +3,15 @@
 Same conventions and results as `naive.naive_tensor_attention` (see `ops.common`). Inputs fp16/bf16/fp32; every
 dot product accumulates in fp32 and fp32 inputs use IEEE (not TF32) dot products.
 
-Forward: one program per (query block, batch*head). The row stream (k1, v1) is walked one key a at a time, the
-column stream (k2, v2) in tiles of keys b, so a pair tile is a GEMM [queries, d] @ [d, keys b] over
-q_t * k1_a, and its values need only the tile of v2 times the one vector v1_a:
-sum_b P_t(a, b) v1_a * v2_b = v1_a * (P @ V2)_t. The softmax over pairs is an online softmax (running max and
+Forward: one program per (query block, batch*head). The row stream (k1, v1) is walked in blocks of BLOCK_A keys
+a, the column stream (k2, v2) in tiles of keys b; the rows (t, a) of q_t * k1_a form one [BLOCK_Q * BLOCK_A, d]
+operand, so a pair tile is one dot [rows (t, a), d] @ [d, keys b], and its values are a second one with the tile
+of v2, times v1_a and summed over a: sum_b P_t(a, b) v1_a * v2_b = v1_a * (P @ V2)_(t, a). The softmax over pairs is an online softmax (running max and
 sum per query, in base 2: the scale times log2(e) is folded into q once). The log-sum-exp is saved.
 
 Backward recomputes P from the log-sum-exp. dq is owned by query blocks (the forward's loops). The column
-stream's gradients are owned by tiles of keys b, which loop over the queries that can see them and the row keys
-those queries use; because the maths is symmetric in the two streams (<q, k1*k2> = <q, k2*k1>, v1*v2 = v2*v1),
+stream's gradients are owned by tiles of keys b, which loop over the blocks of queries that can see them and the
+blocks of row keys those queries use; because the maths is symmetric in the two streams (<q, k1*k2> = <q, k2*k1>, v1*v2 = v2*v1),
 the same kernel with the streams (and windows) swapped gives the row stream's gradients. No atomics: the
 gradients are deterministic.
 
