@@ -14,6 +14,7 @@ from transformers import PreTrainedConfig
 from . import compat
 from .atomic import atomic_directory
 from .cache import available_cache_implementations
+from .ops.backend import check_backend
 
 LAYER_TYPES = ("tensor_attention", "full_attention", "poly_tensor_attention")
 POSITION_EMBEDDING_TYPES = ("rope", "none")
@@ -89,6 +90,9 @@ class TensorAttnConfig(PreTrainedConfig):
             model starts with k2 = v2 = 1 from these biases (zero weights).
         default_cache_implementation (`str`, defaults to `"four_cache"`): KV-cache layout `generate()` uses for tensor
             layers when the call does not name one: one of `"four_cache"`, `"two_cache"`, `"subgen4"`, `"subgen2"`.
+        tensor_attention_backend (`str`, *optional*): kernels of the tensor layers (training, prefill and the
+            four-cache decode step): `None` picks the Triton kernels for CUDA tensors when `triton` is installed
+            and the torch path otherwise; `"torch"` or `"triton"` force one (see `hf_tensor_attn.ops.backend`).
         tie_word_embeddings (`bool`, defaults to True): share the input embedding and the LM head.
         use_cache (`bool`, defaults to True): return a cache from forward for generation.
         pad_token_id / bos_token_id / eos_token_id (`int`, *optional*): special tokens (0, 1, 2 in the byte tokenizer).
@@ -153,6 +157,7 @@ class TensorAttnConfig(PreTrainedConfig):
     attention_output_bias: bool | None = None
     tensor_kv2_bias: bool = False
     default_cache_implementation: str = "four_cache"
+    tensor_attention_backend: str | None = None
     tie_word_embeddings: bool = True
     use_cache: bool = True
     pad_token_id: int | None = 0
@@ -319,6 +324,7 @@ class TensorAttnConfig(PreTrainedConfig):
                 f"`default_cache_implementation` must be one of {available_cache_implementations()}, "
                 f"got {self.default_cache_implementation!r}"
             )
+        check_backend(self.tensor_attention_backend, "tensor_attention_backend")
 
 
 def _check_float(name: str, value, allowed: str, in_range) -> None:

@@ -138,7 +138,9 @@ class TensorAttention(nn.Module):
             k1, k2 = k.chunk(2, dim=-1)
             v1, v2 = v.chunk(2, dim=-1)
             c = self.constants
-            out = tensor_attention(q, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=attention_mask)
+            out = tensor_attention(
+                q, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=attention_mask, backend=c.backend
+            )
         out = out.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(self.dropout(out)), None  # pair weights (T^2 per query) are not returned
 

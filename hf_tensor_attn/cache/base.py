@@ -68,15 +68,18 @@ def available_cache_implementations() -> list[str]:
 
 @dataclass(frozen=True)
 class TensorAttnConstants:
-    """What a tensor layer's attention depends on besides its inputs: the score scale and the windows."""
+    """What a tensor layer's attention depends on besides its inputs: the score scale, the windows and which
+    kernels run it (`backend`, see `ops.backend`)."""
 
     scale: float
     w1: int | None = None
     w2: int | None = None
+    backend: str | None = None
 
     @classmethod
     def from_config(cls, config) -> TensorAttnConstants:
-        return cls(scale=float(config.score_scale), w1=config.w1, w2=config.w2)
+        return cls(scale=float(config.score_scale), w1=config.w1, w2=config.w2,
+                   backend=config.tensor_attention_backend)
 
 
 class TensorAttnCacheLayer(CacheLayerMixin):

@@ -47,7 +47,8 @@ class FourCacheLayer(TensorAttnCacheLayer):
         c = self.constants
         # One decode position takes the GEMM-shaped single-query kernel; longer chunks the tiled exact op.
         op = four_cache_decode if query.shape[2] == 1 else tensor_attention
-        return op(query, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=attention_mask)
+        return op(query, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=attention_mask,
+                  backend=c.backend)
 
     def map_batch(self, fn) -> None:
         """Apply a batch-dimension map to the live tokens, keeping the buffers' capacity."""

@@ -177,7 +177,7 @@ class _SubGenLayer(TensorAttnCacheLayer):
         mask = None if bool(self.real.all()) else self.real.long()
         op = four_cache_decode if query.shape[2] == 1 else tensor_attention
         c = self.constants
-        return op(query, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=mask)
+        return op(query, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=mask, backend=c.backend)
 
     def _estimate_blocks(self, query):
         Tq = query.shape[2]

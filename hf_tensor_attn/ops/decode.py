@@ -17,6 +17,7 @@ import threading
 
 import torch
 
+from .backend import use_triton
 from .common import EXP_HEADROOM, check_inputs, finite_or_zero, fold_groups, masked_softmax, repeat_kv, unfold_groups
 
 _workspace = threading.local()
@@ -46,19 +47,28 @@ def release_decode_workspace() -> None:
     _workspace.buffer = None
 
 
-def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
+def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None, backend=None):
     """Tensor attention of the last position (q is [B, H, 1, D]) over cached [B, H, Tk, D] streams.
 
     Same signature and result as `naive_tensor_attention` with Tq = 1. Differentiable when an input needs grad
     (grouped key/value heads are then repeated for their query heads); otherwise (decoding) it works in place in a
     reused scratch buffer, and the G query heads of a key/value group become G * rows rows of one GEMM against
-    that head's K2 and V2, which are never repeated.
+    that head's K2 and V2, which are never repeated. `backend` as in `tensor_attention`; the Triton decode kernel
+    has no backward, so a step that needs gradients always runs here.
     """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
     if q.shape[2] != 1:
         raise ValueError(f"`q` must hold one decode position, got shape {tuple(q.shape)}")
     H = q.shape[1]
     B, H_kv, Tk, D = k1.shape
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k1, k2, v1, v2))
+    if not needs_grad and use_triton(backend, q):
+        from . import triton_kernels  # imported on first use: triton is an optional dependency
+
+        # The kernel takes one key/value head per query head: grouped heads are repeated for it.
+        k1, k2, v1, v2 = (repeat_kv(t, H // H_kv) for t in (k1, k2, v1, v2))
+        return triton_kernels.four_cache_decode(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2,
+                                                attention_mask=attention_mask)
     # The windows only keep the last w1 (w2) positions of each stream: slice instead of masking.
     n1 = Tk if w1 is None else min(w1, Tk)
     n2 = Tk if w2 is None else min(w2, Tk)
@@ -75,7 +85,7 @@ def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_m
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     q, k1, k2, v1, v2 = (t.to(compute) for t in (q, k1, k2, v1, v2))  # no copy when already `compute`
     # The scale is folded into q (D numbers), not into the i x i scores.
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k1, k2, v1, v2)):
+    if needs_grad:
         k1, k2, v1, v2 = (repeat_kv(t, H // H_kv) for t in (k1, k2, v1, v2))  # [B, H, n, D]
         out = _decode_differentiable(k1 * (q * scale), k2, v1, v2, real1, real2)
     else:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ._tiles import Masker, QueryBlock, TileSizes, choose_tile_sizes, plan
+from .backend import use_triton
 from .common import EXP_FLOOR, EXP_HEADROOM, check_inputs, finite_copies, nonfinite_outputs, repeat_kv
 
 
@@ -122,8 +123,8 @@ def _reference_scores(q, kr, kc, w_row, w_col, mask, B, H):
     BH, Tq, d = q.shape
     Tk = kr.shape[1]
     pos = torch.arange(Tk - Tq, Tk, device=q.device)
-    if mask is None:
-        return (q * kr[:, pos] * kc[:, pos]).sum(-1), torch.ones(BH, Tq, dtype=torch.bool, device=q.device)
+    if mask is None:  # c = t: the queries' own keys, a slice (no gather)
+        return (q * kr[:, Tk - Tq :] * kc[:, Tk - Tq :]).sum(-1), torch.ones(BH, Tq, dtype=torch.bool, device=q.device)
     keys = torch.arange(Tk, device=q.device).expand(B, Tk)
     latest = torch.where(mask, keys, -1).cummax(dim=1).values[:, Tk - Tq :]  # [B, Tq], -1: no real key yet
     narrow = w_row if w_row is not None else w_col  # the row stream has the narrower window
@@ -140,9 +141,16 @@ def _score_bounds(q, kr, kc, Tk: int) -> torch.Tensor:
     |<q_t * kr_a, kc_b>| <= ||q_t * kr_a||_2 ||kc_b||_2 <= ||q_t||_4 ||kr_a||_4 ||kc_b||_2, with running maxima
     over the keys. Later keys only enter tiles of query t masked (-inf, then clamped), so they need no bound."""
     Tq = q.shape[1]
-    kr_max = torch.linalg.vector_norm(kr, ord=4, dim=-1).cummax(1).values[:, Tk - Tq :]  # [BH, Tq]
+    kr_max = _norm4(kr).cummax(1).values[:, Tk - Tq :]  # [BH, Tq]
     kc_max = torch.linalg.vector_norm(kc, ord=2, dim=-1).cummax(1).values[:, Tk - Tq :]
-    return torch.linalg.vector_norm(q, ord=4, dim=-1) * kr_max * kc_max
+    return _norm4(q) * kr_max * kc_max
+
+
+def _norm4(x: torch.Tensor) -> torch.Tensor:
+    """The 4-norm over the last dim with squares and square roots: vector_norm(ord=4) takes a generic pow path on
+    CPU that cost more than a forward's tile loop at small windows. Overflow (|x| > ~1e9 in fp32) gives an
+    infinite bound, which only switches a block to the checked path."""
+    return x.square().square().sum(-1).sqrt().sqrt()
 
 
 def _block_flags(flags: torch.Tensor, blocks) -> list[bool]:
@@ -418,7 +426,7 @@ def _gradients(ctx, dout, dlse, dhas_pair):
 _forward_op.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
-def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
+def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None, backend=None):
     """Exact tensor attention with the signature of `naive_tensor_attention`; differentiable.
 
     Computes in float64 for float64 inputs and in float32 otherwise (bf16/fp16 inputs are upcast once, all
@@ -426,11 +434,18 @@ def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_ma
 
     Grouped key/value heads ([B, H_kv, Tk, D]) are repeated for their query heads before the tiled passes, an
     O(H * Tk * D) copy per call (the tiles are batched per query head); autograd sums their gradients back.
+    `backend`: None runs the Triton kernels on CUDA tensors when triton is installed and this tiled torch path
+    otherwise; "torch" or "triton" force one (see `ops.backend`).
     """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
     if attention_mask is not None:
         attention_mask = attention_mask.to(q.device)
     groups = q.shape[1] // k1.shape[1]
     k1, k2, v1, v2 = (repeat_kv(t, groups) for t in (k1, k2, v1, v2))
+    if use_triton(backend, q):
+        from . import triton_kernels  # imported on first use: triton is an optional dependency
+
+        return triton_kernels.tensor_attention(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2,
+                                               attention_mask=attention_mask)
     out, _, _ = _forward_op(q, k1, k2, v1, v2, float(scale), w1, w2, attention_mask)
     return out.view(q.shape).to(q.dtype)

@@ -13,6 +13,11 @@ for --quick or other sizes):
     python -m scripts.bench.bench_attention --wait-idle 60
     python -m scripts.bench.bench_attention --quick --out /tmp/smoke
     python -m scripts.bench.bench_attention --from-csv           # rebuild docs/bench_attention/tables.md
+
+`--cuda` benchmarks the Triton kernels on a GPU instead (bf16, against the GPU's bf16 torch.mm; see
+scripts/bench/attention_gpu.py) and writes docs/bench_attention_gpu/:
+
+    python -m scripts.bench.bench_attention --cuda
 """
 
 from __future__ import annotations
@@ -85,7 +90,16 @@ def parse_args(argv):
         help="shared machine: retry timings disturbed by other processes for up to this many seconds each",
     )
     parser.add_argument("--from-csv", action="store_true", help="measure nothing: rebuild tables.md from --out's files")
+    parser.add_argument("--cuda", action="store_true", help="the GPU benchmark of the Triton kernels (attention_gpu.py)")
+    parser.add_argument("--device", default="cuda",
+                        help="with --cuda: the device (cpu only for a smoke run under TRITON_INTERPRET=1)")
+    parser.add_argument("--causal-max-T", type=int, default=4096,
+                        help="with --cuda: longest causal T (its cost grows as T^3: T=16384 takes minutes)")
     args = parser.parse_args(argv)
+    if args.cuda:
+        full = args.from_csv or (not args.quick and args.device == "cuda")
+        args.out = output_dir(parser, args.out, "bench_attention_gpu", full)
+        return args
     full = args.from_csv or (not args.quick and args.T in (None, DEFAULT_T) and args.d == 64 and args.heads == 4)
     if args.quick:
         args.T, args.d, args.repeats = args.T or QUICK_T, 16, 1
@@ -97,6 +111,10 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.cuda:
+        from scripts.bench import attention_gpu  # imports this module: loaded only when asked for
+
+        return attention_gpu.main(args, argv)
     if args.from_csv:
         print(publish(args.out, render))
         return read_csv(args.out / f"{NAME}.csv")

@@ -4,6 +4,7 @@ docs/. Timings at these sizes mean nothing and are not looked at. (scripts/quick
 tests/training/test_quickstart.py, scripts/train.py by tests/training.)"""
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from scripts.bench import (bench_attention, bench_cache, bench_poly, convert_llama_experiment, eval_subgen,
-                           eval_subgen_text, match3_experiment)
+                           eval_subgen_text, match3_experiment, profile_attention)
 from scripts.bench.harness import read_run_record, render_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +60,7 @@ def test_quick_run_writes_csv_table_and_plot(name, tmp_path):
 
 
 @pytest.mark.parametrize("module", [bench_attention, bench_cache, bench_poly, eval_subgen, eval_subgen_text,
-                                    match3_experiment, convert_llama_experiment])
+                                    match3_experiment, convert_llama_experiment, profile_attention])
 def test_quick_run_refuses_to_write_into_docs(module, capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--quick", "--out", str(ROOT / "docs" / "smoke")])
@@ -82,3 +83,29 @@ def test_a_match3_run_of_some_cells_is_partial_and_refuses_docs(capsys):
         match3_experiment.parse_args(["--cells", "8,8", "--out", str(ROOT / "docs" / "smoke")])
     assert "may not write under" in capsys.readouterr().err
     assert not (ROOT / "docs" / "smoke").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the `triton` package is not installed")
+def test_cuda_mode_starts_under_the_triton_interpreter(tmp_path):
+    """The GPU command (`bench_attention --cuda`) end to end at its quick sizes, CPU tensors standing in for CUDA
+    ones in Triton's interpreter: what a GPU run executes, except the device."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), TRITON_INTERPRET="1",
+               OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "scripts.bench.bench_attention", "--cuda", "--device", "cpu", "--quick",
+                          "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(out / "bench_attention_gpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["what"], r["mode"]) for r in rows} == {("attention", "causal"), ("attention", "window"), ("decode", "")}
+    assert all(float(r["fwdbwd_tflops"]) > 0 for r in rows if r["what"] == "attention")
+    assert "Four-cache decode step" in (out / "tables.md").read_text()
+
+
+def test_profile_attention_quick_run(tmp_path):
+    rows = profile_attention.main(["--quick", "--out", str(tmp_path)])
+    assert {r["case"] for r in rows} == {*profile_attention.CASES, "four-cache decode"}
+    for r in rows:
+        shares = [r[f"share_{c}"] for c in [*profile_attention.CATEGORIES, "other"]]
+        assert abs(sum(shares) - 1) < 1e-6 and r["share_GEMM"] > 0, r
+    assert (tmp_path / "profile_attention.png").stat().st_size > 0

@@ -1,0 +1,431 @@
+"""Triton kernels of exact tensor attention: forward, backward (five gradients) and the four-cache decode step.
+
+Same conventions and results as `naive.naive_tensor_attention` (see `ops.common`). Inputs fp16/bf16/fp32; every
+dot product accumulates in fp32 and fp32 inputs use IEEE (not TF32) dot products.
+
+Forward: one program per (query block, batch*head). The row stream (k1, v1) is walked in blocks of BLOCK_A keys
+a, the column stream (k2, v2) in tiles of keys b; the rows (t, a) of q_t * k1_a form one [BLOCK_Q * BLOCK_A, d]
+operand, so a pair tile is one dot [rows (t, a), d] @ [d, keys b], and its values are a second one with the tile
+of v2, times v1_a and summed over a: sum_b P_t(a, b) v1_a * v2_b = v1_a * (P @ V2)_(t, a). The softmax over pairs is an online softmax (running max and
+sum per query, in base 2: the scale times log2(e) is folded into q once). The log-sum-exp is saved.
+
+Backward recomputes P from the log-sum-exp. dq is owned by query blocks (the forward's loops). The column
+stream's gradients are owned by tiles of keys b, which loop over the blocks of queries that can see them and the
+blocks of row keys those queries use; because the maths is symmetric in the two streams (<q, k1*k2> = <q, k2*k1>, v1*v2 = v2*v1),
+the same kernel with the streams (and windows) swapped gives the row stream's gradients. No atomics: the
+gradients are deterministic.
+
+Decode: one program per (block of rows a, batch*head) computes an online softmax over all its pairs (a, b) and a
+partial output; the partials of a head are merged by their maxima afterwards (split-K, as in flash decoding).
+
+Masks: a pair (a, b) is allowed for query t iff a is (a <= t, t - a < w1, a real) and b is (same with w2), so a
+tile's mask is a row condition and a column condition. A window of None is passed as Tk + 1 (excludes nothing).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = math.log2(math.e)
+
+# Tile sizes. A pair tile is (BLOCK_Q queries x BLOCK_A row keys) = 128 GEMM rows against BLOCK_KEYS column keys,
+# a FlashAttention-sized tile; with a column window of 32 a block of 16 queries spans 47 column keys, so two
+# column tiles cover it. Not tuned: no GPU was available when these kernels were written.
+BLOCK_Q = 16
+BLOCK_A = 8
+BLOCK_KEYS = 32
+BLOCK_DECODE_ROWS = 64
+BLOCK_DECODE_COLS = 64
+
+
+@triton.jit
+def _load_rows(ptr, rows, valid_rows, offs_d, d_valid, stride_t):
+    """[len(rows), BLOCK_D] fp32 tile of rows `rows` (zeros outside the valid rows and the head dim)."""
+    mask = valid_rows[:, None] & d_valid[None, :]
+    return tl.load(ptr + rows[:, None] * stride_t + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _key_ok(keys, t, window, mask_ptr, HAS_MASK: tl.constexpr):
+    """Key positions `keys` usable by queries at absolute positions `t` (broadcast shapes)."""
+    ok = (keys <= t) & (t - keys < window) & (keys >= 0)
+    if HAS_MASK:
+        ok = ok & (tl.load(mask_ptr + keys, mask=keys >= 0, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _pair_rows(x, rows_a, BLOCK_Q: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[BQ * BA, BD] rows (t, a) of x_t * rows_a (x [BQ, BD] per query, rows_a [BA, BD] per row key)."""
+    return tl.reshape(x[:, None, :] * rows_a[None, :, :], [BLOCK_Q * BLOCK_A, BLOCK_D])
+
+
+@triton.jit
+def _forward_kernel(
+    Q, K1, K2, V1, V2, MASK, O, LSE,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
+    H, Tq, Tk, W1, W2, qk_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+):
+    """O [BH, Tq, D] and LSE [BH, Tq] (base 2) of one block of queries."""
+    pid_q, pid_bh = tl.program_id(0), tl.program_id(1)
+    b_idx, h_idx = pid_bh // H, pid_bh % H
+    offset = Tk - Tq  # query i sits at absolute position i + offset
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_valid = offs_q < Tq
+    t = offs_q + offset  # [BQ] absolute positions
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    kbase = b_idx * sk_b + h_idx * sk_h
+    mask_ptr = MASK + b_idx * Tk
+    dtype = K2.dtype.element_ty
+    q = _load_rows(Q + b_idx * sq_b + h_idx * sq_h, offs_q, q_valid, offs_d, d_valid, sq_t) * qk_scale  # [BQ, BD]
+
+    t_first = pid_q * BLOCK_Q + offset
+    t_end = tl.minimum(t_first + BLOCK_Q, Tk)  # one past the block's last query
+    # Running max of the base-2 scores from a finite start: on a row whose tiles are all masked, alpha is then
+    # exp2(start - start) = 1 instead of exp2(-inf + inf) = NaN.
+    m = tl.full([BLOCK_Q], -1.0e30, tl.float32)
+    l = tl.zeros([BLOCK_Q], tl.float32)  # running sum of exp2(s - m)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for a0 in range(tl.maximum(t_first - W1 + 1, 0), t_end, BLOCK_A):
+        offs_a = a0 + tl.arange(0, BLOCK_A)
+        a_in = offs_a < t_end
+        k1 = _load_rows(K1 + kbase, offs_a, a_in, offs_d, d_valid, sk_t)  # [BA, BD]
+        v1 = _load_rows(V1 + kbase, offs_a, a_in, offs_d, d_valid, sk_t)
+        a_ok = _key_ok(offs_a[None, :], t[:, None], W1, mask_ptr, HAS_MASK) & a_in[None, :]  # [BQ, BA]
+        qk = _pair_rows(q, k1, BLOCK_Q, BLOCK_A, BLOCK_D).to(dtype).to(DOT)  # rows (t, a): q_t * k1_a
+        for b0 in range(tl.maximum(t_first - W2 + 1, 0), t_end, BLOCK_B):
+            offs_b = b0 + tl.arange(0, BLOCK_B)
+            b_in = offs_b < t_end
+            k2 = _load_rows(K2 + kbase, offs_b, b_in, offs_d, d_valid, sk_t).to(dtype).to(DOT)  # [BB, BD]
+            v2 = _load_rows(V2 + kbase, offs_b, b_in, offs_d, d_valid, sk_t).to(dtype).to(DOT)
+            b_ok = _key_ok(offs_b[None, :], t[:, None], W2, mask_ptr, HAS_MASK) & b_in[None, :]  # [BQ, BB]
+            s = tl.reshape(tl.dot(qk, tl.trans(k2), input_precision=PRECISION), [BLOCK_Q, BLOCK_A, BLOCK_B])
+            s = tl.where(a_ok[:, :, None] & b_ok[:, None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(tl.max(s, 2), 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None, None])
+            l = l * alpha + tl.sum(tl.sum(p, 2), 1)
+            p_rows = tl.reshape(p, [BLOCK_Q * BLOCK_A, BLOCK_B]).to(dtype).to(DOT)
+            pv = tl.reshape(tl.dot(p_rows, v2, input_precision=PRECISION), [BLOCK_Q, BLOCK_A, BLOCK_D])
+            acc = acc * alpha[:, None] + tl.sum(pv * v1[None, :, :], 1)  # sum_a v1_a * (P @ V2)_(t, a)
+            m = m_new
+    has_pair = l > 0
+    out = acc / tl.where(has_pair, l, 1.0)[:, None]  # no allowed pair (a pad query): 0, not NaN
+    lse = tl.where(has_pair, m + tl.log2(tl.where(has_pair, l, 1.0)), 0.0)  # with s = -inf there, P = 0 anyway
+    o_ptr = O + pid_bh * Tq * D + offs_q[:, None] * D + offs_d[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=q_valid[:, None] & d_valid[None, :])
+    tl.store(LSE + pid_bh * Tq + offs_q, lse, mask=q_valid)
+
+
+@triton.jit
+def _backward_dq_kernel(
+    Q, K1, K2, V1, V2, MASK, DO, LSE, DELTA, DQ,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
+    H, Tq, Tk, W1, W2, qk_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+):
+    """dq_t / scale = sum_ab dS_t(a, b) k1_a * k2_b with dS = P * (dP - delta), dP = <do_t, v1_a * v2_b>.
+    DO and DQ are contiguous [BH, Tq, D]; LSE (base 2) and DELTA are [BH, Tq]."""
+    pid_q, pid_bh = tl.program_id(0), tl.program_id(1)
+    b_idx, h_idx = pid_bh // H, pid_bh % H
+    offset = Tk - Tq
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_valid = offs_q < Tq
+    t = offs_q + offset
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    kbase = b_idx * sk_b + h_idx * sk_h
+    mask_ptr = MASK + b_idx * Tk
+    dtype = K2.dtype.element_ty
+    q = _load_rows(Q + b_idx * sq_b + h_idx * sq_h, offs_q, q_valid, offs_d, d_valid, sq_t) * qk_scale
+    do = _load_rows(DO + pid_bh * Tq * D, offs_q, q_valid, offs_d, d_valid, D)
+    lse = tl.load(LSE + pid_bh * Tq + offs_q, mask=q_valid, other=0.0)
+    delta = tl.load(DELTA + pid_bh * Tq + offs_q, mask=q_valid, other=0.0)
+
+    t_first = pid_q * BLOCK_Q + offset
+    t_end = tl.minimum(t_first + BLOCK_Q, Tk)
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for a0 in range(tl.maximum(t_first - W1 + 1, 0), t_end, BLOCK_A):
+        offs_a = a0 + tl.arange(0, BLOCK_A)
+        a_in = offs_a < t_end
+        k1 = _load_rows(K1 + kbase, offs_a, a_in, offs_d, d_valid, sk_t)
+        v1 = _load_rows(V1 + kbase, offs_a, a_in, offs_d, d_valid, sk_t)
+        a_ok = _key_ok(offs_a[None, :], t[:, None], W1, mask_ptr, HAS_MASK) & a_in[None, :]
+        qk = _pair_rows(q, k1, BLOCK_Q, BLOCK_A, BLOCK_D).to(dtype).to(DOT)
+        dov = _pair_rows(do, v1, BLOCK_Q, BLOCK_A, BLOCK_D).to(dtype).to(DOT)  # dP = dov @ v2^T
+        ds_k2 = tl.zeros([BLOCK_Q * BLOCK_A, BLOCK_D], tl.float32)  # rows (t, a): sum_b dS k2_b
+        for b0 in range(tl.maximum(t_first - W2 + 1, 0), t_end, BLOCK_B):
+            offs_b = b0 + tl.arange(0, BLOCK_B)
+            b_in = offs_b < t_end
+            k2 = _load_rows(K2 + kbase, offs_b, b_in, offs_d, d_valid, sk_t).to(dtype).to(DOT)
+            v2 = _load_rows(V2 + kbase, offs_b, b_in, offs_d, d_valid, sk_t).to(dtype).to(DOT)
+            b_ok = _key_ok(offs_b[None, :], t[:, None], W2, mask_ptr, HAS_MASK) & b_in[None, :]
+            s = tl.reshape(tl.dot(qk, tl.trans(k2), input_precision=PRECISION), [BLOCK_Q, BLOCK_A, BLOCK_B])
+            p = tl.exp2(tl.where(a_ok[:, :, None] & b_ok[:, None, :], s, float("-inf")) - lse[:, None, None])
+            dp = tl.reshape(tl.dot(dov, tl.trans(v2), input_precision=PRECISION), [BLOCK_Q, BLOCK_A, BLOCK_B])
+            ds = tl.reshape(p * (dp - delta[:, None, None]), [BLOCK_Q * BLOCK_A, BLOCK_B])
+            ds_k2 += tl.dot(ds.to(dtype).to(DOT), k2, input_precision=PRECISION)
+        dq += tl.sum(tl.reshape(ds_k2, [BLOCK_Q, BLOCK_A, BLOCK_D]) * k1[None, :, :], 1)
+    dq_ptr = DQ + pid_bh * Tq * D + offs_q[:, None] * D + offs_d[None, :]
+    tl.store(dq_ptr, dq, mask=q_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _backward_col_kernel(
+    Q, KR, KC, VR, VC, MASK, DO, LSE, DELTA, DKC, DVC,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
+    H, Tq, Tk, W_ROW, W_COL, qk_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+):
+    """Gradients of the column stream (kc, vc) for one tile of its keys b, from the queries that can see them and
+    the row keys a those queries use: dvc_b = sum_ta P (do_t * vr_a), dkc_b = scale * sum_ta dS (q_t * kr_a).
+    DO is contiguous [BH, Tq, D]; DKC and DVC are contiguous [BH, Tk, D]."""
+    pid_b, pid_bh = tl.program_id(0), tl.program_id(1)
+    b_idx, h_idx = pid_bh // H, pid_bh % H
+    offset = Tk - Tq
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_valid = offs_b < Tk
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    kbase = b_idx * sk_b + h_idx * sk_h
+    mask_ptr = MASK + b_idx * Tk
+    dtype = KC.dtype.element_ty
+    kc = _load_rows(KC + kbase, offs_b, b_valid, offs_d, d_valid, sk_t).to(dtype).to(DOT)  # [BB, BD]
+    vc = _load_rows(VC + kbase, offs_b, b_valid, offs_d, d_valid, sk_t).to(dtype).to(DOT)
+    dkc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+    dvc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+
+    b_first = pid_b * BLOCK_B
+    b_last = tl.minimum(b_first + BLOCK_B, Tk) - 1
+    # the queries that may use a key of the tile: t >= b_first and t - b_last < W_COL
+    i_start = tl.maximum(b_first, offset) - offset
+    i_end = tl.minimum(b_last + W_COL, Tk) - offset
+    for i0 in range(i_start, i_end, BLOCK_Q):
+        offs_q = i0 + tl.arange(0, BLOCK_Q)
+        q_valid = offs_q < i_end
+        t = offs_q + offset
+        q = _load_rows(Q + b_idx * sq_b + h_idx * sq_h, offs_q, q_valid, offs_d, d_valid, sq_t) * qk_scale
+        do = _load_rows(DO + pid_bh * Tq * D, offs_q, q_valid, offs_d, d_valid, D)
+        lse = tl.load(LSE + pid_bh * Tq + offs_q, mask=q_valid, other=0.0)
+        delta = tl.load(DELTA + pid_bh * Tq + offs_q, mask=q_valid, other=0.0)
+        b_ok = _key_ok(offs_b[:, None], t[None, :], W_COL, mask_ptr, HAS_MASK) & b_valid[:, None]  # [BB, BQ]
+        b_ok = b_ok & q_valid[None, :]
+        t_first = i0 + offset
+        t_end = tl.minimum(t_first + BLOCK_Q, Tk)
+        for a0 in range(tl.maximum(t_first - W_ROW + 1, 0), t_end, BLOCK_A):
+            offs_a = a0 + tl.arange(0, BLOCK_A)
+            a_in = offs_a < t_end
+            kr = _load_rows(KR + kbase, offs_a, a_in, offs_d, d_valid, sk_t)
+            vr = _load_rows(VR + kbase, offs_a, a_in, offs_d, d_valid, sk_t)
+            a_ok = _key_ok(offs_a[None, :], t[:, None], W_ROW, mask_ptr, HAS_MASK) & a_in[None, :]  # [BQ, BA]
+            qk = _pair_rows(q, kr, BLOCK_Q, BLOCK_A, BLOCK_D).to(dtype).to(DOT)  # [BQ * BA, BD]
+            dov = _pair_rows(do, vr, BLOCK_Q, BLOCK_A, BLOCK_D).to(dtype).to(DOT)
+            s = tl.reshape(tl.dot(kc, tl.trans(qk), input_precision=PRECISION), [BLOCK_B, BLOCK_Q, BLOCK_A])
+            s = tl.where(b_ok[:, :, None] & a_ok[None, :, :], s, float("-inf"))
+            p = tl.exp2(s - lse[None, :, None])
+            dp = tl.reshape(tl.dot(vc, tl.trans(dov), input_precision=PRECISION), [BLOCK_B, BLOCK_Q, BLOCK_A])
+            ds = p * (dp - delta[None, :, None])
+            dvc += tl.dot(tl.reshape(p, [BLOCK_B, BLOCK_Q * BLOCK_A]).to(dtype).to(DOT), dov, input_precision=PRECISION)
+            dkc += tl.dot(tl.reshape(ds, [BLOCK_B, BLOCK_Q * BLOCK_A]).to(dtype).to(DOT), qk, input_precision=PRECISION)
+    store = b_valid[:, None] & d_valid[None, :]
+    dk_ptr = DKC + pid_bh * Tk * D + offs_b[:, None] * D + offs_d[None, :]
+    dv_ptr = DVC + pid_bh * Tk * D + offs_b[:, None] * D + offs_d[None, :]
+    # qk held scale * log2(e) * q * kr: ln(2) = 1 / log2(e) leaves scale * q * kr
+    tl.store(dk_ptr, dkc * 0.6931471805599453, mask=store)
+    tl.store(dv_ptr, dvc, mask=store)
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K1, K2, V1, V2, MASK, M_OUT, L_OUT, ACC_OUT,
+    sq_b, sq_h, sk_b, sk_h, sk_t,
+    H, Tk, N1, N2, qk_scale, n_splits,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+):
+    """Partial decode step over rows a of one block: the last N1 keys of stream 1 and the last N2 of stream 2.
+    Writes the block's max (base 2), sum of exp2(s - max) and sum_ab exp2(s - max) v1_a * v2_b."""
+    pid_a, pid_bh = tl.program_id(0), tl.program_id(1)
+    b_idx, h_idx = pid_bh // H, pid_bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    kbase = b_idx * sk_b + h_idx * sk_h
+    mask_ptr = MASK + b_idx * Tk
+    dtype = K2.dtype.element_ty
+    q = tl.load(Q + b_idx * sq_b + h_idx * sq_h + offs_d, mask=d_valid, other=0.0).to(tl.float32) * qk_scale
+    rows = Tk - N1 + pid_a * BLOCK_A + tl.arange(0, BLOCK_A)  # absolute key positions a
+    a_ok = rows < Tk
+    if HAS_MASK:
+        a_ok = a_ok & (tl.load(mask_ptr + rows, mask=a_ok, other=0) != 0)
+    k1 = _load_rows(K1 + kbase, rows, rows < Tk, offs_d, d_valid, sk_t)
+    v1 = _load_rows(V1 + kbase, rows, rows < Tk, offs_d, d_valid, sk_t)
+    qk = (k1 * q[None, :]).to(dtype).to(DOT)  # [BA, BD]
+    # Per row a an online softmax over b (as the forward's per query), merged over the rows at the end.
+    m = tl.full([BLOCK_A], -1.0e30, tl.float32)
+    l = tl.zeros([BLOCK_A], tl.float32)
+    acc = tl.zeros([BLOCK_A, BLOCK_D], tl.float32)  # sum_b exp2(s - m_a) v2_b, per row a
+    for b0 in range(Tk - N2, Tk, BLOCK_B):
+        cols = b0 + tl.arange(0, BLOCK_B)
+        b_ok = cols < Tk
+        k2 = _load_rows(K2 + kbase, cols, b_ok, offs_d, d_valid, sk_t).to(dtype).to(DOT)
+        v2 = _load_rows(V2 + kbase, cols, b_ok, offs_d, d_valid, sk_t).to(dtype).to(DOT)
+        if HAS_MASK:
+            b_ok = b_ok & (tl.load(mask_ptr + cols, mask=b_ok, other=0) != 0)
+        s = tl.dot(qk, tl.trans(k2), input_precision=PRECISION)  # [BA, BB]
+        s = tl.where(a_ok[:, None] & b_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype).to(DOT), v2, input_precision=PRECISION)
+        m = m_new
+    top = tl.max(m, 0)
+    weight = tl.exp2(m - top)  # [BA]
+    part = tl.sum(acc * v1 * weight[:, None], 0)  # [BD]: sum_a v1_a * (P @ V2)_a
+    slot = pid_bh * n_splits + pid_a
+    tl.store(M_OUT + slot, top)
+    tl.store(L_OUT + slot, tl.sum(l * weight, 0))
+    tl.store(ACC_OUT + slot * D + offs_d, part, mask=d_valid)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # the setting is ignored for fp16/bf16 operands
+
+
+def _window(w, Tk: int) -> int:
+    return Tk + 1 if w is None else int(w)
+
+
+def _key_strides(k1, k2, v1, v2):
+    """(k1, k2, v1, v2, strides (b, h, t)) with unit stride along the head dim and one set of strides for all four
+    (the cache's chunks of one buffer already share them; anything else is copied)."""
+    streams = [t if t.stride(-1) == 1 else t.contiguous() for t in (k1, k2, v1, v2)]
+    if len({t.stride() for t in streams}) > 1:
+        streams = [t.contiguous() for t in streams]
+    return (*streams, streams[0].stride()[:3])
+
+
+def _rows_last_dim(q):
+    return q if q.stride(-1) == 1 else q.contiguous()
+
+
+def _mask_arg(attention_mask, q):
+    if attention_mask is None:
+        return q.new_zeros(1, dtype=torch.int8), False  # never read
+    return attention_mask.to(device=q.device, dtype=torch.int8).contiguous(), True
+
+
+def _launch_constants(q):
+    D = q.shape[-1]
+    # Dot operands are rounded to the input dtype; the interpreter's tl.dot cannot multiply bf16/fp16 (numpy has
+    # no bf16 matmul), so there the rounded operands go to tl.dot as fp32: the products of two bf16 numbers are
+    # exact in fp32, as on tensor cores, so only the summation order differs from the GPU.
+    dot = tl.float32 if not q.is_cuda else _TL_DTYPES[q.dtype]
+    return dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), PRECISION=_precision(q.dtype), DOT=dot)
+
+
+def forward(q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
+    """(out [B, H, Tq, D] in q's dtype, lse [B*H, Tq] fp32 in base 2)."""
+    B, H, Tq, D = q.shape
+    Tk = k1.shape[2]
+    q = _rows_last_dim(q)
+    k1, k2, v1, v2, sk = _key_strides(k1, k2, v1, v2)
+    mask, has_mask = _mask_arg(attention_mask, q)
+    out = torch.empty(B, H, Tq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B * H, Tq, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(Tq, BLOCK_Q), B * H)
+    _forward_kernel[grid](
+        q, k1, k2, v1, v2, mask, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), *sk,
+        H, Tq, Tk, _window(w1, Tk), _window(w2, Tk), scale * LOG2E,
+        BLOCK_Q=BLOCK_Q, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_KEYS, HAS_MASK=has_mask, **_launch_constants(q),
+    )
+    return out, lse
+
+
+def backward(dout, q, k1, k2, v1, v2, out, lse, scale, w1, w2, attention_mask):
+    """Gradients (dq, dk1, dk2, dv1, dv2), each [B, H, T, D] in its input's dtype."""
+    B, H, Tq, D = q.shape
+    Tk = k1.shape[2]
+    q = _rows_last_dim(q)
+    k1, k2, v1, v2, sk = _key_strides(k1, k2, v1, v2)
+    mask, has_mask = _mask_arg(attention_mask, q)
+    do = dout.to(torch.float32).reshape(B * H, Tq, D).contiguous()
+    delta = (do * out.to(torch.float32).reshape(B * H, Tq, D)).sum(-1).contiguous()  # [BH, Tq]: <do_t, o_t>
+    w1, w2 = _window(w1, Tk), _window(w2, Tk)
+    common = dict(HAS_MASK=has_mask, BLOCK_Q=BLOCK_Q, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_KEYS, **_launch_constants(q))
+    strides = (q.stride(0), q.stride(1), q.stride(2), *sk)
+    dq = torch.empty(B * H, Tq, D, dtype=torch.float32, device=q.device)
+    _backward_dq_kernel[(triton.cdiv(Tq, BLOCK_Q), B * H)](
+        q, k1, k2, v1, v2, mask, do, lse, delta, dq, *strides, H, Tq, Tk, w1, w2, scale * LOG2E, **common
+    )
+    grads = {}
+    # the column-stream kernel, once with k2/v2 as the column stream and once with the streams swapped
+    for kr, kc, vr, vc, w_row, w_col, name in ((k1, k2, v1, v2, w1, w2, 2), (k2, k1, v2, v1, w2, w1, 1)):
+        dk = torch.empty(B * H, Tk, D, dtype=torch.float32, device=q.device)
+        dv = torch.empty_like(dk)
+        _backward_col_kernel[(triton.cdiv(Tk, BLOCK_KEYS), B * H)](
+            q, kr, kc, vr, vc, mask, do, lse, delta, dk, dv, *strides, H, Tq, Tk, w_row, w_col, scale * LOG2E,
+            **common,
+        )
+        grads[name] = (dk, dv)
+    shaped = lambda g, T, like: g.view(B, H, T, D).to(like.dtype)  # noqa: E731
+    (dk1, dv1), (dk2, dv2) = grads[1], grads[2]
+    return (shaped(dq * scale, Tq, q), shaped(dk1, Tk, k1), shaped(dk2, Tk, k2), shaped(dv1, Tk, v1),
+            shaped(dv2, Tk, v2))
+
+
+class TritonTensorAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
+        out, lse = forward(q, k1, k2, v1, v2, scale, w1, w2, attention_mask)
+        ctx.save_for_backward(q, k1, k2, v1, v2, out, lse, attention_mask)
+        ctx.meta = (scale, w1, w2)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k1, k2, v1, v2, out, lse, attention_mask = ctx.saved_tensors
+        grads = backward(dout, q, k1, k2, v1, v2, out, lse, *ctx.meta, attention_mask)
+        return (*grads, None, None, None, None)
+
+
+def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
+    """Differentiable exact tensor attention on the Triton kernels (inputs already checked by the caller)."""
+    return TritonTensorAttention.apply(q, k1, k2, v1, v2, float(scale), w1, w2, attention_mask)
+
+
+def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
+    """One decode position q [B, H, 1, D] over the cached [B, H, Tk, D] streams (no autograd)."""
+    B, H, _, D = q.shape
+    Tk = k1.shape[2]
+    n1 = Tk if w1 is None else min(w1, Tk)
+    n2 = Tk if w2 is None else min(w2, Tk)
+    q = _rows_last_dim(q)
+    k1, k2, v1, v2, sk = _key_strides(k1, k2, v1, v2)
+    mask, has_mask = _mask_arg(attention_mask, q)
+    splits = triton.cdiv(n1, BLOCK_DECODE_ROWS)
+    m = torch.empty(B * H, splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(B * H, splits, D, dtype=torch.float32, device=q.device)
+    _decode_kernel[(splits, B * H)](
+        q, k1, k2, v1, v2, mask, m, l, acc, q.stride(0), q.stride(1), *sk, H, Tk, n1, n2, scale * LOG2E, splits,
+        BLOCK_A=BLOCK_DECODE_ROWS, BLOCK_B=BLOCK_DECODE_COLS, HAS_MASK=has_mask, **_launch_constants(q),
+    )
+    # Merge the blocks by their maxima; a head with no allowed pair anywhere has l = 0 and gets 0.
+    weight = torch.exp2(m - m.amax(-1, keepdim=True))  # [BH, splits]
+    total = (l * weight).sum(-1, keepdim=True)  # [BH, 1]
+    out = (acc * weight[..., None]).sum(1) / torch.where(total > 0, total, torch.ones_like(total))
+    return out.view(B, H, 1, D).to(q.dtype)

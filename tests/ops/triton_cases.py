@@ -1,0 +1,102 @@
+"""The cases of tests/ops/test_triton.py, run by that test in a subprocess with TRITON_INTERPRET=1.
+
+Triton's interpreter must be on before `triton` is first imported (its own library functions are decorated at
+import, and torch imports triton early once it is installed), so the kernels run in a fresh interpreter process:
+`python -m tests.ops.triton_cases OUT.pt` computes every case with the kernels and with
+`naive_tensor_attention` and saves both; the test compares them. The rest of the suite never sees interpreted
+kernels.
+
+The interpreter executes every tile operation in numpy (tens of ms each), so the cases cover each condition once
+rather than their cross product: causal, windows w1 = w2 = 1, windows >= T, left padding (including queries with
+no allowed pair), Tq < Tk, T in {1, 17, 70}, D in {16, 64}, bf16 and fp32.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import torch
+
+# (B, H, Tq, Tk, D, w1, w2, left pads per row or None, dtype)
+ATTENTION_CASES = {
+    "causal-T17-D16": (1, 2, 17, 17, 16, None, None, None, torch.float32),
+    "windows-1x1": (1, 1, 17, 17, 16, 1, 1, None, torch.float32),
+    "windows>=T": (1, 1, 17, 17, 16, 17, 40, None, torch.float32),
+    "padding-windows-Tq<Tk": (2, 1, 17, 20, 16, 5, 3, (4, 0), torch.float32),
+    "T70-D64-windows-padding": (2, 1, 70, 70, 64, 13, 6, (0, 9), torch.float32),
+    "Tq1-Tk70-causal-padding": (2, 1, 1, 70, 16, None, None, (7, 0), torch.float32),
+    "T1-D64": (1, 2, 1, 1, 64, None, None, None, torch.float32),
+    "bf16-causal-D64": (1, 1, 17, 17, 64, None, 4, None, torch.bfloat16),
+}
+
+# (B, H, Tk, D, w1, w2, left pads or None, dtype)
+DECODE_CASES = {
+    "Tk1": (1, 2, 1, 16, None, None, None, torch.float32),
+    "Tk17-windows-padding": (2, 2, 17, 16, 5, 3, (3, 0), torch.float32),
+    "Tk70-D64-causal-padding": (2, 1, 70, 64, None, None, (0, 11), torch.float32),
+    "Tk70-windows-1x1": (1, 1, 70, 16, 1, 1, None, torch.float32),
+    "all-padding": (1, 1, 17, 16, 4, None, (17,), torch.float32),
+    "bf16-windows>=T": (1, 2, 70, 64, 80, 70, None, torch.bfloat16),
+}
+
+
+def left_pad_mask(B, Tk, pads):
+    mask = torch.ones(B, Tk, dtype=torch.bool)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = False
+    return mask
+
+
+def _attention(case):
+    from hf_tensor_attn.ops import naive_tensor_attention, tensor_attention
+    from tests.ops.test_tiled import make_inputs, outputs_and_grads
+
+    B, H, Tq, Tk, D, w1, w2, pads, dtype = ATTENTION_CASES[case]
+    inputs, dout = make_inputs(B, H, Tq, Tk, D, dtype, seed=len(case))
+    kw = dict(scale=D**-0.5, w1=w1, w2=w2, attention_mask=None if pads is None else left_pad_mask(B, Tk, pads))
+    actual = outputs_and_grads(tensor_attention, inputs, dout, backend="triton", **kw)
+    return actual, outputs_and_grads(naive_tensor_attention, inputs, dout, **kw)
+
+
+def _decode(case):
+    from hf_tensor_attn.ops import four_cache_decode, naive_tensor_attention, triton_kernels
+    from tests.ops.test_tiled import make_inputs
+
+    B, H, Tk, D, w1, w2, pads, dtype = DECODE_CASES[case]
+    (q, k1, k2, v1, v2), _ = make_inputs(B, H, 1, Tk, D, dtype, seed=len(case))
+    kw = dict(scale=D**-0.5, w1=w1, w2=w2, attention_mask=None if pads is None else left_pad_mask(B, Tk, pads))
+    with torch.no_grad():
+        dispatched = four_cache_decode(q, k1, k2, v1, v2, backend="triton", **kw)
+        direct = triton_kernels.four_cache_decode(q, k1, k2, v1, v2, **kw)
+    return [dispatched, direct], [naive_tensor_attention(q, k1, k2, v1, v2, **kw)]
+
+
+def _model_logits(backend):
+    """Greedy logits of a 1-layer model: prefill (tiled op) and two decode steps (four-cache layer)."""
+    from tests.conftest import tiny_model
+
+    ids = torch.randint(3, 259, (1, 6), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)  # the same weights for both backends
+    model = tiny_model(torch.float32, num_hidden_layers=1, tensor_attention_backend=backend, w2=4)
+    out = model.generate(ids, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return torch.stack(out.logits)
+
+
+def run_all() -> dict:
+    results = {}
+    jobs = [(f"attention/{c}", _attention, c) for c in ATTENTION_CASES]
+    jobs += [(f"decode/{c}", _decode, c) for c in DECODE_CASES]
+    jobs += [("model/generate", lambda _: ([_model_logits("triton")], [_model_logits("torch")]), None)]
+    for name, fn, case in jobs:
+        try:
+            actual, expected = fn(case)
+            results[name] = {"actual": actual, "expected": expected}
+        except Exception:  # reported by the test of this case, the other cases still run
+            results[name] = {"error": traceback.format_exc()}
+    return results
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # tiny tiles: a second thread only adds barriers
+    torch.save(run_all(), sys.argv[1])
