@@ -32,6 +32,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `scripts.bench` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -106,12 +107,27 @@ def summary_tables(summary: list[dict], run: dict, sizes: dict) -> list[tuple[st
              f"{r['step0_max_logit_diff']:.1e}" if r["step0_max_logit_diff"] != "" else "-",
              f"{r['final_eval_loss']:.4f}", f"{r['test_accuracy']:.4f}"] for r in summary]
     task = Match3Task(run["modulus"], run["length"], sizes["test_examples"], TEST_SEED, run["positive_rate"])
-    stats = task.describe(task.build())
+    test_set = task.build()
+    stats = task.describe(test_set)
+    # The sentences below the table: the size of the test set in answers, the binomial standard error of an accuracy
+    # like the reference arm's (the first row), and each arm's training time as a multiple of the reference arm's.
+    answers = int(np.asarray(test_set["answers"]).size)
+    reference = summary[0]
+    accuracy = float(reference["test_accuracy"])
+    standard_error = (accuracy * (1 - accuracy) / answers) ** 0.5
+    cost = ", ".join(f"{r['arm']} {float(r['train_seconds']) / float(reference['train_seconds']):.1f}x"
+                     for r in summary[1:])
+    notes = ["",
+             f"Test answers: {answers:,}; the binomial standard error of an accuracy of {accuracy:.4f} over them is "
+             f"{standard_error:.4f}.",
+             "",
+             f"Train seconds as a multiple of the {reference['arm']} arm's: {cost}."]
     return [
         (f"Continuation for {sizes['finetune_steps']} steps after {sizes['pretrain_steps']} pretraining steps "
          f"(M={run['modulus']}, N={run['length']}; test: {sizes['test_examples']} sequences)",
          markdown_table(["arm", "tensor layers", "parameters", "steps", "train seconds",
-                         "step-0 max logit diff vs Llama", "final held-out loss", "test accuracy"], rows, "llrrrrrr")),
+                         "step-0 max logit diff vs Llama", "final held-out loss", "test accuracy"], rows, "llrrrrrr")
+         + notes),
         ("The test set", markdown_table(["positive answers", "best guess from the position alone"],
                                         [[f"{stats['positive_rate']:.3f}", f"{stats['position_only_accuracy']:.3f}"]],
                                         "rr")),
