@@ -212,11 +212,12 @@ def naive_poly_tensor_attention(
     Tk = k1.shape[2]
     dtype = q.dtype
     q, k1, k2, v1, v2 = (t.to(_compute_dtype(dtype)) for t in (q, k1, k2, v1, v2))
+    real = _key_mask(attention_mask, B, Tk, q.dtype, q.device)
+    k1, k2, v1, v2 = drop_padded(real, k1, k2, v1, v2)
     scores = torch.einsum("bhtd,bhad,bhcd->bhtac", q, k1, k2) * scale  # [B, H, Tq, Tk, Tk]
     P = torch.zeros_like(scores)
     for c in reversed(polynomial_coefficients(degree, score_bound)):
         P = P * scores + c
-    real = _key_mask(attention_mask, B, Tk, q.dtype, q.device)
     allowed = real[:, :, None, :, 0, None] * real[:, :, None, None, :, 0]  # [B, 1, 1, Tk, Tk]
     if causal:
         t = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
@@ -227,6 +228,12 @@ def naive_poly_tensor_attention(
     den = P.sum(dim=(-1, -2))
     floor = denominator_floor(q, k1, k2, real, scale=float(scale), causal=causal)
     return _normalise(num, den, floor).to(dtype)
+
+
+def drop_padded(real, *tensors):
+    """The tensors [B, H, T, D] with padded positions (`real` [B, 1, T, 1] == 0) set to 0: a padded key or value
+    never contributes, but a NaN or inf it holds would survive a zero weight (0 * NaN is NaN) in the sums."""
+    return tuple(torch.where(real > 0, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in tensors)
 
 
 def _auto_chunk(per_position: int, longest: int) -> int:
@@ -287,6 +294,7 @@ def poly_attention_continue(state: PolyState, q, k1, k2, v1, v2, real, *, scale:
 
     Inputs already checked and in the compute dtype; `real` is the [B, 1, Tk, 1] key mask. The op runs it from
     an empty state; the `poly` cache layer from the state it holds."""
+    k1, k2, v1, v2 = drop_padded(real, k1, k2, v1, v2)
     Tq, Tk, Dk, Dv = q.shape[2], k1.shape[2], q.shape[3], v1.shape[3]
     BH, r = q.shape[0] * q.shape[1], num_features(Dk, degree)
     C = chunk_size or _auto_chunk(BH * r * Dv, MAX_CHUNK)  # prefix sums [B, H, C, r, Dv]

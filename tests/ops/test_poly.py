@@ -80,6 +80,20 @@ def test_query_without_pairs_is_zero_like_exact_op():
     assert torch.equal(out == 0, exact == 0)
 
 
+@pytest.mark.parametrize("op", [poly_tensor_attention, naive_poly_tensor_attention])
+@pytest.mark.parametrize("causal", [True, False])
+def test_nonfinite_padded_keys_and_values_change_nothing(op, causal):
+    """Padded positions never contribute, whatever they hold (as in the exact ops)."""
+    q, k1, k2, v1, v2 = make_inputs(3, 2, 6, 6, 4, 4)
+    mask = padding_mask(3, 6)
+    clean = op(q, k1, k2, v1, v2, scale=0.5, degree=2, attention_mask=mask, causal=causal)
+    padded = ~mask.bool()[:, None, :, None]  # [B, 1, T, 1]
+    values = (math.nan, math.inf, math.nan, -math.inf)
+    poisoned = [t.masked_fill(padded, value) for t, value in zip((k1, k2, v1, v2), values)]
+    out = op(q, *poisoned, scale=0.5, degree=2, attention_mask=mask, causal=causal)
+    assert torch.equal(out, clean)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("degree,score_bound", [(2, None), (3, 2.0)])
 def test_gradients_match_autograd_through_oracle(causal, degree, score_bound):
