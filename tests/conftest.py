@@ -10,6 +10,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tests of tiny tiles and thousands of small kernels gain nothing from a
+    second OpenMP thread on a shared machine, and lose to its barriers. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model(dtype=torch.float64, **overrides):
     """A small random model for equivalence tests; float64 so differences are exact-arithmetic noise only."""
     kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=259)

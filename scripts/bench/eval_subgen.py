@@ -296,15 +296,19 @@ class EvictionLayer(TensorAttnCacheLayer):
     def _evict(self):
         while self.keys.shape[2] > self.budget:
             n = self.keys.shape[2]
-            if self.policy == "window":
-                drop = 0
-            elif self.policy == "sinks+window":
-                drop = int((self.pos < SINKS).sum()) if n > SINKS else 0
-                drop = min(drop, n - 2)
-            else:
-                drop = int(torch.randint(0, n - 1, (1,), generator=self.generator))
-            keep = torch.cat([torch.arange(drop), torch.arange(drop + 1, n)])
-            self.keys, self.values, self.pos = self.keys[:, :, keep], self.values[:, :, keep], self.pos[keep]
+            drop = self._drop(n)
+            self._keep(torch.cat([torch.arange(drop), torch.arange(drop + 1, n)]))
+
+    def _drop(self, n: int) -> int:
+        """Index of the held token the policy evicts next, of `n` held."""
+        if self.policy == "window":
+            return 0
+        if self.policy == "sinks+window":
+            return min(int((self.pos < SINKS).sum()) if n > SINKS else 0, n - 2)
+        return int(torch.randint(0, n - 1, (1,), generator=self.generator))
+
+    def _keep(self, keep: torch.Tensor) -> None:
+        self.keys, self.values, self.pos = self.keys[:, :, keep], self.values[:, :, keep], self.pos[keep]
 
     def map_batch(self, fn):
         self.keys, self.values = fn(self.keys), fn(self.values)

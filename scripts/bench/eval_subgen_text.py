@@ -34,9 +34,10 @@ if __package__ in (None, ""):  # run as a file: make `scripts.bench` importable 
 
 import torch
 
-from hf_tensor_attn.cache import TensorAttnCache, TensorAttnCacheLayer, TensorAttnConstants
+from hf_tensor_attn.cache import TensorAttnCache, TensorAttnConstants
 from hf_tensor_attn.ops import four_cache_decode
 from hf_tensor_attn.tokenization import BOS_ID, BYTE_OFFSET
+from scripts.bench import eval_subgen
 from scripts.bench.eval_subgen import (  # the synthetic streams and the exact reference of eval_subgen.py
     SYN_CLUSTERS, SYN_DELTA, SYN_Q_NORM, SYN_SUBGEN, attend_over, baseline_kept, exact_decode, make_stream, run_subgen,
 )
@@ -161,36 +162,28 @@ def train_model(args):
 
 
 POLICIES = ("window", "sinks+window", "random", "score")
-SINKS = 4  # sinks of "sinks+window", and SubGen's sink_tokens
+SINKS = eval_subgen.SINKS  # sinks of "sinks+window" (the base class uses it), and SubGen's sink_tokens
 SCORE_RECENT = 8  # "score" never evicts the newest tokens (their attention has had no time to accumulate)
 
 
-class EvictionLayer(TensorAttnCacheLayer):
-    """A baseline: keep at most `budget` tokens exactly and attend over them as if they were everything.
-
-    Serves a tensor layer (states k1 | k2, `stream_count` 2) or a standard layer (`stream_count` 1). Policies:
-    "window" keeps the most recent tokens; "sinks+window" also the first SINKS; "random" evicts a uniformly random
-    held token (never the newest); "score" (H2O / kvpress style) evicts the token with the least attention
-    accumulated over the queries so far (summed over heads and rows), sparing the SCORE_RECENT newest.
-    One query per step (teacher-forced decoding); eviction follows each attention, so a step's token is attended.
+class EvictionLayer(eval_subgen.EvictionLayer):
+    """eval_subgen's baseline (keep at most `budget` tokens exactly, attend over them as if they were everything)
+    for a tensor layer (states k1 | k2, `stream_count` 2) or a standard layer (`stream_count` 1), plus the policy
+    "score" (H2O / kvpress style): evict the token with the least attention accumulated over the queries so far
+    (summed over heads and rows), sparing the SCORE_RECENT newest. One query per step (teacher-forced decoding).
     """
 
     def __init__(self, constants, *, policy: str, budget: int, stream_count: int, seed: int = 0):
-        super().__init__(constants, policy=policy, budget=budget, stream_count=stream_count, seed=seed)
-        self.policy, self.budget, self.stream_count = policy, budget, stream_count
-        self.generator = torch.Generator().manual_seed(seed)
+        super().__init__(constants, policy=policy, budget=budget, seed=seed)
+        self.stream_count = stream_count
 
     def allocate(self, key_states, value_states):
-        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
-        self.pos = torch.zeros(0, dtype=torch.long)  # absolute position of each held token
+        super().allocate(key_states, value_states)
         self.score = torch.zeros(0)  # attention accumulated by each held token
 
     def append(self, key_states, value_states, attention_mask):
-        T = key_states.shape[2]
-        self.keys = torch.cat([self.keys, key_states], 2)
-        self.values = torch.cat([self.values, value_states], 2)
-        self.pos = torch.cat([self.pos, torch.arange(self.seen, self.seen + T)])
-        self.score = torch.cat([self.score, torch.zeros(T)])
+        super().append(key_states, value_states, attention_mask)
+        self.score = torch.cat([self.score, torch.zeros(key_states.shape[2])])
 
     def read(self, query, attention_mask):
         if query.shape[2] != 1:
@@ -209,32 +202,19 @@ class EvictionLayer(TensorAttnCacheLayer):
         self._evict()
         return out
 
-    def _evict(self):
-        while self.keys.shape[2] > self.budget:
-            n = self.keys.shape[2]
-            if self.policy == "window":
-                drop = 0
-            elif self.policy == "sinks+window":
-                drop = min(int((self.pos < SINKS).sum()), n - 2)
-            elif self.policy == "random":
-                drop = int(torch.randint(0, n - 1, (1,), generator=self.generator))
-            else:
-                drop = int(self.score[: max(1, n - SCORE_RECENT)].argmin())
-            keep = torch.cat([torch.arange(drop), torch.arange(drop + 1, n)])
-            self.keys, self.values = self.keys[:, :, keep], self.values[:, :, keep]
-            self.pos, self.score = self.pos[keep], self.score[keep]
+    def _drop(self, n: int) -> int:
+        if self.policy == "score":
+            return int(self.score[: max(1, n - SCORE_RECENT)].argmin())
+        return super()._drop(n)
 
-    def map_batch(self, fn):
-        self.keys, self.values = fn(self.keys), fn(self.values)
-
-    def move(self, device):
-        self.keys, self.values = self.keys.to(device), self.values.to(device)
+    def _keep(self, keep: torch.Tensor) -> None:
+        super()._keep(keep)
+        self.score = self.score[keep]
 
     def memory_bytes(self):
         if not self.is_initialized:
             return 0
-        return (self.keys.numel() + self.values.numel()) * self.keys.element_size() + self.pos.numel() * 8 + (
-            self.score.numel() * self.score.element_size())
+        return super().memory_bytes() + self.pos.numel() * 8 + self.score.numel() * self.score.element_size()
 
 
 def baseline_cache(config, policy: str, tokens: int) -> TensorAttnCache:

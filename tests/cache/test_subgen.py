@@ -22,13 +22,7 @@ def make(layout, scale=1.0, w1=None, w2=None, **cache_config):
 NUMERATORS = ("cluster_sum", "sampled")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These ops run thousands of tiny kernels; with a busy machine, thread hand-offs cost more than the maths.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clusterable_stream(n, d, m, delta, seed, batch=1, heads=1, q_norm=2.0):

@@ -13,13 +13,7 @@ from hf_tensor_attn.cache.summary import StreamSummary
 NUMERATORS = ("cluster_sum", "sampled")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Thousands of tiny kernels: thread hand-offs would cost more than the maths.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def key_stream(kind: str, n: int, width: int, seed: int = 0) -> torch.Tensor:

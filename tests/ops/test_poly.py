@@ -14,12 +14,7 @@ from hf_tensor_attn.ops.poly import key_features, num_features, polynomial_coeff
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_inputs(B, H, Tq, Tk, D, Dv, dtype=torch.float64, *, seed=0, magnitude=1.0):

@@ -22,13 +22,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2**-7, torch.f
 SMALL_TILINGS = {"small": TileSizes(query=4, row=8, col=16), "odd": TileSizes(query=3, row=5, col=7)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiles here are tiny: on a shared machine a second OpenMP thread costs more in barriers than it gains."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=["default", *SMALL_TILINGS])
