@@ -214,24 +214,28 @@ class Masker:
         return bias, [(0, min(n, -first))] if first < 0 else []  # offsets whose key is < 0 for the first query
 
     def row_runs(self, block: QueryBlock, rb: KeyBlock) -> list[tuple[int, int, torch.Tensor]]:
-        """(lo, hi, bias [B or 1, 1, bq, hi - lo, 1]) for the rows of a row block that need a bias."""
+        """(lo, hi, bias [B or 1, 1, 1, bq, hi - lo]) for the rows of a row block that need a bias."""
         if not rb.masked:
             return []
         bias, runs = self._bias(block, rb, None) if self.windows[0] is None else self._window_bias(block, rb)
-        return [(lo, hi, bias[:, None, :, lo:hi, None]) for lo, hi in runs]
+        return [(lo, hi, bias[:, None, None, :, lo:hi]) for lo, hi in runs]
 
     def col_runs(self, block: QueryBlock, cb: KeyBlock) -> list[tuple[int, int, torch.Tensor]]:
-        """(lo, hi, bias [B or 1, 1, bq, 1, hi - lo]) for the columns of a column block that need a bias."""
+        """(lo, hi, bias [B or 1, 1, hi - lo, bq, 1]) for the columns of a column block that need a bias."""
         if not cb.masked:
             return []
         bias, runs = self._bias(block, cb, self.windows[1])
-        return [(lo, hi, bias[:, None, :, None, lo:hi]) for lo, hi in runs]
+        return [(lo, hi, bias[:, None, :, lo:hi].transpose(2, 3)[..., None]) for lo, hi in runs]
 
     def apply(self, scores5: torch.Tensor, row_runs, col_runs) -> None:
-        """Adds the biases to scores viewed as [B, H, bq, ba, bc] and clamps what they touched to the floor."""
-        for lo, hi, bias in row_runs:
-            scores5[:, :, :, lo:hi].add_(bias).clamp_min_(self.floor)
+        """Adds the biases to a transposed tile seen as [B, H, bc, bq, ba] and clamps what they touched to the floor.
+
+        Tiles are stored column-major (a column key's scores for every (query, row key) are contiguous) so that the
+        column runs, the ones every windowed tile has, are whole contiguous rows of the tile: as [.., bq, ba, bc]
+        slices they were strided passes with a short inner loop, several times slower per element."""
         for lo, hi, bias in col_runs:
+            scores5[:, :, lo:hi].add_(bias).clamp_min_(self.floor)
+        for lo, hi, bias in row_runs:
             scores5[..., lo:hi].add_(bias).clamp_min_(self.floor)
 
 

@@ -1,8 +1,9 @@
 """Tiled tensor attention: exact, and never materialises the Tq x Tk x Tk scores (FlashAttention-style, CPU torch).
 
 Forward: for each query block, tiles over (row-stream block x column-stream block). The scores of a tile are one
-batched GEMM over all heads, (q * k_row) [bq*ba, d] @ k_col^T [d, bc]; the values are a second one,
-P [bq*ba, bc] @ v_col [bc, d], times v_row and summed over the row keys. The softmax over *pairs* runs against a
+batched GEMM over all heads, stored transposed (column key major, see `_tiles.Masker.apply`):
+k_col [bc, d] @ (q * k_row)^T [d, bq*ba]; the values are a second one, P [bq*ba, bc] @ v_col [bc, d], times v_row
+and summed over the row keys. The softmax over *pairs* runs against a
 per-query reference score subtracted inside the first GEMM (see `_forward`), so a tile costs two GEMMs, one exp
 pass and one row-sum pass. Backward saves only the inputs, the output and the per-query log-sum-exp, and
 recomputes each tile: one GEMM gives S - lse and dP - D together, two more give the five gradients. Memory is
@@ -114,6 +115,11 @@ class _Problem:
         return tuple(getattr(self, f.name) for f in fields(self))
 
 
+def _with_ones(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [..., d+1] with a last column of ones."""
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
+
+
 def _reference_scores(q, kr, kc, w_row, w_col, mask, B, H):
     """([BH, Tq] score s_t(c, c) of the latest real key c <= t, [BH, Tq] bool: query t has an allowed pair).
 
@@ -176,9 +182,7 @@ def _forward(p: _Problem):
     dtype, device = q.dtype, q.device
     ws = _Workspace(dtype, device)
     headroom, floor = EXP_HEADROOM[dtype], EXP_FLOOR[dtype]
-    kc1 = torch.ones(BH, Tk, d + 1, dtype=dtype, device=device)
-    kc1[:, :, :d] = kc
-    kc1_t = kc1.transpose(1, 2)  # [BH, d+1, Tk]
+    kc1 = _with_ones(kc)  # rows [kc_b, 1]
     m_all, has_pair = _reference_scores(q, kr, kc, w_row, w_col, mask, B, H)  # [BH, Tq] each, m_all updated
     l_all = torch.zeros(BH, Tq, dtype=dtype, device=device)  # sum_ab exp(s - m_t)
     num = torch.zeros(BH, Tq, d, dtype=dtype, device=device)  # sum_ab exp(s - m_t) v1_a * v2_b
@@ -187,57 +191,64 @@ def _forward(p: _Problem):
     checked_blocks = _block_flags(bound - m_all > headroom, blocks)
     clamped_blocks = _block_flags(bound + m_all > -floor, blocks)
     masker = Masker(w_row, w_col, mask, Tk, dtype, device, floor)
-    kr_rows, vr_rows = _RowStream(kr, w_row), _RowStream(vr, w_row)
+    # Rows (t, a) of the score GEMM are [q_t, -m_t] * [kr_a, 1] = [q_t * kr_a, -m_t]: one multiply writes them whole
+    # (writing q_t * kr_a into the first d of d+1 columns is a strided pass, 1.5-2x slower).
+    q_aug = torch.cat([q, -m_all[:, :, None]], -1)  # [BH, Tq, d+1]
+    kr_rows, vr_rows = _RowStream(_with_ones(kr), w_row), _RowStream(vr, w_row)
     for block, checked, clamp in zip(blocks, checked_blocks, clamped_blocks):
         bq = block.stop - block.start
-        qb = q[:, block.start : block.stop]  # [BH, bq, d]
+        qa = q_aug[:, block.start : block.stop]  # [BH, bq, d+1]
         m = m_all[:, block.start : block.stop]  # [BH, bq], views: updated in place
         l = l_all[:, block.start : block.stop]
         # sum_b P vc_b * vr_a accumulated per (t, a) over the whole block; summed over a once at the end
-        acc = ws.get("acc", BH, bq, max(rb.stop - rb.start for rb in block.row_blocks), d).zero_()
-        aug_rows = None  # row count of the qk view whose -m column is up to date
+        acc = ws.get("acc", BH, bq, max(rb.stop - rb.start for rb in block.row_blocks), d)
+        if len(block.row_blocks) > 1:
+            acc.zero_()
         cols = [
-            (cb.stop - cb.start, kc1_t[:, :, cb.start : cb.stop], vc[:, cb.start : cb.stop], masker.col_runs(block, cb))
+            (cb.stop - cb.start, kc1[:, cb.start : cb.stop], vc[:, cb.start : cb.stop], masker.col_runs(block, cb))
             for cb in block.col_blocks
         ]
         for rb in block.row_blocks:
             ba = rb.stop - rb.start
             row_runs = masker.row_runs(block, rb)
             qk = ws.get("qk", BH, bq, ba, d + 1)  # rows (t, a): [q_t * kr_a, -m_t]
-            torch.mul(qb[:, :, None, :], kr_rows.tile(block, rb), out=qk[..., :d])
-            if aug_rows != ba:
-                qk[..., d] = -m[:, :, None]
-                aug_rows = ba
-            qk_rows = qk.view(BH, bq * ba, d + 1)
+            torch.mul(qa[:, :, None, :], kr_rows.tile(block, rb), out=qk)
+            qk_cols = qk.view(BH, bq * ba, d + 1).transpose(1, 2)  # [BH, d+1, bq*ba]
             # P @ vc summed over the column blocks first: the product with vr and the sum over a, a pass over
             # [bq, ba, d], then happens once per row block instead of once per tile.
             pv = ws.get("pv", BH, bq * ba, d)
             for ci, (bc, kc_tile, vc_tile, col_runs) in enumerate(cols):
-                s = torch.bmm(qk_rows, kc_tile, out=ws.get("s", BH, bq * ba, bc))  # s - m
+                # (s - m) transposed, [BH, bc, bq*ba]: see `Masker.apply` for why the tile is column-major
+                s = torch.bmm(kc_tile, qk_cols, out=ws.get("s", BH, bc, bq * ba))
                 if row_runs or col_runs:
-                    masker.apply(s.view(B, H, bq, ba, bc), row_runs, col_runs)
-                s_t = s.view(BH, bq, ba * bc)  # all pairs of query t in this tile
+                    masker.apply(s.view(B, H, bc, bq, ba), row_runs, col_runs)
+                s_t = s.view(BH, bc, bq, ba)  # pairs (b, a) of query t: s_t[:, :, t]
                 if checked:
-                    over = s_t.amax(-1)  # [BH, bq]
+                    over = s_t.amax((1, 3))  # [BH, bq]
                     shift = torch.where(over > headroom, over, 0)
                     if bool(shift.any()):
-                        s_t.sub_(shift[:, :, None])
+                        s_t.sub_(shift[:, None, :, None])
                         m += shift
                         alpha = torch.exp(-shift)
                         l.mul_(alpha)
                         acc.mul_(alpha[:, :, None, None])
                         pv.view(BH, bq, ba * d).mul_(alpha[:, :, None])
+                        qa[..., d] = -m
                         qk[..., d] = -m[:, :, None]
                         clamp = True
                 if clamp:
                     s.clamp_min_(floor)
-                l.add_(s_t.exp_().sum(-1))
+                # Sum over b first (contiguous rows of the tile), then over a on a [BH, bq, ba] remainder.
+                l.add_(s.exp_().sum(1).view(BH, bq, ba).sum(-1))
                 if ci == 0:
-                    torch.bmm(s, vc_tile, out=pv)  # [BH, bq*ba, d]
+                    torch.bmm(s.transpose(1, 2), vc_tile, out=pv)  # [BH, bq*ba, d]
                 else:
-                    pv.baddbmm_(s, vc_tile)
-            acc[:, :, :ba].addcmul_(pv.view(BH, bq, ba, d), vr_rows.tile(block, rb))
-        num[:, block.start : block.stop] = acc.sum(2)
+                    pv.baddbmm_(s.transpose(1, 2), vc_tile)
+            if len(block.row_blocks) == 1:  # the usual windowed block: write instead of zeroing and accumulating
+                torch.mul(pv.view(BH, bq, ba, d), vr_rows.tile(block, rb), out=acc)
+            else:
+                acc[:, :, :ba].addcmul_(pv.view(BH, bq, ba, d), vr_rows.tile(block, rb))
+        torch.sum(acc, 2, out=num[:, block.start : block.stop])
     out = torch.where(has_pair[:, :, None], num / l_all[:, :, None], 0)
     lse = torch.where(has_pair, m_all + torch.log(l_all), 0)
     return out, lse, has_pair
@@ -269,23 +280,23 @@ def _backward(p: _Problem, out, lse, has_pair, dout):
     col_stack = torch.ones(3 * BH, Tk, d + 1, dtype=dtype, device=device)  # [3BH, Tk, d+1]
     for i, t in enumerate((kc, vc, kc)):
         col_stack[i * BH : (i + 1) * BH, :, :d] = t
-    col_stack_t = col_stack.transpose(1, 2)  # [3BH, d+1, Tk]
     masker = Masker(w_row, w_col, mask, Tk, dtype, device, floor)
-    kr_rows, vr_rows = _RowStream(kr, w_row), _RowStream(vr, w_row)
+    # [q, -lse] * [kr, 1] and [dO, -D] * [vr, 1] write the rows of `left` whole (see `_forward`)
+    q_aug, g_aug = torch.cat([q, -lse[:, :, None]], -1), torch.cat([dout, -delta[:, :, None]], -1)
+    kr_rows, vr_rows = _RowStream(_with_ones(kr), w_row), _RowStream(_with_ones(vr), w_row)
     dq = torch.zeros_like(q)
-    dkr = _RowGrad(BH, Tk, d, w_row, dtype, device)
-    dvr = _RowGrad(BH, Tk, d, w_row, dtype, device)
+    dvkr = _RowGrad(2 * BH, Tk, d, w_row, dtype, device)  # [dvr; dkr]
+    gq = torch.cat([dout, q])  # [2BH, Tq, d]: dvr gets (P @ vc) * dO, dkr gets (dS @ kc) * q
     dvk = torch.zeros(2 * BH, Tk, d, dtype=dtype, device=device)  # [dvc; dkc]
-    neg_lse, neg_delta = -lse[:, :, None], -delta[:, :, None]  # [BH, Tq, 1]
     for block, clamp in zip(blocks, clamped_blocks):
         bq = block.stop - block.start
-        qb = q[:, block.start : block.stop]  # [BH, bq, d]
-        gb = dout[:, block.start : block.stop]
-        dq_b = ws.get("dq", BH, bq, max(rb.stop - rb.start for rb in block.row_blocks), d).zero_()  # per (t, a)
+        dq_b = ws.get("dq", BH, bq, max(rb.stop - rb.start for rb in block.row_blocks), d)  # per (t, a)
+        if len(block.row_blocks) > 1:
+            dq_b.zero_()
         cols = [
             (
                 cb.stop - cb.start,
-                col_stack_t[: 2 * BH, :, cb.start : cb.stop],  # [kc, 1; vc, 1]^T
+                col_stack[: 2 * BH, cb.start : cb.stop],  # [kc, 1; vc, 1]
                 col_stack[BH:, cb.start : cb.stop, :d],  # [vc; kc]
                 dvk[:, cb.start : cb.stop],
                 masker.col_runs(block, cb),
@@ -295,36 +306,39 @@ def _backward(p: _Problem, out, lse, has_pair, dout):
         for rb in block.row_blocks:
             ba = rb.stop - rb.start
             row_runs = masker.row_runs(block, rb)
-            krb = kr_rows.tile(block, rb)  # [BH, 1 or bq, ba, d]
+            krb = kr_rows.tile(block, rb)  # [BH, 1 or bq, ba, d+1]
             # Rows (t, a) of [q*kr, -lse; dO*vr, -D; q*kr, -lse]: against col_stack they give (S - lse, dP - D),
             # transposed against the d columns (dvc, dkc).
             left = ws.get("left", 3 * BH, bq, ba, d + 1)
-            torch.mul(qb[:, :, None, :], krb, out=left[:BH, :, :, :d])
-            torch.mul(gb[:, :, None, :], vr_rows.tile(block, rb), out=left[BH : 2 * BH, :, :, :d])
-            left[:BH, :, :, d] = neg_lse[:, block.start : block.stop]
-            left[BH : 2 * BH, :, :, d] = neg_delta[:, block.start : block.stop]
+            torch.mul(q_aug[:, block.start : block.stop, None, :], krb, out=left[:BH])
+            torch.mul(g_aug[:, block.start : block.stop, None, :], vr_rows.tile(block, rb), out=left[BH : 2 * BH])
             left[2 * BH :] = left[:BH]
             left = left.view(3 * BH, bq * ba, d + 1)
+            left_cols = left[: 2 * BH].transpose(1, 2)  # [2BH, d+1, bq*ba]
             row_products = ws.get("row_products", 2 * BH, bq * ba, d)  # [P @ vc; dS @ kc] summed over column blocks
-            for ci, (bc, kv_t, vk, dvk_tile, col_runs) in enumerate(cols):
-                tile = torch.bmm(left[: 2 * BH], kv_t, out=ws.get("tile", 2 * BH, bq * ba, bc))
-                s, dp = tile[:BH], tile[BH:]  # S - lse and dP - D, [BH, bq*ba, bc] each
+            for ci, (bc, kv, vk, dvk_tile, col_runs) in enumerate(cols):
+                # transposed tiles, as in the forward: [2BH, bc, bq*ba]
+                tile = torch.bmm(kv, left_cols, out=ws.get("tile", 2 * BH, bc, bq * ba))
+                s, dp = tile[:BH], tile[BH:]  # S - lse and dP - D
                 if row_runs or col_runs:
-                    masker.apply(s.view(B, H, bq, ba, bc), row_runs, col_runs)
+                    masker.apply(s.view(B, H, bc, bq, ba), row_runs, col_runs)
                 if clamp:
                     s.clamp_min_(floor)
                 dp.mul_(s.exp_())  # s becomes P, dp becomes dS = P * (dP - D)
                 if ci == 0:
-                    torch.bmm(tile, vk, out=row_products)
+                    torch.bmm(tile.transpose(1, 2), vk, out=row_products)
                 else:
-                    row_products.baddbmm_(tile, vk)
-                dvk_tile += torch.bmm(tile.transpose(1, 2), left[BH:, :, :d], out=ws.get("dvk", 2 * BH, bc, d))
-            y, x = row_products[:BH].view(BH, bq, ba, d), row_products[BH:].view(BH, bq, ba, d)
-            dvr.add(block, rb, y * gb[:, :, None, :])
-            dkr.add(block, rb, x * qb[:, :, None, :])
-            dq_b[:, :, :ba].addcmul_(x, krb)
-        dq[:, block.start : block.stop] = dq_b.sum(2)
-    return dq, dkr.result(), dvk[BH:], dvr.result(), dvk[:BH]
+                    row_products.baddbmm_(tile.transpose(1, 2), vk)
+                dvk_tile += torch.bmm(tile, left[BH:, :, :d], out=ws.get("dvk", 2 * BH, bc, d))
+            products = row_products.view(2 * BH, bq, ba, d)  # [P @ vc; dS @ kc]
+            dvkr.add(block, rb, products * gq[:, block.start : block.stop, None, :])
+            if len(block.row_blocks) == 1:
+                torch.mul(products[BH:], krb[..., :d], out=dq_b)
+            else:
+                dq_b[:, :, :ba].addcmul_(products[BH:], krb[..., :d])
+        torch.sum(dq_b, 2, out=dq[:, block.start : block.stop])
+    dvkr = dvkr.result()
+    return dq, dvkr[BH:], dvk[BH:], dvkr[:BH], dvk[:BH]
 
 
 def _problem(q, kr, kc, vr, vc, scale, w_row, w_col, mask, dtype) -> _Problem:
