@@ -180,6 +180,7 @@ class Masker:
             before = torch.full((pad.shape[0], w_row - 1), float("-inf"), dtype=dtype, device=device)
             self.row_ext = torch.cat([before, pad], 1).contiguous()  # [B or 1, w_row - 1 + Tk]: key a at a + w_row - 1
         self.cache: dict[tuple, tuple[torch.Tensor, int, int]] = {}
+        self.col_cache: dict[tuple, list] = {}
 
     def _has_pad(self, lo: int, hi: int) -> bool:
         return self.padded is not None and self.padded[hi] > self.padded[max(lo, 0)]
@@ -224,8 +225,17 @@ class Masker:
         """(lo, hi, bias [B or 1, 1, hi - lo, bq, 1]) for the columns of a column block that need a bias."""
         if not cb.masked:
             return []
+        # Every interior block of a windowed pass asks for the same runs: keep the views (building them is most of
+        # a small tile's Python time).
+        key = (block.t0 - cb.start, block.stop - block.start, cb.stop - cb.start)
+        ready = self.col_cache.get(key)
+        if ready is not None and not self._has_pad(cb.start, cb.stop):
+            return ready
         bias, runs = self._bias(block, cb, self.windows[1])
-        return [(lo, hi, bias[:, None, :, lo:hi].transpose(2, 3)[..., None]) for lo, hi in runs]
+        ready = [(lo, hi, bias[:, None, :, lo:hi].transpose(2, 3)[..., None]) for lo, hi in runs]
+        if not self._has_pad(cb.start, cb.stop):
+            self.col_cache[key] = ready
+        return ready
 
     def apply(self, scores5: torch.Tensor, row_runs, col_runs) -> None:
         """Adds the biases to a transposed tile seen as [B, H, bc, bq, ba] and clamps what they touched to the floor.

@@ -18,7 +18,9 @@ import threading
 import torch
 
 from .backend import use_triton
-from .common import EXP_HEADROOM, check_inputs, finite_or_zero, fold_groups, masked_softmax, repeat_kv, unfold_groups
+from .common import (
+    EXP_HEADROOM, all_finite, check_inputs, finite_or_zero, fold_groups, masked_softmax, repeat_kv, unfold_groups,
+)
 
 _workspace = threading.local()
 # Scores per block of the in-place decode step (B * H * rows * n2), 16 MiB in fp32: it bounds the scratch while
@@ -210,7 +212,7 @@ def pair_rows_attention(q, pair_keys, pair_values, *, scale, allowed=None):
     scores = torch.matmul(q * scale, pair_keys.transpose(-1, -2)).to(compute)  # [B, H, Tq, P]
     probs = masked_softmax(scores, allowed)
     out = torch.matmul(probs.to(pair_values.dtype), pair_values)  # [B, H, Tq, D]
-    if allowed is not None and not bool(torch.isfinite(out).all()):
+    if allowed is not None and not all_finite(out):
         # A pair a query may not use weighs 0, but 0 * NaN is NaN: zero the non-finite rows in the product, then
         # mark the entries of the queries that may use them (a value spoils only its own component). Only outputs
         # with a non-finite entry pay for this pass over the rows.

@@ -23,7 +23,7 @@ import torch
 
 from ._tiles import Masker, QueryBlock, TileSizes, choose_tile_sizes, plan
 from .backend import use_triton
-from .common import EXP_FLOOR, EXP_HEADROOM, check_inputs, finite_copies, nonfinite_outputs, repeat_kv
+from .common import EXP_FLOOR, EXP_HEADROOM, all_finite, check_inputs, finite_copies, nonfinite_outputs, repeat_kv
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -249,8 +249,9 @@ def _forward(p: _Problem):
             else:
                 acc[:, :, :ba].addcmul_(pv.view(BH, bq, ba, d), vr_rows.tile(block, rb))
         torch.sum(acc, 2, out=num[:, block.start : block.stop])
-    out = torch.where(has_pair[:, :, None], num / l_all[:, :, None], 0)
-    lse = torch.where(has_pair, m_all + torch.log(l_all), 0)
+    out, lse = num.div_(l_all[:, :, None]), l_all.log_().add_(m_all)
+    if not bool(has_pair.all()):  # queries without a pair (all padding, or windows before the first real key)
+        out, lse = torch.where(has_pair[:, :, None], out, 0), torch.where(has_pair, lse, 0)
     return out, lse, has_pair
 
 
@@ -371,7 +372,7 @@ def _forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [BH, Tq, D], lse [BH, Tq], has_pair [BH, Tq]) in the compute dtype."""
     out, lse, has_pair = _forward_finite(q, k1, k2, v1, v2, scale, w1, w2, attention_mask)
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         # Tiles share keys and values between queries, so a NaN may have reached rows that do not use it: run again
         # on finite copies and set the entries the definition makes non-finite. Finite inputs never come here.
         poisoned = nonfinite_outputs(q, k1, k2, v1, v2, w1=w1, w2=w2, attention_mask=attention_mask)
@@ -404,7 +405,7 @@ def _backward_op(
     """Gradients of q, k1, k2, v1, v2 from dout [BH, Tq, D] (compute dtype)."""
     B, H, Tq, D = q.shape
     Tk = k1.shape[2]
-    poisoned = None if bool(torch.isfinite(out).all()) else nonfinite_outputs(
+    poisoned = None if all_finite(out) else nonfinite_outputs(
         q, k1, k2, v1, v2, w1=w1, w2=w2, attention_mask=attention_mask)
     if poisoned is not None:  # as in the forward; the non-finite entries pass no gradient back
         q, k1, k2, v1, v2 = finite_copies(q, k1, k2, v1, v2)
