@@ -156,38 +156,38 @@ def plan(Tq: int, Tk: int, w_row, w_col, attention_mask, sizes: TileSizes) -> li
 
 
 class Masker:
-    """Adds the 0/-inf bias of a masked tile to its scores, seen as [B, H, bq, ba, bc], and clamps what it
-    touched to the exp floor (see `exact._exp_floor`).
+    """Sets the scores of the pairs a query may not use to the exp floor (`common.EXP_FLOOR`: exp gives ~1e-35 there,
+    far below rounding against the reference pair's 1, and stays on its vector path, which -inf would leave).
 
-    The causal/window bias of an aligned key block depends only on the offset of the query block within the key
+    The causal/window mask of an aligned key block depends only on the offset of the query block within the key
     block, which repeats from block to block, so it is built once per offset and reused; padding adds a slice
-    of one [B, Tk] bias. Only the keys that some query of the block may not use are touched: along the diagonal
+    of one [B, Tk] mask. Only the keys that some query of the block may not use are touched: along the diagonal
     that is bq - 1 keys of the block, a sliver of a pass instead of a whole one. Windowed row blocks read their
-    bias (keys before 0, padding) as a Hankel view of one [B, w - 1 + Tk] vector.
+    mask (keys before 0, padding) as a Hankel view of one [B, w - 1 + Tk] vector.
     """
 
     def __init__(self, w_row, w_col, attention_mask, Tk, dtype, device, floor: float):
         self.windows = (w_row, w_col)
         self.floor = floor
         self.dtype, self.device = dtype, device
-        self.pad = None
+        self.pad = None  # [B, Tk] bool: padding
         self.padded = None
         if attention_mask is not None:
-            self.pad = torch.zeros(attention_mask.shape, dtype=dtype, device=device).masked_fill_(~attention_mask, float("-inf"))
-            self.padded = [0] + torch.cumsum((~attention_mask).any(0).to(torch.int64), 0).tolist()
+            self.pad = ~attention_mask.to(device)
+            self.padded = [0] + torch.cumsum(self.pad.any(0).to(torch.int64), 0).tolist()
         if w_row is not None:
-            pad = self.pad if self.pad is not None else torch.zeros(1, Tk, dtype=dtype, device=device)
-            before = torch.full((pad.shape[0], w_row - 1), float("-inf"), dtype=dtype, device=device)
+            pad = self.pad if self.pad is not None else torch.zeros(1, Tk, dtype=torch.bool, device=device)
+            before = torch.ones(pad.shape[0], w_row - 1, dtype=torch.bool, device=device)
             self.row_ext = torch.cat([before, pad], 1).contiguous()  # [B or 1, w_row - 1 + Tk]: key a at a + w_row - 1
-        self.cache: dict[tuple, tuple[torch.Tensor, int, int]] = {}
+        self.cache: dict[tuple, tuple[torch.Tensor, list[tuple[int, int]]]] = {}
         self.col_cache: dict[tuple, list] = {}
 
     def _has_pad(self, lo: int, hi: int) -> bool:
         return self.padded is not None and self.padded[hi] > self.padded[max(lo, 0)]
 
     def _bias(self, block: QueryBlock, kb: KeyBlock, window) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """[B or 1, bq, n] bias over the keys of aligned block kb for the queries of block, and the runs [lo, hi)
-        of keys where it is not 0 for every query (at the diagonal and at the window's far edge)."""
+        """[B or 1, bq, n] bool, True where a query of block may not use a key of aligned block kb, and the runs
+        [lo, hi) of keys where some query may not (at the diagonal and at the window's far edge)."""
         bq, n = block.stop - block.start, kb.stop - kb.start
         key = (block.t0 - kb.start, bq, n, window)
         entry = self.cache.get(key)
@@ -197,14 +197,13 @@ class Masker:
             ok = a <= t
             if window is not None:
                 ok = ok & (t - a < window)
-            rel = torch.zeros(bq, n, dtype=self.dtype, device=self.device).masked_fill_(~ok, float("-inf"))
-            entry = self.cache[key] = (rel[None], _runs((~ok).any(0).tolist()))
+            entry = self.cache[key] = (~ok[None], _runs((~ok).any(0).tolist()))
         if self._has_pad(kb.start, kb.stop):
-            return entry[0] + self.pad[:, None, kb.start : kb.stop], [(0, n)]
+            return entry[0] | self.pad[:, None, kb.start : kb.stop], [(0, n)]
         return entry
 
     def _window_bias(self, block: QueryBlock, rb: KeyBlock) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Bias of a windowed row block: entry [t, j] belongs to key block.t0 + t - w + 1 + j."""
+        """Mask of a windowed row block: entry [t, j] belongs to key block.t0 + t - w + 1 + j."""
         w = self.windows[0]
         bq, n = block.stop - block.start, rb.stop - rb.start
         first = block.t0 - w + 1 + rb.start  # key of the block's first query at its first offset
@@ -215,14 +214,14 @@ class Masker:
         return bias, [(0, min(n, -first))] if first < 0 else []  # offsets whose key is < 0 for the first query
 
     def row_runs(self, block: QueryBlock, rb: KeyBlock) -> list[tuple[int, int, torch.Tensor]]:
-        """(lo, hi, bias [B or 1, 1, 1, bq, hi - lo]) for the rows of a row block that need a bias."""
+        """(lo, hi, mask [B or 1, 1, 1, bq, hi - lo]) for the rows of a row block that need a mask."""
         if not rb.masked:
             return []
         bias, runs = self._bias(block, rb, None) if self.windows[0] is None else self._window_bias(block, rb)
         return [(lo, hi, bias[:, None, None, :, lo:hi]) for lo, hi in runs]
 
     def col_runs(self, block: QueryBlock, cb: KeyBlock) -> list[tuple[int, int, torch.Tensor]]:
-        """(lo, hi, bias [B or 1, 1, hi - lo, bq, 1]) for the columns of a column block that need a bias."""
+        """(lo, hi, mask [B or 1, 1, hi - lo, bq, 1]) for the columns of a column block that need a mask."""
         if not cb.masked:
             return []
         # Every interior block of a windowed pass asks for the same runs: keep the views (building them is most of
@@ -238,15 +237,16 @@ class Masker:
         return ready
 
     def apply(self, scores5: torch.Tensor, row_runs, col_runs) -> None:
-        """Adds the biases to a transposed tile seen as [B, H, bc, bq, ba] and clamps what they touched to the floor.
+        """Sets the masked scores of a transposed tile, seen as [B, H, bc, bq, ba], to the floor (one pass per run; an
+        unmasked score under the floor is clamped by the caller with the whole tile when the score bound allows one).
 
         Tiles are stored column-major (a column key's scores for every (query, row key) are contiguous) so that the
         column runs, the ones every windowed tile has, are whole contiguous rows of the tile: as [.., bq, ba, bc]
         slices they were strided passes with a short inner loop, several times slower per element."""
-        for lo, hi, bias in col_runs:
-            scores5[:, :, lo:hi].add_(bias).clamp_min_(self.floor)
-        for lo, hi, bias in row_runs:
-            scores5[..., lo:hi].add_(bias).clamp_min_(self.floor)
+        for lo, hi, blocked in col_runs:
+            scores5[:, :, lo:hi].masked_fill_(blocked, self.floor)
+        for lo, hi, blocked in row_runs:
+            scores5[..., lo:hi].masked_fill_(blocked, self.floor)
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int]]:
