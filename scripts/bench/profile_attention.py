@@ -5,22 +5,46 @@ torch.profiler and each op's self CPU time is put in a category: GEMM (bmm, badd
 clamps, other elementwise passes, reductions, scatter (index_add), copies. Separately, the op is timed interleaved
 with torch.mm (mm, op, mm) so the "of mm" ratio compares them under the same load.
 
+Before and after a change: --baseline DIR profiles the package of another checkout of this repository (e.g. a
+`git worktree add /tmp/before <commit>`) with this script, in a child process that runs each job just before the
+same job runs on this checkout, so both see the same load; the table gets a row for each.
+
 Writes profile_attention.csv, profile_attention.png and tables.md to --out (default docs/profile_attention/ for a
 full run, runs/bench/profile_attention/ for --quick or other sizes):
 
     python -m scripts.bench.profile_attention --wait-idle 60
+    python -m scripts.bench.profile_attention --baseline /tmp/before --wait-idle 60
     python -m scripts.bench.profile_attention --quick --out /tmp/smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make `scripts.bench` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def _import_package_from(checkout: Path) -> None:
+    """Make `hf_tensor_attn` the package of another checkout (a --baseline child process): registered under its own
+    name before anything imports it, so every later import, ours and its own, resolves inside that folder."""
+    init = checkout / "hf_tensor_attn" / "__init__.py"
+    if not init.is_file():
+        sys.exit(f"--code {checkout}: no hf_tensor_attn/__init__.py there; pass the root of a checkout of this repository")
+    spec = importlib.util.spec_from_file_location("hf_tensor_attn", init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hf_tensor_attn"] = module
+    spec.loader.exec_module(module)
+
+
+if __name__ == "__main__" and "--code" in sys.argv[:-1]:  # a --baseline child: before the imports below
+    _import_package_from(Path(sys.argv[sys.argv.index("--code") + 1]).resolve())
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -99,13 +123,21 @@ def parse_args(argv):
                         help="shared machine: retry timings disturbed by other processes for up to this many seconds")
     parser.add_argument("--from-csv", type=Path, default=None, metavar="FOLDER",
                         help="measure nothing: rebuild tables.md and the plot from FOLDER's CSV and run.json")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                        help="also profile the package of the checkout DIR (the 'before' of a change), job by job")
+    parser.add_argument("--code", type=Path, default=None, help=argparse.SUPPRESS)  # set by --baseline for its child
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child: jobs named on stdin
     args = parser.parse_args(argv)
+    if args.baseline is not None and not (args.baseline / "hf_tensor_attn" / "__init__.py").is_file():
+        parser.error(f"--baseline {args.baseline}: no hf_tensor_attn/__init__.py there; pass the root of a checkout "
+                     "of this repository (e.g. made by `git worktree add`)")
     if args.from_csv is not None:
         return args
     full = not args.quick and (args.T, args.causal_T, args.d, args.heads, args.threads) == (1024, 512, 64, 4, 2)
     if args.quick:
         args.T, args.causal_T, args.d, args.threads = 48, 24, 16, 1
-    args.out = output_dir(parser, args.out, NAME, full)
+    if not args.serve:  # a --baseline child writes nothing
+        args.out = output_dir(parser, args.out, NAME, full)
     return args
 
 
@@ -117,12 +149,19 @@ def render(folder: Path) -> str:
     record = read_run_record(folder)
     rows = read_csv(Path(folder) / f"{NAME}.csv")
     cats = [*CATEGORIES, "other"]
-    table = [[r["case"], r["pass"], f"{r['ms']:.1f}", f"{r['gflops']:.0f}", f"{r['mm_gflops']:.0f}", f"{r['of_mm']:.0%}",
-              *(f"{r['share_' + c]:.0%}" for c in cats)] for r in rows]
-    return render_document(record, [
-        (f"d={record['d']}, B*H={record['heads']}, {record['threads']} threads, fp32; share of self CPU time",
-         markdown_table(["case", "pass", "ms", "GFLOP/s", "torch.mm GFLOP/s", "of mm", *(f"{c} %" for c in cats)],
-                        table, "llrrrr" + "r" * len(cats)))])
+    compared = any(r.get("code") == "baseline" for r in rows)
+    code = (lambda r: [f"before ({record['baseline'][:7]})" if r["code"] == "baseline" else "after"]) if compared else (
+        lambda r: [])
+    table = [[r["case"], r["pass"], *code(r), f"{r['ms']:.1f}", f"{r['gflops']:.0f}", f"{r['mm_gflops']:.0f}",
+              f"{r['of_mm']:.0%}", *(f"{r['share_' + c]:.0%}" for c in cats)] for r in rows]
+    header = ["case", "pass", *(["code"] if compared else []), "ms", "GFLOP/s", "torch.mm GFLOP/s", "of mm",
+              *(f"{c} %" for c in cats)]
+    sections = [(f"d={record['d']}, B*H={record['heads']}, {record['threads']} threads, fp32; share of self CPU time",
+                 markdown_table(header, table, "ll" + "l" * compared + "rrrr" + "r" * len(cats)))]
+    if compared:
+        sections[0][1][:0] = [f"Each case ran on the code before the change (commit {record['baseline']}), then on this "
+                              "commit, one after the other.", ""]
+    return render_document(record, sections)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -145,33 +184,85 @@ def main(argv: list[str] | None = None) -> list[dict]:
         jobs += [(case, f"forward T={T}", forward, flops), (case, f"forward+backward T={T}", forward_backward, 3 * flops)]
         if case == "window 512x32":
             jobs.append(("four-cache decode", f"step at i={T}", decode, 4 * args.d * T**2 * args.heads))
-    for case, what, fn, flops in jobs:
-        fn()  # warm-up: workspace and caches
-        mm_before = mm_gflops(mm_sizes, **timing)
-        seconds = measure(fn, **timing).best
-        mm_after = mm_gflops(mm_sizes, **timing)
-        rate = flops / seconds / 1e9
-        row = {"case": case, "pass": what, "d": args.d, "heads": args.heads, "ms": seconds * 1e3,
-               "gflops": rate, "mm_gflops": (mm_before + mm_after) / 2, "of_mm": rate / ((mm_before + mm_after) / 2),
-               **{f"share_{cat}": share for cat, share in profile_shares(fn).items()}}
-        rows.append(row)
-        print(f"{case} {what}: {row['of_mm']:.0%} of mm", flush=True)
+    if args.serve:  # a --baseline child: runs the jobs whose numbers arrive on stdin, answers with their rows
+        for line in sys.stdin:
+            print(ROW + json.dumps(profile_job(*jobs[int(line)], args, mm_sizes, timing, "baseline")), flush=True)
+        return []
+    baseline = None if args.baseline is None else Baseline(args, argv)
+    for index, job in enumerate(jobs):
+        if baseline is not None:
+            rows.append(baseline.row(index))
+        rows.append(profile_job(*job, args, mm_sizes, timing, "current"))
+        for row in rows[-1 - (baseline is not None):]:
+            print(f"{row['case']} {row['pass']} ({row['code']}): {row['of_mm']:.0%} of mm", flush=True)
+    if baseline is not None:
+        baseline.close()
     load_after = load_snapshot()
     record = machine()
     write_csv(args.out / f"{NAME}.csv", rows, record)
     plot(rows, args.out / f"{NAME}.png")
+    baseline = {} if args.baseline is None else {"baseline": _commit(args.baseline)}
     write_run_record(args.out, run_record(f"scripts.bench.{NAME}", argv, TITLE, record,
                                           describe_load(load_before, load_after), d=args.d, heads=args.heads,
-                                          threads=args.threads))
+                                          threads=args.threads, **baseline))
     text = publish(args.out, render)
     print(text)
     return rows
 
 
+def profile_job(case, what, fn, flops, args, mm_sizes, timing, code) -> dict:
+    """Times one call between two torch.mm measurements, then profiles it once."""
+    fn()  # warm-up: workspace and caches
+    mm_before = mm_gflops(mm_sizes, **timing)
+    seconds = measure(fn, **timing).best
+    mm_after = mm_gflops(mm_sizes, **timing)
+    rate = flops / seconds / 1e9
+    return {"case": case, "pass": what, "code": code, "d": args.d, "heads": args.heads, "ms": seconds * 1e3,
+            "gflops": rate, "mm_gflops": (mm_before + mm_after) / 2, "of_mm": rate / ((mm_before + mm_after) / 2),
+            **{f"share_{cat}": share for cat, share in profile_shares(fn).items()}}
+
+
+ROW = "profile-row: "  # marks the child's answers among anything else it prints
+
+
+class Baseline:
+    """The --baseline checkout's package, profiled by this script in one child process (one import of the package,
+    which takes seconds) that runs job after job when asked."""
+
+    def __init__(self, args, argv):
+        own = list(sys.argv[1:] if argv is None else argv)
+        if "--baseline" in own:  # the child gets the same sizes and timing options, not the comparison itself
+            at = own.index("--baseline")
+            del own[at : at + 2]
+        own = [a for a in own if not a.startswith("--baseline=")]
+        self.where = args.baseline
+        self.child = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), *own, "--code", str(args.baseline.resolve()), "--serve"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def row(self, index: int) -> dict:
+        self.child.stdin.write(f"{index}\n")
+        self.child.stdin.flush()
+        for line in self.child.stdout:
+            if line.startswith(ROW):
+                return json.loads(line[len(ROW):])
+        raise SystemExit(f"--baseline {self.where}: the child process ended (exit code {self.child.wait()}) "
+                         f"before answering job {index}; its error output is above")
+
+    def close(self) -> None:
+        self.child.stdin.close()
+        self.child.wait()
+
+
+def _commit(checkout: Path) -> str:
+    head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return head.stdout.strip() if head.returncode == 0 else f"unknown ({checkout} is not a git checkout)"
+
+
 def plot(rows, path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
-    labels = [f"{r['case']}\n{r['pass']}" for r in rows]
+    labels = [f"{r['case']}\n{r['pass']}" + ("\n(before)" if r.get("code") == "baseline" else "") for r in rows]
     bottom = [0.0] * len(rows)
     for cat in [*CATEGORIES, "other"]:
         shares = [r[f"share_{cat}"] for r in rows]

@@ -6,6 +6,7 @@ tests/training/test_quickstart.py, scripts/train.py by tests/training.)"""
 import csv
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,21 @@ def test_profile_attention_quick_run(tmp_path):
         shares = [r[f"share_{c}"] for c in [*profile_attention.CATEGORIES, "other"]]
         assert abs(sum(shares) - 1) < 1e-6 and r["share_GEMM"] > 0, r
     assert (tmp_path / "profile_attention.png").stat().st_size > 0
+
+
+def test_profile_attention_baseline_runs_the_other_checkouts_package(tmp_path, capfd):
+    """--baseline DIR: every job once on DIR's package (in a child process) and once on this one, and the table
+    says which row is which. DIR here is a copy of the package that marks itself, so the test sees the child
+    really imported DIR's code and not this checkout's."""
+    other = tmp_path / "before"
+    shutil.copytree(ROOT / "hf_tensor_attn", other / "hf_tensor_attn")
+    ops = other / "hf_tensor_attn" / "ops" / "__init__.py"
+    ops.write_text(ops.read_text() + "\nimport sys\nprint('BASELINE-PACKAGE', file=sys.stderr)\n")
+    out = tmp_path / "out"
+    rows = profile_attention.main(["--quick", "--out", str(out), "--baseline", str(other)])
+    assert [r["code"] for r in rows] == ["baseline", "current"] * (2 * len(profile_attention.CASES) + 1)
+    assert "BASELINE-PACKAGE" in capfd.readouterr().err  # the child's stderr is this process's
+    text = (out / "tables.md").read_text()
+    assert "| before (" in text and "| after |" in text
+    with pytest.raises(SystemExit):
+        profile_attention.parse_args(["--quick", "--out", str(out), "--baseline", str(tmp_path / "missing")])
