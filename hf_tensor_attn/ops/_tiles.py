@@ -52,22 +52,16 @@ class TileSizes:
 
 
 def choose_tile_sizes(Tq: int, w_row: int | None, w_col: int | None) -> TileSizes:
-    """Tile sizes tuned on a 2-core AVX-512 CPU (see scripts/bench/bench_attention.py) for head dims around 64.
+    """Tile sizes for head dims around 64 (see scripts/bench/bench_attention.py and profile_attention.py).
 
-    The score GEMM is (query*row, d+1) @ (d+1, col); about 512 rows and 256 columns keep MKL near its peak while
-    the fp32 score tile of four heads (2 MiB) stays in the two cores' L2. Larger query blocks would cut per-block
-    overhead but waste more pairs: on the diagonal, and in windowed column blocks, which span w_col + query - 1
-    keys of which each query uses w_col. Backward tiles hold two products (4 MiB); among the shapes tried
-    (256 to 1024 rows, 128 to 512 columns) none beat these for backward either, so both passes use them.
+    16 queries x 32 row keys make 512 rows in the score GEMM and `_columns_for_cache` picks the columns, so MKL runs
+    near its peak while a head's fp32 score tile stays within half of a core's L2. Larger query blocks would cut the
+    per-block costs (a dozen kernel launches) but waste more pairs: on the diagonal, and in windowed column blocks,
+    which span w_col + query - 1 keys of which each query uses w_col. Measured with column-major tiles (cheap
+    column masks), 32 queries lost to 16 at w_col = 128 and at w_col = 512 alike, forward and backward; among the
+    other shapes tried (256 to 1024 rows, 128 to 544 columns) none won by more than this VM's run-to-run noise.
     """
-    if w_row is None:
-        query, row = 16, 32
-    else:
-        # More queries per block share one column band when the band is wide: it spans w_col + query - 1 keys, so
-        # 32 queries waste at most 12% at w_col >= 256 and halve the per-block costs (masks, dispatch) per query.
-        query = 32 if w_col is not None and w_col >= 256 else 16
-        row = min(w_row, 32)
-    return TileSizes(query=query, row=row, col=_columns_for_cache(query * row))
+    return TileSizes(query=16, row=32 if w_row is None else min(w_row, 32), col=_columns_for_cache(16 * 32))
 
 
 def _l2_bytes() -> int | None:
