@@ -68,9 +68,12 @@ def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_m
         from . import triton_kernels  # imported on first use: triton is an optional dependency
 
         # The kernel takes one key/value head per query head: grouped heads are repeated for it.
-        k1, k2, v1, v2 = (repeat_kv(t, H // H_kv) for t in (k1, k2, v1, v2))
-        return triton_kernels.four_cache_decode(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2,
-                                                attention_mask=attention_mask)
+        repeated = (repeat_kv(t, H // H_kv) for t in (k1, k2, v1, v2))
+        out = triton_kernels.four_cache_decode(q, *repeated, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
+        # A NaN or infinity anywhere in the kernel's tiles spreads (0 * NaN): such a step runs again below, where
+        # padded positions never contribute and a value spoils only its own component (#15).
+        if torch.compiler.is_compiling() or all_finite(out):
+            return out
     # The windows only keep the last w1 (w2) positions of each stream: slice instead of masking.
     n1 = Tk if w1 is None else min(w1, Tk)
     n2 = Tk if w2 is None else min(w2, Tk)

@@ -460,7 +460,12 @@ def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_ma
     if use_triton(backend, q):
         from . import triton_kernels  # imported on first use: triton is an optional dependency
 
-        return triton_kernels.tensor_attention(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2,
-                                               attention_mask=attention_mask)
+        out = triton_kernels.tensor_attention(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2,
+                                              attention_mask=attention_mask)
+        # The kernels' tiles share keys and values between queries too, and do not contain a NaN or infinity: such
+        # a call (never a finite one) runs again on the torch path, which sets exactly the entries the definition
+        # makes non-finite (#15). A compiled graph keeps the kernel's result: the check would be a graph break.
+        if torch.compiler.is_compiling() or all_finite(out):
+            return out
     out, _, _ = _forward_op(q, k1, k2, v1, v2, float(scale), w1, w2, attention_mask)
     return out.view(q.shape).to(q.dtype)

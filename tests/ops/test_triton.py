@@ -14,7 +14,7 @@ import torch
 
 from hf_tensor_attn.ops.backend import triton_installed, use_triton
 from tests.ops.test_tiled import TOL, assert_close_scaled
-from tests.ops.triton_cases import ATTENTION_CASES, DECODE_CASES
+from tests.ops.triton_cases import ATTENTION_CASES, DECODE_CASES, NONFINITE_CASES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,6 +49,17 @@ def test_attention_matches_naive(interpreted, case):
     for name, a, e in zip(("out", "dq", "dk1", "dk2", "dv1", "dv2"), actual, expected):
         assert a.dtype == e.dtype == dtype and a.shape == e.shape, name
         assert_close_scaled(a, e, TOL[dtype], f"{case} {name}")
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(NONFINITE_CASES))
+def test_nonfinite_inputs_change_the_rows_naive_changes(interpreted, case):
+    """Prefill and decode with the kernels: the same non-finite entries as the naive op, the rest equal to it."""
+    actual, expected = result(interpreted, f"nonfinite/{case}")
+    for what, a, e in zip(("prefill", "decode"), actual, expected):
+        bad = ~torch.isfinite(e)
+        assert torch.equal(~torch.isfinite(a), bad), f"{case} {what}: non-finite entries differ from the naive op's"
+        assert_close_scaled(a.masked_fill(bad, 0).double(), e.masked_fill(bad, 0), TOL[torch.float32], f"{case} {what}")
 
 
 @needs_triton

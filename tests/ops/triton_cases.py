@@ -8,7 +8,7 @@ kernels.
 
 The interpreter executes every tile operation in numpy (tens of ms each), so the cases cover each condition once
 rather than their cross product: causal, windows w1 = w2 = 1, windows >= T, left padding (including queries with
-no allowed pair), Tq < Tk, T in {1, 17, 70}, D in {16, 64}, bf16 and fp32.
+no allowed pair), Tq < Tk, T in {1, 17, 70}, D in {16, 64}, bf16 and fp32; and NaN containment on a few cases.
 """
 
 from __future__ import annotations
@@ -38,6 +38,16 @@ DECODE_CASES = {
     "Tk70-windows-1x1": (1, 1, 70, 16, 1, 1, None, torch.float32),
     "all-padding": (1, 1, 17, 16, 4, None, (17,), torch.float32),
     "bf16-windows>=T": (1, 2, 70, 64, 80, 70, None, torch.bfloat16),
+}
+
+
+# NaN containment (tests/ops/test_nonfinite.py): (input, key position, value, windows, masked); fp32 copies of that
+# file's inputs. A later key, a padded value, a query, a value inside a window.
+NONFINITE_CASES = {
+    "later-k2-nan": ("k2", 10, float("nan"), (None, None), False),
+    "padded-v2-nan": ("v2", 1, float("nan"), (None, None), True),
+    "q-nan": ("q", 7, float("nan"), (None, None), False),
+    "window-v2-inf": ("v2", 5, float("inf"), (None, 4), True),
 }
 
 
@@ -72,6 +82,22 @@ def _decode(case):
     return [dispatched, direct], [naive_tensor_attention(q, k1, k2, v1, v2, **kw)]
 
 
+def _nonfinite(case):
+    """The poisoned call's output (prefill and the last position's decode step) with the kernels, against naive."""
+    from hf_tensor_attn.ops import four_cache_decode, naive_tensor_attention, tensor_attention
+    from tests.ops.test_nonfinite import inputs, poison
+
+    name, position, value, (w1, w2), masked = NONFINITE_CASES[case]
+    tensors, mask = inputs()
+    q, *streams = poison([t.float() for t in tensors], name, position, value)
+    kw = dict(scale=0.5, w1=w1, w2=w2, attention_mask=mask if masked else None)
+    with torch.no_grad():
+        actual = [tensor_attention(q, *streams, backend="triton", **kw),
+                  four_cache_decode(q[:, :, -1:], *streams, backend="triton", **kw)]
+    expected = [naive_tensor_attention(q.double(), *(t.double() for t in streams), **kw)]
+    return actual, [expected[0], expected[0][:, :, -1:]]
+
+
 def _model_logits(backend):
     """Greedy logits of a 1-layer model: prefill (tiled op) and two decode steps (four-cache layer)."""
     from tests.conftest import tiny_model
@@ -87,6 +113,7 @@ def run_all() -> dict:
     results = {}
     jobs = [(f"attention/{c}", _attention, c) for c in ATTENTION_CASES]
     jobs += [(f"decode/{c}", _decode, c) for c in DECODE_CASES]
+    jobs += [(f"nonfinite/{c}", _nonfinite, c) for c in NONFINITE_CASES]
     jobs += [("model/generate", lambda _: ([_model_logits("triton")], [_model_logits("torch")]), None)]
     for name, fn, case in jobs:
         try:
