@@ -10,7 +10,7 @@ uses the key a = t - w + 1 + j: each query gets exactly its own window, so a win
 Column blocks are always aligned ranges (the GEMM's columns are shared by all rows).
 
 The allowed-pair set factorises: pair (a, b) is allowed for query t iff a is allowed on its own (causal, window
-w1, real token) and b is allowed on its own. So a tile's mask is a row bias over a plus a column bias over b,
+w1, real token) and b is allowed on its own. So a tile's mask is a row mask over a or'ed with a column mask over b,
 never a bq x ba x bc tensor, and most tiles (wholly inside every query's causal/window region, no padding) need
 none.
 """
@@ -179,7 +179,7 @@ class Masker:
     def _has_pad(self, lo: int, hi: int) -> bool:
         return self.padded is not None and self.padded[hi] > self.padded[max(lo, 0)]
 
-    def _bias(self, block: QueryBlock, kb: KeyBlock, window) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    def _mask(self, block: QueryBlock, kb: KeyBlock, window) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """[B or 1, bq, n] bool, True where a query of block may not use a key of aligned block kb, and the runs
         [lo, hi) of keys where some query may not (at the diagonal and at the window's far edge)."""
         bq, n = block.stop - block.start, kb.stop - kb.start
@@ -196,23 +196,23 @@ class Masker:
             return entry[0] | self.pad[:, None, kb.start : kb.stop], [(0, n)]
         return entry
 
-    def _window_bias(self, block: QueryBlock, rb: KeyBlock) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    def _window_mask(self, block: QueryBlock, rb: KeyBlock) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Mask of a windowed row block: entry [t, j] belongs to key block.t0 + t - w + 1 + j."""
         w = self.windows[0]
         bq, n = block.stop - block.start, rb.stop - rb.start
         first = block.t0 - w + 1 + rb.start  # key of the block's first query at its first offset
         ext = self.row_ext
-        bias = ext.as_strided((ext.shape[0], bq, n), (ext.stride(0), 1, 1), first + w - 1)  # [B or 1, bq, n]
+        blocked = ext.as_strided((ext.shape[0], bq, n), (ext.stride(0), 1, 1), first + w - 1)  # [B or 1, bq, n]
         if self._has_pad(first, first + bq + n - 1):
-            return bias, [(0, n)]
-        return bias, [(0, min(n, -first))] if first < 0 else []  # offsets whose key is < 0 for the first query
+            return blocked, [(0, n)]
+        return blocked, [(0, min(n, -first))] if first < 0 else []  # offsets whose key is < 0 for the first query
 
     def row_runs(self, block: QueryBlock, rb: KeyBlock) -> list[tuple[int, int, torch.Tensor]]:
         """(lo, hi, mask [B or 1, 1, 1, bq, hi - lo]) for the rows of a row block that need a mask."""
         if not rb.masked:
             return []
-        bias, runs = self._bias(block, rb, None) if self.windows[0] is None else self._window_bias(block, rb)
-        return [(lo, hi, bias[:, None, None, :, lo:hi]) for lo, hi in runs]
+        blocked, runs = self._mask(block, rb, None) if self.windows[0] is None else self._window_mask(block, rb)
+        return [(lo, hi, blocked[:, None, None, :, lo:hi]) for lo, hi in runs]
 
     def col_runs(self, block: QueryBlock, cb: KeyBlock) -> list[tuple[int, int, torch.Tensor]]:
         """(lo, hi, mask [B or 1, 1, hi - lo, bq, 1]) for the columns of a column block that need a mask."""
@@ -224,8 +224,8 @@ class Masker:
         ready = self.col_cache.get(key)
         if ready is not None and not self._has_pad(cb.start, cb.stop):
             return ready
-        bias, runs = self._bias(block, cb, self.windows[1])
-        ready = [(lo, hi, bias[:, None, :, lo:hi].transpose(2, 3)[..., None]) for lo, hi in runs]
+        blocked, runs = self._mask(block, cb, self.windows[1])
+        ready = [(lo, hi, blocked[:, None, :, lo:hi].transpose(2, 3)[..., None]) for lo, hi in runs]
         if not self._has_pad(cb.start, cb.stop):
             self.col_cache[key] = ready
         return ready
