@@ -61,6 +61,12 @@ Items:
     functions `LlamaRotaryEmbedding` uses; `rope_frequencies` calls them, so a converted Llama gets its exact tables.
     Only types whose frequencies do not change with the sequence length are allowed (`STATIC_ROPE_TYPES`):
     "dynamic" and "longrope" recompute them from the longest position seen, which a cache would have to track.
+10. The generation config merge. `GenerationMixin.generate` calls `self._prepare_generation_config(generation_config,
+    **kwargs)` -> (generation_config, model_kwargs): a copy of the call's config whose unset fields are filled
+    from `model.generation_config`, so the model's `cache_implementation` comes back there, and the base then
+    refuses a cache object passed beside a `cache_implementation`. `TensorAttnForCausalLM.generate` has already
+    turned the name into a cache object; its `_prepare_generation_config` clears the name on that merged copy
+    (`without_cache_implementation`), so `model.generation_config` is never changed while a call runs.
 """
 
 from __future__ import annotations
@@ -267,6 +273,14 @@ def save_checkpoint_staged(trainer, base_save, model, trial) -> None:
 # ---- 9. RoPE parameters ----
 
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def without_cache_implementation(prepared: tuple) -> tuple:
+    """`_prepare_generation_config`'s (generation_config, model_kwargs) with the layout name cleared on the merged
+    copy (item 10)."""
+    generation_config, model_kwargs = prepared
+    generation_config.cache_implementation = generation_config.cache_config = None
+    return generation_config, model_kwargs
 
 
 def rope_frequencies(config) -> tuple[torch.Tensor, float]:

@@ -568,14 +568,12 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
             cache = TensorAttnCache(self.config, name, cache_config, offloading=offloading)
         if cache is not None:
             kwargs.update(compat.cache_kwargs(cache))
-        # The base generate merges the model's generation config into the call's and refuses a cache object next
-        # to a cache_implementation: the model's name must be out of sight while it runs.
-        saved = self.generation_config.cache_implementation, self.generation_config.cache_config
-        self.generation_config.cache_implementation = self.generation_config.cache_config = None
-        try:
-            return super().generate(*args, **kwargs)
-        finally:
-            self.generation_config.cache_implementation, self.generation_config.cache_config = saved
+        return super().generate(*args, **kwargs)
+
+    def _prepare_generation_config(self, generation_config, **kwargs):
+        # The base generate fills the call's config from the model's, layout name included, and then refuses it
+        # beside the cache object `generate` built from that name: clear it on the merged copy (compat item 10).
+        return compat.without_cache_implementation(super()._prepare_generation_config(generation_config, **kwargs))
 
 
 __all__ = ["TensorAttnForCausalLM", "TensorAttnModel", "TensorAttnPreTrainedModel"]

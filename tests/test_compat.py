@@ -279,3 +279,19 @@ def test_rope_parameters_are_filled_by_the_base_config_and_computed_by_transform
         inv_freq, scaling = compat.rope_frequencies(ours)
         assert torch.equal(inv_freq, llama.model.rotary_emb.inv_freq), rope["rope_type"]
         assert scaling == llama.model.rotary_emb.attention_scaling
+
+
+# ---- item 10: the generation config merge ----
+
+
+def test_generate_fills_the_calls_config_from_the_models_layout_name_included(make_model):
+    """Upstream: unset fields of the call's config come from model.generation_config, cache_implementation too (so
+    our override must clear it); ours clears it on the merged copy and leaves the model's config alone."""
+    model = make_model()
+    model.generation_config.cache_implementation = "two_cache"
+    merged, _ = GenerationMixin._prepare_generation_config(model, GenerationConfig(max_new_tokens=2))
+    assert merged.cache_implementation == "two_cache"
+    mask = torch.ones(1, 3, dtype=torch.long)
+    ours, model_kwargs = model._prepare_generation_config(GenerationConfig(max_new_tokens=2), attention_mask=mask)
+    assert ours.cache_implementation is None and ours.max_new_tokens == 2 and model_kwargs == {"attention_mask": mask}
+    assert model.generation_config.cache_implementation == "two_cache"

@@ -293,6 +293,25 @@ def test_generation_config_naming_a_layout_is_saved_restored_and_used(make_model
     assert output_cache(out).cache_implementation == "four_cache"
 
 
+def test_generate_leaves_the_models_generation_config_alone_while_it_runs(make_model, left_padded):
+    """Read at every step of a generate call (as another thread would): the model's layout name stays set."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model = make_model(initializer_range=INIT, layer_types=HYBRID)
+    model.generation_config.cache_implementation = "two_cache"
+    seen = []
+
+    class Record(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen.append(model.generation_config.cache_implementation)
+            return scores
+
+    ids, mask = left_padded([5, 3])[1:]
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                         logits_processor=LogitsProcessorList([Record()]))
+    assert output_cache(out).cache_implementation == "two_cache" and seen == ["two_cache"] * 4
+
+
 # ---- torch.compile ----
 
 
