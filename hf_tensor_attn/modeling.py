@@ -7,7 +7,6 @@ config's `layer_types` say.
 
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
@@ -163,7 +162,7 @@ class PolyTensorAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.feature_dim, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, 2 * self.num_heads * self.feature_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, 2 * inner, bias=config.attention_bias)
-        self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_output_bias)
         self.dropout = nn.Dropout(config.attention_dropout)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
@@ -560,9 +559,6 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
                 f"`cache_implementation` must be one of {available_cache_implementations()}, or 'dynamic' (the "
                 f"config's default layout) or 'offloaded'; got {name!r}"
             )
-        if passed is not None and passed.cache_implementation is not None:
-            kwargs["generation_config"] = passed = copy.deepcopy(passed)
-            passed.cache_implementation = passed.cache_config = None
         use_cache = kwargs.get("use_cache", (passed or self.generation_config).use_cache)
         if cache is None and use_cache is not False:
             cache = TensorAttnCache(self.config, name, cache_config, offloading=offloading)

@@ -115,3 +115,19 @@ def test_values_changed_after_construction_are_checked_when_the_model_is_built()
     config.score_scale = float("inf")
     with pytest.raises(ValueError, match="`score_scale` must be"):
         AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("output_bias", [True, False])
+def test_every_layer_types_output_projection_follows_attention_output_bias(output_bias):
+    """Qwen2-style q/k/v biases without an o bias (or the reverse) hold in tensor, poly and standard layers alike."""
+    from transformers import AutoModelForCausalLM
+
+    layer_types = ["tensor_attention", "poly_tensor_attention", "full_attention"]
+    config = AutoConfig.for_model("tensor_attn", hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                  vocab_size=259, layer_types=layer_types, attention_bias=not output_bias,
+                                  attention_output_bias=output_bias)
+    model = AutoModelForCausalLM.from_config(config)
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        assert (attention.o_proj.bias is not None) == output_bias, type(attention).__name__
+        assert (attention.q_proj.bias is not None) == (not output_bias), type(attention).__name__
