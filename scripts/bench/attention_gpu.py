@@ -135,6 +135,9 @@ def render(folder: Path) -> str:
 
 
 def main(args, argv) -> list[dict]:
+    if args.from_csv:  # measure nothing (and need no GPU): rebuild tables.md from the folder's files
+        print(publish(args.out, render))
+        return read_csv(args.out / f"{NAME}.csv")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--cuda: no CUDA device here (for a smoke run on CPU: TRITON_INTERPRET=1 ... --device cpu)")

@@ -100,7 +100,14 @@ def test_cuda_mode_starts_under_the_triton_interpreter(tmp_path):
         rows = list(csv.DictReader(f))
     assert {(r["what"], r["mode"]) for r in rows} == {("attention", "causal"), ("attention", "window"), ("decode", "")}
     assert all(float(r["fwdbwd_tflops"]) > 0 for r in rows if r["what"] == "attention")
-    assert "Four-cache decode step" in (out / "tables.md").read_text()
+    written = (out / "tables.md").read_text()
+    assert "Four-cache decode step" in written
+    # --from-csv rebuilds the same text from the files alone, here without CUDA and without the interpreter
+    (out / "tables.md").unlink()
+    rebuild = subprocess.run([sys.executable, "-m", "scripts.bench.bench_attention", "--cuda", "--from-csv",
+                              "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rebuild.returncode == 0, rebuild.stderr[-3000:]
+    assert (out / "tables.md").read_text() == written
 
 
 def test_profile_attention_quick_run(tmp_path):
@@ -125,6 +132,6 @@ def test_profile_attention_baseline_runs_the_other_checkouts_package(tmp_path, c
     assert [r["code"] for r in rows] == ["baseline", "current"] * (2 * len(profile_attention.CASES) + 1)
     assert "BASELINE-PACKAGE" in capfd.readouterr().err  # the child's stderr is this process's
     text = (out / "tables.md").read_text()
-    assert "| before (" in text and "| after |" in text
+    assert "| before |" in text and "| after |" in text and "before the change (unknown (not a git checkout))" in text
     with pytest.raises(SystemExit):
         profile_attention.parse_args(["--quick", "--out", str(out), "--baseline", str(tmp_path / "missing")])
