@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import difflib
 import json
-import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -102,14 +101,11 @@ def check_pretrained_source(argument: str, value: str) -> None:
     Without this, a mistyped path reaches the Hub client, which complains about repo id characters."""
     if Path(value).expanduser().is_dir():
         return
-    looks_local = value.startswith(("/", ".", "~")) or os.sep in value.strip(os.sep).replace("/", "", 1)
     try:
-        validate_repo_id(value)
+        validate_repo_id(value)  # refuses what only a path can be: leading / . ~, two slashes, backslashes
     except HFValidationError:
-        looks_local = True
-    if looks_local:
         raise ValueError(f"`{argument}` {value!r} is no existing folder (nor a Hub repo id 'org/name'); give the folder a "
-                         "model was saved to (save_pretrained, or a run's output_dir) or a Hub repo id")
+                         "model was saved to (save_pretrained, or a run's output_dir) or a Hub repo id") from None
 
 
 @dataclass

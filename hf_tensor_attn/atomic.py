@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import re
 import shutil
@@ -49,13 +50,17 @@ def _fsync_dir(folder) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _libc():
+    """The C library, or None; looked up once (on Linux `find_library` runs ldconfig in a subprocess)."""
+    name = ctypes.util.find_library("c")
+    return None if name is None else ctypes.CDLL(name)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap the names a and b; False where the system cannot (not Linux, old kernel, filesystem)."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    if not hasattr(libc, "renameat2"):
+    libc = _libc()
+    if libc is None or not hasattr(libc, "renameat2"):
         return False
     result = libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
     return result == 0

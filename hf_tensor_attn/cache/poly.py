@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.poly import PolyState, check_degree, check_score_bound, num_features, poly_attention_continue
+from ..ops.poly import PolyState, check_degree, check_score_bound, key_mask, num_features, poly_attention_continue
 from .base import TensorAttnCacheLayer, TensorAttnConstants, register_layer_type_cache, register_layout
 
 
@@ -63,12 +63,9 @@ class PolyCacheLayer(TensorAttnCacheLayer):
     def append(self, key_states, value_states, attention_mask) -> None:
         if self.pending is not None:  # appended twice without a read: fold the earlier tokens in, no query
             self._advance(None)
-        T = key_states.shape[2]
-        if attention_mask is None:
-            real = key_states.new_ones(key_states.shape[0], 1, T, 1, dtype=self.state.S1.dtype)
-        else:
-            real = attention_mask[:, -T:].to(device=key_states.device, dtype=self.state.S1.dtype)[:, None, :, None]
-        self.pending = (key_states, value_states, real)
+        B, _, T, _ = key_states.shape
+        mask = None if attention_mask is None else attention_mask[:, -T:]
+        self.pending = (key_states, value_states, key_mask(mask, B, T, self.state.S1.dtype, key_states.device))
 
     def _advance(self, query):
         """Continue the state over the pending tokens; the attention of `query` (None: no query) over them."""

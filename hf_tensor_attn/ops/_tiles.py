@@ -160,10 +160,10 @@ class Masker:
     mask (keys before 0, padding) as a Hankel view of one [B, w - 1 + Tk] vector.
     """
 
-    def __init__(self, w_row, w_col, attention_mask, Tk, dtype, device, floor: float):
+    def __init__(self, w_row, w_col, attention_mask, Tk, device, floor: float):
         self.windows = (w_row, w_col)
         self.floor = floor
-        self.dtype, self.device = dtype, device
+        self.device = device
         self.pad = None  # [B, Tk] bool: padding
         self.padded = None
         if attention_mask is not None:
@@ -221,12 +221,12 @@ class Masker:
         # Every interior block of a windowed pass asks for the same runs: keep the views (building them is most of
         # a small tile's Python time).
         key = (block.t0 - cb.start, block.stop - block.start, cb.stop - cb.start)
-        ready = self.col_cache.get(key)
-        if ready is not None and not self._has_pad(cb.start, cb.stop):
-            return ready
+        padded = self._has_pad(cb.start, cb.stop)
+        if not padded and key in self.col_cache:
+            return self.col_cache[key]
         blocked, runs = self._mask(block, cb, self.windows[1])
         ready = [(lo, hi, blocked[:, None, :, lo:hi].transpose(2, 3)[..., None]) for lo, hi in runs]
-        if not self._has_pad(cb.start, cb.stop):
+        if not padded:
             self.col_cache[key] = ready
         return ready
 

@@ -8,6 +8,7 @@ before `ops.triton_kernels` is first imported); that is how the tests check them
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -23,7 +24,9 @@ def check_backend(backend, name: str = "backend") -> None:
         raise ValueError(f"`{name}` must be None (automatic), 'torch' or 'triton', got {backend!r}")
 
 
+@functools.cache
 def triton_installed() -> bool:
+    # Asked on every op call (every layer, every decode step): find_spec scans sys.path, so ask once per process.
     return importlib.util.find_spec("triton") is not None
 
 

@@ -166,7 +166,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _key_mask(attention_mask, B: int, Tk: int, dtype, device) -> torch.Tensor:
+def key_mask(attention_mask, B: int, Tk: int, dtype, device) -> torch.Tensor:
     """[B, 1, Tk, 1] 1.0 for real keys, 0.0 for padding."""
     if attention_mask is None:
         return torch.ones(B, 1, Tk, 1, dtype=dtype, device=device)
@@ -212,7 +212,7 @@ def naive_poly_tensor_attention(
     Tk = k1.shape[2]
     dtype = q.dtype
     q, k1, k2, v1, v2 = (t.to(_compute_dtype(dtype)) for t in (q, k1, k2, v1, v2))
-    real = _key_mask(attention_mask, B, Tk, q.dtype, q.device)
+    real = key_mask(attention_mask, B, Tk, q.dtype, q.device)
     k1, k2, v1, v2 = drop_padded(real, k1, k2, v1, v2)
     scores = torch.einsum("bhtd,bhad,bhcd->bhtac", q, k1, k2) * scale  # [B, H, Tq, Tk, Tk]
     P = torch.zeros_like(scores)
@@ -346,7 +346,7 @@ def poly_tensor_attention(
     dtype = q.dtype
     q, k1, k2, v1, v2 = (t.to(_compute_dtype(dtype)) for t in (q, k1, k2, v1, v2))
     state = PolyState.zeros(B, H, num_features(Dk, degree), Dk, Dv, dtype=q.dtype, device=q.device)
-    real = _key_mask(attention_mask, B, Tk, q.dtype, q.device)
+    real = key_mask(attention_mask, B, Tk, q.dtype, q.device)
     out, _ = poly_attention_continue(state, q, k1, k2, v1, v2, real, scale=float(scale), degree=degree,
                                      score_bound=score_bound, causal=causal, chunk_size=chunk_size)
     return out.to(dtype)

@@ -190,7 +190,7 @@ def _forward(p: _Problem):
     bound = _score_bounds(q, kr, kc, Tk)  # [BH, Tq]
     checked_blocks = _block_flags(bound - m_all > headroom, blocks)
     clamped_blocks = _block_flags(bound + m_all > -floor, blocks)
-    masker = Masker(w_row, w_col, mask, Tk, dtype, device, floor)
+    masker = Masker(w_row, w_col, mask, Tk, device, floor)
     # Rows (t, a) of the score GEMM are [q_t, -m_t] * [kr_a, 1] = [q_t * kr_a, -m_t]: one multiply writes them whole
     # (writing q_t * kr_a into the first d of d+1 columns is a strided pass, 1.5-2x slower).
     q_aug = torch.cat([q, -m_all[:, :, None]], -1)  # [BH, Tq, d+1]
@@ -278,10 +278,8 @@ def _backward(p: _Problem, out, lse, has_pair, dout):
     # [vc; kc] for (P @ vc, dS @ kc). A column of ones, met by -lse_t and -D_t on the left, makes the first GEMM
     # return S - lse and dP - D directly (one width-65 GEMM costs about what a width-64 one does; the two
     # subtractions would be two passes over the tile).
-    col_stack = torch.ones(3 * BH, Tk, d + 1, dtype=dtype, device=device)  # [3BH, Tk, d+1]
-    for i, t in enumerate((kc, vc, kc)):
-        col_stack[i * BH : (i + 1) * BH, :, :d] = t
-    masker = Masker(w_row, w_col, mask, Tk, dtype, device, floor)
+    col_stack = _with_ones(torch.cat([kc, vc, kc]))  # [3BH, Tk, d+1]
+    masker = Masker(w_row, w_col, mask, Tk, device, floor)
     # [q, -lse] * [kr, 1] and [dO, -D] * [vr, 1] write the rows of `left` whole (see `_forward`)
     q_aug, g_aug = torch.cat([q, -lse[:, :, None]], -1), torch.cat([dout, -delta[:, :, None]], -1)
     kr_rows, vr_rows = _RowStream(_with_ones(kr), w_row), _RowStream(_with_ones(vr), w_row)

@@ -96,11 +96,11 @@ def machine() -> dict[str, object]:
     }
 
 
-def code_version() -> str:
-    """The commit the measured code is at, and whether the package or the scripts differ from it: a table is only
-    reproducible from code someone can check out."""
+def code_version(root: Path = ROOT) -> str:
+    """The commit the measured code (this checkout, or another at `root`) is at, and whether the package or the
+    scripts differ from it: a table is only reproducible from code someone can check out."""
     def git(*args):
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30)
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
 
     try:
         head = git("rev-parse", "HEAD")

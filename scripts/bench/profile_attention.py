@@ -52,8 +52,8 @@ from torch.profiler import ProfilerActivity, profile
 from hf_tensor_attn.ops import four_cache_decode, tensor_attention
 from scripts.bench.bench_attention import allowed_pairs_count
 from scripts.bench.harness import (
-    describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, publish, pyplot, read_csv,
-    read_run_record, render_document, run_record, write_csv, write_run_record,
+    code_version, describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, publish, pyplot,
+    read_csv, read_run_record, render_document, run_record, write_csv, write_run_record,
 )
 
 NAME = "profile_attention"
@@ -150,8 +150,9 @@ def render(folder: Path) -> str:
     rows = read_csv(Path(folder) / f"{NAME}.csv")
     cats = [*CATEGORIES, "other"]
     compared = any(r.get("code") == "baseline" for r in rows)
-    code = (lambda r: [f"before ({record['baseline'][:7]})" if r["code"] == "baseline" else "after"]) if compared else (
-        lambda r: [])
+    def code(r):  # the before/after column, present only in a --baseline run
+        return ["before" if r["code"] == "baseline" else "after"] if compared else []
+
     table = [[r["case"], r["pass"], *code(r), f"{r['ms']:.1f}", f"{r['gflops']:.0f}", f"{r['mm_gflops']:.0f}",
               f"{r['of_mm']:.0%}", *(f"{r['share_' + c]:.0%}" for c in cats)] for r in rows]
     header = ["case", "pass", *(["code"] if compared else []), "ms", "GFLOP/s", "torch.mm GFLOP/s", "of mm",
@@ -159,8 +160,8 @@ def render(folder: Path) -> str:
     sections = [(f"d={record['d']}, B*H={record['heads']}, {record['threads']} threads, fp32; share of self CPU time",
                  markdown_table(header, table, "ll" + "l" * compared + "rrrr" + "r" * len(cats)))]
     if compared:
-        sections[0][1][:0] = [f"Each case ran on the code before the change (commit {record['baseline']}), then on this "
-                              "commit, one after the other.", ""]
+        sections[0][1][:0] = [f"Each case ran on the code before the change ({record['baseline']}), then on this "
+                              f"code ({record['code']}), one after the other.", ""]
     return render_document(record, sections)
 
 
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     record = machine()
     write_csv(args.out / f"{NAME}.csv", rows, record)
     plot(rows, args.out / f"{NAME}.png")
-    baseline = {} if args.baseline is None else {"baseline": _commit(args.baseline)}
+    baseline = {} if args.baseline is None else {"baseline": code_version(args.baseline.resolve())}
     write_run_record(args.out, run_record(f"scripts.bench.{NAME}", argv, TITLE, record,
                                           describe_load(load_before, load_after), d=args.d, heads=args.heads,
                                           threads=args.threads, **baseline))
@@ -252,11 +253,6 @@ class Baseline:
     def close(self) -> None:
         self.child.stdin.close()
         self.child.wait()
-
-
-def _commit(checkout: Path) -> str:
-    head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return head.stdout.strip() if head.returncode == 0 else f"unknown ({checkout} is not a git checkout)"
 
 
 def plot(rows, path):
