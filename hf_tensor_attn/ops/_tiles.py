@@ -160,10 +160,15 @@ class Masker:
     mask (keys before 0, padding) as a Hankel view of one [B, w - 1 + Tk] vector.
     """
 
-    def __init__(self, w_row, w_col, attention_mask, Tk, device, floor: float):
+    def __init__(self, w_row, w_col, attention_mask, Tk, device, floor: float, dtype=torch.float32,
+                 finite_scores: bool = False):
         self.windows = (w_row, w_col)
         self.floor = floor
         self.device = device
+        self.dtype = dtype
+        # Every score of the call is known finite (`tiled._finite_scores`): masked scores may then be set by
+        # arithmetic, s * 0 + floor, which an infinite score would turn into NaN.
+        self.finite_scores = finite_scores
         self.pad = None  # [B, Tk] bool: padding
         self.padded = None
         if attention_mask is not None:
@@ -214,8 +219,9 @@ class Masker:
         blocked, runs = self._mask(block, rb, None) if self.windows[0] is None else self._window_mask(block, rb)
         return [(lo, hi, blocked[:, None, None, :, lo:hi]) for lo, hi in runs]
 
-    def col_runs(self, block: QueryBlock, cb: KeyBlock) -> list[tuple[int, int, torch.Tensor]]:
-        """(lo, hi, mask [B or 1, 1, hi - lo, bq, 1]) for the columns of a column block that need a mask."""
+    def col_runs(self, block: QueryBlock, cb: KeyBlock) -> list[tuple[int, int, torch.Tensor, dict | None]]:
+        """(lo, hi, mask [B or 1, 1, hi - lo, bq, 1], dense) for the columns of a column block that need a mask;
+        dense caches the run's (keep, fill) factors per row-block size for runs that repeat (see `apply`)."""
         if not cb.masked:
             return []
         # Every interior block of a windowed pass asks for the same runs: keep the views (building them is most of
@@ -225,7 +231,8 @@ class Masker:
         if not padded and key in self.col_cache:
             return self.col_cache[key]
         blocked, runs = self._mask(block, cb, self.windows[1])
-        ready = [(lo, hi, blocked[:, None, :, lo:hi].transpose(2, 3)[..., None]) for lo, hi in runs]
+        dense = lambda: {} if self.finite_scores and not padded else None  # noqa: E731
+        ready = [(lo, hi, blocked[:, None, :, lo:hi].transpose(2, 3)[..., None], dense()) for lo, hi in runs]
         if not padded:
             self.col_cache[key] = ready
         return ready
@@ -236,9 +243,20 @@ class Masker:
 
         Tiles are stored column-major (a column key's scores for every (query, row key) are contiguous) so that the
         column runs, the ones every windowed tile has, are whole contiguous rows of the tile: as [.., bq, ba, bc]
-        slices they were strided passes with a short inner loop, several times slower per element."""
-        for lo, hi, blocked in col_runs:
-            scores5[:, :, lo:hi].masked_fill_(blocked, self.floor)
+        slices they were strided passes with a short inner loop, several times slower per element. A run that
+        repeats from tile to tile is set as fill + s * keep with dense [bc, bq, ba] factors built once: masked_fill_
+        with a mask broadcast over the row keys ran at about a third of that speed (37-43 us against 15 us for a
+        15-column run of a 4-head, 512-row tile)."""
+        for lo, hi, blocked, dense in col_runs:
+            region = scores5[:, :, lo:hi]
+            if dense is None:
+                region.masked_fill_(blocked, self.floor)
+                continue
+            factors = dense.get(region.shape[-1])
+            if factors is None:
+                full = blocked.expand(*blocked.shape[:-1], region.shape[-1])
+                factors = dense[region.shape[-1]] = ((~full).to(self.dtype), full.to(self.dtype) * self.floor)
+            torch.addcmul(factors[1], region, factors[0], out=region)
         for lo, hi, blocked in row_runs:
             scores5[..., lo:hi].masked_fill_(blocked, self.floor)
 

@@ -142,14 +142,18 @@ def _reference_scores(q, kr, kc, w_row, w_col, mask, B, H):
     return m, has_pair.repeat_interleave(H, dim=0)
 
 
-def _score_bounds(q, kr, kc, Tk: int) -> torch.Tensor:
-    """[BH, Tq] bound on |s_t(a, b)| over every key pair a, b <= t: by Cauchy-Schwarz twice,
-    |<q_t * kr_a, kc_b>| <= ||q_t * kr_a||_2 ||kc_b||_2 <= ||q_t||_4 ||kr_a||_4 ||kc_b||_2, with running maxima
-    over the keys. Later keys only enter tiles of query t masked (-inf, then clamped), so they need no bound."""
+def _score_bounds(q, kr, kc, Tk: int) -> tuple[torch.Tensor, bool]:
+    """([BH, Tq] bound on |s_t(a, b)| over every key pair a, b <= t, whether every score of the call is finite).
+
+    By Cauchy-Schwarz twice, |<q_t * kr_a, kc_b>| <= ||q_t * kr_a||_2 ||kc_b||_2 <= ||q_t||_4 ||kr_a||_4 ||kc_b||_2,
+    with running maxima over the keys. Later keys only enter tiles of query t masked, so the per-query bound skips
+    them; the flag bounds them too (maxima over all keys), leaving room for the reference score or log-sum-exp of
+    the same size that the tiles subtract. Partial sums of the GEMMs obey the same bound."""
     Tq = q.shape[1]
-    kr_max = _norm4(kr).cummax(1).values[:, Tk - Tq :]  # [BH, Tq]
-    kc_max = torch.linalg.vector_norm(kc, ord=2, dim=-1).cummax(1).values[:, Tk - Tq :]
-    return _norm4(q) * kr_max * kc_max
+    q4, kr4, kc2 = _norm4(q), _norm4(kr), torch.linalg.vector_norm(kc, ord=2, dim=-1)
+    bound = q4 * kr4.cummax(1).values[:, Tk - Tq :] * kc2.cummax(1).values[:, Tk - Tq :]
+    overall = float(q4.amax() * kr4.amax() * kc2.amax()) if bound.numel() else 0.0
+    return bound, overall < torch.finfo(q.dtype).max / 4  # False for inf and NaN too
 
 
 def _norm4(x: torch.Tensor) -> torch.Tensor:
@@ -187,10 +191,10 @@ def _forward(p: _Problem):
     l_all = torch.zeros(BH, Tq, dtype=dtype, device=device)  # sum_ab exp(s - m_t)
     num = torch.zeros(BH, Tq, d, dtype=dtype, device=device)  # sum_ab exp(s - m_t) v1_a * v2_b
     blocks = plan(Tq, Tk, w_row, w_col, mask, sizes)
-    bound = _score_bounds(q, kr, kc, Tk)  # [BH, Tq]
+    bound, finite_scores = _score_bounds(q, kr, kc, Tk)  # [BH, Tq], bool
     checked_blocks = _block_flags(bound - m_all > headroom, blocks)
     clamped_blocks = _block_flags(bound + m_all > -floor, blocks)
-    masker = Masker(w_row, w_col, mask, Tk, device, floor)
+    masker = Masker(w_row, w_col, mask, Tk, device, floor, dtype, finite_scores)
     # Rows (t, a) of the score GEMM are [q_t, -m_t] * [kr_a, 1] = [q_t * kr_a, -m_t]: one multiply writes them whole
     # (writing q_t * kr_a into the first d of d+1 columns is a strided pass, 1.5-2x slower).
     q_aug = torch.cat([q, -m_all[:, :, None]], -1)  # [BH, Tq, d+1]
@@ -273,13 +277,14 @@ def _backward(p: _Problem, out, lse, has_pair, dout):
     delta = (dout * out).sum(-1)  # [BH, Tq]: D_t = sum_ab P dP = <dO_t, o_t>
     blocks = plan(Tq, Tk, w_row, w_col, mask, sizes)
     # s - lse >= -bound - lse: clamp only blocks where that may fall under the floor
-    clamped_blocks = _block_flags(_score_bounds(q, kr, kc, Tk) + lse > -floor, blocks)
+    bound, finite_scores = _score_bounds(q, kr, kc, Tk)
+    clamped_blocks = _block_flags(bound + lse > -floor, blocks)
     # One batched GEMM gives two products when the column stream is stacked: [kc; vc] for (scores, dP) and
     # [vc; kc] for (P @ vc, dS @ kc). A column of ones, met by -lse_t and -D_t on the left, makes the first GEMM
     # return S - lse and dP - D directly (one width-65 GEMM costs about what a width-64 one does; the two
     # subtractions would be two passes over the tile).
     col_stack = _with_ones(torch.cat([kc, vc, kc]))  # [3BH, Tk, d+1]
-    masker = Masker(w_row, w_col, mask, Tk, device, floor)
+    masker = Masker(w_row, w_col, mask, Tk, device, floor, dtype, finite_scores)
     # [q, -lse] * [kr, 1] and [dO, -D] * [vr, 1] write the rows of `left` whole (see `_forward`)
     q_aug, g_aug = torch.cat([q, -lse[:, :, None]], -1), torch.cat([dout, -delta[:, :, None]], -1)
     kr_rows, vr_rows = _RowStream(_with_ones(kr), w_row), _RowStream(_with_ones(vr), w_row)
