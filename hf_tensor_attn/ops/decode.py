@@ -55,8 +55,8 @@ def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_m
     Same signature and result as `naive_tensor_attention` with Tq = 1. Differentiable when an input needs grad
     (grouped key/value heads are then repeated for their query heads); otherwise (decoding) it works in place in a
     reused scratch buffer, and the G query heads of a key/value group become G * rows rows of one GEMM against
-    that head's K2 and V2, which are never repeated. `backend` as in `tensor_attention`; the Triton decode kernel
-    has no backward, so a step that needs gradients always runs here.
+    that head's K2 and V2, which are never repeated (the Triton kernel reads them in place too). `backend` as in
+    `tensor_attention`; the Triton decode kernel has no backward, so a step that needs gradients always runs here.
     """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
     if q.shape[2] != 1:
@@ -67,9 +67,9 @@ def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_m
     if not needs_grad and use_triton(backend, q):
         from . import triton_kernels  # imported on first use: triton is an optional dependency
 
-        # The kernel takes one key/value head per query head: grouped heads are repeated for it.
-        repeated = (repeat_kv(t, H // H_kv) for t in (k1, k2, v1, v2))
-        out = triton_kernels.four_cache_decode(q, *repeated, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
+        # grouped key/value heads are read in place by the kernel (query head h uses head h // (H / H_kv))
+        out = triton_kernels.four_cache_decode(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2,
+                                               attention_mask=attention_mask)
         # A NaN or infinity anywhere in the kernel's tiles spreads (0 * NaN): such a step runs again below, where
         # padded positions never contribute and a value spoils only its own component (#15).
         if torch.compiler.is_compiling() or all_finite(out):

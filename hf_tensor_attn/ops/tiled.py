@@ -450,16 +450,15 @@ def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_ma
     Computes in float64 for float64 inputs and in float32 otherwise (bf16/fp16 inputs are upcast once, all
     accumulation is fp32); returns q's dtype. Peak extra memory is O(tile + T*d).
 
-    Grouped key/value heads ([B, H_kv, Tk, D]) are repeated for their query heads before the tiled passes, an
-    O(H * Tk * D) copy per call (the tiles are batched per query head); autograd sums their gradients back.
+    Grouped key/value heads ([B, H_kv, Tk, D]): the Triton kernels read them in place; the tiled passes repeat them
+    for their query heads, an O(H * Tk * D) copy per call (the tiles are batched per query head), and autograd sums
+    their gradients back.
     `backend`: None runs the Triton kernels on CUDA tensors when triton is installed and this tiled torch path
     otherwise; "torch" or "triton" force one (see `ops.backend`).
     """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
     if attention_mask is not None:
         attention_mask = attention_mask.to(q.device)
-    groups = q.shape[1] // k1.shape[1]
-    k1, k2, v1, v2 = (repeat_kv(t, groups) for t in (k1, k2, v1, v2))
     if use_triton(backend, q):
         from . import triton_kernels  # imported on first use: triton is an optional dependency
 
@@ -470,5 +469,7 @@ def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_ma
         # makes non-finite (#15). A compiled graph keeps the kernel's result: the check would be a graph break.
         if torch.compiler.is_compiling() or all_finite(out):
             return out
+    groups = q.shape[1] // k1.shape[1]
+    k1, k2, v1, v2 = (repeat_kv(t, groups) for t in (k1, k2, v1, v2))
     out, _, _ = _forward_op(q, k1, k2, v1, v2, float(scale), w1, w2, attention_mask)
     return out.view(q.shape).to(q.dtype)

@@ -15,6 +15,9 @@ blocks of row keys those queries use; because the maths is symmetric in the two 
 the same kernel with the streams (and windows) swapped gives the row stream's gradients. No atomics: the
 gradients are deterministic.
 
+Grouped key/value heads (H_kv < H) are read in place: query head h uses key/value head h // (H / H_kv), so nothing
+is repeated per call; the column stream's gradients are written per query head and summed over each group.
+
 Decode: one program per (block of rows a, batch*head) computes an online softmax over all its pairs (a, b) and a
 partial output; the partials of a head are merged by their maxima afterwards (split-K, as in flash decoding).
 
@@ -68,7 +71,7 @@ def _pair_rows(x, rows_a, BLOCK_Q: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D:
 def _forward_kernel(
     Q, K1, K2, V1, V2, MASK, O, LSE,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
-    H, Tq, Tk, W1, W2, qk_scale,
+    H, GROUPS, Tq, Tk, W1, W2, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
 ):
@@ -81,7 +84,7 @@ def _forward_kernel(
     t = offs_q + offset  # [BQ] absolute positions
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
-    kbase = b_idx * sk_b + h_idx * sk_h
+    kbase = b_idx * sk_b + (h_idx // GROUPS) * sk_h  # a group of GROUPS query heads shares a key/value head
     mask_ptr = MASK + b_idx * Tk
     dtype = K2.dtype.element_ty
     q = _load_rows(Q + b_idx * sq_b + h_idx * sq_h, offs_q, q_valid, offs_d, d_valid, sq_t) * qk_scale  # [BQ, BD]
@@ -128,7 +131,7 @@ def _forward_kernel(
 def _backward_dq_kernel(
     Q, K1, K2, V1, V2, MASK, DO, LSE, DELTA, DQ,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
-    H, Tq, Tk, W1, W2, qk_scale,
+    H, GROUPS, Tq, Tk, W1, W2, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
 ):
@@ -142,7 +145,7 @@ def _backward_dq_kernel(
     t = offs_q + offset
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
-    kbase = b_idx * sk_b + h_idx * sk_h
+    kbase = b_idx * sk_b + (h_idx // GROUPS) * sk_h  # a group of GROUPS query heads shares a key/value head
     mask_ptr = MASK + b_idx * Tk
     dtype = K2.dtype.element_ty
     q = _load_rows(Q + b_idx * sq_b + h_idx * sq_h, offs_q, q_valid, offs_d, d_valid, sq_t) * qk_scale
@@ -182,7 +185,7 @@ def _backward_dq_kernel(
 def _backward_col_kernel(
     Q, KR, KC, VR, VC, MASK, DO, LSE, DELTA, DKC, DVC,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
-    H, Tq, Tk, W_ROW, W_COL, qk_scale,
+    H, GROUPS, Tq, Tk, W_ROW, W_COL, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
 ):
@@ -196,7 +199,7 @@ def _backward_col_kernel(
     b_valid = offs_b < Tk
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
-    kbase = b_idx * sk_b + h_idx * sk_h
+    kbase = b_idx * sk_b + (h_idx // GROUPS) * sk_h  # a group of GROUPS query heads shares a key/value head
     mask_ptr = MASK + b_idx * Tk
     dtype = KC.dtype.element_ty
     kc = _load_rows(KC + kbase, offs_b, b_valid, offs_d, d_valid, sk_t).to(dtype).to(DOT)  # [BB, BD]
@@ -248,7 +251,7 @@ def _backward_col_kernel(
 def _decode_kernel(
     Q, K1, K2, V1, V2, MASK, M_OUT, L_OUT, ACC_OUT,
     sq_b, sq_h, sk_b, sk_h, sk_t,
-    H, Tk, N1, N2, qk_scale, n_splits,
+    H, GROUPS, Tk, N1, N2, qk_scale, n_splits,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
 ):
@@ -258,7 +261,7 @@ def _decode_kernel(
     b_idx, h_idx = pid_bh // H, pid_bh % H
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
-    kbase = b_idx * sk_b + h_idx * sk_h
+    kbase = b_idx * sk_b + (h_idx // GROUPS) * sk_h  # a group of GROUPS query heads shares a key/value head
     mask_ptr = MASK + b_idx * Tk
     dtype = K2.dtype.element_ty
     q = tl.load(Q + b_idx * sq_b + h_idx * sq_h + offs_d, mask=d_valid, other=0.0).to(tl.float32) * qk_scale
@@ -337,9 +340,10 @@ def _launch_constants(q):
 
 
 def forward(q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
-    """(out [B, H, Tq, D] in q's dtype, lse [B*H, Tq] fp32 in base 2)."""
+    """(out [B, H, Tq, D] in q's dtype, lse [B*H, Tq] fp32 in base 2); k1, k2, v1, v2 may have H_kv heads."""
     B, H, Tq, D = q.shape
     Tk = k1.shape[2]
+    groups = H // k1.shape[1]
     q = _rows_last_dim(q)
     k1, k2, v1, v2, sk = _key_strides(k1, k2, v1, v2)
     mask, has_mask = _mask_arg(attention_mask, q)
@@ -349,16 +353,17 @@ def forward(q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
     _forward_kernel[grid](
         q, k1, k2, v1, v2, mask, out, lse,
         q.stride(0), q.stride(1), q.stride(2), *sk,
-        H, Tq, Tk, _window(w1, Tk), _window(w2, Tk), scale * LOG2E,
+        H, groups, Tq, Tk, _window(w1, Tk), _window(w2, Tk), scale * LOG2E,
         BLOCK_Q=BLOCK_Q, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_KEYS, HAS_MASK=has_mask, **_launch_constants(q),
     )
     return out, lse
 
 
 def backward(dout, q, k1, k2, v1, v2, out, lse, scale, w1, w2, attention_mask):
-    """Gradients (dq, dk1, dk2, dv1, dv2), each [B, H, T, D] in its input's dtype."""
+    """Gradients (dq, dk1, dk2, dv1, dv2), each shaped and typed like its input (k, v: [B, H_kv, Tk, D])."""
     B, H, Tq, D = q.shape
-    Tk = k1.shape[2]
+    H_kv, Tk = k1.shape[1], k1.shape[2]
+    groups = H // H_kv
     q = _rows_last_dim(q)
     k1, k2, v1, v2, sk = _key_strides(k1, k2, v1, v2)
     mask, has_mask = _mask_arg(attention_mask, q)
@@ -369,7 +374,7 @@ def backward(dout, q, k1, k2, v1, v2, out, lse, scale, w1, w2, attention_mask):
     strides = (q.stride(0), q.stride(1), q.stride(2), *sk)
     dq = torch.empty(B * H, Tq, D, dtype=torch.float32, device=q.device)
     _backward_dq_kernel[(triton.cdiv(Tq, BLOCK_Q), B * H)](
-        q, k1, k2, v1, v2, mask, do, lse, delta, dq, *strides, H, Tq, Tk, w1, w2, scale * LOG2E, **common
+        q, k1, k2, v1, v2, mask, do, lse, delta, dq, *strides, H, groups, Tq, Tk, w1, w2, scale * LOG2E, **common
     )
     grads = {}
     # the column-stream kernel, once with k2/v2 as the column stream and once with the streams swapped
@@ -377,14 +382,15 @@ def backward(dout, q, k1, k2, v1, v2, out, lse, scale, w1, w2, attention_mask):
         dk = torch.empty(B * H, Tk, D, dtype=torch.float32, device=q.device)
         dv = torch.empty_like(dk)
         _backward_col_kernel[(triton.cdiv(Tk, BLOCK_KEYS), B * H)](
-            q, kr, kc, vr, vc, mask, do, lse, delta, dk, dv, *strides, H, Tq, Tk, w_row, w_col, scale * LOG2E,
+            q, kr, kc, vr, vc, mask, do, lse, delta, dk, dv, *strides, H, groups, Tq, Tk, w_row, w_col, scale * LOG2E,
             **common,
         )
         grads[name] = (dk, dv)
-    shaped = lambda g, T, like: g.view(B, H, T, D).to(like.dtype)  # noqa: E731
+    # per query head: a group's key/value head gets the sum of its query heads' contributions
+    grouped = lambda g, like: g.view(B, H_kv, groups, Tk, D).sum(2).to(like.dtype)  # noqa: E731
     (dk1, dv1), (dk2, dv2) = grads[1], grads[2]
-    return (shaped(dq * scale, Tq, q), shaped(dk1, Tk, k1), shaped(dk2, Tk, k2), shaped(dv1, Tk, v1),
-            shaped(dv2, Tk, v2))
+    return (dq.view(B, H, Tq, D).mul_(scale).to(q.dtype), grouped(dk1, k1), grouped(dk2, k2), grouped(dv1, v1),
+            grouped(dv2, v2))
 
 
 class TritonTensorAttention(torch.autograd.Function):
@@ -408,9 +414,9 @@ def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_ma
 
 
 def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
-    """One decode position q [B, H, 1, D] over the cached [B, H, Tk, D] streams (no autograd)."""
+    """One decode position q [B, H, 1, D] over the cached [B, H_kv, Tk, D] streams (no autograd)."""
     B, H, _, D = q.shape
-    Tk = k1.shape[2]
+    groups, Tk = H // k1.shape[1], k1.shape[2]
     n1 = Tk if w1 is None else min(w1, Tk)
     n2 = Tk if w2 is None else min(w2, Tk)
     q = _rows_last_dim(q)
@@ -421,7 +427,7 @@ def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_m
     l = torch.empty_like(m)
     acc = torch.empty(B * H, splits, D, dtype=torch.float32, device=q.device)
     _decode_kernel[(splits, B * H)](
-        q, k1, k2, v1, v2, mask, m, l, acc, q.stride(0), q.stride(1), *sk, H, Tk, n1, n2, scale * LOG2E, splits,
+        q, k1, k2, v1, v2, mask, m, l, acc, q.stride(0), q.stride(1), *sk, H, groups, Tk, n1, n2, scale * LOG2E, splits,
         BLOCK_A=BLOCK_DECODE_ROWS, BLOCK_B=BLOCK_DECODE_COLS, HAS_MASK=has_mask, **_launch_constants(q),
     )
     # Merge the blocks by their maxima; a head with no allowed pair anywhere has l = 0 and gets 0.

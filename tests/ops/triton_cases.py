@@ -8,17 +8,20 @@ kernels.
 
 The interpreter executes every tile operation in numpy (tens of ms each), so the cases cover each condition once
 rather than their cross product: causal, windows w1 = w2 = 1, windows >= T, left padding (including queries with
-no allowed pair), Tq < Tk, T in {1, 17, 70}, D in {16, 64}, bf16 and fp32; and NaN containment on a few cases.
+no allowed pair), Tq < Tk, T in {1, 17, 70}, D in {16, 64}, bf16 and fp32, grouped key/value heads (H given as
+(H, H_kv)); and NaN containment on a few cases.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
+from unittest import mock
 
 import torch
 
-# (B, H, Tq, Tk, D, w1, w2, left pads per row or None, dtype)
+# (B, H or (H, H_kv), Tq, Tk, D, w1, w2, left pads per row or None, dtype)
 ATTENTION_CASES = {
     "causal-T17-D16": (1, 2, 17, 17, 16, None, None, None, torch.float32),
     "windows-1x1": (1, 1, 17, 17, 16, 1, 1, None, torch.float32),
@@ -28,9 +31,10 @@ ATTENTION_CASES = {
     "Tq1-Tk70-causal-padding": (2, 1, 1, 70, 16, None, None, (7, 0), torch.float32),
     "T1-D64": (1, 2, 1, 1, 64, None, None, None, torch.float32),
     "bf16-causal-D64": (1, 1, 17, 17, 64, None, 4, None, torch.bfloat16),
+    "grouped-H4-Hkv2-windows-padding": (2, (4, 2), 17, 20, 16, 5, 3, (4, 0), torch.float32),
 }
 
-# (B, H, Tk, D, w1, w2, left pads or None, dtype)
+# (B, H or (H, H_kv), Tk, D, w1, w2, left pads or None, dtype)
 DECODE_CASES = {
     "Tk1": (1, 2, 1, 16, None, None, None, torch.float32),
     "Tk17-windows-padding": (2, 2, 17, 16, 5, 3, (3, 0), torch.float32),
@@ -38,6 +42,7 @@ DECODE_CASES = {
     "Tk70-windows-1x1": (1, 1, 70, 16, 1, 1, None, torch.float32),
     "all-padding": (1, 1, 17, 16, 4, None, (17,), torch.float32),
     "bf16-windows>=T": (1, 2, 70, 64, 80, 70, None, torch.bfloat16),
+    "grouped-H4-Hkv1-window-padding": (2, (4, 1), 17, 16, None, 4, (3, 0), torch.float32),
 }
 
 
@@ -58,14 +63,38 @@ def left_pad_mask(B, Tk, pads):
     return mask
 
 
+def query_heads(heads) -> int:
+    return heads if isinstance(heads, int) else heads[0]
+
+
+def grouped(inputs, heads):
+    """The inputs with k1, k2, v1, v2 cut to their first H_kv heads when heads is (H, H_kv)."""
+    if isinstance(heads, int):
+        return inputs
+    q, *streams = inputs
+    return [q, *(t[:, : heads[1]].contiguous() for t in streams)]
+
+
+def in_place_heads(heads):
+    """With grouped heads, a context in which repeating them (`repeat_kv`) fails: the kernels read them in place."""
+    if isinstance(heads, int):
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for module in ("hf_tensor_attn.ops.tiled", "hf_tensor_attn.ops.decode"):
+        stack.enter_context(mock.patch(f"{module}.repeat_kv", side_effect=AssertionError("repeated for the kernel")))
+    return stack
+
+
 def _attention(case):
     from hf_tensor_attn.ops import naive_tensor_attention, tensor_attention
     from tests.ops.test_tiled import make_inputs, outputs_and_grads
 
-    B, H, Tq, Tk, D, w1, w2, pads, dtype = ATTENTION_CASES[case]
-    inputs, dout = make_inputs(B, H, Tq, Tk, D, dtype, seed=len(case))
+    B, heads, Tq, Tk, D, w1, w2, pads, dtype = ATTENTION_CASES[case]
+    inputs, dout = make_inputs(B, query_heads(heads), Tq, Tk, D, dtype, seed=len(case))
+    inputs = grouped(inputs, heads)
     kw = dict(scale=D**-0.5, w1=w1, w2=w2, attention_mask=None if pads is None else left_pad_mask(B, Tk, pads))
-    actual = outputs_and_grads(tensor_attention, inputs, dout, backend="triton", **kw)
+    with in_place_heads(heads):
+        actual = outputs_and_grads(tensor_attention, inputs, dout, backend="triton", **kw)
     return actual, outputs_and_grads(naive_tensor_attention, inputs, dout, **kw)
 
 
@@ -73,10 +102,11 @@ def _decode(case):
     from hf_tensor_attn.ops import four_cache_decode, naive_tensor_attention, triton_kernels
     from tests.ops.test_tiled import make_inputs
 
-    B, H, Tk, D, w1, w2, pads, dtype = DECODE_CASES[case]
-    (q, k1, k2, v1, v2), _ = make_inputs(B, H, 1, Tk, D, dtype, seed=len(case))
+    B, heads, Tk, D, w1, w2, pads, dtype = DECODE_CASES[case]
+    inputs, _ = make_inputs(B, query_heads(heads), 1, Tk, D, dtype, seed=len(case))
+    q, k1, k2, v1, v2 = grouped(inputs, heads)
     kw = dict(scale=D**-0.5, w1=w1, w2=w2, attention_mask=None if pads is None else left_pad_mask(B, Tk, pads))
-    with torch.no_grad():
+    with torch.no_grad(), in_place_heads(heads):
         dispatched = four_cache_decode(q, k1, k2, v1, v2, backend="triton", **kw)
         direct = triton_kernels.four_cache_decode(q, k1, k2, v1, v2, **kw)
     return [dispatched, direct], [naive_tensor_attention(q, k1, k2, v1, v2, **kw)]
