@@ -160,14 +160,14 @@ class Masker:
     mask (keys before 0, padding) as a Hankel view of one [B, w - 1 + Tk] vector.
     """
 
-    def __init__(self, w_row, w_col, attention_mask, Tk, device, floor: float, dtype=torch.float32,
-                 finite_scores: bool = False):
+    def __init__(self, w_row, w_col, attention_mask, Tk, device, floor: float, dtype: torch.dtype,
+                 finite_scores: bool):
         self.windows = (w_row, w_col)
         self.floor = floor
         self.device = device
         self.dtype = dtype
-        # Every score of the call is known finite (`tiled._finite_scores`): masked scores may then be set by
-        # arithmetic, s * 0 + floor, which an infinite score would turn into NaN.
+        # Every score of the call is known finite (the bound of `tiled._score_bounds`): masked scores may then be
+        # set by arithmetic, s * 0 + floor, which an infinite score would turn into NaN.
         self.finite_scores = finite_scores
         self.pad = None  # [B, Tk] bool: padding
         self.padded = None
@@ -231,8 +231,9 @@ class Masker:
         if not padded and key in self.col_cache:
             return self.col_cache[key]
         blocked, runs = self._mask(block, cb, self.windows[1])
-        dense = lambda: {} if self.finite_scores and not padded else None  # noqa: E731
-        ready = [(lo, hi, blocked[:, None, :, lo:hi].transpose(2, 3)[..., None], dense()) for lo, hi in runs]
+        repeats = self.finite_scores and not padded
+        ready = [(lo, hi, blocked[:, None, :, lo:hi].transpose(2, 3)[..., None], {} if repeats else None)
+                 for lo, hi in runs]
         if not padded:
             self.col_cache[key] = ready
         return ready
@@ -244,7 +245,7 @@ class Masker:
         Tiles are stored column-major (a column key's scores for every (query, row key) are contiguous) so that the
         column runs, the ones every windowed tile has, are whole contiguous rows of the tile: as [.., bq, ba, bc]
         slices they were strided passes with a short inner loop, several times slower per element. A run that
-        repeats from tile to tile is set as fill + s * keep with dense [bc, bq, ba] factors built once: masked_fill_
+        repeats from tile to tile is set as fill + s * keep with dense [1, 1, hi - lo, bq, ba] factors built once: masked_fill_
         with a mask broadcast over the row keys ran at about a third of that speed (37-43 us against 15 us for a
         15-column run of a 4-head, 512-row tile)."""
         for lo, hi, blocked, dense in col_runs:
