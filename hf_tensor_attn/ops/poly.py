@@ -121,9 +121,10 @@ def num_features(d: int, degree: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _monomials(d: int, degree: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _monomials(d: int, degree: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per degree j >= 1, over the monomials of degree j in lexicographic order: the index of its parent (itself
-    divided by its last variable) among degree j - 1 monomials, that last variable, and j! / alpha! (float64)."""
+    divided by its last variable) among degree j - 1 monomials, that last variable, and j! / alpha! (float64).
+    Kept per device: a decode step on CUDA would otherwise copy them host to device at every call."""
     levels = []
     previous = {(): 0}
     for j in range(1, degree + 1):
@@ -134,7 +135,8 @@ def _monomials(d: int, degree: int) -> list[tuple[torch.Tensor, torch.Tensor, to
             variables.append(combo[-1])
             counts = np.bincount(combo, minlength=d)
             weights.append(math.factorial(j) / math.prod(math.factorial(int(c)) for c in counts))
-        levels.append((torch.tensor(parents), torch.tensor(variables), torch.tensor(weights, dtype=torch.float64)))
+        levels.append(tuple(torch.tensor(x, dtype=dtype, device=device) for x, dtype in
+                            ((parents, torch.int64), (variables, torch.int64), (weights, torch.float64))))
         previous = current
     return levels
 
@@ -142,8 +144,8 @@ def _monomials(d: int, degree: int) -> list[tuple[torch.Tensor, torch.Tensor, to
 def monomial_features(x: torch.Tensor, degree: int) -> list[torch.Tensor]:
     """x [..., d] -> per degree j = 0..g the monomials x^alpha, |alpha| = j: [..., C(d + j - 1, j)] each."""
     features = [torch.ones_like(x[..., :1])]
-    for parent, var, _ in _monomials(x.shape[-1], degree):
-        features.append(features[-1][..., parent.to(x.device)] * x[..., var.to(x.device)])
+    for parent, var, _ in _monomials(x.shape[-1], degree, x.device):
+        features.append(features[-1][..., parent] * x[..., var])
     return features
 
 
@@ -152,7 +154,7 @@ def query_features(q: torch.Tensor, *, scale: float, degree: int, score_bound) -
     coefficients = polynomial_coefficients(degree, score_bound)
     levels = monomial_features(q, degree)
     weighted = [levels[0] * coefficients[0]]
-    for j, (level, (_, _, weights)) in enumerate(zip(levels[1:], _monomials(q.shape[-1], degree)), start=1):
+    for j, (level, (_, _, weights)) in enumerate(zip(levels[1:], _monomials(q.shape[-1], degree, q.device)), start=1):
         weighted.append(level * (weights * (coefficients[j] * scale**j)).to(q))
     return torch.cat(weighted, dim=-1)
 
