@@ -76,15 +76,11 @@ class PolyCacheLayer(TensorAttnCacheLayer):
         q = k1[:, :, :0] if query is None else query.to(dtype)
         B, H_kv = k1.shape[:2]
         groups = q.shape[1] // H_kv  # grouped key/value heads: each state head serves `groups` query heads
-        q = q.view(B, H_kv, groups, *q.shape[2:])
-        outs = []
-        for g in range(groups):  # the same state and tokens for each group member: the new state is the same too
-            out, state = poly_attention_continue(self.state, q[:, :, g], k1, k2, v1, v2, real,
-                                                 scale=self.constants.scale, degree=self.degree,
-                                                 score_bound=self.score_bound)
-            outs.append(out)
-        self.state, self.pending = state, None
-        return torch.stack(outs, 2).flatten(1, 2)  # [B, H, Tq, Dv]
+        out, self.state = poly_attention_continue(self.state, q.view(B, H_kv, groups, *q.shape[2:]), k1, k2, v1, v2,
+                                                  real, scale=self.constants.scale, degree=self.degree,
+                                                  score_bound=self.score_bound)
+        self.pending = None
+        return out.flatten(1, 2)  # [B, H, Tq, Dv]
 
     def read(self, query, attention_mask):
         if self.pending is None:

@@ -273,10 +273,11 @@ def _accumulate(state: PolyState, k1, k2, v1, v2, real, degree: int) -> PolyStat
 
 
 def _query_chunk(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, degree: int, score_bound):
-    """Causal outputs of C positions that are all queries, continuing `state`; returns (out [B, H, C, Dv], state).
+    """Causal outputs of C positions that are all queries, continuing `state`; q is [B, H, G, C, Dk] (G query heads
+    per key/value head); returns (out [B, H, G, C, Dv], state).
 
-    The prefix sums are [B, H, C, r, Dv]: the O(chunk r d) memory of the recurrence."""
-    uq = query_features(q, scale=scale, degree=degree, score_bound=score_bound)  # [B, H, C, r]
+    The prefix sums are [B, H, C, r, Dv]: the O(chunk r d) memory of the recurrence, shared by the G query heads."""
+    uq = query_features(q, scale=scale, degree=degree, score_bound=score_bound)  # [B, H, G, C, r]
     f1, f2 = key_features(k1, degree) * real, key_features(k2, degree) * real
     s1 = state.S1[:, :, None] + torch.cumsum(f1[..., None] * v1[:, :, :, None, :], dim=2)  # [B, H, C, r, Dv]
     s2 = state.S2[:, :, None] + torch.cumsum(f2[..., None] * v2[:, :, :, None, :], dim=2)
@@ -285,8 +286,8 @@ def _query_chunk(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, deg
     m1 = torch.maximum(state.M1[:, :, None], torch.cummax(k1.abs() * real, dim=2).values)  # [B, H, C, Dk]
     m2 = torch.maximum(state.M2[:, :, None], torch.cummax(k2.abs() * real, dim=2).values)
     n = state.N[:, :, None] + torch.cumsum(real[..., 0], dim=2)  # [B, 1, C]
-    out = _normalise(torch.einsum("bhcm,bhcmd->bhcd", uq, s1 * s2), (uq * z1 * z2).sum(-1),
-                     _floor(q, m1, m2, n, scale))
+    out = _normalise(torch.einsum("bhgcm,bhcmd->bhgcd", uq, s1 * s2), (uq * (z1 * z2)[:, :, None]).sum(-1),
+                     _floor(q, m1[:, :, None], m2[:, :, None], n[:, :, None], scale))
     return out, PolyState(s1[:, :, -1], s2[:, :, -1], z1[:, :, -1], z2[:, :, -1], m1[:, :, -1], m2[:, :, -1], n[:, :, -1])
 
 
@@ -295,9 +296,12 @@ def poly_attention_continue(state: PolyState, q, k1, k2, v1, v2, real, *, scale:
     """Attention of q (the last Tq of the Tk new positions) continuing `state`: (out [B, H, Tq, Dv], new state).
 
     Inputs already checked and in the compute dtype; `real` is the [B, 1, Tk, 1] key mask. The op runs it from
-    an empty state; the `poly` cache layer from the state it holds."""
+    an empty state; the `poly` cache layer from the state it holds. q may also be [B, H, G, Tq, Dk], G query heads
+    per key/value head (out [B, H, G, Tq, Dv]): the state and its prefix sums are then computed once per group."""
+    grouped = q.dim() == 5
+    q = q if grouped else q[:, :, None]  # [B, H, G, Tq, Dk]
     k1, k2, v1, v2 = drop_padded(real, k1, k2, v1, v2)
-    Tq, Tk, Dk, Dv = q.shape[2], k1.shape[2], q.shape[3], v1.shape[3]
+    Tq, Tk, Dk, Dv = q.shape[3], k1.shape[2], q.shape[4], v1.shape[3]
     BH, r = q.shape[0] * q.shape[1], num_features(Dk, degree)
     C = chunk_size or _auto_chunk(BH * r * Dv, MAX_CHUNK)  # prefix sums [B, H, C, r, Dv]
     # Keys with no query among them need no per-position prefix sums, only [B, H, C, r] features: longer chunks.
@@ -309,18 +313,21 @@ def poly_attention_continue(state: PolyState, q, k1, k2, v1, v2, real, *, scale:
     outs = []
     if not causal:
         S, Z = state.S1 * state.S2, state.Z1 * state.Z2  # [B, H, r, Dv], [B, H, r]
-        floor = _floor(q, state.M1[:, :, None], state.M2[:, :, None], state.N[:, :, None], scale)  # [B, H, Tq]
+        M1, M2, N = (x[:, :, None, None] for x in (state.M1, state.M2, state.N))
+        floor = _floor(q, M1, M2, N, scale)  # [B, H, G, Tq]
         for lo in range(0, Tq, C):
-            uq = query_features(q[:, :, lo : lo + C], scale=scale, degree=degree, score_bound=score_bound)
-            outs.append(_normalise(uq @ S, torch.einsum("bhcm,bhm->bhc", uq, Z), floor[:, :, lo : lo + C]))
-        return torch.cat(outs, dim=2), state
+            uq = query_features(q[:, :, :, lo : lo + C], scale=scale, degree=degree, score_bound=score_bound)
+            outs.append(_normalise(uq @ S[:, :, None], torch.einsum("bhgcm,bhm->bhgc", uq, Z),
+                                   floor[:, :, :, lo : lo + C]))
+        out = torch.cat(outs, dim=3)
+        return (out if grouped else out[:, :, 0]), state
 
     # Under autograd each chunk is recomputed in backward: only the inputs and the carried states stay saved.
     checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k1, k2, v1, v2, *state))
     step = functools.partial(_query_chunk, scale=scale, degree=degree, score_bound=score_bound)
     for lo in range(first_query, Tk, C):
         hi = min(lo + C, Tk)
-        args = (state, q[:, :, lo - first_query : hi - first_query], k1[:, :, lo:hi], k2[:, :, lo:hi],
+        args = (state, q[:, :, :, lo - first_query : hi - first_query], k1[:, :, lo:hi], k2[:, :, lo:hi],
                 v1[:, :, lo:hi], v2[:, :, lo:hi], real[:, :, lo:hi])
         if checkpoint:
             out, state = torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
@@ -328,7 +335,8 @@ def poly_attention_continue(state: PolyState, q, k1, k2, v1, v2, real, *, scale:
         else:
             out, state = step(*args)
         outs.append(out)
-    return torch.cat(outs, dim=2), state
+    out = torch.cat(outs, dim=3)
+    return (out if grouped else out[:, :, 0]), state
 
 
 def poly_tensor_attention(

@@ -123,8 +123,9 @@ def saved_numbers(checkpointed: bool) -> int:
                 state = poly.PolyState.zeros(1, 1, num_features(d, 4), d, d, dtype=torch.float64, device="cpu")
                 for lo in range(0, n, 32):
                     sl = slice(lo, lo + 32)
-                    _, state = poly._query_chunk(state, *(t[:, :, sl] for t in inputs), real[:, :, sl], scale=0.5,
-                                                 degree=4, score_bound=None)
+                    q = inputs[0][:, :, None, sl]  # [B, H, G=1, C, d]
+                    _, state = poly._query_chunk(state, q, *(t[:, :, sl] for t in inputs[1:]), real[:, :, sl],
+                                                 scale=0.5, degree=4, score_bound=None)
             else:
                 poly_tensor_attention(*inputs, scale=0.5, degree=4, chunk_size=32)
     return sum(saved)
