@@ -180,6 +180,7 @@ class Masker:
             self.row_ext = torch.cat([before, pad], 1).contiguous()  # [B or 1, w_row - 1 + Tk]: key a at a + w_row - 1
         self.cache: dict[tuple, tuple[torch.Tensor, list[tuple[int, int]]]] = {}
         self.col_cache: dict[tuple, list] = {}
+        self.factors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see `apply`
 
     def _has_pad(self, lo: int, hi: int) -> bool:
         return self.padded is not None and self.padded[hi] > self.padded[max(lo, 0)]
@@ -219,9 +220,10 @@ class Masker:
         blocked, runs = self._mask(block, rb, None) if self.windows[0] is None else self._window_mask(block, rb)
         return [(lo, hi, blocked[:, None, None, :, lo:hi]) for lo, hi in runs]
 
-    def col_runs(self, block: QueryBlock, cb: KeyBlock) -> list[tuple[int, int, torch.Tensor, dict | None]]:
-        """(lo, hi, mask [B or 1, 1, hi - lo, bq, 1], dense) for the columns of a column block that need a mask;
-        dense caches the run's (keep, fill) factors per row-block size for runs that repeat (see `apply`)."""
+    def col_runs(self, block: QueryBlock, cb: KeyBlock) -> list[tuple[int, int, torch.Tensor, tuple | None]]:
+        """(lo, hi, mask [B or 1, 1, hi - lo, bq, 1], pattern) for the columns of a column block that need a mask;
+        pattern names the run's mask for the (keep, fill) factors of `apply` (None: padded, or scores may be
+        infinite). A run's mask depends only on where its first key sits relative to the block's first query."""
         if not cb.masked:
             return []
         # Every interior block of a windowed pass asks for the same runs: keep the views (building them is most of
@@ -231,8 +233,9 @@ class Masker:
         if not padded and key in self.col_cache:
             return self.col_cache[key]
         blocked, runs = self._mask(block, cb, self.windows[1])
-        repeats = self.finite_scores and not padded
-        ready = [(lo, hi, blocked[:, None, :, lo:hi].transpose(2, 3)[..., None], {} if repeats else None)
+        offset = block.t0 - cb.start
+        ready = [(lo, hi, blocked[:, None, :, lo:hi].transpose(2, 3)[..., None],
+                  (offset - lo, hi - lo, block.stop - block.start) if self.finite_scores and not padded else None)
                  for lo, hi in runs]
         if not padded:
             self.col_cache[key] = ready
@@ -244,19 +247,21 @@ class Masker:
 
         Tiles are stored column-major (a column key's scores for every (query, row key) are contiguous) so that the
         column runs, the ones every windowed tile has, are whole contiguous rows of the tile: as [.., bq, ba, bc]
-        slices they were strided passes with a short inner loop, several times slower per element. A run that
-        repeats from tile to tile is set as fill + s * keep with dense [1, 1, hi - lo, bq, ba] factors built once: masked_fill_
-        with a mask broadcast over the row keys ran at about a third of that speed (37-43 us against 15 us for a
-        15-column run of a 4-head, 512-row tile)."""
-        for lo, hi, blocked, dense in col_runs:
+        slices they were strided passes with a short inner loop, several times slower per element. An unpadded run
+        is set as fill + s * keep with dense [1, 1, hi - lo, bq, ba] factors built once per mask pattern and row
+        block size (a windowed pass has two patterns, a causal one one per row block size): masked_fill_ with a mask
+        broadcast over the row keys ran at about a third of that speed (37-43 us against 15 us for a 15-column run
+        of a 4-head, 512-row tile)."""
+        for lo, hi, blocked, pattern in col_runs:
             region = scores5[:, :, lo:hi]
-            if dense is None:
+            if pattern is None:
                 region.masked_fill_(blocked, self.floor)
                 continue
-            factors = dense.get(region.shape[-1])
+            ba = region.shape[-1]
+            factors = self.factors.get((pattern, ba))
             if factors is None:
-                full = blocked.expand(*blocked.shape[:-1], region.shape[-1])
-                factors = dense[region.shape[-1]] = ((~full).to(self.dtype), full.to(self.dtype) * self.floor)
+                full = blocked.expand(*blocked.shape[:-1], ba)
+                factors = self.factors[(pattern, ba)] = ((~full).to(self.dtype), full.to(self.dtype) * self.floor)
             torch.addcmul(factors[1], region, factors[0], out=region)
         for lo, hi, blocked in row_runs:
             scores5[..., lo:hi].masked_fill_(blocked, self.floor)
