@@ -121,10 +121,9 @@ def num_features(d: int, degree: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _monomials(d: int, degree: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _monomials(d: int, degree: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per degree j >= 1, over the monomials of degree j in lexicographic order: the index of its parent (itself
-    divided by its last variable) among degree j - 1 monomials, that last variable, and j! / alpha! (float64).
-    Kept per device: a decode step on CUDA would otherwise copy them host to device at every call."""
+    divided by its last variable) among degree j - 1 monomials, that last variable, and j! / alpha! (float64)."""
     levels = []
     previous = {(): 0}
     for j in range(1, degree + 1):
@@ -135,16 +134,26 @@ def _monomials(d: int, degree: int, device: torch.device) -> list[tuple[torch.Te
             variables.append(combo[-1])
             counts = np.bincount(combo, minlength=d)
             weights.append(math.factorial(j) / math.prod(math.factorial(int(c)) for c in counts))
-        levels.append(tuple(torch.tensor(x, dtype=dtype, device=device) for x, dtype in
-                            ((parents, torch.int64), (variables, torch.int64), (weights, torch.float64))))
+        # Cached tensors must not be inference tensors (a first call under inference_mode would make them so), or
+        # a later training call could not save them for backward.
+        with torch.inference_mode(False):
+            levels.append((torch.tensor(parents), torch.tensor(variables), torch.tensor(weights, dtype=torch.float64)))
         previous = current
     return levels
+
+
+@functools.lru_cache(maxsize=64)
+def _indices_on(d: int, degree: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`_monomials`' parent and variable indices on `device`, kept: a decode step on CUDA would otherwise copy them
+    host to device at every call."""
+    with torch.inference_mode(False):
+        return [(parent.to(device), var.to(device)) for parent, var, _ in _monomials(d, degree)]
 
 
 def monomial_features(x: torch.Tensor, degree: int) -> list[torch.Tensor]:
     """x [..., d] -> per degree j = 0..g the monomials x^alpha, |alpha| = j: [..., C(d + j - 1, j)] each."""
     features = [torch.ones_like(x[..., :1])]
-    for parent, var, _ in _monomials(x.shape[-1], degree, x.device):
+    for parent, var in _indices_on(x.shape[-1], degree, x.device):
         features.append(features[-1][..., parent] * x[..., var])
     return features
 
@@ -154,7 +163,8 @@ def query_features(q: torch.Tensor, *, scale: float, degree: int, score_bound) -
     coefficients = polynomial_coefficients(degree, score_bound)
     levels = monomial_features(q, degree)
     weighted = [levels[0] * coefficients[0]]
-    for j, (level, (_, _, weights)) in enumerate(zip(levels[1:], _monomials(q.shape[-1], degree, q.device)), start=1):
+    for j, (level, (_, _, weights)) in enumerate(zip(levels[1:], _monomials(q.shape[-1], degree)), start=1):
+        # The weights stay float64 on the CPU (not every device has float64, e.g. MPS): one small copy per call.
         weighted.append(level * (weights * (coefficients[j] * scale**j)).to(q))
     return torch.cat(weighted, dim=-1)
 
@@ -176,8 +186,9 @@ def key_mask(attention_mask, B: int, Tk: int, dtype, device) -> torch.Tensor:
 
 
 def _floor(q, m1, m2, n, scale: float) -> torch.Tensor:
-    """count * exp(-R) [B, H, Tq] (module doc): q [B, H, Tq, Dk]; m1, m2 the coordinate-wise max |k| over each
-    query's visible keys (broadcastable to q); n [B, 1, Tq] its visible real keys (count = n^2 pairs)."""
+    """count * exp(-R) [B, H, Tq] (module doc): q [B, H, Tq, Dk] (or [B, H, G, Tq, Dk], then [B, H, G, Tq]); m1, m2
+    the coordinate-wise max |k| over each query's visible keys (broadcastable to q); n [B, 1, Tq] (broadcastable to
+    the result) its visible real keys (count = n^2 pairs)."""
     bound = scale * (q.abs() * m1 * m2).sum(-1)  # [B, H, Tq] >= |s_t(a, b)| for every visible pair
     return n**2 * torch.exp(-bound).clamp_min(torch.finfo(q.dtype).tiny)
 
