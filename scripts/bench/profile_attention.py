@@ -61,8 +61,9 @@ CASES = {"window 128x32": (128, 32), "window 512x32": (512, 32), "causal": (None
 CATEGORIES = {
     "GEMM": ("bmm", "baddbmm", "mm", "addmm", "matmul"),
     "exp": ("exp", "exp_"),
-    "mask/clamp": ("clamp", "clamp_min", "clamp_min_", "masked_fill", "masked_fill_", "where"),
-    "elementwise": ("mul", "mul_", "add", "add_", "addcmul", "addcmul_", "sub", "sub_", "div", "neg", "fill_", "zero_"),
+    # out-of-place addcmul is the masks' fill + s * keep (`_tiles.Masker.apply`); addcmul_ accumulates
+    "mask/clamp": ("clamp", "clamp_min", "clamp_min_", "masked_fill", "masked_fill_", "where", "addcmul"),
+    "elementwise": ("mul", "mul_", "add", "add_", "addcmul_", "sub", "sub_", "div", "neg", "fill_", "zero_"),
     "reductions": ("sum", "amax", "max", "any", "cummax", "linalg_vector_norm"),
     "scatter": ("index_add_", "index_add"),
     "copies": ("copy_", "cat", "contiguous", "clone", "to", "_to_copy", "empty", "empty_strided", "zeros", "ones"),

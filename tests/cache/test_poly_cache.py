@@ -50,15 +50,20 @@ def test_decode_equals_whole_sequence_op(degree, score_bound, padded):
     assert layer.get_seq_length() == T
 
 
-def test_grouped_key_value_heads_equal_the_repeated_heads_op():
+@pytest.mark.parametrize("padded", [False, True])
+def test_grouped_key_value_heads_equal_the_repeated_heads_op(padded):
     """4 query heads over 2 key/value heads: the state holds 2 heads and each serves its group of queries."""
     B, H, H_kv, T, Dk, Dv = 2, 4, 2, 9, 3, 4
     q = random_states(B, H, T, Dk, Dv, seed=1)[0]
     _, k, v = random_states(B, H_kv, T, Dk, Dv, seed=2)
+    mask = None
+    if padded:
+        mask = torch.ones(B, T, dtype=torch.long)
+        mask[1, :3] = 0
     layer = PolyCacheLayer(TensorAttnConstants(scale=0.4), degree=2)
-    cached = run_layer(layer, q, k, v, None, prefill=4)
+    cached = run_layer(layer, q, k, v, mask, prefill=4)
     k1, k2, v1, v2 = (t.repeat_interleave(H // H_kv, dim=1) for t in (*k.chunk(2, -1), *v.chunk(2, -1)))
-    whole = poly_tensor_attention(q, k1, k2, v1, v2, scale=0.4, degree=2)
+    whole = poly_tensor_attention(q, k1, k2, v1, v2, scale=0.4, degree=2, attention_mask=mask)
     torch.testing.assert_close(cached, whole, rtol=1e-10, atol=1e-10)
     assert layer.state.S1.shape[1] == H_kv
 

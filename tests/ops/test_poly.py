@@ -231,7 +231,7 @@ def test_automatic_chunks_shrink_with_batch_and_heads(monkeypatch):
     original = poly._query_chunk
 
     def recording(state, q, *args, **kw):
-        seen.append(q.shape[0] * q.shape[1] * q.shape[2])
+        seen.append(q.shape[0] * q.shape[1] * q.shape[3])  # q: [B, H, G, chunk, Dk]
         return original(state, q, *args, **kw)
 
     monkeypatch.setattr(poly, "_query_chunk", recording)
@@ -243,3 +243,27 @@ def test_automatic_chunks_shrink_with_batch_and_heads(monkeypatch):
         assert_close_scaled(poly_tensor_attention(*inputs, scale=0.5, degree=2), expected, TOL[torch.float64])
         r = num_features(3, 2)  # 10
         assert max(seen) * r * 4 <= 4096  # B * H * chunk * r * Dv
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_grouped_queries_share_one_state(causal):
+    """q as [B, H_kv, G, Tq, Dk] (the poly cache's grouped heads) gives what each query head gives on its own, and
+    one state for the group."""
+    from hf_tensor_attn.ops import poly
+
+    B, H_kv, G, T, Dk, Dv = 2, 2, 3, 7, 3, 4
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, H_kv, G, T, Dk, generator=g, dtype=torch.float64)
+    k1, k2 = (torch.randn(B, H_kv, T, Dk, generator=g, dtype=torch.float64) for _ in range(2))
+    v1, v2 = (torch.randn(B, H_kv, T, Dv, generator=g, dtype=torch.float64) for _ in range(2))
+    real = torch.ones(B, 1, T, 1, dtype=torch.float64)
+    real[0, :, :2] = 0
+    kw = dict(scale=0.4, degree=2, score_bound=None, causal=causal, chunk_size=3)
+    start = poly.PolyState.zeros(B, H_kv, num_features(Dk, 2), Dk, Dv, dtype=torch.float64, device="cpu")
+    grouped, state = poly.poly_attention_continue(start, q, k1, k2, v1, v2, real, **kw)
+    assert grouped.shape == (B, H_kv, G, T, Dv)
+    for member in range(G):
+        alone, alone_state = poly.poly_attention_continue(start, q[:, :, member], k1, k2, v1, v2, real, **kw)
+        torch.testing.assert_close(grouped[:, :, member], alone, rtol=1e-12, atol=1e-12)
+    for a, b in zip(state, alone_state):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

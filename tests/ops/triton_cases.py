@@ -32,6 +32,7 @@ ATTENTION_CASES = {
     "T1-D64": (1, 2, 1, 1, 64, None, None, None, torch.float32),
     "bf16-causal-D64": (1, 1, 17, 17, 64, None, 4, None, torch.bfloat16),
     "grouped-H4-Hkv2-windows-padding": (2, (4, 2), 17, 20, 16, 5, 3, (4, 0), torch.float32),
+    "grouped-H2-Hkv1-causal": (1, (2, 1), 17, 17, 16, None, None, None, torch.float32),
 }
 
 # (B, H or (H, H_kv), Tk, D, w1, w2, left pads or None, dtype)
