@@ -135,3 +135,16 @@ def test_profile_attention_baseline_runs_the_other_checkouts_package(tmp_path, c
     assert "| before |" in text and "| after |" in text and "before the change (unknown (not a git checkout))" in text
     with pytest.raises(SystemExit):
         profile_attention.parse_args(["--quick", "--out", str(out), "--baseline", str(tmp_path / "missing")])
+
+
+def test_bench_attention_target_verdicts_read_the_interleaved_median():
+    """A one-shot ratio over the target with an interleaved median under it is judged on the median."""
+    row = {"mode": "window", "T": 1024, "w1": 128, "w2": 32, "fwd_of_mm": 0.61, "fwdbwd_of_mm": 0.20, "fwd_s": 0.05,
+           "mm_gflops": 250.0}
+    again = {"mode": "window", "T": 1024, "pass": "fwd", "rounds": 9, "median_of_mm": 0.45, "lowest_of_mm": 0.40,
+             "highest_of_mm": 0.62}
+    line = next(line for line in bench_attention.findings([row], [again]) if "Windowed targets" in line)
+    assert "forward at least 50% of torch.mm: not met, median 45% of 9 interleaved rounds (40%-62%; table 61%)" in line
+    assert "forward+backward at least 35%: not met, 20%." in line
+    line = next(line for line in bench_attention.findings([row]) if "Windowed targets" in line)
+    assert "forward at least 50% of torch.mm: met, 61%;" in line
