@@ -144,7 +144,8 @@ def test_bench_attention_target_verdicts_read_the_interleaved_median():
     again = {"mode": "window", "T": 1024, "pass": "fwd", "rounds": 9, "median_of_mm": 0.45, "lowest_of_mm": 0.40,
              "highest_of_mm": 0.62}
     line = next(line for line in bench_attention.findings([row], [again]) if "Windowed targets" in line)
-    assert "forward at least 50% of torch.mm: not met, median 45% of 9 interleaved rounds (40%-62%; table 61%)" in line
+    assert ("forward at least 50% of torch.mm: not met, median 45.0% of 9 interleaved rounds (40.0%-62.0%; "
+            "table 61%)") in line
     assert "forward+backward at least 35%: not met, 20%." in line
     line = next(line for line in bench_attention.findings([row]) if "Windowed targets" in line)
     assert "forward at least 50% of torch.mm: met, 61%;" in line
