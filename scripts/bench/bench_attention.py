@@ -115,6 +115,8 @@ def parse_args(argv):
     full = args.from_csv or (not args.quick and args.T in (None, DEFAULT_T) and args.d == 64 and args.heads == 4)
     if args.target_rounds is None:
         args.target_rounds = 2 if args.quick else 9
+    if args.target_rounds < 0:
+        parser.error(f"--target-rounds must be 0 (no interleaved rounds) or more, got {args.target_rounds}")
     if args.quick:
         args.T, args.d, args.repeats = args.T or QUICK_T, 16, 1
     args.threads = args.threads or (1 if args.quick else 2)

@@ -149,3 +149,9 @@ def test_bench_attention_target_verdicts_read_the_interleaved_median():
     assert "forward+backward at least 35%: not met, 20%." in line
     line = next(line for line in bench_attention.findings([row]) if "Windowed targets" in line)
     assert "forward at least 50% of torch.mm: met, 61%;" in line
+
+
+def test_bench_attention_refuses_negative_target_rounds(capsys):
+    with pytest.raises(SystemExit):
+        bench_attention.parse_args(["--quick", "--target-rounds", "-1", "--out", "/tmp/unused"])
+    assert "--target-rounds must be 0 (no interleaved rounds) or more, got -1" in capsys.readouterr().err
