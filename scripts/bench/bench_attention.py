@@ -199,16 +199,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def _mm_rate_now(sizes) -> float:
-    """torch.mm GFLOP/s now: best of three calls per size, best size (a short version of `mm_gflops`)."""
-    rates = []
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a, b)
-        rates.append(max(2 * n**3 / _seconds(lambda: torch.mm(a, b)) / 1e9 for _ in range(3)))
-    return max(rates)
-
-
 def _seconds(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -230,9 +220,9 @@ def target_rows(args, rows, B, H, D, scale, mm_sizes) -> list[dict]:
             call()
             ratios = []
             for _ in range(args.target_rounds):
-                before = _mm_rate_now(mm_sizes)
+                before = mm_gflops(mm_sizes, repeats=1, min_run_time=0.05)  # short: a round should be seconds
                 seconds = _seconds(call)
-                after = _mm_rate_now(mm_sizes)
+                after = mm_gflops(mm_sizes, repeats=1, min_run_time=0.05)
                 ratios.append(factor * flops / seconds / 1e9 / ((before + after) / 2))
             out.append({"mode": mode, "T": T, "w1": w1, "w2": w2, "pass": what, "rounds": len(ratios),
                         "median_of_mm": statistics.median(ratios), "lowest_of_mm": min(ratios),
