@@ -33,8 +33,10 @@ if __package__ in (None, ""):  # run as a file: make `scripts.bench` importable 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
+import torch.nn.functional as F
 
 from hf_tensor_attn.ops import naive_tensor_attention, tensor_attention
+from hf_tensor_attn.ops._tiles import choose_tile_sizes
 from scripts.bench.harness import (
     describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, peak_rss_mib, publish,
     pyplot, read_csv, read_run_record, render_document, run_record, write_csv, write_run_record,
@@ -80,6 +82,43 @@ def calls(fn, inputs, dout, scale, w1, w2):
         torch.autograd.grad(out, leaves, dout)
 
     return forward, forward_backward
+
+
+def fused_reference_calls(T: int, w1: int, w2: int, B: int, H: int, D: int, scale: float):
+    """(forward, forward+backward) of torch's fused CPU attention kernel (`F.scaled_dot_product_attention`, which takes
+    its flash path here) on the GEMM shapes of the op's interior windowed tiles: per query block, standard attention
+    of its bq * w_row rows (t, a) against the w_col + bq - 1 keys of the block's column band, each row allowed the
+    w_col keys of its query's window. It does less than the op (the rows q_t * k_a come ready-made, and nothing
+    combines a query's rows afterwards), so timed against the op's useful flops it shows how far a fused C++
+    attention kernel gets on these shapes."""
+    w_row, w_col = sorted((w1, w2))
+    bq = choose_tile_sizes(T, w_row, w_col).query
+    blocks, band = -(-T // bq), w_col + bq - 1
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(blocks, B * H, bq * w_row, D, generator=g)
+    k, v = (torch.randn(blocks, B * H, band, D, generator=g) for _ in range(2))
+    dout = torch.randn(q.shape, generator=g)
+    mask = band_mask(bq, w_row, w_col)
+
+    def forward():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    def forward_backward():
+        leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+        out = F.scaled_dot_product_attention(*leaves, attn_mask=mask, scale=scale)
+        torch.autograd.grad(out, leaves, dout)
+
+    return forward, forward_backward
+
+
+def band_mask(bq: int, w_row: int, w_col: int) -> torch.Tensor:
+    """[bq * w_row, w_col + bq - 1] bool: which keys of a query block's column band row (t, a) may use. Band key c
+    is key t0 - w_col + 1 + c of the block starting at query t0; row (t, a) belongs to query t0 + t, whose window is
+    the keys (t0 + t - w_col, t0 + t], i.e. t <= c < t + w_col."""
+    t = torch.arange(bq).repeat_interleave(w_row)[:, None]
+    c = torch.arange(w_col + bq - 1)[None, :]
+    return (c >= t) & (c < t + w_col)
 
 
 def parse_args(argv):
@@ -207,7 +246,8 @@ def _seconds(fn) -> float:
 
 def target_rows(args, rows, B, H, D, scale, mm_sizes) -> list[dict]:
     """The target cases measured again in `args.target_rounds` interleaved rounds (see TARGET_CASES): per case and
-    pass, the median, lowest and highest ratio to torch.mm over the rounds."""
+    pass, the median, lowest and highest ratio to torch.mm over the rounds. Windowed cases also time torch's fused
+    attention kernel on the op's tile shapes (`fused_reference_calls`) in the same rounds, in alternating order."""
     measured = {(r["mode"], r["T"]) for r in rows}
     cases = ([(mode, max(T for m, T in measured if m == mode)) for mode in MODES if any(m == mode for m, _ in measured)]
              if args.quick else [case for case in TARGET_CASES if case in measured])
@@ -216,19 +256,32 @@ def target_rows(args, rows, B, H, D, scale, mm_sizes) -> list[dict]:
         w1, w2 = MODES[mode]
         inputs, dout = make_inputs(B, H, T, D)
         flops = 4 * D * allowed_pairs_count(T, w1, w2) * B * H
-        for what, call, factor in zip(("fwd", "fwdbwd"), calls(tensor_attention, inputs, dout, scale, w1, w2), (1, 3)):
-            call()
-            ratios = []
-            for _ in range(args.target_rounds):
+        fused = fused_reference_calls(T, w1, w2, B, H, D, scale) if w1 and w2 else (None, None)
+        for what, call, reference, factor in zip(("fwd", "fwdbwd"), calls(tensor_attention, inputs, dout, scale, w1, w2),
+                                                 fused, (1, 3)):
+            timed = {"op": call, "fused": reference} if reference else {"op": call}
+            for fn in timed.values():
+                fn()
+            ratios = {name: [] for name in timed}
+            for round_ in range(args.target_rounds):
                 before = mm_gflops(mm_sizes, repeats=1, min_run_time=0.05)  # short: a round should be seconds
-                seconds = _seconds(call)
+                order = list(timed) if round_ % 2 == 0 else list(timed)[::-1]
+                seconds = {name: _seconds(timed[name]) for name in order}
                 after = mm_gflops(mm_sizes, repeats=1, min_run_time=0.05)
-                ratios.append(factor * flops / seconds / 1e9 / ((before + after) / 2))
-            out.append({"mode": mode, "T": T, "w1": w1, "w2": w2, "pass": what, "rounds": len(ratios),
-                        "median_of_mm": statistics.median(ratios), "lowest_of_mm": min(ratios),
-                        "highest_of_mm": max(ratios)})
-            print(f"interleaved: {mode} T={T} {what}: median {out[-1]['median_of_mm']:.0%} of torch.mm "
-                  f"({min(ratios):.0%}-{max(ratios):.0%}, {len(ratios)} rounds)", flush=True)
+                for name in timed:
+                    ratios[name].append(factor * flops / seconds[name] / 1e9 / ((before + after) / 2))
+            row = {"mode": mode, "T": T, "w1": w1, "w2": w2, "pass": what, "rounds": args.target_rounds}
+            for name, prefix in (("op", ""), ("fused", "fused_")):
+                values = ratios.get(name)
+                row.update({f"{prefix}median_of_mm": statistics.median(values) if values else None,
+                            f"{prefix}lowest_of_mm": min(values) if values else None,
+                            f"{prefix}highest_of_mm": max(values) if values else None})
+            out.append(row)
+            fused_text = (f"; torch's fused attention on its tiles {row['fused_median_of_mm']:.0%}"
+                          if reference else "")
+            print(f"interleaved: {mode} T={T} {what}: median {row['median_of_mm']:.0%} of torch.mm "
+                  f"({row['lowest_of_mm']:.0%}-{row['highest_of_mm']:.0%}, {row['rounds']} rounds){fused_text}",
+                  flush=True)
     return out
 
 
@@ -259,11 +312,19 @@ def render(folder: Path) -> str:
          markdown_table(TABLE_HEADER, table_rows(rows), "llrrrrrrrrrrr")
          + ["", f"Disturbed timings (other processes were busy in every measurement): {disturbed}."]),
         *([("Target cases again, in interleaved rounds (torch.mm, op, torch.mm)",
-            markdown_table(["mode", "T", "pass", "rounds", "median of mm", "range of mm"],
+            markdown_table(["mode", "T", "pass", "rounds", "median of mm", "range of mm",
+                            "torch fused attention on the op's tiles: median (range) of mm"],
                            [[t["mode"], t["T"], t["pass"], t["rounds"], f"{t['median_of_mm']:.1%}",
-                             f"{t['lowest_of_mm']:.1%}-{t['highest_of_mm']:.1%}"] for t in targets], "lllrrr")
+                             f"{t['lowest_of_mm']:.1%}-{t['highest_of_mm']:.1%}",
+                             f"{t['fused_median_of_mm']:.1%} ({t['fused_lowest_of_mm']:.1%}-"
+                             f"{t['fused_highest_of_mm']:.1%})" if _given(t, "fused_median_of_mm") else "-"]
+                            for t in targets], "lllrrrr")
             + ["", "Each round times one call between two short torch.mm measurements and divides by their mean; the "
-                   "target verdicts below read the median."])] if targets else []),
+                   "target verdicts below read the median. The last column (windowed cases) is torch's fused CPU "
+                   "attention kernel (`F.scaled_dot_product_attention`, flash path) in the same rounds, run as "
+                   "standard attention on the GEMM shapes of the op's interior tiles (rows q_t * k_a of a query "
+                   "block against its column band, ready-made) and credited with the op's useful flops."])]
+          if targets else []),
         ("What the numbers say (computed from the tables above)", findings(rows, targets)),
     ])
 
@@ -321,6 +382,14 @@ def findings(rows: list[dict], targets: list[dict] = ()) -> list[str]:
                 f"{TARGETS['window_fwd_of_mm']:.0%} of torch.mm: {judged(at, 'fwd', TARGETS['window_fwd_of_mm'])}; "
                 f"forward+backward at least {TARGETS['window_fwdbwd_of_mm']:.0%}: "
                 f"{judged(at, 'fwdbwd', TARGETS['window_fwdbwd_of_mm'])}.")
+            again = {t["pass"]: t for t in targets if (t["mode"], t["T"]) == (mode, at["T"])
+                     and _given(t, "fused_median_of_mm")}
+            if set(again) == {"fwd", "fwdbwd"}:
+                lines.append(
+                    f"  torch's fused attention kernel on the same tile shapes, same rounds: forward "
+                    f"{again['fwd']['fused_median_of_mm']:.1%}, forward+backward "
+                    f"{again['fwdbwd']['fused_median_of_mm']:.1%} of torch.mm (the op: "
+                    f"{again['fwd']['median_of_mm']:.1%}, {again['fwdbwd']['median_of_mm']:.1%}).")
     window = [r for r in rows if r["mode"] == "window" and r["T"] >= 256]
     if window:
         shares = [r["fwd_of_mm"] for r in window]

@@ -151,6 +151,33 @@ def test_bench_attention_target_verdicts_read_the_interleaved_median():
     assert "forward at least 50% of torch.mm: met, 61%;" in line
 
 
+def test_bench_attention_fused_reference_rows_see_their_querys_window():
+    """The fused-attention reference's mask: row (t, a) of a query block starting at t0 may use exactly the keys
+    (t0 + t - w_col, t0 + t] of the block's band, whose key c is t0 - w_col + 1 + c."""
+    bq, w_row, w_col, t0 = 4, 3, 5, 20
+    mask = bench_attention.band_mask(bq, w_row, w_col)
+    assert mask.shape == (bq * w_row, w_col + bq - 1)
+    for row in range(bq * w_row):
+        t = t0 + row // w_row
+        keys = [t0 - w_col + 1 + c for c in range(mask.shape[1]) if mask[row, c]]
+        assert keys == list(range(t - w_col + 1, t + 1)), row
+
+
+def test_bench_attention_reports_the_fused_reference_beside_the_op():
+    row = {"mode": "window512", "T": 1024, "w1": 512, "w2": 32, "fwd_of_mm": 0.40, "fwdbwd_of_mm": 0.30,
+           "fwd_s": 0.05, "mm_gflops": 250.0}
+    again = [{"mode": "window512", "T": 1024, "pass": what, "rounds": 9, "median_of_mm": op, "lowest_of_mm": op,
+              "highest_of_mm": op, "fused_median_of_mm": fused, "fused_lowest_of_mm": fused,
+              "fused_highest_of_mm": fused} for what, op, fused in (("fwd", 0.426, 0.459), ("fwdbwd", 0.346, 0.424))]
+    lines = bench_attention.findings([row], again)
+    assert ("torch's fused attention kernel on the same tile shapes, same rounds: forward 45.9%, forward+backward "
+            "42.4% of torch.mm (the op: 42.6%, 34.6%).") in "\n".join(lines)
+    # rounds without the reference (causal cases, or CSVs written before it existed) print no such line
+    for t in again:
+        t["fused_median_of_mm"] = ""
+    assert not any("fused attention" in line for line in bench_attention.findings([row], again))
+
+
 def test_bench_attention_refuses_negative_target_rounds(capsys):
     with pytest.raises(SystemExit):
         bench_attention.parse_args(["--quick", "--target-rounds", "-1", "--out", "/tmp/unused"])
