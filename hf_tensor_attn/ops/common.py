@@ -21,18 +21,7 @@ import torch
 
 def check_inputs(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None) -> None:
     """Raise ValueError naming the offending argument when the inputs do not follow the op conventions."""
-    named = {"q": q, "k1": k1, "k2": k2, "v1": v1, "v2": v2}
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"`{name}` must be a torch.Tensor of shape [B, H, T, D], got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"`{name}` must have 4 dimensions [B, H, T, D], got shape {tuple(t.shape)}")
-    if not q.dtype.is_floating_point:
-        raise ValueError(f"`q` has dtype {q.dtype}; tensor attention needs floating-point inputs (float32, float64, "
-                         "bfloat16 or float16)")
-    for name, t in named.items():
-        if t.device != q.device:
-            raise ValueError(f"`{name}` is on {t.device} but `q` is on {q.device}; all inputs must be on one device")
+    named = check_streams(q, k1, k2, v1, v2)
     B, H, Tq, D = q.shape
     # The key length and head count are the ones most streams agree on, so the stream that differs is the one named.
     lengths = [named[name].shape[2] for name in ("k1", "k2", "v1", "v2")]
@@ -50,15 +39,39 @@ def check_inputs(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=N
                 f"`{name}` has shape {tuple(t.shape)}; expected {(B, H_kv, Tk, D)} to match `q` {tuple(q.shape)} and "
                 "the other key/value streams"
             )
+    for name, w in (("w1", w1), ("w2", w2)):
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(f"`{name}` must be None (no window) or an int >= 1, got {w!r}")
+    check_positions(q, Tk, scale, attention_mask)
+
+
+def check_streams(q, k1, k2, v1, v2) -> dict[str, torch.Tensor]:
+    """The checks every op makes of its five inputs: 4-dim tensors, floating point, q's dtype and device. Returns them
+    by name for the op's own shape rules."""
+    named = {"q": q, "k1": k1, "k2": k2, "v1": v1, "v2": v2}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"`{name}` must be a torch.Tensor of shape [B, H, T, D], got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"`{name}` must have 4 dimensions [B, H, T, D], got shape {tuple(t.shape)}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"`q` has dtype {q.dtype}; tensor attention needs floating-point inputs (float32, float64, "
+                         "bfloat16 or float16)")
+    for name, t in named.items():
+        if t.device != q.device:
+            raise ValueError(f"`{name}` is on {t.device} but `q` is on {q.device}; all inputs must be on one device")
         if t.dtype != q.dtype:
             raise ValueError(f"`{name}` has dtype {t.dtype}; all inputs must share q's dtype {q.dtype}")
+    return named
+
+
+def check_positions(q, Tk: int, scale, attention_mask) -> None:
+    """Queries are the last Tq <= Tk positions; `scale` is a number; `attention_mask` is [B, Tk]."""
+    B, Tq = q.shape[0], q.shape[2]
     if Tq > Tk:
         raise ValueError(f"`q` has {Tq} positions but the keys only {Tk}; queries must be the last Tq <= Tk positions")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise ValueError(f"`scale` must be a float, got {scale!r}")
-    for name, w in (("w1", w1), ("w2", w2)):
-        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
-            raise ValueError(f"`{name}` must be None (no window) or an int >= 1, got {w!r}")
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, Tk):
             shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 import torch.utils.checkpoint
 
+from .common import check_positions, check_streams
+
 # Numbers in one chunk's prefix sums (B * H * chunk * r * Dv) or key features (B * H * chunk * r): automatic chunk
 # sizes keep them under this, so a chunk's scratch is at most ~8-16 MB whatever the batch, heads and degree.
 CHUNK_NUMBERS = 1 << 21
@@ -68,38 +70,21 @@ def check_score_bound(score_bound) -> None:
 
 
 def _check_inputs(q, k1, k2, v1, v2, *, scale, degree, attention_mask, causal, score_bound, chunk_size) -> None:
-    named = {"q": q, "k1": k1, "k2": k2, "v1": v1, "v2": v2}
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"`{name}` must be a 4-dimensional tensor [B, H, T, D], got {shape}")
-        if t.dtype != q.dtype:
-            raise ValueError(f"`{name}` has dtype {t.dtype}; all inputs must share q's dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"`{name}` is on {t.device} but `q` is on {q.device}; all inputs must be on one device")
-    if not q.dtype.is_floating_point:
-        raise ValueError(f"`q` has dtype {q.dtype}; polynomial tensor attention needs floating-point inputs")
+    named = check_streams(q, k1, k2, v1, v2)
     B, H, Tq, Dk = q.shape
     Tk, Dv = k1.shape[2], v1.shape[3]
     # Keys share q's feature width; values may be wider or narrower (the poly layer projects q, k to a small dim).
     for name, expected in (("k1", (B, H, Tk, Dk)), ("k2", (B, H, Tk, Dk)), ("v1", (B, H, Tk, Dv)), ("v2", (B, H, Tk, Dv))):
         if tuple(named[name].shape) != expected:
-            raise ValueError(f"`{name}` has shape {tuple(named[name].shape)}; expected {expected} (from `q` and `k1`)")
-    if Tq > Tk:
-        raise ValueError(f"`q` has {Tq} positions but the keys only {Tk}; queries must be the last Tq <= Tk positions")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ValueError(f"`scale` must be a float, got {scale!r}")
+            raise ValueError(f"`{name}` has shape {tuple(named[name].shape)}; expected {expected} (B, H and the key "
+                             "width from `q`, Tk from `k1`, the value width from `v1`)")
+    check_positions(q, Tk, scale, attention_mask)
     check_degree(degree)
     check_score_bound(score_bound)
     if not isinstance(causal, bool):
         raise ValueError(f"`causal` must be True or False, got {causal!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"`chunk_size` must be None (automatic) or an int >= 1, got {chunk_size!r}")
-    if attention_mask is not None and (
-        not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, Tk)
-    ):
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
-        raise ValueError(f"`attention_mask` must be a [B, Tk] = {(B, Tk)} tensor of 0/1 or bool, got {shape}")
 
 
 @functools.lru_cache(maxsize=64)
