@@ -163,6 +163,18 @@ def test_bench_attention_fused_reference_rows_see_their_querys_window():
         assert keys == list(range(t - w_col + 1, t + 1)), row
 
 
+def test_bench_attention_fused_reference_is_credited_with_its_own_work():
+    """Every block of the reference is interior (full windows), so it does more than the op's allowed pairs at the
+    start of the sequence: its ratio must use its own flops, 4 * d per allowed (row, key) entry of every block."""
+    T, w1, w2, B, H, D = 40, 12, 4, 1, 2, 8
+    forward, forward_backward, flops = bench_attention.fused_reference_calls(T, w1, w2, B, H, D, 0.3)
+    bq = bench_attention.choose_tile_sizes(T, w2, w1).query
+    assert flops == 4 * D * -(-T // bq) * B * H * bq * w2 * w1
+    assert flops > 4 * D * B * H * bench_attention.allowed_pairs_count(T, w1, w2)
+    forward()
+    forward_backward()
+
+
 def test_bench_attention_reports_the_fused_reference_beside_the_op():
     row = {"mode": "window512", "T": 1024, "w1": 512, "w2": 32, "fwd_of_mm": 0.40, "fwdbwd_of_mm": 0.30,
            "fwd_s": 0.05, "mm_gflops": 250.0}
