@@ -5,7 +5,8 @@ useful flops only (4*d per allowed (query, a, b) pair forward, three times that 
 ratio to this machine's fp32 `torch.mm` rate measured in the same run just before each row, the speed-up over
 `naive_tensor_attention` where that fits in memory, and peak memory (harness.peak_rss_mib: every byte the call
 touched, inputs' gradients included, not only torch tensors). The rows the targets are judged on are then timed
-again in interleaved rounds against torch.mm (TARGET_CASES, --target-rounds), and the verdicts read their median.
+again in interleaved rounds against torch.mm (TARGET_CASES, --target-rounds), beside torch's fused attention kernel
+on the op's rows and column bands for the windowed ones (`fused_reference_calls`), and the verdicts read their median.
 
 Writes bench_attention.csv, bench_attention_targets.csv, run.json, bench_attention.png and tables.md
 (= `render(out)`, the publishing convention of scripts/bench/harness.py) to --out (default docs/bench_attention/
@@ -249,7 +250,8 @@ def _seconds(fn) -> float:
 def target_rows(args, rows, B, H, D, scale, mm_sizes) -> list[dict]:
     """The target cases measured again in `args.target_rounds` interleaved rounds (see TARGET_CASES): per case and
     pass, the median, lowest and highest ratio to torch.mm over the rounds. Windowed cases also time torch's fused
-    attention kernel on the op's tile shapes (`fused_reference_calls`) in the same rounds, in alternating order."""
+    attention kernel on the op's rows and column bands (`fused_reference_calls`) in the same rounds, in alternating
+    order."""
     measured = {(r["mode"], r["T"]) for r in rows}
     cases = ([(mode, max(T for m, T in measured if m == mode)) for mode in MODES if any(m == mode for m, _ in measured)]
              if args.quick else [case for case in TARGET_CASES if case in measured])
@@ -280,7 +282,7 @@ def target_rows(args, rows, B, H, D, scale, mm_sizes) -> list[dict]:
                             f"{prefix}lowest_of_mm": min(values) if values else None,
                             f"{prefix}highest_of_mm": max(values) if values else None})
             out.append(row)
-            fused_text = (f"; torch's fused attention on its tiles {row['fused_median_of_mm']:.0%}"
+            fused_text = (f"; torch's fused attention on its rows and bands {row['fused_median_of_mm']:.0%}"
                           if reference else "")
             print(f"interleaved: {mode} T={T} {what}: median {row['median_of_mm']:.0%} of torch.mm "
                   f"({row['lowest_of_mm']:.0%}-{row['highest_of_mm']:.0%}, {row['rounds']} rounds){fused_text}",
@@ -316,7 +318,7 @@ def render(folder: Path) -> str:
          + ["", f"Disturbed timings (other processes were busy in every measurement): {disturbed}."]),
         *([("Target cases again, in interleaved rounds (torch.mm, op, torch.mm)",
             markdown_table(["mode", "T", "pass", "rounds", "median of mm", "range of mm",
-                            "torch fused attention on the op's tiles: median (range) of mm"],
+                            "torch fused attention on the op's rows and bands: median (range) of mm"],
                            [[t["mode"], t["T"], t["pass"], t["rounds"], f"{t['median_of_mm']:.1%}",
                              f"{t['lowest_of_mm']:.1%}-{t['highest_of_mm']:.1%}",
                              f"{t['fused_median_of_mm']:.1%} ({t['fused_lowest_of_mm']:.1%}-"
@@ -390,7 +392,7 @@ def findings(rows: list[dict], targets: list[dict] = ()) -> list[str]:
                      and _given(t, "fused_median_of_mm")}
             if set(again) == {"fwd", "fwdbwd"}:
                 lines.append(
-                    f"  torch's fused attention kernel on the same tile shapes, same rounds: forward "
+                    f"  torch's fused attention kernel on the op's rows and column bands, same rounds: forward "
                     f"{again['fwd']['fused_median_of_mm']:.1%}, forward+backward "
                     f"{again['fwdbwd']['fused_median_of_mm']:.1%} of torch.mm (the op: "
                     f"{again['fwd']['median_of_mm']:.1%}, {again['fwdbwd']['median_of_mm']:.1%}).")

@@ -182,8 +182,8 @@ def test_bench_attention_reports_the_fused_reference_beside_the_op():
               "highest_of_mm": op, "fused_median_of_mm": fused, "fused_lowest_of_mm": fused,
               "fused_highest_of_mm": fused} for what, op, fused in (("fwd", 0.426, 0.459), ("fwdbwd", 0.346, 0.424))]
     lines = bench_attention.findings([row], again)
-    assert ("torch's fused attention kernel on the same tile shapes, same rounds: forward 45.9%, forward+backward "
-            "42.4% of torch.mm (the op: 42.6%, 34.6%).") in "\n".join(lines)
+    assert ("torch's fused attention kernel on the op's rows and column bands, same rounds: forward 45.9%, "
+            "forward+backward 42.4% of torch.mm (the op: 42.6%, 34.6%).") in "\n".join(lines)
     # rounds without the reference (causal cases, or CSVs written before it existed) print no such line
     for t in again:
         t["fused_median_of_mm"] = ""
