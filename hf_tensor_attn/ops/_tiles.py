@@ -149,6 +149,18 @@ def plan(Tq: int, Tk: int, w_row, w_col, attention_mask, sizes: TileSizes) -> li
     return blocks
 
 
+def pack(blocks: list[QueryBlock], clamped: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The plan as int64 tables for the compiled loop (`csrc/tiles.cpp`): blocks [n, 8] = (start, stop, t0, first
+    and end row block, first and end column block, clamp), rows and columns [n, 3] = (start, stop, masked)."""
+    table, rows, cols = [], [], []
+    for block, clamp in zip(blocks, clamped):
+        r0, c0 = len(rows), len(cols)
+        rows += [(rb.start, rb.stop, int(rb.masked)) for rb in block.row_blocks]
+        cols += [(cb.start, cb.stop, int(cb.masked)) for cb in block.col_blocks]
+        table.append((block.start, block.stop, block.t0, r0, len(rows), c0, len(cols), int(clamp)))
+    return tuple(torch.tensor(x, dtype=torch.int64).view(-1, width) for x, width in ((table, 8), (rows, 3), (cols, 3)))
+
+
 class Masker:
     """Sets the scores of the pairs a query may not use to the exp floor (`common.EXP_FLOOR`: exp gives ~1e-35 there,
     far below rounding against the reference pair's 1, and stays on its vector path, which -inf would leave).

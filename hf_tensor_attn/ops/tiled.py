@@ -9,6 +9,10 @@ pass and one row-sum pass. Backward saves only the inputs, the output and the pe
 recomputes each tile: one GEMM gives S - lse and dP - D together, two more give the five gradients. Memory is
 O(tile + T*d); a window (w1, w2) costs O(T * w1 * w2 * d).
 
+The tile loops also exist compiled (`csrc/tiles.cpp`, built on first use by `ops.extension`): same tiles and ATen
+ops, no Python between them. They run by default on CPU where they build; the Python loops stay, tested beside
+them against the naive op, and run where they do not build or with `HF_TENSOR_ATTN_CPU_EXTENSION=0`.
+
 The maths is symmetric in the two streams (<q, k1*k2> = <q, k2*k1>, v1*v2 = v2*v1). The row stream reads each
 query's own window exactly (see `_tiles`), while a column block is shared by the query block and so spans
 w + bq - 1 keys for a window w; the wider window therefore goes on the columns, where that widening costs least.
@@ -21,7 +25,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ._tiles import Masker, QueryBlock, TileSizes, choose_tile_sizes, plan
+from . import extension
+from ._tiles import Masker, QueryBlock, TileSizes, choose_tile_sizes, pack, plan
 from .backend import use_triton
 from .common import EXP_FLOOR, EXP_HEADROOM, all_finite, check_inputs, finite_copies, nonfinite_outputs, repeat_kv
 
@@ -61,7 +66,7 @@ class _RowStream:
             self.x = x
         else:
             BH, Tk, d = x.shape
-            xp = torch.cat([x.new_zeros(BH, window - 1, d), x], 1)  # key a at a + window - 1
+            xp = _lead_zeros(x, window)
             self.x = xp.as_strided((BH, Tk, window, d), (xp.stride(0), d, d, 1))  # [BH, Tk, w, d]
 
     def tile(self, block: QueryBlock, rb) -> torch.Tensor:
@@ -190,23 +195,63 @@ def _forward(p: _Problem):
     Without the bound every tile would need two more passes (max, subtract) and a rescale of the accumulators.
     """
     q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes = p.unpack()
+    Tk = kr.shape[1]
+    headroom, floor = EXP_HEADROOM[q.dtype], EXP_FLOOR[q.dtype]
+    m_all, has_pair = _reference_scores(q, kr, kc, w_row, w_col, mask, B, H)  # [BH, Tq] each, m_all updated
+    blocks = plan(q.shape[1], Tk, w_row, w_col, mask, sizes)
+    bound, finite_scores = _score_bounds(q, kr, kc, Tk)  # [BH, Tq], bool
+    checked_blocks = _block_flags(bound - m_all > headroom, blocks)
+    clamped_blocks = _block_flags(bound + m_all > -floor, blocks)
+    # Rows (t, a) of the score GEMM are [q_t, -m_t] * [kr_a, 1] = [q_t * kr_a, -m_t]: one multiply writes them whole
+    # (writing q_t * kr_a into the first d of d+1 columns is a strided pass, 1.5-2x slower).
+    q_aug = torch.cat([q, -m_all[:, :, None]], -1)  # [BH, Tq, d+1]
+    # The compiled loop has no max pass: it needs every allowed score under the headroom. It zeroes masked entries
+    # after exp (they may be infinite) instead of setting them to the floor before.
+    compiled = extension.cpu_ops() if q.device.type == "cpu" and not any(checked_blocks) else None
+    if compiled is not None:
+        num, l_all = _compiled_tiles(compiled, p, q_aug, blocks, clamped_blocks)
+    else:
+        num, l_all = _python_tiles(p, q_aug, m_all, blocks, checked_blocks, clamped_blocks, finite_scores)
+    out, lse = num.div_(l_all[:, :, None]), l_all.log_().add_(m_all)
+    if not bool(has_pair.all()):  # queries without a pair (all padding, or windows before the first real key)
+        out, lse = torch.where(has_pair[:, :, None], out, 0), torch.where(has_pair, lse, 0)
+    return out, lse, has_pair
+
+
+def _compiled_tiles(ops, p: _Problem, q_aug, blocks, clamped_blocks):
+    """(num, l) of the plan's tiles from `csrc/tiles.cpp`, which runs the loop of `_python_tiles` with exact zeros
+    for masked pairs."""
+    q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes = p.unpack()
+    return ops.forward_tiles(
+        q_aug, _lead_zeros(_with_ones(kr), w_row), _with_ones(kc), _lead_zeros(vr, w_row).contiguous(), _with_ones(vc),
+        w_row or 0, w_col or 0, *pack(blocks, clamped_blocks), _pad(mask), H, EXP_FLOOR[q.dtype],
+    )
+
+
+def _lead_zeros(x: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[BH, T, n] -> [BH, window - 1 + T, n] with zero rows first (key a at row a + window - 1; masked anyway), so
+    that query t's window is rows t .. t + window - 1. Unchanged without a window."""
+    return x if window is None else torch.cat([x.new_zeros(x.shape[0], window - 1, x.shape[2]), x], 1)
+
+
+def _pad(mask: torch.Tensor | None) -> torch.Tensor:
+    """The compiled loops' padding argument: [B, Tk] bool, True at padding; empty without a mask."""
+    return (~mask).contiguous() if mask is not None else torch.empty(0, dtype=torch.bool)
+
+
+def _python_tiles(p: _Problem, q_aug, m_all, blocks, checked_blocks, clamped_blocks, finite_scores):
+    """(num [BH, Tq, d] = sum_ab exp(s - m_t) v1_a * v2_b, l [BH, Tq] = sum_ab exp(s - m_t)); m_all and q_aug's last
+    column move where a checked block finds a score over the headroom."""
+    q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes = p.unpack()
     BH, Tq, d = q.shape
     Tk = kr.shape[1]
     dtype, device = q.dtype, q.device
     ws = _Workspace(dtype, device)
     headroom, floor = EXP_HEADROOM[dtype], EXP_FLOOR[dtype]
     kc1 = _with_ones(kc)  # rows [kc_b, 1]
-    m_all, has_pair = _reference_scores(q, kr, kc, w_row, w_col, mask, B, H)  # [BH, Tq] each, m_all updated
     l_all = torch.zeros(BH, Tq, dtype=dtype, device=device)  # sum_ab exp(s - m_t)
     num = torch.zeros(BH, Tq, d, dtype=dtype, device=device)  # sum_ab exp(s - m_t) v1_a * v2_b
-    blocks = plan(Tq, Tk, w_row, w_col, mask, sizes)
-    bound, finite_scores = _score_bounds(q, kr, kc, Tk)  # [BH, Tq], bool
-    checked_blocks = _block_flags(bound - m_all > headroom, blocks)
-    clamped_blocks = _block_flags(bound + m_all > -floor, blocks)
     masker = Masker(w_row, w_col, mask, Tk, device, floor, dtype, finite_scores)
-    # Rows (t, a) of the score GEMM are [q_t, -m_t] * [kr_a, 1] = [q_t * kr_a, -m_t]: one multiply writes them whole
-    # (writing q_t * kr_a into the first d of d+1 columns is a strided pass, 1.5-2x slower).
-    q_aug = torch.cat([q, -m_all[:, :, None]], -1)  # [BH, Tq, d+1]
     kr_rows, vr_rows = _RowStream(_with_ones(kr), w_row), _RowStream(vr, w_row)
     for block, checked, clamp in zip(blocks, checked_blocks, clamped_blocks):
         bq = block.stop - block.start
@@ -262,10 +307,7 @@ def _forward(p: _Problem):
             else:
                 acc[:, :, :ba].addcmul_(pv.view(BH, bq, ba, d), vr_rows.tile(block, rb))
         torch.sum(acc, 2, out=num[:, block.start : block.stop])
-    out, lse = num.div_(l_all[:, :, None]), l_all.log_().add_(m_all)
-    if not bool(has_pair.all()):  # queries without a pair (all padding, or windows before the first real key)
-        out, lse = torch.where(has_pair[:, :, None], out, 0), torch.where(has_pair, lse, 0)
-    return out, lse, has_pair
+    return num, l_all
 
 
 def _backward(p: _Problem, out, lse, has_pair, dout):
@@ -293,13 +335,22 @@ def _backward(p: _Problem, out, lse, has_pair, dout):
     # return S - lse and dP - D directly (one width-65 GEMM costs about what a width-64 one does; the two
     # subtractions would be two passes over the tile).
     col_stack = _with_ones(torch.cat([kc, vc, kc]))  # [3BH, Tk, d+1]
-    masker = Masker(w_row, w_col, mask, Tk, device, floor, dtype, finite_scores)
     # [q, -lse] * [kr, 1] and [dO, -D] * [vr, 1] write the rows of `left` whole (see `_forward`)
     q_aug, g_aug = torch.cat([q, -lse[:, :, None]], -1), torch.cat([dout, -delta[:, :, None]], -1)
+    gq = torch.cat([dout, q])  # [2BH, Tq, d]: dvr gets (P @ vc) * dO, dkr gets (dS @ kc) * q
+    # The backward's scores are S - lse <= 0 for every allowed pair: the compiled loop needs no bound here.
+    compiled = extension.cpu_ops() if device.type == "cpu" else None
+    if compiled is not None:
+        dq, dvkr, dvk = compiled.backward_tiles(
+            q_aug, g_aug, _lead_zeros(_with_ones(kr), w_row), _lead_zeros(_with_ones(vr), w_row), col_stack, gq,
+            w_row or 0, w_col or 0, *pack(blocks, clamped_blocks), _pad(mask), H, floor,
+        )
+        dvkr = dvkr[:, w_row - 1 :] if w_row is not None else dvkr
+        return dq, dvkr[BH:], dvk[BH:], dvkr[:BH], dvk[:BH]
+    masker = Masker(w_row, w_col, mask, Tk, device, floor, dtype, finite_scores)
     kr_rows, vr_rows = _RowStream(_with_ones(kr), w_row), _RowStream(_with_ones(vr), w_row)
     dq = torch.zeros_like(q)
     dvkr = _RowGrad(2 * BH, Tk, d, w_row, dtype, device)  # [dvr; dkr]
-    gq = torch.cat([dout, q])  # [2BH, Tq, d]: dvr gets (P @ vc) * dO, dkr gets (dS @ kc) * q
     dvk = torch.zeros(2 * BH, Tk, d, dtype=dtype, device=device)  # [dvc; dkc]
     for block, clamp in zip(blocks, clamped_blocks):
         bq = block.stop - block.start

@@ -1,0 +1,120 @@
+"""The compiled CPU tile loop (`ops.extension`, `csrc/tiles.cpp`): used where it builds, the Python loop where it
+does not, and the same results either way (the numerics are in test_tiled.py, which runs both loops)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from hf_tensor_attn.ops import extension, tensor_attention, tiled
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (w1, w2, padded): windowed on both streams (one tile per block), causal (many tiles, diagonal masks), one window
+CASES = [(4, 9, False), (None, None, True), (None, 5, True), (6, None, False)]
+
+
+def inputs(padded: bool, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    q, k1, k2, v1, v2 = (torch.randn(2, 3, 45, 16, generator=g, dtype=dtype) for _ in range(5))
+    mask = torch.ones(2, 45, dtype=torch.long)
+    if padded:
+        mask[0, :7], mask[1, 20] = 0, 0
+    return (q, k1, k2, v1, v2), (mask if padded else None)
+
+
+@pytest.fixture
+def loops(monkeypatch):
+    """Counts the calls of the compiled ops and of the Python forward loop."""
+    ops = extension.cpu_ops()
+    if ops is None:
+        pytest.skip("the compiled CPU tile loop could not be built here (see its RuntimeWarning)")
+    counts = {"forward_tiles": 0, "backward_tiles": 0, "python": 0}
+
+    class Counted:
+        def __getattr__(self, name):
+            counts[name] += 1
+            return getattr(ops, name)
+
+    monkeypatch.setattr(extension, "cpu_ops", lambda: Counted() if extension.enabled() else None)
+    real = tiled._python_tiles
+
+    def python_tiles(*args):
+        counts["python"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(tiled, "_python_tiles", python_tiles)
+    return counts
+
+
+def outputs_and_grads(x, **kw):
+    leaves = [t.detach().clone().requires_grad_(True) for t in x]
+    out = tensor_attention(*leaves, **kw)
+    return [out, *torch.autograd.grad(out, leaves, torch.ones_like(out))]
+
+
+@pytest.mark.parametrize("w1, w2, padded", CASES)
+def test_compiled_loops_run_by_default_and_match_python_loops(w1, w2, padded, loops, monkeypatch):
+    x, mask = inputs(padded)
+    kw = dict(scale=0.25, w1=w1, w2=w2, attention_mask=mask)
+    compiled = outputs_and_grads(x, **kw)
+    assert loops == {"forward_tiles": 1, "backward_tiles": 1, "python": 0}
+    monkeypatch.setenv(extension.ENV, "0")
+    python = outputs_and_grads(x, **kw)
+    assert loops == {"forward_tiles": 1, "backward_tiles": 1, "python": 1}
+    # The same GEMMs and exp; masked pairs add exact zeros instead of exp(floor) ~ 1e-35, so only rounding differs.
+    for name, a, b in zip(("out", "dq", "dk1", "dk2", "dv1", "dv2"), compiled, python):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_scores_over_the_headroom_take_the_python_loop(loops):
+    """The compiled loop has no running max: a call whose score bound allows overflow runs the Python loop."""
+    x, _ = inputs(False)
+    big = [t * 30 for t in x]
+    out = tensor_attention(*big, scale=1.0, w1=5, w2=None)
+    assert loops == {"forward_tiles": 0, "backward_tiles": 0, "python": 1}
+    assert torch.isfinite(out).all()
+
+
+def test_failed_build_warns_and_falls_back(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):  # what torch raises on a machine without a C++ compiler
+        raise RuntimeError(
+            "Error building extension 'x': [1/2] c++ -MMD -MF tiles.o.d -fPIC -c tiles.cpp -o tiles.o\n"
+            "FAILED: [code=127] tiles.o\nc++ -MMD -MF tiles.o.d -fPIC -c tiles.cpp -o tiles.o\n"
+            "/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed.\n"
+        )
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with pytest.warns(RuntimeWarning, match=r"could not build the compiled CPU tile loop \(RuntimeError: /bin/sh: 1: "
+                                            r"c\+\+: not found\); the tiled op runs its Python loop"):
+        assert extension.build() is None
+    monkeypatch.setattr(extension, "_loaded", extension.build)  # as if this process's one attempt had failed
+    x, mask = inputs(True, torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = tensor_attention(*x, scale=0.25, w1=3, w2=None, attention_mask=mask)
+    monkeypatch.undo()
+    monkeypatch.setenv(extension.ENV, "0")
+    torch.testing.assert_close(out, tensor_attention(*x, scale=0.25, w1=3, w2=None, attention_mask=mask))
+
+
+def test_switched_off_never_builds(monkeypatch):
+    monkeypatch.setenv(extension.ENV, "0")
+    monkeypatch.setattr(extension, "_loaded", lambda: pytest.fail("built although switched off"))
+    assert extension.cpu_ops() is None
+
+
+@pytest.mark.parametrize("value", ["yes", "2", ""])
+def test_bad_switch_value_names_variable_and_values(value, monkeypatch):
+    monkeypatch.setenv(extension.ENV, value)
+    with pytest.raises(ValueError, match=rf"{extension.ENV} must be 0 .* or 1 .* got '{value}'"):
+        extension.cpu_ops()
+
+
+def test_library_name_carries_torch_version():
+    assert extension.library_name().startswith("hf_tensor_attn_cpu_")
+    assert extension.library_name().endswith(torch.__version__.replace(".", "_").replace("+", "_"))
