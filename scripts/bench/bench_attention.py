@@ -25,6 +25,7 @@ scripts/bench/attention_gpu.py) and writes docs/bench_attention_gpu/:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -36,7 +37,7 @@ if __package__ in (None, ""):  # run as a file: make `scripts.bench` importable 
 import torch
 import torch.nn.functional as F
 
-from hf_tensor_attn.ops import naive_tensor_attention, tensor_attention
+from hf_tensor_attn.ops import extension, naive_tensor_attention, tensor_attention
 from hf_tensor_attn.ops._tiles import choose_tile_sizes
 from scripts.bench.harness import (
     describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, peak_rss_mib, publish,
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if targets:
         write_csv(args.out / f"{NAME}_targets.csv", targets, record)
     write_run_record(args.out, run_record(MODULE, argv, TITLE, record, describe_load(load_before, load_after),
-                                          mm_sizes=list(mm_sizes), mm_gflops_after=mm_after))
+                                          mm_sizes=list(mm_sizes), mm_gflops_after=mm_after, tile_loop=TILE_LOOP()))
     plot(rows, args.out / f"{NAME}.png")
     print(publish(args.out, render))
     print(f"wrote {args.out}/{NAME}.csv, run.json, {NAME}.png, tables.md")
@@ -258,8 +259,12 @@ def target_rows(args, rows, B, H, D, scale, mm_sizes) -> list[dict]:
         *fused, fused_flops = fused_reference_calls(T, w1, w2, B, H, D, scale) if w1 and w2 else (None, None, None)
         for what, call, reference, factor in zip(("fwd", "fwdbwd"), calls(tensor_attention, inputs, dout, scale, w1, w2),
                                                  fused, (1, 3)):
-            timed = {"op": call, "fused": reference} if reference else {"op": call}
-            useful = {"op": flops, "fused": fused_flops}
+            timed = {"op": call}
+            if extension.cpu_ops() is not None:  # the same op on its Python tile loop, for the compiled loop's gain
+                timed["python"] = python_loop(call)
+            if reference:
+                timed["fused"] = reference
+            useful = {"op": flops, "python": flops, "fused": fused_flops}
             for fn in timed.values():
                 fn()
             ratios = {name: [] for name in timed}
@@ -271,22 +276,42 @@ def target_rows(args, rows, B, H, D, scale, mm_sizes) -> list[dict]:
                 for name in timed:
                     ratios[name].append(factor * useful[name] / seconds[name] / 1e9 / ((before + after) / 2))
             row = {"mode": mode, "T": T, "w1": w1, "w2": w2, "pass": what, "rounds": args.target_rounds}
-            for name, prefix in (("op", ""), ("fused", "fused_")):
+            for name, prefix in (("op", ""), ("python", "python_"), ("fused", "fused_")):
                 values = ratios.get(name)
                 row.update({f"{prefix}median_of_mm": statistics.median(values) if values else None,
                             f"{prefix}lowest_of_mm": min(values) if values else None,
                             f"{prefix}highest_of_mm": max(values) if values else None})
             out.append(row)
-            fused_text = (f"; torch's fused attention on its rows and bands {row['fused_median_of_mm']:.0%}"
-                          if reference else "")
+            fused_text = (f"; Python tile loop {row['python_median_of_mm']:.0%}" if "python" in timed else "") + (
+                f"; torch's fused attention on its rows and bands {row['fused_median_of_mm']:.0%}" if reference else "")
             print(f"interleaved: {mode} T={T} {what}: median {row['median_of_mm']:.0%} of torch.mm "
                   f"({row['lowest_of_mm']:.0%}-{row['highest_of_mm']:.0%}, {row['rounds']} rounds){fused_text}",
                   flush=True)
     return out
 
 
+def python_loop(call):
+    """`call` with the compiled tile loop switched off (`ops.extension`): the op's Python loop."""
+    def run():
+        before = os.environ.get(extension.ENV)
+        os.environ[extension.ENV] = "0"
+        try:
+            return call()
+        finally:
+            if before is None:
+                del os.environ[extension.ENV]
+            else:
+                os.environ[extension.ENV] = before
+
+    return run
+
+
 def _given(row, key) -> bool:
     return row.get(key) not in (None, "")
+
+
+def TILE_LOOP() -> str:  # noqa: N802 (read once per run, after the timings)
+    return "compiled (csrc/tiles.cpp)" if extension.cpu_ops() is not None else "Python (the compiled loop did not build)"
 
 
 def render(folder: Path) -> str:
@@ -306,21 +331,23 @@ def render(folder: Path) -> str:
     windows = ", ".join(f"{mode}: w1={w1}, w2={w2}" for mode, (w1, w2) in modes.items())
     first = rows[0]
     disturbed = "; ".join(f"{r['mode']} T={r['T']}: {r['disturbed']}" for r in rows if r["disturbed"]) or "none"
+    loop = record.get("tile_loop", "Python (recorded before the compiled loop existed)")
     return render_document(record, [
-        ("torch.mm reference", mm_lines),
+        ("torch.mm reference", mm_lines + ["", f"Tile loop of the op: {loop}."]),
         (f"Tiled `tensor_attention`, d={first['d']}, B={first['B']}, H={first['H']} ({windows})",
          markdown_table(TABLE_HEADER, table_rows(rows), "llrrrrrrrrrrr")
          + ["", f"Disturbed timings (other processes were busy in every measurement): {disturbed}."]),
         *([("Target cases again, in interleaved rounds (torch.mm, op, torch.mm)",
             markdown_table(["mode", "T", "pass", "rounds", "median of mm", "range of mm",
+                            "same op, Python tile loop: median (range) of mm",
                             "torch fused attention on the op's rows and bands: median (range) of mm"],
                            [[t["mode"], t["T"], t["pass"], t["rounds"], f"{t['median_of_mm']:.1%}",
-                             f"{t['lowest_of_mm']:.1%}-{t['highest_of_mm']:.1%}",
-                             f"{t['fused_median_of_mm']:.1%} ({t['fused_lowest_of_mm']:.1%}-"
-                             f"{t['fused_highest_of_mm']:.1%})" if _given(t, "fused_median_of_mm") else "-"]
-                            for t in targets], "lllrrrr")
+                             f"{t['lowest_of_mm']:.1%}-{t['highest_of_mm']:.1%}", _spread(t, "python_"),
+                             _spread(t, "fused_")] for t in targets], "lllrrrrr")
             + ["", "Each round times one call between two short torch.mm measurements and divides by their mean; the "
-                   "target verdicts below read the median. The last column (windowed cases) is torch's fused CPU "
+                   "target verdicts below read the median. The Python-loop column is the same op with the compiled "
+                   "tile loop switched off (HF_TENSOR_ATTN_CPU_EXTENSION=0), in the same rounds. The last column "
+                   "(windowed cases) is torch's fused CPU "
                    "attention kernel (`F.scaled_dot_product_attention`, flash path) in the same rounds, run as "
                    "standard attention on the rows and column bands of the op's interior tiles (rows q_t * k_a of a "
                    "query block, ready-made, against its band), every block interior, credited with its own useful "
@@ -328,6 +355,13 @@ def render(folder: Path) -> str:
           if targets else []),
         ("What the numbers say (computed from the tables above)", findings(rows, targets)),
     ])
+
+
+def _spread(row, prefix) -> str:
+    if not _given(row, f"{prefix}median_of_mm"):
+        return "-"
+    return (f"{row[f'{prefix}median_of_mm']:.1%} ({row[f'{prefix}lowest_of_mm']:.1%}-"
+            f"{row[f'{prefix}highest_of_mm']:.1%})")
 
 
 def findings(rows: list[dict], targets: list[dict] = ()) -> list[str]:
@@ -391,6 +425,11 @@ def findings(rows: list[dict], targets: list[dict] = ()) -> list[str]:
                     f"{again['fwd']['fused_median_of_mm']:.1%}, forward+backward "
                     f"{again['fwdbwd']['fused_median_of_mm']:.1%} of torch.mm (the op: "
                     f"{again['fwd']['median_of_mm']:.1%}, {again['fwdbwd']['median_of_mm']:.1%}).")
+    compared = [t for t in targets if _given(t, "python_median_of_mm")]
+    if compared:
+        gains = ", ".join(f"{t['mode']} {t['pass']} {t['median_of_mm'] / t['python_median_of_mm']:.2f}x"
+                          for t in compared)
+        lines.append(f"- The compiled tile loop against the Python one, ratio of the interleaved medians: {gains}.")
     window = [r for r in rows if r["mode"] == "window" and r["T"] >= 256]
     if window:
         shares = [r["fwd_of_mm"] for r in window]

@@ -2,7 +2,8 @@
 
 For windowed and causal attention (forward, forward+backward) and the four-cache decode step, one call runs under
 torch.profiler and each op's self CPU time is put in a category: GEMM (bmm, baddbmm, mm, matmul), exp, masks and
-clamps, other elementwise passes, reductions, scatter (index_add), copies. Separately, the op is timed interleaved
+clamps (with the compiled tile loops' own time: their mask loops), other elementwise passes, reductions, scatter
+(index_add), copies. Separately, the op is timed interleaved
 with torch.mm (mm, op, mm) so the "of mm" ratio compares them under the same load.
 
 Before and after a change: --baseline DIR profiles the package of another checkout of this repository (e.g. a
@@ -62,7 +63,9 @@ CATEGORIES = {
     "GEMM": ("bmm", "baddbmm", "mm", "addmm", "matmul"),
     "exp": ("exp", "exp_"),
     # out-of-place addcmul is the masks' fill + s * keep (`_tiles.Masker.apply`); addcmul_ accumulates
-    "mask/clamp": ("clamp", "clamp_min", "clamp_min_", "masked_fill", "masked_fill_", "where", "addcmul"),
+    # the compiled loops' own time (their ATen calls are events of their own) is their mask loops
+    "mask/clamp": ("clamp", "clamp_min", "clamp_min_", "masked_fill", "masked_fill_", "where", "addcmul",
+                   "hf_tensor_attn_cpu::forward_tiles", "hf_tensor_attn_cpu::backward_tiles"),
     "elementwise": ("mul", "mul_", "add", "add_", "addcmul_", "sub", "sub_", "div", "neg", "fill_", "zero_"),
     "reductions": ("sum", "amax", "max", "any", "cummax", "linalg_vector_norm"),
     "scatter": ("index_add_", "index_add"),
@@ -84,7 +87,7 @@ def profile_shares(fn) -> dict[str, float]:
         fn()
     totals: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
-        if event.key.startswith("aten::") or event.key.startswith("hf_tensor_attn::"):
+        if event.key.startswith(("aten::", "hf_tensor_attn::", "hf_tensor_attn_cpu::")):
             totals[category(event.key)] += event.self_cpu_time_total
     whole = sum(totals.values()) or 1.0
     return {cat: totals.get(cat, 0.0) / whole for cat in [*CATEGORIES, "other"]}
