@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a file: make `scripts.bench` importable 
 import torch
 import torch.nn.functional as F
 
-from hf_tensor_attn.ops import extension, naive_tensor_attention, tensor_attention
+from hf_tensor_attn.ops import naive_tensor_attention, tensor_attention
 from hf_tensor_attn.ops._tiles import choose_tile_sizes
 from scripts.bench.harness import (
     describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, peak_rss_mib, publish,
@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if targets:
         write_csv(args.out / f"{NAME}_targets.csv", targets, record)
     write_run_record(args.out, run_record(MODULE, argv, TITLE, record, describe_load(load_before, load_after),
-                                          mm_sizes=list(mm_sizes), mm_gflops_after=mm_after, tile_loop=TILE_LOOP()))
+                                          mm_sizes=list(mm_sizes), mm_gflops_after=mm_after,
+                                          tile_loop="compiled (csrc/tiles.cpp)" if compiled_loop() else
+                                          "Python (the compiled loop did not build)"))
     plot(rows, args.out / f"{NAME}.png")
     print(publish(args.out, render))
     print(f"wrote {args.out}/{NAME}.csv, run.json, {NAME}.png, tables.md")
@@ -260,7 +262,7 @@ def target_rows(args, rows, B, H, D, scale, mm_sizes) -> list[dict]:
         for what, call, reference, factor in zip(("fwd", "fwdbwd"), calls(tensor_attention, inputs, dout, scale, w1, w2),
                                                  fused, (1, 3)):
             timed = {"op": call}
-            if extension.cpu_ops() is not None:  # the same op on its Python tile loop, for the compiled loop's gain
+            if compiled_loop():  # the same op on its Python tile loop, for the compiled loop's gain
                 timed["python"] = python_loop(call)
             if reference:
                 timed["fused"] = reference
@@ -290,8 +292,18 @@ def target_rows(args, rows, B, H, D, scale, mm_sizes) -> list[dict]:
     return out
 
 
+def compiled_loop() -> bool:
+    """Whether the op runs its compiled tile loop here (`ops.extension`). Imported on use: profile_attention imports
+    this module beside older checkouts of the package (its --baseline), which have no such module."""
+    from hf_tensor_attn.ops import extension
+
+    return extension.cpu_ops() is not None
+
+
 def python_loop(call):
     """`call` with the compiled tile loop switched off (`ops.extension`): the op's Python loop."""
+    from hf_tensor_attn.ops import extension
+
     def run():
         before = os.environ.get(extension.ENV)
         os.environ[extension.ENV] = "0"
@@ -308,10 +320,6 @@ def python_loop(call):
 
 def _given(row, key) -> bool:
     return row.get(key) not in (None, "")
-
-
-def TILE_LOOP() -> str:  # noqa: N802 (read once per run, after the timings)
-    return "compiled (csrc/tiles.cpp)" if extension.cpu_ops() is not None else "Python (the compiled loop did not build)"
 
 
 def render(folder: Path) -> str:
