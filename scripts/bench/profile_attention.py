@@ -60,13 +60,14 @@ from scripts.bench.harness import (
 NAME = "profile_attention"
 CASES = {"window 128x32": (128, 32), "window 512x32": (512, 32), "causal": (None, None)}
 CATEGORIES = {
-    "GEMM": ("bmm", "baddbmm", "mm", "addmm", "matmul"),
+    "GEMM": ("bmm", "baddbmm", "baddbmm_", "mm", "addmm", "addmm_", "matmul"),
     "exp": ("exp", "exp_"),
     # out-of-place addcmul is the masks' fill + s * keep (`_tiles.Masker.apply`); addcmul_ accumulates
     # the compiled loops' own time (their ATen calls are events of their own) is their mask loops
     "mask/clamp": ("clamp", "clamp_min", "clamp_min_", "masked_fill", "masked_fill_", "where", "addcmul",
                    "hf_tensor_attn_cpu::forward_tiles", "hf_tensor_attn_cpu::backward_tiles"),
-    "elementwise": ("mul", "mul_", "add", "add_", "addcmul_", "sub", "sub_", "div", "neg", "fill_", "zero_"),
+    "elementwise": ("mul", "mul_", "add", "add_", "addcmul_", "sub", "sub_", "div", "div_", "neg", "log", "log_",
+                    "fill_", "zero_"),
     "reductions": ("sum", "amax", "max", "any", "cummax", "linalg_vector_norm"),
     "scatter": ("index_add_", "index_add"),
     "copies": ("copy_", "cat", "contiguous", "clone", "to", "_to_copy", "empty", "empty_strided", "zeros", "ones"),

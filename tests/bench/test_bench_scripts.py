@@ -119,6 +119,16 @@ def test_profile_attention_quick_run(tmp_path):
     assert (tmp_path / "profile_attention.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("op, expected", [
+    ("aten::bmm", "GEMM"), ("aten::baddbmm_", "GEMM"), ("aten::addmm_", "GEMM"), ("aten::exp_", "exp"),
+    ("aten::div_", "elementwise"), ("hf_tensor_attn_cpu::forward_tiles", "mask/clamp"),
+    ("hf_tensor_attn_cpu::backward_tiles", "mask/clamp"), ("aten::narrow", "other"),
+])
+def test_profile_attention_categories_of_the_ops_the_loops_call(op, expected):
+    """In-place GEMMs (pv.baddbmm_ accumulates over column blocks) once fell into "other", booked as loop time."""
+    assert profile_attention.category(op) == expected
+
+
 def test_profile_attention_baseline_runs_the_other_checkouts_package(tmp_path, capfd):
     """--baseline DIR: every job once on DIR's package (in a child process) and once on this one, and the table
     says which row is which. DIR here is a copy of the package that marks itself, so the test sees the child
