@@ -1,7 +1,7 @@
 // The tile loops of `ops.tiled` (`_python_tiles` and the loop of `_backward`), compiled: the same tiles, the same
 // batched GEMMs, exp and products as the Python loops, without the interpreter between them. A windowed pass does
-// one tile per 16-query block, and the Python and dispatch time of its fifteen-odd small ops per block weighed as
-// much as a fifth of the call (docs/profile_attention.md).
+// one tile per 16-query block, and the Python and dispatch time of its fifteen-odd small ops per block was about a
+// quarter of the forward (docs/profile_attention.md).
 //
 // Built on first use by `ops.extension` (torch.utils.cpp_extension). Every numeric step is an ATen op (MKL GEMMs,
 // vectorised exp), so it needs no SIMD code of its own; only the masks are plain loops. One difference from the
