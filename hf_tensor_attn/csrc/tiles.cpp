@@ -97,12 +97,15 @@ struct Plan {
     return x.narrow(1, row_start, ba).unsqueeze(1);
   }
 
-  // The row masks of tile (bi, r) for every head into ok [BH, bq * ba], or nullptr when no row entry is masked.
+  // The row masks of tile (bi, r) for every sequence of the batch into ok [BH / heads, bq * ba] (heads of a sequence
+  // share theirs), or nullptr when no row entry is masked.
   bool* row_masks(Tensor& ok_buf, int64_t BH, int64_t t0, int64_t bq, int64_t r) const {
     if (R[r][2] == 0) return nullptr;
     const int64_t row_start = R[r][0], ba = R[r][1] - row_start;
     bool* ok = ok_buf.data_ptr<bool>();
-    for (int64_t h = 0; h < BH; ++h) row_mask(ok + h * bq * ba, bq, ba, t0, row_start, w_row, pad_of(h));
+    for (int64_t h = 0; h < BH; h += heads) {
+      row_mask(ok + (h / heads) * bq * ba, bq, ba, t0, row_start, w_row, pad_of(h));
+    }
     return ok;
   }
 
@@ -113,7 +116,8 @@ struct Plan {
     if (!col_masked && ok == nullptr) return;
     const int64_t bc = C[c][1] - C[c][0], n = bq * ba;
     for (int64_t h = 0; h < BH; ++h) {
-      zero_masked(p + h * bc * n, bc, bq, ba, t0, C[c][0], w_col, col_masked, pad_of(h), ok ? ok + h * n : nullptr);
+      zero_masked(p + h * bc * n, bc, bq, ba, t0, C[c][0], w_col, col_masked, pad_of(h),
+                  ok ? ok + (h / heads) * n : nullptr);
     }
   }
 };
@@ -256,7 +260,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& q_aug, const Tens
         const int64_t width = ba + bq;
         Tensor buf = skew_buf.narrow(0, 0, 2 * BH * bq * width * d).view({2 * BH, bq, width, d});
         if (bq != skew_bq || ba != skew_ba) {
-          skew_buf.zero_();
+          buf.zero_();
           skew_bq = bq, skew_ba = ba;
         }
         Tensor view = buf.as_strided({2 * BH, bq, ba, d}, {bq * width * d, (width + 1) * d, d, 1},
@@ -279,9 +283,17 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& q_aug, const Tens
   return {dq, dvkr, dvk};
 }
 
+// The masks and row views index raw memory from these shapes: a wrong argument must fail here, not read past a buffer.
 void check_inputs(const char* name, std::initializer_list<const Tensor*> tensors, const Tensor& blocks,
-                  const Tensor& rows, const Tensor& cols, const Tensor& pad) {
+                  const Tensor& rows, const Tensor& cols, const Tensor& pad, const Tensor& row_stream,
+                  const Tensor& col_stream, int64_t BH, int64_t w_row, int64_t heads) {
   const auto dtype = (*tensors.begin())->scalar_type();
+  const int64_t Tk = col_stream.size(1);
+  TORCH_CHECK(heads >= 1 && BH % heads == 0, name, ": heads must divide the batch*heads dimension");
+  TORCH_CHECK(row_stream.size(1) == Tk + std::max<int64_t>(w_row - 1, 0), name,
+              ": the row stream must have w_row - 1 leading rows before its Tk keys");
+  TORCH_CHECK(pad.numel() == 0 || (pad.dim() == 2 && pad.size(0) * heads == BH && pad.size(1) == Tk), name,
+              ": pad must be [B, Tk]");
   for (const Tensor* t : tensors) {
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == dtype,
                 name, ": inputs must be contiguous CPU tensors of one dtype");
@@ -298,7 +310,8 @@ std::tuple<Tensor, Tensor> forward_tiles(const Tensor& q_aug, const Tensor& kr1,
                                          const Tensor& vc1, int64_t w_row, int64_t w_col, const Tensor& blocks,
                                          const Tensor& rows, const Tensor& cols, const Tensor& pad, int64_t heads,
                                          double floor) {
-  check_inputs("forward_tiles", {&q_aug, &kr1, &kc1, &vr, &vc1}, blocks, rows, cols, pad);
+  check_inputs("forward_tiles", {&q_aug, &kr1, &kc1, &vr, &vc1}, blocks, rows, cols, pad, kr1, kc1, q_aug.size(0),
+               w_row, heads);
   std::tuple<Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(q_aug.scalar_type(), "forward_tiles", [&] {
     result = forward_impl<scalar_t>(q_aug, kr1, kc1, vr, vc1, Plan(blocks, rows, cols, w_row, w_col, pad, heads,
@@ -312,7 +325,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_tiles(const Tensor& q_aug, const Ten
                                                   int64_t w_row, int64_t w_col, const Tensor& blocks,
                                                   const Tensor& rows, const Tensor& cols, const Tensor& pad,
                                                   int64_t heads, double floor) {
-  check_inputs("backward_tiles", {&q_aug, &g_aug, &kr1, &vr1, &col_stack, &gq}, blocks, rows, cols, pad);
+  check_inputs("backward_tiles", {&q_aug, &g_aug, &kr1, &vr1, &col_stack, &gq}, blocks, rows, cols, pad, kr1,
+               col_stack, q_aug.size(0), w_row, heads);
   std::tuple<Tensor, Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(q_aug.scalar_type(), "backward_tiles", [&] {
     result = backward_impl<scalar_t>(q_aug, g_aug, kr1, vr1, col_stack, gq,

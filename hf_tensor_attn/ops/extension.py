@@ -1,18 +1,21 @@
-"""The compiled CPU tile loop (`csrc/tiles.cpp`), built on first use; the Python loop wherever it cannot be.
+"""The compiled CPU tile loops (`csrc/tiles.cpp`), built on first use; the Python loops wherever they cannot be.
 
-The tiled forward's loop runs the same ATen ops in C++ when this extension loads: same tiles, same GEMMs, no
-interpreter between them (`docs/bench_attention.md` measures both). Building it takes about a minute once per
-machine and torch version (`torch.utils.cpp_extension`: a C++ compiler and ninja; the result is cached under
-TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions). Where it cannot be built, one warning says why and the
-Python loop runs; `HF_TENSOR_ATTN_CPU_EXTENSION=0` skips the attempt.
+The tiled op's forward and backward loops run the same ATen ops in C++ when this library loads: same tiles, same
+GEMMs, no interpreter between them (`docs/bench_attention.md` measures both). Building it takes about 15 s on a
+2-core VM, once per machine, torch version and source (`torch.utils.cpp_extension`: a C++ compiler and ninja; the
+result is cached under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions; point it elsewhere where that
+is read-only). Where it cannot be built or loaded, one warning says why and the Python loops run;
+`HF_TENSOR_ATTN_CPU_EXTENSION=0` skips the attempt. torch's build lock is a file in the cache: a build killed
+outright leaves it behind, and later builds wait on it until it is deleted.
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import logging
 import os
 import re
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -33,9 +36,13 @@ def enabled() -> bool:
 
 
 def library_name() -> str:
-    # torch's build cache keys on the sources and flags, not on torch's version: a library built against another
-    # torch would load and fail at its first call. The version in the name gives each torch its own build.
-    return "hf_tensor_attn_cpu_" + re.sub(r"\W", "_", torch.__version__)
+    # torch's build cache keys on the name and rebuilds in place when the source changes, not when torch does: a
+    # library built against another torch would load and fail at its first call, and two checkouts with different
+    # sources would rebuild each other's library. The torch version and a hash of the source in the name give each
+    # its own build.
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
+    version = re.sub(r"\W", "_", torch.__version__)
+    return f"hf_tensor_attn_cpu_{version}_{digest}"
 
 
 def build():
@@ -44,28 +51,38 @@ def build():
     from torch.utils import cpp_extension
 
     start = time.perf_counter()
-    path = os.environ.get("PATH", "")
+    path = os.environ.get("PATH")
     try:
-        # torch runs `ninja` from PATH; the pip package's binary is not there unless its environment is activated
-        import ninja
-
-        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
+        os.environ["PATH"] = os.pathsep.join(filter(None, [_ninja_dir(), path]))
         cpp_extension.load(name=library_name(), sources=[str(SOURCE)], extra_cflags=["-O3"], is_python_module=False)
-    except Exception as error:  # no compiler, no ninja, a failed build: the Python loop gives the same results
+    except Exception as error:  # no compiler, no ninja, a failed build: the Python loops give the same results
         reason = _reason(str(error))
         warnings.warn(
-            f"hf_tensor_attn: could not build the compiled CPU tile loop ({type(error).__name__}: {reason}); the "
-            f"tiled op runs its Python loop (same results, slower). Set {ENV}=0 to skip the attempt.",
-            RuntimeWarning, stacklevel=2,
+            f"hf_tensor_attn: could not build or load the compiled CPU tile loops ({type(error).__name__}: {reason});"
+            f" the tiled op runs its Python loops (same results, slower). Set {ENV}=0 to skip the attempt.",
+            RuntimeWarning, stacklevel=4,  # the caller of tensor_attention
         )
         return None
     finally:
-        os.environ["PATH"] = path
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
     seconds = time.perf_counter() - start
     if seconds > 5:
         logger.warning("hf_tensor_attn: built the compiled CPU tile loop in %.0f s (once; cached by torch under "
                        "TORCH_EXTENSIONS_DIR)", seconds)
     return torch.ops.hf_tensor_attn_cpu
+
+
+def _ninja_dir() -> str | None:
+    """The folder of the `ninja` package's binary: torch runs `ninja` from PATH, where the package's binary is only
+    when its environment is activated. None without the package (a system ninja on PATH may still do)."""
+    try:
+        import ninja
+    except ImportError:
+        return None
+    return getattr(ninja, "BIN_DIR", None) or None
 
 
 def _reason(message: str) -> str:
@@ -82,4 +99,12 @@ def cpu_ops():
     return _loaded() if enabled() else None
 
 
-_loaded = functools.cache(build)  # one attempt per process
+_lock = threading.Lock()
+_attempt: list = []  # the result of this process's one attempt
+
+
+def _loaded():
+    with _lock:  # threads calling the op at once: one build, one warning
+        if not _attempt:
+            _attempt.append(build())
+        return _attempt[0]

@@ -3,6 +3,7 @@ does not, and the same results either way (the numerics are in test_tiled.py, wh
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -16,13 +17,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CASES = [(4, 9, False), (None, None, True), (None, 5, True), (6, None, False)]
 
 
-def inputs(padded: bool, dtype=torch.float32):
+def inputs(padded: bool, dtype=torch.float32, T=45, Tq=None, D=16):
     g = torch.Generator().manual_seed(1)
-    q, k1, k2, v1, v2 = (torch.randn(2, 3, 45, 16, generator=g, dtype=dtype) for _ in range(5))
-    mask = torch.ones(2, 45, dtype=torch.long)
+    q, k1, k2, v1, v2 = (torch.randn(2, 3, T, D, generator=g, dtype=dtype) for _ in range(5))
+    mask = torch.ones(2, T, dtype=torch.long)
     if padded:
         mask[0, :7], mask[1, 20] = 0, 0
-    return (q, k1, k2, v1, v2), (mask if padded else None)
+    return (q[:, :, T - (Tq or T):], k1, k2, v1, v2), (mask if padded else None)
 
 
 @pytest.fixture
@@ -69,6 +70,20 @@ def test_compiled_loops_run_by_default_and_match_python_loops(w1, w2, padded, lo
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def test_default_tiles_over_a_wide_band_match_python_loops(loops, monkeypatch):
+    """A column window of 290 makes bands of 305 keys, cut into two column blocks by the default tiles; with a row
+    window of 40 (two row blocks of 32 and 8 offsets), padding, Tq < Tk and float64, through the backward too."""
+    x, mask = inputs(True, torch.float64, T=300, Tq=200, D=8)
+    kw = dict(scale=0.3, w1=290, w2=40, attention_mask=mask)
+    compiled = outputs_and_grads(x, **kw)
+    assert loops == {"forward_tiles": 1, "backward_tiles": 1, "python": 0}
+    blocks = tiled.plan(200, 300, 40, 290, mask.bool(), tiled.choose_tile_sizes(200, 40, 290))
+    assert max(len(b.col_blocks) for b in blocks) == 2 and max(len(b.row_blocks) for b in blocks) == 2
+    monkeypatch.setenv(extension.ENV, "0")
+    for name, a, b in zip(("out", "dq", "dk1", "dk2", "dv1", "dv2"), compiled, outputs_and_grads(x, **kw)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
 def test_scores_over_the_headroom_take_the_python_loop(loops):
     """The compiled loop has no running max: a call whose score bound allows overflow runs the Python loop."""
     x, _ = inputs(False)
@@ -89,8 +104,8 @@ def test_failed_build_warns_and_falls_back(monkeypatch):
         )
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    with pytest.warns(RuntimeWarning, match=r"could not build the compiled CPU tile loop \(RuntimeError: /bin/sh: 1: "
-                                            r"c\+\+: not found\); the tiled op runs its Python loop"):
+    with pytest.warns(RuntimeWarning, match=r"could not build or load the compiled CPU tile loops \(RuntimeError: "
+                                            r"/bin/sh: 1: c\+\+: not found\); the tiled op runs its Python loops"):
         assert extension.build() is None
     monkeypatch.setattr(extension, "_loaded", extension.build)  # as if this process's one attempt had failed
     x, mask = inputs(True, torch.float64)
@@ -115,6 +130,29 @@ def test_bad_switch_value_names_variable_and_values(value, monkeypatch):
         extension.cpu_ops()
 
 
-def test_library_name_carries_torch_version():
-    assert extension.library_name().startswith("hf_tensor_attn_cpu_")
-    assert extension.library_name().endswith(torch.__version__.replace(".", "_").replace("+", "_"))
+def test_library_name_carries_torch_version_and_source(tmp_path, monkeypatch):
+    name = extension.library_name()
+    assert name.startswith("hf_tensor_attn_cpu_" + torch.__version__.replace(".", "_").replace("+", "_") + "_")
+    changed = tmp_path / "tiles.cpp"
+    changed.write_bytes(extension.SOURCE.read_bytes() + b"\n// another checkout\n")
+    monkeypatch.setattr(extension, "SOURCE", changed)
+    assert extension.library_name() != name
+
+
+@pytest.mark.parametrize("ninja_installed", [True, False])
+def test_build_puts_the_ninja_package_on_path_for_the_build_only(ninja_installed, monkeypatch):
+    import sys
+
+    from torch.utils import cpp_extension
+
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **kw: seen.append(os.environ.get("PATH")))
+    monkeypatch.setenv("PATH", "/usr/bin")
+    if not ninja_installed:
+        monkeypatch.setitem(sys.modules, "ninja", None)  # import ninja raises ImportError
+    extension.build()
+    expected = f"{extension._ninja_dir()}{os.pathsep}/usr/bin" if ninja_installed else "/usr/bin"
+    assert seen == [expected] and os.environ["PATH"] == "/usr/bin"
+    monkeypatch.delenv("PATH")
+    extension.build()
+    assert "PATH" not in os.environ  # unset before, unset after
