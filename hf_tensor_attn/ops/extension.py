@@ -70,7 +70,7 @@ def build():
             os.environ["PATH"] = path
     seconds = time.perf_counter() - start
     if seconds > 5:
-        logger.warning("hf_tensor_attn: built the compiled CPU tile loop in %.0f s (once; cached by torch under "
+        logger.warning("hf_tensor_attn: built the compiled CPU tile loops in %.0f s (once; cached by torch under "
                        "TORCH_EXTENSIONS_DIR)", seconds)
     return torch.ops.hf_tensor_attn_cpu
 

@@ -1,5 +1,5 @@
-"""The compiled CPU tile loop (`ops.extension`, `csrc/tiles.cpp`): used where it builds, the Python loop where it
-does not, and the same results either way (the numerics are in test_tiled.py, which runs both loops)."""
+"""The compiled CPU tile loops (`ops.extension`, `csrc/tiles.cpp`): used where they build, the Python loops where they
+do not, and the same results either way (the numerics are in test_tiled.py, which runs both loops)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def loops(monkeypatch):
     """Counts the calls of the compiled ops and of the Python forward loop."""
     ops = extension.cpu_ops()
     if ops is None:
-        pytest.skip("the compiled CPU tile loop could not be built here (see its RuntimeWarning)")
+        pytest.skip("the compiled CPU tile loops could not be built here (see its RuntimeWarning)")
     counts = {"forward_tiles": 0, "backward_tiles": 0, "python": 0}
 
     class Counted:

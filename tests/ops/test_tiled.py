@@ -37,7 +37,7 @@ def tile_loop(request, monkeypatch):
     """The forward's two tile loops: compiled (`csrc/tiles.cpp`, the default where it builds) and Python."""
     monkeypatch.setenv(extension.ENV, "1" if request.param == "compiled" else "0")
     if request.param == "compiled" and extension.cpu_ops() is None:
-        pytest.skip("the compiled CPU tile loop could not be built here (see its RuntimeWarning)")
+        pytest.skip("the compiled CPU tile loops could not be built here (see its RuntimeWarning)")
     return request.param
 
 
