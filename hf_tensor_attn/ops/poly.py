@@ -145,13 +145,22 @@ def monomial_features(x: torch.Tensor, degree: int) -> list[torch.Tensor]:
 
 def query_features(q: torch.Tensor, *, scale: float, degree: int, score_bound) -> torch.Tensor:
     """U1(q) [..., r]: the monomials of q weighted by c_j scale^j j!/alpha!."""
-    coefficients = polynomial_coefficients(degree, score_bound)
     levels = monomial_features(q, degree)
-    weighted = [levels[0] * coefficients[0]]
-    for j, (level, (_, _, weights)) in enumerate(zip(levels[1:], _monomials(q.shape[-1], degree)), start=1):
-        # The weights stay float64 on the CPU (not every device has float64, e.g. MPS): one small copy per call.
-        weighted.append(level * (weights * (coefficients[j] * scale**j)).to(q))
-    return torch.cat(weighted, dim=-1)
+    weights = _query_weights_on(q.shape[-1], degree, score_bound, float(scale), q.dtype, q.device)
+    return torch.cat([level * w for level, w in zip(levels, weights)], dim=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _query_weights_on(d: int, degree: int, score_bound, scale: float, dtype: torch.dtype,
+                      device: torch.device) -> list[torch.Tensor]:
+    """Per degree j = 0..g the weights c_j scale^j j!/alpha! of `query_features`, in q's dtype on q's device, kept as
+    `_indices_on` keeps its indices: computed in float64 on the CPU (not every device has float64, e.g. MPS), they
+    would otherwise be copied to the device at every decode step."""
+    coefficients = polynomial_coefficients(degree, score_bound)
+    levels = [torch.ones(1, dtype=torch.float64)] + [weights for _, _, weights in _monomials(d, degree)]
+    with torch.inference_mode(False):
+        return [(w * (c * scale**j)).to(dtype=dtype, device=device)
+                for j, (w, c) in enumerate(zip(levels, coefficients))]
 
 
 def key_features(k: torch.Tensor, degree: int) -> torch.Tensor:

@@ -267,3 +267,23 @@ def test_grouped_queries_share_one_state(causal):
         torch.testing.assert_close(grouped[:, :, member], alone, rtol=1e-12, atol=1e-12)
     for a, b in zip(state, alone_state):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_query_weights_are_kept_per_device_and_dtype():
+    """`query_features` reuses its weights in q's dtype and device (a decode step on CUDA would otherwise copy them
+    host to device at every step), and gives what the float64 definition gives."""
+    from hf_tensor_attn.ops import poly
+
+    q = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    poly._query_weights_on.cache_clear()
+    first = query_features(q.float(), scale=0.5, degree=3, score_bound=None)
+    second = query_features(q.float(), scale=0.5, degree=3, score_bound=None)
+    info = poly._query_weights_on.cache_info()
+    assert (info.misses, info.hits) == (1, 1) and torch.equal(first, second)
+    weights = poly._query_weights_on(4, 3, None, 0.5, torch.float32, torch.device("cpu"))
+    assert [w.dtype for w in weights] == [torch.float32] * 4
+    # U1(q) . U2(k) = sum_j c_j (scale <q, k>)^j for one key k = q's first row (Taylor: c_j = 1/j!)
+    k = q[..., :1, :]
+    expected = sum((0.5 * (q * k).sum(-1)) ** j / math.factorial(j) for j in range(4))
+    got = (query_features(q, scale=0.5, degree=3, score_bound=None) * key_features(k, 3)).sum(-1)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
