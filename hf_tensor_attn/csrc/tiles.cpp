@@ -57,6 +57,16 @@ void row_mask(bool* ok, int64_t bq, int64_t ba, int64_t t0, int64_t row_start, i
   }
 }
 
+// acc [BH, bq, ba_max, d] per (query, row key) of a query block, summed over the row keys at the block's end: the
+// only row block of the block writes a * b ([BH, bq, ba, d]) into it; with several, each adds into its first ba.
+void add_row_products(Tensor& acc, const Tensor& a, const Tensor& b, bool several_rows) {
+  if (several_rows) {
+    acc.narrow(2, 0, a.size(2)).addcmul_(a, b);
+  } else {
+    at::mul_out(acc, a, b);
+  }
+}
+
 // The plan of `_tiles.pack` (blocks [nb, 8], rows and cols [n, 3]), its largest block sizes, and the masks and row
 // views every tile of either pass needs.
 struct Plan {
@@ -173,12 +183,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q_aug, const Tensor& kr1, 
       }
       Tensor pv4 = pv.view({BH, bq, ba, d1});
       l_block.add_(pv4.select(3, d).sum(2));  // the ones column of vc1 summed P over b; now over a
-      Tensor pv_d = pv4.narrow(3, 0, d), v_rows = plan.rows_of(vr, t0, bq, r);
-      if (several_rows) {
-        acc.narrow(2, 0, ba).addcmul_(pv_d, v_rows);
-      } else {
-        at::mul_out(acc, pv_d, v_rows);
-      }
+      add_row_products(acc, pv4.narrow(3, 0, d), plan.rows_of(vr, t0, bq, r), several_rows);
     }
     Tensor num_block = num.narrow(1, start, bq);
     at::sum_out(num_block, acc, {2});
@@ -270,12 +275,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& q_aug, const Tens
       } else {
         dvkr.narrow(1, row_start, ba).add_((products * gq_b).sum(1));
       }
-      Tensor dq_products = products.narrow(0, BH, BH), k_d = k_rows.narrow(3, 0, d);
-      if (several_rows) {
-        dq_b.narrow(2, 0, ba).addcmul_(dq_products, k_d);
-      } else {
-        at::mul_out(dq_b, dq_products, k_d);
-      }
+      add_row_products(dq_b, products.narrow(0, BH, BH), k_rows.narrow(3, 0, d), several_rows);
     }
     Tensor dq_block = dq.narrow(1, start, bq);
     at::sum_out(dq_block, dq_b, {2});

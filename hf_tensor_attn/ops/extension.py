@@ -104,6 +104,8 @@ _attempt: list = []  # the result of this process's one attempt
 
 
 def _loaded():
+    if _attempt:  # every call after the first: no lock on the op's path
+        return _attempt[0]
     with _lock:  # threads calling the op at once: one build, one warning
         if not _attempt:
             _attempt.append(build())
