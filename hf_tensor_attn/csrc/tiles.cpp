@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <numeric>
 #include <tuple>
 
 namespace {
@@ -57,13 +58,63 @@ void row_mask(bool* ok, int64_t bq, int64_t ba, int64_t t0, int64_t row_start, i
   }
 }
 
-// acc [BH, bq, ba_max, d] per (query, row key) of a query block, summed over the row keys at the block's end: the
-// only row block of the block writes a * b ([BH, bq, ba, d]) into it; with several, each adds into its first ba.
-void add_row_products(Tensor& acc, const Tensor& a, const Tensor& b, bool several_rows) {
-  if (several_rows) {
-    acc.narrow(2, 0, a.size(2)).addcmul_(a, b);
-  } else {
-    at::mul_out(acc, a, b);
+// The per-(query, row key) steps of a tile, as plain loops over a head dimension of d or d + 1 contiguous values.
+// As ATen ops (a broadcast mul, then a mul and a sum over the row keys) they were a fifth of a windowed forward:
+// TensorIterator's setup and two threads' fork and join per op weigh more than the few hundred kB each one touches,
+// and the sums wrote a [BH, bq, ba, d] product only to read it back. `rows` maps (t, a) to a row of the row stream
+// (`Plan::row_index`); x and y are [heads, rows, width] contiguous.
+
+// out [BH, bq, ba, width] = y[h, start + t] * x[h, rows(t, a)]
+template <typename scalar_t, typename Rows>
+void mul_rows(scalar_t* out, const Tensor& y, int64_t start, const Tensor& x, int64_t BH, int64_t bq, int64_t ba,
+              Rows rows) {
+  const int64_t width = y.size(2);
+  const scalar_t* yp = y.data_ptr<scalar_t>();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  for (int64_t h = 0; h < BH; ++h) {
+    for (int64_t t = 0; t < bq; ++t) {
+      const scalar_t* yt = yp + (h * y.size(1) + start + t) * width;
+      for (int64_t a = 0; a < ba; ++a, out += width) {
+        const scalar_t* xa = xp + (h * x.size(1) + rows(t, a)) * width;
+        for (int64_t k = 0; k < width; ++k) out[k] = yt[k] * xa[k];
+      }
+    }
+  }
+}
+
+// dst[h, start + t, :d] += sum_a p[h, (t, a)] * x[h, rows(t, a), :d]; p [BH, bq * ba, d] contiguous
+template <typename scalar_t, typename Rows>
+void sum_rows(Tensor& dst, int64_t start, const scalar_t* p, const Tensor& x, int64_t BH, int64_t bq, int64_t ba,
+              Rows rows) {
+  const int64_t d = dst.size(2), width = x.size(2);
+  scalar_t* dp = dst.data_ptr<scalar_t>();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  for (int64_t h = 0; h < BH; ++h) {
+    for (int64_t t = 0; t < bq; ++t) {
+      scalar_t* out = dp + (h * dst.size(1) + start + t) * d;
+      for (int64_t a = 0; a < ba; ++a, p += d) {
+        const scalar_t* xa = xp + (h * x.size(1) + rows(t, a)) * width;
+        for (int64_t k = 0; k < d; ++k) out[k] += p[k] * xa[k];
+      }
+    }
+  }
+}
+
+// dst[h, rows(t, a), :d] += p[h, (t, a)] * g[h, start + t, :d]; p [BH, bq * ba, d] contiguous
+template <typename scalar_t, typename Rows>
+void scatter_rows(Tensor& dst, const scalar_t* p, const Tensor& g, int64_t start, int64_t BH, int64_t bq, int64_t ba,
+                  Rows rows) {
+  const int64_t d = dst.size(2), width = g.size(2);
+  scalar_t* dp = dst.data_ptr<scalar_t>();
+  const scalar_t* gp = g.data_ptr<scalar_t>();
+  for (int64_t h = 0; h < BH; ++h) {
+    for (int64_t t = 0; t < bq; ++t) {
+      const scalar_t* gt = gp + (h * g.size(1) + start + t) * width;
+      for (int64_t a = 0; a < ba; ++a, p += d) {
+        scalar_t* out = dp + (h * dst.size(1) + rows(t, a)) * d;
+        for (int64_t k = 0; k < d; ++k) out[k] += p[k] * gt[k];
+      }
+    }
   }
 }
 
@@ -95,16 +146,12 @@ struct Plan {
 
   const bool* pad_of(int64_t h) const { return pad ? pad + (h / heads) * Tk : nullptr; }
 
-  // A row-stream tensor x [BH, Tk', width] as a tile of query block (t0, bq) and row block r sees it: with a row
-  // window, query t's offsets j are rows t + row_start + j of x (which has w_row - 1 leading rows), a Hankel view
-  // [BH, bq, ba, width]; without, the block's keys [BH, 1, ba, width], shared by the queries.
-  Tensor rows_of(const Tensor& x, int64_t t0, int64_t bq, int64_t r) const {
-    const int64_t row_start = R[r][0], ba = R[r][1] - row_start, width = x.size(2);
-    if (w_row > 0) {
-      return x.as_strided({x.size(0), bq, ba, width}, {x.stride(0), width, width, 1},
-                          x.storage_offset() + (t0 + row_start) * width);
-    }
-    return x.narrow(1, row_start, ba).unsqueeze(1);
+  // The rows of the row stream that tile (t0, r) pairs with its queries: with a row window, query t's offsets j are
+  // rows t0 + t + row_start + j of the stream (which has w_row - 1 leading rows); without, the block's keys
+  // row_start + j, shared by the queries.
+  auto row_index(int64_t t0, int64_t r) const {
+    const int64_t first = w_row > 0 ? t0 + R[r][0] : R[r][0], step = w_row > 0 ? 1 : 0;
+    return [first, step](int64_t t, int64_t a) { return first + step * t + a; };
   }
 
   // The row masks of tile (bi, r) for every sequence of the batch into ok [BH / heads, bq * ba] (heads of a sequence
@@ -133,14 +180,14 @@ struct Plan {
 };
 
 // Inputs as `tiled._forward` prepares them ([BH, T, .] contiguous, compute dtype):
-//   q_aug [BH, Tq, d+1] = [q * scale, -m]; kc1 [BH, Tk, d+1] = [kc, 1]; vc1 [BH, Tk, d+1] = [vc, 1];
+//   q_aug [BH, Tq, d+1] = [q * scale, -m]; kc1 [BH, Tk, d+1] = [kc, 1]; vc [BH, Tk, d];
 //   kr1 [BH, Tk', d+1] = [kr, 1] and vr [BH, Tk', d], with w_row - 1 zero rows in front when w_row > 0;
 //   blocks [nb, 8] = (start, stop, t0, row_begin, row_end, col_begin, col_end, clamp) indexing
 //   rows / cols [n, 3] = (start, stop, masked) (`_tiles.pack`); pad [B, Tk] bool (True: padding) or empty.
 // Returns num [BH, Tq, d] = sum exp(s - m) v1 * v2 and l [BH, Tq] = sum exp(s - m) over the allowed pairs.
 template <typename scalar_t>
 std::tuple<Tensor, Tensor> forward_impl(const Tensor& q_aug, const Tensor& kr1, const Tensor& kc1, const Tensor& vr,
-                                        const Tensor& vc1, const Plan& plan, double floor) {
+                                        const Tensor& vc, const Plan& plan, double floor) {
   const int64_t BH = q_aug.size(0), Tq = q_aug.size(1), d1 = q_aug.size(2), d = d1 - 1;
   const auto& B = plan.B;
   const auto& C = plan.C;
@@ -148,24 +195,26 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q_aug, const Tensor& kr1, 
   auto opt = q_aug.options();
   Tensor num = at::zeros({BH, Tq, d}, opt), l = at::zeros({BH, Tq}, opt);
   // Scratch reused by every tile (a fresh multi-MB tensor per tile costs page faults).
-  Tensor qk_buf = at::empty({BH * n_max * d1}, opt), pv_buf = at::empty({BH * n_max * d1}, opt);
-  Tensor s_buf = at::empty({BH * plan.max_bc * n_max}, opt), acc_buf = at::empty({BH * n_max * d}, opt);
+  Tensor qk_buf = at::empty({BH * n_max * d1}, opt), pv_buf = at::empty({BH * n_max * d}, opt);
+  Tensor s_buf = at::empty({BH * plan.max_bc * n_max}, opt);
+  Tensor sums_buf = at::empty({BH * n_max}, opt), col_sums_buf = at::empty({BH * n_max}, opt);
   Tensor ok_buf = at::empty({BH * n_max}, opt.dtype(at::kBool));
+  scalar_t* lp = l.data_ptr<scalar_t>();
 
   for (int64_t bi = 0; bi < plan.blocks(); ++bi) {
-    const int64_t start = B[bi][0], bq = B[bi][1] - start, t0 = B[bi][2], ba_max = plan.block_rows(bi);
-    const bool several_rows = B[bi][4] - B[bi][3] > 1, clamp = B[bi][7] != 0;
-    // sum_b P vc_b * vr_a per (t, a), summed over a at the end of the block
-    Tensor acc = acc_buf.narrow(0, 0, BH * bq * ba_max * d).view({BH, bq, ba_max, d});
-    if (several_rows) acc.zero_();
-    Tensor l_block = l.narrow(1, start, bq);
+    const int64_t start = B[bi][0], bq = B[bi][1] - start, t0 = B[bi][2];
+    const bool clamp = B[bi][7] != 0;
     for (int64_t r = B[bi][3]; r < B[bi][4]; ++r) {
       const int64_t ba = plan.R[r][1] - plan.R[r][0], n = bq * ba;
-      Tensor qk = qk_buf.narrow(0, 0, BH * n * d1).view({BH, bq, ba, d1});  // rows (t, a): [q_t * kr_a, -m_t]
-      at::mul_out(qk, q_aug.narrow(1, start, bq).unsqueeze(2), plan.rows_of(kr1, t0, bq, r));
-      Tensor qk_cols = qk.view({BH, n, d1}).transpose(1, 2);
+      const auto rows = plan.row_index(t0, r);
+      Tensor qk = qk_buf.narrow(0, 0, BH * n * d1).view({BH, n, d1});  // rows (t, a): [q_t * kr_a, -m_t]
+      mul_rows(qk.data_ptr<scalar_t>(), q_aug, start, kr1, BH, bq, ba, rows);
+      Tensor qk_cols = qk.transpose(1, 2);
       const bool* ok = plan.row_masks(ok_buf, BH, t0, bq, r);
-      Tensor pv = pv_buf.narrow(0, 0, BH * n * d1).view({BH, n, d1});  // [P @ vc, row sums of P]
+      Tensor pv = pv_buf.narrow(0, 0, BH * n * d).view({BH, n, d});  // P @ vc
+      // sum_b P per (t, a). Not from a ones column in vc as in the Python loop: a value GEMM with N = d + 1 ran
+      // 15-40% slower than with N = d (65 against 64 columns), and the column sums cost less than the difference.
+      Tensor sums = sums_buf.narrow(0, 0, BH * n).view({BH, n});
       for (int64_t c = B[bi][5]; c < B[bi][6]; ++c) {
         const int64_t col_start = C[c][0], bc = C[c][1] - col_start;
         // (s - m) transposed, [BH, bc, bq*ba]: column-major, so a column key's mask is a run of one tile row
@@ -174,19 +223,23 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q_aug, const Tensor& kr1, 
         if (clamp) s.clamp_min_(floor);  // keeps exp off its slow path for scores far under the reference
         s.exp_();
         plan.zero(s.data_ptr<scalar_t>(), ok, BH, t0, bq, ba, c);
-        Tensor vc_tile = vc1.narrow(1, col_start, bc);
+        Tensor vc_tile = vc.narrow(1, col_start, bc);
         if (c == B[bi][5]) {
           at::bmm_out(pv, s.transpose(1, 2), vc_tile);
+          at::sum_out(sums, s, {1});
         } else {
           pv.baddbmm_(s.transpose(1, 2), vc_tile);
+          Tensor col_sums = col_sums_buf.narrow(0, 0, BH * n).view({BH, n});
+          at::sum_out(col_sums, s, {1});
+          sums.add_(col_sums);
         }
       }
-      Tensor pv4 = pv.view({BH, bq, ba, d1});
-      l_block.add_(pv4.select(3, d).sum(2));  // the ones column of vc1 summed P over b; now over a
-      add_row_products(acc, pv4.narrow(3, 0, d), plan.rows_of(vr, t0, bq, r), several_rows);
+      const scalar_t* sp = sums.data_ptr<scalar_t>();
+      for (int64_t h = 0; h < BH; ++h) {
+        for (int64_t t = 0; t < bq; ++t, sp += ba) lp[h * Tq + start + t] += std::accumulate(sp, sp + ba, scalar_t(0));
+      }
+      sum_rows(num, start, pv.data_ptr<scalar_t>(), vr, BH, bq, ba, rows);  // num_t += sum_a (P vc)_(t, a) * vr_a
     }
-    Tensor num_block = num.narrow(1, start, bq);
-    at::sum_out(num_block, acc, {2});
   }
   return {num, l};
 }
@@ -208,33 +261,23 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& q_aug, const Tens
   Tensor dq = at::zeros({BH, Tq, d}, opt), dvk = at::zeros({2 * BH, Tk, d}, opt);
   Tensor dvkr = at::zeros({2 * BH, kr1.size(1), d}, opt);
   Tensor left_buf = at::empty({2 * BH * n_max * d1}, opt), tile_buf = at::empty({2 * BH * plan.max_bc * n_max}, opt);
-  Tensor rp_buf = at::empty({2 * BH * n_max * d}, opt), dq_buf = at::empty({BH * n_max * d}, opt);
+  Tensor rp_buf = at::empty({2 * BH * n_max * d}, opt);
   Tensor dvk_buf = at::empty({2 * BH * plan.max_bc * d}, opt);
   Tensor ok_buf = at::empty({BH * n_max}, opt.dtype(at::kBool));
-  // Windowed row gradients: key t + j of the padded rows gets the contributions (t, j), the anti-diagonals of a
-  // [bq, ba] grid. Written through a view whose row t starts t entries into a [bq, ba + bq] buffer, a sum over t
-  // adds them up (as `tiled._RowGrad`); the entries outside the view stay zero.
-  Tensor skew_buf = at::zeros({2 * BH * plan.max_bq * (plan.max_ba + plan.max_bq) * d}, opt);
-  int64_t skew_bq = 0, skew_ba = 0;  // the view last written: another shape's view covers other entries
 
   for (int64_t bi = 0; bi < plan.blocks(); ++bi) {
-    const int64_t start = B[bi][0], bq = B[bi][1] - start, t0 = B[bi][2], ba_max = plan.block_rows(bi);
-    const bool several_rows = B[bi][4] - B[bi][3] > 1, clamp = B[bi][7] != 0;
-    Tensor dq_b = dq_buf.narrow(0, 0, BH * bq * ba_max * d).view({BH, bq, ba_max, d});  // per (t, a)
-    if (several_rows) dq_b.zero_();
-    Tensor gq_b = gq.narrow(1, start, bq).unsqueeze(2);  // [2BH, bq, 1, d]
+    const int64_t start = B[bi][0], bq = B[bi][1] - start, t0 = B[bi][2];
+    const bool clamp = B[bi][7] != 0;
     for (int64_t r = B[bi][3]; r < B[bi][4]; ++r) {
-      const int64_t row_start = plan.R[r][0], ba = plan.R[r][1] - row_start, n = bq * ba;
-      Tensor k_rows = plan.rows_of(kr1, t0, bq, r);  // [BH, bq or 1, ba, d+1]
+      const int64_t n = bq * (plan.R[r][1] - plan.R[r][0]), ba = n / bq;
+      const auto rows = plan.row_index(t0, r);
       // Rows (t, a) of [q*kr, -lse; dO*vr, -D]: against [kc, 1; vc, 1] they give S - lse and dP - D; their first d
       // columns are the operands of the column gradients (dkc, dvc).
-      Tensor left = left_buf.narrow(0, 0, 2 * BH * n * d1).view({2, BH, bq, ba, d1});
-      Tensor left_q = left[0], left_g = left[1];
-      at::mul_out(left_q, q_aug.narrow(1, start, bq).unsqueeze(2), k_rows);
-      at::mul_out(left_g, g_aug.narrow(1, start, bq).unsqueeze(2), plan.rows_of(vr1, t0, bq, r));
-      Tensor left2 = left.view({2 * BH, n, d1});
-      Tensor left_cols = left2.transpose(1, 2);  // [2BH, d+1, n]
-      Tensor q_rows = left2.narrow(0, 0, BH).narrow(2, 0, d), g_rows = left2.narrow(0, BH, BH).narrow(2, 0, d);
+      Tensor left = left_buf.narrow(0, 0, 2 * BH * n * d1).view({2 * BH, n, d1});
+      mul_rows(left.data_ptr<scalar_t>(), q_aug, start, kr1, BH, bq, ba, rows);
+      mul_rows(left.data_ptr<scalar_t>() + BH * n * d1, g_aug, start, vr1, BH, bq, ba, rows);
+      Tensor left_cols = left.transpose(1, 2);  // [2BH, d+1, n]
+      Tensor q_rows = left.narrow(0, 0, BH).narrow(2, 0, d), g_rows = left.narrow(0, BH, BH).narrow(2, 0, d);
       const bool* ok = plan.row_masks(ok_buf, BH, t0, bq, r);
       Tensor row_products = rp_buf.narrow(0, 0, 2 * BH * n * d).view({2 * BH, n, d});  // [P @ vc; dS @ kc]
       for (int64_t c = B[bi][5]; c < B[bi][6]; ++c) {
@@ -260,25 +303,11 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& q_aug, const Tens
         at::bmm_out(dkc_tile, dp, q_rows);
         dvk.narrow(1, col_start, bc).add_(dvk_tile);
       }
-      Tensor products = row_products.view({2 * BH, bq, ba, d});
-      if (plan.w_row > 0) {  // [dvr; dkr] of key t + j (padded rows) += products[t, j] * [dO_t; q_t]
-        const int64_t width = ba + bq;
-        Tensor buf = skew_buf.narrow(0, 0, 2 * BH * bq * width * d).view({2 * BH, bq, width, d});
-        if (bq != skew_bq || ba != skew_ba) {
-          buf.zero_();
-          skew_bq = bq, skew_ba = ba;
-        }
-        Tensor view = buf.as_strided({2 * BH, bq, ba, d}, {bq * width * d, (width + 1) * d, d, 1},
-                                     buf.storage_offset());
-        at::mul_out(view, products, gq_b);
-        dvkr.narrow(1, t0 + row_start, width - 1).add_(buf.sum(1).narrow(1, 0, width - 1));
-      } else {
-        dvkr.narrow(1, row_start, ba).add_((products * gq_b).sum(1));
-      }
-      add_row_products(dq_b, products.narrow(0, BH, BH), k_rows.narrow(3, 0, d), several_rows);
+      // [dvr; dkr] of row (t, a) += [P @ vc; dS @ kc]_(t, a) * [dO_t; q_t]; dq_t += sum_a (dS @ kc)_(t, a) * kr_a
+      const scalar_t* products = row_products.data_ptr<scalar_t>();
+      scatter_rows(dvkr, products, gq, start, 2 * BH, bq, ba, rows);
+      sum_rows(dq, start, products + BH * n * d, kr1, BH, bq, ba, rows);
     }
-    Tensor dq_block = dq.narrow(1, start, bq);
-    at::sum_out(dq_block, dq_b, {2});
   }
   return {dq, dvkr, dvk};
 }
@@ -307,14 +336,14 @@ void check_inputs(const char* name, std::initializer_list<const Tensor*> tensors
 }
 
 std::tuple<Tensor, Tensor> forward_tiles(const Tensor& q_aug, const Tensor& kr1, const Tensor& kc1, const Tensor& vr,
-                                         const Tensor& vc1, int64_t w_row, int64_t w_col, const Tensor& blocks,
+                                         const Tensor& vc, int64_t w_row, int64_t w_col, const Tensor& blocks,
                                          const Tensor& rows, const Tensor& cols, const Tensor& pad, int64_t heads,
                                          double floor) {
-  check_inputs("forward_tiles", {&q_aug, &kr1, &kc1, &vr, &vc1}, blocks, rows, cols, pad, kr1, kc1, q_aug.size(0),
+  check_inputs("forward_tiles", {&q_aug, &kr1, &kc1, &vr, &vc}, blocks, rows, cols, pad, kr1, kc1, q_aug.size(0),
                w_row, heads);
   std::tuple<Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(q_aug.scalar_type(), "forward_tiles", [&] {
-    result = forward_impl<scalar_t>(q_aug, kr1, kc1, vr, vc1, Plan(blocks, rows, cols, w_row, w_col, pad, heads,
+    result = forward_impl<scalar_t>(q_aug, kr1, kc1, vr, vc, Plan(blocks, rows, cols, w_row, w_col, pad, heads,
                                                                    kc1.size(1)), floor);
   });
   return result;
@@ -338,7 +367,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_tiles(const Tensor& q_aug, const Ten
 }  // namespace
 
 TORCH_LIBRARY(hf_tensor_attn_cpu, m) {
-  m.def("forward_tiles(Tensor q_aug, Tensor kr1, Tensor kc1, Tensor vr, Tensor vc1, int w_row, int w_col, "
+  m.def("forward_tiles(Tensor q_aug, Tensor kr1, Tensor kc1, Tensor vr, Tensor vc, int w_row, int w_col, "
         "Tensor blocks, Tensor rows, Tensor cols, Tensor pad, int heads, float floor) -> (Tensor, Tensor)");
   m.def("backward_tiles(Tensor q_aug, Tensor g_aug, Tensor kr1, Tensor vr1, Tensor col_stack, Tensor gq, int w_row, "
         "int w_col, Tensor blocks, Tensor rows, Tensor cols, Tensor pad, int heads, float floor) "

@@ -223,7 +223,7 @@ def _compiled_tiles(ops, p: _Problem, q_aug, blocks, clamped_blocks):
     for masked pairs."""
     q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes = p.unpack()
     return ops.forward_tiles(
-        q_aug, _lead_zeros(_with_ones(kr), w_row), _with_ones(kc), _lead_zeros(vr, w_row).contiguous(), _with_ones(vc),
+        q_aug, _lead_zeros(_with_ones(kr), w_row), _with_ones(kc), _lead_zeros(vr, w_row).contiguous(), vc.contiguous(),
         w_row or 0, w_col or 0, *pack(blocks, clamped_blocks), _pad(mask), H, EXP_FLOOR[q.dtype],
     )
 
