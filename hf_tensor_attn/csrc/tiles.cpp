@@ -1,13 +1,16 @@
-// The tile loops of `ops.tiled` (`_python_tiles` and the loop of `_backward`), compiled: the same tiles, the same
-// batched GEMMs, exp and products as the Python loops, without the interpreter between them. A windowed pass does
-// one tile per 16-query block, and the Python and dispatch time of its fifteen-odd small ops per block was about a
-// quarter of the forward (docs/profile_attention.md).
+// The tile loops of `ops.tiled` (`_python_tiles` and the loop of `_backward`), compiled: the same tiles and the
+// same batched GEMMs as the Python loops, without the interpreter between them. A windowed pass does one tile per
+// 16-query block, and the Python and dispatch time of its fifteen-odd small ops per block was about a quarter of the
+// forward (docs/profile_attention.md).
 //
-// Built on first use by `ops.extension` (torch.utils.cpp_extension). Every numeric step is an ATen op (MKL GEMMs,
-// vectorised exp), so it needs no SIMD code of its own; only the masks are plain loops. One difference from the
-// Python loops: masked pairs are zeroed after exp instead of set to the exp floor before it.
+// Built on first use by `ops.extension` (torch.utils.cpp_extension), for the vector instructions torch uses on this
+// CPU and with OpenMP where torch has it. GEMMs and exp are ATen ops (MKL, ATen's vectorised exp on both threads);
+// the masks and the per-(query, row key) products and sums are plain loops that the compiler vectorises, split over
+// heads with at::parallel_for. Differences from the Python loops: masked pairs are zeroed after exp instead of set to
+// the exp floor before it, and the forward's row sums are column sums of P instead of a ones column in vc.
 // Registered as torch.ops.hf_tensor_attn_cpu.forward_tiles and .backward_tiles.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -58,10 +61,19 @@ void row_mask(bool* ok, int64_t bq, int64_t ba, int64_t t0, int64_t row_start, i
   }
 }
 
-// The per-(query, row key) steps of a tile, as plain loops over a head dimension of d or d + 1 contiguous values.
-// As ATen ops (a broadcast mul, then a mul and a sum over the row keys) they were a fifth of a windowed forward:
-// TensorIterator's setup and two threads' fork and join per op weigh more than the few hundred kB each one touches,
-// and the sums wrote a [BH, bq, ba, d] product only to read it back. `rows` maps (t, a) to a row of the row stream
+// Runs f(h) for every head h < BH on torch's intra-op threads (`ops.extension` builds with OpenMP where torch uses
+// it, and the OpenMP calls then go to torch's own runtime and its thread pool); serially in a build without OpenMP.
+template <typename F>
+void for_heads(int64_t BH, const F& f) {
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) f(h);
+  });
+}
+
+// The per-(query, row key) steps of a tile, as loops over a head dimension of d or d + 1 contiguous values. As ATen
+// ops (a broadcast mul, then a mul and a sum over the row keys) they were a fifth of a windowed forward:
+// TensorIterator's setup and a fork and join per op weigh more than the few hundred kB each one touches, and the
+// sums wrote a [BH, bq, ba, d] product only to read it back. `rows` maps (t, a) to a row of the row stream
 // (`Plan::row_index`); x and y are [heads, rows, width] contiguous.
 
 // out [BH, bq, ba, width] = y[h, start + t] * x[h, rows(t, a)]
@@ -71,15 +83,16 @@ void mul_rows(scalar_t* out, const Tensor& y, int64_t start, const Tensor& x, in
   const int64_t width = y.size(2);
   const scalar_t* yp = y.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  for (int64_t h = 0; h < BH; ++h) {
+  for_heads(BH, [&](int64_t h) {
+    scalar_t* o = out + h * bq * ba * width;
     for (int64_t t = 0; t < bq; ++t) {
       const scalar_t* yt = yp + (h * y.size(1) + start + t) * width;
-      for (int64_t a = 0; a < ba; ++a, out += width) {
+      for (int64_t a = 0; a < ba; ++a, o += width) {
         const scalar_t* xa = xp + (h * x.size(1) + rows(t, a)) * width;
-        for (int64_t k = 0; k < width; ++k) out[k] = yt[k] * xa[k];
+        for (int64_t k = 0; k < width; ++k) o[k] = yt[k] * xa[k];
       }
     }
-  }
+  });
 }
 
 // dst[h, start + t, :d] += sum_a p[h, (t, a)] * x[h, rows(t, a), :d]; p [BH, bq * ba, d] contiguous
@@ -89,33 +102,36 @@ void sum_rows(Tensor& dst, int64_t start, const scalar_t* p, const Tensor& x, in
   const int64_t d = dst.size(2), width = x.size(2);
   scalar_t* dp = dst.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  for (int64_t h = 0; h < BH; ++h) {
+  for_heads(BH, [&](int64_t h) {
+    const scalar_t* ph = p + h * bq * ba * d;
     for (int64_t t = 0; t < bq; ++t) {
       scalar_t* out = dp + (h * dst.size(1) + start + t) * d;
-      for (int64_t a = 0; a < ba; ++a, p += d) {
+      for (int64_t a = 0; a < ba; ++a, ph += d) {
         const scalar_t* xa = xp + (h * x.size(1) + rows(t, a)) * width;
-        for (int64_t k = 0; k < d; ++k) out[k] += p[k] * xa[k];
+        for (int64_t k = 0; k < d; ++k) out[k] += ph[k] * xa[k];
       }
     }
-  }
+  });
 }
 
-// dst[h, rows(t, a), :d] += p[h, (t, a)] * g[h, start + t, :d]; p [BH, bq * ba, d] contiguous
+// dst[h, rows(t, a), :d] += p[h, (t, a)] * g[h, start + t, :d]; p [BH, bq * ba, d] contiguous. Queries of a head
+// share rows, so only the heads run in parallel.
 template <typename scalar_t, typename Rows>
 void scatter_rows(Tensor& dst, const scalar_t* p, const Tensor& g, int64_t start, int64_t BH, int64_t bq, int64_t ba,
                   Rows rows) {
   const int64_t d = dst.size(2), width = g.size(2);
   scalar_t* dp = dst.data_ptr<scalar_t>();
   const scalar_t* gp = g.data_ptr<scalar_t>();
-  for (int64_t h = 0; h < BH; ++h) {
+  for_heads(BH, [&](int64_t h) {
+    const scalar_t* ph = p + h * bq * ba * d;
     for (int64_t t = 0; t < bq; ++t) {
       const scalar_t* gt = gp + (h * g.size(1) + start + t) * width;
-      for (int64_t a = 0; a < ba; ++a, p += d) {
+      for (int64_t a = 0; a < ba; ++a, ph += d) {
         scalar_t* out = dp + (h * dst.size(1) + rows(t, a)) * d;
-        for (int64_t k = 0; k < d; ++k) out[k] += p[k] * gt[k];
+        for (int64_t k = 0; k < d; ++k) out[k] += ph[k] * gt[k];
       }
     }
-  }
+  });
 }
 
 // The plan of `_tiles.pack` (blocks [nb, 8], rows and cols [n, 3]), its largest block sizes, and the masks and row
@@ -172,10 +188,10 @@ struct Plan {
     const bool col_masked = C[c][2] != 0;
     if (!col_masked && ok == nullptr) return;
     const int64_t bc = C[c][1] - C[c][0], n = bq * ba;
-    for (int64_t h = 0; h < BH; ++h) {
+    for_heads(BH, [&](int64_t h) {
       zero_masked(p + h * bc * n, bc, bq, ba, t0, C[c][0], w_col, col_masked, pad_of(h),
                   ok ? ok + (h / heads) * n : nullptr);
-    }
+    });
   }
 };
 

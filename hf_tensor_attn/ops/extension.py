@@ -35,15 +35,14 @@ def enabled() -> bool:
     return value == "1"
 
 
-def library_name() -> str:
+def library_name(openmp: bool = True) -> str:
     # torch's build cache keys on the name and rebuilds in place when the source changes, not when torch does: a
     # library built against another torch would load and fail at its first call, and two checkouts with different
     # sources would rebuild each other's library. The torch version and a hash of the source in the name give each
-    # its own build.
-    # The vector instruction set is in the name too: one cache shared by machines of different CPU kinds.
+    # its own build; the flags that differ between machines (instruction set, OpenMP) are in it too.
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
     version = re.sub(r"\W", "_", torch.__version__)
-    return f"hf_tensor_attn_cpu_{version}_{digest}_{_capability().lower()}"
+    return f"hf_tensor_attn_cpu_{version}_{digest}_{_capability().lower()}" + ("_omp" if openmp else "")
 
 
 # The loops of tiles.cpp are plain C++ that the compiler vectorises: built for the vector instructions torch's own
@@ -59,28 +58,47 @@ def _capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-def compile_flags() -> list[str]:
-    return ["-O3", *CAPABILITY_FLAGS.get(_capability(), [])]
+def compile_flags(openmp: bool = True) -> list[str]:
+    # -fopenmp at compile time only: the library is not linked to an OpenMP runtime of its own, so its parallel
+    # loops (at::parallel_for) call the one torch has loaded and share torch's threads; a second runtime would bring
+    # a second pool of threads to the same cores.
+    return ["-O3", *CAPABILITY_FLAGS.get(_capability(), []), *(["-fopenmp"] if openmp else [])]
 
 
 def build():
     """Builds (or finds in torch's cache) and loads the library: torch.ops.hf_tensor_attn_cpu, or None with a
-    RuntimeWarning saying why not."""
+    RuntimeWarning saying why not.
+
+    First with OpenMP where torch uses it; where that fails (a compiler without OpenMP, or clang's, whose calls
+    torch's GNU runtime does not provide), once more without: the same loops on one thread."""
     from torch.utils import cpp_extension
 
     start = time.perf_counter()
     path = os.environ.get("PATH")
+    errors = []
     try:
         os.environ["PATH"] = os.pathsep.join(filter(None, [_ninja_dir(), path]))
-        cpp_extension.load(name=library_name(), sources=[str(SOURCE)], extra_cflags=compile_flags(), is_python_module=False)
-    except Exception as error:  # no compiler, no ninja, a failed build: the Python loops give the same results
-        reason = _reason(str(error))
-        warnings.warn(
-            f"hf_tensor_attn: could not build or load the compiled CPU tile loops ({type(error).__name__}: {reason});"
-            f" the tiled op runs its Python loops (same results, slower). Set {ENV}=0 to skip the attempt.",
-            RuntimeWarning, stacklevel=4,  # the caller of tensor_attention
-        )
-        return None
+        for openmp in (True, False) if torch.backends.openmp.is_available() else (False,):
+            try:
+                cpp_extension.load(name=library_name(openmp), sources=[str(SOURCE)],
+                                   extra_cflags=compile_flags(openmp), is_python_module=False)
+            except Exception as error:  # no compiler, no ninja, a failed build: the Python loops give the same results
+                errors.append(error)
+                continue
+            _built_with[:] = compile_flags(openmp)
+            if errors:
+                logger.warning("hf_tensor_attn: the compiled CPU tile loops built without OpenMP, their own loops run "
+                               "on one thread (with OpenMP: %s)", _reason(str(errors[0])))
+            break
+        else:
+            error = errors[-1]
+            warnings.warn(
+                f"hf_tensor_attn: could not build or load the compiled CPU tile loops ({type(error).__name__}: "
+                f"{_reason(str(error))}); the tiled op runs its Python loops (same results, slower). Set {ENV}=0 to "
+                "skip the attempt.",
+                RuntimeWarning, stacklevel=4,  # the caller of tensor_attention
+            )
+            return None
     finally:
         if path is None:
             os.environ.pop("PATH", None)
@@ -91,6 +109,14 @@ def build():
         logger.warning("hf_tensor_attn: built the compiled CPU tile loops in %.0f s (once; cached by torch under "
                        "TORCH_EXTENSIONS_DIR)", seconds)
     return torch.ops.hf_tensor_attn_cpu
+
+
+_built_with: list[str] = []  # the compiler flags of the library this process loaded
+
+
+def build_flags() -> list[str]:
+    """The compiler flags of the loaded library (empty before a build or where none loaded), for benchmark records."""
+    return list(_built_with)
 
 
 def _ninja_dir() -> str | None:

@@ -231,8 +231,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         write_csv(args.out / f"{NAME}_targets.csv", targets, record)
     write_run_record(args.out, run_record(MODULE, argv, TITLE, record, describe_load(load_before, load_after),
                                           mm_sizes=list(mm_sizes), mm_gflops_after=mm_after,
-                                          tile_loop="compiled (csrc/tiles.cpp)" if compiled_loop() else
-                                          "Python (the compiled loop did not build)"))
+                                          tile_loop=loop_description()))
     plot(rows, args.out / f"{NAME}.png")
     print(publish(args.out, render))
     print(f"wrote {args.out}/{NAME}.csv, run.json, {NAME}.png, tables.md")
@@ -298,6 +297,15 @@ def compiled_loop() -> bool:
     from hf_tensor_attn.ops import extension
 
     return extension.cpu_ops() is not None
+
+
+def loop_description() -> str:
+    """The tile loop the run measured, with the flags the compiled one was built with."""
+    from hf_tensor_attn.ops import extension
+
+    if not compiled_loop():
+        return "Python (the compiled loop did not build)"
+    return f"compiled (csrc/tiles.cpp: {' '.join(extension.build_flags())})"
 
 
 def python_loop(call):

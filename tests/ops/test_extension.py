@@ -84,6 +84,25 @@ def test_default_tiles_over_a_wide_band_match_python_loops(loops, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
+def test_parallel_loops_match_python_loops(loops, monkeypatch):
+    """The module runs on one thread; here two, so the compiled loops split heads over torch's threads (where the
+    build has OpenMP): the row-gradient scatter and the sums write per head, windowed and causal, with padding."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for w1, w2, padded in CASES[:2]:
+            x, mask = inputs(padded, torch.float64)
+            kw = dict(scale=0.25, w1=w1, w2=w2, attention_mask=mask)
+            monkeypatch.setenv(extension.ENV, "1")
+            compiled = outputs_and_grads(x, **kw)
+            monkeypatch.setenv(extension.ENV, "0")
+            for name, a, b in zip(("out", "dq", "dk1", "dk2", "dv1", "dv2"), compiled, outputs_and_grads(x, **kw)):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    finally:
+        torch.set_num_threads(before)
+    assert loops["forward_tiles"] == 2 and loops["backward_tiles"] == 2
+
+
 def test_scores_over_the_headroom_take_the_python_loop(loops):
     """The compiled loop has no running max: a call whose score bound allows overflow runs the Python loop."""
     x, _ = inputs(False)
@@ -115,6 +134,38 @@ def test_failed_build_warns_and_falls_back(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv(extension.ENV, "0")
     torch.testing.assert_close(out, tensor_attention(*x, scale=0.25, w1=3, w2=None, attention_mask=mask))
+
+
+def test_failed_openmp_build_retries_without(monkeypatch, caplog):
+    """A compiler without OpenMP (or clang's, whose calls torch's GNU runtime lacks): the same loops, one thread."""
+    from torch.utils import cpp_extension
+
+    calls = []
+
+    def load(name, sources, extra_cflags, is_python_module):
+        calls.append((name, extra_cflags))
+        if "-fopenmp" in extra_cflags:
+            raise RuntimeError("Error building extension 'x':\ntiles.cpp:1: fatal error: omp.h: No such file or directory")
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(torch.backends.openmp, "is_available", lambda: True)
+    monkeypatch.setattr(extension, "_built_with", [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # not a failure: no warning
+        assert extension.build() is not None
+    assert [name for name, _ in calls] == [extension.library_name(True), extension.library_name(False)]
+    assert calls[0][1] == extension.compile_flags(True) and "-fopenmp" not in calls[1][1]
+    assert extension.build_flags() == calls[1][1]
+    assert "built without OpenMP" in caplog.text and "omp.h: No such file or directory" in caplog.text
+
+
+def test_build_flags_follow_torch(monkeypatch):
+    """The instruction set torch's kernels use here (ATen's own choice) and OpenMP: in the flags and the name."""
+    monkeypatch.setattr(extension, "_capability", lambda: "AVX2")
+    assert extension.compile_flags(True) == ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+    assert extension.library_name(True).endswith("_avx2_omp") and extension.library_name(False).endswith("_avx2")
+    monkeypatch.setattr(extension, "_capability", lambda: "DEFAULT")
+    assert extension.compile_flags(False) == ["-O3"]
 
 
 def test_switched_off_never_builds(monkeypatch):
