@@ -63,9 +63,10 @@ CATEGORIES = {
     "GEMM": ("bmm", "baddbmm", "baddbmm_", "mm", "addmm", "addmm_", "matmul"),
     "exp": ("exp", "exp_"),
     # out-of-place addcmul is the masks' fill + s * keep (`_tiles.Masker.apply`); addcmul_ accumulates
-    # the compiled loops' own time (their ATen calls are events of their own) is their mask loops
-    "mask/clamp": ("clamp", "clamp_min", "clamp_min_", "masked_fill", "masked_fill_", "where", "addcmul",
-                   "hf_tensor_attn_cpu::forward_tiles", "hf_tensor_attn_cpu::backward_tiles"),
+    "mask/clamp": ("clamp", "clamp_min", "clamp_min_", "masked_fill", "masked_fill_", "where", "addcmul"),
+    # the compiled ops' own time (their ATen calls are events of their own): their loops over masks, row products,
+    # sums over the row keys and row-key gradients
+    "C++ loops": ("hf_tensor_attn_cpu::forward_tiles", "hf_tensor_attn_cpu::backward_tiles"),
     "elementwise": ("mul", "mul_", "add", "add_", "addcmul_", "sub", "sub_", "div", "div_", "neg", "log", "log_",
                     "fill_", "zero_"),
     "reductions": ("sum", "amax", "max", "any", "cummax", "linalg_vector_norm"),
