@@ -18,6 +18,8 @@
 #include <initializer_list>
 #include <numeric>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -28,9 +30,11 @@ using at::Tensor;
 //   padded column keys: the whole row;
 //   row entries (t, j): `row_ok` [bq * ba], false where key a is later than t, before 0 or padding (nullptr: all ok).
 // Set, never multiplied: a masked score may be infinite (a later key's), and exp gives inf there, inf * 0 NaN.
+// With `sums` [bq * ba], also adds the masked tile's rows into it (the forward's sum_b P per (t, a)), while each
+// row is still in cache and over the usable range only.
 template <typename scalar_t>
 void zero_masked(scalar_t* p, int64_t bc, int64_t bq, int64_t ba, int64_t t0, int64_t col_start, int64_t w_col,
-                 bool col_masked, const bool* col_pad, const bool* row_ok) {
+                 bool col_masked, const bool* col_pad, const bool* row_ok, scalar_t* sums) {
   const int64_t n = bq * ba;
   for (int64_t b = 0; b < bc; ++b) {
     scalar_t* row = p + b * n;
@@ -45,6 +49,9 @@ void zero_masked(scalar_t* p, int64_t bc, int64_t bq, int64_t ba, int64_t t0, in
     std::fill(row + hi * ba, row + n, scalar_t(0));
     if (row_ok != nullptr) {
       for (int64_t i = lo * ba; i < hi * ba; ++i) row[i] = row_ok[i] ? row[i] : scalar_t(0);
+    }
+    if (sums != nullptr) {
+      for (int64_t i = lo * ba; i < hi * ba; ++i) sums[i] += row[i];
     }
   }
 }
@@ -74,7 +81,7 @@ void for_heads(int64_t BH, const F& f) {
 // ops (a broadcast mul, then a mul and a sum over the row keys) they were a fifth of a windowed forward:
 // TensorIterator's setup and a fork and join per op weigh more than the few hundred kB each one touches, and the
 // sums wrote a [BH, bq, ba, d] product only to read it back. `rows` maps (t, a) to a row of the row stream
-// (`Plan::row_index`); x and y are [heads, rows, width] contiguous.
+// (`Plan::row_index`; negative before the first key); x and y are [heads, rows, width] contiguous.
 
 // out [BH, bq, ba, width] = y[h, start + t] * x[h, rows(t, a)]
 template <typename scalar_t, typename Rows>
@@ -88,7 +95,12 @@ void mul_rows(scalar_t* out, const Tensor& y, int64_t start, const Tensor& x, in
     for (int64_t t = 0; t < bq; ++t) {
       const scalar_t* yt = yp + (h * y.size(1) + start + t) * width;
       for (int64_t a = 0; a < ba; ++a, o += width) {
-        const scalar_t* xa = xp + (h * x.size(1) + rows(t, a)) * width;
+        const int64_t row = rows(t, a);
+        if (row < 0) {  // a window reaching before the first key: a zero row (its scores are masked)
+          std::fill(o, o + width, scalar_t(0));
+          continue;
+        }
+        const scalar_t* xa = xp + (h * x.size(1) + row) * width;
         for (int64_t k = 0; k < width; ++k) o[k] = yt[k] * xa[k];
       }
     }
@@ -107,7 +119,9 @@ void sum_rows(Tensor& dst, int64_t start, const scalar_t* p, const Tensor& x, in
     for (int64_t t = 0; t < bq; ++t) {
       scalar_t* out = dp + (h * dst.size(1) + start + t) * d;
       for (int64_t a = 0; a < ba; ++a, ph += d) {
-        const scalar_t* xa = xp + (h * x.size(1) + rows(t, a)) * width;
+        const int64_t row = rows(t, a);
+        if (row < 0) continue;  // masked: p is zero there
+        const scalar_t* xa = xp + (h * x.size(1) + row) * width;
         for (int64_t k = 0; k < d; ++k) out[k] += ph[k] * xa[k];
       }
     }
@@ -127,7 +141,9 @@ void scatter_rows(Tensor& dst, const scalar_t* p, const Tensor& g, int64_t start
     for (int64_t t = 0; t < bq; ++t) {
       const scalar_t* gt = gp + (h * g.size(1) + start + t) * width;
       for (int64_t a = 0; a < ba; ++a, ph += d) {
-        scalar_t* out = dp + (h * dst.size(1) + rows(t, a)) * d;
+        const int64_t row = rows(t, a);
+        if (row < 0) continue;  // no key there
+        scalar_t* out = dp + (h * dst.size(1) + row) * d;
         for (int64_t k = 0; k < d; ++k) out[k] += ph[k] * gt[k];
       }
     }
@@ -162,11 +178,11 @@ struct Plan {
 
   const bool* pad_of(int64_t h) const { return pad ? pad + (h / heads) * Tk : nullptr; }
 
-  // The rows of the row stream that tile (t0, r) pairs with its queries: with a row window, query t's offsets j are
-  // rows t0 + t + row_start + j of the stream (which has w_row - 1 leading rows); without, the block's keys
-  // row_start + j, shared by the queries.
+  // The keys of the row stream that tile (t0, r) pairs with its queries: with a row window, query t's offsets j are
+  // keys t0 + t - w_row + 1 + row_start + j (negative where the window starts before the sequence); without, the
+  // block's keys row_start + j, shared by the queries.
   auto row_index(int64_t t0, int64_t r) const {
-    const int64_t first = w_row > 0 ? t0 + R[r][0] : R[r][0], step = w_row > 0 ? 1 : 0;
+    const int64_t first = w_row > 0 ? t0 + R[r][0] - (w_row - 1) : R[r][0], step = w_row > 0 ? 1 : 0;
     return [first, step](int64_t t, int64_t a) { return first + step * t + a; };
   }
 
@@ -182,22 +198,26 @@ struct Plan {
     return ok;
   }
 
-  // Zeroes the masked entries of the exp'ed tiles p [BH, bc, bq * ba] of column block c.
+  // Zeroes the masked entries of the exp'ed tiles p [BH, bc, bq * ba] of column block c; with `sums` [BH, bq * ba]
+  // (zeroed first when `first`), also adds up the masked tiles' rows into it.
   template <typename scalar_t>
-  void zero(scalar_t* p, const bool* ok, int64_t BH, int64_t t0, int64_t bq, int64_t ba, int64_t c) const {
+  void zero(scalar_t* p, const bool* ok, int64_t BH, int64_t t0, int64_t bq, int64_t ba, int64_t c,
+            scalar_t* sums = nullptr, bool first = false) const {
     const bool col_masked = C[c][2] != 0;
-    if (!col_masked && ok == nullptr) return;
+    if (!col_masked && ok == nullptr && sums == nullptr) return;
     const int64_t bc = C[c][1] - C[c][0], n = bq * ba;
     for_heads(BH, [&](int64_t h) {
+      scalar_t* sums_h = sums ? sums + h * n : nullptr;
+      if (first && sums_h) std::fill(sums_h, sums_h + n, scalar_t(0));
       zero_masked(p + h * bc * n, bc, bq, ba, t0, C[c][0], w_col, col_masked, pad_of(h),
-                  ok ? ok + (h / heads) * n : nullptr);
+                  ok ? ok + (h / heads) * n : nullptr, sums_h);
     });
   }
 };
 
 // Inputs as `tiled._forward` prepares them ([BH, T, .] contiguous, compute dtype):
 //   q_aug [BH, Tq, d+1] = [q * scale, -m]; kc1 [BH, Tk, d+1] = [kc, 1]; vc [BH, Tk, d];
-//   kr1 [BH, Tk', d+1] = [kr, 1] and vr [BH, Tk', d], with w_row - 1 zero rows in front when w_row > 0;
+//   kr1 [BH, Tk, d+1] = [kr, 1] and vr [BH, Tk, d];
 //   blocks [nb, 8] = (start, stop, t0, row_begin, row_end, col_begin, col_end, clamp) indexing
 //   rows / cols [n, 3] = (start, stop, masked) (`_tiles.pack`); pad [B, Tk] bool (True: padding) or empty.
 // Returns num [BH, Tq, d] = sum exp(s - m) v1 * v2 and l [BH, Tq] = sum exp(s - m) over the allowed pairs.
@@ -213,7 +233,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q_aug, const Tensor& kr1, 
   // Scratch reused by every tile (a fresh multi-MB tensor per tile costs page faults).
   Tensor qk_buf = at::empty({BH * n_max * d1}, opt), pv_buf = at::empty({BH * n_max * d}, opt);
   Tensor s_buf = at::empty({BH * plan.max_bc * n_max}, opt);
-  Tensor sums_buf = at::empty({BH * n_max}, opt), col_sums_buf = at::empty({BH * n_max}, opt);
+  Tensor sums_buf = at::empty({BH * n_max}, opt);
   Tensor ok_buf = at::empty({BH * n_max}, opt.dtype(at::kBool));
   scalar_t* lp = l.data_ptr<scalar_t>();
 
@@ -228,8 +248,8 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q_aug, const Tensor& kr1, 
       Tensor qk_cols = qk.transpose(1, 2);
       const bool* ok = plan.row_masks(ok_buf, BH, t0, bq, r);
       Tensor pv = pv_buf.narrow(0, 0, BH * n * d).view({BH, n, d});  // P @ vc
-      // sum_b P per (t, a). Not from a ones column in vc as in the Python loop: a value GEMM with N = d + 1 ran
-      // 15-40% slower than with N = d (65 against 64 columns), and the column sums cost less than the difference.
+      // sum_b P per (t, a), added up by the mask pass. Not from a ones column in vc as in the Python loop: a value
+      // GEMM with N = d + 1 ran 15-40% slower than with N = d (65 against 64 columns).
       Tensor sums = sums_buf.narrow(0, 0, BH * n).view({BH, n});
       for (int64_t c = B[bi][5]; c < B[bi][6]; ++c) {
         const int64_t col_start = C[c][0], bc = C[c][1] - col_start;
@@ -238,16 +258,12 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q_aug, const Tensor& kr1, 
         at::bmm_out(s, kc1.narrow(1, col_start, bc), qk_cols);
         if (clamp) s.clamp_min_(floor);  // keeps exp off its slow path for scores far under the reference
         s.exp_();
-        plan.zero(s.data_ptr<scalar_t>(), ok, BH, t0, bq, ba, c);
+        plan.zero(s.data_ptr<scalar_t>(), ok, BH, t0, bq, ba, c, sums.data_ptr<scalar_t>(), c == B[bi][5]);
         Tensor vc_tile = vc.narrow(1, col_start, bc);
         if (c == B[bi][5]) {
           at::bmm_out(pv, s.transpose(1, 2), vc_tile);
-          at::sum_out(sums, s, {1});
         } else {
           pv.baddbmm_(s.transpose(1, 2), vc_tile);
-          Tensor col_sums = col_sums_buf.narrow(0, 0, BH * n).view({BH, n});
-          at::sum_out(col_sums, s, {1});
-          sums.add_(col_sums);
         }
       }
       const scalar_t* sp = sums.data_ptr<scalar_t>();
@@ -261,10 +277,9 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q_aug, const Tensor& kr1, 
 }
 
 // Inputs as `tiled._backward` prepares them: q_aug [BH, Tq, d+1] = [q * scale, -lse], g_aug [BH, Tq, d+1] =
-// [dO, -D]; kr1, vr1 [BH, Tk', d+1] = [kr, 1], [vr, 1] (padded as in the forward); col_stack [3BH, Tk, d+1] =
+// [dO, -D]; kr1, vr1 [BH, Tk, d+1] = [kr, 1], [vr, 1]; col_stack [3BH, Tk, d+1] =
 // [kc, 1; vc, 1; kc, 1]; gq [2BH, Tq, d] = [dO; q]; the plan and pad as in the forward.
-// Returns dq [BH, Tq, d], [dvr; dkr] [2BH, Tk', d] (with the forward's w_row - 1 leading rows when w_row > 0) and
-// [dvc; dkc] [2BH, Tk, d].
+// Returns dq [BH, Tq, d], [dvr; dkr] [2BH, Tk, d] and [dvc; dkc] [2BH, Tk, d].
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& q_aug, const Tensor& g_aug, const Tensor& kr1,
                                                  const Tensor& vr1, const Tensor& col_stack, const Tensor& gq,
@@ -328,35 +343,52 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& q_aug, const Tens
   return {dq, dvkr, dvk};
 }
 
-// The masks and row views index raw memory from these shapes: a wrong argument must fail here, not read past a buffer.
-void check_inputs(const char* name, std::initializer_list<const Tensor*> tensors, const Tensor& blocks,
-                  const Tensor& rows, const Tensor& cols, const Tensor& pad, const Tensor& row_stream,
-                  const Tensor& col_stream, int64_t BH, int64_t w_row, int64_t heads) {
-  const auto dtype = (*tensors.begin())->scalar_type();
-  const int64_t Tk = col_stream.size(1);
+// The loops index raw memory from these shapes and the plan: a wrong argument must fail here, not read past a buffer.
+void check_inputs(const char* name, std::initializer_list<std::pair<const Tensor*, std::vector<int64_t>>> shapes,
+                  const Tensor& blocks, const Tensor& rows, const Tensor& cols, const Tensor& pad, int64_t w_row,
+                  int64_t heads) {
+  const Tensor& first = *shapes.begin()->first;
+  const int64_t BH = first.size(0), Tq = first.size(1);
+  const int64_t Tk = (shapes.begin() + 1)->first->size(1);  // the second is a key stream
   TORCH_CHECK(heads >= 1 && BH % heads == 0, name, ": heads must divide the batch*heads dimension");
-  TORCH_CHECK(row_stream.size(1) == Tk + std::max<int64_t>(w_row - 1, 0), name,
-              ": the row stream must have w_row - 1 leading rows before its Tk keys");
-  TORCH_CHECK(pad.numel() == 0 || (pad.dim() == 2 && pad.size(0) * heads == BH && pad.size(1) == Tk), name,
-              ": pad must be [B, Tk]");
-  for (const Tensor* t : tensors) {
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == dtype,
+  for (const auto& [t, shape] : shapes) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == first.scalar_type(),
                 name, ": inputs must be contiguous CPU tensors of one dtype");
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), name, ": an input of shape ", t->sizes(), " where ",
+                at::IntArrayRef(shape), " was expected");
   }
+  TORCH_CHECK(pad.numel() == 0 || (pad.scalar_type() == at::kBool && pad.is_contiguous() && pad.dim() == 2 &&
+                                   pad.size(0) * heads == BH && pad.size(1) == Tk),
+              name, ": pad must be empty or a contiguous bool tensor [B, Tk]");
   for (const Tensor* t : {&blocks, &rows, &cols}) {
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 2 && t->is_contiguous(),
-                name, ": the plan must be contiguous 2-D int64 tensors");
+    const int64_t width = t == &blocks ? 8 : 3;
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 2 && t->is_contiguous() && t->size(1) == width, name,
+                ": the plan must be contiguous int64 tables [n, 8], [n, 3], [n, 3]");
   }
-  TORCH_CHECK(pad.numel() == 0 || (pad.scalar_type() == at::kBool && pad.is_contiguous()),
-              name, ": pad must be empty or a contiguous bool tensor");
+  const auto B = blocks.accessor<int64_t, 2>(), R = rows.accessor<int64_t, 2>(), C = cols.accessor<int64_t, 2>();
+  const int64_t row_end = w_row > 0 ? w_row : Tk;  // row blocks are window offsets or keys
+  for (int64_t i = 0; i < B.size(0); ++i) {
+    const bool ok = 0 <= B[i][0] && B[i][0] < B[i][1] && B[i][1] <= Tq && 0 <= B[i][2] &&
+                    B[i][2] + B[i][1] - B[i][0] <= Tk && 0 <= B[i][3] && B[i][3] <= B[i][4] && B[i][4] <= R.size(0) &&
+                    0 <= B[i][5] && B[i][5] <= B[i][6] && B[i][6] <= C.size(0);
+    TORCH_CHECK(ok, name, ": query block ", i, " of the plan is out of range");
+  }
+  for (int64_t i = 0; i < R.size(0); ++i) {
+    TORCH_CHECK(0 <= R[i][0] && R[i][0] < R[i][1] && R[i][1] <= row_end, name, ": row block ", i, " out of range");
+  }
+  for (int64_t i = 0; i < C.size(0); ++i) {
+    TORCH_CHECK(0 <= C[i][0] && C[i][0] < C[i][1] && C[i][1] <= Tk, name, ": column block ", i, " out of range");
+  }
 }
 
 std::tuple<Tensor, Tensor> forward_tiles(const Tensor& q_aug, const Tensor& kr1, const Tensor& kc1, const Tensor& vr,
                                          const Tensor& vc, int64_t w_row, int64_t w_col, const Tensor& blocks,
                                          const Tensor& rows, const Tensor& cols, const Tensor& pad, int64_t heads,
                                          double floor) {
-  check_inputs("forward_tiles", {&q_aug, &kr1, &kc1, &vr, &vc}, blocks, rows, cols, pad, kr1, kc1, q_aug.size(0),
-               w_row, heads);
+  const int64_t BH = q_aug.size(0), Tq = q_aug.size(1), Tk = kr1.size(1), d1 = q_aug.size(2), d = d1 - 1;
+  check_inputs("forward_tiles", {{&q_aug, {BH, Tq, d1}}, {&kr1, {BH, Tk, d1}}, {&kc1, {BH, Tk, d1}},
+                                 {&vr, {BH, Tk, d}}, {&vc, {BH, Tk, d}}},
+               blocks, rows, cols, pad, w_row, heads);
   std::tuple<Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(q_aug.scalar_type(), "forward_tiles", [&] {
     result = forward_impl<scalar_t>(q_aug, kr1, kc1, vr, vc, Plan(blocks, rows, cols, w_row, w_col, pad, heads,
@@ -370,8 +402,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_tiles(const Tensor& q_aug, const Ten
                                                   int64_t w_row, int64_t w_col, const Tensor& blocks,
                                                   const Tensor& rows, const Tensor& cols, const Tensor& pad,
                                                   int64_t heads, double floor) {
-  check_inputs("backward_tiles", {&q_aug, &g_aug, &kr1, &vr1, &col_stack, &gq}, blocks, rows, cols, pad, kr1,
-               col_stack, q_aug.size(0), w_row, heads);
+  const int64_t BH = q_aug.size(0), Tq = q_aug.size(1), Tk = kr1.size(1), d1 = q_aug.size(2), d = d1 - 1;
+  check_inputs("backward_tiles", {{&q_aug, {BH, Tq, d1}}, {&kr1, {BH, Tk, d1}}, {&g_aug, {BH, Tq, d1}},
+                                  {&vr1, {BH, Tk, d1}}, {&col_stack, {3 * BH, Tk, d1}}, {&gq, {2 * BH, Tq, d}}},
+               blocks, rows, cols, pad, w_row, heads);
   std::tuple<Tensor, Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(q_aug.scalar_type(), "backward_tiles", [&] {
     result = backward_impl<scalar_t>(q_aug, g_aug, kr1, vr1, col_stack, gq,

@@ -114,8 +114,21 @@ def _window_blocks(t0: int, t1: int, w: int, size: int, first_real: int, padded:
     return tuple(blocks)
 
 
-def plan(Tq: int, Tk: int, w_row, w_col, attention_mask, sizes: TileSizes) -> list[QueryBlock]:
-    """Query blocks with the key blocks each one visits; tiles that no query may use are never listed."""
+def plan(Tq: int, Tk: int, w_row, w_col, attention_mask, sizes: TileSizes) -> tuple[QueryBlock, ...]:
+    """Query blocks with the key blocks each one visits; tiles that no query may use are never listed. Plans
+    without a mask depend on the shapes only and are kept (building one costs about as much as a small call's
+    compiled tile loop)."""
+    if attention_mask is None:
+        return _unmasked_plan(Tq, Tk, w_row, w_col, sizes)
+    return _plan(Tq, Tk, w_row, w_col, attention_mask, sizes)
+
+
+@functools.lru_cache(maxsize=64)
+def _unmasked_plan(Tq: int, Tk: int, w_row, w_col, sizes: TileSizes) -> tuple[QueryBlock, ...]:
+    return _plan(Tq, Tk, w_row, w_col, None, sizes)
+
+
+def _plan(Tq: int, Tk: int, w_row, w_col, attention_mask, sizes: TileSizes) -> tuple[QueryBlock, ...]:
     if attention_mask is not None:
         real = attention_mask.to(torch.bool)  # [B, Tk]
         any_pad = (~real).any(0).to(torch.int64)  # [Tk]: some sequence has a pad here
@@ -146,18 +159,36 @@ def plan(Tq: int, Tk: int, w_row, w_col, attention_mask, sizes: TileSizes) -> li
             col_size = -(-band // -(-band // sizes.col))
         cols = _key_blocks(col_lo, t1, col_size, t0, t1, w_col, padded)
         blocks.append(QueryBlock(start, stop, t0, rows, cols))
-    return blocks
+    return tuple(blocks)
 
 
-def pack(blocks: list[QueryBlock], clamped: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack(blocks: tuple[QueryBlock, ...], clamped: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The plan as int64 tables for the compiled loop (`csrc/tiles.cpp`): blocks [n, 8] = (start, stop, t0, first
-    and end row block, first and end column block, clamp), rows and columns [n, 3] = (start, stop, masked)."""
+    and end row block, first and end column block, clamp), rows and columns [n, 3] = (start, stop, masked). The
+    tables of a kept plan (`plan` without a mask) are kept too; only the clamp column changes from call to call."""
+    entry = _packed.get(id(blocks))
+    if entry is None or entry[0] is not blocks:
+        entry = (blocks, _pack(blocks))
+        if len(_packed) >= 64:
+            _packed.clear()
+        _packed[id(blocks)] = entry
+    table, rows, cols = entry[1]
+    table = table.clone()
+    table[:, 7] = torch.tensor(clamped, dtype=torch.int64)
+    return table, rows, cols
+
+
+# id(plan) -> (plan, tables); the entry holds the plan, so the id is not reused while the entry lives
+_packed: dict[int, tuple] = {}
+
+
+def _pack(blocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     table, rows, cols = [], [], []
-    for block, clamp in zip(blocks, clamped):
+    for block in blocks:
         r0, c0 = len(rows), len(cols)
         rows += [(rb.start, rb.stop, int(rb.masked)) for rb in block.row_blocks]
         cols += [(cb.start, cb.stop, int(cb.masked)) for cb in block.col_blocks]
-        table.append((block.start, block.stop, block.t0, r0, len(rows), c0, len(cols), int(clamp)))
+        table.append((block.start, block.stop, block.t0, r0, len(rows), c0, len(cols), 0))
     return tuple(torch.tensor(x, dtype=torch.int64).view(-1, width) for x, width in ((table, 8), (rows, 3), (cols, 3)))
 
 

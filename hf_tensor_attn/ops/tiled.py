@@ -223,7 +223,7 @@ def _compiled_tiles(ops, p: _Problem, q_aug, blocks, clamped_blocks):
     for masked pairs."""
     q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes = p.unpack()
     return ops.forward_tiles(
-        q_aug, _lead_zeros(_with_ones(kr), w_row), _with_ones(kc), _lead_zeros(vr, w_row).contiguous(), vc.contiguous(),
+        q_aug, _with_ones(kr), _with_ones(kc), vr.contiguous(), vc.contiguous(),
         w_row or 0, w_col or 0, *pack(blocks, clamped_blocks), _pad(mask), H, EXP_FLOOR[q.dtype],
     )
 
@@ -342,10 +342,9 @@ def _backward(p: _Problem, out, lse, has_pair, dout):
     compiled = extension.cpu_ops() if device.type == "cpu" else None
     if compiled is not None:
         dq, dvkr, dvk = compiled.backward_tiles(
-            q_aug, g_aug, _lead_zeros(_with_ones(kr), w_row), _lead_zeros(_with_ones(vr), w_row), col_stack, gq,
+            q_aug, g_aug, _with_ones(kr), _with_ones(vr), col_stack, gq,
             w_row or 0, w_col or 0, *pack(blocks, clamped_blocks), _pad(mask), H, floor,
         )
-        dvkr = dvkr[:, w_row - 1 :] if w_row is not None else dvkr
         return dq, dvkr[BH:], dvk[BH:], dvkr[:BH], dvk[:BH]
     masker = Masker(w_row, w_col, mask, Tk, device, floor, dtype, finite_scores)
     kr_rows, vr_rows = _RowStream(_with_ones(kr), w_row), _RowStream(_with_ones(vr), w_row)

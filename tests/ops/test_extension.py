@@ -103,6 +103,34 @@ def test_parallel_loops_match_python_loops(loops, monkeypatch):
     assert loops["forward_tiles"] == 2 and loops["backward_tiles"] == 2
 
 
+def test_compiled_ops_refuse_wrong_shapes_and_plans_out_of_range(loops):
+    """The C++ loops index raw memory from the shapes and the plan: a wrong one is an error, not a stray read."""
+    BH, T, d, w_row = 2, 8, 4, 3
+    x = {name: torch.randn(BH, T, width) for name, width in (("q", d + 1), ("kr", d + 1), ("kc", d + 1),
+                                                              ("vr", d), ("vc", d))}
+    blocks = tiled.plan(T, T, w_row, None, None, tiled.choose_tile_sizes(T, w_row, None))
+    table, rows, cols = tiled.pack(blocks, [False] * len(blocks))
+    ops = torch.ops.hf_tensor_attn_cpu
+
+    def call(**changed):
+        args = {**x, "table": table, "rows": rows, "cols": cols, **changed}
+        return ops.forward_tiles(args["q"], args["kr"], args["kc"], args["vr"], args["vc"], w_row, 0, args["table"],
+                                 args["rows"], args["cols"], torch.empty(0, dtype=torch.bool), 1, -80.0)
+
+    num, l = call()
+    assert num.shape == (BH, T, d) and l.shape == (BH, T)
+    with pytest.raises(RuntimeError, match=r"an input of shape \[2, 7, 4\] where \[2, 8, 4\] was expected"):
+        call(vr=x["vr"][:, 1:].contiguous())
+    late = table.clone()
+    late[0, 1] = T + 1  # a query block past the queries
+    with pytest.raises(RuntimeError, match="query block 0 of the plan is out of range"):
+        call(table=late)
+    wide = rows.clone()
+    wide[0, 1] = w_row + 1  # window offsets past the window
+    with pytest.raises(RuntimeError, match="row block 0 out of range"):
+        call(rows=wide)
+
+
 def test_scores_over_the_headroom_take_the_python_loop(loops):
     """The compiled loop has no running max: a call whose score bound allows overflow runs the Python loop."""
     x, _ = inputs(False)
