@@ -169,13 +169,6 @@ struct Plan {
 
   int64_t blocks() const { return B.size(0); }
 
-  // The widest row block of query block bi.
-  int64_t block_rows(int64_t bi) const {
-    int64_t ba = 1;
-    for (int64_t r = B[bi][3]; r < B[bi][4]; ++r) ba = std::max(ba, R[r][1] - R[r][0]);
-    return ba;
-  }
-
   const bool* pad_of(int64_t h) const { return pad ? pad + (h / heads) * Tk : nullptr; }
 
   // The keys of the row stream that tile (t0, r) pairs with its queries: with a row window, query t's offsets j are
@@ -249,7 +242,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q_aug, const Tensor& kr1, 
       const bool* ok = plan.row_masks(ok_buf, BH, t0, bq, r);
       Tensor pv = pv_buf.narrow(0, 0, BH * n * d).view({BH, n, d});  // P @ vc
       // sum_b P per (t, a), added up by the mask pass. Not from a ones column in vc as in the Python loop: a value
-      // GEMM with N = d + 1 ran 15-40% slower than with N = d (65 against 64 columns).
+      // GEMM with N = d + 1 ran markedly slower than with N = d (65 against 64 columns) in a scratch timing.
       Tensor sums = sums_buf.narrow(0, 0, BH * n).view({BH, n});
       for (int64_t c = B[bi][5]; c < B[bi][6]; ++c) {
         const int64_t col_start = C[c][0], bc = C[c][1] - col_start;
@@ -370,7 +363,8 @@ void check_inputs(const char* name, std::initializer_list<std::pair<const Tensor
   for (int64_t i = 0; i < B.size(0); ++i) {
     const bool ok = 0 <= B[i][0] && B[i][0] < B[i][1] && B[i][1] <= Tq && 0 <= B[i][2] &&
                     B[i][2] + B[i][1] - B[i][0] <= Tk && 0 <= B[i][3] && B[i][3] <= B[i][4] && B[i][4] <= R.size(0) &&
-                    0 <= B[i][5] && B[i][5] <= B[i][6] && B[i][6] <= C.size(0);
+                    0 <= B[i][5] && B[i][5] <= B[i][6] && B[i][6] <= C.size(0) &&
+                    (B[i][3] == B[i][4] || B[i][5] < B[i][6]);  // rows need columns: their sums come from them
     TORCH_CHECK(ok, name, ": query block ", i, " of the plan is out of range");
   }
   for (int64_t i = 0; i < R.size(0); ++i) {

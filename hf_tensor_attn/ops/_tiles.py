@@ -123,9 +123,15 @@ def plan(Tq: int, Tk: int, w_row, w_col, attention_mask, sizes: TileSizes) -> tu
     return _plan(Tq, Tk, w_row, w_col, attention_mask, sizes)
 
 
+class _KeptPlan(tuple):
+    """A plan kept by `plan` (no mask), with its packed tables once `pack` has made them."""
+
+    tables = None
+
+
 @functools.lru_cache(maxsize=64)
 def _unmasked_plan(Tq: int, Tk: int, w_row, w_col, sizes: TileSizes) -> tuple[QueryBlock, ...]:
-    return _plan(Tq, Tk, w_row, w_col, None, sizes)
+    return _KeptPlan(_plan(Tq, Tk, w_row, w_col, None, sizes))
 
 
 def _plan(Tq: int, Tk: int, w_row, w_col, attention_mask, sizes: TileSizes) -> tuple[QueryBlock, ...]:
@@ -165,21 +171,17 @@ def _plan(Tq: int, Tk: int, w_row, w_col, attention_mask, sizes: TileSizes) -> t
 def pack(blocks: tuple[QueryBlock, ...], clamped: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The plan as int64 tables for the compiled loop (`csrc/tiles.cpp`): blocks [n, 8] = (start, stop, t0, first
     and end row block, first and end column block, clamp), rows and columns [n, 3] = (start, stop, masked). The
-    tables of a kept plan (`plan` without a mask) are kept too; only the clamp column changes from call to call."""
-    entry = _packed.get(id(blocks))
-    if entry is None or entry[0] is not blocks:
-        entry = (blocks, _pack(blocks))
-        if len(_packed) >= 64:
-            _packed.clear()
-        _packed[id(blocks)] = entry
-    table, rows, cols = entry[1]
+    tables of a kept plan (`plan` without a mask) are kept with it and shared, read-only; only the clamp column
+    changes from call to call."""
+    tables = getattr(blocks, "tables", None)
+    if tables is None:
+        tables = _pack(blocks)
+        if isinstance(blocks, _KeptPlan):
+            blocks.tables = tables
+    table, rows, cols = tables
     table = table.clone()
     table[:, 7] = torch.tensor(clamped, dtype=torch.int64)
     return table, rows, cols
-
-
-# id(plan) -> (plan, tables); the entry holds the plan, so the id is not reused while the entry lives
-_packed: dict[int, tuple] = {}
 
 
 def _pack(blocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -42,7 +42,8 @@ def library_name(openmp: bool = True) -> str:
     # its own build; the flags that differ between machines (instruction set, OpenMP) are in it too.
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
     version = re.sub(r"\W", "_", torch.__version__)
-    return f"hf_tensor_attn_cpu_{version}_{digest}_{_capability().lower()}" + ("_omp" if openmp else "")
+    capability = re.sub(r"\W", "_", _capability()).lower()  # e.g. "avx512"; some are two words ("Z VECTOR")
+    return f"hf_tensor_attn_cpu_{version}_{digest}_{capability}" + ("_omp" if openmp else "")
 
 
 # The loops of tiles.cpp are plain C++ that the compiler vectorises: built for the vector instructions torch's own

@@ -87,6 +87,8 @@ def test_default_tiles_over_a_wide_band_match_python_loops(loops, monkeypatch):
 def test_parallel_loops_match_python_loops(loops, monkeypatch):
     """The module runs on one thread; here two, so the compiled loops split heads over torch's threads (where the
     build has OpenMP): the row-gradient scatter and the sums write per head, windowed and causal, with padding."""
+    if "-fopenmp" not in extension.build_flags():
+        pytest.skip(f"the compiled loops were built without OpenMP here ({extension.build_flags()}): one thread")
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -129,6 +131,10 @@ def test_compiled_ops_refuse_wrong_shapes_and_plans_out_of_range(loops):
     wide[0, 1] = w_row + 1  # window offsets past the window
     with pytest.raises(RuntimeError, match="row block 0 out of range"):
         call(rows=wide)
+    no_columns = table.clone()
+    no_columns[0, 6] = no_columns[0, 5]  # rows without columns: nothing would write their sums
+    with pytest.raises(RuntimeError, match="query block 0 of the plan is out of range"):
+        call(table=no_columns)
 
 
 def test_scores_over_the_headroom_take_the_python_loop(loops):
@@ -187,6 +193,19 @@ def test_failed_openmp_build_retries_without(monkeypatch, caplog):
     assert "built without OpenMP" in caplog.text and "omp.h: No such file or directory" in caplog.text
 
 
+def test_without_openmp_in_torch_one_attempt_without_it(monkeypatch):
+    from torch.utils import cpp_extension
+
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, sources, extra_cflags, is_python_module: calls.append(
+        extra_cflags))
+    monkeypatch.setattr(torch.backends.openmp, "is_available", lambda: False)
+    monkeypatch.setattr(extension, "_built_with", [])
+    extension.build()
+    assert calls == [extension.compile_flags(False)] and "-fopenmp" not in calls[0]
+    assert extension.build_flags() == calls[0]
+
+
 def test_build_flags_follow_torch(monkeypatch):
     """The instruction set torch's kernels use here (ATen's own choice) and OpenMP: in the flags and the name."""
     monkeypatch.setattr(extension, "_capability", lambda: "AVX2")
@@ -194,6 +213,8 @@ def test_build_flags_follow_torch(monkeypatch):
     assert extension.library_name(True).endswith("_avx2_omp") and extension.library_name(False).endswith("_avx2")
     monkeypatch.setattr(extension, "_capability", lambda: "DEFAULT")
     assert extension.compile_flags(False) == ["-O3"]
+    monkeypatch.setattr(extension, "_capability", lambda: "Z VECTOR")  # a name torch may give, with a space
+    assert extension.library_name(False).endswith("_z_vector")
 
 
 def test_switched_off_never_builds(monkeypatch):
