@@ -107,44 +107,25 @@ void mul_rows(scalar_t* out, const Tensor& y, int64_t start, const Tensor& x, in
   });
 }
 
-// dst[h, start + t, :d] += sum_a p[h, (t, a)] * x[h, rows(t, a), :d]; p [BH, bq * ba, d] contiguous
-template <typename scalar_t, typename Rows>
-void sum_rows(Tensor& dst, int64_t start, const scalar_t* p, const Tensor& x, int64_t BH, int64_t bq, int64_t ba,
-              Rows rows) {
-  const int64_t d = dst.size(2), width = x.size(2);
+// For every entry (t, a) of a tile, one row of dst += p[h, (t, a)] * one row of src: dst's row is query start + t
+// and src's the row key rows(t, a) (the sums over the row keys: num, dq), or, with `to_keys`, the other way round
+// (the row-key gradients). p [BH, bq * ba, d] contiguous; src has d or more columns. Queries of a head share row
+// keys, so only the heads run in parallel.
+template <bool to_keys, typename scalar_t, typename Rows>
+void add_products(Tensor& dst, const scalar_t* p, const Tensor& src, int64_t start, int64_t BH, int64_t bq,
+                  int64_t ba, Rows rows) {
+  const int64_t d = dst.size(2), width = src.size(2);
   scalar_t* dp = dst.data_ptr<scalar_t>();
-  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* sp = src.data_ptr<scalar_t>();
   for_heads(BH, [&](int64_t h) {
     const scalar_t* ph = p + h * bq * ba * d;
     for (int64_t t = 0; t < bq; ++t) {
-      scalar_t* out = dp + (h * dst.size(1) + start + t) * d;
       for (int64_t a = 0; a < ba; ++a, ph += d) {
-        const int64_t row = rows(t, a);
-        if (row < 0) continue;  // masked: p is zero there
-        const scalar_t* xa = xp + (h * x.size(1) + row) * width;
-        for (int64_t k = 0; k < d; ++k) out[k] += ph[k] * xa[k];
-      }
-    }
-  });
-}
-
-// dst[h, rows(t, a), :d] += p[h, (t, a)] * g[h, start + t, :d]; p [BH, bq * ba, d] contiguous. Queries of a head
-// share rows, so only the heads run in parallel.
-template <typename scalar_t, typename Rows>
-void scatter_rows(Tensor& dst, const scalar_t* p, const Tensor& g, int64_t start, int64_t BH, int64_t bq, int64_t ba,
-                  Rows rows) {
-  const int64_t d = dst.size(2), width = g.size(2);
-  scalar_t* dp = dst.data_ptr<scalar_t>();
-  const scalar_t* gp = g.data_ptr<scalar_t>();
-  for_heads(BH, [&](int64_t h) {
-    const scalar_t* ph = p + h * bq * ba * d;
-    for (int64_t t = 0; t < bq; ++t) {
-      const scalar_t* gt = gp + (h * g.size(1) + start + t) * width;
-      for (int64_t a = 0; a < ba; ++a, ph += d) {
-        const int64_t row = rows(t, a);
-        if (row < 0) continue;  // no key there
-        scalar_t* out = dp + (h * dst.size(1) + row) * d;
-        for (int64_t k = 0; k < d; ++k) out[k] += ph[k] * gt[k];
+        const int64_t key = rows(t, a);
+        if (key < 0) continue;  // no key there: masked, p is zero
+        scalar_t* out = dp + (h * dst.size(1) + (to_keys ? key : start + t)) * d;
+        const scalar_t* other = sp + (h * src.size(1) + (to_keys ? start + t : key)) * width;
+        for (int64_t k = 0; k < d; ++k) out[k] += ph[k] * other[k];
       }
     }
   });
@@ -263,7 +244,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q_aug, const Tensor& kr1, 
       for (int64_t h = 0; h < BH; ++h) {
         for (int64_t t = 0; t < bq; ++t, sp += ba) lp[h * Tq + start + t] += std::accumulate(sp, sp + ba, scalar_t(0));
       }
-      sum_rows(num, start, pv.data_ptr<scalar_t>(), vr, BH, bq, ba, rows);  // num_t += sum_a (P vc)_(t, a) * vr_a
+      add_products<false>(num, pv.data_ptr<scalar_t>(), vr, start, BH, bq, ba, rows);  // num_t += (P vc)_(t, a) * vr_a
     }
   }
   return {num, l};
@@ -329,8 +310,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& q_aug, const Tens
       }
       // [dvr; dkr] of row (t, a) += [P @ vc; dS @ kc]_(t, a) * [dO_t; q_t]; dq_t += sum_a (dS @ kc)_(t, a) * kr_a
       const scalar_t* products = row_products.data_ptr<scalar_t>();
-      scatter_rows(dvkr, products, gq, start, 2 * BH, bq, ba, rows);
-      sum_rows(dq, start, products + BH * n * d, kr1, BH, bq, ba, rows);
+      add_products<true>(dvkr, products, gq, start, 2 * BH, bq, ba, rows);
+      add_products<false>(dq, products + BH * n * d, kr1, start, BH, bq, ba, rows);
     }
   }
   return {dq, dvkr, dvk};
