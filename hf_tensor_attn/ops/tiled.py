@@ -9,8 +9,8 @@ pass and one row-sum pass. Backward saves only the inputs, the output and the pe
 recomputes each tile: one GEMM gives S - lse and dP - D together, two more give the five gradients. Memory is
 O(tile + T*d); a window (w1, w2) costs O(T * w1 * w2 * d).
 
-The tile loops also exist compiled (`csrc/tiles.cpp`, built on first use by `ops.extension`): same tiles and ATen
-ops, no Python between them. They run by default on CPU where they build; the Python loops stay, tested beside
+The tile loops also exist compiled (`csrc/tiles.cpp`, built on first use by `ops.extension`): same tiles, GEMMs and
+exp, no Python between them. They run by default on CPU where they build; the Python loops stay, tested beside
 them against the naive op, and run where they do not build or with `HF_TENSOR_ATTN_CPU_EXTENSION=0`.
 
 The maths is symmetric in the two streams (<q, k1*k2> = <q, k2*k1>, v1*v2 = v2*v1). The row stream reads each
@@ -66,7 +66,7 @@ class _RowStream:
             self.x = x
         else:
             BH, Tk, d = x.shape
-            xp = _lead_zeros(x, window)
+            xp = torch.cat([x.new_zeros(BH, window - 1, d), x], 1)  # key a at a + window - 1
             self.x = xp.as_strided((BH, Tk, window, d), (xp.stride(0), d, d, 1))  # [BH, Tk, w, d]
 
     def tile(self, block: QueryBlock, rb) -> torch.Tensor:
@@ -226,12 +226,6 @@ def _compiled_tiles(ops, p: _Problem, q_aug, blocks, clamped_blocks):
         q_aug, _with_ones(kr), _with_ones(kc), vr.contiguous(), vc.contiguous(),
         w_row or 0, w_col or 0, *pack(blocks, clamped_blocks), _pad(mask), H, EXP_FLOOR[q.dtype],
     )
-
-
-def _lead_zeros(x: torch.Tensor, window: int | None) -> torch.Tensor:
-    """[BH, T, n] -> [BH, window - 1 + T, n] with zero rows first (key a at row a + window - 1; masked anyway), so
-    that query t's window is rows t .. t + window - 1. Unchanged without a window."""
-    return x if window is None else torch.cat([x.new_zeros(x.shape[0], window - 1, x.shape[2]), x], 1)
 
 
 def _pad(mask: torch.Tensor | None) -> torch.Tensor:

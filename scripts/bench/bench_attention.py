@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 if __package__ in (None, ""):  # run as a file: make `scripts.bench` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -313,15 +314,8 @@ def python_loop(call):
     from hf_tensor_attn.ops import extension
 
     def run():
-        before = os.environ.get(extension.ENV)
-        os.environ[extension.ENV] = "0"
-        try:
+        with mock.patch.dict(os.environ, {extension.ENV: "0"}):
             return call()
-        finally:
-            if before is None:
-                del os.environ[extension.ENV]
-            else:
-                os.environ[extension.ENV] = before
 
     return run
 

@@ -204,3 +204,14 @@ def test_bench_attention_refuses_negative_target_rounds(capsys):
     with pytest.raises(SystemExit):
         bench_attention.parse_args(["--quick", "--target-rounds", "-1", "--out", "/tmp/unused"])
     assert "--target-rounds must be 0 (no interleaved rounds) or more, got -1" in capsys.readouterr().err
+
+
+def test_bench_attention_python_loop_switches_the_compiled_loop_off_for_the_call_only(monkeypatch):
+    from hf_tensor_attn.ops import extension
+
+    monkeypatch.setenv(extension.ENV, "1")
+    seen = bench_attention.python_loop(lambda: os.environ[extension.ENV])()
+    assert seen == "0" and os.environ[extension.ENV] == "1"
+    monkeypatch.delenv(extension.ENV)
+    bench_attention.python_loop(lambda: None)()
+    assert extension.ENV not in os.environ
