@@ -4,20 +4,25 @@
 // forward (docs/profile_attention.md).
 //
 // Built on first use by `ops.extension` (torch.utils.cpp_extension), for the vector instructions torch uses on this
-// CPU and with OpenMP where torch has it. GEMMs and exp are ATen ops (MKL, ATen's vectorised exp on both threads);
-// the masks and the per-(query, row key) products and sums are plain loops that the compiler vectorises, split over
-// heads with at::parallel_for. Differences from the Python loops: masked pairs are zeroed after exp instead of set to
-// the exp floor before it, and the forward's row sums are column sums of P instead of a ones column in vc.
+// CPU and with OpenMP where torch has it. GEMMs are ATen ops (MKL); the per-(query, row key) products and sums and
+// one pass per tile for the shift by the per-query reference (m, or lse and D), exp and masks are plain loops that
+// the compiler vectorises, split over heads with at::parallel_for. Differences from the Python loops: the shifts are
+// subtracted in that pass instead of by a ones column in the GEMMs (whose operands are then the plain streams),
+// every score is clamped at the exp floor, masked pairs are zeroed after exp instead of set to the floor before it,
+// and the forward's row sums are column sums of P instead of a ones column in vc.
 // Registered as torch.ops.hf_tensor_attn_cpu.forward_tiles and .backward_tiles.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <numeric>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -25,34 +30,126 @@ namespace {
 
 using at::Tensor;
 
-// Zeroes the exp'ed scores of one head's column-major tile p [bc, bq * ba] that its queries may not use:
-//   column key b (row b of the tile): query t needs b <= t and, with a column window, t - b < w_col;
-//   padded column keys: the whole row;
-//   row entries (t, j): `row_ok` [bq * ba], false where key a is later than t, before 0 or padding (nullptr: all ok).
-// Set, never multiplied: a masked score may be infinite (a later key's), and exp gives inf there, inf * 0 NaN.
-// With `sums` [bq * ba], also adds the masked tile's rows into it (the forward's sum_b P per (t, a)), while each
-// row is still in cache and over the usable range only.
+// exp(x) for the tile passes, x clamped to [lo, hi] first. The float version is Cephes' expf (x = n ln2 + r with
+// |r| <= ln2 / 2, a polynomial in r, 2^n written into the exponent bits) in plain arithmetic that the compiler
+// vectorises along a tile row: ATen's vectorised exp cannot be called per row from here, and as ATen passes the
+// shift, clamp and exp read and wrote the whole tile once more each. Measured relative error under 1e-7 (under one
+// float ulp) over [-80, 40]; n stays in [-126, 127] over [lo, hi], so 2^n is a normal float.
 template <typename scalar_t>
-void zero_masked(scalar_t* p, int64_t bc, int64_t bq, int64_t ba, int64_t t0, int64_t col_start, int64_t w_col,
-                 bool col_masked, const bool* col_pad, const bool* row_ok, scalar_t* sums) {
+inline scalar_t exp_clamped(scalar_t x, scalar_t lo, scalar_t hi) {
+  x = x < lo ? lo : x;  // NaN stays NaN: a NaN input must reach the output (`tiled._forward_op` checks for it)
+  x = x > hi ? hi : x;
+  return std::exp(x);
+}
+
+template <>
+inline float exp_clamped<float>(float x, float lo, float hi) {
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  // Adding 1.5 * 2^23 rounds x / ln2 to the integer n and leaves n in the low bits of t, read from there for 2^n
+  // (unsigned arithmetic: a NaN gives some exponent, and p is NaN anyway).
+  const float t = x * 1.44269504088896341f + 12582912.0f, n = t - 12582912.0f;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // x - n ln2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  uint32_t bits;
+  std::memcpy(&bits, &t, sizeof bits);
+  bits = (bits - 0x4B400000u + 127u) << 23;  // t's bits are those of 1.5 * 2^23 plus n
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// The largest argument the passes clamp to: above every allowed score minus its reference (`common.EXP_HEADROOM`,
+// 40 in float32) and under exp's overflow. Masked entries may exceed it (later keys); they are zeroed anyway.
+template <typename scalar_t>
+constexpr scalar_t exp_ceiling() { return std::is_same_v<scalar_t, float> ? scalar_t(88) : scalar_t(709); }
+
+// The queries [lo, hi) of a block [t0, t0 + bq) that may use column key `key`: b <= t and, with a column window,
+// t - b < w_col; none for a padded key. All of them when the column block is not masked.
+inline std::pair<int64_t, int64_t> column_users(int64_t key, int64_t bq, int64_t t0, int64_t w_col, bool col_masked,
+                                                const bool* col_pad) {
+  if (!col_masked) return {0, bq};
+  if (col_pad != nullptr && col_pad[key]) return {bq, bq};
+  const int64_t lo = std::clamp<int64_t>(key - t0, 0, bq);
+  return {lo, w_col > 0 ? std::clamp<int64_t>(key - t0 + w_col, lo, bq) : bq};
+}
+
+// The forward's pass over one head's column-major score tile p [bc, bq * ba] (row b = column key b, entry (t, j) of
+// a row = query t, row key j): P = exp(max(p - m, floor)) where the pair is allowed, exactly 0 where it is not (set,
+// never multiplied: a masked score may be infinite, a later key's), and sums [bq * ba] += the rows of P (sum_b P per
+// (t, j)) while each row is in cache. m [bq * ba]: query t's reference score at every (t, j), so that the loops run
+// over whole rows (per-query runs of ba = 32 entries cost more in loop overhead than in exp). `row_ok` [bq * ba] is
+// false where row key j is later than t, before 0 or padding (nullptr: all allowed).
+template <typename scalar_t>
+void exp_scores(scalar_t* __restrict__ p, int64_t bc, int64_t bq, int64_t ba, int64_t t0, int64_t col_start,
+                int64_t w_col, bool col_masked, const bool* col_pad, const bool* row_ok, const scalar_t* __restrict__ m,
+                scalar_t* __restrict__ sums, scalar_t floor) {
   const int64_t n = bq * ba;
-  for (int64_t b = 0; b < bc; ++b) {
-    scalar_t* row = p + b * n;
-    int64_t lo = 0, hi = bq;  // queries [lo, hi) of the block may use key b
-    if (col_masked) {
-      const int64_t key = col_start + b;
-      lo = std::clamp<int64_t>(key - t0, 0, bq);
-      if (w_col > 0) hi = std::clamp<int64_t>(key - t0 + w_col, lo, bq);
-      if (col_pad != nullptr && col_pad[key]) lo = hi = bq;
+  const scalar_t hi = exp_ceiling<scalar_t>();
+  const auto* __restrict__ ok = reinterpret_cast<const uint8_t*>(row_ok);  // gcc vectorises byte loads, not bools
+  for (int64_t b = 0; b < bc; ++b, p += n) {
+    const auto [lo_t, hi_t] = column_users(col_start + b, bq, t0, w_col, col_masked, col_pad);
+    std::fill(p, p + lo_t * ba, scalar_t(0));
+    std::fill(p + hi_t * ba, p + n, scalar_t(0));
+    if (ok != nullptr) {
+      for (int64_t i = lo_t * ba; i < hi_t * ba; ++i) {
+        const scalar_t e = exp_clamped(p[i] - m[i], floor, hi);  // computed either way: a select vectorises
+        p[i] = ok[i] ? e : scalar_t(0);
+        sums[i] += p[i];
+      }
+    } else {
+      for (int64_t i = lo_t * ba; i < hi_t * ba; ++i) {
+        p[i] = exp_clamped(p[i] - m[i], floor, hi);
+        sums[i] += p[i];
+      }
     }
-    std::fill(row, row + lo * ba, scalar_t(0));
-    std::fill(row + hi * ba, row + n, scalar_t(0));
-    if (row_ok != nullptr) {
-      for (int64_t i = lo * ba; i < hi * ba; ++i) row[i] = row_ok[i] ? row[i] : scalar_t(0);
+  }
+}
+
+// The backward's pass over one head's tiles s = S and dp = dP ([bc, bq * ba] each, as in exp_scores): s becomes
+// P = exp(max(s - lse, floor)) and dp becomes dS = P * (dp - D) on the allowed pairs, both exactly 0 elsewhere.
+// lse, D [bq * ba]: query t's log-sum-exp and <dO_t, o_t> at every (t, j), as m in exp_scores.
+template <typename scalar_t>
+void exp_score_grads(scalar_t* __restrict__ s, scalar_t* __restrict__ dp, int64_t bc, int64_t bq, int64_t ba,
+                     int64_t t0, int64_t col_start, int64_t w_col, bool col_masked, const bool* col_pad,
+                     const bool* row_ok, const scalar_t* __restrict__ lse, const scalar_t* __restrict__ D,
+                     scalar_t floor) {
+  const int64_t n = bq * ba;
+  const scalar_t hi = exp_ceiling<scalar_t>();
+  const auto* __restrict__ ok = reinterpret_cast<const uint8_t*>(row_ok);
+  for (int64_t b = 0; b < bc; ++b, s += n, dp += n) {
+    const auto [lo_t, hi_t] = column_users(col_start + b, bq, t0, w_col, col_masked, col_pad);
+    for (scalar_t* x : {s, dp}) {
+      std::fill(x, x + lo_t * ba, scalar_t(0));
+      std::fill(x + hi_t * ba, x + n, scalar_t(0));
     }
-    if (sums != nullptr) {
-      for (int64_t i = lo * ba; i < hi * ba; ++i) sums[i] += row[i];
+    if (ok != nullptr) {
+      for (int64_t i = lo_t * ba; i < hi_t * ba; ++i) {
+        const scalar_t e = exp_clamped(s[i] - lse[i], floor, hi), P = ok[i] ? e : scalar_t(0);
+        s[i] = P;
+        dp[i] = ok[i] ? P * (dp[i] - D[i]) : scalar_t(0);
+      }
+    } else {
+      for (int64_t i = lo_t * ba; i < hi_t * ba; ++i) {
+        const scalar_t P = exp_clamped(s[i] - lse[i], floor, hi);
+        s[i] = P;
+        dp[i] = P * (dp[i] - D[i]);
+      }
     }
+  }
+}
+
+// out [BH, bq * ba]: x [BH, Tq] of query start + t at every entry (t, j) (the per-query shifts of the exp passes).
+template <typename scalar_t>
+void spread_rows(scalar_t* out, const scalar_t* x, int64_t Tq, int64_t start, int64_t BH, int64_t bq, int64_t ba) {
+  for (int64_t h = 0; h < BH; ++h) {
+    for (int64_t t = 0; t < bq; ++t, out += ba) std::fill(out, out + ba, x[h * Tq + start + t]);
   }
 }
 
@@ -131,18 +228,18 @@ void add_products(Tensor& dst, const scalar_t* p, const Tensor& src, int64_t sta
   });
 }
 
-// The plan of `_tiles.pack` (blocks [nb, 8], rows and cols [n, 3]), its largest block sizes, and the masks and row
+// The plan of `_tiles.pack` (blocks [nb, 7], rows and cols [n, 3]), its largest block sizes, and the masks and row
 // views every tile of either pass needs.
 struct Plan {
   at::TensorAccessor<int64_t, 2> B, R, C;
   int64_t max_bq = 1, max_ba = 1, max_bc = 1;
-  int64_t w_row, w_col, heads, Tk;
+  int64_t w_row, w_col, heads, Tq, Tk;
   const bool* pad;  // [B, Tk], true at padding; nullptr without
 
   Plan(const Tensor& blocks, const Tensor& rows, const Tensor& cols, int64_t w_row, int64_t w_col,
-       const Tensor& pad, int64_t heads, int64_t Tk)
+       const Tensor& pad, int64_t heads, int64_t Tq, int64_t Tk)
       : B(blocks.accessor<int64_t, 2>()), R(rows.accessor<int64_t, 2>()), C(cols.accessor<int64_t, 2>()),
-        w_row(w_row), w_col(w_col), heads(heads), Tk(Tk), pad(pad.numel() ? pad.data_ptr<bool>() : nullptr) {
+        w_row(w_row), w_col(w_col), heads(heads), Tq(Tq), Tk(Tk), pad(pad.numel() ? pad.data_ptr<bool>() : nullptr) {
     for (int64_t i = 0; i < blocks.size(0); ++i) max_bq = std::max(max_bq, B[i][1] - B[i][0]);
     for (int64_t i = 0; i < rows.size(0); ++i) max_ba = std::max(max_ba, R[i][1] - R[i][0]);
     for (int64_t i = 0; i < cols.size(0); ++i) max_bc = std::max(max_bc, C[i][1] - C[i][0]);
@@ -172,67 +269,73 @@ struct Plan {
     return ok;
   }
 
-  // Zeroes the masked entries of the exp'ed tiles p [BH, bc, bq * ba] of column block c; with `sums` [BH, bq * ba]
-  // (zeroed first when `first`), also adds up the masked tiles' rows into it.
+  // exp_scores on the tiles p [BH, bc, bq * ba] of column block c, on torch's threads; m and sums [BH, bq * ba],
+  // sums zeroed first when `first`.
   template <typename scalar_t>
-  void zero(scalar_t* p, const bool* ok, int64_t BH, int64_t t0, int64_t bq, int64_t ba, int64_t c,
-            scalar_t* sums = nullptr, bool first = false) const {
-    const bool col_masked = C[c][2] != 0;
-    if (!col_masked && ok == nullptr && sums == nullptr) return;
+  void exp_scores(scalar_t* p, const bool* ok, int64_t BH, int64_t t0, int64_t bq, int64_t ba, int64_t c,
+                  const scalar_t* m, scalar_t* sums, bool first, scalar_t floor) const {
     const int64_t bc = C[c][1] - C[c][0], n = bq * ba;
     for_heads(BH, [&](int64_t h) {
-      scalar_t* sums_h = sums ? sums + h * n : nullptr;
-      if (first && sums_h) std::fill(sums_h, sums_h + n, scalar_t(0));
-      zero_masked(p + h * bc * n, bc, bq, ba, t0, C[c][0], w_col, col_masked, pad_of(h),
-                  ok ? ok + (h / heads) * n : nullptr, sums_h);
+      if (first) std::fill(sums + h * n, sums + (h + 1) * n, scalar_t(0));
+      ::exp_scores(p + h * bc * n, bc, bq, ba, t0, C[c][0], w_col, C[c][2] != 0, pad_of(h),
+                   ok ? ok + (h / heads) * n : nullptr, m + h * n, sums + h * n, floor);
+    });
+  }
+
+  // exp_score_grads on the tiles s and dp [BH, bc, bq * ba] of column block c, on torch's threads; lse and D
+  // [BH, bq * ba].
+  template <typename scalar_t>
+  void exp_score_grads(scalar_t* s, scalar_t* dp, const bool* ok, int64_t BH, int64_t t0, int64_t bq, int64_t ba,
+                       int64_t c, const scalar_t* lse, const scalar_t* D, scalar_t floor) const {
+    const int64_t bc = C[c][1] - C[c][0], n = bq * ba;
+    for_heads(BH, [&](int64_t h) {
+      ::exp_score_grads(s + h * bc * n, dp + h * bc * n, bc, bq, ba, t0, C[c][0], w_col, C[c][2] != 0, pad_of(h),
+                        ok ? ok + (h / heads) * n : nullptr, lse + h * n, D + h * n, floor);
     });
   }
 };
 
-// Inputs as `tiled._forward` prepares them ([BH, T, .] contiguous, compute dtype):
-//   q_aug [BH, Tq, d+1] = [q * scale, -m]; kc1 [BH, Tk, d+1] = [kc, 1]; vc [BH, Tk, d];
-//   kr1 [BH, Tk, d+1] = [kr, 1] and vr [BH, Tk, d];
-//   blocks [nb, 8] = (start, stop, t0, row_begin, row_end, col_begin, col_end, clamp) indexing
+// Inputs as `tiled._forward` prepares them ([BH, T, .] contiguous, compute dtype): q [BH, Tq, d] (scaled), m [BH, Tq]
+// (reference scores), kr, kc, vr, vc [BH, Tk, d];
+//   blocks [nb, 7] = (start, stop, t0, row_begin, row_end, col_begin, col_end) indexing
 //   rows / cols [n, 3] = (start, stop, masked) (`_tiles.pack`); pad [B, Tk] bool (True: padding) or empty.
 // Returns num [BH, Tq, d] = sum exp(s - m) v1 * v2 and l [BH, Tq] = sum exp(s - m) over the allowed pairs.
 template <typename scalar_t>
-std::tuple<Tensor, Tensor> forward_impl(const Tensor& q_aug, const Tensor& kr1, const Tensor& kc1, const Tensor& vr,
-                                        const Tensor& vc, const Plan& plan, double floor) {
-  const int64_t BH = q_aug.size(0), Tq = q_aug.size(1), d1 = q_aug.size(2), d = d1 - 1;
+std::tuple<Tensor, Tensor> forward_impl(const Tensor& q, const Tensor& m, const Tensor& kr, const Tensor& kc,
+                                        const Tensor& vr, const Tensor& vc, const Plan& plan, double floor) {
+  const int64_t BH = q.size(0), Tq = q.size(1), d = q.size(2);
   const auto& B = plan.B;
   const auto& C = plan.C;
   const int64_t n_max = plan.max_bq * plan.max_ba;
-  auto opt = q_aug.options();
+  auto opt = q.options();
   Tensor num = at::zeros({BH, Tq, d}, opt), l = at::zeros({BH, Tq}, opt);
   // Scratch reused by every tile (a fresh multi-MB tensor per tile costs page faults).
-  Tensor qk_buf = at::empty({BH * n_max * d1}, opt), pv_buf = at::empty({BH * n_max * d}, opt);
+  Tensor qk_buf = at::empty({BH * n_max * d}, opt), pv_buf = at::empty({BH * n_max * d}, opt);
   Tensor s_buf = at::empty({BH * plan.max_bc * n_max}, opt);
-  Tensor sums_buf = at::empty({BH * n_max}, opt);
+  Tensor sums_buf = at::empty({BH * n_max}, opt), m_buf = at::empty({BH * n_max}, opt);
   Tensor ok_buf = at::empty({BH * n_max}, opt.dtype(at::kBool));
   scalar_t* lp = l.data_ptr<scalar_t>();
+  scalar_t* m_rows = m_buf.data_ptr<scalar_t>();
 
   for (int64_t bi = 0; bi < plan.blocks(); ++bi) {
     const int64_t start = B[bi][0], bq = B[bi][1] - start, t0 = B[bi][2];
-    const bool clamp = B[bi][7] != 0;
     for (int64_t r = B[bi][3]; r < B[bi][4]; ++r) {
       const int64_t ba = plan.R[r][1] - plan.R[r][0], n = bq * ba;
       const auto rows = plan.row_index(t0, r);
-      Tensor qk = qk_buf.narrow(0, 0, BH * n * d1).view({BH, n, d1});  // rows (t, a): [q_t * kr_a, -m_t]
-      mul_rows(qk.data_ptr<scalar_t>(), q_aug, start, kr1, BH, bq, ba, rows);
+      Tensor qk = qk_buf.narrow(0, 0, BH * n * d).view({BH, n, d});  // rows (t, a): q_t * kr_a
+      mul_rows(qk.data_ptr<scalar_t>(), q, start, kr, BH, bq, ba, rows);
       Tensor qk_cols = qk.transpose(1, 2);
       const bool* ok = plan.row_masks(ok_buf, BH, t0, bq, r);
       Tensor pv = pv_buf.narrow(0, 0, BH * n * d).view({BH, n, d});  // P @ vc
-      // sum_b P per (t, a), added up by the mask pass. Not from a ones column in vc as in the Python loop: a value
-      // GEMM with N = d + 1 ran markedly slower than with N = d (65 against 64 columns) in a scratch timing.
-      Tensor sums = sums_buf.narrow(0, 0, BH * n).view({BH, n});
+      Tensor sums = sums_buf.narrow(0, 0, BH * n).view({BH, n});  // sum_b P per (t, a), added up by exp_scores
+      spread_rows(m_rows, m.data_ptr<scalar_t>(), Tq, start, BH, bq, ba);
       for (int64_t c = B[bi][5]; c < B[bi][6]; ++c) {
         const int64_t col_start = C[c][0], bc = C[c][1] - col_start;
-        // (s - m) transposed, [BH, bc, bq*ba]: column-major, so a column key's mask is a run of one tile row
+        // scores transposed, [BH, bc, bq*ba]: column-major, so a column key's mask is a run of one tile row
         Tensor s = s_buf.narrow(0, 0, BH * bc * n).view({BH, bc, n});
-        at::bmm_out(s, kc1.narrow(1, col_start, bc), qk_cols);
-        if (clamp) s.clamp_min_(floor);  // keeps exp off its slow path for scores far under the reference
-        s.exp_();
-        plan.zero(s.data_ptr<scalar_t>(), ok, BH, t0, bq, ba, c, sums.data_ptr<scalar_t>(), c == B[bi][5]);
+        at::bmm_out(s, kc.narrow(1, col_start, bc), qk_cols);
+        plan.exp_scores(s.data_ptr<scalar_t>(), ok, BH, t0, bq, ba, c, m_rows, sums.data_ptr<scalar_t>(),
+                        c == B[bi][5], scalar_t(floor));
         Tensor vc_tile = vc.narrow(1, col_start, bc);
         if (c == B[bi][5]) {
           at::bmm_out(pv, s.transpose(1, 2), vc_tile);
@@ -250,51 +353,53 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q_aug, const Tensor& kr1, 
   return {num, l};
 }
 
-// Inputs as `tiled._backward` prepares them: q_aug [BH, Tq, d+1] = [q * scale, -lse], g_aug [BH, Tq, d+1] =
-// [dO, -D]; kr1, vr1 [BH, Tk, d+1] = [kr, 1], [vr, 1]; col_stack [3BH, Tk, d+1] =
-// [kc, 1; vc, 1; kc, 1]; gq [2BH, Tq, d] = [dO; q]; the plan and pad as in the forward.
+// Inputs as `tiled._backward` prepares them: gq [2BH, Tq, d] = [dO; q * scale], lse and D [BH, Tq] (D_t = <dO_t, o_t>),
+// kr, vr [BH, Tk, d], col_stack [3BH, Tk, d] = [kc; vc; kc]; the plan and pad as in the forward.
 // Returns dq [BH, Tq, d], [dvr; dkr] [2BH, Tk, d] and [dvc; dkc] [2BH, Tk, d].
 template <typename scalar_t>
-std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& q_aug, const Tensor& g_aug, const Tensor& kr1,
-                                                 const Tensor& vr1, const Tensor& col_stack, const Tensor& gq,
-                                                 const Plan& plan, double floor) {
-  const int64_t BH = q_aug.size(0), Tq = q_aug.size(1), d1 = q_aug.size(2), d = d1 - 1, Tk = col_stack.size(1);
+std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& gq, const Tensor& lse, const Tensor& D, const Tensor& kr,
+                                                 const Tensor& vr, const Tensor& col_stack, const Plan& plan,
+                                                 double floor) {
+  const int64_t BH = lse.size(0), Tq = gq.size(1), d = gq.size(2), Tk = col_stack.size(1);
   const auto& B = plan.B;
   const auto& C = plan.C;
   const int64_t n_max = plan.max_bq * plan.max_ba;
-  auto opt = q_aug.options();
+  auto opt = gq.options();
+  const Tensor dout = gq.narrow(0, 0, BH), q = gq.narrow(0, BH, BH);
   Tensor dq = at::zeros({BH, Tq, d}, opt), dvk = at::zeros({2 * BH, Tk, d}, opt);
-  Tensor dvkr = at::zeros({2 * BH, kr1.size(1), d}, opt);
-  Tensor left_buf = at::empty({2 * BH * n_max * d1}, opt), tile_buf = at::empty({2 * BH * plan.max_bc * n_max}, opt);
+  Tensor dvkr = at::zeros({2 * BH, kr.size(1), d}, opt);
+  Tensor left_buf = at::empty({2 * BH * n_max * d}, opt), tile_buf = at::empty({2 * BH * plan.max_bc * n_max}, opt);
   Tensor rp_buf = at::empty({2 * BH * n_max * d}, opt);
   Tensor dvk_buf = at::empty({2 * BH * plan.max_bc * d}, opt);
   Tensor ok_buf = at::empty({BH * n_max}, opt.dtype(at::kBool));
+  Tensor shift_buf = at::empty({2 * BH * n_max}, opt);
+  scalar_t* lse_rows = shift_buf.data_ptr<scalar_t>();
+  scalar_t* D_rows = lse_rows + BH * n_max;
 
   for (int64_t bi = 0; bi < plan.blocks(); ++bi) {
     const int64_t start = B[bi][0], bq = B[bi][1] - start, t0 = B[bi][2];
-    const bool clamp = B[bi][7] != 0;
     for (int64_t r = B[bi][3]; r < B[bi][4]; ++r) {
-      const int64_t n = bq * (plan.R[r][1] - plan.R[r][0]), ba = n / bq;
+      const int64_t ba = plan.R[r][1] - plan.R[r][0], n = bq * ba;
       const auto rows = plan.row_index(t0, r);
-      // Rows (t, a) of [q*kr, -lse; dO*vr, -D]: against [kc, 1; vc, 1] they give S - lse and dP - D; their first d
-      // columns are the operands of the column gradients (dkc, dvc).
-      Tensor left = left_buf.narrow(0, 0, 2 * BH * n * d1).view({2 * BH, n, d1});
-      mul_rows(left.data_ptr<scalar_t>(), q_aug, start, kr1, BH, bq, ba, rows);
-      mul_rows(left.data_ptr<scalar_t>() + BH * n * d1, g_aug, start, vr1, BH, bq, ba, rows);
-      Tensor left_cols = left.transpose(1, 2);  // [2BH, d+1, n]
-      Tensor q_rows = left.narrow(0, 0, BH).narrow(2, 0, d), g_rows = left.narrow(0, BH, BH).narrow(2, 0, d);
+      // Rows (t, a) of [q * kr; dO * vr]: against [kc; vc] they give S and dP, and they are the operands of the
+      // column gradients (dkc, dvc).
+      Tensor left = left_buf.narrow(0, 0, 2 * BH * n * d).view({2 * BH, n, d});
+      mul_rows(left.data_ptr<scalar_t>(), q, start, kr, BH, bq, ba, rows);
+      mul_rows(left.data_ptr<scalar_t>() + BH * n * d, dout, start, vr, BH, bq, ba, rows);
+      Tensor left_cols = left.transpose(1, 2);  // [2BH, d, n]
+      Tensor q_rows = left.narrow(0, 0, BH), g_rows = left.narrow(0, BH, BH);
       const bool* ok = plan.row_masks(ok_buf, BH, t0, bq, r);
+      spread_rows(lse_rows, lse.data_ptr<scalar_t>(), Tq, start, BH, bq, ba);
+      spread_rows(D_rows, D.data_ptr<scalar_t>(), Tq, start, BH, bq, ba);
       Tensor row_products = rp_buf.narrow(0, 0, 2 * BH * n * d).view({2 * BH, n, d});  // [P @ vc; dS @ kc]
       for (int64_t c = B[bi][5]; c < B[bi][6]; ++c) {
         const int64_t col_start = C[c][0], bc = C[c][1] - col_start;
         Tensor tile = tile_buf.narrow(0, 0, 2 * BH * bc * n).view({2 * BH, bc, n});  // transposed, as the forward
         at::bmm_out(tile, col_stack.narrow(0, 0, 2 * BH).narrow(1, col_start, bc), left_cols);
         Tensor s = tile.narrow(0, 0, BH), dp = tile.narrow(0, BH, BH);
-        if (clamp) s.clamp_min_(floor);
-        s.exp_();
-        plan.zero(s.data_ptr<scalar_t>(), ok, BH, t0, bq, ba, c);
-        dp.mul_(s);  // s is P, dp becomes dS = P * (dP - D)
-        Tensor vk = col_stack.narrow(0, BH, 2 * BH).narrow(1, col_start, bc).narrow(2, 0, d);  // [vc; kc]
+        plan.exp_score_grads(s.data_ptr<scalar_t>(), dp.data_ptr<scalar_t>(), ok, BH, t0, bq, ba, c, lse_rows,
+                             D_rows, scalar_t(floor));  // s is P, dp is dS = P * (dP - D)
+        Tensor vk = col_stack.narrow(0, BH, 2 * BH).narrow(1, col_start, bc);  // [vc; kc]
         if (c == B[bi][5]) {
           at::bmm_out(row_products, tile.transpose(1, 2), vk);
         } else {
@@ -311,7 +416,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& q_aug, const Tens
       // [dvr; dkr] of row (t, a) += [P @ vc; dS @ kc]_(t, a) * [dO_t; q_t]; dq_t += sum_a (dS @ kc)_(t, a) * kr_a
       const scalar_t* products = row_products.data_ptr<scalar_t>();
       add_products<true>(dvkr, products, gq, start, 2 * BH, bq, ba, rows);
-      add_products<false>(dq, products + BH * n * d, kr1, start, BH, bq, ba, rows);
+      add_products<false>(dq, products + BH * n * d, kr, start, BH, bq, ba, rows);
     }
   }
   return {dq, dvkr, dvk};
@@ -335,9 +440,9 @@ void check_inputs(const char* name, std::initializer_list<std::pair<const Tensor
                                    pad.size(0) * heads == BH && pad.size(1) == Tk),
               name, ": pad must be empty or a contiguous bool tensor [B, Tk]");
   for (const Tensor* t : {&blocks, &rows, &cols}) {
-    const int64_t width = t == &blocks ? 8 : 3;
+    const int64_t width = t == &blocks ? 7 : 3;
     TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 2 && t->is_contiguous() && t->size(1) == width, name,
-                ": the plan must be contiguous int64 tables [n, 8], [n, 3], [n, 3]");
+                ": the plan must be contiguous int64 tables [n, 7], [n, 3], [n, 3]");
   }
   const auto B = blocks.accessor<int64_t, 2>(), R = rows.accessor<int64_t, 2>(), C = cols.accessor<int64_t, 2>();
   const int64_t row_end = w_row > 0 ? w_row : Tk;  // row blocks are window offsets or keys
@@ -356,35 +461,35 @@ void check_inputs(const char* name, std::initializer_list<std::pair<const Tensor
   }
 }
 
-std::tuple<Tensor, Tensor> forward_tiles(const Tensor& q_aug, const Tensor& kr1, const Tensor& kc1, const Tensor& vr,
-                                         const Tensor& vc, int64_t w_row, int64_t w_col, const Tensor& blocks,
-                                         const Tensor& rows, const Tensor& cols, const Tensor& pad, int64_t heads,
-                                         double floor) {
-  const int64_t BH = q_aug.size(0), Tq = q_aug.size(1), Tk = kr1.size(1), d1 = q_aug.size(2), d = d1 - 1;
-  check_inputs("forward_tiles", {{&q_aug, {BH, Tq, d1}}, {&kr1, {BH, Tk, d1}}, {&kc1, {BH, Tk, d1}},
+std::tuple<Tensor, Tensor> forward_tiles(const Tensor& q, const Tensor& m, const Tensor& kr, const Tensor& kc,
+                                         const Tensor& vr, const Tensor& vc, int64_t w_row, int64_t w_col,
+                                         const Tensor& blocks, const Tensor& rows, const Tensor& cols, const Tensor& pad,
+                                         int64_t heads, double floor) {
+  const int64_t BH = q.size(0), Tq = q.size(1), Tk = kr.size(1), d = q.size(2);
+  check_inputs("forward_tiles", {{&q, {BH, Tq, d}}, {&kr, {BH, Tk, d}}, {&m, {BH, Tq}}, {&kc, {BH, Tk, d}},
                                  {&vr, {BH, Tk, d}}, {&vc, {BH, Tk, d}}},
                blocks, rows, cols, pad, w_row, heads);
   std::tuple<Tensor, Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES(q_aug.scalar_type(), "forward_tiles", [&] {
-    result = forward_impl<scalar_t>(q_aug, kr1, kc1, vr, vc, Plan(blocks, rows, cols, w_row, w_col, pad, heads,
-                                                                   kc1.size(1)), floor);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "forward_tiles", [&] {
+    result = forward_impl<scalar_t>(q, m, kr, kc, vr, vc, Plan(blocks, rows, cols, w_row, w_col, pad, heads, Tq, Tk),
+                                    floor);
   });
   return result;
 }
 
-std::tuple<Tensor, Tensor, Tensor> backward_tiles(const Tensor& q_aug, const Tensor& g_aug, const Tensor& kr1,
-                                                  const Tensor& vr1, const Tensor& col_stack, const Tensor& gq,
+std::tuple<Tensor, Tensor, Tensor> backward_tiles(const Tensor& gq, const Tensor& lse, const Tensor& D,
+                                                  const Tensor& kr, const Tensor& vr, const Tensor& col_stack,
                                                   int64_t w_row, int64_t w_col, const Tensor& blocks,
                                                   const Tensor& rows, const Tensor& cols, const Tensor& pad,
                                                   int64_t heads, double floor) {
-  const int64_t BH = q_aug.size(0), Tq = q_aug.size(1), Tk = kr1.size(1), d1 = q_aug.size(2), d = d1 - 1;
-  check_inputs("backward_tiles", {{&q_aug, {BH, Tq, d1}}, {&kr1, {BH, Tk, d1}}, {&g_aug, {BH, Tq, d1}},
-                                  {&vr1, {BH, Tk, d1}}, {&col_stack, {3 * BH, Tk, d1}}, {&gq, {2 * BH, Tq, d}}},
+  const int64_t BH = lse.size(0), Tq = gq.size(1), Tk = kr.size(1), d = gq.size(2);
+  check_inputs("backward_tiles", {{&lse, {BH, Tq}}, {&kr, {BH, Tk, d}}, {&gq, {2 * BH, Tq, d}}, {&D, {BH, Tq}},
+                                  {&vr, {BH, Tk, d}}, {&col_stack, {3 * BH, Tk, d}}},
                blocks, rows, cols, pad, w_row, heads);
   std::tuple<Tensor, Tensor, Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES(q_aug.scalar_type(), "backward_tiles", [&] {
-    result = backward_impl<scalar_t>(q_aug, g_aug, kr1, vr1, col_stack, gq,
-                                     Plan(blocks, rows, cols, w_row, w_col, pad, heads, col_stack.size(1)), floor);
+  AT_DISPATCH_FLOATING_TYPES(gq.scalar_type(), "backward_tiles", [&] {
+    result = backward_impl<scalar_t>(gq, lse, D, kr, vr, col_stack,
+                                     Plan(blocks, rows, cols, w_row, w_col, pad, heads, Tq, Tk), floor);
   });
   return result;
 }
@@ -392,9 +497,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_tiles(const Tensor& q_aug, const Ten
 }  // namespace
 
 TORCH_LIBRARY(hf_tensor_attn_cpu, m) {
-  m.def("forward_tiles(Tensor q_aug, Tensor kr1, Tensor kc1, Tensor vr, Tensor vc, int w_row, int w_col, "
+  m.def("forward_tiles(Tensor q, Tensor m, Tensor kr, Tensor kc, Tensor vr, Tensor vc, int w_row, int w_col, "
         "Tensor blocks, Tensor rows, Tensor cols, Tensor pad, int heads, float floor) -> (Tensor, Tensor)");
-  m.def("backward_tiles(Tensor q_aug, Tensor g_aug, Tensor kr1, Tensor vr1, Tensor col_stack, Tensor gq, int w_row, "
+  m.def("backward_tiles(Tensor gq, Tensor lse, Tensor D, Tensor kr, Tensor vr, Tensor col_stack, int w_row, "
         "int w_col, Tensor blocks, Tensor rows, Tensor cols, Tensor pad, int heads, float floor) "
         "-> (Tensor, Tensor, Tensor)");
 }

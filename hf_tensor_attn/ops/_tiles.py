@@ -168,20 +168,16 @@ def _plan(Tq: int, Tk: int, w_row, w_col, attention_mask, sizes: TileSizes) -> t
     return tuple(blocks)
 
 
-def pack(blocks: tuple[QueryBlock, ...], clamped: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The plan as int64 tables for the compiled loop (`csrc/tiles.cpp`): blocks [n, 8] = (start, stop, t0, first
-    and end row block, first and end column block, clamp), rows and columns [n, 3] = (start, stop, masked). The
-    tables of a kept plan (`plan` without a mask) are kept with it and shared, read-only; only the clamp column
-    changes from call to call."""
+def pack(blocks: tuple[QueryBlock, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The plan as int64 tables for the compiled loop (`csrc/tiles.cpp`): blocks [n, 7] = (start, stop, t0, first
+    and end row block, first and end column block), rows and columns [n, 3] = (start, stop, masked). The tables of a
+    kept plan (`plan` without a mask) are kept with it and shared, read-only."""
     tables = getattr(blocks, "tables", None)
     if tables is None:
         tables = _pack(blocks)
         if isinstance(blocks, _KeptPlan):
             blocks.tables = tables
-    table, rows, cols = tables
-    table = table.clone()
-    table[:, 7] = torch.tensor(clamped, dtype=torch.int64)
-    return table, rows, cols
+    return tables
 
 
 def _pack(blocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,8 +186,8 @@ def _pack(blocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         r0, c0 = len(rows), len(cols)
         rows += [(rb.start, rb.stop, int(rb.masked)) for rb in block.row_blocks]
         cols += [(cb.start, cb.stop, int(cb.masked)) for cb in block.col_blocks]
-        table.append((block.start, block.stop, block.t0, r0, len(rows), c0, len(cols), 0))
-    return tuple(torch.tensor(x, dtype=torch.int64).view(-1, width) for x, width in ((table, 8), (rows, 3), (cols, 3)))
+        table.append((block.start, block.stop, block.t0, r0, len(rows), c0, len(cols)))
+    return tuple(torch.tensor(x, dtype=torch.int64).view(-1, width) for x, width in ((table, 7), (rows, 3), (cols, 3)))
 
 
 class Masker:

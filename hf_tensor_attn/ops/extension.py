@@ -1,7 +1,7 @@
 """The compiled CPU tile loops (`csrc/tiles.cpp`), built on first use; the Python loops wherever they cannot be.
 
-The tiled op's forward and backward loops run in C++ when this library loads: same tiles, same GEMMs and exp, the
-small per-row steps as loops on torch's threads, no interpreter between them (`docs/bench_attention.md` measures
+The tiled op's forward and backward loops run in C++ when this library loads: same tiles and GEMMs, the exp pass
+and the small per-row steps as loops on torch's threads, no interpreter between them (`docs/bench_attention.md` measures
 both). Building it takes about 15 s on a 2-core VM, once per machine, torch version, source and CPU kind
 (`torch.utils.cpp_extension`: a C++ compiler and ninja; the
 result is cached under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions; point it elsewhere where that

@@ -9,9 +9,10 @@ pass and one row-sum pass. Backward saves only the inputs, the output and the pe
 recomputes each tile: one GEMM gives S - lse and dP - D together, two more give the five gradients. Memory is
 O(tile + T*d); a window (w1, w2) costs O(T * w1 * w2 * d).
 
-The tile loops also exist compiled (`csrc/tiles.cpp`, built on first use by `ops.extension`): same tiles, GEMMs and
-exp, no Python between them. They run by default on CPU where they build; the Python loops stay, tested beside
-them against the naive op, and run where they do not build or with `HF_TENSOR_ATTN_CPU_EXTENSION=0`.
+The tile loops also exist compiled (`csrc/tiles.cpp`, built on first use by `ops.extension`): same tiles and GEMMs
+(without the ones columns: one pass per tile subtracts the per-query shifts, clamps, exps and masks), no Python
+between them. They run by default on CPU where they build; the Python loops stay, tested beside them against the
+naive op, and run where they do not build or with `HF_TENSOR_ATTN_CPU_EXTENSION=0`.
 
 The maths is symmetric in the two streams (<q, k1*k2> = <q, k2*k1>, v1*v2 = v2*v1). The row stream reads each
 query's own window exactly (see `_tiles`), while a column block is shared by the query block and so spans
@@ -201,31 +202,21 @@ def _forward(p: _Problem):
     blocks = plan(q.shape[1], Tk, w_row, w_col, mask, sizes)
     bound, finite_scores = _score_bounds(q, kr, kc, Tk)  # [BH, Tq], bool
     checked_blocks = _block_flags(bound - m_all > headroom, blocks)
-    clamped_blocks = _block_flags(bound + m_all > -floor, blocks)
-    # Rows (t, a) of the score GEMM are [q_t, -m_t] * [kr_a, 1] = [q_t * kr_a, -m_t]: one multiply writes them whole
-    # (writing q_t * kr_a into the first d of d+1 columns is a strided pass, 1.5-2x slower).
-    q_aug = torch.cat([q, -m_all[:, :, None]], -1)  # [BH, Tq, d+1]
-    # The compiled loop has no max pass: it needs every allowed score under the headroom. It zeroes masked entries
-    # after exp (they may be infinite) instead of setting them to the floor before.
+    # The compiled loop has no max pass: it needs every allowed score under the headroom. Its exp pass subtracts
+    # m_t, clamps at the floor and zeroes masked entries (they may be infinite) in one go.
     compiled = extension.cpu_ops() if q.device.type == "cpu" and not any(checked_blocks) else None
     if compiled is not None:
-        num, l_all = _compiled_tiles(compiled, p, q_aug, blocks, clamped_blocks)
+        num, l_all = compiled.forward_tiles(
+            *(t.contiguous() for t in (q, m_all, kr, kc, vr, vc)), w_row or 0, w_col or 0, *pack(blocks), _pad(mask),
+            H, floor,
+        )
     else:
-        num, l_all = _python_tiles(p, q_aug, m_all, blocks, checked_blocks, clamped_blocks, finite_scores)
+        clamped_blocks = _block_flags(bound + m_all > -floor, blocks)
+        num, l_all = _python_tiles(p, m_all, blocks, checked_blocks, clamped_blocks, finite_scores)
     out, lse = num.div_(l_all[:, :, None]), l_all.log_().add_(m_all)
     if not bool(has_pair.all()):  # queries without a pair (all padding, or windows before the first real key)
         out, lse = torch.where(has_pair[:, :, None], out, 0), torch.where(has_pair, lse, 0)
     return out, lse, has_pair
-
-
-def _compiled_tiles(ops, p: _Problem, q_aug, blocks, clamped_blocks):
-    """(num, l) of the plan's tiles from `csrc/tiles.cpp`, which runs the loop of `_python_tiles` with exact zeros
-    for masked pairs."""
-    q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes = p.unpack()
-    return ops.forward_tiles(
-        q_aug, _with_ones(kr), _with_ones(kc), vr.contiguous(), vc.contiguous(),
-        w_row or 0, w_col or 0, *pack(blocks, clamped_blocks), _pad(mask), H, EXP_FLOOR[q.dtype],
-    )
 
 
 def _pad(mask: torch.Tensor | None) -> torch.Tensor:
@@ -233,10 +224,13 @@ def _pad(mask: torch.Tensor | None) -> torch.Tensor:
     return (~mask).contiguous() if mask is not None else torch.empty(0, dtype=torch.bool)
 
 
-def _python_tiles(p: _Problem, q_aug, m_all, blocks, checked_blocks, clamped_blocks, finite_scores):
-    """(num [BH, Tq, d] = sum_ab exp(s - m_t) v1_a * v2_b, l [BH, Tq] = sum_ab exp(s - m_t)); m_all and q_aug's last
-    column move where a checked block finds a score over the headroom."""
+def _python_tiles(p: _Problem, m_all, blocks, checked_blocks, clamped_blocks, finite_scores):
+    """(num [BH, Tq, d] = sum_ab exp(s - m_t) v1_a * v2_b, l [BH, Tq] = sum_ab exp(s - m_t)); m_all moves where a
+    checked block finds a score over the headroom."""
     q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes = p.unpack()
+    # Rows (t, a) of the score GEMM are [q_t, -m_t] * [kr_a, 1] = [q_t * kr_a, -m_t]: one multiply writes them whole
+    # (writing q_t * kr_a into the first d of d+1 columns is a strided pass, 1.5-2x slower), and the GEMM subtracts m_t.
+    q_aug = torch.cat([q, -m_all[:, :, None]], -1)  # [BH, Tq, d+1]
     BH, Tq, d = q.shape
     Tk = kr.shape[1]
     dtype, device = q.dtype, q.device
@@ -321,6 +315,16 @@ def _backward(p: _Problem, out, lse, has_pair, dout):
     dout = dout * has_pair[:, :, None]
     delta = (dout * out).sum(-1)  # [BH, Tq]: D_t = sum_ab P dP = <dO_t, o_t>
     blocks = plan(Tq, Tk, w_row, w_col, mask, sizes)
+    gq = torch.cat([dout, q])  # [2BH, Tq, d]: dvr gets (P @ vc) * dO, dkr gets (dS @ kc) * q
+    # The backward's scores are S - lse <= 0 for every allowed pair: the compiled loop needs no bound here. Its exp
+    # pass subtracts lse_t and D_t, so its GEMM operands are the plain streams.
+    compiled = extension.cpu_ops() if device.type == "cpu" else None
+    if compiled is not None:
+        dq, dvkr, dvk = compiled.backward_tiles(
+            *(t.contiguous() for t in (gq, lse, delta, kr, vr)), torch.cat([kc, vc, kc]),
+            w_row or 0, w_col or 0, *pack(blocks), _pad(mask), H, floor,
+        )
+        return dq, dvkr[BH:], dvk[BH:], dvkr[:BH], dvk[:BH]
     # s - lse >= -bound - lse: clamp only blocks where that may fall under the floor
     bound, finite_scores = _score_bounds(q, kr, kc, Tk)
     clamped_blocks = _block_flags(bound + lse > -floor, blocks)
@@ -331,15 +335,6 @@ def _backward(p: _Problem, out, lse, has_pair, dout):
     col_stack = _with_ones(torch.cat([kc, vc, kc]))  # [3BH, Tk, d+1]
     # [q, -lse] * [kr, 1] and [dO, -D] * [vr, 1] write the rows of `left` whole (see `_forward`)
     q_aug, g_aug = torch.cat([q, -lse[:, :, None]], -1), torch.cat([dout, -delta[:, :, None]], -1)
-    gq = torch.cat([dout, q])  # [2BH, Tq, d]: dvr gets (P @ vc) * dO, dkr gets (dS @ kc) * q
-    # The backward's scores are S - lse <= 0 for every allowed pair: the compiled loop needs no bound here.
-    compiled = extension.cpu_ops() if device.type == "cpu" else None
-    if compiled is not None:
-        dq, dvkr, dvk = compiled.backward_tiles(
-            q_aug, g_aug, _with_ones(kr), _with_ones(vr), col_stack, gq,
-            w_row or 0, w_col or 0, *pack(blocks, clamped_blocks), _pad(mask), H, floor,
-        )
-        return dq, dvkr[BH:], dvk[BH:], dvkr[:BH], dvk[:BH]
     masker = Masker(w_row, w_col, mask, Tk, device, floor, dtype, finite_scores)
     kr_rows, vr_rows = _RowStream(_with_ones(kr), w_row), _RowStream(_with_ones(vr), w_row)
     dq = torch.zeros_like(q)

@@ -64,8 +64,8 @@ CATEGORIES = {
     "exp": ("exp", "exp_"),
     # out-of-place addcmul is the masks' fill + s * keep (`_tiles.Masker.apply`); addcmul_ accumulates
     "mask/clamp": ("clamp", "clamp_min", "clamp_min_", "masked_fill", "masked_fill_", "where", "addcmul"),
-    # the compiled ops' own time (their ATen calls are events of their own): their loops over masks, row products,
-    # sums over the row keys and row-key gradients
+    # the compiled ops' own time (their ATen calls are events of their own): their loops over row products, the
+    # tiles' shift + exp + mask pass, sums over the row keys and row-key gradients (so "exp" is the Python loops' only)
     "C++ loops": ("hf_tensor_attn_cpu::forward_tiles", "hf_tensor_attn_cpu::backward_tiles"),
     "elementwise": ("mul", "mul_", "add", "add_", "addcmul_", "sub", "sub_", "div", "div_", "neg", "log", "log_",
                     "fill_", "zero_"),

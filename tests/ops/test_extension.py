@@ -108,21 +108,23 @@ def test_parallel_loops_match_python_loops(loops, monkeypatch):
 def test_compiled_ops_refuse_wrong_shapes_and_plans_out_of_range(loops):
     """The C++ loops index raw memory from the shapes and the plan: a wrong one is an error, not a stray read."""
     BH, T, d, w_row = 2, 8, 4, 3
-    x = {name: torch.randn(BH, T, width) for name, width in (("q", d + 1), ("kr", d + 1), ("kc", d + 1),
-                                                              ("vr", d), ("vc", d))}
+    x = {name: torch.randn(BH, T, d) for name in ("q", "kr", "kc", "vr", "vc")}
+    x["m"] = torch.zeros(BH, T)
     blocks = tiled.plan(T, T, w_row, None, None, tiled.choose_tile_sizes(T, w_row, None))
-    table, rows, cols = tiled.pack(blocks, [False] * len(blocks))
+    table, rows, cols = tiled.pack(blocks)
     ops = torch.ops.hf_tensor_attn_cpu
 
     def call(**changed):
         args = {**x, "table": table, "rows": rows, "cols": cols, **changed}
-        return ops.forward_tiles(args["q"], args["kr"], args["kc"], args["vr"], args["vc"], w_row, 0, args["table"],
-                                 args["rows"], args["cols"], torch.empty(0, dtype=torch.bool), 1, -80.0)
+        return ops.forward_tiles(args["q"], args["m"], args["kr"], args["kc"], args["vr"], args["vc"], w_row, 0,
+                                 args["table"], args["rows"], args["cols"], torch.empty(0, dtype=torch.bool), 1, -80.0)
 
     num, l = call()
     assert num.shape == (BH, T, d) and l.shape == (BH, T)
     with pytest.raises(RuntimeError, match=r"an input of shape \[2, 7, 4\] where \[2, 8, 4\] was expected"):
         call(vr=x["vr"][:, 1:].contiguous())
+    with pytest.raises(RuntimeError, match=r"an input of shape \[2, 7\] where \[2, 8\] was expected"):
+        call(m=x["m"][:, 1:].contiguous())
     late = table.clone()
     late[0, 1] = T + 1  # a query block past the queries
     with pytest.raises(RuntimeError, match="query block 0 of the plan is out of range"):
