@@ -373,6 +373,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& gq, const Tensor&
   Tensor dvk_buf = at::empty({2 * BH * plan.max_bc * d}, opt);
   Tensor ok_buf = at::empty({BH * n_max}, opt.dtype(at::kBool));
   Tensor shift_buf = at::empty({2 * BH * n_max}, opt);
+  scalar_t* dvk_p = dvk.data_ptr<scalar_t>();
   scalar_t* lse_rows = shift_buf.data_ptr<scalar_t>();
   scalar_t* D_rows = lse_rows + BH * n_max;
 
@@ -405,13 +406,19 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& gq, const Tensor&
         } else {
           row_products.baddbmm_(tile.transpose(1, 2), vk);
         }
-        // [dvc; dkc] += [P @ (dO * vr); dS @ (q * kr)]: two GEMMs into one buffer, then one add (a batched
-        // baddbmm_ into the strided slice of dvk runs as one small addmm per matrix, slower)
+        // [dvc; dkc] += [P @ (dO * vr); dS @ (q * kr)]: two GEMMs into one buffer, then a loop adds it in (a batched
+        // baddbmm_ into the strided slice of dvk runs as one small addmm per matrix, slower; an ATen add_ costs a
+        // TensorIterator setup for a few tens of kB per head)
         Tensor dvk_tile = dvk_buf.narrow(0, 0, 2 * BH * bc * d).view({2 * BH, bc, d});
         Tensor dvc_tile = dvk_tile.narrow(0, 0, BH), dkc_tile = dvk_tile.narrow(0, BH, BH);
         at::bmm_out(dvc_tile, s, g_rows);
         at::bmm_out(dkc_tile, dp, q_rows);
-        dvk.narrow(1, col_start, bc).add_(dvk_tile);
+        const scalar_t* tile_grads = dvk_tile.data_ptr<scalar_t>();
+        for_heads(2 * BH, [&](int64_t h) {
+          scalar_t* __restrict__ out = dvk_p + (h * Tk + col_start) * d;
+          const scalar_t* __restrict__ in = tile_grads + h * bc * d;
+          for (int64_t i = 0; i < bc * d; ++i) out[i] += in[i];
+        });
       }
       // [dvr; dkr] of row (t, a) += [P @ vc; dS @ kc]_(t, a) * [dO_t; q_t]; dq_t += sum_a (dS @ kc)_(t, a) * kr_a
       const scalar_t* products = row_products.data_ptr<scalar_t>();

@@ -145,7 +145,8 @@ def _reference_scores(q, kr, kc, w_row, w_col, mask, B, H):
     Tk = kr.shape[1]
     pos = torch.arange(Tk - Tq, Tk, device=q.device)
     if mask is None:  # c = t: the queries' own keys, a slice (no gather)
-        return (q * kr[:, Tk - Tq :] * kc[:, Tk - Tq :]).sum(-1), torch.ones(BH, Tq, dtype=torch.bool, device=q.device)
+        m = (q * kr[:, Tk - Tq :]).mul_(kc[:, Tk - Tq :]).sum(-1)
+        return m, torch.ones(BH, Tq, dtype=torch.bool, device=q.device)
     keys = torch.arange(Tk, device=q.device).expand(B, Tk)
     latest = torch.where(mask, keys, -1).cummax(dim=1).values[:, Tk - Tq :]  # [B, Tq], -1: no real key yet
     narrow = w_row if w_row is not None else w_col  # the row stream has the narrower window
@@ -153,7 +154,7 @@ def _reference_scores(q, kr, kc, w_row, w_col, mask, B, H):
     if narrow is not None:
         has_pair = has_pair & (pos - latest < narrow)
     index = latest.clamp_min(0).repeat_interleave(H, dim=0)[:, :, None].expand(BH, Tq, d)  # [BH, Tq, d]
-    m = (q * kr.gather(1, index) * kc.gather(1, index)).sum(-1)
+    m = (q * kr.gather(1, index)).mul_(kc.gather(1, index)).sum(-1)
     return m, has_pair.repeat_interleave(H, dim=0)
 
 
@@ -172,10 +173,10 @@ def _score_bounds(q, kr, kc, Tk: int) -> tuple[torch.Tensor, bool]:
 
 
 def _norm4(x: torch.Tensor) -> torch.Tensor:
-    """The 4-norm over the last dim with squares and square roots: vector_norm(ord=4) takes a generic pow path on
-    CPU that cost more than a forward's tile loop at small windows. Overflow (|x| > ~1e9 in fp32) gives an
-    infinite bound, which only switches a block to the checked path."""
-    return x.square().square().sum(-1).sqrt().sqrt()
+    """The 4-norm over the last dim as the square root of the 2-norm of the squares: vector_norm(ord=4) takes a
+    generic pow path on CPU that cost more than a forward's tile loop at small windows. Overflow (|x| > ~1e9 in
+    fp32) gives an infinite bound, which only switches a block to the checked path."""
+    return torch.linalg.vector_norm(x.square(), dim=-1).sqrt_()
 
 
 def _block_flags(flags: torch.Tensor, blocks) -> list[bool]:
