@@ -258,3 +258,23 @@ def test_build_puts_the_ninja_package_on_path_for_the_build_only(ninja_installed
     monkeypatch.delenv("PATH")
     extension.build()
     assert "PATH" not in os.environ  # unset before, unset after
+
+
+def test_compiled_exp_matches_float64_exp_over_the_clamp_range(loops):
+    """The float exp of the compiled tile pass (Cephes' expf, vectorised by the compiler), read through the forward:
+    one query and one key per head, zero score, reference m = -x, so l = exp(x) and num = exp(x) * vr * vc. Below
+    the floor it gives exp(floor), and a NaN score stays NaN (the op's non-finite check relies on it)."""
+    x = torch.linspace(-80.0, 40.0, 200_001, dtype=torch.float64)
+    x = torch.cat([x, torch.tensor([0.0, -1e-7, 1e-7, -100.0, float("nan")], dtype=torch.float64)])
+    N, d = x.numel(), 4
+    zeros, ones = torch.zeros(N, 1, d), torch.ones(N, 1, d)
+    table, rows, cols = tiled.pack(tiled.plan(1, 1, None, None, None, tiled.choose_tile_sizes(1, None, None)))
+    num, l = torch.ops.hf_tensor_attn_cpu.forward_tiles(ones, (-x).float()[:, None].contiguous(), zeros, zeros,
+                                                        ones, ones, 0, 0, table, rows, cols,
+                                                        torch.empty(0, dtype=torch.bool), 1, -80.0)
+    expected = torch.exp(x.float().double().clamp_min(-80.0))  # the float argument the op sees
+    finite = ~x.isnan()
+    rel = ((l[:, 0].double() - expected) / expected)[finite].abs()
+    assert rel.max() <= 2e-7, f"max relative error {rel.max():.3g} at x = {x[finite][rel.argmax()]:.6g}"
+    assert torch.equal(num[finite, 0, 0], l[finite, 0])
+    assert l[-1].isnan().all() and num[-1].isnan().all()
