@@ -6,13 +6,16 @@
 // Built on first use by `ops.extension` (torch.utils.cpp_extension), for the vector instructions torch uses on this
 // CPU and with OpenMP where torch has it. GEMMs are ATen ops (MKL); the per-(query, row key) products and sums and
 // one pass per tile for the shift by the per-query reference (m, or lse and D), exp and masks are plain loops that
-// the compiler vectorises, split over heads with at::parallel_for. Differences from the Python loops: the shifts are
+// the compiler vectorises. Heads are independent: where they divide evenly among torch's threads each thread runs
+// the whole loop for its heads (`on_threads`), otherwise each step is split over the heads with at::parallel_for
+// (`for_heads`). Differences from the Python loops: the shifts are
 // subtracted in that pass instead of by a ones column in the GEMMs (whose operands are then the plain streams),
 // every score is clamped at the exp floor, masked pairs are zeroed after exp instead of set to the floor before it,
 // and the forward's row sums are column sums of P instead of a ones column in vc.
 // Registered as torch.ops.hf_tensor_attn_cpu.forward_tiles and .backward_tiles.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -166,7 +169,8 @@ void row_mask(bool* ok, int64_t bq, int64_t ba, int64_t t0, int64_t row_start, i
 }
 
 // Runs f(h) for every head h < BH on torch's intra-op threads (`ops.extension` builds with OpenMP where torch uses
-// it, and the OpenMP calls then go to torch's own runtime and its thread pool); serially in a build without OpenMP.
+// it, and the OpenMP calls then go to torch's own runtime and its thread pool); serially in a build without OpenMP
+// and inside on_threads' parallel region (at::parallel_for does not nest).
 template <typename F>
 void for_heads(int64_t BH, const F& f) {
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
@@ -257,58 +261,79 @@ struct Plan {
     return [first, step](int64_t t, int64_t a) { return first + step * t + a; };
   }
 
-  // The row masks of tile (bi, r) for every sequence of the batch into ok [BH / heads, bq * ba] (heads of a sequence
-  // share theirs), or nullptr when no row entry is masked.
-  bool* row_masks(Tensor& ok_buf, int64_t BH, int64_t t0, int64_t bq, int64_t r) const {
+  // The row masks of tile (bi, r) for the sequences of heads [h0, h0 + BH) into ok [sequences, bq * ba] (heads of a
+  // sequence share theirs; mask_of finds a head's), or nullptr when no row entry is masked.
+  bool* row_masks(Tensor& ok_buf, int64_t h0, int64_t BH, int64_t t0, int64_t bq, int64_t r) const {
     if (R[r][2] == 0) return nullptr;
     const int64_t row_start = R[r][0], ba = R[r][1] - row_start;
     bool* ok = ok_buf.data_ptr<bool>();
-    for (int64_t h = 0; h < BH; h += heads) {
-      row_mask(ok + (h / heads) * bq * ba, bq, ba, t0, row_start, w_row, pad_of(h));
+    for (int64_t seq = h0 / heads; seq <= (h0 + BH - 1) / heads; ++seq) {
+      row_mask(ok + (seq - h0 / heads) * bq * ba, bq, ba, t0, row_start, w_row, pad_of(seq * heads));
     }
     return ok;
   }
 
-  // exp_scores on the tiles p [BH, bc, bq * ba] of column block c, on torch's threads; m and sums [BH, bq * ba],
-  // sums zeroed first when `first`.
+  // Head h0 + h's row mask in what row_masks wrote for heads from h0 (n = bq * ba entries each).
+  const bool* mask_of(const bool* ok, int64_t h0, int64_t h, int64_t n) const {
+    return ok ? ok + ((h0 + h) / heads - h0 / heads) * n : nullptr;
+  }
+
+  // exp_scores on the tiles p [BH, bc, bq * ba] of column block c for heads [h0, h0 + BH), on torch's threads; m and
+  // sums [BH, bq * ba], sums zeroed first when `first`.
   template <typename scalar_t>
-  void exp_scores(scalar_t* p, const bool* ok, int64_t BH, int64_t t0, int64_t bq, int64_t ba, int64_t c,
+  void exp_scores(scalar_t* p, const bool* ok, int64_t h0, int64_t BH, int64_t t0, int64_t bq, int64_t ba, int64_t c,
                   const scalar_t* m, scalar_t* sums, bool first, scalar_t floor) const {
     const int64_t bc = C[c][1] - C[c][0], n = bq * ba;
     for_heads(BH, [&](int64_t h) {
       if (first) std::fill(sums + h * n, sums + (h + 1) * n, scalar_t(0));
-      ::exp_scores(p + h * bc * n, bc, bq, ba, t0, C[c][0], w_col, C[c][2] != 0, pad_of(h),
-                   ok ? ok + (h / heads) * n : nullptr, m + h * n, sums + h * n, floor);
+      ::exp_scores(p + h * bc * n, bc, bq, ba, t0, C[c][0], w_col, C[c][2] != 0, pad_of(h0 + h),
+                   mask_of(ok, h0, h, n), m + h * n, sums + h * n, floor);
     });
   }
 
-  // exp_score_grads on the tiles s and dp [BH, bc, bq * ba] of column block c, on torch's threads; lse and D
-  // [BH, bq * ba].
+  // exp_score_grads on the tiles s and dp [BH, bc, bq * ba] of column block c for heads [h0, h0 + BH), on torch's
+  // threads; lse and D [BH, bq * ba].
   template <typename scalar_t>
-  void exp_score_grads(scalar_t* s, scalar_t* dp, const bool* ok, int64_t BH, int64_t t0, int64_t bq, int64_t ba,
-                       int64_t c, const scalar_t* lse, const scalar_t* D, scalar_t floor) const {
+  void exp_score_grads(scalar_t* s, scalar_t* dp, const bool* ok, int64_t h0, int64_t BH, int64_t t0, int64_t bq,
+                       int64_t ba, int64_t c, const scalar_t* lse, const scalar_t* D, scalar_t floor) const {
     const int64_t bc = C[c][1] - C[c][0], n = bq * ba;
     for_heads(BH, [&](int64_t h) {
-      ::exp_score_grads(s + h * bc * n, dp + h * bc * n, bc, bq, ba, t0, C[c][0], w_col, C[c][2] != 0, pad_of(h),
-                        ok ? ok + (h / heads) * n : nullptr, lse + h * n, D + h * n, floor);
+      ::exp_score_grads(s + h * bc * n, dp + h * bc * n, bc, bq, ba, t0, C[c][0], w_col, C[c][2] != 0,
+                        pad_of(h0 + h), mask_of(ok, h0, h, n), lse + h * n, D + h * n, floor);
     });
   }
 };
 
-// Inputs as `tiled._forward` prepares them ([BH, T, .] contiguous, compute dtype): q [BH, Tq, d] (scaled), m [BH, Tq]
-// (reference scores), kr, kc, vr, vc [BH, Tk, d];
-//   blocks [nb, 7] = (start, stop, t0, row_begin, row_end, col_begin, col_end) indexing
-//   rows / cols [n, 3] = (start, stop, masked) (`_tiles.pack`); pad [B, Tk] bool (True: padding) or empty.
-// Returns num [BH, Tq, d] = sum exp(s - m) v1 * v2 and l [BH, Tq] = sum exp(s - m) over the allowed pairs.
+// Runs a pass's block loop run(begin, end) for heads [begin, end): where the heads divide evenly among torch's
+// threads, one group of heads per thread, the whole loop each (one fork and join per call instead of several per
+// tile, and each thread's tiles stay in its own core's cache; inside the parallel region ATen and MKL run the GEMMs
+// on the calling thread); otherwise once over all heads, each step split over them (so that no thread waits on
+// another's extra head).
+template <typename F>
+void on_threads(int64_t BH, const F& run) {
+  const int64_t threads = at::get_num_threads();
+  if (threads < 2 || BH % threads != 0) {
+    run(0, BH);
+    return;
+  }
+  // torch's thread-local state (below autograd inside this op, grad mode) is the caller's: OpenMP's threads would
+  // otherwise run the GEMMs through autograd
+  const at::ThreadLocalState state;
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(state);
+    run(begin, end);
+  });
+}
+
+// forward_impl's block loop for heads [h0, h0 + BH): q, m, kr, kc, vr, vc, num and l are those heads' slices.
 template <typename scalar_t>
-std::tuple<Tensor, Tensor> forward_impl(const Tensor& q, const Tensor& m, const Tensor& kr, const Tensor& kc,
-                                        const Tensor& vr, const Tensor& vc, const Plan& plan, double floor) {
+void forward_heads(const Tensor& q, const Tensor& m, const Tensor& kr, const Tensor& kc, const Tensor& vr,
+                   const Tensor& vc, Tensor& num, Tensor& l, const Plan& plan, int64_t h0, double floor) {
   const int64_t BH = q.size(0), Tq = q.size(1), d = q.size(2);
   const auto& B = plan.B;
   const auto& C = plan.C;
   const int64_t n_max = plan.max_bq * plan.max_ba;
   auto opt = q.options();
-  Tensor num = at::zeros({BH, Tq, d}, opt), l = at::zeros({BH, Tq}, opt);
   // Scratch reused by every tile (a fresh multi-MB tensor per tile costs page faults).
   Tensor qk_buf = at::empty({BH * n_max * d}, opt), pv_buf = at::empty({BH * n_max * d}, opt);
   Tensor s_buf = at::empty({BH * plan.max_bc * n_max}, opt);
@@ -325,7 +350,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q, const Tensor& m, const 
       Tensor qk = qk_buf.narrow(0, 0, BH * n * d).view({BH, n, d});  // rows (t, a): q_t * kr_a
       mul_rows(qk.data_ptr<scalar_t>(), q, start, kr, BH, bq, ba, rows);
       Tensor qk_cols = qk.transpose(1, 2);
-      const bool* ok = plan.row_masks(ok_buf, BH, t0, bq, r);
+      const bool* ok = plan.row_masks(ok_buf, h0, BH, t0, bq, r);
       Tensor pv = pv_buf.narrow(0, 0, BH * n * d).view({BH, n, d});  // P @ vc
       Tensor sums = sums_buf.narrow(0, 0, BH * n).view({BH, n});  // sum_b P per (t, a), added up by exp_scores
       spread_rows(m_rows, m.data_ptr<scalar_t>(), Tq, start, BH, bq, ba);
@@ -334,7 +359,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q, const Tensor& m, const 
         // scores transposed, [BH, bc, bq*ba]: column-major, so a column key's mask is a run of one tile row
         Tensor s = s_buf.narrow(0, 0, BH * bc * n).view({BH, bc, n});
         at::bmm_out(s, kc.narrow(1, col_start, bc), qk_cols);
-        plan.exp_scores(s.data_ptr<scalar_t>(), ok, BH, t0, bq, ba, c, m_rows, sums.data_ptr<scalar_t>(),
+        plan.exp_scores(s.data_ptr<scalar_t>(), ok, h0, BH, t0, bq, ba, c, m_rows, sums.data_ptr<scalar_t>(),
                         c == B[bi][5], scalar_t(floor));
         Tensor vc_tile = vc.narrow(1, col_start, bc);
         if (c == B[bi][5]) {
@@ -350,30 +375,43 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q, const Tensor& m, const 
       add_products<false>(num, pv.data_ptr<scalar_t>(), vr, start, BH, bq, ba, rows);  // num_t += (P vc)_(t, a) * vr_a
     }
   }
+}
+
+// Inputs as `tiled._forward` prepares them ([BH, T, .] contiguous, compute dtype): q [BH, Tq, d] (scaled), m [BH, Tq]
+// (reference scores), kr, kc, vr, vc [BH, Tk, d];
+//   blocks [nb, 7] = (start, stop, t0, row_begin, row_end, col_begin, col_end) indexing
+//   rows / cols [n, 3] = (start, stop, masked) (`_tiles.pack`); pad [B, Tk] bool (True: padding) or empty.
+// Returns num [BH, Tq, d] = sum exp(s - m) v1 * v2 and l [BH, Tq] = sum exp(s - m) over the allowed pairs.
+template <typename scalar_t>
+std::tuple<Tensor, Tensor> forward_impl(const Tensor& q, const Tensor& m, const Tensor& kr, const Tensor& kc,
+                                        const Tensor& vr, const Tensor& vc, const Plan& plan, double floor) {
+  const int64_t BH = q.size(0);
+  Tensor num = at::zeros({BH, q.size(1), q.size(2)}, q.options()), l = at::zeros({BH, q.size(1)}, q.options());
+  const auto run = [&](int64_t begin, int64_t end) {
+    const auto heads = [&](const Tensor& x) { return x.narrow(0, begin, end - begin); };
+    Tensor num_h = heads(num), l_h = heads(l);
+    forward_heads<scalar_t>(heads(q), heads(m), heads(kr), heads(kc), heads(vr), heads(vc), num_h, l_h, plan, begin,
+                            floor);
+  };
+  on_threads(BH, run);
   return {num, l};
 }
 
-// Inputs as `tiled._backward` prepares them: gq [2BH, Tq, d] = [dO; q * scale], lse and D [BH, Tq] (D_t = <dO_t, o_t>),
-// kr, vr [BH, Tk, d], col_stack [3BH, Tk, d] = [kc; vc; kc]; the plan and pad as in the forward.
-// Returns dq [BH, Tq, d], [dvr; dkr] [2BH, Tk, d] and [dvc; dkc] [2BH, Tk, d].
+// backward_impl's block loop for heads [h0, h0 + BH): every argument is those heads' slice.
 template <typename scalar_t>
-std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& gq, const Tensor& lse, const Tensor& D, const Tensor& kr,
-                                                 const Tensor& vr, const Tensor& col_stack, const Plan& plan,
-                                                 double floor) {
-  const int64_t BH = lse.size(0), Tq = gq.size(1), d = gq.size(2), Tk = col_stack.size(1);
+void backward_heads(const Tensor& q, const Tensor& dout, const Tensor& lse, const Tensor& D, const Tensor& kr,
+                    const Tensor& vr, const Tensor& kc, const Tensor& vc, Tensor& dq, Tensor& dkr, Tensor& dkc,
+                    Tensor& dvr, Tensor& dvc, const Plan& plan, int64_t h0, double floor) {
+  const int64_t BH = q.size(0), Tq = q.size(1), d = q.size(2), Tk = kc.size(1);
   const auto& B = plan.B;
   const auto& C = plan.C;
   const int64_t n_max = plan.max_bq * plan.max_ba;
-  auto opt = gq.options();
-  const Tensor dout = gq.narrow(0, 0, BH), q = gq.narrow(0, BH, BH);
-  Tensor dq = at::zeros({BH, Tq, d}, opt), dvk = at::zeros({2 * BH, Tk, d}, opt);
-  Tensor dvkr = at::zeros({2 * BH, kr.size(1), d}, opt);
+  auto opt = q.options();
   Tensor left_buf = at::empty({2 * BH * n_max * d}, opt), tile_buf = at::empty({2 * BH * plan.max_bc * n_max}, opt);
   Tensor rp_buf = at::empty({2 * BH * n_max * d}, opt);
   Tensor dvk_buf = at::empty({2 * BH * plan.max_bc * d}, opt);
   Tensor ok_buf = at::empty({BH * n_max}, opt.dtype(at::kBool));
   Tensor shift_buf = at::empty({2 * BH * n_max}, opt);
-  scalar_t* dvk_p = dvk.data_ptr<scalar_t>();
   scalar_t* lse_rows = shift_buf.data_ptr<scalar_t>();
   scalar_t* D_rows = lse_rows + BH * n_max;
 
@@ -382,51 +420,76 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& gq, const Tensor&
     for (int64_t r = B[bi][3]; r < B[bi][4]; ++r) {
       const int64_t ba = plan.R[r][1] - plan.R[r][0], n = bq * ba;
       const auto rows = plan.row_index(t0, r);
-      // Rows (t, a) of [q * kr; dO * vr]: against [kc; vc] they give S and dP, and they are the operands of the
+      // Rows (t, a) of q * kr and dO * vr: against kc and vc they give S and dP, and they are the operands of the
       // column gradients (dkc, dvc).
       Tensor left = left_buf.narrow(0, 0, 2 * BH * n * d).view({2 * BH, n, d});
-      mul_rows(left.data_ptr<scalar_t>(), q, start, kr, BH, bq, ba, rows);
-      mul_rows(left.data_ptr<scalar_t>() + BH * n * d, dout, start, vr, BH, bq, ba, rows);
-      Tensor left_cols = left.transpose(1, 2);  // [2BH, d, n]
       Tensor q_rows = left.narrow(0, 0, BH), g_rows = left.narrow(0, BH, BH);
-      const bool* ok = plan.row_masks(ok_buf, BH, t0, bq, r);
+      mul_rows(q_rows.data_ptr<scalar_t>(), q, start, kr, BH, bq, ba, rows);
+      mul_rows(g_rows.data_ptr<scalar_t>(), dout, start, vr, BH, bq, ba, rows);
+      const bool* ok = plan.row_masks(ok_buf, h0, BH, t0, bq, r);
       spread_rows(lse_rows, lse.data_ptr<scalar_t>(), Tq, start, BH, bq, ba);
       spread_rows(D_rows, D.data_ptr<scalar_t>(), Tq, start, BH, bq, ba);
-      Tensor row_products = rp_buf.narrow(0, 0, 2 * BH * n * d).view({2 * BH, n, d});  // [P @ vc; dS @ kc]
+      Tensor row_products = rp_buf.narrow(0, 0, 2 * BH * n * d).view({2 * BH, n, d});
+      Tensor pv = row_products.narrow(0, 0, BH), dsk = row_products.narrow(0, BH, BH);  // P @ vc, dS @ kc
       for (int64_t c = B[bi][5]; c < B[bi][6]; ++c) {
         const int64_t col_start = C[c][0], bc = C[c][1] - col_start;
+        const Tensor kc_tile = kc.narrow(1, col_start, bc), vc_tile = vc.narrow(1, col_start, bc);
         Tensor tile = tile_buf.narrow(0, 0, 2 * BH * bc * n).view({2 * BH, bc, n});  // transposed, as the forward
-        at::bmm_out(tile, col_stack.narrow(0, 0, 2 * BH).narrow(1, col_start, bc), left_cols);
         Tensor s = tile.narrow(0, 0, BH), dp = tile.narrow(0, BH, BH);
-        plan.exp_score_grads(s.data_ptr<scalar_t>(), dp.data_ptr<scalar_t>(), ok, BH, t0, bq, ba, c, lse_rows,
+        at::bmm_out(s, kc_tile, q_rows.transpose(1, 2));
+        at::bmm_out(dp, vc_tile, g_rows.transpose(1, 2));
+        plan.exp_score_grads(s.data_ptr<scalar_t>(), dp.data_ptr<scalar_t>(), ok, h0, BH, t0, bq, ba, c, lse_rows,
                              D_rows, scalar_t(floor));  // s is P, dp is dS = P * (dP - D)
-        Tensor vk = col_stack.narrow(0, BH, 2 * BH).narrow(1, col_start, bc);  // [vc; kc]
         if (c == B[bi][5]) {
-          at::bmm_out(row_products, tile.transpose(1, 2), vk);
+          at::bmm_out(pv, s.transpose(1, 2), vc_tile);
+          at::bmm_out(dsk, dp.transpose(1, 2), kc_tile);
         } else {
-          row_products.baddbmm_(tile.transpose(1, 2), vk);
+          pv.baddbmm_(s.transpose(1, 2), vc_tile);
+          dsk.baddbmm_(dp.transpose(1, 2), kc_tile);
         }
-        // [dvc; dkc] += [P @ (dO * vr); dS @ (q * kr)]: two GEMMs into one buffer, then a loop adds it in (a batched
-        // baddbmm_ into the strided slice of dvk runs as one small addmm per matrix, slower; an ATen add_ costs a
+        // dvc += P @ (dO * vr), dkc += dS @ (q * kr): GEMMs into a buffer, then a loop adds them in (a batched
+        // baddbmm_ into the strided slice of dvc runs as one small addmm per matrix, slower; an ATen add_ costs a
         // TensorIterator setup for a few tens of kB per head)
         Tensor dvk_tile = dvk_buf.narrow(0, 0, 2 * BH * bc * d).view({2 * BH, bc, d});
         Tensor dvc_tile = dvk_tile.narrow(0, 0, BH), dkc_tile = dvk_tile.narrow(0, BH, BH);
         at::bmm_out(dvc_tile, s, g_rows);
         at::bmm_out(dkc_tile, dp, q_rows);
         const scalar_t* tile_grads = dvk_tile.data_ptr<scalar_t>();
-        for_heads(2 * BH, [&](int64_t h) {
-          scalar_t* __restrict__ out = dvk_p + (h * Tk + col_start) * d;
-          const scalar_t* __restrict__ in = tile_grads + h * bc * d;
-          for (int64_t i = 0; i < bc * d; ++i) out[i] += in[i];
+        scalar_t *dvc_p = dvc.data_ptr<scalar_t>(), *dkc_p = dkc.data_ptr<scalar_t>();
+        for_heads(BH, [&](int64_t h) {
+          for (const auto& [out, in] : {std::pair{dvc_p, tile_grads}, std::pair{dkc_p, tile_grads + BH * bc * d}}) {
+            scalar_t* __restrict__ o = out + (h * Tk + col_start) * d;
+            const scalar_t* __restrict__ x = in + h * bc * d;
+            for (int64_t i = 0; i < bc * d; ++i) o[i] += x[i];
+          }
         });
       }
-      // [dvr; dkr] of row (t, a) += [P @ vc; dS @ kc]_(t, a) * [dO_t; q_t]; dq_t += sum_a (dS @ kc)_(t, a) * kr_a
-      const scalar_t* products = row_products.data_ptr<scalar_t>();
-      add_products<true>(dvkr, products, gq, start, 2 * BH, bq, ba, rows);
-      add_products<false>(dq, products + BH * n * d, kr, start, BH, bq, ba, rows);
+      // dvr_a += (P @ vc)_(t, a) * dO_t; dkr_a += (dS @ kc)_(t, a) * q_t; dq_t += sum_a (dS @ kc)_(t, a) * kr_a
+      add_products<true>(dvr, pv.data_ptr<scalar_t>(), dout, start, BH, bq, ba, rows);
+      add_products<true>(dkr, dsk.data_ptr<scalar_t>(), q, start, BH, bq, ba, rows);
+      add_products<false>(dq, dsk.data_ptr<scalar_t>(), kr, start, BH, bq, ba, rows);
     }
   }
-  return {dq, dvkr, dvk};
+}
+
+// Inputs as `tiled._backward` prepares them: q [BH, Tq, d] (scaled), dout [BH, Tq, d], lse and D [BH, Tq]
+// (D_t = <dO_t, o_t>), kr, vr, kc, vc [BH, Tk, d]; the plan and pad as in the forward.
+// Returns the gradients of q, kr, kc, vr and vc.
+template <typename scalar_t>
+std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& dout, const Tensor& lse, const Tensor& D,
+                                  const Tensor& kr, const Tensor& vr, const Tensor& kc, const Tensor& vc,
+                                  const Plan& plan, double floor) {
+  const int64_t BH = q.size(0);
+  Tensor dq = at::zeros_like(q), dkr = at::zeros_like(kr), dkc = at::zeros_like(kc), dvr = at::zeros_like(vr);
+  Tensor dvc = at::zeros_like(vc);
+  const auto run = [&](int64_t begin, int64_t end) {
+    const auto heads = [&](const Tensor& x) { return x.narrow(0, begin, end - begin); };
+    Tensor dq_h = heads(dq), dkr_h = heads(dkr), dkc_h = heads(dkc), dvr_h = heads(dvr), dvc_h = heads(dvc);
+    backward_heads<scalar_t>(heads(q), heads(dout), heads(lse), heads(D), heads(kr), heads(vr), heads(kc), heads(vc),
+                             dq_h, dkr_h, dkc_h, dvr_h, dvc_h, plan, begin, floor);
+  };
+  on_threads(BH, run);
+  return {dq, dkr, dkc, dvr, dvc};
 }
 
 // The loops index raw memory from these shapes and the plan: a wrong argument must fail here, not read past a buffer.
@@ -484,18 +547,17 @@ std::tuple<Tensor, Tensor> forward_tiles(const Tensor& q, const Tensor& m, const
   return result;
 }
 
-std::tuple<Tensor, Tensor, Tensor> backward_tiles(const Tensor& gq, const Tensor& lse, const Tensor& D,
-                                                  const Tensor& kr, const Tensor& vr, const Tensor& col_stack,
-                                                  int64_t w_row, int64_t w_col, const Tensor& blocks,
-                                                  const Tensor& rows, const Tensor& cols, const Tensor& pad,
-                                                  int64_t heads, double floor) {
-  const int64_t BH = lse.size(0), Tq = gq.size(1), Tk = kr.size(1), d = gq.size(2);
-  check_inputs("backward_tiles", {{&lse, {BH, Tq}}, {&kr, {BH, Tk, d}}, {&gq, {2 * BH, Tq, d}}, {&D, {BH, Tq}},
-                                  {&vr, {BH, Tk, d}}, {&col_stack, {3 * BH, Tk, d}}},
+std::vector<Tensor> backward_tiles(const Tensor& q, const Tensor& dout, const Tensor& lse, const Tensor& D,
+                                   const Tensor& kr, const Tensor& vr, const Tensor& kc, const Tensor& vc, int64_t w_row,
+                                   int64_t w_col, const Tensor& blocks, const Tensor& rows, const Tensor& cols,
+                                   const Tensor& pad, int64_t heads, double floor) {
+  const int64_t BH = q.size(0), Tq = q.size(1), Tk = kr.size(1), d = q.size(2);
+  check_inputs("backward_tiles", {{&q, {BH, Tq, d}}, {&kr, {BH, Tk, d}}, {&dout, {BH, Tq, d}}, {&lse, {BH, Tq}},
+                                  {&D, {BH, Tq}}, {&vr, {BH, Tk, d}}, {&kc, {BH, Tk, d}}, {&vc, {BH, Tk, d}}},
                blocks, rows, cols, pad, w_row, heads);
-  std::tuple<Tensor, Tensor, Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES(gq.scalar_type(), "backward_tiles", [&] {
-    result = backward_impl<scalar_t>(gq, lse, D, kr, vr, col_stack,
+  std::vector<Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "backward_tiles", [&] {
+    result = backward_impl<scalar_t>(q, dout, lse, D, kr, vr, kc, vc,
                                      Plan(blocks, rows, cols, w_row, w_col, pad, heads, Tq, Tk), floor);
   });
   return result;
@@ -506,9 +568,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_tiles(const Tensor& gq, const Tensor
 TORCH_LIBRARY(hf_tensor_attn_cpu, m) {
   m.def("forward_tiles(Tensor q, Tensor m, Tensor kr, Tensor kc, Tensor vr, Tensor vc, int w_row, int w_col, "
         "Tensor blocks, Tensor rows, Tensor cols, Tensor pad, int heads, float floor) -> (Tensor, Tensor)");
-  m.def("backward_tiles(Tensor gq, Tensor lse, Tensor D, Tensor kr, Tensor vr, Tensor col_stack, int w_row, "
-        "int w_col, Tensor blocks, Tensor rows, Tensor cols, Tensor pad, int heads, float floor) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("backward_tiles(Tensor q, Tensor dout, Tensor lse, Tensor D, Tensor kr, Tensor vr, Tensor kc, Tensor vc, "
+        "int w_row, int w_col, Tensor blocks, Tensor rows, Tensor cols, Tensor pad, int heads, float floor) "
+        "-> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(hf_tensor_attn_cpu, CPU, m) {

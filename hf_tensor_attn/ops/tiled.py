@@ -316,16 +316,15 @@ def _backward(p: _Problem, out, lse, has_pair, dout):
     dout = dout * has_pair[:, :, None]
     delta = (dout * out).sum(-1)  # [BH, Tq]: D_t = sum_ab P dP = <dO_t, o_t>
     blocks = plan(Tq, Tk, w_row, w_col, mask, sizes)
-    gq = torch.cat([dout, q])  # [2BH, Tq, d]: dvr gets (P @ vc) * dO, dkr gets (dS @ kc) * q
     # The backward's scores are S - lse <= 0 for every allowed pair: the compiled loop needs no bound here. Its exp
     # pass subtracts lse_t and D_t, so its GEMM operands are the plain streams.
     compiled = extension.cpu_ops() if device.type == "cpu" else None
     if compiled is not None:
-        dq, dvkr, dvk = compiled.backward_tiles(
-            *(t.contiguous() for t in (gq, lse, delta, kr, vr)), torch.cat([kc, vc, kc]),
-            w_row or 0, w_col or 0, *pack(blocks), _pad(mask), H, floor,
+        dq, dkr, dkc, dvr, dvc = compiled.backward_tiles(
+            *(t.contiguous() for t in (q, dout, lse, delta, kr, vr, kc, vc)), w_row or 0, w_col or 0, *pack(blocks),
+            _pad(mask), H, floor,
         )
-        return dq, dvkr[BH:], dvk[BH:], dvkr[:BH], dvk[:BH]
+        return dq, dkr, dkc, dvr, dvc
     # s - lse >= -bound - lse: clamp only blocks where that may fall under the floor
     bound, finite_scores = _score_bounds(q, kr, kc, Tk)
     clamped_blocks = _block_flags(bound + lse > -floor, blocks)
@@ -336,6 +335,7 @@ def _backward(p: _Problem, out, lse, has_pair, dout):
     col_stack = _with_ones(torch.cat([kc, vc, kc]))  # [3BH, Tk, d+1]
     # [q, -lse] * [kr, 1] and [dO, -D] * [vr, 1] write the rows of `left` whole (see `_forward`)
     q_aug, g_aug = torch.cat([q, -lse[:, :, None]], -1), torch.cat([dout, -delta[:, :, None]], -1)
+    gq = torch.cat([dout, q])  # [2BH, Tq, d]: dvr gets (P @ vc) * dO, dkr gets (dS @ kc) * q
     masker = Masker(w_row, w_col, mask, Tk, device, floor, dtype, finite_scores)
     kr_rows, vr_rows = _RowStream(_with_ones(kr), w_row), _RowStream(_with_ones(vr), w_row)
     dq = torch.zeros_like(q)

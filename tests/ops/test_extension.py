@@ -17,12 +17,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CASES = [(4, 9, False), (None, None, True), (None, 5, True), (6, None, False)]
 
 
-def inputs(padded: bool, dtype=torch.float32, T=45, Tq=None, D=16):
+def inputs(padded: bool, dtype=torch.float32, T=45, Tq=None, D=16, B=2, H=3):
     g = torch.Generator().manual_seed(1)
-    q, k1, k2, v1, v2 = (torch.randn(2, 3, T, D, generator=g, dtype=dtype) for _ in range(5))
-    mask = torch.ones(2, T, dtype=torch.long)
+    q, k1, k2, v1, v2 = (torch.randn(B, H, T, D, generator=g, dtype=dtype) for _ in range(5))
+    mask = torch.ones(B, T, dtype=torch.long)
     if padded:
-        mask[0, :7], mask[1, 20] = 0, 0
+        mask[0, :7], mask[-1, 20] = 0, 0
     return (q[:, :, T - (Tq or T):], k1, k2, v1, v2), (mask if padded else None)
 
 
@@ -84,16 +84,19 @@ def test_default_tiles_over_a_wide_band_match_python_loops(loops, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
-def test_parallel_loops_match_python_loops(loops, monkeypatch):
-    """The module runs on one thread; here two, so the compiled loops split heads over torch's threads (where the
-    build has OpenMP): the row-gradient scatter and the sums write per head, windowed and causal, with padding."""
+@pytest.mark.parametrize("threads, B, H", [(2, 2, 3), (3, 2, 3), (2, 1, 3)])
+def test_parallel_loops_match_python_loops(threads, B, H, loops, monkeypatch):
+    """The module runs on one thread; here two or three, so the compiled loops split heads over torch's threads (where
+    the build has OpenMP), windowed and causal, with padding: 6 heads on 2 threads, a sequence per thread; 6 heads on
+    3, a thread with heads of two sequences (their own padding each); 3 heads on 2, which do not divide, so each step
+    is split over the heads instead."""
     if "-fopenmp" not in extension.build_flags():
         pytest.skip(f"the compiled loops were built without OpenMP here ({extension.build_flags()}): one thread")
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     try:
         for w1, w2, padded in CASES[:2]:
-            x, mask = inputs(padded, torch.float64)
+            x, mask = inputs(padded, torch.float64, B=B, H=H)
             kw = dict(scale=0.25, w1=w1, w2=w2, attention_mask=mask)
             monkeypatch.setenv(extension.ENV, "1")
             compiled = outputs_and_grads(x, **kw)
