@@ -1,5 +1,6 @@
 // The tile loops of `ops.tiled` (`_python_tiles` and the loop of `_backward`), compiled: the same tiles and the
-// same batched GEMMs as the Python loops, without the interpreter between them. A windowed pass does one tile per
+// same products as the Python loops (their GEMMs on the plain streams, see below), without the interpreter between
+// them. A windowed pass does one tile per
 // 16-query block, and the Python and dispatch time of its fifteen-odd small ops per block was about a quarter of the
 // forward (docs/profile_attention.md).
 //
@@ -156,7 +157,7 @@ void spread_rows(scalar_t* out, const scalar_t* x, int64_t Tq, int64_t start, in
   }
 }
 
-// Per (head, tile): true where row entry (t, j) of the tile may be used (see zero_masked). Row keys are a block
+// Per (sequence, tile): true where row entry (t, j) of the tile may be used (see exp_scores). Row keys are a block
 // [row_start, row_start + ba) shared by the queries, or, with a row window, key t - w_row + 1 + row_start + j.
 void row_mask(bool* ok, int64_t bq, int64_t ba, int64_t t0, int64_t row_start, int64_t w_row, const bool* pad) {
   for (int64_t t = 0; t < bq; ++t) {
@@ -178,7 +179,7 @@ void for_heads(int64_t BH, const F& f) {
   });
 }
 
-// The per-(query, row key) steps of a tile, as loops over a head dimension of d or d + 1 contiguous values. As ATen
+// The per-(query, row key) steps of a tile, as loops over a head dimension of d contiguous values. As ATen
 // ops (a broadcast mul, then a mul and a sum over the row keys) they were a fifth of a windowed forward:
 // TensorIterator's setup and a fork and join per op weigh more than the few hundred kB each one touches, and the
 // sums wrote a [BH, bq, ba, d] product only to read it back. `rows` maps (t, a) to a row of the row stream
@@ -210,7 +211,7 @@ void mul_rows(scalar_t* out, const Tensor& y, int64_t start, const Tensor& x, in
 
 // For every entry (t, a) of a tile, one row of dst += p[h, (t, a)] * one row of src: dst's row is query start + t
 // and src's the row key rows(t, a) (the sums over the row keys: num, dq), or, with `to_keys`, the other way round
-// (the row-key gradients). p [BH, bq * ba, d] contiguous; src has d or more columns. Queries of a head share row
+// (the row-key gradients). p [BH, bq * ba, d] contiguous, src [BH, ., d]. Queries of a head share row
 // keys, so only the heads run in parallel.
 template <bool to_keys, typename scalar_t, typename Rows>
 void add_products(Tensor& dst, const scalar_t* p, const Tensor& src, int64_t start, int64_t BH, int64_t bq,
@@ -237,13 +238,13 @@ void add_products(Tensor& dst, const scalar_t* p, const Tensor& src, int64_t sta
 struct Plan {
   at::TensorAccessor<int64_t, 2> B, R, C;
   int64_t max_bq = 1, max_ba = 1, max_bc = 1;
-  int64_t w_row, w_col, heads, Tq, Tk;
+  int64_t w_row, w_col, heads, Tk;
   const bool* pad;  // [B, Tk], true at padding; nullptr without
 
   Plan(const Tensor& blocks, const Tensor& rows, const Tensor& cols, int64_t w_row, int64_t w_col,
-       const Tensor& pad, int64_t heads, int64_t Tq, int64_t Tk)
+       const Tensor& pad, int64_t heads, int64_t Tk)
       : B(blocks.accessor<int64_t, 2>()), R(rows.accessor<int64_t, 2>()), C(cols.accessor<int64_t, 2>()),
-        w_row(w_row), w_col(w_col), heads(heads), Tq(Tq), Tk(Tk), pad(pad.numel() ? pad.data_ptr<bool>() : nullptr) {
+        w_row(w_row), w_col(w_col), heads(heads), Tk(Tk), pad(pad.numel() ? pad.data_ptr<bool>() : nullptr) {
     for (int64_t i = 0; i < blocks.size(0); ++i) max_bq = std::max(max_bq, B[i][1] - B[i][0]);
     for (int64_t i = 0; i < rows.size(0); ++i) max_ba = std::max(max_ba, R[i][1] - R[i][0]);
     for (int64_t i = 0; i < cols.size(0); ++i) max_bc = std::max(max_bc, C[i][1] - C[i][0]);
@@ -267,7 +268,7 @@ struct Plan {
     if (R[r][2] == 0) return nullptr;
     const int64_t row_start = R[r][0], ba = R[r][1] - row_start;
     bool* ok = ok_buf.data_ptr<bool>();
-    for (int64_t seq = h0 / heads; seq <= (h0 + BH - 1) / heads; ++seq) {
+    for (int64_t seq = h0 / heads; seq * heads < h0 + BH; ++seq) {  // none for no heads
       row_mask(ok + (seq - h0 / heads) * bq * ba, bq, ba, t0, row_start, w_row, pad_of(seq * heads));
     }
     return ok;
@@ -495,8 +496,12 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& dout, const Ten
 // The loops index raw memory from these shapes and the plan: a wrong argument must fail here, not read past a buffer.
 void check_inputs(const char* name, std::initializer_list<std::pair<const Tensor*, std::vector<int64_t>>> shapes,
                   const Tensor& blocks, const Tensor& rows, const Tensor& cols, const Tensor& pad, int64_t w_row,
-                  int64_t heads) {
+                  int64_t heads, double floor) {
   const Tensor& first = *shapes.begin()->first;
+  // exp_clamped<float> writes 2^n into a float's exponent: n >= -126, so arguments down to about -87.3 only
+  const double lowest = first.scalar_type() == at::kFloat ? -87.0 : -708.0;
+  TORCH_CHECK(lowest <= floor && floor <= 0, name, ": floor must be in [", lowest, ", 0] for ", first.scalar_type(),
+              ", got ", floor);
   const int64_t BH = first.size(0), Tq = first.size(1);
   const int64_t Tk = (shapes.begin() + 1)->first->size(1);  // the second is a key stream
   TORCH_CHECK(heads >= 1 && BH % heads == 0, name, ": heads must divide the batch*heads dimension");
@@ -533,32 +538,32 @@ void check_inputs(const char* name, std::initializer_list<std::pair<const Tensor
 
 std::tuple<Tensor, Tensor> forward_tiles(const Tensor& q, const Tensor& m, const Tensor& kr, const Tensor& kc,
                                          const Tensor& vr, const Tensor& vc, int64_t w_row, int64_t w_col,
-                                         const Tensor& blocks, const Tensor& rows, const Tensor& cols, const Tensor& pad,
-                                         int64_t heads, double floor) {
+                                         const Tensor& blocks, const Tensor& rows, const Tensor& cols,
+                                         const Tensor& pad, int64_t heads, double floor) {
   const int64_t BH = q.size(0), Tq = q.size(1), Tk = kr.size(1), d = q.size(2);
   check_inputs("forward_tiles", {{&q, {BH, Tq, d}}, {&kr, {BH, Tk, d}}, {&m, {BH, Tq}}, {&kc, {BH, Tk, d}},
                                  {&vr, {BH, Tk, d}}, {&vc, {BH, Tk, d}}},
-               blocks, rows, cols, pad, w_row, heads);
+               blocks, rows, cols, pad, w_row, heads, floor);
   std::tuple<Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "forward_tiles", [&] {
-    result = forward_impl<scalar_t>(q, m, kr, kc, vr, vc, Plan(blocks, rows, cols, w_row, w_col, pad, heads, Tq, Tk),
+    result = forward_impl<scalar_t>(q, m, kr, kc, vr, vc, Plan(blocks, rows, cols, w_row, w_col, pad, heads, Tk),
                                     floor);
   });
   return result;
 }
 
 std::vector<Tensor> backward_tiles(const Tensor& q, const Tensor& dout, const Tensor& lse, const Tensor& D,
-                                   const Tensor& kr, const Tensor& vr, const Tensor& kc, const Tensor& vc, int64_t w_row,
-                                   int64_t w_col, const Tensor& blocks, const Tensor& rows, const Tensor& cols,
-                                   const Tensor& pad, int64_t heads, double floor) {
+                                   const Tensor& kr, const Tensor& vr, const Tensor& kc, const Tensor& vc,
+                                   int64_t w_row, int64_t w_col, const Tensor& blocks, const Tensor& rows,
+                                   const Tensor& cols, const Tensor& pad, int64_t heads, double floor) {
   const int64_t BH = q.size(0), Tq = q.size(1), Tk = kr.size(1), d = q.size(2);
   check_inputs("backward_tiles", {{&q, {BH, Tq, d}}, {&kr, {BH, Tk, d}}, {&dout, {BH, Tq, d}}, {&lse, {BH, Tq}},
                                   {&D, {BH, Tq}}, {&vr, {BH, Tk, d}}, {&kc, {BH, Tk, d}}, {&vc, {BH, Tk, d}}},
-               blocks, rows, cols, pad, w_row, heads);
+               blocks, rows, cols, pad, w_row, heads, floor);
   std::vector<Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "backward_tiles", [&] {
     result = backward_impl<scalar_t>(q, dout, lse, D, kr, vr, kc, vc,
-                                     Plan(blocks, rows, cols, w_row, w_col, pad, heads, Tq, Tk), floor);
+                                     Plan(blocks, rows, cols, w_row, w_col, pad, heads, Tk), floor);
   });
   return result;
 }

@@ -188,8 +188,9 @@ def _block_flags(flags: torch.Tensor, blocks) -> list[bool]:
 def _forward(p: _Problem):
     """Returns out [BH, Tq, d], lse [BH, Tq] and has_pair [BH, Tq] (the query has an allowed pair).
 
-    Each query t carries a reference m_t subtracted inside the score GEMM (a ones column in kc meets -m_t), and
-    the tile holds exp(s - m_t) once exp is applied. m_t starts at the score of an allowed pair (see
+    Each query t carries a reference m_t subtracted from its scores (in the Python loops inside the score GEMM,
+    where a ones column in kc meets -m_t; in the compiled ones by their exp pass), and the tile holds exp(s - m_t)
+    once exp is applied. m_t starts at the score of an allowed pair (see
     `_reference_scores`), so sum_ab exp(s - m_t) >= 1 and nothing that matters underflows. Cauchy-Schwarz
     bounds every score of a query block, |s| <= ||q_t * kr_a|| * ||kc_b||: while s - m_t stays under the headroom
     exp cannot overflow, and while it stays over the floor nothing needs clamping. Only when the bound is too
@@ -304,12 +305,12 @@ def _backward(p: _Problem, out, lse, has_pair, dout):
 
     Per tile: [S - lse; dP - D] = [q*kr, -lse; dO*vr, -D] @ [kc, 1; vc, 1]^T in one GEMM, P = exp(S - lse),
     dS = P * (dP - D); then [P @ vc; dS @ kc] (for dvr, dkr and dq) and [P^T @ (dO*vr); dS^T @ (q*kr)] (dvc, dkc).
+    (The compiled loops compute the same products from the plain streams and subtract lse and D in their exp pass.)
     """
     q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes = p.unpack()
     BH, Tq, d = q.shape
     Tk = kr.shape[1]
     dtype, device = q.dtype, q.device
-    ws = _Workspace(dtype, device)
     floor = EXP_FLOOR[dtype]
     # A query without allowed pairs has output 0 whatever its inputs; its clamped tiles are not exactly 0, so
     # its output gradient is dropped instead.
@@ -336,6 +337,7 @@ def _backward(p: _Problem, out, lse, has_pair, dout):
     # [q, -lse] * [kr, 1] and [dO, -D] * [vr, 1] write the rows of `left` whole (see `_forward`)
     q_aug, g_aug = torch.cat([q, -lse[:, :, None]], -1), torch.cat([dout, -delta[:, :, None]], -1)
     gq = torch.cat([dout, q])  # [2BH, Tq, d]: dvr gets (P @ vc) * dO, dkr gets (dS @ kc) * q
+    ws = _Workspace(dtype, device)
     masker = Masker(w_row, w_col, mask, Tk, device, floor, dtype, finite_scores)
     kr_rows, vr_rows = _RowStream(_with_ones(kr), w_row), _RowStream(_with_ones(vr), w_row)
     dq = torch.zeros_like(q)
@@ -467,7 +469,7 @@ def _backward_op(
     mask = attention_mask.to(torch.bool) if attention_mask is not None else None
     problem = _problem(q, *streams, scale, w_row, w_col, mask, out.dtype)
     dq, dkr, dkc, dvr, dvc = _backward(problem, out, lse, has_pair, dout)
-    # Copies: a custom op's outputs may not alias each other (dk_col and dv_col share one buffer).
+    # Copies: a custom op's outputs may not alias each other (the Python loops' dk_col and dv_col share one buffer).
     shape = lambda t, T, like: t.view(B, H, T, D).to(like.dtype, copy=True)  # noqa: E731
     dk1, dk2, dv1, dv2 = (dkc, dkr, dvc, dvr) if swap else (dkr, dkc, dvr, dvc)
     return shape(dq * scale, Tq, q), shape(dk1, Tk, k1), shape(dk2, Tk, k2), shape(dv1, Tk, v1), shape(dv2, Tk, v2)

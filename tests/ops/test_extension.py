@@ -3,6 +3,7 @@ do not, and the same results either way (the numerics are in test_tiled.py, whic
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from hf_tensor_attn.ops import extension, tensor_attention, tiled
+from hf_tensor_attn.ops._tiles import TileSizes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,7 +24,7 @@ def inputs(padded: bool, dtype=torch.float32, T=45, Tq=None, D=16, B=2, H=3):
     q, k1, k2, v1, v2 = (torch.randn(B, H, T, D, generator=g, dtype=dtype) for _ in range(5))
     mask = torch.ones(B, T, dtype=torch.long)
     if padded:
-        mask[0, :7], mask[-1, 20] = 0, 0
+        mask[:1, :7], mask[-1:, 20] = 0, 0  # (slices: B may be 0)
     return (q[:, :, T - (Tq or T):], k1, k2, v1, v2), (mask if padded else None)
 
 
@@ -84,8 +86,9 @@ def test_default_tiles_over_a_wide_band_match_python_loops(loops, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("threads, B, H", [(2, 2, 3), (3, 2, 3), (2, 1, 3)])
-def test_parallel_loops_match_python_loops(threads, B, H, loops, monkeypatch):
+def test_parallel_loops_match_python_loops(threads, B, H, dtype, loops, monkeypatch):
     """The module runs on one thread; here two or three, so the compiled loops split heads over torch's threads (where
     the build has OpenMP), windowed and causal, with padding: 6 heads on 2 threads, a sequence per thread; 6 heads on
     3, a thread with heads of two sequences (their own padding each); 3 heads on 2, which do not divide, so each step
@@ -96,16 +99,26 @@ def test_parallel_loops_match_python_loops(threads, B, H, loops, monkeypatch):
     torch.set_num_threads(threads)
     try:
         for w1, w2, padded in CASES[:2]:
-            x, mask = inputs(padded, torch.float64, B=B, H=H)
+            x, mask = inputs(padded, dtype, B=B, H=H)
             kw = dict(scale=0.25, w1=w1, w2=w2, attention_mask=mask)
             monkeypatch.setenv(extension.ENV, "1")
             compiled = outputs_and_grads(x, **kw)
             monkeypatch.setenv(extension.ENV, "0")
+            tol = 1e-12 if dtype == torch.float64 else 1e-5  # float32: the same rounding as the one-thread test
             for name, a, b in zip(("out", "dq", "dk1", "dk2", "dv1", "dv2"), compiled, outputs_and_grads(x, **kw)):
-                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
     finally:
         torch.set_num_threads(before)
     assert loops["forward_tiles"] == 2 and loops["backward_tiles"] == 2
+
+
+@pytest.mark.parametrize("w1, w2, padded", CASES[:2])
+def test_empty_batch(w1, w2, padded, loops):
+    """No heads at all (B = 0): empty outputs and gradients, and no mask written for a sequence that is not there."""
+    x, mask = inputs(padded, B=0)
+    out, *grads = outputs_and_grads(x, scale=0.25, w1=w1, w2=w2, attention_mask=mask)
+    assert out.shape == x[0].shape and all(g.shape == t.shape for g, t in zip(grads, x))
+    assert loops["forward_tiles"] == 1 and loops["backward_tiles"] == 1
 
 
 def test_compiled_ops_refuse_wrong_shapes_and_plans_out_of_range(loops):
@@ -128,6 +141,12 @@ def test_compiled_ops_refuse_wrong_shapes_and_plans_out_of_range(loops):
         call(vr=x["vr"][:, 1:].contiguous())
     with pytest.raises(RuntimeError, match=r"an input of shape \[2, 7\] where \[2, 8\] was expected"):
         call(m=x["m"][:, 1:].contiguous())
+    with pytest.raises(RuntimeError, match=r"floor must be in \[-87, 0\] for Float, got -100"):
+        ops.forward_tiles(x["q"], x["m"], x["kr"], x["kc"], x["vr"], x["vc"], w_row, 0, table, rows, cols,
+                          torch.empty(0, dtype=torch.bool), 1, -100.0)
+    with pytest.raises(RuntimeError, match=r"an input of shape \[2, 7\] where \[2, 8\] was expected"):
+        ops.backward_tiles(x["q"], x["q"], x["m"][:, 1:].contiguous(), x["m"], x["kr"], x["vr"], x["kc"], x["vc"],
+                           w_row, 0, table, rows, cols, torch.empty(0, dtype=torch.bool), 1, -80.0)
     late = table.clone()
     late[0, 1] = T + 1  # a query block past the queries
     with pytest.raises(RuntimeError, match="query block 0 of the plan is out of range"):
@@ -264,20 +283,25 @@ def test_build_puts_the_ninja_package_on_path_for_the_build_only(ninja_installed
 
 
 def test_compiled_exp_matches_float64_exp_over_the_clamp_range(loops):
-    """The float exp of the compiled tile pass (Cephes' expf, vectorised by the compiler), read through the forward:
-    one query and one key per head, zero score, reference m = -x, so l = exp(x) and num = exp(x) * vr * vc. Below
-    the floor it gives exp(floor), and a NaN score stays NaN (the op's non-finite check relies on it)."""
-    x = torch.linspace(-80.0, 40.0, 200_001, dtype=torch.float64)
-    x = torch.cat([x, torch.tensor([0.0, -1e-7, 1e-7, -100.0, float("nan")], dtype=torch.float64)])
-    N, d = x.numel(), 4
-    zeros, ones = torch.zeros(N, 1, d), torch.ones(N, 1, d)
-    table, rows, cols = tiled.pack(tiled.plan(1, 1, None, None, None, tiled.choose_tile_sizes(1, None, None)))
-    num, l = torch.ops.hf_tensor_attn_cpu.forward_tiles(ones, (-x).float()[:, None].contiguous(), zeros, zeros,
-                                                        ones, ones, 0, 0, table, rows, cols,
+    """The float exp of the compiled tile pass (Cephes' expf, vectorised by the compiler), read through the forward.
+    Each head has 32 queries, each paired with its own row key (w_row = 1) and the column keys up to it: column key 0
+    scores 0, every other one -1000 (clamped to the floor, e^-80 each), and query t's reference is m_t = -x_t, so
+    l_t = exp(x_t) + t e^-80; column key 0 is a run of 32 entries of one tile row, the loop's vector body. Below the
+    floor exp gives exp(floor); a NaN stays NaN (the op's non-finite check relies on it)."""
+    N, Tq, d = 6250, 32, 4
+    x = torch.linspace(-50.0, 40.0, N * Tq, dtype=torch.float64).view(N, Tq)
+    x[0, :5] = torch.tensor([0.0, -1e-7, 1e-7, -100.0, float("nan")], dtype=torch.float64)
+    q, kc, ones = torch.zeros(N, Tq, d), torch.zeros(N, Tq, d), torch.ones(N, Tq, d)
+    q[..., 0], kc[:, 1:, 0] = 1.0, -1000.0
+    table, rows, cols = tiled.pack(tiled.plan(Tq, Tq, 1, None, None, TileSizes(query=Tq, row=1, col=Tq)))
+    assert table.shape[0] == rows.shape[0] == cols.shape[0] == 1  # one tile
+    m = (-x).float()
+    num, l = torch.ops.hf_tensor_attn_cpu.forward_tiles(q, m, ones, kc, ones, ones, 1, 0, table, rows, cols,
                                                         torch.empty(0, dtype=torch.bool), 1, -80.0)
-    expected = torch.exp(x.float().double().clamp_min(-80.0))  # the float argument the op sees
+    arg = (-m).double()  # the float argument the op sees
+    expected = arg.clamp_min(-80.0).exp() + torch.arange(Tq, dtype=torch.float64) * math.exp(-80.0)
     finite = ~x.isnan()
-    rel = ((l[:, 0].double() - expected) / expected)[finite].abs()
+    rel = ((l.double() - expected) / expected)[finite].abs()
     assert rel.max() <= 2e-7, f"max relative error {rel.max():.3g} at x = {x[finite][rel.argmax()]:.6g}"
-    assert torch.equal(num[finite, 0, 0], l[finite, 0])
-    assert l[-1].isnan().all() and num[-1].isnan().all()
+    torch.testing.assert_close(num[..., 0][finite], l[finite], rtol=1e-6, atol=0)
+    assert l[0, 4].isnan() and num[0, 4].isnan().all() and finite[0, 5:].all() and l[0, 5:].isfinite().all()
