@@ -216,7 +216,7 @@ void mul_rows(scalar_t* out, const Tensor& y, int64_t start, const Tensor& x, in
 template <bool to_keys, typename scalar_t, typename Rows>
 void add_products(Tensor& dst, const scalar_t* p, const Tensor& src, int64_t start, int64_t BH, int64_t bq,
                   int64_t ba, Rows rows) {
-  const int64_t d = dst.size(2), width = src.size(2);
+  const int64_t d = dst.size(2);
   scalar_t* dp = dst.data_ptr<scalar_t>();
   const scalar_t* sp = src.data_ptr<scalar_t>();
   for_heads(BH, [&](int64_t h) {
@@ -226,7 +226,7 @@ void add_products(Tensor& dst, const scalar_t* p, const Tensor& src, int64_t sta
         const int64_t key = rows(t, a);
         if (key < 0) continue;  // no key there: masked, p is zero
         scalar_t* out = dp + (h * dst.size(1) + (to_keys ? key : start + t)) * d;
-        const scalar_t* other = sp + (h * src.size(1) + (to_keys ? start + t : key)) * width;
+        const scalar_t* other = sp + (h * src.size(1) + (to_keys ? start + t : key)) * d;
         for (int64_t k = 0; k < d; ++k) out[k] += ph[k] * other[k];
       }
     }

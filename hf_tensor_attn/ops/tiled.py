@@ -392,8 +392,10 @@ def _backward(p: _Problem, out, lse, has_pair, dout):
             else:
                 dq_b[:, :, :ba].addcmul_(products[BH:], krb[..., :d])
         torch.sum(dq_b, 2, out=dq[:, block.start : block.stop])
+    # Own copies of the stacked halves: the custom op's outputs may not share a buffer (the compiled loops' do not).
+    own = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
     dvkr = dvkr.result()
-    return dq, dvkr[BH:], dvk[BH:], dvkr[:BH], dvk[:BH]
+    return dq, own(dvkr[BH:]), own(dvk[BH:]), own(dvkr[:BH]), own(dvk[:BH])
 
 
 def _problem(q, kr, kc, vr, vc, scale, w_row, w_col, mask, dtype) -> _Problem:
@@ -469,8 +471,8 @@ def _backward_op(
     mask = attention_mask.to(torch.bool) if attention_mask is not None else None
     problem = _problem(q, *streams, scale, w_row, w_col, mask, out.dtype)
     dq, dkr, dkc, dvr, dvc = _backward(problem, out, lse, has_pair, dout)
-    # Copies: a custom op's outputs may not alias each other (the Python loops' dk_col and dv_col share one buffer).
-    shape = lambda t, T, like: t.view(B, H, T, D).to(like.dtype, copy=True)  # noqa: E731
+    # Both loops return five buffers of their own (a custom op's outputs may not alias each other), contiguous
+    shape = lambda t, T, like: t.view(B, H, T, D).to(like.dtype)  # noqa: E731
     dk1, dk2, dv1, dv2 = (dkc, dkr, dvc, dvr) if swap else (dkr, dkc, dvr, dvc)
     return shape(dq * scale, Tq, q), shape(dk1, Tk, k1), shape(dk2, Tk, k2), shape(dv1, Tk, v1), shape(dv2, Tk, v2)
 
