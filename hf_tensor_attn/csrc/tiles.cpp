@@ -69,8 +69,9 @@ inline float exp_clamped<float>(float x, float lo, float hi) {
   return p * scale;
 }
 
-// The largest argument the passes clamp to: above every allowed score minus its reference (`common.EXP_HEADROOM`,
-// 40 in float32) and under exp's overflow. Masked entries may exceed it (later keys); they are zeroed anyway.
+// The largest argument the backward's pass clamps to, under exp's overflow: its allowed scores minus their log-sum-exp
+// are at most 0, masked entries may exceed it (later keys) and are zeroed anyway. The forward's pass clamps at the
+// caller's ceiling instead and reports allowed arguments above it (see exp_scores).
 template <typename scalar_t>
 constexpr scalar_t exp_ceiling() { return std::is_same_v<scalar_t, float> ? scalar_t(88) : scalar_t(709); }
 
@@ -90,30 +91,37 @@ inline std::pair<int64_t, int64_t> column_users(int64_t key, int64_t bq, int64_t
 // (t, j)) while each row is in cache. m [bq * ba]: query t's reference score at every (t, j), so that the loops run
 // over whole rows (per-query runs of ba = 32 entries cost more in loop overhead than in exp). `row_ok` [bq * ba] is
 // false where row key j is later than t, before 0 or padding (nullptr: all allowed).
+// Returns whether an allowed pair's p - m exceeded `hi` (clamped to it meanwhile): the caller then discards the
+// result and takes the loops that move m (`tiled._python_tiles`). Counting here replaces a bound on every score
+// computed before the loop, which cost several percent of a windowed forward, and is exact where the bound is not.
 template <typename scalar_t>
-void exp_scores(scalar_t* __restrict__ p, int64_t bc, int64_t bq, int64_t ba, int64_t t0, int64_t col_start,
+bool exp_scores(scalar_t* __restrict__ p, int64_t bc, int64_t bq, int64_t ba, int64_t t0, int64_t col_start,
                 int64_t w_col, bool col_masked, const bool* col_pad, const bool* row_ok, const scalar_t* __restrict__ m,
-                scalar_t* __restrict__ sums, scalar_t floor) {
+                scalar_t* __restrict__ sums, scalar_t floor, scalar_t hi) {
   const int64_t n = bq * ba;
-  const scalar_t hi = exp_ceiling<scalar_t>();
   const auto* __restrict__ ok = reinterpret_cast<const uint8_t*>(row_ok);  // gcc vectorises byte loads, not bools
+  int over = 0;  // an int OR over the row vectorises with the rest (a bool does not)
   for (int64_t b = 0; b < bc; ++b, p += n) {
     const auto [lo_t, hi_t] = column_users(col_start + b, bq, t0, w_col, col_masked, col_pad);
     std::fill(p, p + lo_t * ba, scalar_t(0));
     std::fill(p + hi_t * ba, p + n, scalar_t(0));
     if (ok != nullptr) {
       for (int64_t i = lo_t * ba; i < hi_t * ba; ++i) {
-        const scalar_t e = exp_clamped(p[i] - m[i], floor, hi);  // computed either way: a select vectorises
+        const scalar_t x = p[i] - m[i], e = exp_clamped(x, floor, hi);  // computed either way: a select vectorises
+        over |= ok[i] & (x > hi);
         p[i] = ok[i] ? e : scalar_t(0);
         sums[i] += p[i];
       }
     } else {
       for (int64_t i = lo_t * ba; i < hi_t * ba; ++i) {
-        p[i] = exp_clamped(p[i] - m[i], floor, hi);
+        const scalar_t x = p[i] - m[i];
+        over |= x > hi;
+        p[i] = exp_clamped(x, floor, hi);
         sums[i] += p[i];
       }
     }
   }
+  return over != 0;
 }
 
 // The backward's pass over one head's tiles s = S and dp = dP ([bc, bq * ba] each, as in exp_scores): s becomes
@@ -280,15 +288,15 @@ struct Plan {
   }
 
   // exp_scores on the tiles p [BH, bc, bq * ba] of column block c for heads [h0, h0 + BH), on torch's threads; m and
-  // sums [BH, bq * ba], sums zeroed first when `first`.
+  // sums [BH, bq * ba], sums zeroed first when `first`; over[h] set for a head whose arguments exceeded `hi`.
   template <typename scalar_t>
   void exp_scores(scalar_t* p, const bool* ok, int64_t h0, int64_t BH, int64_t t0, int64_t bq, int64_t ba, int64_t c,
-                  const scalar_t* m, scalar_t* sums, bool first, scalar_t floor) const {
+                  const scalar_t* m, scalar_t* sums, bool first, scalar_t floor, scalar_t hi, uint8_t* over) const {
     const int64_t bc = C[c][1] - C[c][0], n = bq * ba;
     for_heads(BH, [&](int64_t h) {
       if (first) std::fill(sums + h * n, sums + (h + 1) * n, scalar_t(0));
-      ::exp_scores(p + h * bc * n, bc, bq, ba, t0, C[c][0], w_col, C[c][2] != 0, pad_of(h0 + h),
-                   mask_of(ok, h0, h, n), m + h * n, sums + h * n, floor);
+      over[h] |= ::exp_scores(p + h * bc * n, bc, bq, ba, t0, C[c][0], w_col, C[c][2] != 0, pad_of(h0 + h),
+                              mask_of(ok, h0, h, n), m + h * n, sums + h * n, floor, hi);
     });
   }
 
@@ -329,7 +337,8 @@ void on_threads(int64_t BH, const F& run) {
 // forward_impl's block loop for heads [h0, h0 + BH): q, m, kr, kc, vr, vc, num and l are those heads' slices.
 template <typename scalar_t>
 void forward_heads(const Tensor& q, const Tensor& m, const Tensor& kr, const Tensor& kc, const Tensor& vr,
-                   const Tensor& vc, Tensor& num, Tensor& l, const Plan& plan, int64_t h0, double floor) {
+                   const Tensor& vc, Tensor& num, Tensor& l, const Plan& plan, int64_t h0, double floor,
+                   double ceiling, uint8_t* over) {
   const int64_t BH = q.size(0), Tq = q.size(1), d = q.size(2);
   const auto& B = plan.B;
   const auto& C = plan.C;
@@ -361,7 +370,7 @@ void forward_heads(const Tensor& q, const Tensor& m, const Tensor& kr, const Ten
         Tensor s = s_buf.narrow(0, 0, BH * bc * n).view({BH, bc, n});
         at::bmm_out(s, kc.narrow(1, col_start, bc), qk_cols);
         plan.exp_scores(s.data_ptr<scalar_t>(), ok, h0, BH, t0, bq, ba, c, m_rows, sums.data_ptr<scalar_t>(),
-                        c == B[bi][5], scalar_t(floor));
+                        c == B[bi][5], scalar_t(floor), scalar_t(ceiling), over);
         Tensor vc_tile = vc.narrow(1, col_start, bc);
         if (c == B[bi][5]) {
           at::bmm_out(pv, s.transpose(1, 2), vc_tile);
@@ -384,18 +393,20 @@ void forward_heads(const Tensor& q, const Tensor& m, const Tensor& kr, const Ten
 //   rows / cols [n, 3] = (start, stop, masked) (`_tiles.pack`); pad [B, Tk] bool (True: padding) or empty.
 // Returns num [BH, Tq, d] = sum exp(s - m) v1 * v2 and l [BH, Tq] = sum exp(s - m) over the allowed pairs.
 template <typename scalar_t>
-std::tuple<Tensor, Tensor> forward_impl(const Tensor& q, const Tensor& m, const Tensor& kr, const Tensor& kc,
-                                        const Tensor& vr, const Tensor& vc, const Plan& plan, double floor) {
+std::tuple<Tensor, Tensor, bool> forward_impl(const Tensor& q, const Tensor& m, const Tensor& kr, const Tensor& kc,
+                                              const Tensor& vr, const Tensor& vc, const Plan& plan, double floor,
+                                              double ceiling) {
   const int64_t BH = q.size(0);
   Tensor num = at::zeros({BH, q.size(1), q.size(2)}, q.options()), l = at::zeros({BH, q.size(1)}, q.options());
+  std::vector<uint8_t> over(BH, 0);  // per head: each is written by one thread only
   const auto run = [&](int64_t begin, int64_t end) {
     const auto heads = [&](const Tensor& x) { return x.narrow(0, begin, end - begin); };
     Tensor num_h = heads(num), l_h = heads(l);
     forward_heads<scalar_t>(heads(q), heads(m), heads(kr), heads(kc), heads(vr), heads(vc), num_h, l_h, plan, begin,
-                            floor);
+                            floor, ceiling, over.data() + begin);
   };
   on_threads(BH, run);
-  return {num, l};
+  return {num, l, std::any_of(over.begin(), over.end(), [](uint8_t x) { return x != 0; })};
 }
 
 // backward_impl's block loop for heads [h0, h0 + BH): every argument is those heads' slice.
@@ -536,18 +547,23 @@ void check_inputs(const char* name, std::initializer_list<std::pair<const Tensor
   }
 }
 
-std::tuple<Tensor, Tensor> forward_tiles(const Tensor& q, const Tensor& m, const Tensor& kr, const Tensor& kc,
-                                         const Tensor& vr, const Tensor& vc, int64_t w_row, int64_t w_col,
-                                         const Tensor& blocks, const Tensor& rows, const Tensor& cols,
-                                         const Tensor& pad, int64_t heads, double floor) {
+// (num, l, whether an allowed score exceeded m + ceiling: then num and l are not usable).
+std::tuple<Tensor, Tensor, bool> forward_tiles(const Tensor& q, const Tensor& m, const Tensor& kr, const Tensor& kc,
+                                               const Tensor& vr, const Tensor& vc, int64_t w_row, int64_t w_col,
+                                               const Tensor& blocks, const Tensor& rows, const Tensor& cols,
+                                               const Tensor& pad, int64_t heads, double floor, double ceiling) {
   const int64_t BH = q.size(0), Tq = q.size(1), Tk = kr.size(1), d = q.size(2);
   check_inputs("forward_tiles", {{&q, {BH, Tq, d}}, {&kr, {BH, Tk, d}}, {&m, {BH, Tq}}, {&kc, {BH, Tk, d}},
                                  {&vr, {BH, Tk, d}}, {&vc, {BH, Tk, d}}},
                blocks, rows, cols, pad, w_row, heads, floor);
-  std::tuple<Tensor, Tensor> result;
+  // exp of the ceiling must be finite, and sums of up to Tq * Tk * Tk such terms should be too (the caller's job)
+  const double highest = q.scalar_type() == at::kFloat ? 88.0 : 709.0;
+  TORCH_CHECK(0 < ceiling && ceiling <= highest, "forward_tiles: ceiling must be in (0, ", highest, "] for ",
+              q.scalar_type(), ", got ", ceiling);
+  std::tuple<Tensor, Tensor, bool> result;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "forward_tiles", [&] {
     result = forward_impl<scalar_t>(q, m, kr, kc, vr, vc, Plan(blocks, rows, cols, w_row, w_col, pad, heads, Tk),
-                                    floor);
+                                    floor, ceiling);
   });
   return result;
 }
@@ -572,7 +588,8 @@ std::vector<Tensor> backward_tiles(const Tensor& q, const Tensor& dout, const Te
 
 TORCH_LIBRARY(hf_tensor_attn_cpu, m) {
   m.def("forward_tiles(Tensor q, Tensor m, Tensor kr, Tensor kc, Tensor vr, Tensor vc, int w_row, int w_col, "
-        "Tensor blocks, Tensor rows, Tensor cols, Tensor pad, int heads, float floor) -> (Tensor, Tensor)");
+        "Tensor blocks, Tensor rows, Tensor cols, Tensor pad, int heads, float floor, float ceiling) "
+        "-> (Tensor, Tensor, bool)");
   m.def("backward_tiles(Tensor q, Tensor dout, Tensor lse, Tensor D, Tensor kr, Tensor vr, Tensor kc, Tensor vc, "
         "int w_row, int w_col, Tensor blocks, Tensor rows, Tensor cols, Tensor pad, int heads, float floor) "
         "-> Tensor[]");

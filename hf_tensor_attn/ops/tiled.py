@@ -196,23 +196,25 @@ def _forward(p: _Problem):
     exp cannot overflow, and while it stays over the floor nothing needs clamping. Only when the bound is too
     loose does a tile pay for its max (amax), and m_t moves only when a score really exceeds m_t + headroom.
     Without the bound every tile would need two more passes (max, subtract) and a rescale of the accumulators.
+    The compiled loop skips the bound: its exp pass compares every allowed s - m_t with the headroom itself.
     """
     q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes = p.unpack()
     Tk = kr.shape[1]
     headroom, floor = EXP_HEADROOM[q.dtype], EXP_FLOOR[q.dtype]
     m_all, has_pair = _reference_scores(q, kr, kc, w_row, w_col, mask, B, H)  # [BH, Tq] each, m_all updated
     blocks = plan(q.shape[1], Tk, w_row, w_col, mask, sizes)
-    bound, finite_scores = _score_bounds(q, kr, kc, Tk)  # [BH, Tq], bool
-    checked_blocks = _block_flags(bound - m_all > headroom, blocks)
-    # The compiled loop has no max pass: it needs every allowed score under the headroom. Its exp pass subtracts
-    # m_t, clamps at the floor and zeroes masked entries (they may be infinite) in one go.
-    compiled = extension.cpu_ops() if q.device.type == "cpu" and not any(checked_blocks) else None
+    # The compiled loop has no max pass: it needs every allowed score under m_t + headroom. Its exp pass subtracts
+    # m_t, clamps at the floor and zeroes masked entries (they may be infinite) in one go, and reports an allowed
+    # score over m_t + headroom, after which the Python loops below run (only for scores far beyond the usual).
+    compiled = extension.cpu_ops() if q.device.type == "cpu" else None
     if compiled is not None:
-        num, l_all = compiled.forward_tiles(
+        num, l_all, over = compiled.forward_tiles(
             *(t.contiguous() for t in (q, m_all, kr, kc, vr, vc)), w_row or 0, w_col or 0, *pack(blocks), _pad(mask),
-            H, floor,
+            H, floor, headroom,
         )
-    else:
+    if compiled is None or over:
+        bound, finite_scores = _score_bounds(q, kr, kc, Tk)  # [BH, Tq], bool
+        checked_blocks = _block_flags(bound - m_all > headroom, blocks)
         clamped_blocks = _block_flags(bound + m_all > -floor, blocks)
         num, l_all = _python_tiles(p, m_all, blocks, checked_blocks, clamped_blocks, finite_scores)
     out, lse = num.div_(l_all[:, :, None]), l_all.log_().add_(m_all)

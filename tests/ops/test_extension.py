@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from hf_tensor_attn.ops import extension, tensor_attention, tiled
+from hf_tensor_attn.ops import extension, naive_tensor_attention, tensor_attention, tiled
 from hf_tensor_attn.ops._tiles import TileSizes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,17 +133,20 @@ def test_compiled_ops_refuse_wrong_shapes_and_plans_out_of_range(loops):
     def call(**changed):
         args = {**x, "table": table, "rows": rows, "cols": cols, **changed}
         return ops.forward_tiles(args["q"], args["m"], args["kr"], args["kc"], args["vr"], args["vc"], w_row, 0,
-                                 args["table"], args["rows"], args["cols"], torch.empty(0, dtype=torch.bool), 1, -80.0)
+                                 args["table"], args["rows"], args["cols"], torch.empty(0, dtype=torch.bool), 1, -80.0,
+                                 args.get("ceiling", 40.0))
 
-    num, l = call()
-    assert num.shape == (BH, T, d) and l.shape == (BH, T)
+    num, l, over = call()
+    assert num.shape == (BH, T, d) and l.shape == (BH, T) and over is False
     with pytest.raises(RuntimeError, match=r"an input of shape \[2, 7, 4\] where \[2, 8, 4\] was expected"):
         call(vr=x["vr"][:, 1:].contiguous())
     with pytest.raises(RuntimeError, match=r"an input of shape \[2, 7\] where \[2, 8\] was expected"):
         call(m=x["m"][:, 1:].contiguous())
     with pytest.raises(RuntimeError, match=r"floor must be in \[-87, 0\] for Float, got -100"):
         ops.forward_tiles(x["q"], x["m"], x["kr"], x["kc"], x["vr"], x["vc"], w_row, 0, table, rows, cols,
-                          torch.empty(0, dtype=torch.bool), 1, -100.0)
+                          torch.empty(0, dtype=torch.bool), 1, -100.0, 40.0)
+    with pytest.raises(RuntimeError, match=r"ceiling must be in \(0, 88\] for Float, got 89"):
+        call(ceiling=89.0)
     with pytest.raises(RuntimeError, match=r"an input of shape \[2, 7\] where \[2, 8\] was expected"):
         ops.backward_tiles(x["q"], x["q"], x["m"][:, 1:].contiguous(), x["m"], x["kr"], x["vr"], x["kc"], x["vc"],
                            w_row, 0, table, rows, cols, torch.empty(0, dtype=torch.bool), 1, -80.0)
@@ -162,12 +165,60 @@ def test_compiled_ops_refuse_wrong_shapes_and_plans_out_of_range(loops):
 
 
 def test_scores_over_the_headroom_take_the_python_loop(loops):
-    """The compiled loop has no running max: a call whose score bound allows overflow runs the Python loop."""
+    """The compiled loop has no running max: when an allowed score exceeds its reference by more than the headroom,
+    it says so and the Python loops, which move the reference, compute the call."""
     x, _ = inputs(False)
-    big = [t * 30 for t in x]
+    big = [t * 30 for t in x]  # scores up to ~1e5 against a headroom of 40
     out = tensor_attention(*big, scale=1.0, w1=5, w2=None)
-    assert loops == {"forward_tiles": 0, "backward_tiles": 0, "python": 1}
-    assert torch.isfinite(out).all()
+    assert loops == {"forward_tiles": 1, "backward_tiles": 0, "python": 1}
+    expected = naive_tensor_attention(*(t.double() for t in big), scale=1.0, w1=5, w2=None)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_loose_score_bound_stays_in_the_compiled_loop(loops):
+    """Large inputs whose scores are all 0 (q and k1 use disjoint dimensions): a Cauchy-Schwarz bound on the scores
+    (the Python loops') would allow overflow, the scores themselves do not, and the compiled loop computes the call."""
+    x, _ = inputs(False)
+    q, k1, k2, v1, v2 = (t.clone() for t in x)
+    q[..., 8:], k1[..., :8] = 0, 0
+    q, k1, k2 = q * 1e3, k1 * 1e3, k2 * 1e3
+    out = tensor_attention(q, k1, k2, v1, v2, scale=1.0, w1=5, w2=None)
+    assert loops == {"forward_tiles": 1, "backward_tiles": 0, "python": 0}
+    expected = naive_tensor_attention(*(t.double() for t in (q, k1, k2, v1, v2)), scale=1.0, w1=5, w2=None)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_compiled_forward_reports_allowed_scores_over_the_ceiling(padded, loops):
+    """forward_tiles reports an allowed pair's score minus the reference above the ceiling, not one at it, nor a
+    masked pair's however large: a later key's, or a padded row or column key's."""
+    T, d = 6, 2
+    pad = torch.zeros(1, T, dtype=torch.bool)
+    if padded:
+        pad[0, 2] = True
+    table, rows, cols = tiled.pack(tiled.plan(T, T, None, None, ~pad if padded else None,
+                                              TileSizes(query=3, row=4, col=4)))
+
+    def over(score, row_key=None, col_key=None, silent_queries=0):
+        # s_t(a, b) = <q_t * kr_a, kc_b>: `score` for the pairs with row key `row_key` or column key `col_key`
+        q, kr, kc, v = torch.ones(1, T, d), torch.full((1, T, d), 1 / d), torch.ones(1, T, d), torch.ones(1, T, d)
+        q[0, T - silent_queries:] = 0  # these queries score 0 whatever the keys
+        if row_key is not None:
+            kr[0, row_key] = score / d
+        if col_key is not None:
+            kc[0, col_key] = score
+        return torch.ops.hf_tensor_attn_cpu.forward_tiles(
+            q, torch.ones(1, T), kr, kc, v, v, 0, 0, table, rows, cols,
+            pad if padded else torch.empty(0, dtype=torch.bool), 1, -80.0, 40.0)[2]  # reference m = 1
+
+    for key in (0, 4):
+        assert over(41.5, row_key=key) and over(41.5, col_key=key)
+        assert not over(41.0, row_key=key) and not over(41.0, col_key=key)  # exactly the ceiling over m
+    # key 5 pairs only with query 5, silenced: for queries 0-4 it is a later key
+    assert not over(1e30, row_key=5, silent_queries=1) and not over(1e30, col_key=5, silent_queries=1)
+    assert over(1e30, row_key=5) and over(1e30, col_key=5)
+    if padded:
+        assert not over(1e30, row_key=2) and not over(1e30, col_key=2)
 
 
 def test_failed_build_warns_and_falls_back(monkeypatch):
@@ -296,8 +347,9 @@ def test_compiled_exp_matches_float64_exp_over_the_clamp_range(loops):
     table, rows, cols = tiled.pack(tiled.plan(Tq, Tq, 1, None, None, TileSizes(query=Tq, row=1, col=Tq)))
     assert table.shape[0] == rows.shape[0] == cols.shape[0] == 1  # one tile
     m = (-x).float()
-    num, l = torch.ops.hf_tensor_attn_cpu.forward_tiles(q, m, ones, kc, ones, ones, 1, 0, table, rows, cols,
-                                                        torch.empty(0, dtype=torch.bool), 1, -80.0)
+    num, l, over = torch.ops.hf_tensor_attn_cpu.forward_tiles(q, m, ones, kc, ones, ones, 1, 0, table, rows, cols,
+                                                              torch.empty(0, dtype=torch.bool), 1, -80.0, 40.0)
+    assert not over  # x <= 40
     arg = (-m).double()  # the float argument the op sees
     expected = arg.clamp_min(-80.0).exp() + torch.arange(Tq, dtype=torch.float64) * math.exp(-80.0)
     finite = ~x.isnan()
