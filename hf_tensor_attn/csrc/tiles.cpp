@@ -12,7 +12,8 @@
 // (`for_heads`). Differences from the Python loops: the shifts are
 // subtracted in that pass instead of by a ones column in the GEMMs (whose operands are then the plain streams),
 // every score is clamped at the exp floor, masked pairs are zeroed after exp instead of set to the floor before it,
-// and the forward's row sums are column sums of P instead of a ones column in vc.
+// the forward's row sums are column sums of P instead of a ones column in vc, and the forward has no running max:
+// it reports an allowed score more than a ceiling over its reference, and the caller runs the Python loops instead.
 // Registered as torch.ops.hf_tensor_attn_cpu.forward_tiles and .backward_tiles.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -334,7 +335,8 @@ void on_threads(int64_t BH, const F& run) {
   });
 }
 
-// forward_impl's block loop for heads [h0, h0 + BH): q, m, kr, kc, vr, vc, num and l are those heads' slices.
+// forward_impl's block loop for heads [h0, h0 + BH): q, m, kr, kc, vr, vc, num and l are those heads' slices, over
+// [BH] their flags. It stops at the first tile with a score over the ceiling: the caller discards the result.
 template <typename scalar_t>
 void forward_heads(const Tensor& q, const Tensor& m, const Tensor& kr, const Tensor& kc, const Tensor& vr,
                    const Tensor& vc, Tensor& num, Tensor& l, const Plan& plan, int64_t h0, double floor,
@@ -371,6 +373,7 @@ void forward_heads(const Tensor& q, const Tensor& m, const Tensor& kr, const Ten
         at::bmm_out(s, kc.narrow(1, col_start, bc), qk_cols);
         plan.exp_scores(s.data_ptr<scalar_t>(), ok, h0, BH, t0, bq, ba, c, m_rows, sums.data_ptr<scalar_t>(),
                         c == B[bi][5], scalar_t(floor), scalar_t(ceiling), over);
+        if (std::any_of(over, over + BH, [](uint8_t x) { return x != 0; })) return;
         Tensor vc_tile = vc.narrow(1, col_start, bc);
         if (c == B[bi][5]) {
           at::bmm_out(pv, s.transpose(1, 2), vc_tile);
@@ -391,7 +394,8 @@ void forward_heads(const Tensor& q, const Tensor& m, const Tensor& kr, const Ten
 // (reference scores), kr, kc, vr, vc [BH, Tk, d];
 //   blocks [nb, 7] = (start, stop, t0, row_begin, row_end, col_begin, col_end) indexing
 //   rows / cols [n, 3] = (start, stop, masked) (`_tiles.pack`); pad [B, Tk] bool (True: padding) or empty.
-// Returns num [BH, Tq, d] = sum exp(s - m) v1 * v2 and l [BH, Tq] = sum exp(s - m) over the allowed pairs.
+// Returns num [BH, Tq, d] = sum exp(s - m) v1 * v2 and l [BH, Tq] = sum exp(s - m) over the allowed pairs, and
+// whether an allowed s - m exceeded `ceiling` (then num and l are incomplete, see exp_scores).
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, bool> forward_impl(const Tensor& q, const Tensor& m, const Tensor& kr, const Tensor& kc,
                                               const Tensor& vr, const Tensor& vc, const Plan& plan, double floor,
@@ -556,7 +560,7 @@ std::tuple<Tensor, Tensor, bool> forward_tiles(const Tensor& q, const Tensor& m,
   check_inputs("forward_tiles", {{&q, {BH, Tq, d}}, {&kr, {BH, Tk, d}}, {&m, {BH, Tq}}, {&kc, {BH, Tk, d}},
                                  {&vr, {BH, Tk, d}}, {&vc, {BH, Tk, d}}},
                blocks, rows, cols, pad, w_row, heads, floor);
-  // exp of the ceiling must be finite, and sums of up to Tq * Tk * Tk such terms should be too (the caller's job)
+  // exp of the ceiling must be finite, and a query's sum of up to Tk * Tk such terms should be too (the caller's job)
   const double highest = q.scalar_type() == at::kFloat ? 88.0 : 709.0;
   TORCH_CHECK(0 < ceiling && ceiling <= highest, "forward_tiles: ceiling must be in (0, ", highest, "] for ",
               q.scalar_type(), ", got ", ceiling);

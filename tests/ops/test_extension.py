@@ -112,6 +112,26 @@ def test_parallel_loops_match_python_loops(threads, B, H, dtype, loops, monkeypa
     assert loops["forward_tiles"] == 2 and loops["backward_tiles"] == 2
 
 
+@pytest.mark.parametrize("threads, B, H", [(2, 2, 3), (2, 1, 3)])
+def test_parallel_loops_report_scores_over_the_headroom(threads, B, H, loops):
+    """As test_scores_over_the_headroom_take_the_python_loop, on two threads: one group of heads per thread (6 heads)
+    and steps split over the heads (3), with the large scores in the last head only."""
+    if "-fopenmp" not in extension.build_flags():
+        pytest.skip(f"the compiled loops were built without OpenMP here ({extension.build_flags()}): one thread")
+    x, _ = inputs(False, B=B, H=H)
+    q = x[0].clone()
+    q[-1, -1] *= 1e3  # scores up to ~1e4 in one head, against a headroom of 40
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = tensor_attention(q, *x[1:], scale=1.0, w1=5, w2=None)
+    finally:
+        torch.set_num_threads(before)
+    assert loops == {"forward_tiles": 1, "backward_tiles": 0, "python": 1}
+    expected = naive_tensor_attention(q.double(), *(t.double() for t in x[1:]), scale=1.0, w1=5, w2=None)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("w1, w2, padded", CASES[:2])
 def test_empty_batch(w1, w2, padded, loops):
     """No heads at all (B = 0): empty outputs and gradients, and no mask written for a sequence that is not there."""
@@ -147,6 +167,12 @@ def test_compiled_ops_refuse_wrong_shapes_and_plans_out_of_range(loops):
                           torch.empty(0, dtype=torch.bool), 1, -100.0, 40.0)
     with pytest.raises(RuntimeError, match=r"ceiling must be in \(0, 88\] for Float, got 89"):
         call(ceiling=89.0)
+    with pytest.raises(RuntimeError, match=r"ceiling must be in \(0, 88\] for Float, got 0"):
+        call(ceiling=0.0)
+    as_double = {name: t.double() for name, t in x.items()}
+    with pytest.raises(RuntimeError, match=r"ceiling must be in \(0, 709\] for Double, got 710"):
+        call(**as_double, ceiling=710.0)
+    assert call(**as_double, ceiling=300.0)[2] is False
     with pytest.raises(RuntimeError, match=r"an input of shape \[2, 7\] where \[2, 8\] was expected"):
         ops.backward_tiles(x["q"], x["q"], x["m"][:, 1:].contiguous(), x["m"], x["kr"], x["vr"], x["kc"], x["vc"],
                            w_row, 0, table, rows, cols, torch.empty(0, dtype=torch.bool), 1, -80.0)

@@ -209,8 +209,8 @@ def test_overflowing_later_scores_stay_masked(windows, forced, monkeypatch):
     """Finite inputs whose later-key scores overflow float32 (key 12 of 20 is 3e38 in both streams): queries 0-11
     share tiles with those infinite scores and must not see them. Masks that set scores by arithmetic
     (s * 0 + floor, `Masker.apply`) would turn them into NaN; the call's score bound switches those off. With the
-    switch forced on the outputs are not finite: the test fails without the switch. (Such calls always run the
-    Python loop: the queries that use key 12 have an infinite score bound, which the compiled loop does not take.)
+    switch forced on the outputs are not finite: the test fails without the switch. (Such calls end in the Python
+    loop: the compiled loop reports the infinite allowed scores of the queries after key 12.)
 
     Forward only: the queries that use key 12 get non-finite outputs, so every gradient is non-finite here, the
     naive op's included (0 * inf in its softmax backward)."""
