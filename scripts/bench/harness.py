@@ -133,8 +133,17 @@ def busy_fraction(seconds: float = 0.3) -> float | None:
     return 1 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
+# The code version when this process took its first load snapshot, which every script does as its run starts:
+# `run_record` runs at the end, and a checkout edited or committed meanwhile would otherwise be recorded as measured.
+_code_at_start: str | None = None
+
+
 def load_snapshot() -> dict[str, float | None]:
-    """Other processes' load now: the busy share of the cores over 0.3 s and the 1-minute load average."""
+    """Other processes' load now: the busy share of the cores over 0.3 s and the 1-minute load average. The first
+    call of a process also notes the code version (see `run_record`)."""
+    global _code_at_start
+    if _code_at_start is None:
+        _code_at_start = code_version()
     return {"busy": busy_fraction(), "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
@@ -324,8 +333,11 @@ def run_record(module: str, args: list[str] | None, title: str, machine_record: 
                **extra) -> dict:
     """What `render` needs besides the CSVs: the module (e.g. "scripts.bench.bench_cache"), the command, the code
     version, the machine (None: not recorded), the load around the run, the title, and any script-specific
-    settings in `extra` (plain JSON values)."""
-    return {"module": module, "command": command_line(module, args), "code": code_version(), "machine": machine_record,
+    settings in `extra` (plain JSON values). The code version is the one at the run's start (`load_snapshot`) and,
+    if the checkout changed during the run, the one at its end as well."""
+    end = code_version()
+    code = end if _code_at_start in (None, end) else f"{_code_at_start} at the start of the run; {end} at its end"
+    return {"module": module, "command": command_line(module, args), "code": code, "machine": machine_record,
             "load": load, "title": title, **extra}
 
 

@@ -215,3 +215,21 @@ def test_bench_attention_python_loop_switches_the_compiled_loop_off_for_the_call
     monkeypatch.delenv(extension.ENV)
     bench_attention.python_loop(lambda: None)()
     assert extension.ENV not in os.environ
+
+
+def test_run_record_notes_a_checkout_that_changed_during_the_run(monkeypatch):
+    """The code version is taken when the run starts (its first load snapshot) and again when the record is written:
+    a file edited or a commit made meanwhile shows in the record instead of passing for the measured code."""
+    from scripts.bench import harness
+
+    versions = iter(["commit A", "commit A, with uncommitted changes to hf_tensor_attn/ or scripts/"])
+    monkeypatch.setattr(harness, "code_version", lambda: next(versions))
+    monkeypatch.setattr(harness, "_code_at_start", None)
+    harness.load_snapshot()
+    harness.load_snapshot()  # later snapshots leave the start alone
+    code = harness.run_record("m", [], "t", None, "load")["code"]
+    assert code == ("commit A at the start of the run; commit A, with uncommitted changes to hf_tensor_attn/ or "
+                    "scripts/ at its end")
+    monkeypatch.setattr(harness, "code_version", lambda: "commit A")
+    monkeypatch.setattr(harness, "_code_at_start", "commit A")
+    assert harness.run_record("m", [], "t", None, "load")["code"] == "commit A"
