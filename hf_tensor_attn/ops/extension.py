@@ -37,11 +37,12 @@ def enabled() -> bool:
 
 
 def library_name(openmp: bool = True) -> str:
-    # torch's build cache keys on the name and rebuilds in place when the source changes, not when torch does: a
-    # library built against another torch would load and fail at its first call, and two checkouts with different
-    # sources would rebuild each other's library. The torch version and a hash of the source in the name give each
-    # its own build; the flags that differ between machines (instruction set, OpenMP) are in it too.
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
+    # torch's build cache keys on the name and rebuilds in place when the source changes, not when torch does or the
+    # flags do: a library built against another torch would load and fail at its first call, and two checkouts with
+    # different sources would rebuild each other's library. The torch version and a hash of the source and the
+    # flags in the name give each its own build; the flags that differ between machines (instruction set, OpenMP)
+    # are spelt out too.
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(compile_flags(openmp)).encode()).hexdigest()[:10]
     version = re.sub(r"\W", "_", torch.__version__)
     capability = re.sub(r"\W", "_", _capability()).lower()  # e.g. "avx512"; some are two words ("Z VECTOR")
     return f"hf_tensor_attn_cpu_{version}_{digest}_{capability}" + ("_omp" if openmp else "")
@@ -50,9 +51,16 @@ def library_name(openmp: bool = True) -> str:
 # The loops of tiles.cpp are plain C++ that the compiler vectorises: built for the vector instructions torch's own
 # kernels use on this CPU (ATen chooses among its builds at run time; a build on first use can target the one it
 # runs on). Without these flags x86-64 compilers use SSE2 only, a quarter of an AVX-512 register.
+# -fno-trapping-math where the instruction set has no masked operations: the exp passes clamp before they compute,
+# and under GCC's default (floating-point operations may trap) those branches keep it from vectorising the
+# backward's pass and the forward's masked rows (tests/ops/test_extension.py reads GCC's report); an AVX2 build then
+# ran its backward slower than the Python loops. Nothing here reads floating-point exception flags, and results,
+# NaN and inf included, are the same. AVX-512's masked operations vectorise those loops either way, and its builds
+# (the ones docs/ measures) keep the default.
+NO_MASKS_FLAGS = ["-fno-trapping-math"]
 CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
-    "AVX2": ["-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma", *NO_MASKS_FLAGS],
 }
 
 
@@ -64,7 +72,7 @@ def compile_flags(openmp: bool = True) -> list[str]:
     # -fopenmp at compile time only: the library is not linked to an OpenMP runtime of its own, so its parallel
     # loops (at::parallel_for) call the one torch has loaded and share torch's threads; a second runtime would bring
     # a second pool of threads to the same cores.
-    return ["-O3", *CAPABILITY_FLAGS.get(_capability(), []), *(["-fopenmp"] if openmp else [])]
+    return ["-O3", *CAPABILITY_FLAGS.get(_capability(), NO_MASKS_FLAGS), *(["-fopenmp"] if openmp else [])]
 
 
 def build():
