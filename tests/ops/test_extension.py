@@ -346,23 +346,15 @@ def test_library_name_carries_torch_version_source_and_flags(tmp_path, monkeypat
     assert extension.library_name() != name
 
 
-def _gcc() -> str | None:
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
-    if cxx is None:
-        return None
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    return cxx if ("GCC" in version or "g++" in version) and "clang" not in version else None
-
-
 @pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
 def test_exp_passes_vectorise(capability, tmp_path, monkeypatch):
     """The compiled loops' speed rests on the exp passes (exp_scores, exp_score_grads) running in vector registers:
     scalar, the backward measured slower than the Python loops. GCC says which loops it vectorised
     (-fopt-info-vec); here for the AVX2 flags (no masked operations: without -fno-trapping-math three of the four
     loops over a tile row stayed scalar) and the AVX-512 ones, compiling only (no CPU needs to run it)."""
-    cxx = _gcc()
-    if cxx is None:
-        pytest.skip("GCC is not the C++ compiler here: its vectorisation report is what this test reads")
+    cxx = cpp_extension.get_cxx_compiler()  # the compiler the build uses (CXX, or c++)
+    if shutil.which(cxx) is None or not cpp_extension.check_compiler_is_gcc(cxx):
+        pytest.skip(f"the C++ compiler here ({cxx}) is not GCC: GCC's vectorisation report is what this test reads")
     monkeypatch.setattr(extension, "_capability", lambda: capability)
     source = extension.SOURCE.read_text().splitlines()
     loops = [i + 1 for i, line in enumerate(source) if "for (int64_t i = lo_t * ba; i < hi_t * ba; ++i)" in line]
