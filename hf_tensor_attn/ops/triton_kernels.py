@@ -3,16 +3,21 @@
 Same conventions and results as `naive.naive_tensor_attention` (see `ops.common`). Inputs fp16/bf16/fp32; every
 dot product accumulates in fp32 and fp32 inputs use IEEE (not TF32) dot products.
 
-Forward: one program per (query block, batch*head). The row stream (k1, v1) is walked in blocks of BLOCK_A keys
-a, the column stream (k2, v2) in tiles of keys b; the rows (t, a) of q_t * k1_a form one [BLOCK_Q * BLOCK_A, d]
-operand, so a pair tile is one dot [rows (t, a), d] @ [d, keys b], and its values are a second one with the tile
-of v2, times v1_a and summed over a: sum_b P_t(a, b) v1_a * v2_b = v1_a * (P @ V2)_(t, a). The softmax over pairs is an online softmax (running max and
-sum per query, in base 2: the scale times log2(e) is folded into q once). The log-sum-exp is saved.
+Forward: one program per (block of queries t, batch*head). It walks the row stream (k1, v1) one key a at a time and
+the column stream (k2, v2) in tiles of keys b: with qk = q_t * k1_a (one row of k1 times the block's queries), a
+pair tile's scores are one dot [queries, d] @ [d, keys b], and its values a second one, P @ (v1_a * v2_b), into the
+running output. This is the shape of Roy et al.'s kernel (FBGEMM's simplicial attention): every tile is 2-D, so
+Triton keeps dot operands and accumulators in one layout each. (A first version put the rows (t, a) of a block of
+queries and a block of row keys into one operand and reduced over a with 3-D reshapes; compiled for sm_80 and
+sm_90, Triton replicated such operands in every warp, each of the four kernels spilled registers as shipped, and
+the dq kernel spilled at every tile size tried. scripts/bench/triton_resources.py reads this from the binaries.) The products q_t * k1_a, v1_a * v2_b (and in the backward do_t * v1_a,
+k1_a * k2_b) are rounded to the input dtype, as dot operands are. The softmax over pairs is an online softmax
+(running max and sum per query, in base 2: the scale times log2(e) is folded into qk). The log-sum-exp is saved.
 
 Backward recomputes P from the log-sum-exp. dq is owned by query blocks (the forward's loops). The column
 stream's gradients are owned by tiles of keys b, which loop over the blocks of queries that can see them and the
-blocks of row keys those queries use; because the maths is symmetric in the two streams (<q, k1*k2> = <q, k2*k1>, v1*v2 = v2*v1),
-the same kernel with the streams (and windows) swapped gives the row stream's gradients. No atomics: the
+row keys those queries use; because the maths is symmetric in the two streams (<q, k1*k2> = <q, k2*k1>, v1*v2 =
+v2*v1), the same kernel with the streams (and windows) swapped gives the row stream's gradients. No atomics: the
 gradients are deterministic.
 
 Grouped key/value heads (H_kv < H) are read in place: query head h uses key/value head h // (H / H_kv), so nothing
@@ -23,10 +28,13 @@ partial output; the partials of a head are merged by their maxima afterwards (sp
 
 Masks: a pair (a, b) is allowed for query t iff a is (a <= t, t - a < w1, a real) and b is (same with w2), so a
 tile's mask is a row condition and a column condition. A window of None is passed as Tk + 1 (excludes nothing).
+
+Tile sizes, warps and pipeline stages per kernel are in `TILES`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -35,21 +43,57 @@ import triton.language as tl
 
 LOG2E = math.log2(math.e)
 
-# Tile sizes. A pair tile is (BLOCK_Q queries x BLOCK_A row keys) = 128 GEMM rows against BLOCK_KEYS column keys,
-# a FlashAttention-sized tile; with a column window of 32 a block of 16 queries spans 47 column keys, so two
-# column tiles cover it. Not tuned: no GPU was available when these kernels were written.
-BLOCK_Q = 16
-BLOCK_A = 8
-BLOCK_KEYS = 32
-BLOCK_DECODE_ROWS = 64
-BLOCK_DECODE_COLS = 64
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """One kernel's launch: `rows` queries per program (forward, dq), per step over queries (col) or row keys per
+    program (decode); `cols` column-stream keys per tile (forward, dq, decode) or per program (col); warps and
+    software-pipeline stages per program."""
+
+    rows: int
+    cols: int
+    num_warps: int
+    num_stages: int
+
+
+KERNELS = ("forward", "dq", "col", "decode")
+# (kernel, dot kind, head-dim bucket) -> Tiles. Dot kind: "mma" for bf16/fp16 (tensor cores), "fma" for fp32 (IEEE
+# products, no tensor cores). Bucket: 64 for d <= 64, 128 for 64 < d <= 128 (larger d uses 128's tiles and spills;
+# no model here has one). Picked from what the compiler reports, not from timings (no GPU was available): each is
+# the first of scripts/bench/triton_resources.py's CANDIDATES that compiles for sm_80 and sm_90 without spilling
+# registers and within 99 KiB of shared memory (docs/triton_resources/tables.md; tests/ops/test_triton_compile.py
+# compiles them again).
+TILES = {
+    ("forward", "mma", 64): Tiles(64, 32, 4, 3),
+    ("forward", "mma", 128): Tiles(64, 32, 8, 3),
+    ("forward", "fma", 64): Tiles(32, 32, 8, 3),
+    ("forward", "fma", 128): Tiles(32, 16, 8, 2),
+    ("dq", "mma", 64): Tiles(64, 32, 4, 3),
+    ("dq", "mma", 128): Tiles(64, 32, 8, 3),
+    ("dq", "fma", 64): Tiles(64, 32, 8, 3),
+    ("dq", "fma", 128): Tiles(32, 16, 8, 3),
+    ("col", "mma", 64): Tiles(32, 64, 4, 3),
+    ("col", "mma", 128): Tiles(32, 32, 8, 3),
+    ("col", "fma", 64): Tiles(16, 32, 8, 3),
+    ("col", "fma", 128): Tiles(16, 16, 8, 3),
+    ("decode", "mma", 64): Tiles(64, 64, 4, 3),
+    ("decode", "mma", 128): Tiles(64, 64, 8, 2),
+    ("decode", "fma", 64): Tiles(64, 32, 8, 3),
+    ("decode", "fma", 128): Tiles(64, 32, 8, 2),
+}
 
 
 @triton.jit
 def _load_rows(ptr, rows, valid_rows, offs_d, d_valid, stride_t):
-    """[len(rows), BLOCK_D] fp32 tile of rows `rows` (zeros outside the valid rows and the head dim)."""
+    """[len(rows), BLOCK_D] tile of rows `rows` in the stored dtype (zeros outside the valid rows and the head dim)."""
     mask = valid_rows[:, None] & d_valid[None, :]
-    return tl.load(ptr + rows[:, None] * stride_t + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + rows[:, None] * stride_t + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_row(ptr, row, offs_d, d_valid, stride_t):
+    """[BLOCK_D] fp32 row `row` (one key; always a valid position)."""
+    return tl.load(ptr + row * stride_t + offs_d, mask=d_valid, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -62,17 +106,11 @@ def _key_ok(keys, t, window, mask_ptr, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _pair_rows(x, rows_a, BLOCK_Q: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr):
-    """[BQ * BA, BD] rows (t, a) of x_t * rows_a (x [BQ, BD] per query, rows_a [BA, BD] per row key)."""
-    return tl.reshape(x[:, None, :] * rows_a[None, :, :], [BLOCK_Q * BLOCK_A, BLOCK_D])
-
-
-@triton.jit
 def _forward_kernel(
     Q, K1, K2, V1, V2, MASK, O, LSE,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
     H, GROUPS, Tq, Tk, W1, W2, qk_scale,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_B: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
 ):
     """O [BH, Tq, D] and LSE [BH, Tq] (base 2) of one block of queries."""
@@ -87,37 +125,34 @@ def _forward_kernel(
     kbase = b_idx * sk_b + (h_idx // GROUPS) * sk_h  # a group of GROUPS query heads shares a key/value head
     mask_ptr = MASK + b_idx * Tk
     dtype = K2.dtype.element_ty
-    q = _load_rows(Q + b_idx * sq_b + h_idx * sq_h, offs_q, q_valid, offs_d, d_valid, sq_t) * qk_scale  # [BQ, BD]
+    q = _load_rows(Q + b_idx * sq_b + h_idx * sq_h, offs_q, q_valid, offs_d, d_valid, sq_t)  # [BQ, BD]
 
     t_first = pid_q * BLOCK_Q + offset
     t_end = tl.minimum(t_first + BLOCK_Q, Tk)  # one past the block's last query
+    b_start = tl.maximum(t_first - W2 + 1, 0)
     # Running max of the base-2 scores from a finite start: on a row whose tiles are all masked, alpha is then
     # exp2(start - start) = 1 instead of exp2(-inf + inf) = NaN.
     m = tl.full([BLOCK_Q], -1.0e30, tl.float32)
     l = tl.zeros([BLOCK_Q], tl.float32)  # running sum of exp2(s - m)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    for a0 in range(tl.maximum(t_first - W1 + 1, 0), t_end, BLOCK_A):
-        offs_a = a0 + tl.arange(0, BLOCK_A)
-        a_in = offs_a < t_end
-        k1 = _load_rows(K1 + kbase, offs_a, a_in, offs_d, d_valid, sk_t)  # [BA, BD]
-        v1 = _load_rows(V1 + kbase, offs_a, a_in, offs_d, d_valid, sk_t)
-        a_ok = _key_ok(offs_a[None, :], t[:, None], W1, mask_ptr, HAS_MASK) & a_in[None, :]  # [BQ, BA]
-        qk = _pair_rows(q, k1, BLOCK_Q, BLOCK_A, BLOCK_D).to(dtype).to(DOT)  # rows (t, a): q_t * k1_a
-        for b0 in range(tl.maximum(t_first - W2 + 1, 0), t_end, BLOCK_B):
+    for a in range(tl.maximum(t_first - W1 + 1, 0), t_end):
+        k1 = _load_row(K1 + kbase, a, offs_d, d_valid, sk_t)  # [BD]
+        v1 = _load_row(V1 + kbase, a, offs_d, d_valid, sk_t)
+        a_ok = _key_ok(a, t, W1, mask_ptr, HAS_MASK)  # [BQ]
+        qk = (q.to(tl.float32) * qk_scale * k1[None, :]).to(dtype).to(DOT)  # [BQ, BD]: q_t * k1_a
+        for b0 in range(b_start, t_end, BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B)
             b_in = offs_b < t_end
-            k2 = _load_rows(K2 + kbase, offs_b, b_in, offs_d, d_valid, sk_t).to(dtype).to(DOT)  # [BB, BD]
-            v2 = _load_rows(V2 + kbase, offs_b, b_in, offs_d, d_valid, sk_t).to(dtype).to(DOT)
-            b_ok = _key_ok(offs_b[None, :], t[:, None], W2, mask_ptr, HAS_MASK) & b_in[None, :]  # [BQ, BB]
-            s = tl.reshape(tl.dot(qk, tl.trans(k2), input_precision=PRECISION), [BLOCK_Q, BLOCK_A, BLOCK_B])
-            s = tl.where(a_ok[:, :, None] & b_ok[:, None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(tl.max(s, 2), 1))
+            k2 = _load_rows(K2 + kbase, offs_b, b_in, offs_d, d_valid, sk_t).to(DOT)  # [BB, BD]
+            v2 = _load_rows(V2 + kbase, offs_b, b_in, offs_d, d_valid, sk_t)
+            ok = a_ok[:, None] & _key_ok(offs_b[None, :], t[:, None], W2, mask_ptr, HAS_MASK) & b_in[None, :]
+            s = tl.where(ok, tl.dot(qk, tl.trans(k2), input_precision=PRECISION), float("-inf"))  # [BQ, BB]
+            m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None, None])
-            l = l * alpha + tl.sum(tl.sum(p, 2), 1)
-            p_rows = tl.reshape(p, [BLOCK_Q * BLOCK_A, BLOCK_B]).to(dtype).to(DOT)
-            pv = tl.reshape(tl.dot(p_rows, v2, input_precision=PRECISION), [BLOCK_Q, BLOCK_A, BLOCK_D])
-            acc = acc * alpha[:, None] + tl.sum(pv * v1[None, :, :], 1)  # sum_a v1_a * (P @ V2)_(t, a)
+            p = tl.exp2(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            v12 = (v2.to(tl.float32) * v1[None, :]).to(dtype).to(DOT)  # rows v1_a * v2_b, like qk's q_t * k1_a
+            acc = tl.dot(p.to(dtype).to(DOT), v12, acc * alpha[:, None], input_precision=PRECISION)
             m = m_new
     has_pair = l > 0
     out = acc / tl.where(has_pair, l, 1.0)[:, None]  # no allowed pair (a pad query): 0, not NaN
@@ -132,11 +167,11 @@ def _backward_dq_kernel(
     Q, K1, K2, V1, V2, MASK, DO, LSE, DELTA, DQ,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
     H, GROUPS, Tq, Tk, W1, W2, qk_scale,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_B: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
 ):
     """dq_t / scale = sum_ab dS_t(a, b) k1_a * k2_b with dS = P * (dP - delta), dP = <do_t, v1_a * v2_b>.
-    DO and DQ are contiguous [BH, Tq, D]; LSE (base 2) and DELTA are [BH, Tq]."""
+    DO (dout's dtype) and DQ (fp32) are contiguous [BH, Tq, D]; LSE (base 2) and DELTA are [BH, Tq]."""
     pid_q, pid_bh = tl.program_id(0), tl.program_id(1)
     b_idx, h_idx = pid_bh // H, pid_bh % H
     offset = Tk - Tq
@@ -148,35 +183,33 @@ def _backward_dq_kernel(
     kbase = b_idx * sk_b + (h_idx // GROUPS) * sk_h  # a group of GROUPS query heads shares a key/value head
     mask_ptr = MASK + b_idx * Tk
     dtype = K2.dtype.element_ty
-    q = _load_rows(Q + b_idx * sq_b + h_idx * sq_h, offs_q, q_valid, offs_d, d_valid, sq_t) * qk_scale
+    q = _load_rows(Q + b_idx * sq_b + h_idx * sq_h, offs_q, q_valid, offs_d, d_valid, sq_t)
     do = _load_rows(DO + pid_bh * Tq * D, offs_q, q_valid, offs_d, d_valid, D)
     lse = tl.load(LSE + pid_bh * Tq + offs_q, mask=q_valid, other=0.0)
     delta = tl.load(DELTA + pid_bh * Tq + offs_q, mask=q_valid, other=0.0)
 
     t_first = pid_q * BLOCK_Q + offset
     t_end = tl.minimum(t_first + BLOCK_Q, Tk)
+    b_start = tl.maximum(t_first - W2 + 1, 0)
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    for a0 in range(tl.maximum(t_first - W1 + 1, 0), t_end, BLOCK_A):
-        offs_a = a0 + tl.arange(0, BLOCK_A)
-        a_in = offs_a < t_end
-        k1 = _load_rows(K1 + kbase, offs_a, a_in, offs_d, d_valid, sk_t)
-        v1 = _load_rows(V1 + kbase, offs_a, a_in, offs_d, d_valid, sk_t)
-        a_ok = _key_ok(offs_a[None, :], t[:, None], W1, mask_ptr, HAS_MASK) & a_in[None, :]
-        qk = _pair_rows(q, k1, BLOCK_Q, BLOCK_A, BLOCK_D).to(dtype).to(DOT)
-        dov = _pair_rows(do, v1, BLOCK_Q, BLOCK_A, BLOCK_D).to(dtype).to(DOT)  # dP = dov @ v2^T
-        ds_k2 = tl.zeros([BLOCK_Q * BLOCK_A, BLOCK_D], tl.float32)  # rows (t, a): sum_b dS k2_b
-        for b0 in range(tl.maximum(t_first - W2 + 1, 0), t_end, BLOCK_B):
+    for a in range(tl.maximum(t_first - W1 + 1, 0), t_end):
+        k1 = _load_row(K1 + kbase, a, offs_d, d_valid, sk_t)
+        v1 = _load_row(V1 + kbase, a, offs_d, d_valid, sk_t)
+        a_ok = _key_ok(a, t, W1, mask_ptr, HAS_MASK)
+        qk = (q.to(tl.float32) * qk_scale * k1[None, :]).to(dtype).to(DOT)
+        dov = (do.to(tl.float32) * v1[None, :]).to(dtype).to(DOT)  # dP = dov @ v2^T
+        for b0 in range(b_start, t_end, BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B)
             b_in = offs_b < t_end
-            k2 = _load_rows(K2 + kbase, offs_b, b_in, offs_d, d_valid, sk_t).to(dtype).to(DOT)
-            v2 = _load_rows(V2 + kbase, offs_b, b_in, offs_d, d_valid, sk_t).to(dtype).to(DOT)
-            b_ok = _key_ok(offs_b[None, :], t[:, None], W2, mask_ptr, HAS_MASK) & b_in[None, :]
-            s = tl.reshape(tl.dot(qk, tl.trans(k2), input_precision=PRECISION), [BLOCK_Q, BLOCK_A, BLOCK_B])
-            p = tl.exp2(tl.where(a_ok[:, :, None] & b_ok[:, None, :], s, float("-inf")) - lse[:, None, None])
-            dp = tl.reshape(tl.dot(dov, tl.trans(v2), input_precision=PRECISION), [BLOCK_Q, BLOCK_A, BLOCK_B])
-            ds = tl.reshape(p * (dp - delta[:, None, None]), [BLOCK_Q * BLOCK_A, BLOCK_B])
-            ds_k2 += tl.dot(ds.to(dtype).to(DOT), k2, input_precision=PRECISION)
-        dq += tl.sum(tl.reshape(ds_k2, [BLOCK_Q, BLOCK_A, BLOCK_D]) * k1[None, :, :], 1)
+            k2 = _load_rows(K2 + kbase, offs_b, b_in, offs_d, d_valid, sk_t).to(DOT)
+            v2 = _load_rows(V2 + kbase, offs_b, b_in, offs_d, d_valid, sk_t).to(DOT)
+            ok = a_ok[:, None] & _key_ok(offs_b[None, :], t[:, None], W2, mask_ptr, HAS_MASK) & b_in[None, :]
+            s = tl.dot(qk, tl.trans(k2), input_precision=PRECISION)
+            p = tl.exp2(tl.where(ok, s, float("-inf")) - lse[:, None])
+            dp = tl.dot(dov, tl.trans(v2), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            k12 = (k2.to(tl.float32) * k1[None, :]).to(dtype).to(DOT)  # rows k1_a * k2_b
+            dq = tl.dot(ds.to(dtype).to(DOT), k12, dq, input_precision=PRECISION)
     dq_ptr = DQ + pid_bh * Tq * D + offs_q[:, None] * D + offs_d[None, :]
     tl.store(dq_ptr, dq, mask=q_valid[:, None] & d_valid[None, :])
 
@@ -186,12 +219,12 @@ def _backward_col_kernel(
     Q, KR, KC, VR, VC, MASK, DO, LSE, DELTA, DKC, DVC,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
     H, GROUPS, Tq, Tk, W_ROW, W_COL, qk_scale,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_B: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
 ):
     """Gradients of the column stream (kc, vc) for one tile of its keys b, from the queries that can see them and
     the row keys a those queries use: dvc_b = sum_ta P (do_t * vr_a), dkc_b = scale * sum_ta dS (q_t * kr_a).
-    DO is contiguous [BH, Tq, D]; DKC and DVC are contiguous [BH, Tk, D]."""
+    DO is contiguous [BH, Tq, D]; DKC and DVC are contiguous [BH, Tk, D] (fp32)."""
     pid_b, pid_bh = tl.program_id(0), tl.program_id(1)
     b_idx, h_idx = pid_bh // H, pid_bh % H
     offset = Tk - Tq
@@ -202,8 +235,8 @@ def _backward_col_kernel(
     kbase = b_idx * sk_b + (h_idx // GROUPS) * sk_h  # a group of GROUPS query heads shares a key/value head
     mask_ptr = MASK + b_idx * Tk
     dtype = KC.dtype.element_ty
-    kc = _load_rows(KC + kbase, offs_b, b_valid, offs_d, d_valid, sk_t).to(dtype).to(DOT)  # [BB, BD]
-    vc = _load_rows(VC + kbase, offs_b, b_valid, offs_d, d_valid, sk_t).to(dtype).to(DOT)
+    kc = _load_rows(KC + kbase, offs_b, b_valid, offs_d, d_valid, sk_t).to(DOT)  # [BB, BD]
+    vc = _load_rows(VC + kbase, offs_b, b_valid, offs_d, d_valid, sk_t).to(DOT)
     dkc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
     dvc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
 
@@ -216,7 +249,7 @@ def _backward_col_kernel(
         offs_q = i0 + tl.arange(0, BLOCK_Q)
         q_valid = offs_q < i_end
         t = offs_q + offset
-        q = _load_rows(Q + b_idx * sq_b + h_idx * sq_h, offs_q, q_valid, offs_d, d_valid, sq_t) * qk_scale
+        q = _load_rows(Q + b_idx * sq_b + h_idx * sq_h, offs_q, q_valid, offs_d, d_valid, sq_t)
         do = _load_rows(DO + pid_bh * Tq * D, offs_q, q_valid, offs_d, d_valid, D)
         lse = tl.load(LSE + pid_bh * Tq + offs_q, mask=q_valid, other=0.0)
         delta = tl.load(DELTA + pid_bh * Tq + offs_q, mask=q_valid, other=0.0)
@@ -224,21 +257,18 @@ def _backward_col_kernel(
         b_ok = b_ok & q_valid[None, :]
         t_first = i0 + offset
         t_end = tl.minimum(t_first + BLOCK_Q, Tk)
-        for a0 in range(tl.maximum(t_first - W_ROW + 1, 0), t_end, BLOCK_A):
-            offs_a = a0 + tl.arange(0, BLOCK_A)
-            a_in = offs_a < t_end
-            kr = _load_rows(KR + kbase, offs_a, a_in, offs_d, d_valid, sk_t)
-            vr = _load_rows(VR + kbase, offs_a, a_in, offs_d, d_valid, sk_t)
-            a_ok = _key_ok(offs_a[None, :], t[:, None], W_ROW, mask_ptr, HAS_MASK) & a_in[None, :]  # [BQ, BA]
-            qk = _pair_rows(q, kr, BLOCK_Q, BLOCK_A, BLOCK_D).to(dtype).to(DOT)  # [BQ * BA, BD]
-            dov = _pair_rows(do, vr, BLOCK_Q, BLOCK_A, BLOCK_D).to(dtype).to(DOT)
-            s = tl.reshape(tl.dot(kc, tl.trans(qk), input_precision=PRECISION), [BLOCK_B, BLOCK_Q, BLOCK_A])
-            s = tl.where(b_ok[:, :, None] & a_ok[None, :, :], s, float("-inf"))
-            p = tl.exp2(s - lse[None, :, None])
-            dp = tl.reshape(tl.dot(vc, tl.trans(dov), input_precision=PRECISION), [BLOCK_B, BLOCK_Q, BLOCK_A])
-            ds = p * (dp - delta[None, :, None])
-            dvc += tl.dot(tl.reshape(p, [BLOCK_B, BLOCK_Q * BLOCK_A]).to(dtype).to(DOT), dov, input_precision=PRECISION)
-            dkc += tl.dot(tl.reshape(ds, [BLOCK_B, BLOCK_Q * BLOCK_A]).to(dtype).to(DOT), qk, input_precision=PRECISION)
+        for a in range(tl.maximum(t_first - W_ROW + 1, 0), t_end):
+            kr = _load_row(KR + kbase, a, offs_d, d_valid, sk_t)
+            vr = _load_row(VR + kbase, a, offs_d, d_valid, sk_t)
+            ok = b_ok & _key_ok(a, t, W_ROW, mask_ptr, HAS_MASK)[None, :]  # [BB, BQ]
+            qk = (q.to(tl.float32) * qk_scale * kr[None, :]).to(dtype).to(DOT)  # [BQ, BD]
+            dov = (do.to(tl.float32) * vr[None, :]).to(dtype).to(DOT)
+            s = tl.where(ok, tl.dot(kc, tl.trans(qk), input_precision=PRECISION), float("-inf"))  # [BB, BQ]
+            p = tl.exp2(s - lse[None, :])
+            dp = tl.dot(vc, tl.trans(dov), input_precision=PRECISION)
+            ds = p * (dp - delta[None, :])
+            dvc = tl.dot(p.to(dtype).to(DOT), dov, dvc, input_precision=PRECISION)
+            dkc = tl.dot(ds.to(dtype).to(DOT), qk, dkc, input_precision=PRECISION)
     store = b_valid[:, None] & d_valid[None, :]
     dk_ptr = DKC + pid_bh * Tk * D + offs_b[:, None] * D + offs_d[None, :]
     dv_ptr = DVC + pid_bh * Tk * D + offs_b[:, None] * D + offs_d[None, :]
@@ -269,8 +299,8 @@ def _decode_kernel(
     a_ok = rows < Tk
     if HAS_MASK:
         a_ok = a_ok & (tl.load(mask_ptr + rows, mask=a_ok, other=0) != 0)
-    k1 = _load_rows(K1 + kbase, rows, rows < Tk, offs_d, d_valid, sk_t)
-    v1 = _load_rows(V1 + kbase, rows, rows < Tk, offs_d, d_valid, sk_t)
+    k1 = _load_rows(K1 + kbase, rows, rows < Tk, offs_d, d_valid, sk_t).to(tl.float32)
+    v1 = _load_rows(V1 + kbase, rows, rows < Tk, offs_d, d_valid, sk_t).to(tl.float32)
     qk = (k1 * q[None, :]).to(dtype).to(DOT)  # [BA, BD]
     # Per row a an online softmax over b (as the forward's per query), merged over the rows at the end.
     m = tl.full([BLOCK_A], -1.0e30, tl.float32)
@@ -279,8 +309,8 @@ def _decode_kernel(
     for b0 in range(Tk - N2, Tk, BLOCK_B):
         cols = b0 + tl.arange(0, BLOCK_B)
         b_ok = cols < Tk
-        k2 = _load_rows(K2 + kbase, cols, b_ok, offs_d, d_valid, sk_t).to(dtype).to(DOT)
-        v2 = _load_rows(V2 + kbase, cols, b_ok, offs_d, d_valid, sk_t).to(dtype).to(DOT)
+        k2 = _load_rows(K2 + kbase, cols, b_ok, offs_d, d_valid, sk_t).to(DOT)
+        v2 = _load_rows(V2 + kbase, cols, b_ok, offs_d, d_valid, sk_t).to(DOT)
         if HAS_MASK:
             b_ok = b_ok & (tl.load(mask_ptr + cols, mask=b_ok, other=0) != 0)
         s = tl.dot(qk, tl.trans(k2), input_precision=PRECISION)  # [BA, BB]
@@ -330,17 +360,47 @@ def _mask_arg(attention_mask, q):
     return attention_mask.to(device=q.device, dtype=torch.int8).contiguous(), True
 
 
-def _launch_constants(q):
+def block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def tiles(kernel: str, dtype: torch.dtype, D: int) -> Tiles:
+    """The launch of `kernel` (one of KERNELS) for inputs of `dtype` and head dim D (see TILES)."""
+    kind = "fma" if dtype == torch.float32 else "mma"
+    return TILES[kernel, kind, 64 if D <= 64 else 128]
+
+
+def _launch_constants(q, kernel: str, interpreted: bool) -> dict:
+    """The kernel's compile-time constants and launch options for q's dtype and head dim."""
     D = q.shape[-1]
     # Dot operands are rounded to the input dtype; the interpreter's tl.dot cannot multiply bf16/fp16 (numpy has
     # no bf16 matmul), so there the rounded operands go to tl.dot as fp32: the products of two bf16 numbers are
     # exact in fp32, as on tensor cores, so only the summation order differs from the GPU.
-    dot = tl.float32 if not q.is_cuda else _TL_DTYPES[q.dtype]
-    return dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), PRECISION=_precision(q.dtype), DOT=dot)
+    dot = tl.float32 if interpreted else _TL_DTYPES[q.dtype]
+    launch = tiles(kernel, q.dtype, D)
+    rows = "BLOCK_A" if kernel == "decode" else "BLOCK_Q"
+    return {"D": D, "BLOCK_D": block_d(D), "PRECISION": _precision(q.dtype), "DOT": dot, rows: launch.rows,
+            "BLOCK_B": launch.cols, "num_warps": launch.num_warps, "num_stages": launch.num_stages}
 
 
-def forward(q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
-    """(out [B, H, Tq, D] in q's dtype, lse [B*H, Tq] fp32 in base 2); k1, k2, v1, v2 may have H_kv heads."""
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch, built before it runs: scripts/bench/triton_resources.py compiles exactly these launches
+    for GPUs this machine may not have."""
+
+    name: str  # one of KERNELS
+    kernel: object  # a triton.JITFunction
+    grid: tuple
+    args: tuple
+    constants: dict  # compile-time constants and launch options
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constants)
+
+
+def forward_launches(q, k1, k2, v1, v2, scale, w1, w2, attention_mask, interpreted=None):
+    """([Launch], (out [B, H, Tq, D] in q's dtype, lse [B*H, Tq] fp32 in base 2)); the outputs are written when the
+    launches run. k1, k2, v1, v2 may have H_kv heads. `interpreted`: None means "q is not a CUDA tensor"."""
     B, H, Tq, D = q.shape
     Tk = k1.shape[2]
     groups = H // k1.shape[1]
@@ -349,46 +409,63 @@ def forward(q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
     mask, has_mask = _mask_arg(attention_mask, q)
     out = torch.empty(B, H, Tq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B * H, Tq, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(Tq, BLOCK_Q), B * H)
-    _forward_kernel[grid](
-        q, k1, k2, v1, v2, mask, out, lse,
-        q.stride(0), q.stride(1), q.stride(2), *sk,
-        H, groups, Tq, Tk, _window(w1, Tk), _window(w2, Tk), scale * LOG2E,
-        BLOCK_Q=BLOCK_Q, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_KEYS, HAS_MASK=has_mask, **_launch_constants(q),
-    )
-    return out, lse
+    constants = _launch_constants(q, "forward", not q.is_cuda if interpreted is None else interpreted)
+    args = (q, k1, k2, v1, v2, mask, out, lse, q.stride(0), q.stride(1), q.stride(2), *sk,
+            H, groups, Tq, Tk, _window(w1, Tk), _window(w2, Tk), scale * LOG2E)
+    grid = (triton.cdiv(Tq, constants["BLOCK_Q"]), B * H)
+    return [Launch("forward", _forward_kernel, grid, args, {"HAS_MASK": has_mask, **constants})], (out, lse)
+
+
+def backward_launches(dout, q, k1, k2, v1, v2, out, lse, scale, w1, w2, attention_mask, interpreted=None):
+    """([Launch], (dq, (dk1, dv1), (dk2, dv2))): fp32 gradients per query head ([B*H, T, D]), written when the
+    launches run."""
+    B, H, Tq, D = q.shape
+    Tk = k1.shape[2]
+    groups = H // k1.shape[1]
+    interpreted = not q.is_cuda if interpreted is None else interpreted
+    q = _rows_last_dim(q)
+    k1, k2, v1, v2, sk = _key_strides(k1, k2, v1, v2)
+    mask, has_mask = _mask_arg(attention_mask, q)
+    do = dout.reshape(B * H, Tq, D).contiguous()  # its own dtype: the kernels widen it to fp32 where they read it
+    delta = (do.to(torch.float32) * out.to(torch.float32).reshape(B * H, Tq, D)).sum(-1).contiguous()  # <do_t, o_t>
+    w1, w2 = _window(w1, Tk), _window(w2, Tk)
+    strides = (q.stride(0), q.stride(1), q.stride(2), *sk)
+    dq = torch.empty(B * H, Tq, D, dtype=torch.float32, device=q.device)
+    constants = {"HAS_MASK": has_mask, **_launch_constants(q, "dq", interpreted)}
+    args = (q, k1, k2, v1, v2, mask, do, lse, delta, dq, *strides, H, groups, Tq, Tk, w1, w2, scale * LOG2E)
+    launches = [Launch("dq", _backward_dq_kernel, (triton.cdiv(Tq, constants["BLOCK_Q"]), B * H), args, constants)]
+    grads = {}
+    constants = {"HAS_MASK": has_mask, **_launch_constants(q, "col", interpreted)}
+    # the column-stream kernel, once with k2/v2 as the column stream and once with the streams swapped
+    for kr, kc, vr, vc, w_row, w_col, name in ((k1, k2, v1, v2, w1, w2, 2), (k2, k1, v2, v1, w2, w1, 1)):
+        dk = torch.empty(B * H, Tk, D, dtype=torch.float32, device=q.device)
+        dv = torch.empty_like(dk)
+        args = (q, kr, kc, vr, vc, mask, do, lse, delta, dk, dv, *strides, H, groups, Tq, Tk, w_row, w_col,
+                scale * LOG2E)
+        grid = (triton.cdiv(Tk, constants["BLOCK_B"]), B * H)
+        launches.append(Launch("col", _backward_col_kernel, grid, args, constants))
+        grads[name] = (dk, dv)
+    return launches, (dq, grads[1], grads[2])
+
+
+def forward(q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
+    """(out [B, H, Tq, D] in q's dtype, lse [B*H, Tq] fp32 in base 2); k1, k2, v1, v2 may have H_kv heads."""
+    launches, outputs = forward_launches(q, k1, k2, v1, v2, scale, w1, w2, attention_mask)
+    for launch in launches:
+        launch()
+    return outputs
 
 
 def backward(dout, q, k1, k2, v1, v2, out, lse, scale, w1, w2, attention_mask):
     """Gradients (dq, dk1, dk2, dv1, dv2), each shaped and typed like its input (k, v: [B, H_kv, Tk, D])."""
     B, H, Tq, D = q.shape
     H_kv, Tk = k1.shape[1], k1.shape[2]
-    groups = H // H_kv
-    q = _rows_last_dim(q)
-    k1, k2, v1, v2, sk = _key_strides(k1, k2, v1, v2)
-    mask, has_mask = _mask_arg(attention_mask, q)
-    do = dout.to(torch.float32).reshape(B * H, Tq, D).contiguous()
-    delta = (do * out.to(torch.float32).reshape(B * H, Tq, D)).sum(-1).contiguous()  # [BH, Tq]: <do_t, o_t>
-    w1, w2 = _window(w1, Tk), _window(w2, Tk)
-    common = dict(HAS_MASK=has_mask, BLOCK_Q=BLOCK_Q, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_KEYS, **_launch_constants(q))
-    strides = (q.stride(0), q.stride(1), q.stride(2), *sk)
-    dq = torch.empty(B * H, Tq, D, dtype=torch.float32, device=q.device)
-    _backward_dq_kernel[(triton.cdiv(Tq, BLOCK_Q), B * H)](
-        q, k1, k2, v1, v2, mask, do, lse, delta, dq, *strides, H, groups, Tq, Tk, w1, w2, scale * LOG2E, **common
-    )
-    grads = {}
-    # the column-stream kernel, once with k2/v2 as the column stream and once with the streams swapped
-    for kr, kc, vr, vc, w_row, w_col, name in ((k1, k2, v1, v2, w1, w2, 2), (k2, k1, v2, v1, w2, w1, 1)):
-        dk = torch.empty(B * H, Tk, D, dtype=torch.float32, device=q.device)
-        dv = torch.empty_like(dk)
-        _backward_col_kernel[(triton.cdiv(Tk, BLOCK_KEYS), B * H)](
-            q, kr, kc, vr, vc, mask, do, lse, delta, dk, dv, *strides, H, groups, Tq, Tk, w_row, w_col, scale * LOG2E,
-            **common,
-        )
-        grads[name] = (dk, dv)
+    launches, (dq, (dk1, dv1), (dk2, dv2)) = backward_launches(dout, q, k1, k2, v1, v2, out, lse, scale, w1, w2,
+                                                                attention_mask)
+    for launch in launches:
+        launch()
     # per query head: a group's key/value head gets the sum of its query heads' contributions
-    grouped = lambda g, like: g.view(B, H_kv, groups, Tk, D).sum(2).to(like.dtype)  # noqa: E731
-    (dk1, dv1), (dk2, dv2) = grads[1], grads[2]
+    grouped = lambda g, like: g.view(B, H_kv, H // H_kv, Tk, D).sum(2).to(like.dtype)  # noqa: E731
     return (dq.view(B, H, Tq, D).mul_(scale).to(q.dtype), grouped(dk1, k1), grouped(dk2, k2), grouped(dv1, v1),
             grouped(dv2, v2))
 
@@ -413,8 +490,9 @@ def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_ma
     return TritonTensorAttention.apply(q, k1, k2, v1, v2, float(scale), w1, w2, attention_mask)
 
 
-def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
-    """One decode position q [B, H, 1, D] over the cached [B, H_kv, Tk, D] streams (no autograd)."""
+def decode_launches(q, k1, k2, v1, v2, scale, w1, w2, attention_mask, interpreted=None):
+    """([Launch], (m, l, acc)): one decode position q [B, H, 1, D] over the cached [B, H_kv, Tk, D] streams, as
+    per-block partials (max, sum, weighted values) written when the launch runs."""
     B, H, _, D = q.shape
     groups, Tk = H // k1.shape[1], k1.shape[2]
     n1 = Tk if w1 is None else min(w1, Tk)
@@ -422,14 +500,22 @@ def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_m
     q = _rows_last_dim(q)
     k1, k2, v1, v2, sk = _key_strides(k1, k2, v1, v2)
     mask, has_mask = _mask_arg(attention_mask, q)
-    splits = triton.cdiv(n1, BLOCK_DECODE_ROWS)
+    constants = _launch_constants(q, "decode", not q.is_cuda if interpreted is None else interpreted)
+    splits = triton.cdiv(n1, constants["BLOCK_A"])
     m = torch.empty(B * H, splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(B * H, splits, D, dtype=torch.float32, device=q.device)
-    _decode_kernel[(splits, B * H)](
-        q, k1, k2, v1, v2, mask, m, l, acc, q.stride(0), q.stride(1), *sk, H, groups, Tk, n1, n2, scale * LOG2E, splits,
-        BLOCK_A=BLOCK_DECODE_ROWS, BLOCK_B=BLOCK_DECODE_COLS, HAS_MASK=has_mask, **_launch_constants(q),
-    )
+    args = (q, k1, k2, v1, v2, mask, m, l, acc, q.stride(0), q.stride(1), *sk, H, groups, Tk, n1, n2, scale * LOG2E,
+            splits)
+    return [Launch("decode", _decode_kernel, (splits, B * H), args, {"HAS_MASK": has_mask, **constants})], (m, l, acc)
+
+
+def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
+    """One decode position q [B, H, 1, D] over the cached [B, H_kv, Tk, D] streams (no autograd)."""
+    B, H, _, D = q.shape
+    launches, (m, l, acc) = decode_launches(q, k1, k2, v1, v2, scale, w1, w2, attention_mask)
+    for launch in launches:
+        launch()
     # Merge the blocks by their maxima; a head with no allowed pair anywhere has l = 0 and gets 0.
     weight = torch.exp2(m - m.amax(-1, keepdim=True))  # [BH, splits]
     total = (l * weight).sum(-1, keepdim=True)  # [BH, 1]
