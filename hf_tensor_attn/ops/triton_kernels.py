@@ -9,10 +9,14 @@ pair tile's scores are one dot [queries, d] @ [d, keys b], and its values a seco
 running output. This is the shape of Roy et al.'s kernel (FBGEMM's simplicial attention): every tile is 2-D, so
 Triton keeps dot operands and accumulators in one layout each. (A first version put the rows (t, a) of a block of
 queries and a block of row keys into one operand and reduced over a with 3-D reshapes; compiled for sm_80 and
-sm_90, Triton replicated such operands in every warp, each of the four kernels spilled registers as shipped, and
-the dq kernel spilled at every tile size tried. scripts/bench/triton_resources.py reads this from the binaries.) The products q_t * k1_a, v1_a * v2_b (and in the backward do_t * v1_a,
-k1_a * k2_b) are rounded to the input dtype, as dot operands are. The softmax over pairs is an online softmax
-(running max and sum per query, in base 2: the scale times log2(e) is folded into qk). The log-sum-exp is saved.
+sm_90 in a one-off sweep, Triton replicated such operands in every warp, each of the four kernels spilled
+registers as shipped, and the dq kernel at every tile size tried. scripts/bench/triton_resources.py reads
+registers, spills and shared memory of the current kernels from their binaries.) The products q_t * k1_a and, in
+the backward, do_t * v1_a are rounded to the input dtype, as dot operands are; for bf16 and fp32 so are v1_a * v2_b
+(forward) and k1_a * k2_b (dq), which then enter one accumulating dot (FOLD), while fp16, whose range such a
+product may leave, multiplies v1_a (k1_a) into the dot's fp32 result instead. The softmax over pairs is an online
+softmax (running max and sum per query, in base 2: the scale times log2(e) is folded into qk). The log-sum-exp is
+saved.
 
 Backward recomputes P from the log-sum-exp. dq is owned by query blocks (the forward's loops). The column
 stream's gradients are owned by tiles of keys b, which loop over the blocks of queries that can see them and the
@@ -57,29 +61,38 @@ class Tiles:
 
 
 KERNELS = ("forward", "dq", "col", "decode")
-# (kernel, dot kind, head-dim bucket) -> Tiles. Dot kind: "mma" for bf16/fp16 (tensor cores), "fma" for fp32 (IEEE
-# products, no tensor cores). Bucket: 64 for d <= 64, 128 for 64 < d <= 128 (larger d uses 128's tiles and spills;
-# no model here has one). Picked from what the compiler reports, not from timings (no GPU was available): each is
-# the first of scripts/bench/triton_resources.py's CANDIDATES that compiles for sm_80 and sm_90 without spilling
+# (kernel, dtype, head-dim bucket) -> Tiles. bf16 and fp16 dot products run on tensor cores; fp32 ones with IEEE
+# products, without them, so fp32 takes smaller tiles; fp16 keeps v1_a (k1_a in dq) out of its dot operands (FOLD),
+# which costs registers. Bucket: 64 for d <= 64, 128 for 64 < d <= 128 (larger d uses 128's tiles and spills; no
+# model here has one). Picked from what the compiler reports, not from timings (no GPU was available): each is the
+# first of scripts/bench/triton_resources.py's candidates that compiles for sm_80 and sm_90 without spilling
 # registers and within 99 KiB of shared memory (docs/triton_resources/tables.md; tests/ops/test_triton_compile.py
 # compiles them again).
 TILES = {
-    ("forward", "mma", 64): Tiles(64, 32, 4, 3),
-    ("forward", "mma", 128): Tiles(64, 32, 8, 3),
-    ("forward", "fma", 64): Tiles(32, 32, 8, 3),
-    ("forward", "fma", 128): Tiles(32, 16, 8, 2),
-    ("dq", "mma", 64): Tiles(64, 32, 4, 3),
-    ("dq", "mma", 128): Tiles(64, 32, 8, 3),
-    ("dq", "fma", 64): Tiles(64, 32, 8, 3),
-    ("dq", "fma", 128): Tiles(32, 16, 8, 3),
-    ("col", "mma", 64): Tiles(32, 64, 4, 3),
-    ("col", "mma", 128): Tiles(32, 32, 8, 3),
-    ("col", "fma", 64): Tiles(16, 32, 8, 3),
-    ("col", "fma", 128): Tiles(16, 16, 8, 3),
-    ("decode", "mma", 64): Tiles(64, 64, 4, 3),
-    ("decode", "mma", 128): Tiles(64, 64, 8, 2),
-    ("decode", "fma", 64): Tiles(64, 32, 8, 3),
-    ("decode", "fma", 128): Tiles(64, 32, 8, 2),
+    ("forward", "bf16", 64): Tiles(64, 32, 4, 3),
+    ("forward", "bf16", 128): Tiles(64, 32, 8, 3),
+    ("forward", "fp16", 64): Tiles(64, 32, 4, 3),
+    ("forward", "fp16", 128): Tiles(64, 32, 8, 3),
+    ("forward", "fp32", 64): Tiles(32, 32, 8, 3),
+    ("forward", "fp32", 128): Tiles(32, 16, 8, 2),
+    ("dq", "bf16", 64): Tiles(64, 32, 4, 3),
+    ("dq", "bf16", 128): Tiles(64, 32, 8, 3),
+    ("dq", "fp16", 64): Tiles(64, 32, 4, 3),
+    ("dq", "fp16", 128): Tiles(64, 32, 8, 3),
+    ("dq", "fp32", 64): Tiles(64, 32, 8, 3),
+    ("dq", "fp32", 128): Tiles(32, 16, 8, 3),
+    ("col", "bf16", 64): Tiles(32, 64, 4, 3),
+    ("col", "bf16", 128): Tiles(32, 32, 8, 3),
+    ("col", "fp16", 64): Tiles(32, 64, 4, 3),
+    ("col", "fp16", 128): Tiles(32, 32, 8, 3),
+    ("col", "fp32", 64): Tiles(16, 32, 8, 3),
+    ("col", "fp32", 128): Tiles(16, 16, 8, 3),
+    ("decode", "bf16", 64): Tiles(64, 64, 4, 3),
+    ("decode", "bf16", 128): Tiles(64, 64, 8, 2),
+    ("decode", "fp16", 64): Tiles(64, 64, 4, 3),
+    ("decode", "fp16", 128): Tiles(64, 64, 8, 2),
+    ("decode", "fp32", 64): Tiles(64, 32, 8, 3),
+    ("decode", "fp32", 128): Tiles(64, 32, 8, 2),
 }
 
 
@@ -97,11 +110,12 @@ def _load_row(ptr, row, offs_d, d_valid, stride_t):
 
 
 @triton.jit
-def _key_ok(keys, t, window, mask_ptr, HAS_MASK: tl.constexpr):
-    """Key positions `keys` usable by queries at absolute positions `t` (broadcast shapes)."""
+def _key_ok(keys, t, window, mask_ptr, n_keys, HAS_MASK: tl.constexpr):
+    """Key positions `keys` usable by queries at absolute positions `t` (broadcast shapes); the padding mask is
+    read only inside [0, n_keys) (a tile's last keys may lie past the end)."""
     ok = (keys <= t) & (t - keys < window) & (keys >= 0)
     if HAS_MASK:
-        ok = ok & (tl.load(mask_ptr + keys, mask=keys >= 0, other=0) != 0)
+        ok = ok & (tl.load(mask_ptr + keys, mask=(keys >= 0) & (keys < n_keys), other=0) != 0)
     return ok
 
 
@@ -111,10 +125,10 @@ def _forward_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
     H, GROUPS, Tq, Tk, W1, W2, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_B: tl.constexpr,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr, FOLD: tl.constexpr,
 ):
     """O [BH, Tq, D] and LSE [BH, Tq] (base 2) of one block of queries."""
-    pid_q, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_q, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: pid_bh * Tq * D passes 2**31
     b_idx, h_idx = pid_bh // H, pid_bh % H
     offset = Tk - Tq  # query i sits at absolute position i + offset
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -138,21 +152,25 @@ def _forward_kernel(
     for a in range(tl.maximum(t_first - W1 + 1, 0), t_end):
         k1 = _load_row(K1 + kbase, a, offs_d, d_valid, sk_t)  # [BD]
         v1 = _load_row(V1 + kbase, a, offs_d, d_valid, sk_t)
-        a_ok = _key_ok(a, t, W1, mask_ptr, HAS_MASK)  # [BQ]
+        a_ok = _key_ok(a, t, W1, mask_ptr, Tk, HAS_MASK)  # [BQ]
         qk = (q.to(tl.float32) * qk_scale * k1[None, :]).to(dtype).to(DOT)  # [BQ, BD]: q_t * k1_a
         for b0 in range(b_start, t_end, BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B)
             b_in = offs_b < t_end
             k2 = _load_rows(K2 + kbase, offs_b, b_in, offs_d, d_valid, sk_t).to(DOT)  # [BB, BD]
             v2 = _load_rows(V2 + kbase, offs_b, b_in, offs_d, d_valid, sk_t)
-            ok = a_ok[:, None] & _key_ok(offs_b[None, :], t[:, None], W2, mask_ptr, HAS_MASK) & b_in[None, :]
+            ok = a_ok[:, None] & _key_ok(offs_b[None, :], t[:, None], W2, mask_ptr, Tk, HAS_MASK) & b_in[None, :]
             s = tl.where(ok, tl.dot(qk, tl.trans(k2), input_precision=PRECISION), float("-inf"))  # [BQ, BB]
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
             l = l * alpha + tl.sum(p, 1)
-            v12 = (v2.to(tl.float32) * v1[None, :]).to(dtype).to(DOT)  # rows v1_a * v2_b, like qk's q_t * k1_a
-            acc = tl.dot(p.to(dtype).to(DOT), v12, acc * alpha[:, None], input_precision=PRECISION)
+            if FOLD:  # rows v1_a * v2_b, rounded like qk's q_t * k1_a: one dot accumulating into acc
+                v12 = (v2.to(tl.float32) * v1[None, :]).to(dtype).to(DOT)
+                acc = tl.dot(p.to(dtype).to(DOT), v12, acc * alpha[:, None], input_precision=PRECISION)
+            else:  # fp16, whose range v1_a * v2_b may leave: v1_a multiplies the dot's fp32 result
+                pv = tl.dot(p.to(dtype).to(DOT), v2.to(DOT), input_precision=PRECISION)
+                acc = acc * alpha[:, None] + pv * v1[None, :]
             m = m_new
     has_pair = l > 0
     out = acc / tl.where(has_pair, l, 1.0)[:, None]  # no allowed pair (a pad query): 0, not NaN
@@ -168,11 +186,11 @@ def _backward_dq_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
     H, GROUPS, Tq, Tk, W1, W2, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_B: tl.constexpr,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr, FOLD: tl.constexpr,
 ):
     """dq_t / scale = sum_ab dS_t(a, b) k1_a * k2_b with dS = P * (dP - delta), dP = <do_t, v1_a * v2_b>.
     DO (dout's dtype) and DQ (fp32) are contiguous [BH, Tq, D]; LSE (base 2) and DELTA are [BH, Tq]."""
-    pid_q, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_q, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: pid_bh * Tq * D passes 2**31
     b_idx, h_idx = pid_bh // H, pid_bh % H
     offset = Tk - Tq
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -195,7 +213,7 @@ def _backward_dq_kernel(
     for a in range(tl.maximum(t_first - W1 + 1, 0), t_end):
         k1 = _load_row(K1 + kbase, a, offs_d, d_valid, sk_t)
         v1 = _load_row(V1 + kbase, a, offs_d, d_valid, sk_t)
-        a_ok = _key_ok(a, t, W1, mask_ptr, HAS_MASK)
+        a_ok = _key_ok(a, t, W1, mask_ptr, Tk, HAS_MASK)
         qk = (q.to(tl.float32) * qk_scale * k1[None, :]).to(dtype).to(DOT)
         dov = (do.to(tl.float32) * v1[None, :]).to(dtype).to(DOT)  # dP = dov @ v2^T
         for b0 in range(b_start, t_end, BLOCK_B):
@@ -203,13 +221,16 @@ def _backward_dq_kernel(
             b_in = offs_b < t_end
             k2 = _load_rows(K2 + kbase, offs_b, b_in, offs_d, d_valid, sk_t).to(DOT)
             v2 = _load_rows(V2 + kbase, offs_b, b_in, offs_d, d_valid, sk_t).to(DOT)
-            ok = a_ok[:, None] & _key_ok(offs_b[None, :], t[:, None], W2, mask_ptr, HAS_MASK) & b_in[None, :]
+            ok = a_ok[:, None] & _key_ok(offs_b[None, :], t[:, None], W2, mask_ptr, Tk, HAS_MASK) & b_in[None, :]
             s = tl.dot(qk, tl.trans(k2), input_precision=PRECISION)
             p = tl.exp2(tl.where(ok, s, float("-inf")) - lse[:, None])
             dp = tl.dot(dov, tl.trans(v2), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
-            k12 = (k2.to(tl.float32) * k1[None, :]).to(dtype).to(DOT)  # rows k1_a * k2_b
-            dq = tl.dot(ds.to(dtype).to(DOT), k12, dq, input_precision=PRECISION)
+            if FOLD:  # rows k1_a * k2_b (see the forward)
+                k12 = (k2.to(tl.float32) * k1[None, :]).to(dtype).to(DOT)
+                dq = tl.dot(ds.to(dtype).to(DOT), k12, dq, input_precision=PRECISION)
+            else:
+                dq += tl.dot(ds.to(dtype).to(DOT), k2, input_precision=PRECISION) * k1[None, :]
     dq_ptr = DQ + pid_bh * Tq * D + offs_q[:, None] * D + offs_d[None, :]
     tl.store(dq_ptr, dq, mask=q_valid[:, None] & d_valid[None, :])
 
@@ -225,7 +246,7 @@ def _backward_col_kernel(
     """Gradients of the column stream (kc, vc) for one tile of its keys b, from the queries that can see them and
     the row keys a those queries use: dvc_b = sum_ta P (do_t * vr_a), dkc_b = scale * sum_ta dS (q_t * kr_a).
     DO is contiguous [BH, Tq, D]; DKC and DVC are contiguous [BH, Tk, D] (fp32)."""
-    pid_b, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_b, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: pid_bh * Tk * D passes 2**31
     b_idx, h_idx = pid_bh // H, pid_bh % H
     offset = Tk - Tq
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -253,14 +274,14 @@ def _backward_col_kernel(
         do = _load_rows(DO + pid_bh * Tq * D, offs_q, q_valid, offs_d, d_valid, D)
         lse = tl.load(LSE + pid_bh * Tq + offs_q, mask=q_valid, other=0.0)
         delta = tl.load(DELTA + pid_bh * Tq + offs_q, mask=q_valid, other=0.0)
-        b_ok = _key_ok(offs_b[:, None], t[None, :], W_COL, mask_ptr, HAS_MASK) & b_valid[:, None]  # [BB, BQ]
+        b_ok = _key_ok(offs_b[:, None], t[None, :], W_COL, mask_ptr, Tk, HAS_MASK) & b_valid[:, None]  # [BB, BQ]
         b_ok = b_ok & q_valid[None, :]
         t_first = i0 + offset
         t_end = tl.minimum(t_first + BLOCK_Q, Tk)
         for a in range(tl.maximum(t_first - W_ROW + 1, 0), t_end):
             kr = _load_row(KR + kbase, a, offs_d, d_valid, sk_t)
             vr = _load_row(VR + kbase, a, offs_d, d_valid, sk_t)
-            ok = b_ok & _key_ok(a, t, W_ROW, mask_ptr, HAS_MASK)[None, :]  # [BB, BQ]
+            ok = b_ok & _key_ok(a, t, W_ROW, mask_ptr, Tk, HAS_MASK)[None, :]  # [BB, BQ]
             qk = (q.to(tl.float32) * qk_scale * kr[None, :]).to(dtype).to(DOT)  # [BQ, BD]
             dov = (do.to(tl.float32) * vr[None, :]).to(dtype).to(DOT)
             s = tl.where(ok, tl.dot(kc, tl.trans(qk), input_precision=PRECISION), float("-inf"))  # [BB, BQ]
@@ -287,7 +308,7 @@ def _decode_kernel(
 ):
     """Partial decode step over rows a of one block: the last N1 keys of stream 1 and the last N2 of stream 2.
     Writes the block's max (base 2), sum of exp2(s - max) and sum_ab exp2(s - max) v1_a * v2_b."""
-    pid_a, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_a, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large caches
     b_idx, h_idx = pid_bh // H, pid_bh % H
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
@@ -364,10 +385,12 @@ def block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
 def tiles(kernel: str, dtype: torch.dtype, D: int) -> Tiles:
     """The launch of `kernel` (one of KERNELS) for inputs of `dtype` and head dim D (see TILES)."""
-    kind = "fma" if dtype == torch.float32 else "mma"
-    return TILES[kernel, kind, 64 if D <= 64 else 128]
+    return TILES[kernel, DTYPE_NAMES[dtype], 64 if D <= 64 else 128]
 
 
 def _launch_constants(q, kernel: str, interpreted: bool) -> dict:
@@ -379,8 +402,11 @@ def _launch_constants(q, kernel: str, interpreted: bool) -> dict:
     dot = tl.float32 if interpreted else _TL_DTYPES[q.dtype]
     launch = tiles(kernel, q.dtype, D)
     rows = "BLOCK_A" if kernel == "decode" else "BLOCK_Q"
-    return {"D": D, "BLOCK_D": block_d(D), "PRECISION": _precision(q.dtype), "DOT": dot, rows: launch.rows,
-            "BLOCK_B": launch.cols, "num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    constants = {"D": D, "BLOCK_D": block_d(D), "PRECISION": _precision(q.dtype), "DOT": dot, rows: launch.rows,
+                 "BLOCK_B": launch.cols, "num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    if kernel in ("forward", "dq"):
+        constants["FOLD"] = q.dtype != torch.float16  # products of two fp16 numbers may leave fp16's range
+    return constants
 
 
 @dataclasses.dataclass

@@ -9,17 +9,18 @@ registers) and the shared memory per program.
 
 A kernel that spills keeps part of its tiles in local memory (device memory behind the caches) inside its inner
 loop; one that asks for more shared memory than the GPU offers does not launch. `TILES` in
-hf_tensor_attn/ops/triton_kernels.py holds, per kernel, kind of dot product (tensor-core "mma" for bf16/fp16, IEEE
-"fma" for fp32) and head dim, the first choice in `CANDIDATES` that compiles without spills and within 99 KiB of
-shared memory (the least any CUDA GPU since sm_80 offers one program) for both targets. `--candidates` compiles every
-choice, so the table that shows why each entry was picked is this script's output too. Nothing here measures speed:
-`bench_attention --cuda` does, on a GPU.
+hf_tensor_attn/ops/triton_kernels.py holds, per kernel, dtype and head-dim bucket, the first choice in
+`CANDIDATES` x `SETTINGS` that compiles without spills and within 99 KiB of shared memory (the least any CUDA GPU
+since sm_80 offers one program) for both targets. `--candidates` compiles every choice, so the table that shows why
+each entry was picked is this script's output too. The launches are compiled for one shape (the one above): other
+sequence lengths, head dims inside a bucket or grouped heads specialise a few arguments differently. Nothing here
+measures speed: `bench_attention --cuda` does, on a GPU.
 
 Writes triton_resources.csv, run.json and tables.md (= `render(out)`, the publishing convention of
 scripts/bench/harness.py) to --out (default docs/triton_resources/ for a full run, runs/bench/triton_resources/ for
 --quick):
 
-    python -m scripts.bench.triton_resources --candidates     # full run, ~15 min on 2 cores
+    python -m scripts.bench.triton_resources --candidates     # full run
     python -m scripts.bench.triton_resources --quick          # sm_90, bf16, d=128, the package's launches only
     python -m scripts.bench.triton_resources --from-csv       # rebuild docs/triton_resources/tables.md
 """
@@ -121,8 +122,9 @@ def resources(kernel) -> dict:
             "shared_bytes": int(kernel.metadata.shared)}
 
 
-def fits(row: dict) -> bool:
-    return row["stack_bytes"] == 0 and row["shared_bytes"] <= SHARED_LIMIT
+def fits(row: dict, limit: int = SHARED_LIMIT) -> bool:
+    """Compiled, no spills, shared memory within `limit`."""
+    return not row["error"] and row["stack_bytes"] == 0 and row["shared_bytes"] <= limit
 
 
 def measure_one(job: tuple) -> dict:
@@ -136,17 +138,20 @@ def measure_one(job: tuple) -> dict:
     if tiles is not None:
         launch.constants.update(zip(keys, tiles))
     rows, cols, warps, stages = tiles or chosen
-    return {"kernel": name, "dtype": dtype, "head_dim": D, "arch": f"sm_{arch}", "rows": rows, "cols": cols,
-            "warps": warps, "stages": stages, "package": int(tiles is None),
-            **resources(compile_for(launch, arch))}
+    row = {"kernel": name, "dtype": dtype, "head_dim": D, "arch": f"sm_{arch}", "rows": rows, "cols": cols,
+           "warps": warps, "stages": stages, "package": int(tiles is None)}
+    try:
+        return {**row, **resources(compile_for(launch, arch)), "error": ""}
+    except Exception as error:  # e.g. a tile Triton cannot lay out: recorded as not fitting, the run goes on
+        return {**row, "registers": -1, "stack_bytes": -1, "shared_bytes": -1,
+                "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"}
 
 
 def jobs(archs, dtypes, head_dims, candidates: bool) -> list[tuple]:
     own = [(name, dt, D, arch, None) for name, dt, D, arch in itertools.product(CANDIDATES, dtypes, head_dims, archs)]
     if not candidates:
         return own
-    # fp16 compiles like bf16 (same kind of dot): its candidates are not compiled again
-    return own + [(name, dt, D, arch, (r, c, w, st)) for name in CANDIDATES for dt in dtypes if dt != "fp16"
+    return own + [(name, dt, D, arch, (r, c, w, st)) for name in CANDIDATES for dt in dtypes
                   for D, arch, (r, c), (w, st) in itertools.product(head_dims, archs, CANDIDATES[name], SETTINGS)]
 
 
@@ -185,8 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     from triton import knobs
 
     tools = f"triton {triton.__version__}, ptxas {knobs.nvidia.ptxas.version}"
-    write_csv(out / f"{NAME}.csv", rows, {})
-    write_run_record(out, run_record(MODULE, argv, TITLE, machine(), describe_load(start, load_snapshot()),
+    machine_record = machine()
+    write_csv(out / f"{NAME}.csv", rows, machine_record)
+    write_run_record(out, run_record(MODULE, argv, TITLE, machine_record, describe_load(start, load_snapshot()),
                                      tools=tools, shape=SHAPE, shared_limit=SHARED_LIMIT))
     print(publish(out, render))
 
@@ -202,7 +208,7 @@ def render(folder: Path) -> str:
     limit = record["shared_limit"]
     shape = record["shape"]
     own = sorted((r for r in rows if r["package"]), key=_sort_key)
-    ok = lambda r: "yes" if r["stack_bytes"] == 0 and r["shared_bytes"] <= limit else "**no**"  # noqa: E731
+    ok = lambda r: "yes" if fits(r, limit) else ("**compile error**" if r["error"] else "**no**")  # noqa: E731
     intro = [
         f"Compiled with {record['tools']} on this CPU (no GPU): the package's launches for B={shape['B']}, "
         f"H={shape['H']}, T={shape['T']}, windows {shape['w1']} x {shape['w2']}, with a padding mask. "
@@ -216,10 +222,9 @@ def render(folder: Path) -> str:
     sections = [("The package's launches (TILES)", intro + [""] + markdown_table(header, table, "llrlrrrrrrl"))]
     tried = [r for r in rows if not r["package"]]
     if tried:
-        lines = ["Each choice of `CANDIDATES` x `SETTINGS` compiled the same way, in order of preference (fp16 "
-                 "compiles like bf16, so only bf16 and fp32 are tried). Cells: registers / stack bytes / shared KiB "
-                 "per target. The first that fits on every target is marked; TILES should hold it (the package "
-                 "column says what TILES holds)."]
+        lines = ["Each choice of `CANDIDATES` x `SETTINGS` compiled the same way, in order of preference. Cells: "
+                 "registers / stack bytes / shared KiB per target (-1: the compile failed). The first that fits on "
+                 "every target is marked; TILES should hold it (the package column says what TILES holds)."]
         keys = sorted({(r["kernel"], r["dtype"], r["head_dim"]) for r in tried},
                       key=lambda k: (list(CANDIDATES).index(k[0]), k[1], k[2]))
         archs = sorted({r["arch"] for r in tried})
@@ -231,7 +236,7 @@ def render(folder: Path) -> str:
             first = True
             for tiles in dict.fromkeys((r["rows"], r["cols"], r["warps"], r["stages"]) for r in mine):
                 cells = {r["arch"]: r for r in mine if (r["rows"], r["cols"], r["warps"], r["stages"]) == tiles}
-                fit = all(a in cells and ok(cells[a]) == "yes" for a in archs)
+                fit = all(a in cells and fits(cells[a], limit) for a in archs)
                 mark = "**first fit**" if fit and first else ("yes" if fit else "no")
                 first = first and not fit
                 body.append([kernel, dtype, D, f"{tiles[0]} x {tiles[1]}", tiles[2], tiles[3], *(

@@ -9,7 +9,7 @@ kernels.
 The interpreter executes every tile operation in numpy (tens of ms each), so the cases cover each condition once
 rather than their cross product: causal, windows w1 = w2 = 1, windows >= T, left padding (including queries with
 no allowed pair), Tq < Tk, T in {1, 17, 20, 70}, D in {16, 64, 96, 128} (so every tile shape of `TILES` runs),
-bf16 and fp32, grouped key/value heads (H given as (H, H_kv)); and NaN containment on a few cases.
+bf16, fp16 and fp32, grouped key/value heads (H given as (H, H_kv)); and NaN containment on a few cases.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ ATTENTION_CASES = {
     "Tq1-Tk70-causal-padding": (2, 1, 1, 70, 16, None, None, (7, 0), torch.float32),
     "T1-D64": (1, 2, 1, 1, 64, None, None, None, torch.float32),
     "bf16-causal-D64": (1, 1, 17, 17, 64, None, 4, None, torch.bfloat16),
+    "bf16-T70-windows-padding": (2, 1, 70, 70, 64, 13, 40, (0, 9), torch.bfloat16),
+    "fp16-T70-causal-padding": (2, 1, 70, 70, 64, None, 6, (5, 0), torch.float16),
     "bf16-D128-windows-padding": (1, 1, 20, 20, 128, 6, 5, (3,), torch.bfloat16),
     "D96-causal-padding": (1, 1, 20, 20, 96, None, None, (2,), torch.float32),
     "grouped-H4-Hkv2-windows-padding": (2, (4, 2), 17, 20, 16, 5, 3, (4, 0), torch.float32),
@@ -45,6 +47,7 @@ DECODE_CASES = {
     "Tk70-windows-1x1": (1, 1, 70, 16, 1, 1, None, torch.float32),
     "all-padding": (1, 1, 17, 16, 4, None, (17,), torch.float32),
     "bf16-windows>=T": (1, 2, 70, 64, 80, 70, None, torch.bfloat16),
+    "fp16-D128-window-padding": (2, 1, 70, 128, None, 20, (4, 0), torch.float16),
     "grouped-H4-Hkv1-window-padding": (2, (4, 1), 17, 16, None, 4, (3, 0), torch.float32),
 }
 
