@@ -393,17 +393,20 @@ def tiles(kernel: str, dtype: torch.dtype, D: int) -> Tiles:
     return TILES[kernel, DTYPE_NAMES[dtype], 64 if D <= 64 else 128]
 
 
-def _launch_constants(q, kernel: str, interpreted: bool) -> dict:
-    """The kernel's compile-time constants and launch options for q's dtype and head dim."""
+def _launch_constants(q, kernel: str, has_mask: bool, interpreted: bool | None) -> dict:
+    """The kernel's compile-time constants and launch options for q's dtype and head dim. `interpreted`: whether the
+    launch runs in Triton's interpreter; None means "q is not a CUDA tensor"."""
     D = q.shape[-1]
+    interpreted = not q.is_cuda if interpreted is None else interpreted
     # Dot operands are rounded to the input dtype; the interpreter's tl.dot cannot multiply bf16/fp16 (numpy has
     # no bf16 matmul), so there the rounded operands go to tl.dot as fp32: the products of two bf16 numbers are
     # exact in fp32, as on tensor cores, so only the summation order differs from the GPU.
     dot = tl.float32 if interpreted else _TL_DTYPES[q.dtype]
     launch = tiles(kernel, q.dtype, D)
     rows = "BLOCK_A" if kernel == "decode" else "BLOCK_Q"
-    constants = {"D": D, "BLOCK_D": block_d(D), "PRECISION": _precision(q.dtype), "DOT": dot, rows: launch.rows,
-                 "BLOCK_B": launch.cols, "num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    constants = {"D": D, "BLOCK_D": block_d(D), "HAS_MASK": has_mask, "PRECISION": _precision(q.dtype), "DOT": dot,
+                 rows: launch.rows, "BLOCK_B": launch.cols, "num_warps": launch.num_warps,
+                 "num_stages": launch.num_stages}
     if kernel in ("forward", "dq"):
         constants["FOLD"] = q.dtype != torch.float16  # products of two fp16 numbers may leave fp16's range
     return constants
@@ -426,7 +429,7 @@ class Launch:
 
 def forward_launches(q, k1, k2, v1, v2, scale, w1, w2, attention_mask, interpreted=None):
     """([Launch], (out [B, H, Tq, D] in q's dtype, lse [B*H, Tq] fp32 in base 2)); the outputs are written when the
-    launches run. k1, k2, v1, v2 may have H_kv heads. `interpreted`: None means "q is not a CUDA tensor"."""
+    launches run. k1, k2, v1, v2 may have H_kv heads. `interpreted`: see `_launch_constants`."""
     B, H, Tq, D = q.shape
     Tk = k1.shape[2]
     groups = H // k1.shape[1]
@@ -435,11 +438,11 @@ def forward_launches(q, k1, k2, v1, v2, scale, w1, w2, attention_mask, interpret
     mask, has_mask = _mask_arg(attention_mask, q)
     out = torch.empty(B, H, Tq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B * H, Tq, dtype=torch.float32, device=q.device)
-    constants = _launch_constants(q, "forward", not q.is_cuda if interpreted is None else interpreted)
+    constants = _launch_constants(q, "forward", has_mask, interpreted)
     args = (q, k1, k2, v1, v2, mask, out, lse, q.stride(0), q.stride(1), q.stride(2), *sk,
             H, groups, Tq, Tk, _window(w1, Tk), _window(w2, Tk), scale * LOG2E)
     grid = (triton.cdiv(Tq, constants["BLOCK_Q"]), B * H)
-    return [Launch("forward", _forward_kernel, grid, args, {"HAS_MASK": has_mask, **constants})], (out, lse)
+    return [Launch("forward", _forward_kernel, grid, args, constants)], (out, lse)
 
 
 def backward_launches(dout, q, k1, k2, v1, v2, out, lse, scale, w1, w2, attention_mask, interpreted=None):
@@ -448,7 +451,6 @@ def backward_launches(dout, q, k1, k2, v1, v2, out, lse, scale, w1, w2, attentio
     B, H, Tq, D = q.shape
     Tk = k1.shape[2]
     groups = H // k1.shape[1]
-    interpreted = not q.is_cuda if interpreted is None else interpreted
     q = _rows_last_dim(q)
     k1, k2, v1, v2, sk = _key_strides(k1, k2, v1, v2)
     mask, has_mask = _mask_arg(attention_mask, q)
@@ -457,11 +459,11 @@ def backward_launches(dout, q, k1, k2, v1, v2, out, lse, scale, w1, w2, attentio
     w1, w2 = _window(w1, Tk), _window(w2, Tk)
     strides = (q.stride(0), q.stride(1), q.stride(2), *sk)
     dq = torch.empty(B * H, Tq, D, dtype=torch.float32, device=q.device)
-    constants = {"HAS_MASK": has_mask, **_launch_constants(q, "dq", interpreted)}
+    constants = _launch_constants(q, "dq", has_mask, interpreted)
     args = (q, k1, k2, v1, v2, mask, do, lse, delta, dq, *strides, H, groups, Tq, Tk, w1, w2, scale * LOG2E)
     launches = [Launch("dq", _backward_dq_kernel, (triton.cdiv(Tq, constants["BLOCK_Q"]), B * H), args, constants)]
     grads = {}
-    constants = {"HAS_MASK": has_mask, **_launch_constants(q, "col", interpreted)}
+    constants = _launch_constants(q, "col", has_mask, interpreted)
     # the column-stream kernel, once with k2/v2 as the column stream and once with the streams swapped
     for kr, kc, vr, vc, w_row, w_col, name in ((k1, k2, v1, v2, w1, w2, 2), (k2, k1, v2, v1, w2, w1, 1)):
         dk = torch.empty(B * H, Tk, D, dtype=torch.float32, device=q.device)
@@ -526,14 +528,14 @@ def decode_launches(q, k1, k2, v1, v2, scale, w1, w2, attention_mask, interprete
     q = _rows_last_dim(q)
     k1, k2, v1, v2, sk = _key_strides(k1, k2, v1, v2)
     mask, has_mask = _mask_arg(attention_mask, q)
-    constants = _launch_constants(q, "decode", not q.is_cuda if interpreted is None else interpreted)
+    constants = _launch_constants(q, "decode", has_mask, interpreted)
     splits = triton.cdiv(n1, constants["BLOCK_A"])
     m = torch.empty(B * H, splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(B * H, splits, D, dtype=torch.float32, device=q.device)
     args = (q, k1, k2, v1, v2, mask, m, l, acc, q.stride(0), q.stride(1), *sk, H, groups, Tk, n1, n2, scale * LOG2E,
             splits)
-    return [Launch("decode", _decode_kernel, (splits, B * H), args, {"HAS_MASK": has_mask, **constants})], (m, l, acc)
+    return [Launch("decode", _decode_kernel, (splits, B * H), args, constants)], (m, l, acc)
 
 
 def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):

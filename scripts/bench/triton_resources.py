@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
+import functools
 import itertools
 import multiprocessing
 import os
@@ -70,6 +72,7 @@ SETTINGS = ((4, 3), (8, 3), (4, 2), (8, 2))
 SHAPE = dict(B=4, H=8, T=1024, w1=512, w2=32)
 
 
+@functools.cache  # a worker compiles many candidates of the same launches; measure_one copies before changing one
 def launches(dtype: torch.dtype, D: int) -> dict:
     """The package's launches of each kernel (one per name) for `dtype` and head dim D, as on a CUDA device."""
     from hf_tensor_attn.ops import triton_kernels as tk
@@ -132,6 +135,7 @@ def measure_one(job: tuple) -> dict:
     name, dtype, D, arch, tiles = job
     warnings.filterwarnings("ignore", module="triton")
     launch = launches(DTYPES[dtype], D)[name]
+    launch = dataclasses.replace(launch, constants=dict(launch.constants))
     rows_key = "BLOCK_A" if name == "decode" else "BLOCK_Q"
     keys = (rows_key, "BLOCK_B", "num_warps", "num_stages")
     chosen = tuple(launch.constants[key] for key in keys)
