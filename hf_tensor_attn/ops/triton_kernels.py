@@ -153,7 +153,8 @@ def _forward_kernel(
         k1 = _load_row(K1 + kbase, a, offs_d, d_valid, sk_t)  # [BD]
         v1 = _load_row(V1 + kbase, a, offs_d, d_valid, sk_t)
         a_ok = _key_ok(a, t, W1, mask_ptr, Tk, HAS_MASK)  # [BQ]
-        qk = (q.to(tl.float32) * qk_scale * k1[None, :]).to(dtype).to(DOT)  # [BQ, BD]: q_t * k1_a
+        # q stays in its dtype across the loop (an fp32 copy would cost registers); the scale goes on the row
+        qk = (q.to(tl.float32) * (k1 * qk_scale)[None, :]).to(dtype).to(DOT)  # [BQ, BD]: q_t * k1_a
         for b0 in range(b_start, t_end, BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B)
             b_in = offs_b < t_end
@@ -214,7 +215,7 @@ def _backward_dq_kernel(
         k1 = _load_row(K1 + kbase, a, offs_d, d_valid, sk_t)
         v1 = _load_row(V1 + kbase, a, offs_d, d_valid, sk_t)
         a_ok = _key_ok(a, t, W1, mask_ptr, Tk, HAS_MASK)
-        qk = (q.to(tl.float32) * qk_scale * k1[None, :]).to(dtype).to(DOT)
+        qk = (q.to(tl.float32) * (k1 * qk_scale)[None, :]).to(dtype).to(DOT)  # see the forward
         dov = (do.to(tl.float32) * v1[None, :]).to(dtype).to(DOT)  # dP = dov @ v2^T
         for b0 in range(b_start, t_end, BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B)
@@ -282,7 +283,7 @@ def _backward_col_kernel(
             kr = _load_row(KR + kbase, a, offs_d, d_valid, sk_t)
             vr = _load_row(VR + kbase, a, offs_d, d_valid, sk_t)
             ok = b_ok & _key_ok(a, t, W_ROW, mask_ptr, Tk, HAS_MASK)[None, :]  # [BB, BQ]
-            qk = (q.to(tl.float32) * qk_scale * kr[None, :]).to(dtype).to(DOT)  # [BQ, BD]
+            qk = (q.to(tl.float32) * (kr * qk_scale)[None, :]).to(dtype).to(DOT)  # [BQ, BD], see the forward
             dov = (do.to(tl.float32) * vr[None, :]).to(dtype).to(DOT)
             s = tl.where(ok, tl.dot(kc, tl.trans(qk), input_precision=PRECISION), float("-inf"))  # [BB, BQ]
             p = tl.exp2(s - lse[None, :])
