@@ -1,20 +1,34 @@
 """Which implementation runs an op: the CPU/eager torch path, or the Triton kernels (`ops.triton_kernels`).
 
-`backend=None` (auto) takes Triton for CUDA tensors of a dtype the kernels support when the `triton` package
-imports, and torch otherwise. "torch" always runs the torch path; "triton" insists on the kernels and says why
-when they cannot run. The kernels also run on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1` set
-before `ops.triton_kernels` is first imported); that is how the tests check them without a GPU.
+`backend=None` (auto) takes Triton for CUDA tensors of a dtype the kernels support when a `triton` release the
+kernels are tested with (TRITON_OLDEST_TESTED or newer) is installed, and torch otherwise. "torch" always runs the
+torch path; "triton" insists on the kernels and says why when they cannot run. The kernels also run on CPU tensors
+under Triton's interpreter (`TRITON_INTERPRET=1` set before `ops.triton_kernels` is first imported); that is how the
+tests check them without a GPU.
+
+Which triton a GPU user has is usually not theirs to choose: each CUDA build of torch requires one release (torch
+2.11 -> triton 3.6.0, 2.12 -> 3.7.0, 2.13 -> 3.7.1, 2.14 -> 3.8). So the kernels are tested with two
+(.ci/run): TRITON_NEWEST_TESTED, pinned in configs/constraints.txt because torch==2.13.0 requires it, and
+TRITON_OLDEST_TESTED in the environment of the oldest supported versions. An older triton (torch 2.4 to 2.10)
+leaves CUDA tensors on the torch path, with one warning saying why; a newer one runs the kernels, with one
+warning that they were not tested there. The kernels' tiles (`triton_kernels.TILES`) are chosen to compile without
+register spills with both (docs/triton_resources.md).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import os
+import warnings
 
 import torch
+from packaging.version import Version
 
 BACKENDS = ("torch", "triton")
+TRITON_OLDEST_TESTED = "3.6.0"
+TRITON_NEWEST_TESTED = "3.7.1"
 # fp32 is computed exactly (IEEE dot products); float64 has no tensor-core path and stays on torch.
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -30,6 +44,55 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+class UntestedTritonWarning(UserWarning):
+    """The installed triton is newer than the newest release the kernels were tested with."""
+
+
+@functools.cache
+def triton_version() -> Version | None:
+    """The installed triton's release (None: not installed)."""
+    if not triton_installed():
+        return None
+    try:
+        return Version(importlib.metadata.version("triton"))
+    except importlib.metadata.PackageNotFoundError:  # installed under another distribution name (pytorch-triton)
+        import triton
+
+        return Version(triton.__version__)
+
+
+def triton_too_old() -> str | None:
+    """Why the installed triton cannot run the kernels (older than TRITON_OLDEST_TESTED), or None."""
+    installed = triton_version()
+    if installed is None or installed.release >= Version(TRITON_OLDEST_TESTED).release:
+        return None
+    return (f"the installed triton {installed} is older than {TRITON_OLDEST_TESTED}, the oldest release the "
+            f"kernels are tested with (a CUDA build of torch >= 2.11 brings one; or pip install "
+            f"'triton>={TRITON_OLDEST_TESTED}')")
+
+
+@functools.cache
+def _warn_once(category: type[Warning], message: str) -> None:
+    warnings.warn(message, category, stacklevel=4)
+
+
+def _check_triton_version(backend) -> bool:
+    """False (auto: warn once, run torch) or ValueError ("triton") for a too old triton; a newer minor release than
+    TRITON_NEWEST_TESTED warns once and runs."""
+    problem = triton_too_old()
+    if problem is not None:
+        if backend == "triton":
+            raise ValueError(f"backend='triton': {problem}")
+        _warn_once(RuntimeWarning, f"hf_tensor_attn: CUDA tensors run the torch path: {problem}")
+        return False
+    if triton_version().release[:2] > Version(TRITON_NEWEST_TESTED).release[:2]:
+        _warn_once(UntestedTritonWarning,
+                   f"hf_tensor_attn's Triton kernels were tested with triton {TRITON_OLDEST_TESTED} to "
+                   f"{TRITON_NEWEST_TESTED}; the installed triton {triton_version()} is newer. If they fail to "
+                   "compile or disagree with backend='torch', please report it; backend='torch' avoids them.")
+    return True
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -40,7 +103,7 @@ def use_triton(backend, q: torch.Tensor) -> bool:
     if backend == "torch":
         return False
     if backend is None:
-        return q.is_cuda and q.dtype in TRITON_DTYPES and triton_installed()
+        return q.is_cuda and q.dtype in TRITON_DTYPES and triton_installed() and _check_triton_version(backend)
     if not triton_installed():
         raise ValueError("backend='triton' needs the `triton` package: pip install 'hf_tensor_attn[gpu]'")
     if q.dtype not in TRITON_DTYPES:
@@ -50,4 +113,4 @@ def use_triton(backend, q: torch.Tensor) -> bool:
             f"backend='triton' needs CUDA tensors (got device {q.device}), or TRITON_INTERPRET=1 to run the "
             "kernels on CPU in Triton's interpreter"
         )
-    return True
+    return _check_triton_version(backend)

@@ -9,10 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import re
+import warnings
+from types import SimpleNamespace
+
 import pytest
 import torch
+from packaging.version import Version
 
-from hf_tensor_attn.ops.backend import triton_installed, use_triton
+from hf_tensor_attn.ops import backend
+from hf_tensor_attn.ops.backend import (
+    TRITON_NEWEST_TESTED, TRITON_OLDEST_TESTED, UntestedTritonWarning, triton_installed, triton_version, use_triton,
+)
 from tests.ops.test_tiled import TOL, assert_close_scaled
 from tests.ops.triton_cases import ATTENTION_CASES, DECODE_CASES, NONFINITE_CASES
 
@@ -88,3 +96,43 @@ def test_backend_errors_name_the_problem(monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(ValueError, match="needs CUDA tensors"):
             use_triton("triton", q)
+
+
+def test_tested_triton_releases_are_the_declared_pinned_and_ci_ones():
+    """pyproject's lower bound is the oldest tested release, configs/constraints.txt pins the newest (the one
+    torch==2.13.0's CUDA build requires) and .ci/run installs the oldest in its second environment."""
+    for spec in re.findall(r'"triton([^"]*)"', (ROOT / "pyproject.toml").read_text()):
+        assert spec == f">={TRITON_OLDEST_TESTED}", spec
+    pins = dict(line.split("==") for line in (ROOT / "configs/constraints.txt").read_text().split() if "==" in line)
+    assert pins["triton"] == TRITON_NEWEST_TESTED
+    assert "TRITON_OLDEST_TESTED" in (ROOT / ".ci/run").read_text()
+    if triton_installed():
+        installed = triton_version()
+        assert Version(TRITON_OLDEST_TESTED) <= installed, installed
+        assert installed.release[:2] <= Version(TRITON_NEWEST_TESTED).release[:2], installed
+
+
+def test_triton_outside_the_tested_range(monkeypatch):
+    """Too old: CUDA tensors run torch with one warning (auto), backend='triton' says why; newer: one warning."""
+    cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda", 0))
+    oldest = re.escape(TRITON_OLDEST_TESTED)
+    monkeypatch.setattr(backend, "triton_installed", lambda: True)
+    backend._warn_once.cache_clear()
+    monkeypatch.setattr(backend, "triton_version", lambda: Version("3.0.0"))
+    with pytest.warns(RuntimeWarning, match=rf"torch path: the installed triton 3\.0\.0 is older than {oldest}") as seen:
+        assert not use_triton(None, cuda)
+        assert not use_triton(None, cuda)
+    assert len(seen) == 1
+    with pytest.raises(ValueError, match=rf"backend='triton': the installed triton 3\.0\.0 is older than {oldest}"):
+        use_triton("triton", cuda)
+    monkeypatch.setattr(backend, "triton_version", lambda: Version("3.99.0"))
+    with pytest.warns(UntestedTritonWarning, match=rf"tested with triton {oldest} to .* 3\.99\.0 is newer") as seen:
+        assert use_triton(None, cuda) and use_triton("triton", cuda)
+    assert len(seen) == 1
+    newest = Version(TRITON_NEWEST_TESTED)
+    for tested in (TRITON_OLDEST_TESTED, TRITON_NEWEST_TESTED, f"{newest.major}.{newest.minor}.{newest.micro + 1}"):
+        monkeypatch.setattr(backend, "triton_version", lambda tested=tested: Version(tested))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert use_triton(None, cuda) and use_triton("triton", cuda)
+    backend._warn_once.cache_clear()
