@@ -8,21 +8,23 @@ arguments), and reads from the binary the registers per thread, the stack frame 
 registers) and the shared memory per program.
 
 A kernel that spills keeps part of its tiles in local memory (device memory behind the caches) inside its inner
-loop; one that asks for more shared memory than the GPU offers does not launch. `TILES` in
-hf_tensor_attn/ops/triton_kernels.py holds, per kernel, dtype and head-dim bucket, the first choice in
+loop; one that asks for more shared memory than the GPU offers does not launch. What a launch needs depends on the
+triton release too (its compiler lays tiles out differently), so a full run is made with each release the kernels
+are tested with (ops.backend.TRITON_OLDEST_TESTED and TRITON_NEWEST_TESTED), each in its own environment. `TILES`
+in hf_tensor_attn/ops/triton_kernels.py holds, per kernel, dtype and head-dim bucket, the first choice in
 `CANDIDATES` x `SETTINGS` that compiles without spills and within 99 KiB of shared memory (the least any CUDA GPU
-since sm_80 offers one program) for both targets. `--candidates` compiles every choice, so the table that shows why
-each entry was picked is this script's output too. The launches are compiled for one shape (the one above): other
-sequence lengths, head dims inside a bucket or grouped heads specialise a few arguments differently. Nothing here
-measures speed: `bench_attention --cuda` does, on a GPU.
+since sm_80 offers one program) for both targets in every published run. `--candidates` compiles every choice, so
+the tables that show why each entry was picked are this script's output too. The launches are compiled for one
+shape (the one above): other sequence lengths, head dims inside a bucket or grouped heads specialise a few
+arguments differently. Nothing here measures speed: `bench_attention --cuda` does, on a GPU.
 
 Writes triton_resources.csv, run.json and tables.md (= `render(out)`, the publishing convention of
-scripts/bench/harness.py) to --out (default docs/triton_resources/ for a full run, runs/bench/triton_resources/ for
---quick):
+scripts/bench/harness.py) to --out (default docs/triton_resources/triton-<installed release>/ for a full run,
+runs/bench/triton_resources/triton-<release>/ for --quick):
 
-    python -m scripts.bench.triton_resources --candidates     # full run
+    python -m scripts.bench.triton_resources --candidates     # full run, with the installed triton
     python -m scripts.bench.triton_resources --quick          # sm_90, bf16, d=128, the package's launches only
-    python -m scripts.bench.triton_resources --from-csv       # rebuild docs/triton_resources/tables.md
+    python -m scripts.bench.triton_resources --from-csv --out docs/triton_resources/triton-3.7.1   # rebuild tables.md
 """
 
 from __future__ import annotations
@@ -92,8 +94,8 @@ def launches(dtype: torch.dtype, D: int) -> dict:
 
 def compile_for(launch, arch: int):
     """The launch compiled for sm_<arch> the way Triton compiles it when launched on such a GPU.
-    Uses Triton internals (binder and argument packing of triton.runtime.jit, pinned triton==3.9.0); a change
-    there fails tests/ops/test_triton_compile.py."""
+    Uses Triton internals (binder and argument packing of triton.runtime.jit, as in triton 3.6 to 3.9); a change
+    there fails tests/ops/test_triton_compile.py, which .ci/run runs with both tested releases."""
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile, make_backend
@@ -102,8 +104,9 @@ def compile_for(launch, arch: int):
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     fn = launch.kernel
-    kwargs = dict(launch.constants, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode,
-                  fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+    kwargs = dict(launch.constants, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # an option since triton 3.7 (JITFunction.run sets it)
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
@@ -178,7 +181,11 @@ def main(argv: list[str] | None = None) -> None:
         args.arch, args.dtype, args.head_dim, args.candidates = [90], ["bf16"], [128], False
     full = args.from_csv or (args.candidates and sorted(args.arch) == list(ARCHS) and sorted(args.dtype) ==
                              sorted(DTYPES) and sorted(args.head_dim) == list(HEAD_DIMS))
-    out = output_dir(parser, args.out, NAME, full)
+    if args.from_csv and args.out is None:
+        parser.error("--from-csv needs --out: the folder of one run, e.g. docs/triton_resources/triton-3.7.1")
+    from hf_tensor_attn.ops.backend import triton_version
+
+    out = output_dir(parser, args.out, f"{NAME}/triton-{triton_version()}", full)
     if args.from_csv:
         print(publish(out, render))
         return
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     machine_record = machine()
     write_csv(out / f"{NAME}.csv", rows, machine_record)
     write_run_record(out, run_record(MODULE, argv, TITLE, machine_record, describe_load(start, load_snapshot()),
-                                     tools=tools, shape=SHAPE, shared_limit=SHARED_LIMIT))
+                                     tools=tools, triton=triton.__version__, shape=SHAPE, shared_limit=SHARED_LIMIT))
     print(publish(out, render))
 
 
@@ -228,7 +235,8 @@ def render(folder: Path) -> str:
     if tried:
         lines = ["Each choice of `CANDIDATES` x `SETTINGS` compiled the same way, in order of preference. Cells: "
                  "registers / stack bytes / shared KiB per target (-1: the compile failed). The first that fits on "
-                 "every target is marked; TILES should hold it (the package column says what TILES holds)."]
+                 "every target with this triton is marked; TILES holds the first that fits with every tested "
+                 "triton release (the package column says what TILES holds)."]
         keys = sorted({(r["kernel"], r["dtype"], r["head_dim"]) for r in tried},
                       key=lambda k: (list(CANDIDATES).index(k[0]), k[1], k[2]))
         archs = sorted({r["arch"] for r in tried})

@@ -11,12 +11,12 @@ import pytest
 from scripts.bench.harness import RUN_RECORD, TABLES, read_run_record, render_folder
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-FOLDERS = sorted(path.parent for path in DOCS.glob(f"*/{RUN_RECORD}"))
+FOLDERS = sorted(path.parent for path in DOCS.glob(f"**/{RUN_RECORD}"))  # docs/NAME/ or deeper (NAME/triton-3.6.0/)
 
 
 def test_every_published_folder_has_a_run_record():
     # A docs/NAME/ with a table file but no run record could not be rebuilt, so it would escape the check below.
-    tables = sorted(path.parent for path in DOCS.glob(f"*/{TABLES}"))
+    tables = sorted(path.parent for path in DOCS.glob(f"**/{TABLES}"))
     assert tables, "no docs/NAME/tables.md found"
     assert [folder for folder in tables if folder not in FOLDERS] == []
 

@@ -1,8 +1,9 @@
 """The Triton kernels compiled for real GPUs (sm_80, sm_90) on this CPU-only machine, as
 scripts/bench/triton_resources.py compiles them: the package's launch of every TILES entry (per kernel, dtype and
-head-dim bucket; at the GPU benchmark's shape) compiles without spilling registers and within the shared memory every
-CUDA GPU since sm_80 offers a program; and the published table (docs/triton_resources/) describes the TILES in the
-code.
+head-dim bucket; at the GPU benchmark's shape) compiles with the installed triton without spilling registers and
+within the shared memory every CUDA GPU since sm_80 offers a program (.ci/run runs this with both tested triton
+releases); and the published tables, one run per tested release (docs/triton_resources/triton-*/), describe the
+TILES in the code.
 
 The interpreter tests (test_triton.py) check what the kernels compute; these check that a GPU can run them as
 compiled, which the interpreter never does (it has no registers, layouts or shared memory)."""
@@ -98,31 +99,42 @@ def test_every_tiles_entry_is_interpreted():
     assert not missing, f"no interpreter case runs these (kernel, rows, cols): {sorted(missing)}"
 
 
-@needs_triton
-def test_published_table_describes_these_tiles():
-    """docs/triton_resources was made with the TILES in the code, and each entry is the first candidate that fits
-    on every target in that run (the rule TILES states)."""
-    from hf_tensor_attn.ops.triton_kernels import TILES, tiles
+def _published_runs() -> dict[str, list[dict]]:
+    """{triton release: rows} of each published run (docs/triton_resources/triton-<release>/)."""
     from scripts.bench.harness import read_csv, read_run_record
-    from scripts.bench.triton_resources import CANDIDATES, DTYPES, SETTINGS, fits
 
-    rows = read_csv(PUBLISHED / "triton_resources.csv")
-    limit = read_run_record(PUBLISHED)["shared_limit"]
-    own = [r for r in rows if r["package"]]
-    published = {(r["kernel"], r["dtype"], r["head_dim"]) for r in own}
-    assert published == set(TILES), f"published launches {sorted(published)} are not TILES' {sorted(TILES)}"
-    rerun = "rerun `python -m scripts.bench.triton_resources --candidates`"
-    for r in own:
-        t = tiles(r["kernel"], DTYPES[r["dtype"]], r["head_dim"])
-        assert (r["rows"], r["cols"], r["warps"], r["stages"]) == (t.rows, t.cols, t.num_warps, t.num_stages), (
-            f"docs/triton_resources was made with other TILES than the code's for {r}; {rerun}")
-    for kernel, dtype, D in {(r["kernel"], r["dtype"], r["head_dim"]) for r in rows if not r["package"]}:
-        tried = [r for r in rows if not r["package"] and (r["kernel"], r["dtype"], r["head_dim"]) == (kernel, dtype, D)]
+    return {read_run_record(folder)["triton"]: read_csv(folder / "triton_resources.csv")
+            for folder in sorted(PUBLISHED.glob("triton-*"))}
+
+
+@needs_triton
+def test_published_tables_describe_these_tiles():
+    """docs/triton_resources holds a run with each tested triton release, each made with the TILES in the code,
+    and each entry is the first candidate that fits on every target in every one of them (the rule TILES states)."""
+    from hf_tensor_attn.ops.backend import TRITON_NEWEST_TESTED, TRITON_OLDEST_TESTED
+    from hf_tensor_attn.ops.triton_kernels import TILES, tiles
+    from scripts.bench.triton_resources import CANDIDATES, DTYPES, SETTINGS, SHARED_LIMIT, fits
+
+    runs = _published_runs()
+    assert set(runs) == {TRITON_OLDEST_TESTED, TRITON_NEWEST_TESTED}, f"published runs: {sorted(runs)}"
+    rerun = "rerun `python -m scripts.bench.triton_resources --candidates` with each tested triton"
+    for release, rows in runs.items():
+        own = [r for r in rows if r["package"]]
+        published = {(r["kernel"], r["dtype"], r["head_dim"]) for r in own}
+        assert published == set(TILES), f"triton {release}: published launches {sorted(published)} are not TILES'"
+        for r in own:
+            t = tiles(r["kernel"], DTYPES[r["dtype"]], r["head_dim"])
+            assert (r["rows"], r["cols"], r["warps"], r["stages"]) == (t.rows, t.cols, t.num_warps, t.num_stages), (
+                f"the triton {release} run was made with other TILES than the code's for {r}; {rerun}")
+    for kernel, dtype, D in TILES:
         order = [(rc[0], rc[1], w, st) for rc in CANDIDATES[kernel] for w, st in SETTINGS]
-        fitting = [key for key in order if (found := [r for r in tried if (r["rows"], r["cols"], r["warps"],
-                                                                             r["stages"]) == key])
-                   and all(fits(r, limit) for r in found)]
+        tried = [r for rows in runs.values() for r in rows
+                 if not r["package"] and (r["kernel"], r["dtype"], r["head_dim"]) == (kernel, dtype, D)]
+        found = {key: [r for r in tried if (r["rows"], r["cols"], r["warps"], r["stages"]) == key] for key in order}
+        # every candidate compiled for both targets with every release, so "fits everywhere" is not vacuous
+        assert all(len(found[key]) == len(ARCHS) * len(runs) for key in order), f"{kernel} {dtype} d={D}: missing rows"
+        fitting = [key for key in order if all(fits(r, SHARED_LIMIT) for r in found[key])]
         t = tiles(kernel, DTYPES[dtype], D)
         assert fitting and fitting[0] == (t.rows, t.cols, t.num_warps, t.num_stages), (
-            f"{kernel} {dtype} d={D}: TILES holds {t}, the first fitting candidate is "
+            f"{kernel} {dtype} d={D}: TILES holds {t}, the first candidate that fits with every tested triton is "
             f"{fitting[0] if fitting else None}; {rerun}")

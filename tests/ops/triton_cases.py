@@ -48,6 +48,7 @@ DECODE_CASES = {
     "all-padding": (1, 1, 17, 16, 4, None, (17,), torch.float32),
     "bf16-windows>=T": (1, 2, 70, 64, 80, 70, None, torch.bfloat16),
     "fp16-D128-window-padding": (2, 1, 70, 128, None, 20, (4, 0), torch.float16),
+    "D96-windows-padding": (2, 1, 70, 96, 30, 9, (0, 6), torch.float32),
     "grouped-H4-Hkv1-window-padding": (2, (4, 1), 17, 16, None, 4, (3, 0), torch.float32),
 }
 
