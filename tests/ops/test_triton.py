@@ -31,13 +31,17 @@ if not triton_installed():
 needs_triton = pytest.mark.skipif(not triton_installed(), reason="the `triton` package is not installed")
 
 
+# "cuda": the cases run compiled on the GPU instead of in the interpreter (scripts/bench/gpu_check.sh sets it)
+CASES_DEVICE = os.environ.get("TRITON_CASES_DEVICE", "cpu")
+
+
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """Every case computed once, in one interpreter process (see tests/ops/triton_cases.py)."""
     out = tmp_path_factory.mktemp("triton") / "results.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "tests.ops.triton_cases", str(out)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "TRITON_INTERPRET": "1" if CASES_DEVICE == "cpu" else "0", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "tests.ops.triton_cases", str(out), "--device", CASES_DEVICE],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     return torch.load(out)
 

@@ -10,6 +10,9 @@ The interpreter executes every tile operation in numpy (tens of ms each), so the
 rather than their cross product: causal, windows w1 = w2 = 1, windows >= T, left padding (including queries with
 no allowed pair), Tq < Tk, T in {1, 17, 20, 70}, D in {16, 64, 96, 128} (so every tile shape of `TILES` runs),
 bf16, fp16 and fp32, grouped key/value heads (H given as (H, H_kv)); and NaN containment on a few cases.
+
+On a GPU the same cases run compiled: `python -m tests.ops.triton_cases OUT.pt --device cuda` without
+TRITON_INTERPRET, which test_triton.py does when TRITON_CASES_DEVICE=cuda (scripts/bench/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -63,11 +66,18 @@ NONFINITE_CASES = {
 }
 
 
+DEVICE = torch.device("cpu")  # --device: where the kernels run (inputs are drawn on CPU, then moved)
+
+
 def left_pad_mask(B, Tk, pads):
     mask = torch.ones(B, Tk, dtype=torch.bool)
     for row, pad in enumerate(pads):
         mask[row, :pad] = False
-    return mask
+    return mask.to(DEVICE)
+
+
+def on_device(tensors):
+    return [t.to(DEVICE) for t in tensors]
 
 
 def query_heads(heads) -> int:
@@ -98,7 +108,7 @@ def _attention(case):
 
     B, heads, Tq, Tk, D, w1, w2, pads, dtype = ATTENTION_CASES[case]
     inputs, dout = make_inputs(B, query_heads(heads), Tq, Tk, D, dtype, seed=len(case))
-    inputs = grouped(inputs, heads)
+    inputs, dout = grouped(on_device(inputs), heads), dout.to(DEVICE)
     kw = dict(scale=D**-0.5, w1=w1, w2=w2, attention_mask=None if pads is None else left_pad_mask(B, Tk, pads))
     with in_place_heads(heads):
         actual = outputs_and_grads(tensor_attention, inputs, dout, backend="triton", **kw)
@@ -111,7 +121,7 @@ def _decode(case):
 
     B, heads, Tk, D, w1, w2, pads, dtype = DECODE_CASES[case]
     inputs, _ = make_inputs(B, query_heads(heads), 1, Tk, D, dtype, seed=len(case))
-    q, k1, k2, v1, v2 = grouped(inputs, heads)
+    q, k1, k2, v1, v2 = grouped(on_device(inputs), heads)
     kw = dict(scale=D**-0.5, w1=w1, w2=w2, attention_mask=None if pads is None else left_pad_mask(B, Tk, pads))
     with torch.no_grad(), in_place_heads(heads):
         dispatched = four_cache_decode(q, k1, k2, v1, v2, backend="triton", **kw)
@@ -126,8 +136,8 @@ def _nonfinite(case):
 
     name, position, value, (w1, w2), masked = NONFINITE_CASES[case]
     tensors, mask = inputs()
-    q, *streams = poison([t.float() for t in tensors], name, position, value)
-    kw = dict(scale=0.5, w1=w1, w2=w2, attention_mask=mask if masked else None)
+    q, *streams = on_device(poison([t.float() for t in tensors], name, position, value))
+    kw = dict(scale=0.5, w1=w1, w2=w2, attention_mask=mask.to(DEVICE) if masked else None)
     with torch.no_grad():
         actual = [tensor_attention(q, *streams, backend="triton", **kw),
                   four_cache_decode(q[:, :, -1:], *streams, backend="triton", **kw)]
@@ -141,8 +151,8 @@ def _model_logits(backend):
 
     ids = torch.randint(3, 259, (1, 6), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(1)  # the same weights for both backends
-    model = tiny_model(torch.float32, num_hidden_layers=1, tensor_attention_backend=backend, w2=4)
-    out = model.generate(ids, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    model = tiny_model(torch.float32, num_hidden_layers=1, tensor_attention_backend=backend, w2=4).to(DEVICE)
+    out = model.generate(ids.to(DEVICE), max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
     return torch.stack(out.logits)
 
 
@@ -162,5 +172,12 @@ def run_all() -> dict:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args()
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(1)  # tiny tiles: a second thread only adds barriers
-    torch.save(run_all(), sys.argv[1])
+    torch.save(run_all(), args.out)
