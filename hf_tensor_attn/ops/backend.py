@@ -61,14 +61,23 @@ def triton_version() -> Version | None:
         return Version(triton.__version__)
 
 
-def triton_too_old() -> str | None:
-    """Why the installed triton cannot run the kernels (older than TRITON_OLDEST_TESTED), or None."""
+@functools.cache  # asked on every op call with CUDA tensors (every layer, every decode step)
+def triton_release_problem() -> tuple[str, str] | None:
+    """("too old" or "untested", why) for an installed triton outside TRITON_OLDEST_TESTED .. the minor release
+    of TRITON_NEWEST_TESTED (patch releases are trusted); None inside it or when triton is not installed."""
     installed = triton_version()
-    if installed is None or installed.release >= Version(TRITON_OLDEST_TESTED).release:
+    if installed is None:
         return None
-    return (f"the installed triton {installed} is older than {TRITON_OLDEST_TESTED}, the oldest release the "
-            f"kernels are tested with (a CUDA build of torch >= 2.11 brings one; or pip install "
-            f"'triton>={TRITON_OLDEST_TESTED}')")
+    if installed.release < Version(TRITON_OLDEST_TESTED).release:
+        return "too old", (
+            f"the installed triton {installed} is older than {TRITON_OLDEST_TESTED}, the oldest release the kernels "
+            f"are tested with (a CUDA build of torch >= 2.11 brings one; or pip install 'triton>={TRITON_OLDEST_TESTED}')")
+    if installed.release[:2] > Version(TRITON_NEWEST_TESTED).release[:2]:
+        return "untested", (
+            f"hf_tensor_attn's Triton kernels were tested with triton {TRITON_OLDEST_TESTED} to "
+            f"{TRITON_NEWEST_TESTED}; the installed triton {installed} is newer. If they fail to compile or disagree "
+            "with backend='torch', please report it; backend='torch' avoids them.")
+    return None
 
 
 @functools.cache
@@ -77,20 +86,19 @@ def _warn_once(category: type[Warning], message: str) -> None:
 
 
 def _check_triton_version(backend) -> bool:
-    """False (auto: warn once, run torch) or ValueError ("triton") for a too old triton; a newer minor release than
-    TRITON_NEWEST_TESTED warns once and runs."""
-    problem = triton_too_old()
-    if problem is not None:
-        if backend == "triton":
-            raise ValueError(f"backend='triton': {problem}")
-        _warn_once(RuntimeWarning, f"hf_tensor_attn: CUDA tensors run the torch path: {problem}")
-        return False
-    if triton_version().release[:2] > Version(TRITON_NEWEST_TESTED).release[:2]:
-        _warn_once(UntestedTritonWarning,
-                   f"hf_tensor_attn's Triton kernels were tested with triton {TRITON_OLDEST_TESTED} to "
-                   f"{TRITON_NEWEST_TESTED}; the installed triton {triton_version()} is newer. If they fail to "
-                   "compile or disagree with backend='torch', please report it; backend='torch' avoids them.")
-    return True
+    """Whether the installed triton may run the kernels: a too old one gives False with one warning (auto: CUDA
+    tensors run torch) or a ValueError (backend="triton"); a newer one gives True with one warning."""
+    problem = triton_release_problem()
+    if problem is None:
+        return True
+    kind, why = problem
+    if kind == "untested":
+        _warn_once(UntestedTritonWarning, why)
+        return True
+    if backend == "triton":
+        raise ValueError(f"backend='triton': {why}")
+    _warn_once(RuntimeWarning, f"hf_tensor_attn: CUDA tensors run the torch path: {why}")
+    return False
 
 
 def _interpreting() -> bool:

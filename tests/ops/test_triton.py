@@ -121,22 +121,29 @@ def test_triton_outside_the_tested_range(monkeypatch):
     cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda", 0))
     oldest = re.escape(TRITON_OLDEST_TESTED)
     monkeypatch.setattr(backend, "triton_installed", lambda: True)
+
+    def installed(release):
+        monkeypatch.setattr(backend, "triton_version", lambda: Version(release))
+        backend.triton_release_problem.cache_clear()
+
     backend._warn_once.cache_clear()
-    monkeypatch.setattr(backend, "triton_version", lambda: Version("3.0.0"))
+    installed("3.0.0")
     with pytest.warns(RuntimeWarning, match=rf"torch path: the installed triton 3\.0\.0 is older than {oldest}") as seen:
         assert not use_triton(None, cuda)
         assert not use_triton(None, cuda)
     assert len(seen) == 1
     with pytest.raises(ValueError, match=rf"backend='triton': the installed triton 3\.0\.0 is older than {oldest}"):
         use_triton("triton", cuda)
-    monkeypatch.setattr(backend, "triton_version", lambda: Version("3.99.0"))
+    installed("3.99.0")
     with pytest.warns(UntestedTritonWarning, match=rf"tested with triton {oldest} to .* 3\.99\.0 is newer") as seen:
         assert use_triton(None, cuda) and use_triton("triton", cuda)
     assert len(seen) == 1
     newest = Version(TRITON_NEWEST_TESTED)
     for tested in (TRITON_OLDEST_TESTED, TRITON_NEWEST_TESTED, f"{newest.major}.{newest.minor}.{newest.micro + 1}"):
-        monkeypatch.setattr(backend, "triton_version", lambda tested=tested: Version(tested))
+        installed(tested)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert use_triton(None, cuda) and use_triton("triton", cuda)
+    monkeypatch.undo()
+    backend.triton_release_problem.cache_clear()
     backend._warn_once.cache_clear()

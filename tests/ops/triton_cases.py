@@ -18,7 +18,6 @@ TRITON_INTERPRET, which test_triton.py does when TRITON_CASES_DEVICE=cuda (scrip
 from __future__ import annotations
 
 import contextlib
-import sys
 import traceback
 from unittest import mock
 
