@@ -12,7 +12,7 @@ Which triton a GPU user has is usually not theirs to choose: each CUDA build of 
 TRITON_OLDEST_TESTED in the environment of the oldest supported versions. An older triton (torch 2.4 to 2.10)
 leaves CUDA tensors on the torch path, with one warning saying why; a newer one runs the kernels, with one
 warning that they were not tested there. The kernels' tiles (`triton_kernels.TILES`) are chosen to compile without
-register spills with both (docs/triton_resources.md).
+register spills with both and with the newer 3.8.0 and 3.9.0 (docs/triton_resources.md).
 """
 
 from __future__ import annotations

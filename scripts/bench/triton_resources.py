@@ -9,11 +9,10 @@ registers) and the shared memory per program.
 
 A kernel that spills keeps part of its tiles in local memory (device memory behind the caches) inside its inner
 loop; one that asks for more shared memory than the GPU offers does not launch. What a launch needs depends on the
-triton release too (its compiler lays tiles out differently), so a full run is made with each release the kernels
-are tested with (ops.backend.TRITON_OLDEST_TESTED and TRITON_NEWEST_TESTED), each in its own environment. `TILES`
-in hf_tensor_attn/ops/triton_kernels.py holds, per kernel, dtype and head-dim bucket, the first choice in
-`CANDIDATES` x `SETTINGS` that compiles without spills and within 99 KiB of shared memory (the least any CUDA GPU
-since sm_80 offers one program) for both targets in every published run. `--candidates` compiles every choice, so
+triton release too (its compiler lays tiles out differently), so a full run is made with each release of `RELEASES`,
+each in its own environment. `TILES` in hf_tensor_attn/ops/triton_kernels.py holds, per kernel, dtype and head-dim
+bucket, the first choice in `CANDIDATES` x `SETTINGS` that compiles without spills and within 99 KiB of shared
+memory (the least any CUDA GPU since sm_80 offers one program) for both targets in every published run. `--candidates` compiles every choice, so
 the tables that show why each entry was picked are this script's output too. The launches are compiled for one
 shape (the one above): other sequence lengths, head dims inside a bucket or grouped heads specialise a few
 arguments differently. Nothing here measures speed: `bench_attention --cuda` does, on a GPU.
@@ -72,6 +71,11 @@ CANDIDATES = {
 # (warps, pipeline stages) for each (rows, cols), in order of preference: Triton's default 3 stages first.
 SETTINGS = ((4, 3), (8, 3), (4, 2), (8, 2))
 SHAPE = dict(B=4, H=8, T=1024, w1=512, w2=32)
+# The triton releases TILES is chosen for, one published run each (docs/triton_resources/triton-<release>/): a GPU
+# user has the one their torch requires (torch 2.11: 3.6.0, 2.13: 3.7.1, 2.14: 3.8). .ci/run tests two of them in
+# full (ops.backend.TRITON_OLDEST_TESTED and TRITON_NEWEST_TESTED: the interpreter tests and these compiles); 3.8.0
+# and 3.9.0 are only compiled, here, so that a newer torch's triton gets launches without spills too.
+RELEASES = ("3.6.0", "3.7.1", "3.8.0", "3.9.0")
 
 
 @functools.cache  # a worker compiles many candidates of the same launches; measure_one copies before changing one
@@ -235,8 +239,8 @@ def render(folder: Path) -> str:
     if tried:
         lines = ["Each choice of `CANDIDATES` x `SETTINGS` compiled the same way, in order of preference. Cells: "
                  "registers / stack bytes / shared KiB per target (-1: the compile failed). The first that fits on "
-                 "every target with this triton is marked; TILES holds the first that fits with every tested "
-                 "triton release (the package column says what TILES holds)."]
+                 "every target with this triton is marked; TILES holds the first that fits with every triton "
+                 "release of RELEASES (the package column says what TILES holds)."]
         keys = sorted({(r["kernel"], r["dtype"], r["head_dim"]) for r in tried},
                       key=lambda k: (list(CANDIDATES).index(k[0]), k[1], k[2]))
         archs = sorted({r["arch"] for r in tried})

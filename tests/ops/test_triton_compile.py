@@ -2,8 +2,8 @@
 scripts/bench/triton_resources.py compiles them: the package's launch of every TILES entry (per kernel, dtype and
 head-dim bucket; at the GPU benchmark's shape) compiles with the installed triton without spilling registers and
 within the shared memory every CUDA GPU since sm_80 offers a program (.ci/run runs this with both tested triton
-releases); and the published tables, one run per tested release (docs/triton_resources/triton-*/), describe the
-TILES in the code.
+releases); and the published tables, one run per release of triton_resources.RELEASES
+(docs/triton_resources/triton-*/), describe the TILES in the code.
 
 The interpreter tests (test_triton.py) check what the kernels compute; these check that a GPU can run them as
 compiled, which the interpreter never does (it has no registers, layouts or shared memory)."""
@@ -109,15 +109,17 @@ def _published_runs() -> dict[str, list[dict]]:
 
 @needs_triton
 def test_published_tables_describe_these_tiles():
-    """docs/triton_resources holds a run with each tested triton release, each made with the TILES in the code,
-    and each entry is the first candidate that fits on every target in every one of them (the rule TILES states)."""
+    """docs/triton_resources holds a run with each triton release of RELEASES (the two CI tests among them), each
+    made with the TILES in the code, and each entry is the first candidate that fits on every target in every one of
+    them (the rule TILES states)."""
     from hf_tensor_attn.ops.backend import TRITON_NEWEST_TESTED, TRITON_OLDEST_TESTED
     from hf_tensor_attn.ops.triton_kernels import TILES, tiles
-    from scripts.bench.triton_resources import CANDIDATES, DTYPES, SETTINGS, SHARED_LIMIT, fits
+    from scripts.bench.triton_resources import CANDIDATES, DTYPES, RELEASES, SETTINGS, SHARED_LIMIT, fits
 
     runs = _published_runs()
-    assert set(runs) == {TRITON_OLDEST_TESTED, TRITON_NEWEST_TESTED}, f"published runs: {sorted(runs)}"
-    rerun = "rerun `python -m scripts.bench.triton_resources --candidates` with each tested triton"
+    assert {TRITON_OLDEST_TESTED, TRITON_NEWEST_TESTED} <= set(RELEASES)
+    assert set(runs) == set(RELEASES), f"published runs: {sorted(runs)}, RELEASES: {RELEASES}"
+    rerun = "rerun `python -m scripts.bench.triton_resources --candidates` with each triton of RELEASES"
     for release, rows in runs.items():
         own = [r for r in rows if r["package"]]
         published = {(r["kernel"], r["dtype"], r["head_dim"]) for r in own}

@@ -155,13 +155,14 @@ def _model_logits(backend):
     return torch.stack(out.logits)
 
 
-def run_all() -> dict:
+def run_all(shard: int = 0, shards: int = 1) -> dict:
+    """Every case (or every `shards`-th from `shard` on: the test runs one process per core)."""
     results = {}
     jobs = [(f"attention/{c}", _attention, c) for c in ATTENTION_CASES]
     jobs += [(f"decode/{c}", _decode, c) for c in DECODE_CASES]
     jobs += [(f"nonfinite/{c}", _nonfinite, c) for c in NONFINITE_CASES]
     jobs += [("model/generate", lambda _: ([_model_logits("triton")], [_model_logits("torch")]), None)]
-    for name, fn, case in jobs:
+    for name, fn, case in jobs[shard::shards]:
         try:
             actual, expected = fn(case)
             results[name] = {"actual": actual, "expected": expected}
@@ -176,7 +177,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shard", type=int, default=0)
+    parser.add_argument("--shards", type=int, default=1)
     args = parser.parse_args()
     DEVICE = torch.device(args.device)
     torch.set_num_threads(1)  # tiny tiles: a second thread only adds barriers
-    torch.save(run_all(), args.out)
+    torch.save(run_all(args.shard, args.shards), args.out)
