@@ -5,12 +5,11 @@ tests/ops/triton_cases.py."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
-from pathlib import Path
-
-import re
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
