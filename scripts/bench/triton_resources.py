@@ -194,8 +194,6 @@ def main(argv: list[str] | None = None) -> None:
         print(publish(out, render))
         return
 
-    import triton
-
     start = load_snapshot()
     todo = jobs(args.arch, args.dtype, args.head_dim, args.candidates)
     print(f"compiling {len(todo)} kernels for {', '.join(f'sm_{a}' for a in args.arch)} on {args.jobs} processes")
@@ -204,11 +202,12 @@ def main(argv: list[str] | None = None) -> None:
         rows = list(pool.map(measure_one, todo))
     from triton import knobs
 
-    tools = f"triton {triton.__version__}, ptxas {knobs.nvidia.ptxas.version}"
+    release = str(triton_version())  # the release the output folder is named after
+    tools = f"triton {release}, ptxas {knobs.nvidia.ptxas.version}"
     machine_record = machine()
     write_csv(out / f"{NAME}.csv", rows, machine_record)
     write_run_record(out, run_record(MODULE, argv, TITLE, machine_record, describe_load(start, load_snapshot()),
-                                     tools=tools, triton=triton.__version__, shape=SHAPE, shared_limit=SHARED_LIMIT))
+                                     tools=tools, triton=release, shape=SHAPE, shared_limit=SHARED_LIMIT))
     print(publish(out, render))
 
 
