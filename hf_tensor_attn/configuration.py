@@ -13,8 +13,7 @@ from transformers import PreTrainedConfig
 
 from . import compat
 from .atomic import atomic_directory
-from .cache import available_cache_implementations
-from .ops.backend import check_backend
+from .registry import CACHE_IMPLEMENTATIONS, check_backend
 
 LAYER_TYPES = ("tensor_attention", "full_attention", "poly_tensor_attention")
 POSITION_EMBEDDING_TYPES = ("rope", "none")
@@ -319,9 +318,9 @@ class TensorAttnConfig(PreTrainedConfig):
                 f"`rope_parameters['rope_theta']` = {self.rope_parameters['rope_theta']!r} differs from `rope_theta` = "
                 f"{self.rope_theta!r}; give one value"
             )
-        if self.default_cache_implementation not in available_cache_implementations():
+        if self.default_cache_implementation not in CACHE_IMPLEMENTATIONS:
             raise ValueError(
-                f"`default_cache_implementation` must be one of {available_cache_implementations()}, "
+                f"`default_cache_implementation` must be one of {CACHE_IMPLEMENTATIONS}, "
                 f"got {self.default_cache_implementation!r}"
             )
         check_backend(self.tensor_attention_backend, "tensor_attention_backend")

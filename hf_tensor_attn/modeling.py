@@ -25,7 +25,7 @@ from . import compat
 from .atomic import MODEL_WEIGHT_FILES, atomic_directory
 from .cache import LAYOUTS, TensorAttnCache, TensorAttnConstants, available_cache_implementations
 from .configuration import TensorAttnConfig
-from .ops import poly_tensor_attention, tensor_attention
+from .ops import attention, poly_tensor_attention
 from .ops.common import masked_softmax, repeat_kv
 
 logger = logging.get_logger(__name__)
@@ -134,12 +134,7 @@ class TensorAttention(nn.Module):
         if cache is not None:
             out = cache.attend(self.layer_idx, q, k, v, attention_mask)  # the cache's layout does the maths
         else:
-            k1, k2 = k.chunk(2, dim=-1)
-            v1, v2 = v.chunk(2, dim=-1)
-            c = self.constants
-            out = tensor_attention(
-                q, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=attention_mask, backend=c.backend
-            )
+            out = attention(self.constants, q, k, v, attention_mask=attention_mask)
         out = out.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(self.dropout(out)), None  # pair weights (T^2 per query) are not returned
 

@@ -34,6 +34,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from .. import compat
+from ..registry import CACHE_IMPLEMENTATIONS
+from ..ops.decode import DecodeWorkspace
+from ..ops.dispatch import autocast_inputs
 
 LAYOUTS: dict[str, type[TensorAttnCacheLayer]] = {}
 # Layer types (other than "tensor_attention" and standard layers) whose cache layer is fixed by the layer itself,
@@ -50,6 +53,8 @@ def register_layout(name: str):
         if not (isinstance(cls, type) and issubclass(cls, TensorAttnCacheLayer)):
             raise TypeError(f"@register_layout({name!r}) needs a TensorAttnCacheLayer subclass, got {cls!r}")
         LAYOUTS[name] = cls
+        if name not in CACHE_IMPLEMENTATIONS:
+            CACHE_IMPLEMENTATIONS.append(name)
         cls.layout_name = name
         compat.allow_cache_implementation(name)  # GenerationConfig / generation_config.json accept the name too
         return cls
@@ -108,6 +113,8 @@ class TensorAttnCacheLayer(CacheLayerMixin):
         super().__init__()
         self.constants = constants
         self.seen = 0  # tokens appended so far (absolute positions 0 .. seen-1)
+        # Scratch of one-query steps; a `TensorAttnCache` gives its layers one to share (they run one at a time).
+        self.workspace = DecodeWorkspace()
 
     # ---- options ----
 
@@ -334,6 +341,10 @@ class TensorAttnCache(Cache):
             for t in self.layer_types
         ]
         super().__init__(layers=layers, offloading=offloading)
+        workspace = DecodeWorkspace()
+        for layer in self.layers:
+            if isinstance(layer, TensorAttnCacheLayer):
+                layer.workspace = workspace
         self.cache_implementation = name
 
     def attends(self, layer_idx: int) -> bool:
@@ -350,8 +361,12 @@ class TensorAttnCache(Cache):
             key_states, value_states = (
                 torch.where(padded & ~torch.isfinite(t), torch.zeros_like(t), t) for t in (key_states, value_states)
             )
-        self.update(key_states, value_states, layer_idx, attention_mask=attention_mask)
-        return self.layers[layer_idx].attend(query, attention_mask)
+        # The door's autocast rule (`ops.dispatch`) for every layout: the states are held, and the maths runs, in the
+        # autocast dtype with autocast off.
+        (query, key_states, value_states), amp_off = autocast_inputs(query, key_states, value_states)
+        with amp_off:
+            self.update(key_states, value_states, layer_idx, attention_mask=attention_mask)
+            return self.layers[layer_idx].attend(query, attention_mask)
 
     def check_built_for(self, config) -> None:
         """Raise ValueError when this cache was built for another model than `config` describes."""

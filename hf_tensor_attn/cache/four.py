@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..ops import four_cache_decode, tensor_attention
+from ..ops import attention
 from .base import TensorAttnCacheLayer, register_layout
 
 
@@ -42,13 +42,8 @@ class FourCacheLayer(TensorAttnCacheLayer):
         return buffer
 
     def read(self, query, attention_mask):
-        k1, k2 = self.keys.chunk(2, dim=-1)  # [B, H, T, D] views each
-        v1, v2 = self.values.chunk(2, dim=-1)
-        c = self.constants
-        # One decode position takes the GEMM-shaped single-query kernel; longer chunks the tiled exact op.
-        op = four_cache_decode if query.shape[2] == 1 else tensor_attention
-        return op(query, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=attention_mask,
-                  backend=c.backend)
+        return attention(self.constants, query, self.keys, self.values, attention_mask=attention_mask,
+                         workspace=self.workspace)
 
     def map_batch(self, fn) -> None:
         """Apply a batch-dimension map to the live tokens, keeping the buffers' capacity."""

@@ -40,7 +40,7 @@ import math
 
 import torch
 
-from ..ops import four_cache_decode, tensor_attention
+from ..ops import attention
 from ..ops.common import fold_groups, unfold_groups
 from ..ops.subgen import NUMERATORS, combine, log_weights, weighted_pair_sums, weighted_row_sums
 from .summary import StreamSummary
@@ -172,12 +172,8 @@ class _SubGenLayer(TensorAttnCacheLayer):
 
     def _exact(self, query):
         """Nothing summarised yet: the exact buffer is the whole sequence, attend exactly."""
-        k1, k2 = self.keys.chunk(2, dim=-1)
-        v1, v2 = self.values.chunk(2, dim=-1)
         mask = None if bool(self.real.all()) else self.real.long()
-        op = four_cache_decode if query.shape[2] == 1 else tensor_attention
-        c = self.constants
-        return op(query, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=mask, backend=c.backend)
+        return attention(self.constants, query, self.keys, self.values, attention_mask=mask, workspace=self.workspace)
 
     def _estimate_blocks(self, query):
         Tq = query.shape[2]

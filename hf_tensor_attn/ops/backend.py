@@ -1,4 +1,4 @@
-"""Which implementation runs an op: the CPU/eager torch path, or the Triton kernels (`ops.triton_kernels`).
+"""Which triton releases the Triton kernels (`ops.triton_kernels`) run with; `ops.dispatch.use_triton` asks here.
 
 `backend=None` (auto) takes Triton for CUDA tensors of a dtype the kernels support when a `triton` release the
 kernels are tested with (TRITON_OLDEST_TESTED or newer) is installed, and torch otherwise. "torch" always runs the
@@ -20,22 +20,16 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
-import os
 import warnings
 
 import torch
 from packaging.version import Version
 
-BACKENDS = ("torch", "triton")
+
 TRITON_OLDEST_TESTED = "3.6.0"
 TRITON_NEWEST_TESTED = "3.7.1"
 # fp32 is computed exactly (IEEE dot products); float64 has no tensor-core path and stays on torch.
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def check_backend(backend, name: str = "backend") -> None:
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"`{name}` must be None (automatic), 'torch' or 'triton', got {backend!r}")
 
 
 @functools.cache
@@ -85,7 +79,7 @@ def _warn_once(category: type[Warning], message: str) -> None:
     warnings.warn(message, category, stacklevel=4)
 
 
-def _check_triton_version(backend) -> bool:
+def check_triton_version(backend) -> bool:
     """Whether the installed triton may run the kernels: a too old one gives False with one warning (auto: CUDA
     tensors run torch) or a ValueError (backend="triton"); a newer one gives True with one warning."""
     problem = triton_release_problem()
@@ -99,26 +93,3 @@ def _check_triton_version(backend) -> bool:
         raise ValueError(f"backend='triton': {why}")
     _warn_once(RuntimeWarning, f"hf_tensor_attn: CUDA tensors run the torch path: {why}")
     return False
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def use_triton(backend, q: torch.Tensor) -> bool:
-    """True when the op should run the Triton kernels (see the module docstring)."""
-    check_backend(backend)
-    if backend == "torch":
-        return False
-    if backend is None:
-        return q.is_cuda and q.dtype in TRITON_DTYPES and triton_installed() and _check_triton_version(backend)
-    if not triton_installed():
-        raise ValueError("backend='triton' needs the `triton` package: pip install 'hf_tensor_attn[gpu]'")
-    if q.dtype not in TRITON_DTYPES:
-        raise ValueError(f"backend='triton' supports dtypes {[str(d) for d in TRITON_DTYPES]}, got {q.dtype}")
-    if not q.is_cuda and not _interpreting():
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got device {q.device}), or TRITON_INTERPRET=1 to run the "
-            "kernels on CPU in Triton's interpreter"
-        )
-    return _check_triton_version(backend)

@@ -129,8 +129,8 @@ def nonfinite_outputs(q, k1, k2, v1, v2, *, w1=None, w2=None, attention_mask=Non
     rows that do not use it (0 * NaN = NaN), so they run on zeroed copies and set these entries afterwards.
     """
     bad_q = ~torch.isfinite(q).all(-1, keepdim=True)  # [B, H, Tq, 1]
-    bad_k1, bad_k2 = (~torch.isfinite(k).all(-1, keepdim=True) for k in (k1, k2))  # [B, H, Tk, 1]
-    bad_v1, bad_v2 = ~torch.isfinite(v1), ~torch.isfinite(v2)  # [B, H, Tk, D]
+    bad_k1, bad_k2 = (~torch.isfinite(k).all(-1, keepdim=True) for k in (k1, k2))  # [B, H_kv, Tk, 1]
+    bad_v1, bad_v2 = ~torch.isfinite(v1), ~torch.isfinite(v2)  # [B, H_kv, Tk, D]
     if not any(bool(bad.any()) for bad in (bad_q, bad_k1, bad_k2, bad_v1, bad_v2)):
         return None
     Tq = q.shape[2]
@@ -140,9 +140,10 @@ def nonfinite_outputs(q, k1, k2, v1, v2, *, w1=None, w2=None, attention_mask=Non
     def used(flags, window):  # [..., Tk, n] -> [..., Tq, n]: some flagged position the query may use
         return _allowed_count(flags & real, Tq, window) > 0
 
+    groups = q.shape[1] // k1.shape[1]  # grouped key/value heads: a key's flags reach each query head of its group
     has_pair = used(real, w1) & used(real, w2)  # [B or 1, 1, Tq, 1]
-    row = bad_q | used(bad_k1, w1) | used(bad_k2, w2)  # [B, H, Tq, 1]
-    return has_pair & (row | used(bad_v1, w1) | used(bad_v2, w2))
+    row = bad_q | repeat_kv(used(bad_k1, w1) | used(bad_k2, w2), groups)  # [B, H, Tq, 1]
+    return has_pair & (row | repeat_kv(used(bad_v1, w1) | used(bad_v2, w2), groups))
 
 
 def all_finite(x: torch.Tensor) -> bool:

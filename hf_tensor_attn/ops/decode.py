@@ -1,7 +1,7 @@
 """One-query decode kernels: the four cache matrices (paper Def. 3.7) as GEMM-shaped products, and the two-matrix
 layout's explicit pair rows (Def. 3.8). Their reference is `naive.naive_tensor_attention`.
 
-For a query q and cached K1, K2, V1, V2 (i x d each), `four_cache_decode` computes
+For a query q and cached K1, K2, V1, V2 (i x d each), `four_cache_decode_step` computes
 
     S = (K1 * (scale q)) @ K2^T            # [i, i] scores, one (i x d) @ (d x i) product (in blocks of rows a)
     P = exp(S - shift) over allowed pairs  # shift = max S, or 0 when a bound on |S| makes exp safe
@@ -13,67 +13,44 @@ formed.
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
-from .backend import use_triton
-from .common import (
-    EXP_HEADROOM, all_finite, check_inputs, finite_or_zero, fold_groups, masked_softmax, repeat_kv, unfold_groups,
-)
+from .common import EXP_HEADROOM, all_finite, finite_or_zero, fold_groups, masked_softmax, unfold_groups
 
-_workspace = threading.local()
 # Scores per block of the in-place decode step (B * H * rows * n2), 16 MiB in fp32: it bounds the scratch while
-# keeping the number of kernel launches (each a parallel region) small. Measured on a 2-core CPU with a large L3,
-# smaller, L2-sized blocks were no faster at i = 1024, and slower whenever another process held a core.
+# keeping the number of kernel launches (each a parallel region) small.
 _SCORES_PER_BLOCK = 1 << 22
 
 
-def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat CPU scratch buffer reused across decode steps (one per thread).
+class DecodeWorkspace:
+    """A flat scratch buffer for decode steps, owned by whoever decodes (a cache layer keeps one).
 
     Fresh MiB-sized tensors every step cost on CPU about as much as the elementwise work: the allocator maps new
     pages and the kernels page-fault them in. The buffer grows by doubling, so a context growing one token per step
-    reallocates O(log i) times; `release_decode_workspace()` frees it.
+    reallocates O(log i) times.
     """
-    buf = getattr(_workspace, "buffer", None)
-    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
-        size = numel if buf is None or buf.dtype != dtype or buf.device != device else max(numel, 2 * buf.numel())
-        _workspace.buffer = buf = None  # drop the old one before allocating the new one
-        buf = _workspace.buffer = torch.empty(size, dtype=dtype, device=device)
-    return buf[:numel]
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+
+    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buf = self.buffer
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            same_kind = buf is not None and buf.dtype == dtype and buf.device == device
+            size = max(numel, 2 * buf.numel()) if same_kind else numel
+            self.buffer = buf = None  # drop the old one before allocating the new one
+            buf = self.buffer = torch.empty(size, dtype=dtype, device=device)
+        return buf[:numel]
 
 
-def release_decode_workspace() -> None:
-    """Free this thread's decode scratch buffer (`decode_scratch_elements` of the largest step so far, at most 2x)."""
-    _workspace.buffer = None
+def four_cache_decode_step(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None, workspace=None):
+    """Tensor attention of one decode position q [B, H, 1, D] over cached [B, H_kv, Tk, D] streams, without autograd.
 
-
-def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None, backend=None):
-    """Tensor attention of the last position (q is [B, H, 1, D]) over cached [B, H, Tk, D] streams.
-
-    Same signature and result as `naive_tensor_attention` with Tq = 1. Differentiable when an input needs grad
-    (grouped key/value heads are then repeated for their query heads); otherwise (decoding) it works in place in a
-    reused scratch buffer, and the G query heads of a key/value group become G * rows rows of one GEMM against
-    that head's K2 and V2, which are never repeated (the Triton kernel reads them in place too). `backend` as in
-    `tensor_attention`; the Triton decode kernel has no backward, so a step that needs gradients always runs here.
+    Same result as `naive_tensor_attention` with Tq = 1. The G query heads of a key/value group become G * rows rows
+    of one GEMM against that head's K2 and V2, which are never repeated. On CPU the intermediates live in
+    `workspace` (a `DecodeWorkspace`; a fresh one when None). Inputs are checked by the caller (`ops.dispatch`).
     """
-    check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
-    if q.shape[2] != 1:
-        raise ValueError(f"`q` must hold one decode position, got shape {tuple(q.shape)}")
-    H = q.shape[1]
-    B, H_kv, Tk, D = k1.shape
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k1, k2, v1, v2))
-    if not needs_grad and use_triton(backend, q):
-        from . import triton_kernels  # imported on first use: triton is an optional dependency
-
-        # grouped key/value heads are read in place by the kernel (query head h uses head h // (H / H_kv))
-        out = triton_kernels.four_cache_decode(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2,
-                                               attention_mask=attention_mask)
-        # A NaN or infinity anywhere in the kernel's tiles spreads (0 * NaN): such a step runs again below, where
-        # padded positions never contribute and a value spoils only its own component (#15).
-        if torch.compiler.is_compiling() or all_finite(out):
-            return out
+    Tk = k1.shape[2]
     # The windows only keep the last w1 (w2) positions of each stream: slice instead of masking.
     n1 = Tk if w1 is None else min(w1, Tk)
     n2 = Tk if w2 is None else min(w2, Tk)
@@ -90,11 +67,7 @@ def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_m
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     q, k1, k2, v1, v2 = (t.to(compute) for t in (q, k1, k2, v1, v2))  # no copy when already `compute`
     # The scale is folded into q (D numbers), not into the i x i scores.
-    if needs_grad:
-        k1, k2, v1, v2 = (repeat_kv(t, H // H_kv) for t in (k1, k2, v1, v2))  # [B, H, n, D]
-        out = _decode_differentiable(k1 * (q * scale), k2, v1, v2, real1, real2)
-    else:
-        out = _decode_in_place(q * scale, k1, k2, v1, v2, real1, real2)
+    out = _decode_in_place(q * scale, k1, k2, v1, v2, real1, real2, workspace or DecodeWorkspace())
     return out.to(dtype)
 
 
@@ -109,7 +82,7 @@ def decode_scratch_elements(B: int, H: int, n1: int, n2: int, D: int) -> int:
     return B * H * (rows * n2 + rows * D + n1 * D)
 
 
-def _decode_in_place(qs, k1, k2, v1, v2, real1, real2):
+def _decode_in_place(qs, k1, k2, v1, v2, real1, real2, workspace):
     """The decode step in blocks of rows a (one block up to `_SCORES_PER_BLOCK` scores, e.g. i = 1024 with 4 heads),
     so the scratch is O(i d + block) rather than O(i^2) per head at long contexts. Each block runs GEMM, max,
     exp and sum in place, GEMM; blocks are combined by their own max shifts, as in FlashAttention.
@@ -121,18 +94,14 @@ def _decode_in_place(qs, k1, k2, v1, v2, real1, real2):
     G = H // H_kv
     n2 = k2.shape[2]
     rows = _block_rows(B, H, n1, n2)
-    on_cpu = k1.device.type == "cpu"
     grouped_q = qs.view(B, H_kv, G, 1, D)
-    if on_cpu:
-        # Every intermediate lives in the reused scratch: on CPU a fresh tensor of a few MiB costs page faults
-        # comparable to the elementwise work itself.
-        buf = _scratch(decode_scratch_elements(B, H, n1, n2, D), k1.dtype, k1.device)
-        scores_buf = buf[: B * H * rows * n2]
-        pv_buf = buf[B * H * rows * n2 : B * H * rows * (n2 + D)]
-        kq = buf[B * H * rows * (n2 + D) :].view(B, H_kv, G, n1, D)
-        torch.mul(k1[:, :, None], grouped_q, out=kq)  # [B, H_kv, G, n1, D]
-    else:  # the CUDA caching allocator already reuses memory
-        kq = k1[:, :, None] * grouped_q
+    # Every intermediate lives in the reused scratch: on CPU a fresh tensor of a few MiB costs page faults comparable
+    # to the elementwise work itself.
+    buf = workspace.get(decode_scratch_elements(B, H, n1, n2, D), k1.dtype, k1.device)
+    scores_buf = buf[: B * H * rows * n2]
+    pv_buf = buf[B * H * rows * n2 : B * H * rows * (n2 + D)]
+    kq = buf[B * H * rows * (n2 + D) :].view(B, H_kv, G, n1, D)
+    torch.mul(k1[:, :, None], grouped_q, out=kq)  # [B, H_kv, G, n1, D]
     k2t = k2.transpose(-1, -2)  # [B, H_kv, D, n2]
     # |score(a, b)| <= |kq_a| |k2_b| (Cauchy-Schwarz), an O(i d) bound. When it is small, exp(score) can neither
     # overflow nor lose the largest terms, and softmax does not depend on the shift: skip the max pass and the
@@ -144,10 +113,7 @@ def _decode_in_place(qs, k1, k2, v1, v2, real1, real2):
         a1 = min(a0 + rows, n1)
         r = a1 - a0
         kq_rows = kq[:, :, :, a0:a1].reshape(B, H_kv, G * r, D)  # a view when the block holds every row
-        if on_cpu:
-            scores = torch.matmul(kq_rows, k2t, out=scores_buf[: B * H * r * n2].view(B, H_kv, G * r, n2))
-        else:
-            scores = torch.matmul(kq_rows, k2t)  # [B, H_kv, G * r, n2]
+        scores = torch.matmul(kq_rows, k2t, out=scores_buf[: B * H * r * n2].view(B, H_kv, G * r, n2))
         scores = scores.view(B, H, r, n2)
         if real1 is not None:
             scores.masked_fill_(~real1[:, None, a0:a1, None], float("-inf"))  # pairs whose first token is a pad
@@ -162,10 +128,7 @@ def _decode_in_place(qs, k1, k2, v1, v2, real1, real2):
             flat.sub_(shift).exp_()
         denoms.append(flat.sum(-1, keepdim=True))  # [B, H, 1]
         grouped_scores = scores.view(B, H_kv, G * r, n2)
-        if on_cpu:
-            pv = torch.matmul(grouped_scores, v2, out=pv_buf[: B * H * r * D].view(B, H_kv, G * r, D))
-        else:
-            pv = grouped_scores @ v2  # [B, H_kv, G * r, D]
+        pv = torch.matmul(grouped_scores, v2, out=pv_buf[: B * H * r * D].view(B, H_kv, G * r, D))
         pv = pv.view(B, H_kv, G, r, D).mul_(v1[:, :, None, a0:a1])
         outs.append(pv.sum(-2).view(B, H, D))  # [B, H, D]
         shifts.append(block_max)
@@ -180,17 +143,6 @@ def _decode_in_place(qs, k1, k2, v1, v2, real1, real2):
         out = (torch.stack(outs, -2) * weight[..., None]).sum(-2)  # [B, H, D]
     # Normalise the D outputs, not the i^2 probabilities; no allowed pair at all (a pad query) gives 0, not NaN.
     return (out / torch.where(denom > 0, denom, torch.ones_like(denom)))[:, :, None]
-
-
-def _decode_differentiable(kq, k2, v1, v2, real1, real2):
-    B, H, n1, _ = kq.shape
-    n2 = k2.shape[2]
-    scores = torch.matmul(kq, k2.transpose(-1, -2)).reshape(B, H, n1 * n2)  # all pairs of the query
-    allowed = None
-    if real1 is not None:
-        allowed = (real1[:, None, :, None] & real2[:, None, None, :]).reshape(B, 1, n1 * n2)
-    probs = masked_softmax(scores, allowed).reshape(B, H, n1, n2)
-    return (v1 * torch.matmul(probs, v2)).sum(-2, keepdim=True)  # [B, H, 1, D]
 
 
 def pair_rows_attention(q, pair_keys, pair_values, *, scale, allowed=None):

@@ -26,10 +26,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from . import extension
 from ._tiles import Masker, QueryBlock, TileSizes, choose_tile_sizes, pack, plan
-from .backend import use_triton
-from .common import EXP_FLOOR, EXP_HEADROOM, all_finite, check_inputs, finite_copies, nonfinite_outputs, repeat_kv
+from .common import EXP_FLOOR, EXP_HEADROOM
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -185,7 +183,7 @@ def _block_flags(flags: torch.Tensor, blocks) -> list[bool]:
     return [any(per_query[block.start : block.stop]) for block in blocks]
 
 
-def _forward(p: _Problem):
+def _forward(p: _Problem, compiled):
     """Returns out [BH, Tq, d], lse [BH, Tq] and has_pair [BH, Tq] (the query has an allowed pair).
 
     Each query t carries a reference m_t subtracted from its scores (in the Python loops inside the score GEMM,
@@ -206,7 +204,6 @@ def _forward(p: _Problem):
     # The compiled loop has no max pass: it needs every allowed score under m_t + headroom. Its exp pass subtracts
     # m_t, clamps at the floor and zeroes masked entries (they may be infinite) in one go, and reports an allowed
     # score over m_t + headroom, after which the Python loops below run (only for scores far beyond the usual).
-    compiled = extension.cpu_ops() if q.device.type == "cpu" else None
     if compiled is not None:
         num, l_all, over = compiled.forward_tiles(
             *(t.contiguous() for t in (q, m_all, kr, kc, vr, vc)), w_row or 0, w_col or 0, *pack(blocks), _pad(mask),
@@ -302,7 +299,7 @@ def _python_tiles(p: _Problem, m_all, blocks, checked_blocks, clamped_blocks, fi
     return num, l_all
 
 
-def _backward(p: _Problem, out, lse, has_pair, dout):
+def _backward(p: _Problem, out, lse, has_pair, dout, compiled):
     """Gradients w.r.t. the pre-scaled q, k_row, k_col, v_row, v_col (all [BH, T, d]).
 
     Per tile: [S - lse; dP - D] = [q*kr, -lse; dO*vr, -D] @ [kc, 1; vc, 1]^T in one GEMM, P = exp(S - lse),
@@ -321,7 +318,6 @@ def _backward(p: _Problem, out, lse, has_pair, dout):
     blocks = plan(Tq, Tk, w_row, w_col, mask, sizes)
     # The backward's scores are S - lse <= 0 for every allowed pair: the compiled loop needs no bound here. Its exp
     # pass subtracts lse_t and D_t, so its GEMM operands are the plain streams.
-    compiled = extension.cpu_ops() if device.type == "cpu" else None
     if compiled is not None:
         dq, dkr, dkc, dvr, dvc = compiled.backward_tiles(
             *(t.contiguous() for t in (q, dout, lse, delta, kr, vr, kc, vc)), w_row or 0, w_col or 0, *pack(blocks),
@@ -421,110 +417,31 @@ def _oriented(k1, k2, v1, v2, w1, w2):
     return swap, w1, w2, (k1, k2, v1, v2)
 
 
-# The passes are custom ops, so `torch.compile` treats each as one opaque call: their tile loops depend on the
-# data (masks, score bounds) and would otherwise break the graph at every `.tolist()` and `bool(...)`.
-@torch.library.custom_op("hf_tensor_attn::tiled_attention_forward", mutates_args=())
-def _forward_op(
-    q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, scale: float,
-    w1: int | None, w2: int | None, attention_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [BH, Tq, D], lse [BH, Tq], has_pair [BH, Tq]) in the compute dtype."""
-    out, lse, has_pair = _forward_finite(q, k1, k2, v1, v2, scale, w1, w2, attention_mask)
-    if not all_finite(out):
-        # Tiles share keys and values between queries, so a NaN may have reached rows that do not use it: run again
-        # on finite copies and set the entries the definition makes non-finite. Finite inputs never come here.
-        poisoned = nonfinite_outputs(q, k1, k2, v1, v2, w1=w1, w2=w2, attention_mask=attention_mask)
-        if poisoned is not None:
-            out, lse, has_pair = _forward_finite(*finite_copies(q, k1, k2, v1, v2), scale, w1, w2, attention_mask)
-            out = out.masked_fill(poisoned.expand(q.shape).reshape(out.shape), float("nan"))
-    return out, lse, has_pair
-
-
-def _forward_finite(q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
+def forward(q, k1, k2, v1, v2, scale: float, w1, w2, attention_mask, compiled):
+    """(out [BH, Tq, D], lse [BH, Tq], has_pair [BH, Tq]) in the compute dtype, for finite inputs whose key/value
+    heads match q's. `compiled`: the compiled tile loops (`ops.extension`) or None for the Python loops; the door
+    (`ops.dispatch`) chooses."""
     _, w_row, w_col, streams = _oriented(k1, k2, v1, v2, w1, w2)
     mask = attention_mask.to(torch.bool) if attention_mask is not None else None
-    return _forward(_problem(q, *streams, scale, w_row, w_col, mask, _compute_dtype(q.dtype)))
+    return _forward(_problem(q, *streams, scale, w_row, w_col, mask, _compute_dtype(q.dtype)), compiled)
 
 
-@_forward_op.register_fake
-def _(q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
-    B, H, Tq, D = q.shape
-    dtype = _compute_dtype(q.dtype)
-    return (q.new_empty(B * H, Tq, D, dtype=dtype), q.new_empty(B * H, Tq, dtype=dtype),
-            q.new_empty(B * H, Tq, dtype=torch.bool))
-
-
-@torch.library.custom_op("hf_tensor_attn::tiled_attention_backward", mutates_args=())
-def _backward_op(
-    dout: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, has_pair: torch.Tensor, scale: float, w1: int | None, w2: int | None,
-    attention_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of q, k1, k2, v1, v2 from dout [BH, Tq, D] (compute dtype)."""
+def backward(dout, q, k1, k2, v1, v2, out, lse, has_pair, scale: float, w1, w2, attention_mask, compiled):
+    """Gradients of q, k1, k2, v1, v2 (shaped and typed like them, contiguous) from dout [BH, Tq, D] and what
+    `forward` returned."""
     B, H, Tq, D = q.shape
     Tk = k1.shape[2]
-    poisoned = None if all_finite(out) else nonfinite_outputs(
-        q, k1, k2, v1, v2, w1=w1, w2=w2, attention_mask=attention_mask)
-    if poisoned is not None:  # as in the forward; the non-finite entries pass no gradient back
-        q, k1, k2, v1, v2 = finite_copies(q, k1, k2, v1, v2)
-        entries = poisoned.expand(B, H, Tq, D).reshape(out.shape)
-        out, dout = out.masked_fill(entries, 0), dout.masked_fill(entries, 0)
     swap, w_row, w_col, streams = _oriented(k1, k2, v1, v2, w1, w2)
     mask = attention_mask.to(torch.bool) if attention_mask is not None else None
     problem = _problem(q, *streams, scale, w_row, w_col, mask, out.dtype)
-    dq, dkr, dkc, dvr, dvc = _backward(problem, out, lse, has_pair, dout)
+    dq, dkr, dkc, dvr, dvc = _backward(problem, out, lse, has_pair, dout, compiled)
     # Both loops return five buffers of their own (a custom op's outputs may not alias each other), contiguous
     shape = lambda t, T, like: t.view(B, H, T, D).to(like.dtype)  # noqa: E731
     dk1, dk2, dv1, dv2 = (dkc, dkr, dvc, dvr) if swap else (dkr, dkc, dvr, dvc)
     return shape(dq * scale, Tq, q), shape(dk1, Tk, k1), shape(dk2, Tk, k2), shape(dv1, Tk, v1), shape(dv2, Tk, v2)
 
 
-@_backward_op.register_fake
-def _(dout, q, k1, k2, v1, v2, out, lse, has_pair, scale, w1, w2, attention_mask):
-    return tuple(t.new_empty(t.shape) for t in (q, k1, k2, v1, v2))  # contiguous, like the real gradients
-
-
-def _save_for_backward(ctx, inputs, output):
-    q, k1, k2, v1, v2, scale, w1, w2, attention_mask = inputs
-    ctx.save_for_backward(q, k1, k2, v1, v2, *output, attention_mask)
-    ctx.meta = (scale, w1, w2)
-
-
-def _gradients(ctx, dout, dlse, dhas_pair):
-    q, k1, k2, v1, v2, out, lse, has_pair, attention_mask = ctx.saved_tensors
-    grads = _backward_op(dout.to(out.dtype), q, k1, k2, v1, v2, out, lse, has_pair, *ctx.meta, attention_mask)
-    return (*grads, None, None, None, None)
-
-
-_forward_op.register_autograd(_gradients, setup_context=_save_for_backward)
-
-
-def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None, backend=None):
-    """Exact tensor attention with the signature of `naive_tensor_attention`; differentiable.
-
-    Computes in float64 for float64 inputs and in float32 otherwise (bf16/fp16 inputs are upcast once, all
-    accumulation is fp32); returns q's dtype. Peak extra memory is O(tile + T*d).
-
-    Grouped key/value heads ([B, H_kv, Tk, D]): the Triton kernels read them in place; the tiled passes repeat them
-    for their query heads, an O(H * Tk * D) copy per call (the tiles are batched per query head), and autograd sums
-    their gradients back.
-    `backend`: None runs the Triton kernels on CUDA tensors when triton is installed and this tiled torch path
-    otherwise; "torch" or "triton" force one (see `ops.backend`).
-    """
-    check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(q.device)
-    if use_triton(backend, q):
-        from . import triton_kernels  # imported on first use: triton is an optional dependency
-
-        out = triton_kernels.tensor_attention(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2,
-                                              attention_mask=attention_mask)
-        # The kernels' tiles share keys and values between queries too, and do not contain a NaN or infinity: such
-        # a call (never a finite one) runs again on the torch path, which sets exactly the entries the definition
-        # makes non-finite (#15). A compiled graph keeps the kernel's result: the check would be a graph break.
-        if torch.compiler.is_compiling() or all_finite(out):
-            return out
-    groups = q.shape[1] // k1.shape[1]
-    k1, k2, v1, v2 = (repeat_kv(t, groups) for t in (k1, k2, v1, v2))
-    out, _, _ = _forward_op(q, k1, k2, v1, v2, float(scale), w1, w2, attention_mask)
-    return out.view(q.shape).to(q.dtype)
+def output_spec(q) -> tuple[tuple, torch.dtype]:
+    """Shape and dtype of `forward`'s output for q [B, H, Tq, D] (for the custom op's fake implementation)."""
+    B, H, Tq, D = q.shape
+    return (B * H, Tq, D), _compute_dtype(q.dtype)

@@ -37,7 +37,7 @@ import torch
 
 from hf_tensor_attn.cache import FourCacheLayer, TensorAttnConstants, TwoCacheLayer, TwoCacheMemoryError
 from hf_tensor_attn.cache.two import default_memory_budget
-from hf_tensor_attn.ops.decode import decode_scratch_elements, release_decode_workspace
+from hf_tensor_attn.ops.decode import decode_scratch_elements
 from scripts.bench.baselines import kronecker_decode
 from scripts.bench.harness import (
     describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, publish, pyplot, read_csv,
@@ -182,7 +182,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              mm_gflops_before=mm_rates[-1], disturbed=timed.disturbed))
             print(f"{method} i={i:5d}  {timed.best * 1e3:9.2f} ms (median {timed.median * 1e3:9.2f})  "
                   f"{flops / timed.best / 1e9:7.1f} GFLOP/s  cache {held / 2**20:10.2f} MiB", flush=True)
-        release_decode_workspace()
         gc.collect()  # a two_cache layer and its memory budget refer to each other: free its GiBs before the next i
     load_after = load_snapshot()
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from hf_tensor_attn.ops import naive_tensor_attention
-from hf_tensor_attn.ops.decode import four_cache_decode, pair_rows_attention
+from hf_tensor_attn.ops import four_cache_decode
+from hf_tensor_attn.ops.decode import pair_rows_attention
 
 
 def decode_inputs(B=2, H=3, T=11, D=6, seed=0):

@@ -369,10 +369,10 @@ def test_bad_inputs_raise_value_error_naming_argument(fn, change, kw, name):
 
 
 @pytest.mark.usefixtures("tile_loop")
-def test_custom_ops_pass_opcheck():
+def test_custom_ops_pass_opcheck(tile_loop):
     """Fake (meta) kernels, schema and autograd registration agree with the real kernels, for both passes (the
     backward's five gradients are buffers of their own: a custom op's outputs may not alias)."""
-    from hf_tensor_attn.ops.tiled import _backward_op, _forward_op
+    from hf_tensor_attn.ops.dispatch import _backward_op, _forward_op
 
     (q, k1, k2, v1, v2), _ = make_inputs(1, 2, 5, 7, 4, torch.float64)
     for t in (q, k1, k2, v1, v2):
@@ -380,11 +380,11 @@ def test_custom_ops_pass_opcheck():
     mask = torch.ones(1, 7, dtype=torch.long)
     mask[0, :2] = 0
     for w1, w2, m in ((None, None, None), (3, 2, mask)):
-        torch.library.opcheck(_forward_op, (q, k1, k2, v1, v2, 0.5, w1, w2, m))
-        saved = [t.detach() for t in _forward_op(q, k1, k2, v1, v2, 0.5, w1, w2, m)]
+        torch.library.opcheck(_forward_op, (q, k1, k2, v1, v2, 0.5, w1, w2, m, tile_loop))
+        saved = [t.detach() for t in _forward_op(q, k1, k2, v1, v2, 0.5, w1, w2, m, tile_loop)]
         dout = torch.randn_like(saved[0])
         inputs = [t.detach() for t in (q, k1, k2, v1, v2)]
-        torch.library.opcheck(_backward_op, (dout, *inputs, *saved, 0.5, w1, w2, m))
+        torch.library.opcheck(_backward_op, (dout, *inputs, *saved, 0.5, w1, w2, m, tile_loop))
 
 
 @pytest.mark.usefixtures("tile_loop")

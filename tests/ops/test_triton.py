@@ -17,8 +17,9 @@ import torch
 from packaging.version import Version
 
 from hf_tensor_attn.ops import backend
+from hf_tensor_attn.ops.dispatch import use_triton
 from hf_tensor_attn.ops.backend import (
-    TRITON_NEWEST_TESTED, TRITON_OLDEST_TESTED, UntestedTritonWarning, triton_installed, triton_version, use_triton,
+    TRITON_NEWEST_TESTED, TRITON_OLDEST_TESTED, UntestedTritonWarning, triton_installed, triton_version,
 )
 from tests.ops.test_tiled import TOL, assert_close_scaled
 from tests.ops.triton_cases import ATTENTION_CASES, DECODE_CASES, NONFINITE_CASES
