@@ -116,18 +116,27 @@ def _run(impl, q, k1, k2, v1, v2, scale, w1, w2, attention_mask, workspace):
 
 
 def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None, backend=None,
-                     workspace=None):
+                     workspace=None, documents=None):
     """Exact tensor attention with the signature of `naive_tensor_attention`; differentiable.
 
     q is [B, H, Tq, D], k1, k2, v1, v2 are [B, H_kv, Tk, D] (H_kv dividing H); returns [B, H, Tq, D] in q's dtype
     (the autocast dtype under autocast). Computes in float64 for float64 inputs and in float32 otherwise. Peak extra
     memory is O(tile + T*d). `backend`: None (automatic), "torch" or "triton" (`ops.backend`). `workspace`: a
-    `decode.DecodeWorkspace` the caller keeps for one-query steps (a cache layer), or None.
+    `decode.DecodeWorkspace` the caller keeps for one-query steps (a cache layer), or None. `documents`: [B, Tk]
+    integer ids of packed sequences (equal ids in one contiguous run per document): query t then uses only pairs
+    (a, b) with both a and b in its own document (see `per_document`).
     """
     (q, k1, k2, v1, v2), amp_off = autocast_inputs(q, k1, k2, v1, v2)
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
     if attention_mask is not None:
         attention_mask = attention_mask.to(q.device)
+    if documents is not None:
+        def one(q, k1, k2, v1, v2, attention_mask):
+            return tensor_attention(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask,
+                                    backend=backend, workspace=workspace)
+
+        with amp_off:
+            return per_document(one, q, (k1, k2, v1, v2), documents, attention_mask)
     args = (scale, w1, w2, attention_mask, workspace)
     with amp_off:
         impl = implementation(backend, q, one_query=q.shape[2] == 1, needs_grad=_needs_grad(q, k1, k2, v1, v2))
@@ -155,24 +164,62 @@ def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_m
                             backend=backend, workspace=workspace)
 
 
-def attention(spec, q, k, v, *, attention_mask=None, workspace=None):
+def attention(spec, q, k, v, *, attention_mask=None, workspace=None, documents=None):
     """A tensor layer's attention from its constants `spec` (scale, w1, w2, backend): k = k1 | k2 and v = v1 | v2
     side by side along the head features ([B, H_kv, Tk, 2D]), as the layers project them and the caches hold them."""
     k1, k2 = k.chunk(2, dim=-1)
     v1, v2 = v.chunk(2, dim=-1)
     return tensor_attention(q, k1, k2, v1, v2, scale=spec.scale, w1=spec.w1, w2=spec.w2,
-                            attention_mask=attention_mask, backend=spec.backend, workspace=workspace)
+                            attention_mask=attention_mask, backend=spec.backend, workspace=workspace,
+                            documents=documents)
 
 
 def poly_tensor_attention(q, k1, k2, v1, v2, *, scale, degree, attention_mask=None, causal=True, score_bound=None,
-                          chunk_size=None):
-    """`poly.poly_tensor_attention` through the door's autocast rule (it has one implementation)."""
+                          chunk_size=None, documents=None):
+    """`poly.poly_tensor_attention` through the door's autocast rule and packed `documents` (it has one
+    implementation)."""
     from .poly import poly_tensor_attention as op
 
     (q, k1, k2, v1, v2), amp_off = autocast_inputs(q, k1, k2, v1, v2)
-    with amp_off:
+
+    def one(q, k1, k2, v1, v2, attention_mask):
         return op(q, k1, k2, v1, v2, scale=scale, degree=degree, attention_mask=attention_mask, causal=causal,
                   score_bound=score_bound, chunk_size=chunk_size)
+
+    with amp_off:
+        if documents is not None:
+            return per_document(one, q, (k1, k2, v1, v2), documents, attention_mask)
+        return one(q, k1, k2, v1, v2, attention_mask)
+
+
+def per_document(op, q, streams, documents, attention_mask):
+    """`op(q, *streams, attention_mask)` on each packed document of each row, outputs put back in place.
+
+    Packed sequences (padding-free batches, TRL's `packing=True`) hold several documents in one row; a document's
+    queries may use only its own tokens. Cutting the row at the document boundaries gives every implementation that
+    rule (each piece is an ordinary causal call), where a document mask inside the kernels would be one more mask
+    for each of them to honour. One call per document: the boundaries are read on the host.
+    """
+    B, Tq, Tk = q.shape[0], q.shape[2], streams[0].shape[2]
+    if not isinstance(documents, torch.Tensor) or documents.dtype.is_floating_point or tuple(documents.shape) != (
+            B, Tk):
+        shape = tuple(documents.shape) if isinstance(documents, torch.Tensor) else type(documents).__name__
+        raise ValueError(f"`documents` must be a [B, Tk] = {(B, Tk)} integer tensor of packed-sequence ids, got {shape}")
+    documents = documents.to(q.device)
+    starts = torch.ones(B, Tk, dtype=torch.bool, device=q.device)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    rows = []
+    for b, row_starts in enumerate(starts.cpu().tolist()):
+        edges = [t for t, new in enumerate(row_starts) if new] + [Tk]
+        pieces = []
+        for start, stop in zip(edges, edges[1:]):
+            first = max(start, Tk - Tq)  # the document's queries: positions first .. stop - 1
+            if first < stop:
+                mask = None if attention_mask is None else attention_mask[b : b + 1, start:stop]
+                pieces.append(op(q[b : b + 1, :, first - (Tk - Tq) : stop - (Tk - Tq)],
+                                 *(t[b : b + 1, :, start:stop] for t in streams), mask))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows, dim=0)
 
 
 def _torch_path(q, impl) -> str:

@@ -11,8 +11,9 @@ O(tile + T*d); a window (w1, w2) costs O(T * w1 * w2 * d).
 
 The tile loops also exist compiled (`csrc/tiles.cpp`, built on first use by `ops.extension`): same tiles and GEMMs
 (without the ones columns: one pass per tile subtracts the per-query shifts, clamps, exps and masks), no Python
-between them. They run by default on CPU where they build; the Python loops stay, tested beside them against the
-naive op, and run where they do not build or with `HF_TENSOR_ATTN_CPU_EXTENSION=0`.
+between them. The attention door (`ops.dispatch`) hands them to `forward` / `backward` on CPU where they build; the
+Python loops stay, tested beside them against the naive op, and run where they do not build or with
+`HF_TENSOR_ATTN_CPU_EXTENSION=0`.
 
 The maths is symmetric in the two streams (<q, k1*k2> = <q, k2*k1>, v1*v2 = v2*v1). The row stream reads each
 query's own window exactly (see `_tiles`), while a column block is shared by the query block and so spans
@@ -230,7 +231,7 @@ def _python_tiles(p: _Problem, m_all, blocks, checked_blocks, clamped_blocks, fi
     checked block finds a score over the headroom."""
     q, kr, kc, vr, vc, w_row, w_col, mask, B, H, sizes = p.unpack()
     # Rows (t, a) of the score GEMM are [q_t, -m_t] * [kr_a, 1] = [q_t * kr_a, -m_t]: one multiply writes them whole
-    # (writing q_t * kr_a into the first d of d+1 columns is a strided pass, 1.5-2x slower), and the GEMM subtracts m_t.
+    # (writing q_t * kr_a into the first d of d+1 columns would be a slower, strided pass), and the GEMM subtracts m_t.
     q_aug = torch.cat([q, -m_all[:, :, None]], -1)  # [BH, Tq, d+1]
     BH, Tq, d = q.shape
     Tk = kr.shape[1]

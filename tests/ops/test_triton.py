@@ -72,6 +72,21 @@ def test_attention_matches_naive(interpreted, case):
 
 
 @needs_triton
+def test_packed_documents_with_the_kernels(interpreted):
+    actual, expected = result(interpreted, "packed/documents")
+    for name, a, e in zip(("out", "dq", "dk1", "dk2", "dv1", "dv2"), actual, expected):
+        assert_close_scaled(a, e, TOL[torch.float32], f"packed {name}")
+
+
+@needs_triton
+def test_fp16_autocast_runs_the_kernels_in_fp16(interpreted):
+    actual, expected = result(interpreted, "autocast/fp16")
+    assert actual[0].dtype == torch.float16  # the output in the autocast dtype; gradients in their leaves' fp32
+    for name, a, e in zip(("out", "dq", "dk1", "dk2", "dv1", "dv2"), actual, expected):
+        assert_close_scaled(a.double(), e, TOL[torch.float16], f"autocast {name}")
+
+
+@needs_triton
 @pytest.mark.parametrize("case", list(NONFINITE_CASES))
 def test_nonfinite_inputs_change_the_rows_naive_changes(interpreted, case):
     """Prefill and decode with the kernels: the same non-finite entries as the naive op, the rest equal to it."""

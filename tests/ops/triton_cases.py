@@ -96,8 +96,8 @@ def in_place_heads(heads):
     if isinstance(heads, int):
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
-    for module in ("hf_tensor_attn.ops.tiled", "hf_tensor_attn.ops.decode"):
-        stack.enter_context(mock.patch(f"{module}.repeat_kv", side_effect=AssertionError("repeated for the kernel")))
+    stack.enter_context(mock.patch("hf_tensor_attn.ops.dispatch.repeat_kv",
+                                   side_effect=AssertionError("repeated for the kernel")))
     return stack
 
 
@@ -144,6 +144,40 @@ def _nonfinite(case):
     return actual, [expected[0], expected[0][:, :, -1:]]
 
 
+def _autocast_fp16(_):
+    """fp32 inputs under fp16 autocast with the kernels: the door runs them in fp16, as SDPA would; the naive op
+    gets the fp16-rounded inputs in float64 (the exact result for what the kernels were given)."""
+    from hf_tensor_attn.ops import naive_tensor_attention, tensor_attention
+    from tests.ops.test_tiled import make_inputs, outputs_and_grads
+
+    inputs, dout = make_inputs(2, 2, 17, 17, 16, torch.float32, seed=5)
+    inputs, dout = on_device(inputs), dout.to(DEVICE).half()
+    # No padding: the fp16 case of ATTENTION_CASES covers it; here the autocast rule is under test.
+    kw = dict(scale=0.25, w2=6)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        actual = outputs_and_grads(tensor_attention, inputs, dout, backend="triton", **kw)
+    return actual, outputs_and_grads(naive_tensor_attention, [t.half().double() for t in inputs], dout.double(), **kw)
+
+
+def _packed(_):
+    """Packed documents (one of length 1, boundaries at odd places) with the kernels, outputs and gradients,
+    against each document alone through the naive op."""
+    from hf_tensor_attn.ops import naive_tensor_attention, tensor_attention
+    from tests.ops.test_dispatch import _documents, _per_document_reference
+    from tests.ops.test_tiled import make_inputs, outputs_and_grads
+
+    lengths = [[6, 1, 10], [11, 6]]
+    inputs, dout = make_inputs(2, 2, 17, 17, 16, torch.float32, seed=7)
+    inputs, dout = on_device(inputs), dout.to(DEVICE)
+    kw = dict(scale=0.25, w1=5)
+    actual = outputs_and_grads(tensor_attention, inputs, dout, backend="triton", documents=_documents(lengths), **kw)
+
+    def reference(q, *streams, **kw):
+        return _per_document_reference(naive_tensor_attention, q, streams, lengths, **kw)
+
+    return actual, outputs_and_grads(reference, inputs, dout, **kw)
+
+
 def _model_logits(backend):
     """Greedy logits of a 1-layer model: prefill (tiled op) and two decode steps (four-cache layer)."""
     from tests.conftest import tiny_model
@@ -161,6 +195,7 @@ def run_all(shard: int = 0, shards: int = 1) -> dict:
     jobs = [(f"attention/{c}", _attention, c) for c in ATTENTION_CASES]
     jobs += [(f"decode/{c}", _decode, c) for c in DECODE_CASES]
     jobs += [(f"nonfinite/{c}", _nonfinite, c) for c in NONFINITE_CASES]
+    jobs += [("autocast/fp16", _autocast_fp16, None), ("packed/documents", _packed, None)]
     jobs += [("model/generate", lambda _: ([_model_logits("triton")], [_model_logits("torch")]), None)]
     for name, fn, case in jobs[shard::shards]:
         try:
