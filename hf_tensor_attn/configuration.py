@@ -28,6 +28,9 @@ KNOWN_EXTRA_KWARGS = frozenset({
 # The papers use 1/sqrt(head_dim), 1/head_dim or 1. At a scale of 1e3 the softmax over unit-sized features is already
 # an argmax in float32 (exp(-1e3 * 0.1) underflows); larger scales only overflow the scores.
 MAX_SCORE_SCALE = 1e3
+# ops.poly.MAX_FEATURES, repeated so that the config needs no import of the ops (a test checks they agree): the most
+# monomial features C(poly_feature_dim + poly_degree, poly_degree) a poly layer's state may have per head.
+MAX_POLY_FEATURES = 1 << 20
 FLOAT32_MAX = 3.4028234663852886e38  # the rotary table and the ops compute in float32 at least
 
 
@@ -266,6 +269,15 @@ class TensorAttnConfig(PreTrainedConfig):
             raise ValueError(
                 f"`poly_degree` must be an even int >= 2 (an even-degree Taylor polynomial of exp is positive for "
                 f"every score, so the trained kernel is a positive weighting), got {degree!r}"
+            )
+        features = math.comb(self.poly_feature_dim + degree, degree)
+        if features > MAX_POLY_FEATURES:
+            allowed = max((g for g in range(2, degree, 2)
+                           if math.comb(self.poly_feature_dim + g, g) <= MAX_POLY_FEATURES), default=None)
+            fix = f"use poly_degree <= {allowed} or a smaller" if allowed else "use a smaller"
+            raise ValueError(
+                f"`poly_degree`={degree} with poly_feature_dim={self.poly_feature_dim} gives r = {features:,} features "
+                f"per head, past the {MAX_POLY_FEATURES:,} a poly layer may hold (memory); {fix} poly_feature_dim"
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(

@@ -131,3 +131,13 @@ def test_every_layer_types_output_projection_follows_attention_output_bias(outpu
         attention = layer.self_attn
         assert (attention.o_proj.bias is not None) == output_bias, type(attention).__name__
         assert (attention.q_proj.bias is not None) == (not output_bias), type(attention).__name__
+
+
+def test_poly_degree_past_the_feature_guard_is_refused_with_the_largest_allowed():
+    """poly_degree=40 (377M features per head at width 8) was accepted."""
+    from hf_tensor_attn.configuration import MAX_POLY_FEATURES
+    from hf_tensor_attn.ops.poly import MAX_FEATURES
+
+    assert MAX_POLY_FEATURES == MAX_FEATURES
+    with pytest.raises(ValueError, match=r"`poly_degree`=40 with poly_feature_dim=8 .*use poly_degree <= 16"):
+        TensorAttnConfig(num_hidden_layers=1, poly_degree=40)
