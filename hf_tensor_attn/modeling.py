@@ -167,10 +167,12 @@ class PolyTensorAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
         B, T, _ = hidden_states.shape
-        H, f = self.num_heads, self.feature_dim
-        q = self.q_proj(hidden_states).view(B, T, H, f).transpose(1, 2)  # [B, H, T, f]
-        k = self.k_proj(hidden_states).view(B, T, H, 2 * f).transpose(1, 2)  # [B, H, T, 2f]: k1 | k2
-        v = self.v_proj(hidden_states).view(B, T, H, 2 * self.head_dim).transpose(1, 2)  # [B, H, T, 2D]: v1 | v2
+        f = self.feature_dim
+        # -1 heads: under tensor parallelism the projections hold only this rank's heads (config.base_model_tp_plan);
+        # k_proj and v_proj rows are laid out per head (k1 | k2, v1 | v2), so a rank's split keeps both streams.
+        q = self.q_proj(hidden_states).view(B, T, -1, f).transpose(1, 2)  # [B, H, T, f]
+        k = self.k_proj(hidden_states).view(B, T, -1, 2 * f).transpose(1, 2)  # [B, H, T, 2f]: k1 | k2
+        v = self.v_proj(hidden_states).view(B, T, -1, 2 * self.head_dim).transpose(1, 2)  # [B, H, T, 2D]: v1 | v2
         if cache is not None:
             out = cache.attend(self.layer_idx, q, k, v, attention_mask)  # this layer's cache is always the poly state
         else:
@@ -376,6 +378,7 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
         self.norm = TensorAttnRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = TensorAttnRotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.config_at_build = config.fixed_at_build()  # a later change of these is refused by forward
         self.post_init()
 
     @staticmethod
@@ -401,6 +404,8 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
         """Like `LlamaModel.forward`, with every argument after `input_ids` by keyword. `past_key_values` is the name
         transformers < 5.24 gives `cache`. There is no `**kwargs`: an unknown keyword raises `TypeError`."""
         cache = compat.resolve_cache(cache, past_key_values, f"{type(self).__name__}.forward")
+        if not torch.compiler.is_compiling():
+            self.config.check_unchanged_since(self.config_at_build)
         self.check_cache(cache, self.config)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`")
