@@ -12,7 +12,9 @@ Items:
  2. Layer types. `PreTrainedConfig.validate_layer_type` accepts only names in
     `configuration_utils.ALLOWED_ATTN_LAYER_TYPES`, read at call time. Our config overrides the validator, but
     transformers also reads our config.json with the base class (`Trainer(resume_from_checkpoint=...)`), so
-    `allow_layer_type` appends our name to that tuple.
+    `allow_layer_type` appends our name to that tuple. `StaticCache(config=...)` looks each layer type up in
+    `cache_utils.STATIC_LAYER_TYPE_MAPPING` (a bare `KeyError` for ours); `refuse_static_cache` maps our types to a
+    factory that raises by name until a static layer class registers itself there (its `_layer_type`).
  3. `cache_implementation`. `GenerationConfig.validate` accepts only names in
     `generation.configuration_utils.ALL_CACHE_IMPLEMENTATIONS` (plus "paged"), read at call time, and runs on
     construction, `save_pretrained` and `from_pretrained`. `allow_cache_implementation` appends each registered
@@ -72,6 +74,7 @@ Items:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -81,6 +84,7 @@ from pathlib import Path
 import torch
 import transformers
 from packaging.version import Version
+from transformers import cache_utils as _cache_utils
 from transformers import configuration_utils as _config_utils
 from transformers.generation import configuration_utils as _generation_config_utils
 from transformers import trainer as _trainer
@@ -155,6 +159,22 @@ def allow_layer_type(name: str) -> None:
     if name not in _config_utils.ALLOWED_ATTN_LAYER_TYPES:
         _config_utils.ALLOWED_ATTN_LAYER_TYPES = (*_config_utils.ALLOWED_ATTN_LAYER_TYPES, name)
         _config_utils.ALLOWED_LAYER_TYPES = (*_config_utils.ALLOWED_LAYER_TYPES, name)
+
+
+def refuse_static_cache(layer_type: str) -> None:
+    """Make `StaticCache(config=...)` refuse `layer_type` layers by name; a class registered for it stays."""
+    mapping = getattr(_cache_utils, "STATIC_LAYER_TYPE_MAPPING", None)
+    if isinstance(mapping, dict):
+        mapping.setdefault(layer_type, functools.partial(_no_static_layer, layer_type))
+
+
+def _no_static_layer(layer_type: str, **kwargs):
+    raise ValueError(
+        f"transformers' StaticCache has no layer for {layer_type!r} layers, which `config.layer_types` of this "
+        "tensor_attn model names; pass hf_tensor_attn.TensorAttnCache(model.config, cache_implementation=NAME) as "
+        "`cache=`, or call generate(cache_implementation=NAME), with NAME from "
+        "hf_tensor_attn.cache.available_cache_implementations()"
+    )
 
 
 # ---- 3. cache_implementation ----

@@ -415,7 +415,8 @@ def _validate(self) -> None:
 TensorAttnConfig.validate = _validate
 
 # transformers also reads our config.json with its base class (compat item 2).
-compat.allow_layer_type("tensor_attention")
-compat.allow_layer_type("poly_tensor_attention")
+for _layer_type in ("tensor_attention", "poly_tensor_attention"):
+    compat.allow_layer_type(_layer_type)
+    compat.refuse_static_cache(_layer_type)
 
 __all__ = ["TensorAttnConfig", "TensorAttnConfigError", "UnknownConfigKeyWarning"]

@@ -411,6 +411,10 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if inputs_embeds.dim() != 3 or 0 in inputs_embeds.shape[:2]:
+            name, given = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+            raise ValueError(f"`{name}` must hold at least one token of at least one sequence ([batch, tokens"
+                             f"{'' if name == 'input_ids' else ', hidden'}]), got shape {tuple(given.shape)}")
         if use_cache is None:
             # Training never reuses a cache: building one would only hold activations alive.
             use_cache = self.config.use_cache and not self.training
@@ -440,6 +444,9 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past_seen, past_seen + T, device=inputs_embeds.device)[None].expand(B, -1)
+        elif position_ids.shape[-1] != T:
+            raise ValueError(f"`position_ids` must hold one position per new token, [batch, {T}], got shape "
+                             f"{tuple(position_ids.shape)}")
 
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -547,6 +554,11 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
         before transformers 5.24) is used as it is.
         """
         cache = compat.resolve_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None), "generate()")
+        ids, mask = (args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))), kwargs.get("attention_mask")
+        if isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
+            # Else the base generate derives positions from the mask and fails inside the rotary embedding.
+            raise ValueError(f"`attention_mask` must have the shape of `input_ids` {tuple(ids.shape)} (1 for real "
+                             f"tokens, 0 for padding), got {tuple(mask.shape)}")
         if cache is not None and cache_implementation is not None:
             raise ValueError(
                 f"generate() got both a cache object and cache_implementation={cache_implementation!r}; pass one: "
