@@ -12,7 +12,9 @@ Items:
  2. Layer types. `PreTrainedConfig.validate_layer_type` accepts only names in
     `configuration_utils.ALLOWED_ATTN_LAYER_TYPES`, read at call time. Our config overrides the validator, but
     transformers also reads our config.json with the base class (`Trainer(resume_from_checkpoint=...)`), so
-    `allow_layer_type` appends our name to that tuple.
+    `allow_layer_type` appends our name to that tuple. `StaticCache(config=...)` looks each layer type up in
+    `cache_utils.STATIC_LAYER_TYPE_MAPPING` (a bare `KeyError` for ours); `refuse_static_cache` maps our types to a
+    factory that raises by name until a static layer class registers itself there (its `_layer_type`).
  3. `cache_implementation`. `GenerationConfig.validate` accepts only names in
     `generation.configuration_utils.ALL_CACHE_IMPLEMENTATIONS` (plus "paged"), read at call time, and runs on
     construction, `save_pretrained` and `from_pretrained`. `allow_cache_implementation` appends each registered
@@ -72,6 +74,8 @@ Items:
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import os
 import shutil
 import warnings
@@ -80,6 +84,7 @@ from pathlib import Path
 import torch
 import transformers
 from packaging.version import Version
+from transformers import cache_utils as _cache_utils
 from transformers import configuration_utils as _config_utils
 from transformers.generation import configuration_utils as _generation_config_utils
 from transformers import trainer as _trainer
@@ -154,6 +159,22 @@ def allow_layer_type(name: str) -> None:
     if name not in _config_utils.ALLOWED_ATTN_LAYER_TYPES:
         _config_utils.ALLOWED_ATTN_LAYER_TYPES = (*_config_utils.ALLOWED_ATTN_LAYER_TYPES, name)
         _config_utils.ALLOWED_LAYER_TYPES = (*_config_utils.ALLOWED_LAYER_TYPES, name)
+
+
+def refuse_static_cache(layer_type: str) -> None:
+    """Make `StaticCache(config=...)` refuse `layer_type` layers by name; a class registered for it stays."""
+    mapping = getattr(_cache_utils, "STATIC_LAYER_TYPE_MAPPING", None)
+    if isinstance(mapping, dict):
+        mapping.setdefault(layer_type, functools.partial(_no_static_layer, layer_type))
+
+
+def _no_static_layer(layer_type: str, **kwargs):
+    raise ValueError(
+        f"transformers' StaticCache has no layer for {layer_type!r} layers, which `config.layer_types` of this "
+        "tensor_attn model names; pass hf_tensor_attn.TensorAttnCache(model.config, cache_implementation=NAME) as "
+        "`cache=`, or call generate(cache_implementation=NAME), with NAME from "
+        "hf_tensor_attn.cache.available_cache_implementations()"
+    )
 
 
 # ---- 3. cache_implementation ----
@@ -273,6 +294,68 @@ def save_checkpoint_staged(trainer, base_save, model, trial) -> None:
 # ---- 9. RoPE parameters ----
 
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# What `ROPE_INIT_FUNCTIONS[type]` reads without a default (a missing one was a bare KeyError at build), as
+# transformers' own `_validate_<type>_rope_parameters` list them ("rope_theta" comes from our field).
+ROPE_REQUIRED_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor",),
+}
+# Numeric keys and what each must be; transformers only logs a warning for most (a factor of 0 or NaN made every
+# logit NaN).
+ROPE_NUMBERS = {
+    "factor": ("a finite number >= 1 (the context extension ratio)", lambda v: v >= 1),
+    "low_freq_factor": ("a finite number > 0", lambda v: v > 0),
+    "high_freq_factor": ("a finite number > low_freq_factor", lambda v: v > 0),
+    "attention_factor": ("a finite number > 0", lambda v: v > 0),
+    "beta_fast": ("a finite number > 0", lambda v: v > 0),
+    "beta_slow": ("a finite number > 0", lambda v: v > 0),
+    "mscale": ("a finite number > 0", lambda v: v > 0),
+    "mscale_all_dim": ("a finite number >= 0", lambda v: v >= 0),
+}
+
+
+def check_rope_parameters(rope_parameters) -> None:
+    """Raise ValueError naming the key, its value and what is allowed, for `rope_parameters` the frequencies of
+    `rope_frequencies` cannot be computed from, or would come out non-finite or meaningless."""
+    if rope_parameters is None:
+        return
+    if not isinstance(rope_parameters, dict):
+        raise ValueError(
+            f"`rope_parameters` must be None or a dict such as {{'rope_type': 'linear', 'factor': 2.0}}, got "
+            f"{rope_parameters!r}"
+        )
+    rope_type = rope_parameters.get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise ValueError(
+            f"`rope_parameters['rope_type']` must be one of {list(STATIC_ROPE_TYPES)} (RoPE with fixed frequencies), "
+            f"got {rope_type!r}"
+        )
+    missing = [key for key in ROPE_REQUIRED_KEYS[rope_type] if key not in rope_parameters]
+    if missing:
+        raise ValueError(
+            f"`rope_parameters` of rope_type {rope_type!r} needs the keys {list(ROPE_REQUIRED_KEYS[rope_type])}, "
+            f"missing {missing}; got {rope_parameters!r}"
+        )
+    for key, (allowed, in_range) in ROPE_NUMBERS.items():
+        value = rope_parameters.get(key)
+        if value is None and key not in ROPE_REQUIRED_KEYS[rope_type]:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not in_range(
+            value
+        ):
+            raise ValueError(f"`rope_parameters['{key}']` must be {allowed}, got {value!r}")
+    if "low_freq_factor" in rope_parameters and rope_parameters.get("high_freq_factor", math.inf) <= (
+        rope_parameters["low_freq_factor"]
+    ):
+        raise ValueError(
+            f"`rope_parameters['high_freq_factor']` must be > low_freq_factor={rope_parameters['low_freq_factor']!r}, "
+            f"got {rope_parameters['high_freq_factor']!r}"
+        )
+    original = rope_parameters.get("original_max_position_embeddings")
+    if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original < 1):
+        raise ValueError(f"`rope_parameters['original_max_position_embeddings']` must be an int >= 1, got {original!r}")
 
 
 def without_cache_implementation(prepared: tuple) -> tuple:
@@ -287,9 +370,8 @@ def rope_frequencies(config) -> tuple[torch.Tensor, float]:
     """(inv_freq [head_dim / 2] float32, attention_scaling) of the config's RoPE, as `LlamaRotaryEmbedding` computes
     them. The default type is computed here, exactly as transformers' default, so plain configs need no
     `rope_parameters` beyond the type."""
+    check_rope_parameters(config.rope_parameters)  # again here: the config may have changed since it was validated
     rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise ValueError(f"`rope_parameters['rope_type']` must be one of {list(STATIC_ROPE_TYPES)}, got {rope_type!r}")
     if rope_type == "default":
         exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
         return 1.0 / (config.rope_theta**exponents), 1.0

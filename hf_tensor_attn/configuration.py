@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
@@ -10,6 +11,7 @@ import warnings
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 from . import compat
 from .atomic import atomic_directory
@@ -27,7 +29,20 @@ KNOWN_EXTRA_KWARGS = frozenset({
 # The papers use 1/sqrt(head_dim), 1/head_dim or 1. At a scale of 1e3 the softmax over unit-sized features is already
 # an argmax in float32 (exp(-1e3 * 0.1) underflows); larger scales only overflow the scores.
 MAX_SCORE_SCALE = 1e3
+# ops.poly.MAX_FEATURES, repeated so that the config needs no import of the ops (a test checks they agree): the most
+# monomial features C(poly_feature_dim + poly_degree, poly_degree) a poly layer's state may have per head.
+MAX_POLY_FEATURES = 1 << 20
 FLOAT32_MAX = 3.4028234663852886e38  # the rotary table and the ops compute in float32 at least
+# What the model's layers and rotary table take from the config when they are built, and what a cache built later
+# reads again: a change afterwards would give a model and its caches different constants (after `config.w1 = 2`
+# the cached and uncached paths differed by 1e-2), so a forward refuses it (`check_unchanged_since`). Fields that
+# transformers itself changes on a live model (use_cache, vocab_size on resize, the attention kernel) are not here.
+FIXED_AT_BUILD = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "layer_types", "score_scale", "w1", "w2", "poly_feature_dim", "poly_degree", "position_embedding_type",
+    "tensor_rope_streams", "rope_theta", "rope_parameters", "hidden_act", "rms_norm_eps", "attention_bias",
+    "attention_output_bias", "tensor_kv2_bias", "tensor_attention_backend",
+)
 
 
 @strict
@@ -164,13 +179,23 @@ class TensorAttnConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 2
 
     def __post_init__(self, **kwargs):
+        # Checked before the base __post_init__, whose legacy remapping would turn a string into a list of its
+        # characters, and fail on other types with a bare TypeError (layer_types=5, rope_parameters=5).
         if isinstance(self.layer_types, str):
-            # transformers' legacy remapping would turn the string into a list of its characters before validation.
-            cause = ValueError(
+            _refuse("validate_layer_type", ValueError(
                 f"`layer_types` must be a list with one entry per layer, got the string {self.layer_types!r}; write "
                 f"[{self.layer_types!r}] * num_hidden_layers"
-            )
-            raise TensorAttnConfigError(StrictDataclassClassValidationError("validate_layer_type", cause)) from cause
+            ))
+        if self.layer_types is not None and not isinstance(self.layer_types, list):
+            _refuse("validate_layer_type", ValueError(
+                f"`layer_types` must be a list with entries in {list(LAYER_TYPES)}, one per layer, got "
+                f"{self.layer_types!r}"
+            ))
+        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
+            try:
+                compat.check_rope_parameters(self.rope_parameters)
+            except ValueError as cause:
+                _refuse("validate_rope", cause)
         self._warn_unknown_kwargs(kwargs)
         if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_attention_heads, int):
             if self.num_attention_heads > 0:
@@ -195,6 +220,21 @@ class TensorAttnConfig(PreTrainedConfig):
     def poly_score_scale(self) -> float:
         """Score scale of the `"poly_tensor_attention"` layers: 1 / sqrt(poly_feature_dim)."""
         return self.poly_feature_dim**-0.5
+
+    def fixed_at_build(self) -> dict:
+        """A copy of the FIXED_AT_BUILD fields, taken when a model is built from this config."""
+        return copy.deepcopy({name: getattr(self, name) for name in FIXED_AT_BUILD})
+
+    def check_unchanged_since(self, built: dict) -> None:
+        """Raise ValueError naming the first FIXED_AT_BUILD field whose value differs from `built`."""
+        for name, value in built.items():
+            now = getattr(self, name)
+            if now != value:
+                raise ValueError(
+                    f"`config.{name}` was changed from {value!r} to {now!r} after the model was built: its layers keep "
+                    f"{value!r} while a cache built now would read {now!r}. Set it back, or build a model with the new "
+                    "value (AutoModelForCausalLM.from_config(config), then load_state_dict(old.state_dict()))"
+                )
 
     @staticmethod
     def _warn_unknown_kwargs(kwargs: dict) -> None:
@@ -244,7 +284,9 @@ class TensorAttnConfig(PreTrainedConfig):
             )
 
     def validate_rope(self):
-        """The base RoPE check (compat item 9), only when the model uses RoPE: a NoPE model may have an odd head_dim."""
+        """Our RoPE check, then the base one (compat item 9) only when the model uses RoPE: a NoPE model may have an
+        odd head_dim. The base check only logs most bad values (a factor of 0 made every logit NaN)."""
+        compat.check_rope_parameters(self.rope_parameters)
         if self.position_embedding_type == "rope":
             super().validate_rope()
 
@@ -265,6 +307,15 @@ class TensorAttnConfig(PreTrainedConfig):
             raise ValueError(
                 f"`poly_degree` must be an even int >= 2 (an even-degree Taylor polynomial of exp is positive for "
                 f"every score, so the trained kernel is a positive weighting), got {degree!r}"
+            )
+        features = math.comb(self.poly_feature_dim + degree, degree)
+        if features > MAX_POLY_FEATURES:
+            allowed = max((g for g in range(2, degree, 2)
+                           if math.comb(self.poly_feature_dim + g, g) <= MAX_POLY_FEATURES), default=None)
+            fix = f"use poly_degree <= {allowed} or a smaller" if allowed else "use a smaller"
+            raise ValueError(
+                f"`poly_degree`={degree} with poly_feature_dim={self.poly_feature_dim} gives r = {features:,} features "
+                f"per head, past the {MAX_POLY_FEATURES:,} a poly layer may hold (memory); {fix} poly_feature_dim"
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -293,12 +344,18 @@ class TensorAttnConfig(PreTrainedConfig):
         for name in ("attention_bias", "attention_output_bias", "tensor_kv2_bias", "tie_word_embeddings", "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
-        for name in ("pad_token_id", "bos_token_id"):
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"`{name}` must be None or a token id (int >= 0), got {value!r}")
-        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
-            raise ValueError(f"`pad_token_id` must be below vocab_size={self.vocab_size}, got {self.pad_token_id}")
+            ids = value if name == "eos_token_id" and isinstance(value, list) and value else [value]
+            for token in ids:
+                if value is not None and (isinstance(token, bool) or not isinstance(token, int) or token < 0):
+                    allowed = "a token id (int >= 0)" + (" or a non-empty list of them" if name == "eos_token_id" else "")
+                    raise ValueError(f"`{name}` must be None or {allowed}, got {value!r}")
+                if value is not None and token >= self.vocab_size:
+                    raise ValueError(f"`{name}` must be below vocab_size={self.vocab_size}, got {value!r}")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` must be one of transformers' activations {sorted(ACT2FN)}, got "
+                             f"{self.hidden_act!r}")
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             raise ValueError(
                 f"`position_embedding_type` must be one of {list(POSITION_EMBEDDING_TYPES)}, "
@@ -307,12 +364,6 @@ class TensorAttnConfig(PreTrainedConfig):
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             raise ValueError(f"`head_dim` must be even with rotary position embeddings, got {self.head_dim}")
         rope_parameters = self.rope_parameters or {}
-        rope_type = rope_parameters.get("rope_type", "default")
-        if rope_type not in compat.STATIC_ROPE_TYPES:
-            raise ValueError(
-                f"`rope_parameters['rope_type']` must be one of {list(compat.STATIC_ROPE_TYPES)} (RoPE with fixed "
-                f"frequencies), got {rope_type!r}"
-            )
         if rope_parameters.get("rope_theta", self.rope_theta) != self.rope_theta:
             raise ValueError(
                 f"`rope_parameters['rope_theta']` = {self.rope_parameters['rope_theta']!r} differs from `rope_theta` = "
@@ -324,6 +375,11 @@ class TensorAttnConfig(PreTrainedConfig):
                 f"got {self.default_cache_implementation!r}"
             )
         check_backend(self.tensor_attention_backend, "tensor_attention_backend")
+
+
+def _refuse(validator: str, cause: ValueError):
+    """Raise `cause` as strict validation does (a TensorAttnConfigError wrapping it) from outside the validators."""
+    raise TensorAttnConfigError(StrictDataclassClassValidationError(validator, cause)) from cause
 
 
 def _check_float(name: str, value, allowed: str, in_range) -> None:
@@ -358,7 +414,8 @@ def _validate(self) -> None:
 TensorAttnConfig.validate = _validate
 
 # transformers also reads our config.json with its base class (compat item 2).
-compat.allow_layer_type("tensor_attention")
-compat.allow_layer_type("poly_tensor_attention")
+for _layer_type in ("tensor_attention", "poly_tensor_attention"):
+    compat.allow_layer_type(_layer_type)
+    compat.refuse_static_cache(_layer_type)
 
 __all__ = ["TensorAttnConfig", "TensorAttnConfigError", "UnknownConfigKeyWarning"]

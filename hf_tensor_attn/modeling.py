@@ -162,10 +162,12 @@ class PolyTensorAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
         B, T, _ = hidden_states.shape
-        H, f = self.num_heads, self.feature_dim
-        q = self.q_proj(hidden_states).view(B, T, H, f).transpose(1, 2)  # [B, H, T, f]
-        k = self.k_proj(hidden_states).view(B, T, H, 2 * f).transpose(1, 2)  # [B, H, T, 2f]: k1 | k2
-        v = self.v_proj(hidden_states).view(B, T, H, 2 * self.head_dim).transpose(1, 2)  # [B, H, T, 2D]: v1 | v2
+        f = self.feature_dim
+        # -1 heads: under tensor parallelism the projections hold only this rank's heads (config.base_model_tp_plan);
+        # k_proj and v_proj rows are laid out per head (k1 | k2, v1 | v2), so a rank's split keeps both streams.
+        q = self.q_proj(hidden_states).view(B, T, -1, f).transpose(1, 2)  # [B, H, T, f]
+        k = self.k_proj(hidden_states).view(B, T, -1, 2 * f).transpose(1, 2)  # [B, H, T, 2f]: k1 | k2
+        v = self.v_proj(hidden_states).view(B, T, -1, 2 * self.head_dim).transpose(1, 2)  # [B, H, T, 2D]: v1 | v2
         if cache is not None:
             out = cache.attend(self.layer_idx, q, k, v, attention_mask)  # this layer's cache is always the poly state
         else:
@@ -371,6 +373,7 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
         self.norm = TensorAttnRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = TensorAttnRotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.config_at_build = config.fixed_at_build()  # a later change of these is refused by forward
         self.post_init()
 
     @staticmethod
@@ -396,11 +399,17 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
         """Like `LlamaModel.forward`, with every argument after `input_ids` by keyword. `past_key_values` is the name
         transformers < 5.24 gives `cache`. There is no `**kwargs`: an unknown keyword raises `TypeError`."""
         cache = compat.resolve_cache(cache, past_key_values, f"{type(self).__name__}.forward")
+        if not torch.compiler.is_compiling():
+            self.config.check_unchanged_since(self.config_at_build)
         self.check_cache(cache, self.config)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if inputs_embeds.dim() != 3 or 0 in inputs_embeds.shape[:2]:
+            name, given = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+            raise ValueError(f"`{name}` must hold at least one token of at least one sequence ([batch, tokens"
+                             f"{'' if name == 'input_ids' else ', hidden'}]), got shape {tuple(given.shape)}")
         if use_cache is None:
             # Training never reuses a cache: building one would only hold activations alive.
             use_cache = self.config.use_cache and not self.training
@@ -430,6 +439,9 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past_seen, past_seen + T, device=inputs_embeds.device)[None].expand(B, -1)
+        elif position_ids.shape[-1] != T:
+            raise ValueError(f"`position_ids` must hold one position per new token, [batch, {T}], got shape "
+                             f"{tuple(position_ids.shape)}")
 
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -537,6 +549,11 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
         before transformers 5.24) is used as it is.
         """
         cache = compat.resolve_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None), "generate()")
+        ids, mask = (args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))), kwargs.get("attention_mask")
+        if isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
+            # Else the base generate derives positions from the mask and fails inside the rotary embedding.
+            raise ValueError(f"`attention_mask` must have the shape of `input_ids` {tuple(ids.shape)} (1 for real "
+                             f"tokens, 0 for padding), got {tuple(mask.shape)}")
         if cache is not None and cache_implementation is not None:
             raise ValueError(
                 f"generate() got both a cache object and cache_implementation={cache_implementation!r}; pass one: "

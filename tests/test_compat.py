@@ -93,6 +93,19 @@ def test_base_config_validator_reads_the_allowed_layer_types_at_call_time(monkey
 # ---- item 3: cache_implementation ----
 
 
+def test_static_cache_refuses_our_layer_types_by_name(make_model):
+    """StaticCache(config=...) indexes STATIC_LAYER_TYPE_MAPPING by layer type: a bare KeyError 'tensor_attention'
+    before `refuse_static_cache` (issue #35)."""
+    from transformers import StaticCache
+    from transformers import cache_utils
+
+    model = make_model(layer_types=["full_attention", "poly_tensor_attention"])
+    assert "tensor_attention" in cache_utils.STATIC_LAYER_TYPE_MAPPING
+    with pytest.raises(ValueError, match=r"StaticCache has no layer for 'poly_tensor_attention' layers.*"
+                                         r"TensorAttnCache\(model.config, cache_implementation=NAME\)"):
+        StaticCache(config=model.config, max_cache_len=16)
+
+
 def test_generation_config_validates_against_the_tuple_we_extend(monkeypatch):
     from transformers.generation import configuration_utils as generation_config_utils
 

@@ -302,6 +302,8 @@ class TensorAttnCache(Cache):
             raise TypeError(
                 f"`config` must be the model's TensorAttnConfig (TensorAttnCache(model.config, ...)), got {config!r}"
             )
+        if callable(getattr(config, "validate", None)):
+            config.validate()  # fields assigned after the config was built (config.score_scale = -1.0) are unchecked
         if offloading and not torch.cuda.is_available():
             raise ValueError(
                 "`offloading=True` (cache_implementation='offloaded') moves each layer to the CPU between uses and back "

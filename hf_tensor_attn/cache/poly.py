@@ -17,8 +17,23 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.poly import PolyState, check_degree, check_score_bound, key_mask, num_features, poly_attention_continue
+from ..ops.poly import (
+    PolyState,
+    check_degree,
+    check_feature_count,
+    check_score_bound,
+    key_mask,
+    poly_attention_continue,
+)
 from .base import TensorAttnCacheLayer, TensorAttnConstants, register_layer_type_cache, register_layout
+from .two import default_memory_budget
+
+# While a step runs, the state it continues, the new state and at least one position of prefix sums are alive.
+STATES_ALIVE_IN_A_STEP = 3
+
+
+class PolyCacheMemoryError(MemoryError):
+    """The poly state of this degree and width would not fit the memory guard."""
 
 
 @register_layout("poly")
@@ -30,9 +45,11 @@ class PolyCacheLayer(TensorAttnCacheLayer):
     changes_the_kernel = True
 
     def __init__(self, constants, *, degree: int = 2, score_bound: float | None = None):
-        for name, check, value in (("degree", check_degree, degree), ("score_bound", check_score_bound, score_bound)):
+        checks = (("degree", lambda: check_degree(degree, even=True)),
+                  ("score_bound", lambda: check_score_bound(score_bound, degree)))
+        for name, check in checks:
             try:
-                check(value)
+                check()
             except ValueError as e:
                 raise ValueError(f"`cache_config['{name}']`: {e}") from None
         if isinstance(constants, TensorAttnConstants) and (constants.w1 is not None or constants.w2 is not None):
@@ -48,9 +65,24 @@ class PolyCacheLayer(TensorAttnCacheLayer):
         Dv2 = value_states.shape[3]
         self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]  # [B, H, 0, 2Dk], [B, H, 0, 2Dv]
         compute = torch.float64 if key_states.dtype == torch.float64 else torch.float32
-        r = num_features(Dk2 // 2, self.degree)
+        try:
+            r = check_feature_count(Dk2 // 2, self.degree)
+        except ValueError as e:
+            raise PolyCacheMemoryError(f"cache_implementation='poly': {e}") from None
+        self._check_memory(B, H, r, Dk2 // 2, Dv2 // 2, compute, key_states.device)
         self.state = PolyState.zeros(B, H, r, Dk2 // 2, Dv2 // 2, dtype=compute, device=key_states.device)
         self.pending = None  # tokens appended but not yet attended: (keys, values, [B, 1, T, 1] mask)
+
+    def _check_memory(self, B, H, r, Dk, Dv, dtype, device) -> None:
+        """Refuse, before allocating, a state that would pass a quarter of the device's memory (as two_cache)."""
+        state = B * H * (2 * r * Dv + 2 * r + 2 * Dk) * torch.finfo(dtype).bits // 8
+        need, budget = STATES_ALIVE_IN_A_STEP * state, default_memory_budget(torch.device(device))
+        if need > budget:
+            raise PolyCacheMemoryError(
+                f"cache_implementation='poly' with degree={self.degree} holds r = {r:,} features per head: a batch of "
+                f"{B} x {H} heads needs {state:,} bytes of state and {need:,} while a step updates it, past the guard "
+                f"of {budget:,} bytes (a quarter of the device's memory); lower the degree or the batch"
+            )
 
     def check_states(self, key_states, value_states) -> None:
         # Keys and values may differ in width here (poly layers project q, k to a small feature dimension).

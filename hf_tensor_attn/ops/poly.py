@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -52,21 +53,109 @@ MAX_CHUNK = 128
 MAX_KEY_CHUNK = 1024
 
 
-def check_degree(degree) -> None:
+# exp(score_bound) is what P reaches on [-score_bound, score_bound], and every path computes in float32 at least
+# (float64 only for float64 inputs), whose largest number is exp(88.72).
+MAX_SCORE_BOUND = 88.0
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# r = C(d + g, g) monomials per head: their index tables are built once per (d, g) (tens of bytes per feature while
+# they are built) and the state holds r (2 Dv + 2) numbers per sequence and head. Past about a million features a
+# single head's state or table no longer fits a machine's memory with room to spare (head_dim 16, degree 12 asked
+# for 30M features and was killed at 22 GB).
+MAX_FEATURES = 1 << 20
+# A fit whose pair weights are off by more than this factor somewhere on [-R, R] (relative error of P against
+# exp), or of the wrong sign, is finite but no longer a softmax in any useful sense: it warns.
+MAX_FIT_ERROR = 1.0
+
+
+class PolyFitWarning(UserWarning):
+    """The polynomial for this `degree` and `score_bound` is finite but far from exp on [-score_bound, score_bound]."""
+
+
+def check_degree(degree, *, even: bool = False) -> None:
+    """`even=True` where exp must be replaced by a polynomial that is positive for every score (the model's layers
+    and the "poly" cache: odd Taylor polynomials go negative and their normalised outputs reach 1e9)."""
+    if even and (isinstance(degree, bool) or not isinstance(degree, int) or degree < 2 or degree % 2):
+        raise ValueError(
+            f"`degree` must be an even int >= 2 (an even-degree Taylor polynomial of exp is positive for every score; "
+            f"an odd one goes negative), got {degree!r}"
+        )
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
         raise ValueError(f"`degree` must be an int >= 1 (the degree of the polynomial replacing exp), got {degree!r}")
 
 
-def check_score_bound(score_bound) -> None:
+def check_score_bound(score_bound, degree=None) -> None:
+    """None, or a finite float in (0, MAX_SCORE_BOUND]; with `degree`, also one whose fitted coefficients stay finite
+    in float32 (`check_fit`)."""
     if score_bound is None:
         return
     if isinstance(score_bound, bool) or not isinstance(score_bound, (int, float)) or not (
-        0 < score_bound < math.inf
+        0 < score_bound <= MAX_SCORE_BOUND
     ):
         raise ValueError(
-            f"`score_bound` must be None (Taylor polynomial at 0) or a finite float > 0 (Chebyshev fit of exp on "
-            f"[-score_bound, score_bound]), got {score_bound!r}"
+            f"`score_bound` must be None (Taylor polynomial at 0) or a finite float > 0 and <= {MAX_SCORE_BOUND} "
+            f"(Chebyshev fit of exp on [-score_bound, score_bound], whose values reach exp(score_bound), which float32 "
+            f"holds up to exp(88.7)), got {score_bound!r}"
         )
+    if degree is not None:
+        check_fit(degree, score_bound)
+
+
+def check_feature_count(d: int, degree: int) -> int:
+    """r = C(d + g, g), refused past MAX_FEATURES naming the degrees `d` allows."""
+    r = num_features(d, degree)
+    if r > MAX_FEATURES:
+        allowed = max(g for g in range(1, degree) if num_features(d, g) <= MAX_FEATURES) if d > 0 else 0
+        raise ValueError(
+            f"`degree`={degree} with feature width {d} needs r = C({d} + {degree}, {degree}) = {r:,} monomial features "
+            f"per head, past the {MAX_FEATURES:,} this package builds (memory); with width {d} use degree <= {allowed}"
+        )
+    return r
+
+
+@functools.lru_cache(maxsize=64)
+def fit_error(degree: int, score_bound: float) -> float:
+    """max over [-R, R] of |P(s) / exp(s) - 1| for the fitted P (float64, on a fine grid)."""
+    s = np.linspace(-score_bound, score_bound, 4001)
+    P = np.polynomial.polynomial.polyval(s, polynomial_coefficients(degree, score_bound))
+    return float(np.abs(P * np.exp(-s) - 1).max())
+
+
+def check_fit(degree: int, score_bound: float) -> None:
+    """Refuse a fit whose coefficients or values on [-R, R] overflow float32; warn when it is far from exp there."""
+    coefficients = polynomial_coefficients(degree, float(score_bound))
+    largest = sum(abs(c) * score_bound**j for j, c in enumerate(coefficients))  # >= |P(s)| on [-R, R]
+    if not largest <= FLOAT32_MAX:
+        raise ValueError(
+            f"`score_bound`={score_bound!r} with `degree`={degree}: the fitted polynomial reaches {largest:.3g} on "
+            f"[-score_bound, score_bound], past float32's {FLOAT32_MAX:.3g}; use score_bound <= "
+            f"{largest_score_bound(degree):g} for this degree"
+        )
+    error = fit_error(degree, float(score_bound))
+    if error > MAX_FIT_ERROR:
+        warnings.warn(
+            f"score_bound={score_bound!r}, degree={degree}: the fitted polynomial is off from exp by a relative "
+            f"error up to {error:.3g} on [-score_bound, score_bound] (more than {MAX_FIT_ERROR:g}), so pair weights "
+            "are far from softmax's and generations may degenerate; raise `degree` or lower `score_bound` "
+            "(docs/bench_poly.md)",
+            PolyFitWarning,
+            stacklevel=3,
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def largest_score_bound(degree: int) -> float:
+    """The largest score_bound (to 0.1) whose fit stays within float32 at this degree."""
+    def fits(R):
+        c = polynomial_coefficients(degree, R)
+        return sum(abs(x) * R**j for j, x in enumerate(c)) <= FLOAT32_MAX
+
+    lo, hi = 1.0, MAX_SCORE_BOUND
+    if fits(hi):
+        return hi
+    while hi - lo > 0.1:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return math.floor(lo * 10) / 10
 
 
 def _check_inputs(q, k1, k2, v1, v2, *, scale, degree, attention_mask, causal, score_bound, chunk_size) -> None:
@@ -80,7 +169,8 @@ def _check_inputs(q, k1, k2, v1, v2, *, scale, degree, attention_mask, causal, s
                              "width from `q`, Tk from `k1`, the value width from `v1`)")
     check_positions(q, Tk, scale, attention_mask)
     check_degree(degree)
-    check_score_bound(score_bound)
+    check_score_bound(score_bound, degree)
+    check_feature_count(Dk, degree)
     if not isinstance(causal, bool):
         raise ValueError(f"`causal` must be True or False, got {causal!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -89,15 +179,23 @@ def _check_inputs(q, k1, k2, v1, v2, *, scale, degree, attention_mask, causal, s
 
 @functools.lru_cache(maxsize=64)
 def polynomial_coefficients(degree: int, score_bound: float | None) -> tuple[float, ...]:
-    """c_0 .. c_g of P(s) = sum_j c_j s^j: Taylor of exp at 0, or the Chebyshev interpolant on [-R, R]."""
+    """c_0 .. c_g of P(s) = sum_j c_j s^j: Taylor of exp at 0, or the Chebyshev interpolant on [-R, R].
+
+    The interpolant is solved in multiple precision: in float64 its coefficient c_j carries an error of about
+    eps / R^j, which made c_2 5.9e44 at R = 1e-30 (exp is nearly constant there, so the fit tends to the Taylor
+    polynomial). Callers check R first (`check_score_bound`)."""
     if score_bound is None:
         return tuple(1.0 / math.factorial(j) for j in range(degree + 1))
+    import mpmath  # a dependency of sympy, which torch requires
+
     R = float(score_bound)
-    # Interpolate exp(R x) at the g + 1 Chebyshev points of [-1, 1], then rescale x = s / R.
-    cheb = np.polynomial.chebyshev.chebinterpolate(lambda x: np.exp(R * x), degree)
-    power = np.polynomial.chebyshev.cheb2poly(cheb)  # drops top coefficients that round to 0 on small intervals
-    power = np.pad(power, (0, degree + 1 - len(power)))
-    return tuple(float(power[j]) / R**j for j in range(degree + 1))
+    digits = 30 + degree * (3 + max(0, math.ceil(-math.log10(R))))
+    with mpmath.workdps(digits):
+        nodes = [mpmath.mpf(R) * mpmath.cos(mpmath.pi * (k + mpmath.mpf(1) / 2) / (degree + 1))
+                 for k in range(degree + 1)]
+        vandermonde = mpmath.matrix([[x**j for j in range(degree + 1)] for x in nodes])
+        solution = mpmath.lu_solve(vandermonde, mpmath.matrix([mpmath.exp(x) for x in nodes]))
+        return tuple(float(solution[j]) for j in range(degree + 1))
 
 
 def num_features(d: int, degree: int) -> int:

@@ -31,7 +31,7 @@ def run_layer(layer, q, k, v, mask, prefill):
     return torch.cat(outs, dim=2)
 
 
-@pytest.mark.parametrize("degree,score_bound", [(2, None), (3, 2.0)])
+@pytest.mark.parametrize("degree,score_bound", [(2, None), (4, 2.0)])
 @pytest.mark.parametrize("padded", [False, True])
 def test_decode_equals_whole_sequence_op(degree, score_bound, padded):
     B, H, T, Dk, Dv = 3, 2, 11, 3, 5
@@ -95,7 +95,7 @@ def test_left_padded_rows_equal_rows_alone(make_model, left_padded):
     """Padding never enters the state: each row of a left-padded batch decodes as it does alone."""
     model = make_model(hidden_size=16, num_attention_heads=2, initializer_range=0.2)
     rows, ids, mask = left_padded([7, 4, 2])
-    kw = dict(max_new_tokens=6, do_sample=False, cache_implementation="poly", cache_config={"degree": 3})
+    kw = dict(max_new_tokens=6, do_sample=False, cache_implementation="poly", cache_config={"degree": 4})
     batch = model.generate(ids, attention_mask=mask, **kw)[:, ids.shape[1] :]
     for i, row in enumerate(rows):
         alone = model.generate(row[None], **kw)[:, len(row) :]
@@ -144,7 +144,11 @@ def test_windows_refused_by_name(make_model):
 @pytest.mark.parametrize(
     "cache_config, match",
     [
-        ({"degree": 0}, r"`cache_config\['degree'\]`: `degree` must be an int >= 1.*got 0"),
+        ({"degree": 0}, r"`cache_config\['degree'\]`: `degree` must be an even int >= 2.*got 0"),
+        ({"degree": 1}, r"`cache_config\['degree'\]`: `degree` must be an even int >= 2.*got 1"),
+        ({"degree": 3}, r"`cache_config\['degree'\]`: `degree` must be an even int >= 2.*got 3"),
+        ({"score_bound": 300.0}, r"`cache_config\['score_bound'\]`: `score_bound` must be .*<= 88.0.*got 300.0"),
+        ({"score_bound": 88.0, "degree": 8}, r"`cache_config\['score_bound'\]`.*use score_bound <= 86.7"),
         ({"degree": 2.5}, r"`cache_config\['degree'\]`.*got 2.5"),
         ({"score_bound": -1.0}, r"`cache_config\['score_bound'\]`.*finite float > 0.*got -1.0"),
         ({"score_bound": float("inf")}, r"`cache_config\['score_bound'\]`.*got inf"),
@@ -170,6 +174,38 @@ def test_tensor_model_through_poly_cache_approaches_exact_when_scores_are_small(
         steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits)
     real = mask.bool()
     torch.testing.assert_close(torch.cat(steps, 1)[real], exact[real], rtol=1e-10, atol=1e-10)
-    wrong = TensorAttnCache(model.config, "poly", {"degree": 1})  # P = 1 + s: off by s^2/2
+    # The Chebyshev fit on [-2, 2] has P'(0) = 0.95, not 1: off by about 0.05 s near 0.
+    wrong = TensorAttnCache(model.config, "poly", {"degree": 4, "score_bound": 2.0})
     assert not torch.allclose(model(ids, attention_mask=mask, cache=wrong).logits[real], exact[real],
                               rtol=1e-10, atol=1e-10)
+
+
+# Issue #35: settings of the poly cache that returned NaN or were OOM-killed.
+@pytest.mark.parametrize("score_bound", [1e-30, 2.0])
+def test_accepted_score_bounds_generate_finite_logits(make_model, score_bound):
+    model = make_model(hidden_size=16, num_attention_heads=2).float()
+    out = model.generate(torch.randint(3, 259, (1, 4)), max_new_tokens=3, do_sample=False, cache_implementation="poly",
+                         cache_config={"degree": 4, "score_bound": score_bound}, output_logits=True,
+                         return_dict_in_generate=True)
+    assert all(torch.isfinite(step).all() for step in out.logits)
+
+
+def test_feature_count_past_the_guard_is_refused_before_allocating(make_model):
+    """head_dim 16, degree 12: 30M features per head, OOM-killed at 22 GB."""
+    from hf_tensor_attn.cache.poly import PolyCacheMemoryError
+
+    model = make_model(hidden_size=32, num_attention_heads=2)  # head_dim 16
+    with pytest.raises(PolyCacheMemoryError, match=r"'poly': `degree`=12 with feature width 16 .*use degree <= 8"):
+        model.generate(torch.randint(3, 259, (1, 3)), max_new_tokens=1, cache_implementation="poly",
+                       cache_config={"degree": 12})
+
+
+def test_state_past_the_memory_guard_is_refused_naming_its_size(make_model, monkeypatch):
+    from hf_tensor_attn.cache import poly
+
+    monkeypatch.setattr(poly, "default_memory_budget", lambda device: 10_000)
+    model = make_model(hidden_size=16, num_attention_heads=2)
+    with pytest.raises(poly.PolyCacheMemoryError, match=r"degree=4 holds r = 495 features per head: .* past the "
+                                                        r"guard of 10,000 bytes"):
+        model.generate(torch.randint(3, 259, (1, 3)), max_new_tokens=1, cache_implementation="poly",
+                       cache_config={"degree": 4})

@@ -131,3 +131,116 @@ def test_every_layer_types_output_projection_follows_attention_output_bias(outpu
         attention = layer.self_attn
         assert (attention.o_proj.bias is not None) == output_bias, type(attention).__name__
         assert (attention.q_proj.bias is not None) == (not output_bias), type(attention).__name__
+
+
+def test_poly_degree_past_the_feature_guard_is_refused_with_the_largest_allowed():
+    """poly_degree=40 (377M features per head at width 8) was accepted."""
+    from hf_tensor_attn.configuration import MAX_POLY_FEATURES
+    from hf_tensor_attn.ops.poly import MAX_FEATURES
+
+    assert MAX_POLY_FEATURES == MAX_FEATURES
+    with pytest.raises(ValueError, match=r"`poly_degree`=40 with poly_feature_dim=8 .*use poly_degree <= 16"):
+        TensorAttnConfig(num_hidden_layers=1, poly_degree=40)
+
+
+# Issue #35: config values validated at every use.
+@pytest.mark.parametrize(
+    "rope_parameters, match",
+    [
+        ({"rope_type": "linear", "factor": 0.0}, r"`rope_parameters\['factor'\]` must be a finite number >= 1.*got 0.0"),
+        ({"rope_type": "linear", "factor": float("nan")}, r"`rope_parameters\['factor'\]` must be .*got nan"),
+        ({"rope_type": "linear", "factor": -1.0}, r"`rope_parameters\['factor'\]` must be .*got -1.0"),
+        ({"rope_type": "linear", "factor": "2"}, r"`rope_parameters\['factor'\]` must be .*got '2'"),
+        ({"rope_type": "linear"}, r"`rope_parameters` of rope_type 'linear' needs the keys \['factor'\], missing"),
+        ({"rope_type": "llama3", "factor": 8.0},
+         r"rope_type 'llama3' needs the keys .*missing \['low_freq_factor', 'high_freq_factor'\]"),
+        ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+          "original_max_position_embeddings": 64}, r"`rope_parameters\['high_freq_factor'\]` must be > low_freq"),
+        ({"rope_type": "dynamic", "factor": 2.0}, r"`rope_parameters\['rope_type'\]` must be one of"),
+        (5, r"`rope_parameters` must be None or a dict .*got 5"),
+    ],
+)
+@pytest.mark.parametrize("position_embedding_type", ["rope", "none"])
+def test_bad_rope_parameters_are_refused_by_key(rope_parameters, match, position_embedding_type):
+    """A factor of 0 or NaN made every logit NaN, -1 only logged a line, a missing factor was a KeyError, 5 a
+    TypeError."""
+    from hf_tensor_attn.configuration import TensorAttnConfigError
+
+    with pytest.raises(TensorAttnConfigError, match=match):
+        TensorAttnConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, rope_parameters=rope_parameters,
+                         position_embedding_type=position_embedding_type)
+
+
+def test_rope_parameters_changed_in_place_are_refused_when_the_model_is_built():
+    from transformers import AutoModelForCausalLM
+
+    config = TensorAttnConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                              rope_parameters={"rope_type": "linear", "factor": 2.0})
+    config.rope_parameters["factor"] = 0.0
+    with pytest.raises(ValueError, match=r"`rope_parameters\['factor'\]` must be .*got 0.0"):
+        AutoModelForCausalLM.from_config(config)
+    from hf_tensor_attn.compat import rope_frequencies
+
+    with pytest.raises(ValueError, match=r"`rope_parameters\['factor'\]`"):
+        rope_frequencies(config)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("eos_token_id", "x", r"`eos_token_id` must be None or a token id .* or a non-empty list of them, got 'x'"),
+        ("eos_token_id", float("nan"), r"`eos_token_id` must be .*got nan"),
+        ("eos_token_id", True, r"`eos_token_id` must be .*got True"),
+        ("eos_token_id", [2, "a"], r"`eos_token_id` must be .*got \[2, 'a'\]"),
+        ("eos_token_id", [], r"`eos_token_id` must be .*got \[\]"),
+        ("eos_token_id", 259, r"`eos_token_id` must be below vocab_size=259, got 259"),
+        ("bos_token_id", 259, r"`bos_token_id` must be below vocab_size=259, got 259"),
+        ("hidden_act", "foo", r"`hidden_act` must be one of transformers' activations \[.*'silu'.*\], got 'foo'"),
+        ("layer_types", 5, r"`layer_types` must be a list with entries in .*got 5"),
+    ],
+)
+def test_token_ids_activation_and_layer_types_are_refused_by_name(field, value, match):
+    """eos_token_id "x", NaN and True were accepted (generate then failed or used token 1); hidden_act="foo" was a
+    bare KeyError at build; layer_types=5 a TypeError."""
+    from hf_tensor_attn.configuration import TensorAttnConfigError
+
+    with pytest.raises(TensorAttnConfigError, match=match):
+        TensorAttnConfig(**{**dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2), field: value})
+
+
+def test_a_list_of_eos_token_ids_is_accepted():
+    assert TensorAttnConfig(num_hidden_layers=1, eos_token_id=[1, 2]).eos_token_id == [1, 2]
+
+
+@pytest.mark.parametrize("field, value", [("w1", 2), ("score_scale", 0.5), ("layer_types", ["full_attention"]),
+                                          ("poly_degree", 4), ("tensor_rope_streams", ["q", "k1"])])
+def test_config_changed_after_the_model_was_built_is_refused_by_forward_and_generate(field, value):
+    """After `m.config.w1 = 2` the cached and uncached paths differed by 1e-2: the layers kept w1 = None while each
+    new cache read 2. Either path now refuses the change by name, and works again once it is set back."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = TensorAttnConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    before = getattr(model.config, field)
+    setattr(model.config, field, value)
+    for run in (lambda: model(ids, use_cache=False), lambda: model(ids),
+                lambda: model.generate(ids, max_new_tokens=2, do_sample=False)):
+        with pytest.raises(ValueError, match=rf"`config.{field}` was changed from .* to {re.escape(repr(value))} "
+                                             "after the model was built"):
+            run()
+    setattr(model.config, field, before)
+    model.generate(ids, max_new_tokens=2, do_sample=False)
+
+
+def test_invalid_value_assigned_to_a_live_config_is_refused_by_generate():
+    """`m.config.score_scale = -1.0` then generate ran without error."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(TensorAttnConfig(num_hidden_layers=1, hidden_size=32,
+                                                              num_attention_heads=2)).eval()
+    model.config.score_scale = -1.0
+    with pytest.raises(ValueError, match=r"`score_scale` must be 0 < score_scale <= 1e3 .*got -1.0"):
+        model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=2)

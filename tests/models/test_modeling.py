@@ -1,5 +1,7 @@
 """Model-level checks every causal LM needs: cache decode = full forward, padding, generate, save/load."""
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -174,3 +176,25 @@ def test_hidden_states_and_pipeline(make_model):
     generator = pipeline("text-generation", model=model, tokenizer=hf_tensor_attn.TensorAttnByteTokenizer())
     texts = generator(["|ac", "|bzx"], max_new_tokens=5, do_sample=False, batch_size=2)
     assert len(texts) == 2 and texts[0][0]["generated_text"].startswith("|ac")
+
+
+# Issue #35: inputs that failed inside the model with a bare shape error.
+@pytest.mark.parametrize("shape", [(1, 0), (0, 3)])
+def test_empty_input_ids_are_refused_by_name(make_model, shape):
+    model = make_model(layer_types=["tensor_attention", "poly_tensor_attention"])
+    ids = torch.zeros(shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"`input_ids` must hold at least one token .*got shape {re.escape(str(shape))}"):
+        model(ids)
+    if shape[0]:
+        with pytest.raises(ValueError, match=r"`input_ids` must hold at least one token"):
+            model.generate(ids, max_new_tokens=2)
+
+
+def test_attention_mask_of_another_length_is_refused_by_generate(make_model):
+    """A too-short mask failed in apply_rotary ("The size of tensor a (4) must match the size of tensor b (2)")."""
+    model = make_model()
+    with pytest.raises(ValueError, match=r"`attention_mask` must have the shape of `input_ids` \(1, 4\) .*got \(1, 2\)"):
+        model.generate(torch.tensor([[3, 4, 5, 6]]), attention_mask=torch.ones(1, 2, dtype=torch.long),
+                       max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"`position_ids` must hold one position per new token, \[batch, 4\]"):
+        model(torch.tensor([[3, 4, 5, 6]]), position_ids=torch.arange(2)[None])

@@ -287,3 +287,62 @@ def test_query_weights_are_kept_per_device_and_dtype():
     expected = sum((0.5 * (q * k).sum(-1)) ** j / math.factorial(j) for j in range(4))
     got = (query_features(q, scale=0.5, degree=3, score_bound=None) * key_features(k, 3)).sum(-1)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+# Issue #35: the polynomial never turns NaN for a setting it accepts.
+@pytest.mark.parametrize("score_bound", [100.0, 300.0, 1e3])
+def test_score_bound_past_float32_is_refused_with_the_range(score_bound):
+    """300 fitted coefficients of 1e97-1e110 (inf in float32, NaN outputs); 1e3 gave NaN coefficients."""
+    inputs = make_inputs(1, 1, 3, 3, 2, 2, torch.float32)
+    with pytest.raises(ValueError, match=rf"`score_bound` must be .*<= 88.0 .*got {score_bound!r}"):
+        poly_tensor_attention(*inputs, scale=0.5, degree=2, score_bound=score_bound)
+
+
+def test_fit_that_overflows_float32_at_its_degree_is_refused_naming_the_largest_bound():
+    inputs = make_inputs(1, 1, 3, 3, 2, 2, torch.float32)
+    with pytest.raises(ValueError, match=r"`score_bound`=88.0 with `degree`=8.*use score_bound <= 86.7"):
+        poly_tensor_attention(*inputs, scale=0.5, degree=8, score_bound=88.0)
+
+
+@pytest.mark.parametrize("degree", [2, 8])
+def test_tiny_score_bound_fits_the_taylor_polynomial_not_rounding_noise(degree):
+    """At R = 1e-30 the float64 fit gave c_2 = 5.9e44 (inf in float32) and NaN outputs; the interpolant of a nearly
+    constant exp is the Taylor polynomial."""
+    coefficients = polynomial_coefficients(degree, 1e-30)
+    assert coefficients == pytest.approx(polynomial_coefficients(degree, None), rel=1e-12)
+    inputs = make_inputs(2, 2, 5, 5, 3, 4, torch.float32, seed=4)
+    out = poly_tensor_attention(*inputs, scale=0.5, degree=degree, score_bound=1e-30)
+    assert torch.isfinite(out).all()
+    assert_close_scaled(out, poly_tensor_attention(*inputs, scale=0.5, degree=degree), TOL[torch.float32])
+
+
+def test_coefficients_of_every_accepted_bound_are_accurate():
+    """The fit interpolates exp at the g + 1 Chebyshev nodes of [-R, R] to float64 rounding, however small R is.
+    (At large R the power-basis sum cancels in float64 below exp(-R): evaluating it is what loses accuracy.)"""
+    for degree in (2, 4, 8):
+        for R in (1e-12, 1e-3, 0.5, 4.0):
+            c = polynomial_coefficients(degree, R)
+            nodes = [R * math.cos(math.pi * (k + 0.5) / (degree + 1)) for k in range(degree + 1)]
+            for x in nodes:
+                assert sum(cj * x**j for j, cj in enumerate(c)) == pytest.approx(math.exp(x), rel=1e-9)
+
+
+def test_degenerate_but_finite_fit_warns_and_a_good_one_does_not():
+    import warnings
+
+    from hf_tensor_attn.ops.poly import PolyFitWarning
+
+    inputs = make_inputs(1, 1, 3, 3, 2, 2, torch.float32)
+    with pytest.warns(PolyFitWarning, match=r"score_bound=30.0, degree=2: .*relative error up to"):
+        out = poly_tensor_attention(*inputs, scale=0.5, degree=2, score_bound=30.0)
+    assert torch.isfinite(out).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        poly_tensor_attention(*inputs, scale=0.5, degree=4, score_bound=2.0)
+
+
+def test_feature_count_past_the_guard_is_refused_before_building_tables():
+    """head_dim 16 at degree 12 is 30M features per head: it was OOM-killed at 22 GB building them."""
+    inputs = make_inputs(1, 1, 2, 2, 16, 2, torch.float32)
+    with pytest.raises(ValueError, match=r"`degree`=12 with feature width 16 needs r = .*30,421,755.*use degree <= 8"):
+        poly_tensor_attention(*inputs, scale=0.25, degree=12)

@@ -100,6 +100,28 @@ def test_tensor_parallel_matches_one_process(hybrid, tmp_path):
                 assert 2 * mine["memory_bytes"] == theirs["memory_bytes"]
 
 
+def test_tensor_parallel_with_a_poly_layer_matches_one_process(tmp_path):
+    """A `poly_tensor_attention` layer viewed its projections with the full head count: `RuntimeError: shape
+    '[1, 4, 4, 8]' is invalid` on both ranks. Each rank now holds half the heads of its poly state as well."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "tensor_attn", hidden_size=32, num_hidden_layers=3, num_attention_heads=HEADS, initializer_range=0.3,
+        layer_types=["poly_tensor_attention", "full_attention", "tensor_attention"],
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / "model")
+    launch(torchrun(WORKER, "tp", tmp_path / "model", tmp_path))
+    reference = inference_record(model)
+    for r in (0, 1):
+        rank = torch.load(tmp_path / f"rank{r}.pt")
+        torch.testing.assert_close(rank["logits"], reference["logits"], rtol=0, atol=1e-5)
+        for layout in LAYOUTS:
+            mine, theirs = rank[layout], reference[layout]
+            assert len(set(theirs["sequences"][0, -12:].tolist())) > 3, layout  # not a degenerate reference
+            assert torch.equal(mine["sequences"], theirs["sequences"]), layout
+            assert theirs["heads"] == [HEADS] * 3 and mine["heads"] == [HEADS // 2] * 3, layout
+
+
 def test_fsdp2_training_matches_one_process_and_reloads(hybrid, tmp_path):
     _, path = hybrid
     launch(torchrun(WORKER, "fsdp", path, tmp_path))
