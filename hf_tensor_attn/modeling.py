@@ -396,10 +396,12 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
         position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
         output_hidden_states: bool | None = None, output_attentions: bool | None = None,
-        return_dict: bool | None = None, past_key_values: Cache | None = None,
+        return_dict: bool | None = None, past_key_values: Cache | None = None, **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """Like `LlamaModel.forward`, with every argument after `input_ids` by keyword. `past_key_values` is the name
-        transformers < 5.24 gives `cache`. There is no `**kwargs`: an unknown keyword raises `TypeError`."""
+        transformers < 5.24 gives `cache`. `kwargs` are transformers' extra forward keywords as classified in
+        `compat.FORWARD_KWARGS` (the loss ones are ignored here, as in Llama); any other raises `TypeError`."""
+        compat.check_forward_kwargs(kwargs, f"{type(self).__name__}.forward()")
         cache = compat.resolve_cache(cache, past_key_values, f"{type(self).__name__}.forward")
         self.check_cache(cache, self.config)
         if (input_ids is None) == (inputs_embeds is None):
@@ -472,9 +474,7 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
     # first gradients agreed; an untied model agreed throughout). Without the rule, the tied weight sits in the root
     # unit and FSDP2 training matches one process (tests/training/test_parallel.py).
     _tp_plan = {"lm_head": "colwise_gather_output"}
-    # Keywords transformers passes on to forward besides the named parameters: Trainer's token count for the loss
-    # under gradient accumulation (it reads `accepts_loss_kwargs`). Anything else raises `TypeError`.
-    accepted_extra_kwargs = ("num_items_in_batch",)
+    # Trainer passes `num_items_in_batch` when this is set (compat.FORWARD_KWARGS lists every extra keyword).
     accepts_loss_kwargs = True
 
     def __init__(self, config: TensorAttnConfig):
@@ -497,16 +497,12 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: Cache | None = None,
-        **loss_kwargs,
+        **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Like `LlamaForCausalLM.forward`. `past_key_values` is the name transformers < 5.24 gives `cache`;
-        `loss_kwargs` may only hold `accepted_extra_kwargs`."""
-        unknown = sorted(set(loss_kwargs) - set(self.accepted_extra_kwargs))
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__}.forward() got unexpected keyword argument(s) {unknown}; besides its named "
-                f"parameters it accepts only {list(self.accepted_extra_kwargs)}"
-            )
+        `kwargs` are transformers' extra forward keywords as classified in `compat.FORWARD_KWARGS` (`shift_labels`
+        and `num_items_in_batch` go to the loss); any other raises `TypeError`."""
+        loss_kwargs = compat.check_forward_kwargs(kwargs, f"{type(self).__name__}.forward()")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
