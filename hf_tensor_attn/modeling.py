@@ -26,6 +26,7 @@ from .atomic import MODEL_WEIGHT_FILES, atomic_directory
 from .cache import LAYOUTS, TensorAttnCache, TensorAttnConstants, available_cache_implementations
 from .configuration import TensorAttnConfig
 from .ops import poly_tensor_attention, tensor_attention
+from .ops.naive import naive_tensor_attention_with_weights
 from .ops.common import masked_softmax, repeat_kv
 
 logger = logging.get_logger(__name__)
@@ -89,6 +90,7 @@ class TensorAttention(nn.Module):
 
     def __init__(self, config: TensorAttnConfig, layer_idx: int):
         super().__init__()
+        self.config = config  # its `_attn_implementation` decides whether weights are returned
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
@@ -116,7 +118,7 @@ class TensorAttention(nn.Module):
             x = x + F.pad(bias2, (self.head_dim, 0))  # [H_kv, 2D]: zeros on the first stream
         return x.transpose(1, 2)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, output_attentions=False):
         B, T, _ = hidden_states.shape
         # -1 heads: under tensor parallelism the projections hold only this rank's heads (config.base_model_tp_plan).
         q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -140,8 +142,11 @@ class TensorAttention(nn.Module):
             out = tensor_attention(
                 q, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=attention_mask, backend=c.backend
             )
+        weights = None
+        if output_attentions and self.config._attn_implementation == "eager":
+            out, weights = eager_tensor_attention(self, q, k, v, attention_mask, cache, out)
         out = out.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(self.dropout(out)), None  # pair weights (T^2 per query) are not returned
+        return self.o_proj(self.dropout(out)), weights
 
 
 class PolyTensorAttention(nn.Module):
@@ -165,7 +170,9 @@ class PolyTensorAttention(nn.Module):
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_output_bias)
         self.dropout = nn.Dropout(config.attention_dropout)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, output_attentions=False):
+        # No weights even when asked (output_attentions): the kernel's state sums over positions; see
+        # `eager_tensor_attention` for the convention of the exact tensor layers.
         B, T, _ = hidden_states.shape
         H, f = self.num_heads, self.feature_dim
         q = self.q_proj(hidden_states).view(B, T, H, f).transpose(1, 2)  # [B, H, T, f]
@@ -180,6 +187,28 @@ class PolyTensorAttention(nn.Module):
                                         attention_mask=attention_mask)
         out = out.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(self.dropout(out)), None
+
+
+def eager_tensor_attention(module: TensorAttention, q, k, v, attention_mask, cache, out):
+    """(output, weights) of a tensor layer under `attn_implementation="eager"` with `output_attentions=True`: the
+    reference (`ops.naive.naive_tensor_attention_with_weights`, O(Tq * Tk^2) memory), computed only when weights are
+    asked for. The weights are, per query, the pair weights marginalised over the second key,
+    P_t(a) = sum_b P_t(a, b), [B, H, Tq, Tk] like a standard layer's (each row a distribution over the first key a),
+    and the output is computed through them, so they are part of the graph as softmax attention's are.
+    `q` [B, H, Tq, D]; `k`, `v` [B, H_kv, Tq, 2D] the new tokens' streams; with a cache, the streams it holds
+    (already updated by the fast path) are used instead. Where the weights do not exist -- a layout that keeps a
+    summary instead of every token (SubGen, windows) -- `out` (the fast path's [B, H, Tq, D]) is returned with None."""
+    if cache is not None:
+        layer = cache.layers[module.layer_idx]
+        if layer.keys.shape[2] != layer.seen:
+            return out, None
+        k, v = layer.keys, layer.values
+    k1, k2 = k.chunk(2, dim=-1)  # [B, H_kv, Tk, D] each
+    v1, v2 = v.chunk(2, dim=-1)
+    c = module.constants
+    return naive_tensor_attention_with_weights(
+        q, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=attention_mask
+    )
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -214,7 +243,8 @@ class StandardAttention(nn.Module):
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_output_bias)
         self.dropout = nn.Dropout(config.attention_dropout)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, output_attentions=False):
+        # The eager backend returns its weights whether or not they are asked for: they are computed anyway.
         B, T, _ = hidden_states.shape
         # -1 heads: this rank's heads under tensor parallelism
         q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -280,7 +310,8 @@ class TensorAttnDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = TensorAttnRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None,
+                output_attentions=False):
         # The model passes the cache under the name the installed transformers uses (compat item 1), the one
         # `GradientCheckpointingLayer` drops under gradient checkpointing; transformers 5.23 says `past_key_values`.
         cache = cache if cache is not None else past_key_values
@@ -290,6 +321,7 @@ class TensorAttnDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             cache=cache,
+            output_attentions=output_attentions,
         )
         hidden_states = residual + self.dropout(hidden_states)
         residual = hidden_states
@@ -451,10 +483,11 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=attention_mask,
+                output_attentions=output_attentions,
                 **compat.cache_kwargs(cache),
             )
             if output_attentions:
-                all_attentions.append(attention_weights)  # None for tensor layers and the SDPA backend
+                all_attentions.append(attention_weights)  # None under SDPA / flex (see eager_tensor_attention)
         hidden_states = self.norm(hidden_states)
         all_hidden_states.append(hidden_states)
         output = BaseModelOutputWithPast(

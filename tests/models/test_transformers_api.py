@@ -133,14 +133,16 @@ def test_eager_and_sdpa_standard_layers_agree_and_eager_returns_weights(make_mod
     out_sdpa = sdpa(ids, attention_mask=mask)
     real = mask.bool()
     torch.testing.assert_close(out_eager.logits[real], out_sdpa.logits[real], rtol=1e-10, atol=1e-10)
-    tensor_weights, standard_weights = out_eager.attentions
-    assert tensor_weights is None  # pair weights are not returned
-    assert standard_weights.shape == (3, 2, 7, 7)
     real_queries = real[:, None, :].expand(3, 2, 7)
-    rows = standard_weights.sum(-1)[real_queries]
-    torch.testing.assert_close(rows, torch.ones_like(rows))
-    assert (standard_weights.triu(1).sum(-1)[real_queries] == 0).all()  # causal for every real query
-    assert (standard_weights[2, :, -1, :5] == 0).all()  # the padded keys of the shortest row get no weight
+    # Tensor layers report the pair weights marginalised over the second key (eager_tensor_attention): the same
+    # properties as a standard layer's weights.
+    for weights in out_eager.attentions:
+        assert weights.shape == (3, 2, 7, 7)
+        rows = weights.sum(-1)[real_queries]
+        torch.testing.assert_close(rows, torch.ones_like(rows))
+        assert (weights.triu(1).sum(-1)[real_queries] == 0).all()  # causal for every real query
+        assert (weights[2, :, -1, :5] == 0).all()  # the padded keys of the shortest row get no weight
+    assert sdpa(ids, attention_mask=mask, output_attentions=True).attentions == (None, None)  # SDPA returns none
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(eager.generate(ids, **kw), sdpa.generate(ids, **kw))
 
