@@ -34,7 +34,11 @@ Items:
     mask, scaling=, dropout=)`, returning ([B, T, H, D], weights); the flex backend gets a torch `BlockMask`
     (a dense tensor there is added to the scores). tests/models/test_transformers_api.py checks both.
     With fewer key/value heads than query heads the interface reads `module.num_key_value_groups` and repeats
-    the key/value heads itself (`repeat_kv`), as for Llama.
+    the key/value heads itself (`repeat_kv`), as for Llama. Standard layers pick their function with
+    `ALL_ATTENTION_FUNCTIONS.get_interface(name, eager_attention)`: `set_attn_implementation` switches a model only
+    when `PreTrainedModel._can_set_attn_implementation` finds that call in the source of the module defining its
+    attention classes (otherwise it logs and changes nothing). Our refusal of an unknown name opens with
+    transformers' own wording ('Specified `attn_implementation="..."` is not supported'), which its tests match.
  7. Distributed plans. `from_pretrained(..., distributed_config=DistributedConfig(...))` (transformers.distributed)
     merges the config's `base_model_tp_plan` / `base_model_fsdp_plan` with the head class's `_tp_plan` /
     `_fsdp_plan` (`DistributedMixin.init_parallel_plans`), adds `embed_tokens: embedding_rowwise`, and looks the

@@ -263,7 +263,9 @@ class StandardAttention(nn.Module):
         backend = self.config._attn_implementation
         if backend == "flex_attention":
             mask = flex_block_mask(mask)
-        attend = eager_attention if backend == "eager" else ALL_ATTENTION_FUNCTIONS[backend]
+        # Through get_interface, as transformers' models do: `set_attn_implementation` looks for this call in the
+        # module source before it lets a model switch its backend (compat item 6).
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(backend, eager_attention)
         out, weights = attend(self, q, k, v, mask, scaling=self.head_dim**-0.5, dropout=0.0)  # out [B, T, H, D]
         return self.o_proj(self.dropout(out.reshape(B, T, -1))), weights
 
@@ -362,11 +364,13 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         """Refuse, at load time and by name, the attention kernels this model cannot use (compat item 6)."""
         if attn_implementation is not None and attn_implementation not in self.supported_attn_implementations:
+            # Opens with transformers' own wording for an unknown implementation, which its tests and users match.
             raise ValueError(
-                f"tensor_attn models support attn_implementation in {list(self.supported_attn_implementations)}, got "
-                f"{attn_implementation!r}: it selects the kernel of the standard ('full_attention') layers, 'sdpa' by "
-                "default, 'eager' to return their attention weights, 'flex_attention' for torch's FlexAttention; "
-                "tensor layers always use hf_tensor_attn.ops.tensor_attention (pair attention has no such kernel)"
+                f'Specified `attn_implementation="{attn_implementation}"` is not supported. tensor_attn models support '
+                f"attn_implementation in {list(self.supported_attn_implementations)}: it selects the kernel of the "
+                "standard ('full_attention') layers, 'sdpa' by default, 'eager' to return attention weights (tensor "
+                "layers then return theirs too), 'flex_attention' for torch's FlexAttention; tensor layers otherwise "
+                "always use hf_tensor_attn.ops.tensor_attention (pair attention has no such kernel)"
             )
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
     register_for_auto_class = compat.keep_own_auto_map  # compat item 5
