@@ -36,7 +36,11 @@ Items:
     mask, scaling=, dropout=)`, returning ([B, T, H, D], weights); the flex backend gets a torch `BlockMask`
     (a dense tensor there is added to the scores). tests/models/test_transformers_api.py checks both.
     With fewer key/value heads than query heads the interface reads `module.num_key_value_groups` and repeats
-    the key/value heads itself (`repeat_kv`), as for Llama.
+    the key/value heads itself (`repeat_kv`), as for Llama. Standard layers pick their function with
+    `ALL_ATTENTION_FUNCTIONS.get_interface(name, eager_attention)`: `set_attn_implementation` switches a model only
+    when `PreTrainedModel._can_set_attn_implementation` finds that call in the source of the module defining its
+    attention classes (otherwise it logs and changes nothing). Our refusal of an unknown name opens with
+    transformers' own wording ('Specified `attn_implementation="..."` is not supported'), which its tests match.
  7. Distributed plans. `from_pretrained(..., distributed_config=DistributedConfig(...))` (transformers.distributed)
     merges the config's `base_model_tp_plan` / `base_model_fsdp_plan` with the head class's `_tp_plan` /
     `_fsdp_plan` (`DistributedMixin.init_parallel_plans`), adds `embed_tokens: embedding_rowwise`, and looks the
@@ -69,6 +73,12 @@ Items:
     refuses a cache object passed beside a `cache_implementation`. `TensorAttnForCausalLM.generate` has already
     turned the name into a cache object; its `_prepare_generation_config` clears the name on that merged copy
     (`without_cache_implementation`), so `model.generation_config` is never changed while a call runs.
+11. Forward keywords. transformers' models take `**kwargs: Unpack[TransformersKwargs]` (`utils.generic`) besides
+    their named parameters; trainers and `generate` pass some of those keys, and `generate` also passes on its
+    `tokenizer` (for stop strings; `_extract_generation_mode_kwargs` hands it to the decoding loop, whose model
+    kwargs reach `forward`). Our forwards take `**kwargs` too, but every key must be classified in
+    `FORWARD_KWARGS` (honoured, knowingly ignored, or refused with a reason); any other raises `TypeError` naming
+    it (`check_forward_kwargs`). The loss keys go to transformers' `ForCausalLMLoss` as Llama passes them.
 """
 
 from __future__ import annotations
@@ -377,3 +387,46 @@ def rope_frequencies(config) -> tuple[torch.Tensor, float]:
         return 1.0 / (config.rope_theta**exponents), 1.0
     inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
     return inv_freq.to(torch.float32), float(attention_scaling)
+
+
+# ---- 11. forward keywords ----
+
+# Every keyword a forward takes beyond its named parameters: the keys of TransformersKwargs (the named ones,
+# output_attentions, output_hidden_states and position_ids, are parameters of ours) and what generate() and trainers
+# add. "loss": honoured by the LM head's loss (transformers' ForCausalLMLoss), ignored by the base model, as Llama does;
+# "causal": honoured (this model is causal: True or None, False is refused); "ignored": knowingly, for the reason
+# given; "packed": refused while tensor layers know no document boundaries (a packed batch would attend across
+# documents silently).
+FORWARD_KWARGS = {
+    "num_items_in_batch": ("loss", "Trainer's token count for the loss under gradient accumulation"),
+    "shift_labels": ("loss", "targets already shifted (sequence / context parallel training)"),
+    "is_causal": ("causal", "True or None: every layer is causal"),
+    "tokenizer": ("ignored", "generate() passes its stop-string tokenizer on to the model"),
+    "assistant_tokenizer": ("ignored", "generate() passes its assisted-decoding tokenizer on to the model"),
+    "output_router_logits": ("ignored", "no layer has a mixture-of-experts router"),
+    "cu_seq_lens_q": ("packed", "packed sequences"),
+    "cu_seq_lens_k": ("packed", "packed sequences"),
+    "max_length_q": ("packed", "packed sequences"),
+    "max_length_k": ("packed", "packed sequences"),
+    "seq_idx": ("packed", "packed sequences"),
+}
+
+
+def check_forward_kwargs(kwargs: dict, where: str) -> dict:
+    """The loss keywords among `kwargs` (the extra keywords of a forward), after checking every key against
+    `FORWARD_KWARGS`: an unknown key raises TypeError naming it, a refused one ValueError."""
+    unknown = sorted(set(kwargs) - set(FORWARD_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"{where} got unexpected keyword argument(s) {unknown}; besides its named parameters it accepts only "
+            f"{sorted(FORWARD_KWARGS)} (hf_tensor_attn.compat.FORWARD_KWARGS says what each does)"
+        )
+    packed = sorted(k for k, v in kwargs.items() if FORWARD_KWARGS[k][0] == "packed" and v is not None)
+    if packed:
+        raise ValueError(
+            f"{where} got {packed}: packed sequences are not supported yet (tensor layers would attend across "
+            "documents); pass one document per row with padding and an attention_mask instead"
+        )
+    if kwargs.get("is_causal") is False:
+        raise ValueError(f"{where} got is_causal=False: every layer of this model is causal (True or None)")
+    return {k: v for k, v in kwargs.items() if FORWARD_KWARGS[k][0] == "loss" and v is not None}

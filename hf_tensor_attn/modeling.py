@@ -26,6 +26,7 @@ from .atomic import MODEL_WEIGHT_FILES, atomic_directory
 from .cache import LAYOUTS, TensorAttnCache, TensorAttnConstants, available_cache_implementations
 from .configuration import TensorAttnConfig
 from .ops import attention, poly_tensor_attention
+from .ops.naive import naive_tensor_attention_with_weights
 from .ops.common import masked_softmax, repeat_kv
 
 logger = logging.get_logger(__name__)
@@ -89,6 +90,7 @@ class TensorAttention(nn.Module):
 
     def __init__(self, config: TensorAttnConfig, layer_idx: int):
         super().__init__()
+        self.config = config  # its `_attn_implementation` decides whether weights are returned
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
@@ -116,7 +118,7 @@ class TensorAttention(nn.Module):
             x = x + F.pad(bias2, (self.head_dim, 0))  # [H_kv, 2D]: zeros on the first stream
         return x.transpose(1, 2)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, output_attentions=False):
         B, T, _ = hidden_states.shape
         # -1 heads: under tensor parallelism the projections hold only this rank's heads (config.base_model_tp_plan).
         q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -135,8 +137,11 @@ class TensorAttention(nn.Module):
             out = cache.attend(self.layer_idx, q, k, v, attention_mask)  # the cache's layout does the maths
         else:
             out = attention(self.constants, q, k, v, attention_mask=attention_mask)
+        weights = None
+        if output_attentions and self.config._attn_implementation == "eager":
+            out, weights = eager_tensor_attention(self, q, k, v, attention_mask, cache, out)
         out = out.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(self.dropout(out)), None  # pair weights (T^2 per query) are not returned
+        return self.o_proj(self.dropout(out)), weights
 
 
 class PolyTensorAttention(nn.Module):
@@ -160,7 +165,9 @@ class PolyTensorAttention(nn.Module):
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_output_bias)
         self.dropout = nn.Dropout(config.attention_dropout)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, output_attentions=False):
+        # No weights even when asked (output_attentions): the kernel's state sums over positions; see
+        # `eager_tensor_attention` for the convention of the exact tensor layers.
         B, T, _ = hidden_states.shape
         f = self.feature_dim
         # -1 heads: under tensor parallelism the projections hold only this rank's heads (config.base_model_tp_plan);
@@ -177,6 +184,28 @@ class PolyTensorAttention(nn.Module):
                                         attention_mask=attention_mask)
         out = out.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(self.dropout(out)), None
+
+
+def eager_tensor_attention(module: TensorAttention, q, k, v, attention_mask, cache, out):
+    """(output, weights) of a tensor layer under `attn_implementation="eager"` with `output_attentions=True`: the
+    reference (`ops.naive.naive_tensor_attention_with_weights`, O(Tq * Tk^2) memory), computed only when weights are
+    asked for. The weights are, per query, the pair weights marginalised over the second key,
+    P_t(a) = sum_b P_t(a, b), [B, H, Tq, Tk] like a standard layer's (each row a distribution over the first key a),
+    and the output is computed through them, so they are part of the graph as softmax attention's are.
+    `q` [B, H, Tq, D]; `k`, `v` [B, H_kv, Tq, 2D] the new tokens' streams; with a cache, the streams it holds
+    (already updated by the fast path) are used instead. Where the weights do not exist -- a layout that keeps a
+    summary instead of every token (SubGen, windows) -- `out` (the fast path's [B, H, Tq, D]) is returned with None."""
+    if cache is not None:
+        layer = cache.layers[module.layer_idx]
+        if layer.keys.shape[2] != layer.seen:
+            return out, None
+        k, v = layer.keys, layer.values
+    k1, k2 = k.chunk(2, dim=-1)  # [B, H_kv, Tk, D] each
+    v1, v2 = v.chunk(2, dim=-1)
+    c = module.constants
+    return naive_tensor_attention_with_weights(
+        q, k1, k2, v1, v2, scale=c.scale, w1=c.w1, w2=c.w2, attention_mask=attention_mask
+    )
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -211,7 +240,8 @@ class StandardAttention(nn.Module):
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_output_bias)
         self.dropout = nn.Dropout(config.attention_dropout)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, output_attentions=False):
+        # The eager backend returns its weights whether or not they are asked for: they are computed anyway.
         B, T, _ = hidden_states.shape
         # -1 heads: this rank's heads under tensor parallelism
         q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -230,7 +260,9 @@ class StandardAttention(nn.Module):
         backend = self.config._attn_implementation
         if backend == "flex_attention":
             mask = flex_block_mask(mask)
-        attend = eager_attention if backend == "eager" else ALL_ATTENTION_FUNCTIONS[backend]
+        # Through get_interface, as transformers' models do: `set_attn_implementation` looks for this call in the
+        # module source before it lets a model switch its backend (compat item 6).
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(backend, eager_attention)
         out, weights = attend(self, q, k, v, mask, scaling=self.head_dim**-0.5, dropout=0.0)  # out [B, T, H, D]
         return self.o_proj(self.dropout(out.reshape(B, T, -1))), weights
 
@@ -277,7 +309,8 @@ class TensorAttnDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = TensorAttnRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None,
+                output_attentions=False):
         # The model passes the cache under the name the installed transformers uses (compat item 1), the one
         # `GradientCheckpointingLayer` drops under gradient checkpointing; transformers 5.23 says `past_key_values`.
         cache = cache if cache is not None else past_key_values
@@ -287,6 +320,7 @@ class TensorAttnDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             cache=cache,
+            output_attentions=output_attentions,
         )
         hidden_states = residual + self.dropout(hidden_states)
         residual = hidden_states
@@ -327,11 +361,13 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         """Refuse, at load time and by name, the attention kernels this model cannot use (compat item 6)."""
         if attn_implementation is not None and attn_implementation not in self.supported_attn_implementations:
+            # Opens with transformers' own wording for an unknown implementation, which its tests and users match.
             raise ValueError(
-                f"tensor_attn models support attn_implementation in {list(self.supported_attn_implementations)}, got "
-                f"{attn_implementation!r}: it selects the kernel of the standard ('full_attention') layers, 'sdpa' by "
-                "default, 'eager' to return their attention weights, 'flex_attention' for torch's FlexAttention; "
-                "tensor layers always use hf_tensor_attn.ops.tensor_attention (pair attention has no such kernel)"
+                f'Specified `attn_implementation="{attn_implementation}"` is not supported. tensor_attn models support '
+                f"attn_implementation in {list(self.supported_attn_implementations)}: it selects the kernel of the "
+                "standard ('full_attention') layers, 'sdpa' by default, 'eager' to return attention weights (tensor "
+                "layers then return theirs too), 'flex_attention' for torch's FlexAttention; tensor layers otherwise "
+                "always use hf_tensor_attn.ops.tensor_attention (pair attention has no such kernel)"
             )
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
     register_for_auto_class = compat.keep_own_auto_map  # compat item 5
@@ -394,10 +430,12 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
         position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
         output_hidden_states: bool | None = None, output_attentions: bool | None = None,
-        return_dict: bool | None = None, past_key_values: Cache | None = None,
+        return_dict: bool | None = None, past_key_values: Cache | None = None, **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """Like `LlamaModel.forward`, with every argument after `input_ids` by keyword. `past_key_values` is the name
-        transformers < 5.24 gives `cache`. There is no `**kwargs`: an unknown keyword raises `TypeError`."""
+        transformers < 5.24 gives `cache`. `kwargs` are transformers' extra forward keywords as classified in
+        `compat.FORWARD_KWARGS` (the loss ones are ignored here, as in Llama); any other raises `TypeError`."""
+        compat.check_forward_kwargs(kwargs, f"{type(self).__name__}.forward()")
         cache = compat.resolve_cache(cache, past_key_values, f"{type(self).__name__}.forward")
         if not torch.compiler.is_compiling():
             self.config.check_unchanged_since(self.config_at_build)
@@ -456,10 +494,11 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=attention_mask,
+                output_attentions=output_attentions,
                 **compat.cache_kwargs(cache),
             )
             if output_attentions:
-                all_attentions.append(attention_weights)  # None for tensor layers and the SDPA backend
+                all_attentions.append(attention_weights)  # None under SDPA / flex (see eager_tensor_attention)
         hidden_states = self.norm(hidden_states)
         all_hidden_states.append(hidden_states)
         output = BaseModelOutputWithPast(
@@ -479,9 +518,7 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
     # first gradients agreed; an untied model agreed throughout). Without the rule, the tied weight sits in the root
     # unit and FSDP2 training matches one process (tests/training/test_parallel.py).
     _tp_plan = {"lm_head": "colwise_gather_output"}
-    # Keywords transformers passes on to forward besides the named parameters: Trainer's token count for the loss
-    # under gradient accumulation (it reads `accepts_loss_kwargs`). Anything else raises `TypeError`.
-    accepted_extra_kwargs = ("num_items_in_batch",)
+    # Trainer passes `num_items_in_batch` when this is set (compat.FORWARD_KWARGS lists every extra keyword).
     accepts_loss_kwargs = True
 
     def __init__(self, config: TensorAttnConfig):
@@ -504,16 +541,12 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: Cache | None = None,
-        **loss_kwargs,
+        **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Like `LlamaForCausalLM.forward`. `past_key_values` is the name transformers < 5.24 gives `cache`;
-        `loss_kwargs` may only hold `accepted_extra_kwargs`."""
-        unknown = sorted(set(loss_kwargs) - set(self.accepted_extra_kwargs))
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__}.forward() got unexpected keyword argument(s) {unknown}; besides its named "
-                f"parameters it accepts only {list(self.accepted_extra_kwargs)}"
-            )
+        `kwargs` are transformers' extra forward keywords as classified in `compat.FORWARD_KWARGS` (`shift_labels`
+        and `num_items_in_batch` go to the loss); any other raises `TypeError`."""
+        loss_kwargs = compat.check_forward_kwargs(kwargs, f"{type(self).__name__}.forward()")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -308,3 +308,53 @@ def test_generate_fills_the_calls_config_from_the_models_layout_name_included(ma
     ours, model_kwargs = model._prepare_generation_config(GenerationConfig(max_new_tokens=2), attention_mask=mask)
     assert ours.cache_implementation is None and ours.max_new_tokens == 2 and model_kwargs == {"attention_mask": mask}
     assert model.generation_config.cache_implementation == "two_cache"
+
+
+# ---- item 6 (set_attn_implementation) and item 11: forward keywords ----
+
+
+def test_set_attn_implementation_needs_get_interface_in_the_module_source(make_model):
+    """Upstream decides whether a model may switch backends by finding `ALL_ATTENTION_FUNCTIONS.get_interface(` in
+    the source of the module defining an `*Attention*(nn.Module)` class; without it, it only logs a warning."""
+    from transformers import PreTrainedModel
+
+    from hf_tensor_attn import modeling
+
+    source = inspect.getsource(PreTrainedModel._can_set_attn_implementation)
+    assert '"ALL_ATTENTION_FUNCTIONS.get_interface(" in code' in source
+    assert "ALL_ATTENTION_FUNCTIONS.get_interface(" in inspect.getsource(modeling)
+    model = make_model(layer_types=["tensor_attention", "full_attention"])
+    assert type(model)._can_set_attn_implementation()
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    # transformers' own wording for an unknown name, which its common tests match; ours follows it.
+    with pytest.raises(ValueError, match='Specified `attn_implementation="foo"` is not supported'):
+        model.set_attn_implementation("foo")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_every_transformers_forward_keyword_is_classified():
+    """A key upstream adds to TransformersKwargs fails here until FORWARD_KWARGS says what the model does with it."""
+    from transformers.utils.generic import TransformersKwargs
+
+    named = {"output_attentions", "output_hidden_states", "position_ids"}  # parameters of our forwards
+    assert set(TransformersKwargs.__annotations__) - named <= set(compat.FORWARD_KWARGS)
+    assert {kind for kind, _ in compat.FORWARD_KWARGS.values()} == {"loss", "causal", "ignored", "packed"}
+
+
+def test_generate_passes_its_tokenizer_on_to_forward(make_model):
+    """Why `tokenizer` is a forward keyword at all: generate(stop_strings=..., tokenizer=...) hands it to forward."""
+    from hf_tensor_attn import TensorAttnByteTokenizer
+
+    model = make_model()
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(sorted(kwargs))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    model.generate(torch.randint(3, 259, (1, 4)), max_new_tokens=2, stop_strings=["\x00"],
+                   tokenizer=TensorAttnByteTokenizer())
+    assert seen and all("tokenizer" in keys for keys in seen)

@@ -69,6 +69,7 @@ def test_config_round_trip(tmp_path):
         ("rope_theta", True),
         ("rms_norm_eps", float("inf")),
         ("rms_norm_eps", 0.0),
+        ("rms_norm_eps", 1e39),  # past float32: the norm would divide by inf
         ("attention_dropout", float("nan")),
         ("hidden_dropout", True),
         ("initializer_range", float("inf")),
@@ -84,6 +85,13 @@ def test_config_round_trip(tmp_path):
 def test_out_of_range_values_are_refused_naming_field_and_value(field, value):
     with pytest.raises(ValueError, match=rf"`{field}` must be .*got {re.escape(repr(value))}"):
         TensorAttnConfig(**{**dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2), field: value})
+
+
+def test_norm_epsilon_of_one_is_accepted():
+    """transformers' common tests set every norm epsilon to 1.0 (`set_config_for_less_flaky_test`)."""
+    config = TensorAttnConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, rms_norm_eps=1.0)
+    config.validate()
+    assert config.rms_norm_eps == 1.0
 
 
 def test_layer_types_string_is_refused_by_name():

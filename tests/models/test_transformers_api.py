@@ -133,16 +133,37 @@ def test_eager_and_sdpa_standard_layers_agree_and_eager_returns_weights(make_mod
     out_sdpa = sdpa(ids, attention_mask=mask)
     real = mask.bool()
     torch.testing.assert_close(out_eager.logits[real], out_sdpa.logits[real], rtol=1e-10, atol=1e-10)
-    tensor_weights, standard_weights = out_eager.attentions
-    assert tensor_weights is None  # pair weights are not returned
-    assert standard_weights.shape == (3, 2, 7, 7)
     real_queries = real[:, None, :].expand(3, 2, 7)
-    rows = standard_weights.sum(-1)[real_queries]
-    torch.testing.assert_close(rows, torch.ones_like(rows))
-    assert (standard_weights.triu(1).sum(-1)[real_queries] == 0).all()  # causal for every real query
-    assert (standard_weights[2, :, -1, :5] == 0).all()  # the padded keys of the shortest row get no weight
+    # Tensor layers report the pair weights marginalised over the second key (eager_tensor_attention): the same
+    # properties as a standard layer's weights.
+    for weights in out_eager.attentions:
+        assert weights.shape == (3, 2, 7, 7)
+        rows = weights.sum(-1)[real_queries]
+        torch.testing.assert_close(rows, torch.ones_like(rows))
+        assert (weights.triu(1).sum(-1)[real_queries] == 0).all()  # causal for every real query
+        assert (weights[2, :, -1, :5] == 0).all()  # the padded keys of the shortest row get no weight
+    assert sdpa(ids, attention_mask=mask, output_attentions=True).attentions == (None, None)  # SDPA returns none
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(eager.generate(ids, **kw), sdpa.generate(ids, **kw))
+
+
+def test_set_attn_implementation_switches_the_standard_layers(make_model, left_padded):
+    """transformers' `set_attn_implementation` on a built model: eager then returns weights, flex computes the same."""
+    model = make_model(layer_types=HYBRID, dtype=torch.float32)
+    ids, mask = left_padded([7, 4, 2])[1:]
+    with torch.no_grad():
+        sdpa = model(ids, attention_mask=mask, output_attentions=True)
+        assert sdpa.attentions == (None, None)
+        model.set_attn_implementation("eager")
+        assert model.config._attn_implementation == "eager"
+        eager = model(ids, attention_mask=mask, output_attentions=True)
+        assert all(w is not None and w.shape == (3, 2, 7, 7) for w in eager.attentions)
+        model.set_attn_implementation("flex_attention")
+        flex = model(ids, attention_mask=mask)
+        assert model.config._attn_implementation == "flex_attention"
+    real = mask.bool()
+    for out in (eager, flex):
+        torch.testing.assert_close(out.logits[real], sdpa.logits[real], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["flash_attention_2", "flash_attention_3", "paged|sdpa"])
@@ -150,8 +171,9 @@ def test_unsupported_attention_kernels_are_refused_at_load_naming_the_supported_
     from transformers import AutoModelForCausalLM
 
     make_model().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"attn_implementation in \['sdpa', 'eager', 'flex_attention'\], got "
-                       + re.escape(repr(backend)) + ".*tensor layers always use"):
+    # transformers' wording first (its tests and users match it), then ours.
+    with pytest.raises(ValueError, match=re.escape(f'Specified `attn_implementation="{backend}"` is not supported. ')
+                       + r".*attn_implementation in \['sdpa', 'eager', 'flex_attention'\].*tensor layers"):
         AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=backend)
 
 
