@@ -270,9 +270,10 @@ def _clear(path: Path) -> None:
 
 
 _BUILD = """
-import json, sys
+import json, signal, sys
 from torch.utils import cpp_extension
-name, source, flags, folder = json.loads(sys.argv[1])
+name, source, flags, folder, timeout = json.loads(sys.argv[1])
+signal.alarm(timeout)  # also where the process that started it is gone: an orphan keeps the lock only so long
 try:
     cpp_extension.load(name=name, sources=[source], extra_cflags=flags, build_directory=folder, is_python_module=False)
 except Exception as error:
@@ -289,7 +290,8 @@ def _compile(path: Path, flags: list[str], lock: int) -> None:
     if ninja_dir:
         env["PATH"] = os.pathsep.join(filter(None, [ninja_dir, env.get("PATH")]))
     name = path.name.removesuffix(".so")
-    command = [sys.executable, "-c", _BUILD, json.dumps([name, str(source), flags, str(path.parent)])]
+    arguments = json.dumps([name, str(source), flags, str(path.parent), BUILD_TIMEOUT_S])
+    command = [sys.executable, "-c", _BUILD, arguments]
     done = subprocess.run(command, env=env, pass_fds=(lock,), capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     if done.returncode != 0:
         if done.returncode < 0:
