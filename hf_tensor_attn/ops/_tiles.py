@@ -18,6 +18,8 @@ none.
 from __future__ import annotations
 
 import functools
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,29 +63,45 @@ def choose_tile_sizes(Tq: int, w_row: int | None, w_col: int | None) -> TileSize
     column masks), 32 queries lost to 16 at w_col = 128 and at w_col = 512 alike, forward and backward; among the
     other shapes tried (256 to 1024 rows, 128 to 544 columns) none won by more than this VM's run-to-run noise.
     """
-    return TileSizes(query=16, row=32 if w_row is None else min(w_row, 32), col=_columns_for_cache(16 * 32))
+    row = 32 if w_row is None else min(w_row, 32)
+    return TileSizes(query=16, row=row, col=_columns_for_cache(16 * 32, l2_size()[0]))
 
 
-def _l2_bytes() -> int | None:
-    """This CPU's per-core L2 size as Linux reports it, None where it does not."""
+L2_ENV = "HF_TENSOR_ATTN_L2_BYTES"
+
+
+@functools.cache
+def l2_size() -> tuple[int | None, str]:
+    """The per-core L2 size the planner sizes tiles for, and where it came from: HF_TENSOR_ATTN_L2_BYTES (bytes, or
+    with a K or M suffix), else what Linux reports for cpu0, else None. Read once per process: the tile sizes of a
+    process do not change under it, and a test or a CI run that fixes the size sets it before the first call."""
+    value = os.environ.get(L2_ENV)
+    if value is not None:
+        size = _size_in_bytes(value.strip())
+        if size is None or size <= 0:
+            raise ValueError(f"{L2_ENV} must be a positive number of bytes, optionally with a K or M suffix (e.g. "
+                             f"524288, 512K, 2M), got {value!r}")
+        return size, L2_ENV
     root = Path("/sys/devices/system/cpu/cpu0/cache")
     try:
         for index in sorted(root.glob("index*")):
             if (index / "level").read_text().strip() == "2":
-                size = (index / "size").read_text().strip().upper()
-                return int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]] if size[-1] in "KM" else int(size)
-    except (OSError, ValueError):
-        return None
-    return None
+                return _size_in_bytes((index / "size").read_text().strip()), str(index / "size")
+    except OSError:
+        pass
+    return None, "unknown (no L2 size under /sys/devices/system/cpu/cpu0/cache)"
 
 
-@functools.cache
-def _columns_for_cache(rows: int) -> int:
+def _size_in_bytes(text: str) -> int | None:
+    match = re.fullmatch(r"(\d+)([KM]?)", text.upper())
+    return int(match[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20}[match[2]] if match else None
+
+
+def _columns_for_cache(rows: int, l2: int | None) -> int:
     """Column block size: 256, or fewer where one head's fp32 score tile (rows x cols) would take more than half
     of the core's L2 (the other half holds the operands), e.g. 128 on a 512 KiB-L2 core with 512 rows. The tile
     is reused right after the GEMM by exp, the row sums and the value GEMM; from L3 each of those passes costs
     more. Never under 128 columns, where per-tile costs outweigh the cache misses."""
-    l2 = _l2_bytes()
     if l2 is None:
         return 256
     return max(128, min(256, l2 // 2 // (4 * rows) // 16 * 16))

@@ -4,7 +4,6 @@ do not, and the same results either way (the numerics are in test_tiled.py, whic
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from hf_tensor_attn.ops import extension, naive_tensor_attention, tensor_attention, tiled
+from hf_tensor_attn.ops import _tiles, extension, naive_tensor_attention, tensor_attention, tiled
 from hf_tensor_attn.ops._tiles import TileSizes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,8 +77,11 @@ def test_compiled_loops_run_by_default_and_match_python_loops(w1, w2, padded, lo
 
 
 def test_default_tiles_over_a_wide_band_match_python_loops(loops, monkeypatch):
-    """A column window of 290 makes bands of 305 keys, cut into two column blocks by the default tiles; with a row
-    window of 40 (two row blocks of 32 and 8 offsets), padding, Tq < Tk and float64, through the backward too."""
+    """A column window of 290 makes bands of 305 keys, cut into two column blocks by the default tiles of a core with
+    2 MiB of L2 (fixed here: the planner's column width follows the L2 size); with a row window of 40 (two row blocks
+    of 32 and 8 offsets), padding, Tq < Tk and float64, through the backward too."""
+    monkeypatch.setattr(_tiles, "l2_size", lambda: (2 << 20, "test"))
+    assert tiled.choose_tile_sizes(200, 40, 290).col == 256
     x, mask = inputs(True, torch.float64, T=300, Tq=200, D=8)
     kw = dict(scale=0.3, w1=290, w2=40, attention_mask=mask)
     compiled = outputs_and_grads(x, **kw)
@@ -252,7 +254,17 @@ def test_compiled_forward_reports_allowed_scores_over_the_ceiling(padded, loops)
         assert not over(1e30, row_key=2) and not over(1e30, col_key=2)
 
 
-def test_failed_build_warns_and_falls_back(monkeypatch):
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    """An empty build cache, and no library loaded into this process (the test's "loads" are recorded instead)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    monkeypatch.setattr(extension, "_state", dict(extension._state))
+    loaded = []
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    return loaded
+
+
+def test_failed_build_warns_and_falls_back(empty_cache, monkeypatch):
 
     def no_compiler(*args, **kwargs):  # what torch raises on a machine without a C++ compiler
         raise RuntimeError(
@@ -261,10 +273,11 @@ def test_failed_build_warns_and_falls_back(monkeypatch):
             "/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed.\n"
         )
 
-    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(extension, "_compile", no_compiler)
     with pytest.warns(RuntimeWarning, match=r"could not build or load the compiled CPU tile loops \(RuntimeError: "
                                             r"/bin/sh: 1: c\+\+: not found\); the tiled op runs its Python loops"):
         assert extension.build() is None
+    assert empty_cache == [] and extension.describe()["failure"] == "RuntimeError: /bin/sh: 1: c++: not found"
     monkeypatch.setattr(extension, "_loaded", extension.build)  # as if this process's one attempt had failed
     x, mask = inputs(True, torch.float64)
     with warnings.catch_warnings():
@@ -275,38 +288,41 @@ def test_failed_build_warns_and_falls_back(monkeypatch):
     torch.testing.assert_close(out, tensor_attention(*x, scale=0.25, w1=3, w2=None, attention_mask=mask))
 
 
-def test_failed_openmp_build_retries_without(monkeypatch, caplog):
+def fake_compile(calls, fail_openmp=None):
+    """A stand-in for the child build: records (name, flags) and writes a file where the library goes."""
+
+    def compile(path, flags, lock):
+        calls.append((path.name.removesuffix(".so"), flags))
+        if fail_openmp and "-fopenmp" in flags:
+            raise RuntimeError(fail_openmp)
+        path.write_bytes(b"a library")
+
+    return compile
+
+
+def test_failed_openmp_build_retries_without(empty_cache, monkeypatch, caplog):
     """A compiler without OpenMP (or clang's, whose calls torch's GNU runtime lacks): the same loops, one thread."""
-
     calls = []
-
-    def load(name, sources, extra_cflags, is_python_module):
-        calls.append((name, extra_cflags))
-        if "-fopenmp" in extra_cflags:
-            raise RuntimeError("Error building extension 'x':\ntiles.cpp:1: fatal error: omp.h: No such file or directory")
-
-    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(extension, "_compile", fake_compile(
+        calls, "Error building extension 'x':\ntiles.cpp:1: fatal error: omp.h: No such file or directory"))
     monkeypatch.setattr(torch.backends.openmp, "is_available", lambda: True)
-    monkeypatch.setattr(extension, "_built_with", [])
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # not a failure: no warning
         assert extension.build() is not None
     assert [name for name, _ in calls] == [extension.library_name(True), extension.library_name(False)]
     assert calls[0][1] == extension.compile_flags(True) and "-fopenmp" not in calls[1][1]
-    assert extension.build_flags() == calls[1][1]
+    assert extension.build_flags() == calls[1][1] and empty_cache == [extension.describe()["library"]]
     assert "built without OpenMP" in caplog.text and "omp.h: No such file or directory" in caplog.text
 
 
-def test_without_openmp_in_torch_one_attempt_without_it(monkeypatch):
+def test_without_openmp_in_torch_one_attempt_without_it(empty_cache, monkeypatch):
 
     calls = []
-    monkeypatch.setattr(cpp_extension, "load", lambda name, sources, extra_cflags, is_python_module: calls.append(
-        extra_cflags))
+    monkeypatch.setattr(extension, "_compile", fake_compile(calls))
     monkeypatch.setattr(torch.backends.openmp, "is_available", lambda: False)
-    monkeypatch.setattr(extension, "_built_with", [])
     extension.build()
-    assert calls == [extension.compile_flags(False)] and "-fopenmp" not in calls[0]
-    assert extension.build_flags() == calls[0]
+    assert [flags for _, flags in calls] == [extension.compile_flags(False)] and "-fopenmp" not in calls[0][1]
+    assert extension.build_flags() == calls[0][1]
 
 
 def test_build_flags_follow_torch(monkeypatch):
@@ -368,24 +384,6 @@ def test_exp_passes_vectorise(capability, tmp_path, monkeypatch):
     assert done.returncode == 0, done.stderr[-2000:]
     vectorised = {int(m) for m in re.findall(r"tiles\.cpp:(\d+):\d+: optimized: loop vectorized", done.stderr)}
     assert set(loops) <= vectorised, f"not vectorised with {extension.compile_flags(False)}: lines {sorted(set(loops) - vectorised)}"
-
-
-@pytest.mark.parametrize("ninja_installed", [True, False])
-def test_build_puts_the_ninja_package_on_path_for_the_build_only(ninja_installed, monkeypatch):
-    import sys
-
-
-    seen = []
-    monkeypatch.setattr(cpp_extension, "load", lambda *a, **kw: seen.append(os.environ.get("PATH")))
-    monkeypatch.setenv("PATH", "/usr/bin")
-    if not ninja_installed:
-        monkeypatch.setitem(sys.modules, "ninja", None)  # import ninja raises ImportError
-    extension.build()
-    expected = f"{extension._ninja_dir()}{os.pathsep}/usr/bin" if ninja_installed else "/usr/bin"
-    assert seen == [expected] and os.environ["PATH"] == "/usr/bin"
-    monkeypatch.delenv("PATH")
-    extension.build()
-    assert "PATH" not in os.environ  # unset before, unset after
 
 
 def test_compiled_exp_matches_float64_exp_over_the_clamp_range(loops):
