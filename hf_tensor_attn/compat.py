@@ -247,7 +247,7 @@ def save_checkpoint_staged(trainer, base_save, model, trial) -> None:
     staging_root = os.path.join(run_dir, CHECKPOINT_STAGING_DIR)
     staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
     if trainer.args.should_save:
-        shutil.rmtree(staged, ignore_errors=True)  # what an interrupted save left
+        shutil.rmtree(staging_root, ignore_errors=True)  # what interrupted saves left, of this step or another
     trainer.accelerator.wait_for_everyone()
     trainer._get_output_dir = lambda trial=None: staging_root  # the instance attribute shadows the method
     try:
