@@ -184,6 +184,7 @@ TensorAttnConfig = hf_tensor_attn.TensorAttnConfig
 TensorAttnModel = hf_tensor_attn.TensorAttnModel
 TensorAttnForCausalLM = hf_tensor_attn.TensorAttnForCausalLM
 TensorAttnByteTokenizer = hf_tensor_attn.TensorAttnByteTokenizer
+TensorAttnByteTokenizerFast = hf_tensor_attn.TensorAttnByteTokenizerFast
 '''
 
 
