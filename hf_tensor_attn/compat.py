@@ -177,7 +177,11 @@ try:
 except ImportError as error:
     raise ImportError(
         "This checkpoint is a tensor-attention model saved by hf_tensor_attn, which is not installed in this "
-        "environment. Install it (pip install hf_tensor_attn, or pip install -e . in its source tree), then load again."
+        "environment. Get the package in one of these ways, then load again: install a wheel built from its source "
+        "(python -m build in a checkout, then pip install dist/hf_tensor_attn-*.whl); pip install "
+        "git+<URL of its repository>; pip install -e <path of a checkout>; or ask whoever saved this checkpoint to "
+        "save it with save_pretrained(..., self_contained=True), which writes the package's code into the folder "
+        "so that trust_remote_code=True needs nothing else."
     ) from error
 
 TensorAttnConfig = hf_tensor_attn.TensorAttnConfig

@@ -9,7 +9,7 @@ from transformers.models.auto.tokenization_auto import get_tokenizer_config
 from transformers.tokenization_python import AddedToken, PreTrainedTokenizer
 from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
 
-from . import compat
+from . import compat, remote_code
 from .atomic import atomic_directory
 from .configuration import TensorAttnConfig
 
@@ -66,21 +66,22 @@ class ByteTokenizerFiles:
                 f"truncated by an interrupted save: save the tokenizer again ({cls.__name__}() needs no files)"
             ) from e
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, self_contained: bool | None = None, **kwargs):
         """`save_pretrained`, crash-safe like the model's (`hf_tensor_attn.atomic`), keeping `add_bos_token` and
-        `add_eos_token`, which transformers leaves out of tokenizer_config.json."""
+        `add_eos_token`, which transformers leaves out of tokenizer_config.json. `self_contained=True` writes the
+        package's code beside it, as the model's save does (`hf_tensor_attn.remote_code`)."""
         # tokenizer_config.json's `auto_map` lets AutoTokenizer(trust_remote_code=True) load the installed package.
         self._auto_map = {"AutoTokenizer": [f"{compat.REMOTE_MODULE}.{name}" for name in TOKENIZER_CLASSES]}
         if kwargs.get("push_to_hub", False):
             kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging name
         with atomic_directory(save_directory) as staging:
+            remote_code.write_loader(staging, self_contained)  # before super(), which uploads with push_to_hub
             saved = super().save_pretrained(staging, *args, **kwargs)
             config_file = staging / TOKENIZER_CONFIG_FILE
             config = json.loads(config_file.read_text(encoding="utf-8"))
             config.update(add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token)
             config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
                                    encoding="utf-8")
-            compat.write_remote_module(staging)
         return tuple(os.path.join(save_directory, os.path.relpath(path, staging)) for path in saved)
 
 
