@@ -13,11 +13,15 @@ from .convert import convert_from_llama
 from .modeling import TensorAttnForCausalLM, TensorAttnModel, TensorAttnPreTrainedModel
 from .ops import naive_tensor_attention, tensor_attention
 from .tokenization import TensorAttnByteTokenizer
+from .tokenization_fast import TensorAttnByteTokenizerFast
 
 AutoConfig.register(TensorAttnConfig.model_type, TensorAttnConfig, exist_ok=True)
 AutoModel.register(TensorAttnConfig, TensorAttnModel, exist_ok=True)
 AutoModelForCausalLM.register(TensorAttnConfig, TensorAttnForCausalLM, exist_ok=True)
-AutoTokenizer.register(TensorAttnConfig, tokenizer_class=TensorAttnByteTokenizer, exist_ok=True)
+# As transformers 5 does for its own models, AutoTokenizer gives the fast tokenizer, also for a folder saved by the slow
+# one; `TensorAttnByteTokenizer.from_pretrained` loads the slow one.
+AutoTokenizer.register(TensorAttnConfig, slow_tokenizer_class=TensorAttnByteTokenizer,
+                       fast_tokenizer_class=TensorAttnByteTokenizerFast, exist_ok=True)
 
 compat.check_transformers_version()
 
@@ -25,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TensorAttnByteTokenizer",
+    "TensorAttnByteTokenizerFast",
     "TensorAttnCache",
     "TensorAttnConfig",
     "TensorAttnConfigError",

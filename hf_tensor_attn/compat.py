@@ -208,13 +208,18 @@ try:
 except ImportError as error:
     raise ImportError(
         "This checkpoint is a tensor-attention model saved by hf_tensor_attn, which is not installed in this "
-        "environment. Install it (pip install hf_tensor_attn, or pip install -e . in its source tree), then load again."
+        "environment. Get the package in one of these ways, then load again: install a wheel built from its source "
+        "(python -m build in a checkout, then pip install dist/hf_tensor_attn-*.whl); pip install "
+        "git+<URL of its repository>; pip install -e <path of a checkout>; or ask whoever saved this checkpoint to "
+        "save it with save_pretrained(..., self_contained=True), which writes the package's code into the folder "
+        "so that trust_remote_code=True needs nothing else."
     ) from error
 
 TensorAttnConfig = hf_tensor_attn.TensorAttnConfig
 TensorAttnModel = hf_tensor_attn.TensorAttnModel
 TensorAttnForCausalLM = hf_tensor_attn.TensorAttnForCausalLM
 TensorAttnByteTokenizer = hf_tensor_attn.TensorAttnByteTokenizer
+TensorAttnByteTokenizerFast = hf_tensor_attn.TensorAttnByteTokenizerFast
 '''
 
 
@@ -278,7 +283,7 @@ def save_checkpoint_staged(trainer, base_save, model, trial) -> None:
     staging_root = os.path.join(run_dir, CHECKPOINT_STAGING_DIR)
     staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
     if trainer.args.should_save:
-        shutil.rmtree(staged, ignore_errors=True)  # what an interrupted save left
+        shutil.rmtree(staging_root, ignore_errors=True)  # what interrupted saves left, of this step or another
     trainer.accelerator.wait_for_everyone()
     trainer._get_output_dir = lambda trial=None: staging_root  # the instance attribute shadows the method
     try:

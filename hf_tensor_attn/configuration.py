@@ -13,7 +13,7 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
-from . import compat
+from . import compat, remote_code
 from .atomic import atomic_directory
 from .registry import CACHE_IMPLEMENTATIONS, check_backend
 
@@ -265,13 +265,14 @@ class TensorAttnConfig(PreTrainedConfig):
         }
         return output
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedConfig.save_pretrained`, crash-safe (`hf_tensor_attn.atomic`), plus the remote-code loader."""
+    def save_pretrained(self, save_directory, *args, self_contained: bool | None = None, **kwargs):
+        """`PreTrainedConfig.save_pretrained`, crash-safe (`hf_tensor_attn.atomic`), plus the remote-code loader:
+        with `self_contained=True` the package's code itself (`hf_tensor_attn.remote_code`)."""
         if kwargs.get("push_to_hub", False):
             kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging name
         with atomic_directory(save_directory) as staging:
+            remote_code.write_loader(staging, self_contained)  # before super(), which uploads with push_to_hub
             super().save_pretrained(staging, *args, **kwargs)
-            compat.write_remote_module(staging)
 
     def validate_layer_type(self):
         """Our layer types are not in transformers' closed list, so this validator replaces the base one."""

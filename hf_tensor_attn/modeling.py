@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.utils import logging
 
-from . import compat
+from . import compat, remote_code
 from .atomic import MODEL_WEIGHT_FILES, atomic_directory
 from .cache import LAYOUTS, TensorAttnCache, TensorAttnConstants, available_cache_implementations
 from .configuration import TensorAttnConfig
@@ -346,17 +346,22 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
             config.validate()
         super().__init__(config, *args, **kwargs)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, self_contained: bool | None = None, **kwargs):
         """`PreTrainedModel.save_pretrained`, crash-safe: written into a temporary folder beside `save_directory`
         and swapped in only when complete (`hf_tensor_attn.atomic`), so a failed save leaves the previous
         checkpoint loadable. Saves that several processes write together (not `is_main_process`,
-        `distributed_checkpoint`) go straight to the folder, as in transformers."""
-        if not kwargs.get("is_main_process", True) or kwargs.get("distributed_checkpoint", False):
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("push_to_hub", False):
-            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging name
-        with atomic_directory(save_directory, replaced=MODEL_WEIGHT_FILES.match) as staging:
-            super().save_pretrained(staging, *args, **kwargs)
+        `distributed_checkpoint`) go straight to the folder, as in transformers.
+
+        `self_contained=True` also writes the package's code into the folder (`hf_tensor_attn.remote_code`), so
+        `trust_remote_code=True` loads it where only torch and transformers are installed; by default the folder
+        points to the installed package. A model card (README.md) is written unless the folder has one."""
+        with remote_code.saving(self_contained):  # the config's own save, inside super(), writes the code
+            if not kwargs.get("is_main_process", True) or kwargs.get("distributed_checkpoint", False):
+                return super().save_pretrained(save_directory, *args, **kwargs)
+            if kwargs.get("push_to_hub", False):
+                kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging name
+            with atomic_directory(save_directory, replaced=MODEL_WEIGHT_FILES.match) as staging:
+                super().save_pretrained(staging, *args, **kwargs)
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         """Refuse, at load time and by name, the attention kernels this model cannot use (compat item 6)."""

@@ -5,18 +5,23 @@ from __future__ import annotations
 import json
 import os
 
+from transformers.models.auto.tokenization_auto import get_tokenizer_config
 from transformers.tokenization_python import AddedToken, PreTrainedTokenizer
 from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
 
-from . import compat
+from . import compat, remote_code
 from .atomic import atomic_directory
 from .configuration import TensorAttnConfig
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+# The classes tokenizer_config.json's `auto_map` names, slow and fast, as transformers' convention has it.
+TOKENIZER_CLASSES = ("TensorAttnByteTokenizer", "TensorAttnByteTokenizerFast")
 PAD_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
 # Byte b is token BYTE_OFFSET + b: the special tokens come first, so every byte keeps one fixed id.
 BYTE_OFFSET = len(SPECIAL_TOKENS)
 NUM_BYTES = 256
+# The keywords of `from_pretrained` that say where its tokenizer_config.json is.
+TOKENIZER_CONFIG_LOOKUP = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 # Each turn as "<s>role: content</s>" and a newline; with add_generation_prompt the reply starts "<s>assistant: ".
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ bos_token }}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n"
@@ -24,8 +29,70 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class TensorAttnByteTokenizer(PreTrainedTokenizer):
+class ByteTokenizerFiles:
+    """What the slow and the fast byte tokenizer share: their defaults, the crash-safe save that keeps
+    `add_bos_token` / `add_eos_token` and writes the remote-code loader, and a clear error for a truncated file."""
+
+    model_input_names = ["input_ids", "attention_mask"]
+    register_for_auto_class = compat.keep_own_auto_map  # compat item 5
+
+    @staticmethod
+    def default_kwargs(kwargs: dict) -> dict:
+        kwargs.setdefault("model_max_length", TensorAttnConfig.max_position_embeddings)
+        kwargs.setdefault("chat_template", DEFAULT_CHAT_TEMPLATE)
+        for key in ("pad_token", "bos_token", "eos_token"):
+            kwargs.pop(key, None)
+        return kwargs
+
+    @classmethod
+    def for_config(cls, config: TensorAttnConfig, **kwargs):
+        """The tokenizer of a model with this config: inputs are truncated to its `max_position_embeddings`."""
+        return cls(model_max_length=config.max_position_embeddings, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            # transformers drops these two settings of tokenizer_config.json where a tokenizer.json exists (it reads
+            # them from the file's post-processor); ours are the same for the slow and the fast class, so pass them.
+            saved = get_tokenizer_config(pretrained_model_name_or_path,
+                                         **{k: v for k, v in kwargs.items() if k in TOKENIZER_CONFIG_LOOKUP})
+            for key in ("add_bos_token", "add_eos_token"):
+                if key in saved:
+                    kwargs.setdefault(key, saved[key])
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except json.JSONDecodeError as e:  # a bare JSONDecodeError names neither the file nor the way out
+            raise ValueError(
+                f"a tokenizer file in {str(pretrained_model_name_or_path)!r} is not valid JSON ({e}); it is most likely "
+                f"truncated by an interrupted save: save the tokenizer again ({cls.__name__}() needs no files)"
+            ) from e
+
+    def save_pretrained(self, save_directory, *args, self_contained: bool | None = None, **kwargs):
+        """`save_pretrained`, crash-safe like the model's (`hf_tensor_attn.atomic`), keeping `add_bos_token` and
+        `add_eos_token`, which transformers leaves out of tokenizer_config.json. `self_contained=True` writes the
+        package's code beside it, as the model's save does (`hf_tensor_attn.remote_code`)."""
+        # tokenizer_config.json's `auto_map` lets AutoTokenizer(trust_remote_code=True) load the installed package.
+        self._auto_map = {"AutoTokenizer": [f"{compat.REMOTE_MODULE}.{name}" for name in TOKENIZER_CLASSES]}
+        if kwargs.get("push_to_hub", False):
+            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging name
+        with atomic_directory(save_directory) as staging:
+            remote_code.write_loader(staging, self_contained)  # before super(), which uploads with push_to_hub
+            saved = super().save_pretrained(staging, *args, **kwargs)
+            config_file = staging / TOKENIZER_CONFIG_FILE
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config.update(add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token)
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
+        return tuple(os.path.join(save_directory, os.path.relpath(path, staging)) for path in saved)
+
+
+class TensorAttnByteTokenizer(ByteTokenizerFiles, PreTrainedTokenizer):
     """UTF-8 bytes as tokens. Any text round-trips exactly; vocab size 259 matches `TensorAttnConfig`'s default.
+    `TensorAttnByteTokenizerFast` gives the same ids from the `tokenizers` library, with offsets and word ids.
+
+    Special tokens written in the text: as for every transformers tokenizer (Llama's included), the strings
+    `<pad>`, `<s>` and `</s>` in the text are read as the special tokens, and `decode(..., skip_special_tokens=True)`
+    drops them. Pass `split_special_tokens=True` (here or to a call) to encode them as their bytes, so that user
+    text round-trips exactly (`docs/tokenizer.md`).
 
     Args:
         add_bos_token (`bool`, defaults to False): prepend `<s>` when encoding.
@@ -36,37 +103,23 @@ class TensorAttnByteTokenizer(PreTrainedTokenizer):
         chat_template (`str`, *optional*): defaults to one turn per line, `<s>role: content</s>`.
     """
 
-    model_input_names = ["input_ids", "attention_mask"]
-    register_for_auto_class = compat.keep_own_auto_map  # compat item 5
-
-    @classmethod
-    def for_config(cls, config: TensorAttnConfig, **kwargs) -> TensorAttnByteTokenizer:
-        """The tokenizer of a model with this config: inputs are truncated to its `max_position_embeddings`."""
-        return cls(model_max_length=config.max_position_embeddings, **kwargs)
-
     def __init__(self, add_bos_token=False, add_eos_token=False, padding_side="left", **kwargs):
-        kwargs.setdefault("model_max_length", TensorAttnConfig.max_position_embeddings)
-        kwargs.setdefault("chat_template", DEFAULT_CHAT_TEMPLATE)
         pad, bos, eos = (AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS)
         self._added_tokens_decoder = {PAD_ID: pad, BOS_ID: bos, EOS_ID: eos}
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
-        for key in ("pad_token", "bos_token", "eos_token"):
-            kwargs.pop(key, None)
         super().__init__(
             pad_token=pad, bos_token=bos, eos_token=eos, padding_side=padding_side,
-            add_bos_token=add_bos_token, add_eos_token=add_eos_token, **kwargs,
+            add_bos_token=add_bos_token, add_eos_token=add_eos_token, **self.default_kwargs(kwargs),
         )
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except json.JSONDecodeError as e:  # a bare JSONDecodeError names neither the file nor the way out
-            raise ValueError(
-                f"a tokenizer file in {str(pretrained_model_name_or_path)!r} is not valid JSON ({e}); it is most likely "
-                "truncated by an interrupted save: save the tokenizer again (TensorAttnByteTokenizer() needs no files)"
-            ) from e
+    def _encode_plus(self, *args, return_offsets_mapping: bool = False, **kwargs):
+        if return_offsets_mapping:  # transformers' Python tokenizers ignore it silently
+            raise NotImplementedError(
+                "return_offsets_mapping=True needs the fast tokenizer: TensorAttnByteTokenizerFast (what AutoTokenizer "
+                "loads) gives the same ids with offsets and word_ids"
+            )
+        return super()._encode_plus(*args, **kwargs)
 
     @property
     def vocab_size(self) -> int:
@@ -114,25 +167,11 @@ class TensorAttnByteTokenizer(PreTrainedTokenizer):
                 data.append(ord(token))
         return data.decode("utf-8", errors="replace")
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedTokenizer.save_pretrained`, crash-safe like the model's (`hf_tensor_attn.atomic`), keeping
-        `add_bos_token` and `add_eos_token`, which transformers leaves out of tokenizer_config.json."""
-        # tokenizer_config.json's `auto_map` lets AutoTokenizer(trust_remote_code=True) load the installed package.
-        self._auto_map = {"AutoTokenizer": [f"{compat.REMOTE_MODULE}.{type(self).__name__}", None]}
-        if kwargs.get("push_to_hub", False):
-            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging name
-        with atomic_directory(save_directory) as staging:
-            saved = super().save_pretrained(staging, *args, **kwargs)
-            config_file = staging / TOKENIZER_CONFIG_FILE
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-            config.update(add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token)
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
-                                   encoding="utf-8")
-            compat.write_remote_module(staging)
-        return tuple(os.path.join(save_directory, os.path.relpath(path, staging)) for path in saved)
-
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
         return ()  # the vocabulary is the 256 bytes: nothing to write
 
 
-__all__ = ["BOS_ID", "BYTE_OFFSET", "EOS_ID", "NUM_BYTES", "PAD_ID", "SPECIAL_TOKENS", "TensorAttnByteTokenizer"]
+__all__ = [
+    "BOS_ID", "BYTE_OFFSET", "EOS_ID", "NUM_BYTES", "PAD_ID", "SPECIAL_TOKENS", "ByteTokenizerFiles",
+    "TensorAttnByteTokenizer",
+]

@@ -38,6 +38,7 @@ from .arguments import DataArguments, ModelArguments, TensorAttnTrainingArgument
 from .configuration import TensorAttnConfig
 from .data import answer_accuracy, causal_lm_blocks, match3_splits, text_dataset
 from .tokenization import TensorAttnByteTokenizer
+from .tokenization_fast import TensorAttnByteTokenizerFast
 
 logger = logging.get_logger(__name__)
 # What a checkpoint must hold to be one at all, and what an exact resume also needs besides the weights.
@@ -108,7 +109,7 @@ def build_model(model_args: ModelArguments, tokenizer):
     if model_args.init_from is not None:
         model = AutoModelForCausalLM.from_pretrained(model_args.init_from, **overrides)
     else:
-        if not isinstance(tokenizer, TensorAttnByteTokenizer):
+        if not isinstance(tokenizer, (TensorAttnByteTokenizer, TensorAttnByteTokenizerFast)):
             vocabulary = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
                           "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
             overrides = {**vocabulary, **overrides}

@@ -35,7 +35,9 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @functools.cache
 def triton_installed() -> bool:
     # Asked on every op call (every layer, every decode step): find_spec scans sys.path, so ask once per process.
-    return importlib.util.find_spec("triton") is not None
+    # The kernels' module is absent from a self-contained checkpoint's copy of this code (hf_tensor_attn.remote_code).
+    kernels = f"{__package__}.triton_kernels"
+    return importlib.util.find_spec("triton") is not None and importlib.util.find_spec(kernels) is not None
 
 
 class UntestedTritonWarning(UserWarning):

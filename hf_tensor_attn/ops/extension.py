@@ -104,6 +104,10 @@ def build(rebuild: bool = False):
 
     First with OpenMP where torch uses it; where that fails (a compiler without OpenMP, or clang's, whose calls
     torch's GNU runtime does not provide), once more without: the same loops on one thread."""
+    if not SOURCE.is_file():  # a self-contained checkpoint's copy of this code carries no C++ (hf_tensor_attn.remote_code)
+        logger.info("hf_tensor_attn: %s is not here; the tiled op runs its Python loops", SOURCE)
+        _state.update(library=None, flags=[], failure=f"{SOURCE} is not here")
+        return None
     errors = []
     for openmp in _openmp_choices():
         try:

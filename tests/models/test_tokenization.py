@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from hf_tensor_attn import TensorAttnByteTokenizer
+from hf_tensor_attn import TensorAttnByteTokenizer, TensorAttnByteTokenizerFast
 
 
 def test_byte_tokenizer_round_trips_any_text(tmp_path):
@@ -18,7 +18,8 @@ def test_byte_tokenizer_round_trips_any_text(tmp_path):
     assert with_specials("ab").input_ids == [1, ord("a") + 3, ord("b") + 3, 2]
     assert with_specials.decode(with_specials("ab").input_ids, skip_special_tokens=True) == "ab"
     tok.save_pretrained(tmp_path)
-    assert type(AutoTokenizer.from_pretrained(tmp_path)) is TensorAttnByteTokenizer
+    assert type(AutoTokenizer.from_pretrained(tmp_path)) is TensorAttnByteTokenizerFast  # transformers 5: fast first
+    assert type(TensorAttnByteTokenizer.from_pretrained(tmp_path)) is TensorAttnByteTokenizer
 
 
 def test_tokenizer_truncates_to_the_model_positions_and_keeps_them_when_saved(tmp_path):

@@ -28,6 +28,9 @@ def run(output_dir, *extra):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
+    stale = out / compat.CHECKPOINT_STAGING_DIR / "checkpoint-12"  # what a run killed while saving step 12 left
+    stale.mkdir(parents=True)
+    (stale / "optimizer.pt").write_bytes(b"half")
     trainer = run(out)
     return out, param_checksum(trainer.model)
 
@@ -37,6 +40,7 @@ def test_checkpoints_are_complete_and_no_staging_is_left(uninterrupted):
     for step in (4, 8):
         names = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
         assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth"} <= names
+    # none of this run's, nor the one a killed earlier run left
     assert not any(p.name.startswith(".") for p in out.rglob("*")), "staging folders left behind"
 
 
