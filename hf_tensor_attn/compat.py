@@ -400,8 +400,7 @@ def rope_frequencies(config) -> tuple[torch.Tensor, float]:
 # output_attentions, output_hidden_states and position_ids, are parameters of ours) and what generate() and trainers
 # add. "loss": honoured by the LM head's loss (transformers' ForCausalLMLoss), ignored by the base model, as Llama does;
 # "causal": honoured (this model is causal: True or None, False is refused); "ignored": knowingly, for the reason
-# given; "packed": refused while tensor layers know no document boundaries (a packed batch would attend across
-# documents silently).
+# given; "packed": document boundaries of a packed (padding-free) batch, honoured by every layer (`packed_documents`).
 FORWARD_KWARGS = {
     "num_items_in_batch": ("loss", "Trainer's token count for the loss under gradient accumulation"),
     "shift_labels": ("loss", "targets already shifted (sequence / context parallel training)"),
@@ -409,11 +408,11 @@ FORWARD_KWARGS = {
     "tokenizer": ("ignored", "generate() passes its stop-string tokenizer on to the model"),
     "assistant_tokenizer": ("ignored", "generate() passes its assisted-decoding tokenizer on to the model"),
     "output_router_logits": ("ignored", "no layer has a mixture-of-experts router"),
-    "cu_seq_lens_q": ("packed", "packed sequences"),
-    "cu_seq_lens_k": ("packed", "packed sequences"),
-    "max_length_q": ("packed", "packed sequences"),
-    "max_length_k": ("packed", "packed sequences"),
-    "seq_idx": ("packed", "packed sequences"),
+    "cu_seq_lens_q": ("packed", "document boundaries of a packed row (transformers' flattening collator, TRL)"),
+    "cu_seq_lens_k": ("packed", "the same boundaries for the keys (must equal cu_seq_lens_q: no cache)"),
+    "max_length_q": ("ignored", "the longest document, a launch size for flash-attention kernels"),
+    "max_length_k": ("ignored", "the longest document, a launch size for flash-attention kernels"),
+    "seq_idx": ("packed", "document index of every token [batch, tokens]"),
 }
 
 
@@ -426,12 +425,35 @@ def check_forward_kwargs(kwargs: dict, where: str) -> dict:
             f"{where} got unexpected keyword argument(s) {unknown}; besides its named parameters it accepts only "
             f"{sorted(FORWARD_KWARGS)} (hf_tensor_attn.compat.FORWARD_KWARGS says what each does)"
         )
-    packed = sorted(k for k, v in kwargs.items() if FORWARD_KWARGS[k][0] == "packed" and v is not None)
-    if packed:
-        raise ValueError(
-            f"{where} got {packed}: packed sequences are not supported yet (tensor layers would attend across "
-            "documents); pass one document per row with padding and an attention_mask instead"
-        )
     if kwargs.get("is_causal") is False:
         raise ValueError(f"{where} got is_causal=False: every layer of this model is causal (True or None)")
     return {k: v for k, v in kwargs.items() if FORWARD_KWARGS[k][0] == "loss" and v is not None}
+
+
+def packed_documents(kwargs: dict, position_ids, attention_mask, shape: tuple[int, int]):
+    """[B, T] document ids of a packed batch, or None: from `seq_idx`, `cu_seq_lens_q` (one flattened row, as
+    transformers' `DataCollatorWithFlattening` and TRL's packing give it) or, without an attention mask, from
+    `position_ids` that restart (transformers' `masking_utils.find_packed_sequence_indices`)."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    B, T = shape
+    if kwargs.get("seq_idx") is not None:
+        documents = kwargs["seq_idx"]
+        if not isinstance(documents, torch.Tensor) or tuple(documents.shape) != (B, T):
+            raise ValueError(f"`seq_idx` must be a [batch, tokens] = {(B, T)} tensor of document ids")
+        return documents
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is not None:
+        cu_q = cu_k
+    if cu_q is not None:
+        if cu_k is not None and not torch.equal(cu_k.to(cu_q.device), cu_q):
+            raise ValueError("`cu_seq_lens_k` must equal `cu_seq_lens_q`: the keys of a packed batch are its queries")
+        if B != 1 or cu_q.dim() != 1 or int(cu_q[0]) != 0 or int(cu_q[-1]) != T:
+            raise ValueError(f"`cu_seq_lens_q` must be the cumulative document lengths [0, ..., {T}] of one packed "
+                             f"row (batch 1), got {cu_q.tolist() if cu_q.dim() == 1 else tuple(cu_q.shape)} for a "
+                             f"batch of shape {(B, T)}")
+        positions = torch.arange(T, device=cu_q.device)
+        return torch.searchsorted(cu_q[1:].contiguous(), positions, right=True)[None]
+    if position_ids is not None and attention_mask is None:
+        return find_packed_sequence_indices(position_ids)
+    return None

@@ -118,7 +118,8 @@ class TensorAttention(nn.Module):
             x = x + F.pad(bias2, (self.head_dim, 0))  # [H_kv, 2D]: zeros on the first stream
         return x.transpose(1, 2)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, output_attentions=False):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, output_attentions=False,
+                documents=None):
         B, T, _ = hidden_states.shape
         # -1 heads: under tensor parallelism the projections hold only this rank's heads (config.base_model_tp_plan).
         q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -136,9 +137,12 @@ class TensorAttention(nn.Module):
         if cache is not None:
             out = cache.attend(self.layer_idx, q, k, v, attention_mask)  # the cache's layout does the maths
         else:
-            out = attention(self.constants, q, k, v, attention_mask=attention_mask)
+            out = attention(self.constants, q, k, v, attention_mask=attention_mask, documents=documents)
         weights = None
         if output_attentions and self.config._attn_implementation == "eager":
+            if documents is not None:
+                raise ValueError("output_attentions with packed sequences: the weights of a packed row are not "
+                                 "computed; pass one document per row to get them")
             out, weights = eager_tensor_attention(self, q, k, v, attention_mask, cache, out)
         out = out.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(self.dropout(out)), weights
@@ -165,7 +169,8 @@ class PolyTensorAttention(nn.Module):
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_output_bias)
         self.dropout = nn.Dropout(config.attention_dropout)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, output_attentions=False):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, output_attentions=False,
+                documents=None):
         # No weights even when asked (output_attentions): the kernel's state sums over positions; see
         # `eager_tensor_attention` for the convention of the exact tensor layers.
         B, T, _ = hidden_states.shape
@@ -181,7 +186,7 @@ class PolyTensorAttention(nn.Module):
             k1, k2 = k.chunk(2, dim=-1)
             v1, v2 = v.chunk(2, dim=-1)
             out = poly_tensor_attention(q, k1, k2, v1, v2, scale=self.scale, degree=self.degree,
-                                        attention_mask=attention_mask)
+                                        attention_mask=attention_mask, documents=documents)
         out = out.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(self.dropout(out)), None
 
@@ -240,7 +245,8 @@ class StandardAttention(nn.Module):
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=config.attention_output_bias)
         self.dropout = nn.Dropout(config.attention_dropout)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, output_attentions=False):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, output_attentions=False,
+                documents=None):
         # The eager backend returns its weights whether or not they are asked for: they are computed anyway.
         B, T, _ = hidden_states.shape
         # -1 heads: this rank's heads under tensor parallelism
@@ -257,6 +263,8 @@ class StandardAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         mask = causal_padding_mask(T, k.shape[2], attention_mask, q.device)  # [B or 1, 1, T, Tk]
+        if documents is not None:  # a packed row: each token sees its own document only (no cache: Tk = T)
+            mask = mask & (documents[:, None, :, None] == documents[:, None, None, :])
         backend = self.config._attn_implementation
         if backend == "flex_attention":
             mask = flex_block_mask(mask)
@@ -310,7 +318,7 @@ class TensorAttnDecoderLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None,
-                output_attentions=False):
+                output_attentions=False, documents=None):
         # The model passes the cache under the name the installed transformers uses (compat item 1), the one
         # `GradientCheckpointingLayer` drops under gradient checkpointing; transformers 5.23 says `past_key_values`.
         cache = cache if cache is not None else past_key_values
@@ -321,6 +329,7 @@ class TensorAttnDecoderLayer(GradientCheckpointingLayer):
             attention_mask=attention_mask,
             cache=cache,
             output_attentions=output_attentions,
+            documents=documents,
         )
         hidden_states = residual + self.dropout(hidden_states)
         residual = hidden_states
@@ -453,9 +462,14 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
             name, given = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
             raise ValueError(f"`{name}` must hold at least one token of at least one sequence ([batch, tokens"
                              f"{'' if name == 'input_ids' else ', hidden'}]), got shape {tuple(given.shape)}")
+        # Packed sequences (documents side by side in a row, no padding): every layer attends within a document.
+        documents = compat.packed_documents(kwargs, position_ids, attention_mask, tuple(inputs_embeds.shape[:2]))
+        if documents is not None and (cache is not None or use_cache):
+            raise ValueError("a packed batch (cu_seq_lens_q, seq_idx, or position_ids that restart without an "
+                             "attention_mask) cannot use a cache: pass use_cache=False, or one document per row")
         if use_cache is None:
             # Training never reuses a cache: building one would only hold activations alive.
-            use_cache = self.config.use_cache and not self.training
+            use_cache = self.config.use_cache and not self.training and documents is None
         if use_cache and cache is None:
             cache = TensorAttnCache(self.config)
 
@@ -477,7 +491,12 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
             if not torch.compiler.is_compiling() and bool(attention_mask.all()):
                 attention_mask = None
         if position_ids is None:
-            if attention_mask is not None:
+            if documents is not None:  # cu_seq_lens / seq_idx alone: each document counts from 0, as alone
+                steps = torch.arange(T, device=inputs_embeds.device).expand(B, T)
+                starts = torch.ones_like(documents, dtype=torch.bool)
+                starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+                position_ids = steps - torch.where(starts, steps, 0).cummax(-1).values
+            elif attention_mask is not None:
                 # Count only real tokens, so a left-padded row gets the positions it would have alone.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
@@ -500,6 +519,7 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
                 position_embeddings=position_embeddings,
                 attention_mask=attention_mask,
                 output_attentions=output_attentions,
+                documents=documents,
                 **compat.cache_kwargs(cache),
             )
             if output_attentions:
@@ -561,6 +581,7 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            **kwargs,  # as Llama: the base model honours the packed-sequence keys and ignores the loss ones
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)

@@ -37,16 +37,6 @@ def test_knowingly_ignored_keywords_change_nothing(make_model):
                                    rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("keyword", ["cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"])
-def test_packed_sequence_keywords_are_refused_naming_them(make_model, keyword):
-    """Until tensor layers know document boundaries, a packed batch would attend across documents silently."""
-    model = make_model()
-    ids = torch.randint(3, 259, (1, 6))
-    with pytest.raises(ValueError, match=rf"\['{keyword}'\].*packed sequences are not supported"):
-        model(ids, **{keyword: torch.tensor([0, 3, 6])})
-    model(ids, **{keyword: None})  # None: nothing packed
-
-
 def test_is_causal_false_is_refused(make_model):
     with pytest.raises(ValueError, match="is_causal=False"):
         make_model()(torch.randint(3, 259, (1, 4)), is_causal=False)
