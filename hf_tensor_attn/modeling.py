@@ -462,8 +462,10 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
             name, given = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
             raise ValueError(f"`{name}` must hold at least one token of at least one sequence ([batch, tokens"
                              f"{'' if name == 'input_ids' else ', hidden'}]), got shape {tuple(given.shape)}")
-        # Packed sequences (documents side by side in a row, no padding): every layer attends within a document.
-        documents = compat.packed_documents(kwargs, position_ids, attention_mask, tuple(inputs_embeds.shape[:2]))
+        # Packed sequences (documents side by side in a row, no padding): every layer attends within a document. As
+        # transformers' masks, restarting positions count only without a mask and a cache (a decode step has none).
+        documents = compat.packed_documents(kwargs, position_ids if cache is None else None, attention_mask,
+                                            tuple(inputs_embeds.shape[:2]))
         if documents is not None and (cache is not None or use_cache):
             raise ValueError("a packed batch (cu_seq_lens_q, seq_idx, or position_ids that restart without an "
                              "attention_mask) cannot use a cache: pass use_cache=False, or one document per row")
