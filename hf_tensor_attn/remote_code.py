@@ -53,13 +53,18 @@ def _canonical(name: str) -> str:
 
 def available_imports() -> frozenset[str]:
     """Top-level import names a torch + transformers environment has: the standard library, the two packages and
-    their unconditional requirements."""
-    required = set(BASE_DISTRIBUTIONS)
-    for dist in BASE_DISTRIBUTIONS:
-        for line in importlib.metadata.requires(dist) or ():
-            requirement = Requirement(line)
-            if requirement.marker is None:
-                required.add(_canonical(requirement.name))
+    their unconditional requirements, and theirs (torch needs sympy, which needs mpmath)."""
+    required, queue = set(), [_canonical(d) for d in BASE_DISTRIBUTIONS]
+    while queue:
+        dist = queue.pop()
+        if dist in required:
+            continue
+        required.add(dist)
+        try:
+            lines = importlib.metadata.requires(dist) or ()
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        queue += [_canonical(r.name) for r in map(Requirement, lines) if r.marker is None]
     names = {name for name, dists in importlib.metadata.packages_distributions().items()
              if any(_canonical(d) in required for d in dists)}
     return frozenset(names | set(sys.stdlib_module_names) | set(BASE_DISTRIBUTIONS))
