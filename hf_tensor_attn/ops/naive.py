@@ -16,6 +16,8 @@ def naive_tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attent
     """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
     B, H, Tq, D = q.shape
+    if Tq == 0:  # no query (and perhaps no key): the softmax below would reduce over an empty dimension
+        return q.new_zeros(B, H, 0, v1.shape[-1])
     k1, k2, v1, v2 = (repeat_kv(t, H // t.shape[1]) for t in (k1, k2, v1, v2))
     Tk = k1.shape[2]
     dtype = q.dtype
