@@ -15,9 +15,11 @@ checked alike; unknown keys, ill-typed values and options that the chosen task o
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -71,29 +73,36 @@ def _config_field_help() -> dict[str, str]:
     return descriptions
 
 
-def _config_fields() -> list[tuple[str, Any, dataclasses.Field]]:
-    """TensorAttnConfig's own fields as optional arguments of one type each (argparse takes one); unset keeps the
-    config's default."""
+def _config_value_types() -> dict[str, type]:
+    """TensorAttnConfig's own fields that are not also TrainingArguments fields, each with its (first) value type."""
     # Only the class's own annotations: its transformers base annotates with names that resolve only there.
     own = type("TensorAttnConfigFields", (), {"__annotations__": TensorAttnConfig.__dict__["__annotations__"],
                                               "__module__": TensorAttnConfig.__module__})
     # `use_cache` is also a TrainingArguments field, the one Trainer applies to the model during training.
     training_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {name: ([arg for arg in typing.get_args(annotation) if arg is not type(None)] or [annotation])[0]
+            for name, annotation in typing.get_type_hints(own).items() if name not in training_fields}
+
+
+def _config_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+    """TensorAttnConfig's own fields as optional arguments of one type each (argparse takes one); unset keeps the
+    config's default."""
     descriptions = _config_field_help()
     fields = []
-    for name, annotation in typing.get_type_hints(own).items():
-        if name in training_fields:
-            continue
-        value_types = [arg for arg in typing.get_args(annotation) if arg is not type(None)] or [annotation]
-        if value_types[0] is dict:
-            continue  # nested settings (rope_parameters) have no command-line form; a saved config carries them
+    for name, value_type in _config_value_types().items():
+        value_types = [value_type]
         text = descriptions.get(name, f"TensorAttnConfig.{name}").replace("%", "%%")
         help_text = f"model config (unset: the config's default): {text}"
+        if value_types[0] is dict:
+            # Nested settings (rope_parameters) are a JSON object on the command line, a mapping in a config file.
+            value_types, help_text = [str], f"{help_text} Given as a JSON object."
         fields.append((name, value_types[0] | None, field(default=None, metadata={"help": help_text})))
     return fields
 
 
 ModelConfigArguments = dataclasses.make_dataclass("ModelConfigArguments", _config_fields())
+# The config's dict fields, read from JSON text (`ModelArguments.__post_init__`).
+JSON_CONFIG_FIELDS = tuple(name for name, value_type in _config_value_types().items() if value_type is dict)
 
 
 def check_pretrained_source(argument: str, value: str) -> None:
@@ -129,6 +138,17 @@ class ModelArguments(ModelConfigArguments):
                           "standard layers alike"})
 
     def __post_init__(self):
+        for name in JSON_CONFIG_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    value = None
+                if not isinstance(value, dict):
+                    raise ValueError(f"`{name}` must be a JSON object such as "
+                                     f"'{{\"rope_type\": \"linear\", \"factor\": 2.0}}', got {getattr(self, name)!r}")
+                setattr(self, name, value)
         lora_options = _changed(self, LORA_OPTIONS)
         if self.lora_r is None and lora_options:
             raise ValueError(f"LoRA options {lora_options} given without `lora_r`; set lora_r (the adapter rank) "
@@ -136,7 +156,9 @@ class ModelArguments(ModelConfigArguments):
         if self.lora_r is not None and self.lora_r < 1:
             raise ValueError(f"`lora_r` must be an int >= 1, got {self.lora_r!r}")
         if self.init_from is None:
-            TensorAttnConfig(**self.config_overrides())  # its strict validators name the field, value and allowed
+            # Its strict validators name the field, value and allowed; a copy, since the base config fills
+            # rope_parameters in place.
+            TensorAttnConfig(**copy.deepcopy(self.config_overrides()))
         else:
             check_pretrained_source("init_from", self.init_from)
         if self.tokenizer_name is not None:
@@ -244,6 +266,18 @@ class TensorAttnTrainingArguments(TrainingArguments):
             # TrainingArguments treats every max_steps <= 0 as "not set" and trains num_train_epochs epochs.
             raise ValueError(f"`max_steps` must be an int >= 1, or -1 (the default: train num_train_epochs epochs), "
                              f"got {self.max_steps!r}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1 (sequences per device and step), got {value!r}")
+        lr = self.learning_rate
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"`learning_rate` must be a finite float >= 0, got {lr!r}")
+        if self.output_dir is not None and Path(self.output_dir).expanduser().exists() and not Path(
+            self.output_dir
+        ).expanduser().is_dir():
+            raise ValueError(f"`output_dir` {self.output_dir!r} is an existing file, not a folder; give a folder path "
+                             "(it is created if missing)")
         if not self.use_cpu and not torch.accelerator.is_available():
             # TrainingArguments refuses bf16 without an accelerator unless told that the run is on the CPU, which
             # is where it runs anyway.

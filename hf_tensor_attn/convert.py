@@ -63,6 +63,11 @@ def _check_source(model) -> None:
 
 
 def _tensor_layer_indices(tensor_layers, num_layers: int) -> list[int]:
+    if not isinstance(tensor_layers, (list, tuple)):
+        raise ValueError(
+            f"`tensor_layers` must be a non-empty list of layer indices in [-{num_layers}, {num_layers}) (the source "
+            f"has {num_layers} layers), got {tensor_layers!r}"
+        )
     indices = list(tensor_layers)
     bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not -num_layers <= i < num_layers]
     if bad or not indices:
@@ -151,8 +156,17 @@ def convert_from_llama(
     `save_pretrained` output loads with the Auto classes; save the source's tokenizer beside it (the CLI
     `scripts/convert_llama.py` does).
     """
+    if config_overrides is not None and not isinstance(config_overrides, dict):
+        raise ValueError(f"`config_overrides` must be a dict of TensorAttnConfig fields such as {{'w1': 512}}, got "
+                         f"{config_overrides!r}")
     source = model_or_path
     if not isinstance(source, PreTrainedModel):
+        if not isinstance(source, (str, os.PathLike)):
+            raise ValueError(f"`model_or_path` must be a causal LM (a PreTrainedModel), a folder or a Hub repo id, got "
+                             f"{type(source).__name__} {source!r}")
+        from .arguments import check_pretrained_source  # arguments pulls in the data modules: only when needed
+
+        check_pretrained_source("model_or_path", os.fspath(source))
         source = AutoModelForCausalLM.from_pretrained(model_or_path, dtype=dtype)
     _check_source(source)
     indices = _tensor_layer_indices(tensor_layers, source.config.num_hidden_layers)

@@ -18,6 +18,7 @@ import sys
 import torch
 from transformers import AutoTokenizer
 
+from hf_tensor_attn.arguments import check_pretrained_source
 from hf_tensor_attn.convert import convert_from_llama
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,13 +44,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    tokenizer_source = args.tokenizer or args.source
     try:
+        check_pretrained_source("source", args.source)
+        if args.tokenizer is not None:
+            check_pretrained_source("--tokenizer", args.tokenizer)
+        try:
+            # Before converting: a source without a tokenizer used to convert, then fail, and save nothing.
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"no tokenizer loads from {tokenizer_source!r} ({type(e).__name__}: {e}); pass "
+                             "--tokenizer NAME_OR_PATH (the tokenizer the source model was trained with)") from e
         model = convert_from_llama(args.source, args.tensor_layers, config_overrides=args.config_overrides,
                                    dtype=DTYPES.get(args.dtype))
     except ValueError as e:
         print(f"convert_llama.py: error: {e}", file=sys.stderr)
         return 2
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.source)
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     layers = [i for i, t in enumerate(model.config.layer_types) if t == "tensor_attention"]

@@ -3,6 +3,7 @@ cache layout, saves and reloads, trains fully and with LoRA, and refuses what it
 
 from __future__ import annotations
 
+import re
 
 import pytest
 import torch
@@ -107,6 +108,7 @@ def test_cli_help_and_refusal(capsys, tmp_path):
     assert exit_info.value.code == 0 and "--tensor_layers" in capsys.readouterr().out
     source, _ = source_model("llama-mha-tied-default")
     source.save_pretrained(tmp_path)
+    TensorAttnByteTokenizer(model_max_length=64).save_pretrained(tmp_path)  # a tokenizer is checked first
     assert convert_llama.main([str(tmp_path), str(tmp_path / "out"), "--tensor_layers", "9"]) == 2
     assert "tensor_layers" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
@@ -199,3 +201,32 @@ def test_grouped_standard_layers_with_subgen_summaries_keep_the_source_tokens():
                          cache_implementation="subgen4",
                          cache_config={"standard_layers": "subgen", "recent_window": 4, "sink_tokens": 1, "delta": 0.0})
     assert torch.equal(out, expected)
+
+
+# Issue #35: conversion arguments that gave tracebacks.
+def test_bad_arguments_are_refused_by_name(tmp_path):
+    source, _ = source_model("llama-mha-tied-default")
+    with pytest.raises(ValueError, match=r"`tensor_layers` must be a non-empty list .*got None"):
+        convert_from_llama(source, None)
+    with pytest.raises(ValueError, match=r"`config_overrides` must be a dict .*got \[1, 2\]"):
+        convert_from_llama(source, [0], config_overrides=[1, 2])
+    missing = str(tmp_path / "no_such_model")
+    with pytest.raises(ValueError, match=r"`model_or_path` '.*no_such_model' is no existing folder"):
+        convert_from_llama(missing, [0])
+
+
+def test_cli_refuses_bad_overrides_a_bad_path_and_a_source_without_tokenizer_before_converting(capsys, tmp_path):
+    """`--config_overrides '[1,2]'` and a bad local path were tracebacks; a source without a tokenizer was converted,
+    then the tokenizer failed and nothing was saved."""
+    source, _ = source_model("llama-mha-tied-default")
+    source.save_pretrained(tmp_path / "llama")
+    out = tmp_path / "out"
+    assert convert_llama.main([str(tmp_path / "nope"), str(out), "--tensor_layers", "1"]) == 2
+    assert "`source` " in capsys.readouterr().err
+    assert convert_llama.main([str(tmp_path / "llama"), str(out), "--tensor_layers", "1"]) == 2
+    assert re.search(r"no tokenizer loads from .*; pass --tokenizer NAME_OR_PATH", capsys.readouterr().err, re.S)
+    TensorAttnByteTokenizer(model_max_length=64).save_pretrained(tmp_path / "llama")
+    assert convert_llama.main([str(tmp_path / "llama"), str(out), "--tensor_layers", "1",
+                               "--config_overrides", "[1, 2]"]) == 2
+    assert "`config_overrides` must be a dict" in capsys.readouterr().err
+    assert not out.exists()

@@ -23,6 +23,7 @@ hold L times the budget; two caches (two models, two generate calls) have budget
 
 from __future__ import annotations
 
+import bisect
 import os
 
 import torch
@@ -32,6 +33,9 @@ from .base import TensorAttnCacheLayer, register_layout
 
 # Elements gathered at once when new pair rows are formed ([B, H, rows, D]), to bound the scratch of a long prefill.
 _GATHER_ELEMENTS = 1 << 22
+# Pair rows whose (a, b) indices are built at once: about ten int64 numbers per row are alive while they are, which
+# for the n^2 rows of a long prefill was more than the rows themselves (a 342 MiB rise before a refusal).
+_PAIRS_PER_STEP = 1 << 18
 # Query-block size for Tq > 1 is chosen so that one block's scores [B, H, Tq_block, P] stay about this size.
 _SCORES_PER_BLOCK = 1 << 22
 
@@ -208,6 +212,16 @@ class TwoCacheLayer(TensorAttnCacheLayer):
         """Smallest a (and b) any query at position >= t0 may use under the windows."""
         return (0 if w1 is None else max(t0 - w1 + 1, 0), 0 if w2 is None else max(t0 - w2 + 1, 0))
 
+    def _shells(self, start: int, stop: int, low: tuple[int, int], w1, w2):
+        """Per shell s = max(a, b) in [start, stop): s, the first a of its (a, s) rows, the first b of its (s, b)
+        rows, and how many rows of each kind it has ([stop - start] each; see `_new_pairs`)."""
+        s = torch.arange(start, stop, device=self.device)
+        lo_a = torch.clamp(s - w1 + 1 if w1 is not None else torch.zeros_like(s), min=low[0])  # (a, s): a in [lo_a, s)
+        lo_b = torch.clamp(s - w2 + 1 if w2 is not None else torch.zeros_like(s), min=low[1])  # (s, b): b in [lo_b, s]
+        n_left = torch.where(s >= low[1], (s - lo_a).clamp(min=0), 0)
+        n_right = torch.where(s >= low[0], (s - lo_b + 1).clamp(min=0), 0)
+        return s, lo_a, lo_b, n_left, n_right
+
     def _new_pairs(self, start: int, stop: int, low: tuple[int, int], w1, w2) -> torch.Tensor:
         """[2, N] the usable pairs with start <= max(a, b) < stop, a >= low[0], b >= low[1], in (max, a, b) order.
 
@@ -215,11 +229,7 @@ class TwoCacheLayer(TensorAttnCacheLayer):
         arrives) and a - b < w2. Shell s = max(a, b) holds (a, s) for a < s, then (s, b) for b <= s.
         """
         dev = self.device
-        s = torch.arange(start, stop, device=dev)
-        lo_a = torch.clamp(s - w1 + 1 if w1 is not None else torch.zeros_like(s), min=low[0])  # (a, s): a in [lo_a, s)
-        lo_b = torch.clamp(s - w2 + 1 if w2 is not None else torch.zeros_like(s), min=low[1])  # (s, b): b in [lo_b, s]
-        n_left = torch.where(s >= low[1], (s - lo_a).clamp(min=0), 0)
-        n_right = torch.where(s >= low[0], (s - lo_b + 1).clamp(min=0), 0)
+        s, lo_a, lo_b, n_left, n_right = self._shells(start, stop, low, w1, w2)
         per_shell = n_left + n_right
         total = int(per_shell.sum())
         shell = torch.repeat_interleave(torch.arange(len(s), device=dev), per_shell)  # [N] shell of each row
@@ -237,23 +247,36 @@ class TwoCacheLayer(TensorAttnCacheLayer):
         if low != self.low:
             self._drop_rows_before(low)
         if self.formed < self.seen:
-            pairs = self._new_pairs(self.formed, self.seen, low, w1, w2)  # [2, N]
-            N, P = pairs.shape[1], self.num_pairs
+            # Count the rows before building any (the budget refuses before the indices of n^2 pairs exist), then
+            # build them a group of shells at a time, so that the index scratch stays O(_PAIRS_PER_STEP) too.
+            _, _, _, n_left, n_right = self._shells(self.formed, self.seen, low, w1, w2)
+            ends = torch.cumsum(n_left + n_right, 0).tolist()  # rows up to and including each shell
+            P, N = self.num_pairs, ends[-1]
             self._reserve(P + N)
-            D = self.pair_keys.shape[-1]
-            k1, k2 = self.keys[..., :D], self.keys[..., D:]  # [B, H, L, D] views
-            v1, v2 = self.values[..., :D], self.values[..., D:]
-            local = pairs - self.first
-            chunk = max(1, _GATHER_ELEMENTS // k1[:, :, :1].numel())
-            for r0 in range(0, N, chunk):
-                r1 = min(r0 + chunk, N)
-                ia, ib = local[0, r0:r1], local[1, r0:r1]
-                # Slice assignment rather than mul(out=...): it also records autograd history when k / v need grad.
-                self.pair_keys[:, :, P + r0 : P + r1] = k1.index_select(2, ia) * k2.index_select(2, ib)
-                self.pair_values[:, :, P + r0 : P + r1] = v1.index_select(2, ia) * v2.index_select(2, ib)
-            self.pair_index[:, P : P + N] = pairs
+            first, done = 0, 0
+            while first < len(ends):
+                last = max(bisect.bisect_right(ends, done + _PAIRS_PER_STEP), first + 1)  # shells [first, last)
+                pairs = self._new_pairs(self.formed + first, self.formed + last, low, w1, w2)  # [2, rows]
+                self._store_rows(pairs, P + done)
+                first, done = last, ends[last - 1]
             self.num_pairs = P + N
             self.formed = self.seen
+
+    def _store_rows(self, pairs: torch.Tensor, at: int) -> None:
+        """Write the rows of `pairs` [2, N] (absolute positions) at row `at` onwards."""
+        D = self.pair_keys.shape[-1]
+        k1, k2 = self.keys[..., :D], self.keys[..., D:]  # [B, H, L, D] views
+        v1, v2 = self.values[..., :D], self.values[..., D:]
+        local = pairs - self.first
+        N = pairs.shape[1]
+        chunk = max(1, _GATHER_ELEMENTS // max(1, k1[:, :, :1].numel()))
+        for r0 in range(0, N, chunk):
+            r1 = min(r0 + chunk, N)
+            ia, ib = local[0, r0:r1], local[1, r0:r1]
+            # Slice assignment rather than mul(out=...): it also records autograd history when k / v need grad.
+            self.pair_keys[:, :, at + r0 : at + r1] = k1.index_select(2, ia) * k2.index_select(2, ib)
+            self.pair_values[:, :, at + r0 : at + r1] = v1.index_select(2, ia) * v2.index_select(2, ib)
+        self.pair_index[:, at : at + N] = pairs
 
     def _drop_rows_before(self, low: tuple[int, int]) -> None:
         P = self.num_pairs

@@ -148,8 +148,8 @@ def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_ma
             return out
         # Tiles and GEMMs share keys and values between queries, so a NaN may have reached rows that do not use it.
         poisoned = nonfinite_outputs(q, k1, k2, v1, v2, w1=w1, w2=w2, attention_mask=attention_mask)
-        if poisoned is None:  # finite inputs: only a kernel's fp16 operands can overflow; torch computes in fp32
-            return out if impl != "triton" else _run(_torch_path(q, impl), q, k1, k2, v1, v2, *args)
+        if poisoned is None:  # finite inputs: a kernel's fp16 operands, or sums of huge values, overflowed
+            return _with_values_rescaled(_torch_path(q, impl), q, k1, k2, v1, v2, *args)
         out = _run(impl, *finite_copies(q, k1, k2, v1, v2), *args)
         return out.masked_fill(poisoned.expand(out.shape), float("nan"))
 
@@ -220,6 +220,18 @@ def per_document(op, q, streams, documents, attention_mask):
                                  *(t[b : b + 1, :, start:stop] for t in streams), mask))
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows, dim=0)
+
+
+def _with_values_rescaled(impl, q, k1, k2, v1, v2, *args):
+    """The call again on values divided per head by a power of two near their largest magnitude, the output multiplied
+    back: the tiles sum unnormalised weights times v1 * v2 and divide by the weights' sum only at the end, so
+    finite values within a factor (pairs) of float32's maximum overflow where the normalised sum does not. Powers of
+    two keep the finite case exact. The torch path runs it (it computes in fp32 where the kernels round to fp16)."""
+    groups = q.shape[1] // k1.shape[1]
+    # 2^(e - 1) <= max|v| < 2^e; 2^e itself is past float32's maximum when max|v| is above 2^127.
+    factors = [torch.exp2(torch.frexp(v.abs().amax(dim=(2, 3), keepdim=True))[1].to(v.dtype) - 1) for v in (v1, v2)]
+    out = _run(impl, q, k1, k2, v1 / factors[0], v2 / factors[1], *args)
+    return out * repeat_kv(factors[0], groups) * repeat_kv(factors[1], groups)  # one at a time: the product may overflow
 
 
 def _torch_path(q, impl) -> str:

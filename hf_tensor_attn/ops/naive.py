@@ -15,6 +15,8 @@ def naive_tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attent
     repeated explicitly for their query heads.
     """
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
+    if q.shape[2] == 0:  # no query (and perhaps no key): the softmax below would reduce over an empty dimension
+        return q.new_zeros(*q.shape[:2], 0, v1.shape[-1])
     dtype = q.dtype
     probs = naive_pair_weights(q, k1, k2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
     H, Tq = q.shape[1], q.shape[2]

@@ -220,7 +220,8 @@ def _monomials(d: int, degree: int) -> list[tuple[torch.Tensor, torch.Tensor, to
         # Cached tensors must not be inference tensors (a first call under inference_mode would make them so), or
         # a later training call could not save them for backward.
         with torch.inference_mode(False):
-            levels.append((torch.tensor(parents), torch.tensor(variables), torch.tensor(weights, dtype=torch.float64)))
+            levels.append((torch.tensor(parents, dtype=torch.long), torch.tensor(variables, dtype=torch.long),
+                           torch.tensor(weights, dtype=torch.float64)))  # long even when empty (d = 0)
         previous = current
     return levels
 
@@ -235,7 +236,7 @@ def _indices_on(d: int, degree: int, device: torch.device) -> list[tuple[torch.T
 
 def monomial_features(x: torch.Tensor, degree: int) -> list[torch.Tensor]:
     """x [..., d] -> per degree j = 0..g the monomials x^alpha, |alpha| = j: [..., C(d + j - 1, j)] each."""
-    features = [torch.ones_like(x[..., :1])]
+    features = [x.new_ones(*x.shape[:-1], 1)]  # the monomial 1, also for d = 0
     for parent, var in _indices_on(x.shape[-1], degree, x.device):
         features.append(features[-1][..., parent] * x[..., var])
     return features
@@ -316,6 +317,8 @@ def naive_poly_tensor_attention(
     B, H, Tq, _ = q.shape
     Tk = k1.shape[2]
     dtype = q.dtype
+    if Tq == 0:  # no query (and perhaps no key): the floor below would reduce over an empty dimension
+        return q.new_zeros(B, H, 0, v1.shape[-1])
     q, k1, k2, v1, v2 = (t.to(_compute_dtype(dtype)) for t in (q, k1, k2, v1, v2))
     real = key_mask(attention_mask, B, Tk, q.dtype, q.device)
     k1, k2, v1, v2 = drop_padded(real, k1, k2, v1, v2)
@@ -328,8 +331,12 @@ def naive_poly_tensor_attention(
         t = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
         seen = (torch.arange(Tk, device=q.device)[None, :] <= t).to(q.dtype)  # [Tq, Tk]
         allowed = allowed * seen[:, :, None] * seen[:, None, :]  # [B, 1, Tq, Tk, Tk]
-    P = P * allowed
-    num = torch.einsum("bhtac,bhad,bhcd->bhtd", P, v1, v2)
+        # Each query multiplies in only the values it may use: a NaN in a later one would survive a zero weight.
+        v1, v2 = (torch.where(seen[:, :, None] > 0, v[:, :, None], 0) for v in (v1, v2))  # [B, H, Tq, Tk, Dv]
+    else:
+        v1, v2 = v1[:, :, None], v2[:, :, None]  # [B, H, 1, Tk, Dv]
+    P = torch.where(allowed > 0, P, 0)  # not P * allowed: the score of a pair with a later NaN key is NaN
+    num = torch.einsum("bhtac,bhtad,bhtcd->bhtd", P, v1.expand(-1, -1, Tq, -1, -1), v2.expand(-1, -1, Tq, -1, -1))
     den = P.sum(dim=(-1, -2))
     floor = denominator_floor(q, k1, k2, real, scale=float(scale), causal=causal)
     return _normalise(num, den, floor).to(dtype)
@@ -343,7 +350,7 @@ def drop_padded(real, *tensors):
 
 def _auto_chunk(per_position: int, longest: int) -> int:
     """Positions per chunk such that chunk * per_position numbers stay under CHUNK_NUMBERS (at least 1)."""
-    return max(1, min(longest, CHUNK_NUMBERS // per_position))
+    return max(1, min(longest, CHUNK_NUMBERS // max(per_position, 1)))  # 0 for an empty batch or width
 
 
 class PolyState(NamedTuple):
@@ -422,7 +429,7 @@ def poly_attention_continue(state: PolyState, q, k1, k2, v1, v2, real, *, scale:
             uq = query_features(q[:, :, :, lo : lo + C], scale=scale, degree=degree, score_bound=score_bound)
             outs.append(_normalise(uq @ S[:, :, None], torch.einsum("bhgcm,bhm->bhgc", uq, Z),
                                    floor[:, :, :, lo : lo + C]))
-        out = torch.cat(outs, dim=3)
+        out = torch.cat(outs, dim=3) if outs else q.new_zeros(*q.shape[:-1], Dv)  # no query: [B, H, G, 0, Dv]
         return (out if grouped else out[:, :, 0]), state
 
     # Under autograd each chunk is recomputed in backward: only the inputs and the carried states stay saved.
@@ -438,7 +445,7 @@ def poly_attention_continue(state: PolyState, q, k1, k2, v1, v2, real, *, scale:
         else:
             out, state = step(*args)
         outs.append(out)
-    out = torch.cat(outs, dim=3)
+    out = torch.cat(outs, dim=3) if outs else q.new_zeros(*q.shape[:-1], Dv)
     return (out if grouped else out[:, :, 0]), state
 
 

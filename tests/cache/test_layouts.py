@@ -345,6 +345,29 @@ def test_two_cache_over_budget_raises_a_clear_memory_error(make_model):
     model.generate(ids, cache_implementation="four_cache", max_new_tokens=30, do_sample=False)
 
 
+def test_two_cache_refuses_before_building_the_indices_of_the_pairs(make_model, monkeypatch):
+    """The guard counted the rows but ran after their (a, b) indices were built, about ten int64 numbers per pair:
+    a refusal came after a 342 MiB rise. Now the count comes first, and indices are built in bounded groups."""
+    built = []  # rows of each group of indices built
+    real = TwoCacheLayer._new_pairs
+
+    def recording(self, *args):
+        pairs = real(self, *args)
+        built.append(pairs.shape[1])
+        return pairs
+
+    monkeypatch.setattr(TwoCacheLayer, "_new_pairs", recording)
+    model = make_model(num_hidden_layers=1)
+    ids = torch.randint(3, 259, (1, 64))
+    with pytest.raises(TwoCacheMemoryError):
+        model(ids, cache=TensorAttnCache(model.config, "two_cache", {"max_memory_bytes": 100_000}))
+    assert built == []
+    monkeypatch.setattr(two_module, "_PAIRS_PER_STEP", 100)
+    model(ids, cache=TensorAttnCache(model.config, "two_cache"))
+    # 64^2 rows, in groups of whole shells (shell s holds 2s + 1 rows) of at most 100 rows past the first shell
+    assert sum(built) == 64 * 64 and len(built) > 1 and max(built) <= 100 + 2 * 63 + 1
+
+
 def test_two_cache_budget_counts_every_layer_of_its_cache_only(make_model):
     model = make_model(num_hidden_layers=2)
     ids = torch.randint(3, 259, (1, 16))
@@ -365,9 +388,10 @@ def test_two_cache_budget_counts_every_layer_of_its_cache_only(make_model):
 @pytest.mark.parametrize("windows", [(None, None), (3, None), (None, 2), (4, 3), (1, 1)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_two_cache_layer_attend_matches_naive(monkeypatch, windows, masked):
-    # small blocks and gathers so the query-block loop and the chunked row formation run many times
+    # small blocks, gathers and index groups so the query-block loop and the chunked row formation run many times
     monkeypatch.setattr(two_module, "_SCORES_PER_BLOCK", 200)
     monkeypatch.setattr(two_module, "_GATHER_ELEMENTS", 50)
+    monkeypatch.setattr(two_module, "_PAIRS_PER_STEP", 4)
     B, H, D, chunks = 2, 3, 5, (5, 3, 1, 1, 6, 1, 1)
     T = sum(chunks)
     g = torch.Generator().manual_seed(1)

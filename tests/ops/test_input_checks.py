@@ -37,3 +37,10 @@ def test_a_stream_of_the_wrong_length_is_the_one_named(op, wrong):
     named[wrong] = named[wrong][:, :, :4]
     with pytest.raises(ValueError, match=rf"`{wrong}` has shape \(1, 2, 4, 4\); expected \(1, 2, 5, 4\)"):
         op(query(op), **named, scale=1.0)
+
+
+def test_naive_op_without_queries_or_keys_returns_an_empty_output():
+    """Tq = Tk = 0 was an IndexError in the softmax; the fast op returned [B, H, 0, D]."""
+    q, k1, k2, v1, v2 = (torch.randn(1, 2, 0, 4) for _ in range(5))
+    for op in (naive_tensor_attention, tensor_attention):
+        assert op(q, k1, k2, v1, v2, scale=0.5).shape == (1, 2, 0, 4)

@@ -113,3 +113,37 @@ def test_four_cache_decode_ignores_padded_positions(name, position, value, grad)
         out = four_cache_decode(*leaves, scale=0.5, attention_mask=mask)
     assert_same_rows(out.detach(), ref)
     assert bool(torch.isfinite(out).all()) == (position < 3)  # padded: contained; real: it is used
+
+
+# Issue #35: finite values near float32's maximum.
+@pytest.mark.parametrize("magnitude", [3e37, 1e38, 3e38])
+@pytest.mark.parametrize("which", ["v1", "v2"])
+def test_huge_finite_values_overflow_only_where_the_true_output_does(magnitude, which):
+    """The tiles sum unnormalised weights times v1 * v2: |v1| = 1e38 gave 51 of 80 entries non-finite (the float32
+    reference none; at 3e38 80 of 80, the true output overflows in 2). Now the entries that the float64 reference
+    puts past float32's maximum, and no others, are non-finite; the rest agree with it."""
+    g = torch.Generator().manual_seed(0)
+    q, k1, k2, v1, v2 = (torch.randn(1, 2, 5, 8, generator=g) for _ in NAMES)
+    values = {"v1": v1, "v2": v2}
+    values[which] = values[which].sign() * magnitude
+    args = (q, k1, k2, values["v1"], values["v2"])
+    out = tensor_attention(*args, scale=0.5)
+    exact = naive_tensor_attention(*(t.double() for t in args), scale=0.5)
+    overflows = exact.abs() > torch.finfo(torch.float32).max
+    assert torch.equal(~torch.isfinite(out), overflows)
+    finite = exact[~overflows]
+    # float32 relative to the largest entry: an entry near 0 is a difference of terms of the values' magnitude
+    torch.testing.assert_close(out[~overflows].double(), finite, rtol=1e-5, atol=1e-5 * finite.abs().max().item())
+
+
+def test_huge_values_are_rescaled_only_after_a_non_finite_output(monkeypatch):
+    """The second pass is the exception: finite outputs never pay for it."""
+    calls = []
+    real = tiled._with_values_rescaled
+    monkeypatch.setattr(tiled, "_with_values_rescaled", lambda *a: calls.append(1) or real(*a))
+    tensors, _ = inputs()
+    tensor_attention(*(t.float() for t in tensors), scale=0.5)
+    assert calls == []
+    q, k1, k2, v1, v2 = (t.float() for t in tensors)
+    tensor_attention(q, k1, k2, v1.sign() * 1e38, v2, scale=0.5)
+    assert calls == [1]

@@ -346,3 +346,31 @@ def test_feature_count_past_the_guard_is_refused_before_building_tables():
     inputs = make_inputs(1, 1, 2, 2, 16, 2, torch.float32)
     with pytest.raises(ValueError, match=r"`degree`=12 with feature width 16 needs r = .*30,421,755.*use degree <= 8"):
         poly_tensor_attention(*inputs, scale=0.25, degree=12)
+
+
+# Issue #35: empty dimensions and NaN containment in the polynomial ops.
+@pytest.mark.parametrize("op", [naive_poly_tensor_attention, poly_tensor_attention])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(0, 1, 2, 2, 4, 3), (1, 0, 2, 2, 4, 3), (1, 1, 0, 2, 4, 3), (1, 1, 0, 0, 4, 3),
+                                   (1, 1, 2, 2, 4, 0), (1, 1, 2, 2, 0, 3)])
+def test_empty_dimensions_give_empty_or_uniform_outputs(op, causal, shape):
+    """ZeroDivisionError (empty batch, heads or value width), `torch.cat` of nothing (no query) and an IndexError
+    (key width 0) before; the feature path now agrees with the oracle."""
+    inputs = make_inputs(*shape)
+    out = op(*inputs, scale=0.5, degree=2, causal=causal)
+    assert out.shape == (*shape[:3], shape[5])
+    expected = naive_poly_tensor_attention(*inputs, scale=0.5, degree=2, causal=causal)
+    torch.testing.assert_close(out, expected, rtol=TOL[torch.float64], atol=TOL[torch.float64])
+
+
+def test_naive_poly_keeps_a_nan_in_a_later_key_to_the_rows_that_use_it():
+    """The oracle spread a NaN in key 3 to every row (P * allowed, 0 * NaN); the feature path kept it to row 3."""
+    q, k1, k2, v1, v2 = make_inputs(1, 1, 4, 4, 3, 3)
+    for poisoned in ((k1, 3), (v2, 3), (v1, 2)):
+        tensor, position = poisoned
+        saved = tensor[0, 0, position, 0].item()
+        tensor[0, 0, position, 0] = float("nan")
+        for op in (naive_poly_tensor_attention, poly_tensor_attention):
+            rows = torch.isnan(op(q, k1, k2, v1, v2, scale=0.5, degree=2)).any(-1)[0, 0]
+            assert rows.tolist() == [t >= position for t in range(4)], (op.__name__, position)
+        tensor[0, 0, position, 0] = saved

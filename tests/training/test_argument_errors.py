@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,46 @@ def test_a_truncated_tokenizer_config_is_not_silently_replaced(tmp_path):
 
 def test_a_model_folder_without_tokenizer_still_gets_the_byte_tokenizer(tmp_path):
     assert isinstance(build_tokenizer(ModelArguments(init_from=str(tmp_path))), TensorAttnByteTokenizer)
+
+
+# Issue #35: values train.py accepted until a traceback.
+@pytest.mark.parametrize(
+    "option, match",
+    [
+        ("--learning_rate=nan", r"`learning_rate` must be a finite float >= 0, got nan"),
+        ("--learning_rate=inf", r"`learning_rate` must be a finite float >= 0, got inf"),
+        ("--learning_rate=-0.1", r"`learning_rate` must be a finite float >= 0, got -0.1"),
+        ("--per_device_train_batch_size=0", r"`per_device_train_batch_size` must be an int >= 1 .*got 0"),
+        ("--per_device_eval_batch_size=-2", r"`per_device_eval_batch_size` must be an int >= 1 .*got -2"),
+    ],
+)
+def test_training_numbers_out_of_range_are_refused(tmp_path, option, match):
+    with pytest.raises(ValueError, match=match):
+        parse_args([TINY, option, f"--output_dir={tmp_path}"])
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    with pytest.raises(ValueError, match=rf"`output_dir` {re.escape(repr(str(path)))} is an existing file"):
+        parse_args([TINY, f"--output_dir={path}"])
+
+
+def test_rope_parameters_in_a_run_config_reach_the_model_config(tmp_path):
+    """It said "unknown key ... did you mean 'ddp_find_unused_parameters'"."""
+    import json
+
+    rope = {"rope_type": "linear", "factor": 2.0}
+    config = {**json.loads(TINY.read_text()), "position_embedding_type": "rope", "rope_parameters": rope,
+              "output_dir": str(tmp_path / "run")}
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    model_args, _, _ = parse_args([tmp_path / "run.json"])
+    assert model_args.config_overrides()["rope_parameters"] == rope
+    model_args, _, _ = parse_args([TINY, "--position_embedding_type=rope", '--rope_parameters={"rope_type": "linear", '
+                                   '"factor": 2.0}', f"--output_dir={tmp_path}"])
+    assert model_args.rope_parameters == rope
+    with pytest.raises(ValueError, match=r"`rope_parameters` must be a JSON object .*got '\[1\]'"):
+        parse_args([TINY, "--rope_parameters=[1]", f"--output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"`rope_parameters\['factor'\]` must be .*got 0.5"):
+        parse_args([TINY, "--position_embedding_type=rope", '--rope_parameters={"rope_type": "linear", "factor": 0.5}',
+                    f"--output_dir={tmp_path}"])
