@@ -1,7 +1,7 @@
 """Tensor (2-simplicial) attention for Hugging Face transformers.
 
 Importing the package registers model_type "tensor_attn" with AutoConfig, AutoModel, AutoModelForCausalLM and
-AutoTokenizer.
+AutoTokenizer, and, when peft is installed, its default LoRA target modules.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -24,6 +24,7 @@ AutoTokenizer.register(TensorAttnConfig, slow_tokenizer_class=TensorAttnByteToke
                        fast_tokenizer_class=TensorAttnByteTokenizerFast, exist_ok=True)
 
 compat.check_transformers_version()
+compat.register_peft_lora_targets(TensorAttnConfig.model_type)
 
 __version__ = "0.1.0"
 

@@ -79,6 +79,10 @@ Items:
     kwargs reach `forward`). Our forwards take `**kwargs` too, but every key must be classified in
     `FORWARD_KWARGS` (honoured, knowingly ignored, or refused with a reason); any other raises `TypeError` naming
     it (`check_forward_kwargs`). The loss keys go to transformers' `ForCausalLMLoss` as Llama passes them.
+12. PEFT defaults (peft, not transformers). `LoraConfig()` without `target_modules` takes the module names from
+    `peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[config.model_type]` (LoraModel's
+    `target_module_mapping`), a table of transformers' own model types. `register_peft_lora_targets` adds ours
+    when peft is installed (importing `peft.utils.constants` costs about a second, once).
 """
 
 from __future__ import annotations
@@ -457,3 +461,21 @@ def packed_documents(kwargs: dict, position_ids, attention_mask, shape: tuple[in
     if position_ids is not None and attention_mask is None:
         return find_packed_sequence_indices(position_ids)
     return None
+
+
+# ---- 12. PEFT defaults ----
+
+# Every projection of both attention kinds (tensor layers' k_proj / v_proj hold both streams); Llama's entry names
+# only q_proj and v_proj, PEFT's choice for its smallest default.
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def register_peft_lora_targets(model_type: str) -> None:
+    """Give `model_type` PEFT's default LoRA targets, when peft is installed (item 12)."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        return
+    from peft.utils import constants
+
+    constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(model_type, list(LORA_TARGET_MODULES))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import types
 import warnings
 from pathlib import Path
 
@@ -358,3 +359,20 @@ def test_generate_passes_its_tokenizer_on_to_forward(make_model):
     model.generate(torch.randint(3, 259, (1, 4)), max_new_tokens=2, stop_strings=["\x00"],
                    tokenizer=TensorAttnByteTokenizer())
     assert seen and all("tokenizer" in keys for keys in seen)
+
+
+# ---- item 12: PEFT defaults ----
+
+
+def test_peft_lora_reads_default_targets_from_the_table_we_extend():
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora import LoraModel
+    from peft.utils import constants
+
+    assert LoraModel.target_module_mapping is constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    assert constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["tensor_attn"] == compat.LORA_TARGET_MODULES
+    config = peft.LoraConfig()
+    assert config.target_modules is None
+    tuner = types.SimpleNamespace(target_module_mapping=LoraModel.target_module_mapping)  # all the method reads
+    prepared = LoraModel._prepare_adapter_config(tuner, config, {"model_type": "tensor_attn"})
+    assert prepared.target_modules == set(compat.LORA_TARGET_MODULES)
