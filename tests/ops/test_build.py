@@ -182,7 +182,7 @@ def test_build_waits_for_a_live_builder_and_not_after_it_is_killed(cache, built,
                               text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        killer = threading.Timer(1.0, holder.send_signal, [signal.SIGKILL])
+        killer = threading.Timer(2.0, holder.send_signal, [signal.SIGKILL])
         killer.start()
         monkeypatch.setattr(extension, "_compile", copying(built, []))
         with caplog.at_level(logging.WARNING, logger=extension.__name__):
@@ -315,6 +315,17 @@ def test_two_checkouts_share_one_build(built, tmp_path):
     described, stderr = run_python(USE, extensions, REPO)
     assert described["module"] == extension.__file__ and described["library"] == str(library)
     assert "building" not in stderr and library.stat().st_mtime_ns == stamp
+
+
+def test_build_command_fails_with_the_reason_where_nothing_builds(tmp_path):
+    """No working compiler (CXX names one that fails): exit status 1, the warning and the report say why."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), "PYTHONPATH": str(REPO),
+           "CXX": "false"}
+    done = subprocess.run([sys.executable, "-m", "hf_tensor_attn.build"], env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S, cwd=REPO)
+    report = json.loads(done.stdout)
+    assert done.returncode == 1 and not report["loaded"] and not report["built"] and report["failure"]
+    assert "could not build or load the compiled CPU tile loops" in done.stderr and report["failure"] in done.stderr
 
 
 @pytest.mark.parametrize("value, size", [("524288", 524288), ("512K", 512 << 10), ("2m", 2 << 20)])
