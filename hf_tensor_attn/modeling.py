@@ -8,6 +8,7 @@ config's `layer_types` say.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.utils import logging
 
-from . import compat, remote_code
+from . import compat, model_card, remote_code
 from .atomic import MODEL_WEIGHT_FILES, atomic_directory
 from .cache import LAYOUTS, TensorAttnCache, TensorAttnConstants, available_cache_implementations
 from .configuration import TensorAttnConfig
@@ -331,6 +332,10 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
                 kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging name
             with atomic_directory(save_directory, replaced=MODEL_WEIGHT_FILES.match) as staging:
                 super().save_pretrained(staging, *args, **kwargs)
+                if not (Path(save_directory) / model_card.FILE_NAME).exists():  # the user's own card stays
+                    card = model_card.render(self.config, kwargs.get("repo_id") or str(save_directory),
+                                             remote_code.package_version(), remote_code.resolve(self_contained))
+                    (staging / model_card.FILE_NAME).write_text(card, encoding="utf-8")
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         """Refuse, at load time and by name, the attention kernels this model cannot use (compat item 6)."""

@@ -260,19 +260,27 @@ def saving(self_contained: bool | None) -> Iterator[None]:
         _self_contained.reset(token)
 
 
-def write_loader(folder, self_contained: bool | None = None) -> None:
-    """The module `auto_map` names: the package's code (self_contained=True; the default inside a self-contained
-    copy) or the stub that imports the installed package."""
+def resolve(self_contained: bool | None) -> bool:
+    """The choice a save makes: the argument, else the enclosing model save's, else whether this is a copy."""
     if self_contained is None:
         self_contained = _self_contained.get()
     if self_contained is None:
         self_contained = IS_COPY
     if not isinstance(self_contained, bool):
         raise ValueError(f"`self_contained` must be True, False or None (the default), got {self_contained!r}")
-    if self_contained:
+    return self_contained
+
+
+def write_loader(folder, self_contained: bool | None = None) -> None:
+    """The module `auto_map` names: the package's code (self_contained=True; the default inside a self-contained
+    copy) or the stub that imports the installed package."""
+    if resolve(self_contained):
         write_code(folder, package_version())
     else:
         compat.write_remote_module(folder)
 
 
-__all__ = ["available_imports", "collect", "flat_name", "rewrite", "saving", "write_code", "write_loader"]
+__all__ = [
+    "available_imports", "collect", "flat_name", "package_version", "resolve", "rewrite", "saving", "write_code",
+    "write_loader",
+]

@@ -21,7 +21,8 @@ PAD_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
 BYTE_OFFSET = len(SPECIAL_TOKENS)
 NUM_BYTES = 256
 # The keywords of `from_pretrained` that say where its tokenizer_config.json is.
-TOKENIZER_CONFIG_LOOKUP = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+TOKENIZER_CONFIG_LOOKUP = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only",
+                           "subfolder")
 # Each turn as "<s>role: content</s>" and a newline; with add_generation_prompt the reply starts "<s>assistant: ".
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ bos_token }}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n"
