@@ -328,14 +328,15 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
         with remote_code.saving(self_contained):  # the config's own save, inside super(), writes the code
             if not kwargs.get("is_main_process", True) or kwargs.get("distributed_checkpoint", False):
                 return super().save_pretrained(save_directory, *args, **kwargs)
-            if kwargs.get("push_to_hub", False):
-                kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging name
+            hub = compat.create_repo(kwargs, save_directory) if kwargs.pop("push_to_hub", False) else None
             with atomic_directory(save_directory, replaced=MODEL_WEIGHT_FILES.match) as staging:
                 super().save_pretrained(staging, *args, **kwargs)
                 if not (Path(save_directory) / model_card.FILE_NAME).exists():  # the user's own card stays
-                    card = model_card.render(self.config, kwargs.get("repo_id") or str(save_directory),
+                    card = model_card.render(self.config, hub["repo_id"] if hub else str(save_directory),
                                              remote_code.package_version(), remote_code.resolve(self_contained))
                     (staging / model_card.FILE_NAME).write_text(card, encoding="utf-8")
+                if hub is not None:  # pushed here, not by super(): its push would upload a generic card instead
+                    compat.upload_folder(self, staging, **hub)
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         """Refuse, at load time and by name, the attention kernels this model cannot use (compat item 6)."""

@@ -295,3 +295,22 @@ def test_generate_fills_the_calls_config_from_the_models_layout_name_included(ma
     ours, model_kwargs = model._prepare_generation_config(GenerationConfig(max_new_tokens=2), attention_mask=mask)
     assert ours.cache_implementation is None and ours.max_new_tokens == 2 and model_kwargs == {"attention_mask": mask}
     assert model.generation_config.cache_implementation == "two_cache"
+
+
+def test_remote_code_loader_reads_the_import_lines_a_self_contained_save_writes(tmp_path):
+    """get_relative_import_files follows `from .NAME import` lines (indented ones too) and only those."""
+    from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+
+    (tmp_path / "entry.py").write_text("from . import hidden as h\nif 0:\n    from .shown import x\n")
+    (tmp_path / "shown.py").write_text("try:\n    import not_installed_anywhere\nexcept ImportError:\n    pass\n")
+    assert [Path(p).name for p in get_relative_import_files(tmp_path / "entry.py")] == ["shown.py"]
+    assert get_imports(tmp_path / "shown.py") == []  # imports inside try blocks are not required
+
+
+def test_push_helpers_exist_with_the_arguments_we_pass():
+    from transformers.utils import hub
+
+    parameters = inspect.signature(hub.PushToHubMixin._upload_modified_files).parameters
+    assert list(parameters)[:4] == ["self", "working_dir", "repo_id", "files_timestamps"]
+    assert {"commit_message", "token", "create_pr"} <= set(parameters)
+    assert callable(hub.hf_api) and "create_repo" in dir(hub.hf_api())

@@ -4,6 +4,7 @@ package version, and a snippet that runs as written."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 import subprocess
 import sys
 
@@ -53,3 +54,31 @@ def test_a_card_the_user_wrote_is_kept(tmp_path, make_model):
     (tmp_path / "README.md").write_text("my own card\n")
     make_model(torch.float32).save_pretrained(tmp_path)
     assert (tmp_path / "README.md").read_text() == "my own card\n"
+
+
+def test_push_to_hub_uploads_our_card_and_the_code(tmp_path, make_model, monkeypatch):
+    """transformers' own push writes a generic card into the folder before uploading; ours must be the one sent.
+    The Hub is replaced by recorders: the repository creation and the upload of the folder as it is then."""
+    from transformers.utils import hub
+
+    created, uploaded = [], {}
+
+    class Api:
+        def create_repo(self, repo_id, **kwargs):
+            created.append((repo_id, kwargs))
+            return type("Url", (), {"repo_id": f"someone/{repo_id}"})()
+
+    def upload(self, folder, repo_id, files_timestamps, commit_message=None, token=None, create_pr=False):
+        uploaded.update(repo_id=repo_id, commit_message=commit_message, create_pr=create_pr,
+                        files={p.name: p.read_text() for p in Path(folder).glob("*") if p.suffix in (".md", ".py")})
+
+    monkeypatch.setattr(hub, "hf_api", lambda: Api())
+    monkeypatch.setattr(hub.PushToHubMixin, "_upload_modified_files", upload)
+    make_model(torch.float32).save_pretrained(tmp_path / "tiny", push_to_hub=True, self_contained=True,
+                                              commit_message="first", private=True, max_shard_size="1GB")
+    assert created == [("tiny", {"exist_ok": True, "private": True})]
+    assert uploaded["repo_id"] == "someone/tiny" and uploaded["commit_message"] == "first"
+    card = uploaded["files"]["README.md"]
+    assert "# Tensor-attention causal language model" in card and "path = 'someone/tiny'" in card
+    assert "hf_tensor_attn__modeling.py" in uploaded["files"] and "tensor_attn_remote.py" in uploaded["files"]
+    assert (tmp_path / "tiny" / "README.md").read_text() == card  # the local folder holds what was pushed
