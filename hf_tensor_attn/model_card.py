@@ -4,6 +4,7 @@ config, the package it needs and a snippet that loads the folder and generates w
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import transformers
 from huggingface_hub import ModelCard, ModelCardData
@@ -12,6 +13,8 @@ from .cache import available_cache_implementations
 
 TAGS = ["tensor-attention", "2-simplicial-attention", "hf_tensor_attn", "custom_code"]
 FILE_NAME = "README.md"
+# Our cards carry this line; a README.md without it is the user's and no save replaces it.
+MARKER = "<!-- written by hf_tensor_attn's save_pretrained, which rewrites it; delete this line to keep your edits -->"
 
 
 def _windows(config) -> str:
@@ -51,6 +54,8 @@ def render(config, path: str, version: str, self_contained: bool) -> str:
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     text = f"""
+{MARKER}
+
 # Tensor-attention causal language model
 
 A causal language model with tensor (2-simplicial) attention: a query attends to *pairs* of earlier tokens
@@ -81,4 +86,10 @@ print(tokenizer.decode(out[0]))
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + text).content
 
 
-__all__ = ["FILE_NAME", "TAGS", "render"]
+def ours(path) -> bool:
+    """Whether the README.md at `path` is missing or one of our cards (so a save may write it)."""
+    path = Path(path)
+    return not path.exists() or MARKER in path.read_text(encoding="utf-8", errors="replace")
+
+
+__all__ = ["FILE_NAME", "MARKER", "TAGS", "ours", "render"]

@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import ModelCard
 
 import hf_tensor_attn
-from hf_tensor_attn import TensorAttnByteTokenizerFast
+from hf_tensor_attn import TensorAttnByteTokenizerFast, model_card
 
 ARCHITECTURES = [
     dict(layer_types=["tensor_attention", "full_attention", "tensor_attention"], w1=8, w2=4, num_attention_heads=4,
@@ -54,6 +54,12 @@ def test_a_card_the_user_wrote_is_kept(tmp_path, make_model):
     (tmp_path / "README.md").write_text("my own card\n")
     make_model(torch.float32).save_pretrained(tmp_path)
     assert (tmp_path / "README.md").read_text() == "my own card\n"
+    make_model(torch.float32).save_pretrained(tmp_path / "ours", self_contained=True)
+    card = (tmp_path / "ours" / "README.md").read_text()
+    edited = card.replace(model_card.MARKER, "")  # the card says: delete the marker line to keep your edits
+    (tmp_path / "ours" / "README.md").write_text(edited)
+    make_model(torch.float32).save_pretrained(tmp_path / "ours", self_contained=False)
+    assert (tmp_path / "ours" / "README.md").read_text() == edited
 
 
 def test_push_to_hub_uploads_our_card_and_the_code(tmp_path, make_model, monkeypatch):
