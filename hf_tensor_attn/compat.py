@@ -28,7 +28,12 @@ Items:
  5. Remote code. The loaders for `trust_remote_code=True` call `register_for_auto_class()` on the class they
     load; `save_pretrained` then copies that class's source file (with its relative imports) next to the
     weights. Our classes come from the installed package and write their own one-line loader module instead
-    (`REMOTE_MODULE`), so they turn that registration into a no-op (`keep_own_auto_map`).
+    (`REMOTE_MODULE`), so they turn that registration into a no-op (`keep_own_auto_map`). A self-contained save
+    (`hf_tensor_attn.remote_code`) relies on how `dynamic_module_utils` finds what to copy (`from .NAME import`
+    lines, `get_relative_import_files`) and checks imports (`get_imports`). `PreTrainedModel.save_pretrained(
+    push_to_hub=True)` uploads a generic model card over ours, so our save pushes itself (`create_repo`,
+    `upload_folder`) with `hf_api().create_repo` and `PushToHubMixin._upload_modified_files(folder, repo_id,
+    files_timestamps, ...)`.
  6. Attention kernels. `PreTrainedModel._check_and_adjust_attn_implementation(attn_implementation, is_init_check,
     ...)` validates `attn_implementation` at init and in `set_attn_implementation`; our model overrides it to
     refuse kernels its standard layers cannot use with a message that names the ones they can. Standard layers
@@ -89,6 +94,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import os
 import shutil
@@ -101,10 +107,12 @@ from packaging.version import Version
 from transformers import cache_utils as _cache_utils
 from transformers import configuration_utils as _config_utils
 from transformers.generation import configuration_utils as _generation_config_utils
+from transformers import PreTrainedModel
 from transformers import trainer as _trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import hub as hub_utils
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -229,6 +237,27 @@ TensorAttnByteTokenizerFast = hf_tensor_attn.TensorAttnByteTokenizerFast
 
 def write_remote_module(save_directory) -> None:
     (Path(save_directory) / f"{REMOTE_MODULE}.py").write_text(REMOTE_MODULE_SOURCE)
+
+
+def create_repo(kwargs: dict, save_directory) -> dict:
+    """For a model's `save_pretrained(..., push_to_hub=True)`: take the keywords that are for the push out of
+    `kwargs` (`PreTrainedModel.save_pretrained` passes all but its own named parameters, and `token`, to
+    `create_repo`), create the repository as it does, and return what `upload_folder` needs."""
+    own = inspect.signature(PreTrainedModel.save_pretrained).parameters
+    hub = {key: kwargs.pop(key) for key in list(kwargs) if key not in own}
+    if kwargs.get("token") is not None:
+        hub["token"] = kwargs["token"]
+    repo_id = hub.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging folder's
+    upload = {"commit_message": hub.pop("commit_message", None), "create_pr": hub.pop("create_pr", False),
+              "token": hub.get("token")}
+    upload["repo_id"] = hub_utils.hf_api().create_repo(repo_id, exist_ok=True, **hub).repo_id
+    return upload
+
+
+def upload_folder(model, folder, repo_id: str, commit_message: str | None, create_pr: bool, token) -> None:
+    """Upload a saved folder as `PreTrainedModel.save_pretrained(push_to_hub=True)` does, without first replacing
+    its README.md by a generic model card."""
+    model._upload_modified_files(folder, repo_id, {}, commit_message=commit_message, token=token, create_pr=create_pr)
 
 
 def keep_own_auto_map(cls, auto_class=None) -> None:

@@ -270,8 +270,9 @@ class TensorAttnConfig(PreTrainedConfig):
         with `self_contained=True` the package's code itself (`hf_tensor_attn.remote_code`)."""
         if kwargs.get("push_to_hub", False):
             kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging name
-        with atomic_directory(save_directory) as staging:
-            remote_code.write_loader(staging, self_contained)  # before super(), which uploads with push_to_hub
+        with atomic_directory(save_directory, replaced=remote_code.CODE_FILES.match) as staging:
+            # before super(), which uploads with push_to_hub
+            remote_code.write_loader(staging, self_contained, target=save_directory)
             super().save_pretrained(staging, *args, **kwargs)
 
     def validate_layer_type(self):

@@ -8,6 +8,7 @@ config's `layer_types` say.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.utils import logging
 
-from . import compat, remote_code
+from . import compat, model_card, remote_code
 from .atomic import MODEL_WEIGHT_FILES, atomic_directory
 from .cache import LAYOUTS, TensorAttnCache, TensorAttnConstants, available_cache_implementations
 from .configuration import TensorAttnConfig
@@ -337,6 +338,11 @@ class TensorAttnDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, attention_weights
 
 
+def replaced_by_a_save(name: str) -> bool:
+    """Files of an earlier save that a model save rewrites in full: weights and remote code (not tokenizer files)."""
+    return bool(MODEL_WEIGHT_FILES.match(name) or remote_code.CODE_FILES.match(name))
+
+
 class TensorAttnPreTrainedModel(PreTrainedModel):
     config_class = TensorAttnConfig
     config: TensorAttnConfig
@@ -364,13 +370,19 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
         `self_contained=True` also writes the package's code into the folder (`hf_tensor_attn.remote_code`), so
         `trust_remote_code=True` loads it where only torch and transformers are installed; by default the folder
         points to the installed package. A model card (README.md) is written unless the folder has one."""
+        self_contained = remote_code.resolve(self_contained, save_directory)
         with remote_code.saving(self_contained):  # the config's own save, inside super(), writes the code
             if not kwargs.get("is_main_process", True) or kwargs.get("distributed_checkpoint", False):
                 return super().save_pretrained(save_directory, *args, **kwargs)
-            if kwargs.get("push_to_hub", False):
-                kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging name
-            with atomic_directory(save_directory, replaced=MODEL_WEIGHT_FILES.match) as staging:
+            hub = compat.create_repo(kwargs, save_directory) if kwargs.pop("push_to_hub", False) else None
+            with atomic_directory(save_directory, replaced=replaced_by_a_save) as staging:
                 super().save_pretrained(staging, *args, **kwargs)
+                if model_card.ours(Path(save_directory) / model_card.FILE_NAME):  # the user's own card stays
+                    card = model_card.render(self.config, hub["repo_id"] if hub else str(save_directory),
+                                             remote_code.package_version(), self_contained)
+                    (staging / model_card.FILE_NAME).write_text(card, encoding="utf-8")
+                if hub is not None:  # pushed here, not by super(): its push would upload a generic card instead
+                    compat.upload_folder(self, staging, **hub)
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         """Refuse, at load time and by name, the attention kernels this model cannot use (compat item 6)."""

@@ -33,6 +33,9 @@ from . import compat
 SEPARATOR = "__"
 # The name the package was installed under; a self-contained copy runs as transformers_modules.<folder>.<hash>.
 PACKAGE = "hf_tensor_attn"
+# What a save writes: the loader module and the package's modules. A new save replaces all of them, so a folder saved
+# self-contained and then saved again pointing to the package keeps no stale copies.
+CODE_FILES = re.compile(rf"^({compat.REMOTE_MODULE}|{PACKAGE}{SEPARATOR}.*)\.py$")
 IS_COPY = not __name__.startswith(f"{PACKAGE}.")
 ROOT = Path(__file__).resolve().parent
 # What a torch + transformers environment is sure to have besides the standard library: the requirements of the two
@@ -265,19 +268,35 @@ def saving(self_contained: bool | None) -> Iterator[None]:
         _self_contained.reset(token)
 
 
-def write_loader(folder, self_contained: bool | None = None) -> None:
-    """The module `auto_map` names: the package's code (self_contained=True; the default inside a self-contained
-    copy) or the stub that imports the installed package."""
+def is_self_contained(folder) -> bool:
+    """Whether `folder` holds a self-contained save's loader module."""
+    loader = Path(folder) / f"{compat.REMOTE_MODULE}.py"
+    return loader.is_file() and "\nSELF_CONTAINED = " in loader.read_text(encoding="utf-8")
+
+
+def resolve(self_contained: bool | None, target=None) -> bool:
+    """The choice a save into `target` makes: the argument, else the enclosing model save's, else self-contained
+    where `target` already is (a tokenizer saved beside a self-contained model keeps the folder so) or where this
+    code is itself a checkpoint's copy."""
     if self_contained is None:
         self_contained = _self_contained.get()
     if self_contained is None:
-        self_contained = IS_COPY
+        self_contained = IS_COPY or (target is not None and is_self_contained(target))
     if not isinstance(self_contained, bool):
         raise ValueError(f"`self_contained` must be True, False or None (the default), got {self_contained!r}")
-    if self_contained:
+    return self_contained
+
+
+def write_loader(folder, self_contained: bool | None = None, target=None) -> None:
+    """Write the module `auto_map` names into `folder` (the staging folder of a save into `target`): the
+    package's code when `resolve` says self-contained, else the stub that imports the installed package."""
+    if resolve(self_contained, target):
         write_code(folder, package_version())
     else:
         compat.write_remote_module(folder)
 
 
-__all__ = ["available_imports", "collect", "flat_name", "rewrite", "saving", "write_code", "write_loader"]
+__all__ = [
+    "CODE_FILES", "available_imports", "collect", "flat_name", "is_self_contained", "package_version", "resolve",
+    "rewrite", "saving", "write_code", "write_loader",
+]

@@ -21,7 +21,8 @@ PAD_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
 BYTE_OFFSET = len(SPECIAL_TOKENS)
 NUM_BYTES = 256
 # The keywords of `from_pretrained` that say where its tokenizer_config.json is.
-TOKENIZER_CONFIG_LOOKUP = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+TOKENIZER_CONFIG_LOOKUP = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only",
+                           "subfolder")
 # Each turn as "<s>role: content</s>" and a newline; with add_generation_prompt the reply starts "<s>assistant: ".
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ bos_token }}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n"
@@ -74,8 +75,9 @@ class ByteTokenizerFiles:
         self._auto_map = {"AutoTokenizer": [f"{compat.REMOTE_MODULE}.{name}" for name in TOKENIZER_CLASSES]}
         if kwargs.get("push_to_hub", False):
             kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging name
-        with atomic_directory(save_directory) as staging:
-            remote_code.write_loader(staging, self_contained)  # before super(), which uploads with push_to_hub
+        with atomic_directory(save_directory, replaced=remote_code.CODE_FILES.match) as staging:
+            # before super(), which uploads with push_to_hub
+            remote_code.write_loader(staging, self_contained, target=save_directory)
             saved = super().save_pretrained(staging, *args, **kwargs)
             config_file = staging / TOKENIZER_CONFIG_FILE
             config = json.loads(config_file.read_text(encoding="utf-8"))

@@ -376,3 +376,22 @@ def test_peft_lora_reads_default_targets_from_the_table_we_extend():
     tuner = types.SimpleNamespace(target_module_mapping=LoraModel.target_module_mapping)  # all the method reads
     prepared = LoraModel._prepare_adapter_config(tuner, config, {"model_type": "tensor_attn"})
     assert prepared.target_modules == set(compat.LORA_TARGET_MODULES)
+
+
+def test_remote_code_loader_reads_the_import_lines_a_self_contained_save_writes(tmp_path):
+    """get_relative_import_files follows `from .NAME import` lines (indented ones too) and only those."""
+    from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+
+    (tmp_path / "entry.py").write_text("from . import hidden as h\nif 0:\n    from .shown import x\n")
+    (tmp_path / "shown.py").write_text("try:\n    import not_installed_anywhere\nexcept ImportError:\n    pass\n")
+    assert [Path(p).name for p in get_relative_import_files(tmp_path / "entry.py")] == ["shown.py"]
+    assert get_imports(tmp_path / "shown.py") == []  # imports inside try blocks are not required
+
+
+def test_push_helpers_exist_with_the_arguments_we_pass():
+    from transformers.utils import hub
+
+    parameters = inspect.signature(hub.PushToHubMixin._upload_modified_files).parameters
+    assert list(parameters)[:4] == ["self", "working_dir", "repo_id", "files_timestamps"]
+    assert {"commit_message", "token", "create_pr"} <= set(parameters)
+    assert callable(hub.hf_api) and "create_repo" in dir(hub.hf_api())

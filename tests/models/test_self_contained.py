@@ -116,3 +116,17 @@ def test_self_contained_must_be_a_bool(tmp_path, make_model):
     with pytest.raises(ValueError, match=r"`self_contained` must be True, False or None .*got 'yes'"):
         make_model().save_pretrained(tmp_path / "m", self_contained="yes")
     assert not (tmp_path / "m").exists()
+
+
+def test_saves_into_a_self_contained_folder_keep_it_so_unless_told(tmp_path, make_model):
+    """A tokenizer saved by default beside a self-contained model must not put the package stub back; an explicit
+    self_contained=False replaces the code by the stub and leaves no stale copies."""
+    folder = tmp_path / "model"
+    make_model().save_pretrained(folder, self_contained=True)
+    written = code_files(folder)
+    TensorAttnByteTokenizerFast().save_pretrained(folder)
+    make_model().save_pretrained(folder)
+    assert code_files(folder) == written and remote_code.is_self_contained(folder)
+    make_model().save_pretrained(folder, self_contained=False)
+    assert sorted(code_files(folder)) == [f"{REMOTE_MODULE}.py"] and not remote_code.is_self_contained(folder)
+    assert "Loading needs the `hf_tensor_attn` package" in (folder / "README.md").read_text()  # our card follows
