@@ -186,7 +186,7 @@ def polynomial_coefficients(degree: int, score_bound: float | None) -> tuple[flo
     polynomial). Callers check R first (`check_score_bound`)."""
     if score_bound is None:
         return tuple(1.0 / math.factorial(j) for j in range(degree + 1))
-    import mpmath  # a dependency of sympy, which torch requires
+    import mpmath  # declared; torch installs it anyway (through sympy)
 
     R = float(score_bound)
     digits = 30 + degree * (3 + max(0, math.ceil(-math.log10(R))))
