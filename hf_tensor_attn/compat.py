@@ -501,10 +501,9 @@ LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 def register_peft_lora_targets(model_type: str) -> None:
     """Give `model_type` PEFT's default LoRA targets, when peft is installed (item 12)."""
-    import importlib.util
-
-    if importlib.util.find_spec("peft") is None:
+    try:  # an optional package (a try block also keeps transformers' remote-code import check from requiring it)
+        from peft.utils import constants
+    except ImportError:
         return
-    from peft.utils import constants
 
     constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(model_type, list(LORA_TARGET_MODULES))

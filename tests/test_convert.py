@@ -11,7 +11,9 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2L
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 import hf_tensor_attn
-from hf_tensor_attn import TensorAttnByteTokenizer, TensorAttnForCausalLM, available_cache_implementations
+from hf_tensor_attn import (
+    TensorAttnByteTokenizer, TensorAttnByteTokenizerFast, TensorAttnForCausalLM, available_cache_implementations,
+)
 from hf_tensor_attn.cache import LAYOUTS
 from hf_tensor_attn.compat import rope_frequencies
 from hf_tensor_attn.convert import convert_from_llama
@@ -94,7 +96,7 @@ def test_save_load_identical_logits_with_the_source_tokenizer(tmp_path):
     assert convert_llama.main([str(tmp_path / "llama"), str(tmp_path / "out"), "--tensor_layers", "1", "3"]) == 0
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert isinstance(loaded, TensorAttnForCausalLM)
-    assert isinstance(AutoTokenizer.from_pretrained(tmp_path / "out"), TensorAttnByteTokenizer)
+    assert isinstance(AutoTokenizer.from_pretrained(tmp_path / "out"), TensorAttnByteTokenizerFast)
     in_memory = convert_from_llama(source, layers)
     ids = torch.randint(0, SIZES["vocab_size"], (1, 9))
     with torch.no_grad():

@@ -10,7 +10,7 @@ from .base import (
     register_layout,
 )
 from .four import FourCacheLayer
-from .poly import PolyCacheLayer
+from .poly import PolyCacheLayer, PolyCacheMemoryError
 from .subgen import StandardSubGenCacheLayer, SubGen2CacheLayer, SubGen4CacheLayer
 from .two import TwoCacheLayer, TwoCacheMemoryError
 
@@ -18,6 +18,7 @@ __all__ = [
     "LAYOUTS",
     "FourCacheLayer",
     "PolyCacheLayer",
+    "PolyCacheMemoryError",
     "StandardSubGenCacheLayer",
     "SubGen2CacheLayer",
     "SubGen4CacheLayer",

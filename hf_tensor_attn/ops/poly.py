@@ -53,10 +53,13 @@ MAX_CHUNK = 128
 MAX_KEY_CHUNK = 1024
 
 
-# exp(score_bound) is what P reaches on [-score_bound, score_bound], and every path computes in float32 at least
-# (float64 only for float64 inputs), whose largest number is exp(88.72).
-MAX_SCORE_BOUND = 88.0
+# P reaches about exp(score_bound) on [-score_bound, score_bound] and the sums add it over up to n^2 pairs, in
+# float32 at least (float64 only for float64 inputs), whose largest number is exp(88.72). Keeping max |P| on the
+# interval below float32's maximum / PAIR_HEADROOM leaves room for 1e20 pairs times values (n = 1e7 tokens with
+# |v1 * v2| up to 1e6); at score_bound 88 (no headroom) 256 unit-normal tokens already gave inf / inf = NaN.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+PAIR_HEADROOM = 1e20
+MAX_SCORE_BOUND = 42.0  # exp(42) = 1.7e18 <= FLOAT32_MAX / PAIR_HEADROOM = 3.4e18
 # r = C(d + g, g) monomials per head: their index tables are built once per (d, g) (tens of bytes per feature while
 # they are built) and the state holds r (2 Dv + 2) numbers per sequence and head. Past about a million features a
 # single head's state or table no longer fits a machine's memory with room to spare (head_dim 16, degree 12 asked
@@ -93,8 +96,8 @@ def check_score_bound(score_bound, degree=None) -> None:
     ):
         raise ValueError(
             f"`score_bound` must be None (Taylor polynomial at 0) or a finite float > 0 and <= {MAX_SCORE_BOUND} "
-            f"(Chebyshev fit of exp on [-score_bound, score_bound], whose values reach exp(score_bound), which float32 "
-            f"holds up to exp(88.7)), got {score_bound!r}"
+            f"(Chebyshev fit of exp on [-score_bound, score_bound], whose values reach exp(score_bound) and are summed "
+            f"over every pair of tokens in float32, which holds up to exp(88.7)), got {score_bound!r}"
         )
     if degree is not None:
         check_fit(degree, score_bound)
@@ -124,10 +127,11 @@ def check_fit(degree: int, score_bound: float) -> None:
     """Refuse a fit whose coefficients or values on [-R, R] overflow float32; warn when it is far from exp there."""
     coefficients = polynomial_coefficients(degree, float(score_bound))
     largest = sum(abs(c) * score_bound**j for j, c in enumerate(coefficients))  # >= |P(s)| on [-R, R]
-    if not largest <= FLOAT32_MAX:
+    if not largest <= FLOAT32_MAX / PAIR_HEADROOM:
         raise ValueError(
             f"`score_bound`={score_bound!r} with `degree`={degree}: the fitted polynomial reaches {largest:.3g} on "
-            f"[-score_bound, score_bound], past float32's {FLOAT32_MAX:.3g}; use score_bound <= "
+            f"[-score_bound, score_bound], past the {FLOAT32_MAX / PAIR_HEADROOM:.3g} whose sums over pairs of tokens "
+            f"float32 holds; use score_bound <= "
             f"{largest_score_bound(degree):g} for this degree"
         )
     error = fit_error(degree, float(score_bound))
@@ -144,10 +148,10 @@ def check_fit(degree: int, score_bound: float) -> None:
 
 @functools.lru_cache(maxsize=64)
 def largest_score_bound(degree: int) -> float:
-    """The largest score_bound (to 0.1) whose fit stays within float32 at this degree."""
+    """The largest score_bound (to 0.1) whose fit passes `check_fit` at this degree."""
     def fits(R):
         c = polynomial_coefficients(degree, R)
-        return sum(abs(x) * R**j for j, x in enumerate(c)) <= FLOAT32_MAX
+        return sum(abs(x) * R**j for j, x in enumerate(c)) <= FLOAT32_MAX / PAIR_HEADROOM
 
     lo, hi = 1.0, MAX_SCORE_BOUND
     if fits(hi):
@@ -186,7 +190,7 @@ def polynomial_coefficients(degree: int, score_bound: float | None) -> tuple[flo
     polynomial). Callers check R first (`check_score_bound`)."""
     if score_bound is None:
         return tuple(1.0 / math.factorial(j) for j in range(degree + 1))
-    import mpmath  # a dependency of sympy, which torch requires
+    import mpmath  # declared; torch installs it anyway (through sympy)
 
     R = float(score_bound)
     digits = 30 + degree * (3 + max(0, math.ceil(-math.log10(R))))

@@ -10,7 +10,7 @@ import torch
 
 from hf_tensor_attn.ops import four_cache_decode, naive_tensor_attention, tensor_attention
 from hf_tensor_attn.ops._tiles import TileSizes
-from hf_tensor_attn.ops import tiled
+from hf_tensor_attn.ops import dispatch, tiled
 
 B, H, T, D = 2, 2, 20, 4
 NAMES = ("q", "k1", "k2", "v1", "v2")
@@ -139,8 +139,8 @@ def test_huge_finite_values_overflow_only_where_the_true_output_does(magnitude, 
 def test_huge_values_are_rescaled_only_after_a_non_finite_output(monkeypatch):
     """The second pass is the exception: finite outputs never pay for it."""
     calls = []
-    real = tiled._with_values_rescaled
-    monkeypatch.setattr(tiled, "_with_values_rescaled", lambda *a: calls.append(1) or real(*a))
+    real = dispatch._with_values_rescaled
+    monkeypatch.setattr(dispatch, "_with_values_rescaled", lambda *a: calls.append(1) or real(*a))
     tensors, _ = inputs()
     tensor_attention(*(t.float() for t in tensors), scale=0.5)
     assert calls == []

@@ -290,18 +290,27 @@ def test_query_weights_are_kept_per_device_and_dtype():
 
 
 # Issue #35: the polynomial never turns NaN for a setting it accepts.
-@pytest.mark.parametrize("score_bound", [100.0, 300.0, 1e3])
+@pytest.mark.parametrize("score_bound", [88.0, 100.0, 300.0, 1e3])
 def test_score_bound_past_float32_is_refused_with_the_range(score_bound):
-    """300 fitted coefficients of 1e97-1e110 (inf in float32, NaN outputs); 1e3 gave NaN coefficients."""
+    """300 fitted coefficients of 1e97-1e110 (inf in float32, NaN outputs); 1e3 gave NaN coefficients; at 88 the
+    coefficients are finite but sums over 256 tokens' pairs were not (`test_largest_accepted_bound_stays_finite`)."""
     inputs = make_inputs(1, 1, 3, 3, 2, 2, torch.float32)
-    with pytest.raises(ValueError, match=rf"`score_bound` must be .*<= 88.0 .*got {score_bound!r}"):
+    with pytest.raises(ValueError, match=rf"`score_bound` must be .*<= 42.0 .*got {score_bound!r}"):
         poly_tensor_attention(*inputs, scale=0.5, degree=2, score_bound=score_bound)
 
 
 def test_fit_that_overflows_float32_at_its_degree_is_refused_naming_the_largest_bound():
     inputs = make_inputs(1, 1, 3, 3, 2, 2, torch.float32)
-    with pytest.raises(ValueError, match=r"`score_bound`=88.0 with `degree`=8.*use score_bound <= 86.7"):
-        poly_tensor_attention(*inputs, scale=0.5, degree=8, score_bound=88.0)
+    with pytest.raises(ValueError, match=r"`score_bound`=42.0 with `degree`=8.*use score_bound <= 39.9"):
+        poly_tensor_attention(*inputs, scale=0.5, degree=8, score_bound=42.0)
+
+
+@pytest.mark.parametrize("degree, score_bound", [(2, 42.0), (8, 39.9)])
+def test_largest_accepted_bound_stays_finite_over_many_pairs(degree, score_bound):
+    """The largest bound each degree accepts, on 1024 unit-normal tokens (a million pairs) in float32."""
+    inputs = make_inputs(1, 2, 1024, 1024, 8, 8, torch.float32, seed=5)
+    out = poly_tensor_attention(*inputs, scale=8**-0.5, degree=degree, score_bound=score_bound)
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("degree", [2, 8])
