@@ -363,3 +363,16 @@ def test_peft_lora_reads_default_targets_from_the_table_we_extend():
     tuner = types.SimpleNamespace(target_module_mapping=LoraModel.target_module_mapping)  # all the method reads
     prepared = LoraModel._prepare_adapter_config(tuner, config, {"model_type": "tensor_attn"})
     assert prepared.target_modules == set(compat.LORA_TARGET_MODULES)
+
+
+# ---- item 13: assistant token masks ----
+
+
+def test_assistant_masks_come_from_the_encodings_we_lend():
+    """5.24 reads `out.encodings[i].offsets`, 5.23 `out.char_to_token(i, char)`; our ChatOffsets answers both."""
+    from transformers import PreTrainedTokenizerBase
+
+    source = inspect.getsource(PreTrainedTokenizerBase.apply_chat_template)
+    assert "out.encodings[i].offsets" in source or "out.char_to_token(i, " in source
+    offsets = compat.ChatOffsets([(0, 0), (0, 3), (3, 4), (3, 4), (4, 5)])  # pad, "<s>", a 2-byte char, "x"
+    assert [offsets.char_to_token(c) for c in range(6)] == [1, 1, 1, 2, 4, None]
