@@ -88,6 +88,12 @@ Items:
     `peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[config.model_type]` (LoraModel's
     `target_module_mapping`), a table of transformers' own model types. `register_peft_lora_targets` adds ours
     when peft is installed (importing `peft.utils.constants` costs about a second, once).
+13. Assistant token masks. `apply_chat_template(..., tokenize=True, return_dict=True,
+    return_assistant_tokens_mask=True)` renders the template's {% generation %} spans as character spans, then
+    maps them to tokens through a fast tokenizer's encodings: 5.24 marks the tokens of `out.encodings[i].offsets`
+    that overlap them, 5.23 asks `out.char_to_token(i, char)`, which calls `encodings[i].char_to_token(char, 0)`.
+    Our byte tokenizer has no such encodings: for the duration of that call its `__call__` attaches `ChatOffsets`
+    objects that answer both, and the returned encoding has none again.
 """
 
 from __future__ import annotations
@@ -507,3 +513,18 @@ def register_peft_lora_targets(model_type: str) -> None:
         return
 
     constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(model_type, list(LORA_TARGET_MODULES))
+
+
+# ---- 13. assistant token masks ----
+
+
+class ChatOffsets:
+    """Stands in for a fast tokenizer's encoding where `apply_chat_template` reads `.offsets` or asks
+    `char_to_token` (item 13). `offsets`: the (start, end) characters of each token, (0, 0) for padding."""
+
+    def __init__(self, offsets: list[tuple[int, int]]):
+        self.offsets = offsets
+
+    def char_to_token(self, char_index: int, sequence_index: int = 0) -> int | None:
+        """The first token covering character `char_index`, None when none does (truncated away)."""
+        return next((i for i, (start, end) in enumerate(self.offsets) if start <= char_index < end), None)

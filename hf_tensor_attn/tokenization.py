@@ -24,8 +24,14 @@ NUM_BYTES = 256
 TOKENIZER_CONFIG_LOOKUP = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only",
                            "subfolder")
 # Each turn as "<s>role: content</s>" and a newline; with add_generation_prompt the reply starts "<s>assistant: ".
+# An assistant's content and its "</s>" (what the model must learn to write) are inside {% generation %} markers,
+# which render nothing and give `apply_chat_template(..., return_assistant_tokens_mask=True)` its spans (TRL's
+# assistant_only_loss). The newline is an expression: transformers renders with trim_blocks, which drops a newline
+# written right after a block tag.
 DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ bos_token }}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n"
+    "{% for message in messages %}{{ bos_token }}{{ message['role'] }}: "
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}{{ '\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ bos_token }}assistant: {% endif %}"
 )
 
@@ -145,6 +151,52 @@ class TensorAttnByteTokenizer(ByteTokenizerFiles, PreTrainedTokenizer):
         eos = [1] if self.add_eos_token else []
         mask = bos + [0] * len(token_ids_0) + eos
         return mask if token_ids_1 is None else mask + bos + [0] * len(token_ids_1) + eos
+
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        """`PreTrainedTokenizerBase.apply_chat_template`; with `return_assistant_tokens_mask=True` the base maps its
+        character spans to tokens through the token offsets of a fast tokenizer's encodings (compat item 13), which
+        this byte tokenizer supplies for the duration of the call."""
+        if not kwargs.get("return_assistant_tokens_mask"):
+            return super().apply_chat_template(conversation, *args, **kwargs)
+        self._offsets_for_chat = True
+        try:
+            out = super().apply_chat_template(conversation, *args, **kwargs)
+        finally:
+            self._offsets_for_chat = False
+        if hasattr(out, "_encodings"):
+            out._encodings = None  # returned as every encoding of this tokenizer: no fast-tokenizer encodings
+        return out
+
+    def __call__(self, text=None, *args, **kwargs):
+        out = super().__call__(text, *args, **kwargs)
+        if getattr(self, "_offsets_for_chat", False):
+            texts = [text] if isinstance(text, str) else text
+            ids = out["input_ids"]
+            rows = ids.tolist() if hasattr(ids, "tolist") else ids
+            rows = [rows] if isinstance(text, str) else rows
+            out._encodings = [compat.ChatOffsets(self.token_offsets(t, row)) for t, row in zip(texts, rows)]
+        return out
+
+    def token_offsets(self, text: str, row: list[int]) -> list[tuple[int, int]]:
+        """(start, end) character span of each token of `row` (ids of `text`, maybe padded or truncated) in `text`:
+        a special token covers its characters, each byte token the character it is part of, padding (0, 0)."""
+        spans = []
+        position = consumed = 0  # the character reached, and how many of its UTF-8 bytes are tokens already
+        for token in self.tokenize(text):
+            if token in self.added_tokens_encoder:
+                spans.append((position, position + len(token)))
+                position += len(token)
+                continue
+            spans.append((position, position + 1))
+            consumed += 1
+            if consumed == len(text[position].encode("utf-8")):
+                position, consumed = position + 1, 0
+        if position != len(text):
+            raise ValueError(f"token offsets cover {position} of the {len(text)} characters of {text[:40]!r}")
+        if len(row) < len(spans):  # truncated: the first tokens kept, or the last with truncation_side="left"
+            return spans[: len(row)] if self.truncation_side == "right" else spans[len(spans) - len(row) :]
+        padding = [(0, 0)] * (len(row) - len(spans))
+        return padding + spans if self.padding_side == "left" else spans + padding
 
     def _tokenize(self, text: str) -> list[str]:
         # One token per UTF-8 byte, each written as the character with that code point (0-255).

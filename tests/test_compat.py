@@ -395,3 +395,16 @@ def test_push_helpers_exist_with_the_arguments_we_pass():
     assert list(parameters)[:4] == ["self", "working_dir", "repo_id", "files_timestamps"]
     assert {"commit_message", "token", "create_pr"} <= set(parameters)
     assert callable(hub.hf_api) and "create_repo" in dir(hub.hf_api())
+
+
+# ---- item 13: assistant token masks ----
+
+
+def test_assistant_masks_come_from_the_encodings_we_lend():
+    """5.24 reads `out.encodings[i].offsets`, 5.23 `out.char_to_token(i, char)`; our ChatOffsets answers both."""
+    from transformers import PreTrainedTokenizerBase
+
+    source = inspect.getsource(PreTrainedTokenizerBase.apply_chat_template)
+    assert "out.encodings[i].offsets" in source or "out.char_to_token(i, " in source
+    offsets = compat.ChatOffsets([(0, 0), (0, 3), (3, 4), (3, 4), (4, 5)])  # pad, "<s>", a 2-byte char, "x"
+    assert [offsets.char_to_token(c) for c in range(6)] == [1, 1, 1, 2, 4, None]
