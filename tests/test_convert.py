@@ -10,7 +10,9 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2L
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 import hf_tensor_attn
-from hf_tensor_attn import TensorAttnByteTokenizer, TensorAttnForCausalLM, available_cache_implementations
+from hf_tensor_attn import (
+    TensorAttnByteTokenizer, TensorAttnByteTokenizerFast, TensorAttnForCausalLM, available_cache_implementations,
+)
 from hf_tensor_attn.cache import LAYOUTS
 from hf_tensor_attn.compat import rope_frequencies
 from hf_tensor_attn.convert import convert_from_llama
@@ -93,7 +95,8 @@ def test_save_load_identical_logits_with_the_source_tokenizer(tmp_path):
     assert convert_llama.main([str(tmp_path / "llama"), str(tmp_path / "out"), "--tensor_layers", "1", "3"]) == 0
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert isinstance(loaded, TensorAttnForCausalLM)
-    assert isinstance(AutoTokenizer.from_pretrained(tmp_path / "out"), TensorAttnByteTokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")  # the fast twin of the byte tokenizer, as saved
+    assert isinstance(tokenizer, TensorAttnByteTokenizerFast) and tokenizer.model_max_length == 64
     in_memory = convert_from_llama(source, layers)
     ids = torch.randint(0, SIZES["vocab_size"], (1, 9))
     with torch.no_grad():
