@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from transformers.dynamic_module_utils import get_imports
 
 from . import compat
@@ -50,10 +51,6 @@ def flat_name(module: str) -> str:
     return SEPARATOR.join([PACKAGE, *module.split(".")]) if module else PACKAGE
 
 
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def available_imports() -> frozenset[str]:
     """Top-level import names a torch + transformers environment has: the standard library, the two packages and
     their unconditional requirements."""
@@ -62,9 +59,9 @@ def available_imports() -> frozenset[str]:
         for line in importlib.metadata.requires(dist) or ():
             requirement = Requirement(line)
             if requirement.marker is None:
-                required.add(_canonical(requirement.name))
+                required.add(canonicalize_name(requirement.name))
     names = {name for name, dists in importlib.metadata.packages_distributions().items()
-             if any(_canonical(d) in required for d in dists)}
+             if any(canonicalize_name(d) in required for d in dists)}
     return frozenset(names | set(sys.stdlib_module_names) | set(BASE_DISTRIBUTIONS))
 
 
