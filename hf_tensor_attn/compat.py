@@ -254,16 +254,21 @@ def create_repo(kwargs: dict, save_directory) -> dict:
     if kwargs.get("token") is not None:
         hub["token"] = kwargs["token"]
     repo_id = hub.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))  # not the staging folder's
-    upload = {"commit_message": hub.pop("commit_message", None), "create_pr": hub.pop("create_pr", False),
-              "token": hub.get("token")}
+    upload = {key: hub.pop(key) for key in UPLOAD_ARGS if key in hub}
+    upload["token"] = hub.get("token")
     upload["repo_id"] = hub_utils.hf_api().create_repo(repo_id, exist_ok=True, **hub).repo_id
     return upload
 
 
-def upload_folder(model, folder, repo_id: str, commit_message: str | None, create_pr: bool, token) -> None:
-    """Upload a saved folder as `PreTrainedModel.save_pretrained(push_to_hub=True)` does, without first replacing
-    its README.md by a generic model card."""
-    model._upload_modified_files(folder, repo_id, {}, commit_message=commit_message, token=token, create_pr=create_pr)
+# What `_upload_modified_files` takes besides the folder, the repository and `token`; `PushToHubMixin.push_to_hub`
+# passes all four.
+UPLOAD_ARGS = ("commit_message", "create_pr", "revision", "commit_description")
+
+
+def upload_folder(model, folder, repo_id: str, token=None, **upload) -> None:
+    """Upload a saved folder as `PreTrainedModel.save_pretrained(push_to_hub=True)` and `push_to_hub` do, without
+    first replacing its README.md by a generic model card."""
+    model._upload_modified_files(folder, repo_id, {}, token=token, **upload)
 
 
 def keep_own_auto_map(cls, auto_class=None) -> None:

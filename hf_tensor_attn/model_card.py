@@ -29,10 +29,11 @@ def _layers(config) -> str:
     return f"{summary}; in order: {', '.join(f'`{kind}`' for kind in config.layer_types)}"
 
 
-def render(config, path: str, version: str, self_contained: bool) -> str:
+def render(config, path: str, version: str, self_contained: bool, model_tags: list[str] | None = None) -> str:
     """The card's text for a model with this config saved to `path` (a folder or a Hub repository id) by
-    hf_tensor_attn `version`."""
-    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=list(TAGS))
+    hf_tensor_attn `version`; `model_tags` (the model's `add_model_tags`) join our tags."""
+    tags = list(TAGS) + [tag for tag in model_tags or () if tag not in TAGS]
+    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=tags)
     layouts = available_cache_implementations()
     if self_contained:
         needs = ("The package's code is in this folder (`tensor_attn_remote.py` and the `hf_tensor_attn__*.py` "

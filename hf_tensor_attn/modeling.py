@@ -8,6 +8,7 @@ config's `layer_types` say.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -379,10 +380,24 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
                 super().save_pretrained(staging, *args, **kwargs)
                 if model_card.ours(Path(save_directory) / model_card.FILE_NAME):  # the user's own card stays
                     card = model_card.render(self.config, hub["repo_id"] if hub else str(save_directory),
-                                             remote_code.package_version(), self_contained)
+                                             remote_code.package_version(), self_contained, self.model_tags)
                     (staging / model_card.FILE_NAME).write_text(card, encoding="utf-8")
                 if hub is not None:  # pushed here, not by super(): its push would upload a generic card instead
                     compat.upload_folder(self, staging, **hub)
+
+    def push_to_hub(self, repo_id: str, *, self_contained: bool | None = None, commit_message: str | None = None,
+                    commit_description: str | None = None, private: bool | None = None, token=None,
+                    revision: str | None = None, create_pr: bool = False, max_shard_size="50GB",
+                    tags: list[str] | None = None) -> None:
+        """`PushToHubMixin.push_to_hub`, uploading our model card (transformers' would replace it by a generic one)
+        and, with `self_contained=True`, the package's code (`save_pretrained` explains both)."""
+        if tags:
+            self.add_model_tags(tags)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, push_to_hub=True, repo_id=repo_id, self_contained=self_contained,
+                                 commit_message=commit_message, commit_description=commit_description,
+                                 private=private, token=token, revision=revision, create_pr=create_pr,
+                                 max_shard_size=max_shard_size)
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         """Refuse, at load time and by name, the attention kernels this model cannot use (compat item 6)."""

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from transformers.dynamic_module_utils import get_imports
 
 from . import compat
@@ -50,14 +51,10 @@ def flat_name(module: str) -> str:
     return SEPARATOR.join([PACKAGE, *module.split(".")]) if module else PACKAGE
 
 
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def available_imports() -> frozenset[str]:
     """Top-level import names a torch + transformers environment has: the standard library, the two packages and
     their unconditional requirements, and theirs (torch needs sympy, which needs mpmath)."""
-    required, queue = set(), [_canonical(d) for d in BASE_DISTRIBUTIONS]
+    required, queue = set(), [canonicalize_name(d) for d in BASE_DISTRIBUTIONS]
     while queue:
         dist = queue.pop()
         if dist in required:
@@ -67,9 +64,9 @@ def available_imports() -> frozenset[str]:
             lines = importlib.metadata.requires(dist) or ()
         except importlib.metadata.PackageNotFoundError:
             continue
-        queue += [_canonical(r.name) for r in map(Requirement, lines) if r.marker is None]
+        queue += [canonicalize_name(r.name) for r in map(Requirement, lines) if r.marker is None]
     names = {name for name, dists in importlib.metadata.packages_distributions().items()
-             if any(_canonical(d) in required for d in dists)}
+             if any(canonicalize_name(d) in required for d in dists)}
     return frozenset(names | set(sys.stdlib_module_names) | set(BASE_DISTRIBUTIONS))
 
 

@@ -100,7 +100,7 @@ class TensorAttnByteTokenizer(ByteTokenizerFiles, PreTrainedTokenizer):
     Special tokens written in the text: as for every transformers tokenizer (Llama's included), the strings
     `<pad>`, `<s>` and `</s>` in the text are read as the special tokens, and `decode(..., skip_special_tokens=True)`
     drops them. Pass `split_special_tokens=True` (here or to a call) to encode them as their bytes, so that user
-    text round-trips exactly (`docs/tokenizer.md`).
+    text round-trips exactly (`docs/sharing.md`).
 
     Args:
         add_bos_token (`bool`, defaults to False): prepend `<s>` when encoding.

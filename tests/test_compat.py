@@ -393,7 +393,7 @@ def test_push_helpers_exist_with_the_arguments_we_pass():
 
     parameters = inspect.signature(hub.PushToHubMixin._upload_modified_files).parameters
     assert list(parameters)[:4] == ["self", "working_dir", "repo_id", "files_timestamps"]
-    assert {"commit_message", "token", "create_pr"} <= set(parameters)
+    assert {"token", *compat.UPLOAD_ARGS} <= set(parameters)
     assert callable(hub.hf_api) and "create_repo" in dir(hub.hf_api())
 
 

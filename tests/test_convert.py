@@ -96,7 +96,8 @@ def test_save_load_identical_logits_with_the_source_tokenizer(tmp_path):
     assert convert_llama.main([str(tmp_path / "llama"), str(tmp_path / "out"), "--tensor_layers", "1", "3"]) == 0
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert isinstance(loaded, TensorAttnForCausalLM)
-    assert isinstance(AutoTokenizer.from_pretrained(tmp_path / "out"), TensorAttnByteTokenizerFast)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")  # the fast twin of the byte tokenizer, as saved
+    assert isinstance(tokenizer, TensorAttnByteTokenizerFast) and tokenizer.model_max_length == 64
     in_memory = convert_from_llama(source, layers)
     ids = torch.randint(0, SIZES["vocab_size"], (1, 9))
     with torch.no_grad():

@@ -62,7 +62,8 @@ def test_a_card_the_user_wrote_is_kept(tmp_path, make_model):
     assert (tmp_path / "ours" / "README.md").read_text() == edited
 
 
-def test_push_to_hub_uploads_our_card_and_the_code(tmp_path, make_model, monkeypatch):
+@pytest.mark.parametrize("entry", ["save_pretrained", "push_to_hub"])
+def test_push_to_hub_uploads_our_card_and_the_code(tmp_path, make_model, monkeypatch, entry):
     """transformers' own push writes a generic card into the folder before uploading; ours must be the one sent.
     The Hub is replaced by recorders: the repository creation and the upload of the folder as it is then."""
     from transformers.utils import hub
@@ -74,17 +75,24 @@ def test_push_to_hub_uploads_our_card_and_the_code(tmp_path, make_model, monkeyp
             created.append((repo_id, kwargs))
             return type("Url", (), {"repo_id": f"someone/{repo_id}"})()
 
-    def upload(self, folder, repo_id, files_timestamps, commit_message=None, token=None, create_pr=False):
-        uploaded.update(repo_id=repo_id, commit_message=commit_message, create_pr=create_pr,
+    def upload(self, folder, repo_id, files_timestamps, commit_message=None, token=None, create_pr=False,
+               revision=None, commit_description=None):
+        uploaded.update(repo_id=repo_id, commit_message=commit_message, create_pr=create_pr, revision=revision,
                         files={p.name: p.read_text() for p in Path(folder).glob("*") if p.suffix in (".md", ".py")})
 
     monkeypatch.setattr(hub, "hf_api", lambda: Api())
     monkeypatch.setattr(hub.PushToHubMixin, "_upload_modified_files", upload)
-    make_model(torch.float32).save_pretrained(tmp_path / "tiny", push_to_hub=True, self_contained=True,
-                                              commit_message="first", private=True, max_shard_size="1GB")
+    model = make_model(torch.float32)
+    if entry == "save_pretrained":
+        model.save_pretrained(tmp_path / "tiny", push_to_hub=True, self_contained=True, commit_message="first",
+                              private=True, max_shard_size="1GB")
+        assert (tmp_path / "tiny" / "README.md").read_text() == uploaded["files"]["README.md"]  # what was pushed
+    else:
+        model.push_to_hub("tiny", self_contained=True, commit_message="first", private=True, revision="dev",
+                          tags=["mine"])
+        assert uploaded["revision"] == "dev" and "- mine" in uploaded["files"]["README.md"]
     assert created == [("tiny", {"exist_ok": True, "private": True})]
     assert uploaded["repo_id"] == "someone/tiny" and uploaded["commit_message"] == "first"
     card = uploaded["files"]["README.md"]
     assert "# Tensor-attention causal language model" in card and "path = 'someone/tiny'" in card
     assert "hf_tensor_attn__modeling.py" in uploaded["files"] and "tensor_attn_remote.py" in uploaded["files"]
-    assert (tmp_path / "tiny" / "README.md").read_text() == card  # the local folder holds what was pushed

@@ -137,7 +137,8 @@ def test_save_and_reload_through_auto_classes(tmp_path, make_model):
     ids = tok(["3 14 22 ", "hello"], padding=True, return_tensors="pt")
     torch.testing.assert_close(loaded(**ids).logits, model(**ids).logits, rtol=0, atol=0)
     tok2 = AutoTokenizer.from_pretrained(tmp_path)
-    assert type(tok2) is hf_tensor_attn.TensorAttnByteTokenizerFast  # AutoTokenizer gives the fast one, as for Llama
+    assert type(tok2) is hf_tensor_attn.TensorAttnByteTokenizerFast  # transformers 5 loads the fast one first
+    assert tok2(["3 14 22 ", "hello"], padding=True).input_ids == tok(["3 14 22 ", "hello"], padding=True).input_ids
     text = "tensor attention ü 3 14"
     assert tok2.decode(tok2(text).input_ids) == text
     base = AutoModel.from_pretrained(tmp_path)

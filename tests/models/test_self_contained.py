@@ -1,6 +1,7 @@
 """Self-contained checkpoints (issue 34): `save_pretrained(..., self_contained=True)` writes the package's code into
-the folder; a process that cannot import hf_tensor_attn loads it with `trust_remote_code=True` (Auto classes and
-pipeline), generates the in-process tokens with each layout, trains, and saves the same files again."""
+the folder; a process that cannot import hf_tensor_attn (nor accelerate, datasets, triton, ...) loads it with
+`trust_remote_code=True` (Auto classes and pipeline), generates the in-process tokens with each layout, trains, and
+saves the same files again."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from transformers.dynamic_module_utils import get_imports, get_relative_import_f
 from hf_tensor_attn import TensorAttnByteTokenizerFast, available_cache_implementations, remote_code
 from hf_tensor_attn.cache import LAYOUTS
 from hf_tensor_attn.compat import REMOTE_MODULE
-from tests.models.test_transformers_api import BLOCK_PACKAGE, run_fresh_python
+from tests.models.test_transformers_api import run_fresh_python
 
 
 def train_two_steps(model, batch) -> list[float]:
@@ -34,7 +35,20 @@ def train_two_steps(model, batch) -> list[float]:
 LAYOUT_NAMES = [n for n in available_cache_implementations() if not LAYOUTS[n].changes_the_kernel]
 PROMPTS = ["|adg", "hello wor", "x"]
 
-FRESH_SCRIPT = "import sys\n" + BLOCK_PACKAGE + """
+# What the package brings beyond torch and transformers, hidden from the fresh process (with the package itself),
+# so that it runs as an environment with only those two would.
+NOT_IN_A_BARE_ENVIRONMENT = ["hf_tensor_attn", "accelerate", "datasets", "triton", "ninja", "peft", "psutil"]
+HIDE = """
+import importlib.machinery, json, sys
+hidden = set(json.loads(sys.argv[5]))
+path_finder = importlib.machinery.PathFinder.find_spec
+def find_spec(name, path=None, target=None):
+    return None if name.split(".")[0] in hidden else path_finder(name, path, target)
+importlib.machinery.PathFinder.find_spec = staticmethod(find_spec)
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]  # pip install -e's own finder
+"""
+
+FRESH_SCRIPT = HIDE + """
 import json, sys
 import torch
 """ + inspect.getsource(train_two_steps) + """
@@ -52,7 +66,7 @@ text = pipeline("text-generation", model=path, trust_remote_code=True)("abc", ma
 losses = train_two_steps(model, batch)
 model.save_pretrained(resaved)
 tok.save_pretrained(resaved)
-ours = sorted(name for name in sys.modules if name.split(".")[0] == "hf_tensor_attn")
+ours = sorted(name for name in sys.modules if name.split(".")[0] in hidden)
 print(json.dumps({"tokens": tokens, "losses": losses, "text": text[0]["generated_text"], "types":
                   [type(config).__name__, type(model).__name__, type(tok).__name__], "modules": ours}))
 """
@@ -84,6 +98,9 @@ def test_the_folder_holds_what_transformers_copies_and_only_base_imports(saved):
     for name in files:
         assert set(get_imports(path / name)) <= available, name
     assert "hf_tensor_attn__ops__triton_kernels.py" not in files  # needs triton, which torch alone does not bring
+    # where the package imports the kernels on first use, the copy says why they are missing
+    said = "raise ModuleNotFoundError('hf_tensor_attn.ops.triton_kernels (it needs triton) is not part of this"
+    assert said in files["hf_tensor_attn__ops__tiled.py"].decode()
     config = json.loads((path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == f"{REMOTE_MODULE}.TensorAttnForCausalLM"
 
@@ -99,14 +116,14 @@ def test_a_process_without_the_package_loads_generates_trains_and_resaves(saved,
                                           cache_implementation=layout).tolist()
     resaved = tmp_path / "resaved"
     run = run_fresh_python(FRESH_SCRIPT, str(path), str(resaved), json.dumps(PROMPTS), json.dumps(LAYOUT_NAMES),
-                           tmp_path=tmp_path)
+                           json.dumps(NOT_IN_A_BARE_ENVIRONMENT), tmp_path=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert {"four_cache", "two_cache", "subgen4"} <= set(result["tokens"])
     assert result["tokens"] == expected
     assert result["types"] == ["TensorAttnConfig", "TensorAttnForCausalLM", "TensorAttnByteTokenizerFast"]
     assert result["text"].startswith("abc")
-    assert result["modules"] == []  # the package never ran there
+    assert result["modules"] == []  # neither the package nor what it alone brings ran there
     losses = train_two_steps(model.__class__.from_pretrained(path, dtype=torch.float64), batch)  # here, the same
     assert result["losses"] == pytest.approx(losses, rel=1e-9) and losses[1] < losses[0]
     assert code_files(resaved) == code_files(path)  # a self-contained copy saves itself again, byte for byte
