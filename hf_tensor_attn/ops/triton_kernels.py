@@ -500,26 +500,6 @@ def backward(dout, q, k1, k2, v1, v2, out, lse, scale, w1, w2, attention_mask):
             grouped(dv2, v2))
 
 
-class TritonTensorAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
-        out, lse = forward(q, k1, k2, v1, v2, scale, w1, w2, attention_mask)
-        ctx.save_for_backward(q, k1, k2, v1, v2, out, lse, attention_mask)
-        ctx.meta = (scale, w1, w2)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k1, k2, v1, v2, out, lse, attention_mask = ctx.saved_tensors
-        grads = backward(dout, q, k1, k2, v1, v2, out, lse, *ctx.meta, attention_mask)
-        return (*grads, None, None, None, None)
-
-
-def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):
-    """Differentiable exact tensor attention on the Triton kernels (inputs already checked by the caller)."""
-    return TritonTensorAttention.apply(q, k1, k2, v1, v2, float(scale), w1, w2, attention_mask)
-
-
 def decode_launches(q, k1, k2, v1, v2, scale, w1, w2, attention_mask, interpreted=None):
     """([Launch], (m, l, acc)): one decode position q [B, H, 1, D] over the cached [B, H_kv, Tk, D] streams, as
     per-block partials (max, sum, weighted values) written when the launch runs."""
