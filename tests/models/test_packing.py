@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_tensor_attn import compat
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,7 +79,7 @@ def test_a_packed_batch_refuses_a_cache_and_eval_builds_none():
     positions = torch.cat([torch.arange(n) for n in LENGTHS])[None]
     with pytest.raises(ValueError, match="packed batch .* cannot use a cache"):
         model(ids, position_ids=positions, use_cache=True)
-    assert model(ids, position_ids=positions).cache is None  # eval mode's default cache is left out
+    assert compat.output_cache(model(ids, position_ids=positions)) is None  # eval mode's default cache is left out
     with pytest.raises(ValueError, match="cu_seq_lens_q` must be the cumulative document lengths"):
         model(ids, cu_seq_lens_q=torch.tensor([0, 3, 5]))
 
@@ -92,8 +93,6 @@ def test_trl_sft_trainer_with_packing_trains_within_documents(tmp_path):
     tok = TensorAttnByteTokenizer(add_eos_token=True)
     model = _model(vocab_size=259).float().train()
     text = ["abcabcabc", "hello world", "x", "tensor attention attends to pairs", "the end"] * 8
-    from hf_tensor_attn import compat
-
     seen = []
     real = compat.packed_documents
 
