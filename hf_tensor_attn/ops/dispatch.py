@@ -92,7 +92,7 @@ def implementation(backend, q: torch.Tensor, *, one_query: bool, needs_grad: boo
         return "triton"
     if one_query and not needs_grad:
         return "decode"
-    return "compiled" if q.device.type == "cpu" and extension.cpu_ops() is not None else "python"
+    return _torch_path(q)
 
 
 def _run(impl, q, k1, k2, v1, v2, scale, w1, w2, attention_mask, workspace):
@@ -149,7 +149,7 @@ def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_ma
         # Tiles and GEMMs share keys and values between queries, so a NaN may have reached rows that do not use it.
         poisoned = nonfinite_outputs(q, k1, k2, v1, v2, w1=w1, w2=w2, attention_mask=attention_mask)
         if poisoned is None:  # finite inputs: a kernel's fp16 operands, or sums of huge values, overflowed
-            return _with_values_rescaled(_torch_path(q, impl), q, k1, k2, v1, v2, *args)
+            return _with_values_rescaled(_torch_path(q), q, k1, k2, v1, v2, *args)
         out = _run(impl, *finite_copies(q, k1, k2, v1, v2), *args)
         return out.masked_fill(poisoned.expand(out.shape), float("nan"))
 
@@ -234,8 +234,14 @@ def _with_values_rescaled(impl, q, k1, k2, v1, v2, *args):
     return out * repeat_kv(factors[0], groups) * repeat_kv(factors[1], groups)  # one at a time: the product may overflow
 
 
-def _torch_path(q, impl) -> str:
-    return "compiled" if q.device.type == "cpu" and extension.cpu_ops() is not None else "python"
+def _torch_path(q) -> str:
+    if q.device.type != "cpu":
+        return "python"
+    if torch.compiler.is_compiling():
+        # Loading the library takes a lock a traced graph cannot hold: decide on the switch alone, and let the op
+        # (opaque to the compiler) fall back to its Python loops if the library does not load (`_loops`).
+        return "compiled" if extension.enabled() else "python"
+    return "compiled" if extension.cpu_ops() is not None else "python"
 
 
 # ---- 4. the kernels' self-check ----
@@ -277,7 +283,7 @@ def _compare_with_torch(kernel: str, dtype: torch.dtype, D: int, device) -> str 
     kw = dict(scale=D**-0.5, w1=None, w2=7, attention_mask=mask.to(device), workspace=None)
     dout = torch.randn(B, H, Tq, D, generator=g).to(device=device, dtype=dtype)
     results = []
-    for impl in ("triton", _torch_path(inputs[0], "triton")):
+    for impl in ("triton", _torch_path(inputs[0])):
         try:
             with torch.set_grad_enabled(kernel != "decode"):
                 out = _run(impl, *inputs, **kw)
