@@ -115,8 +115,9 @@ def summary_tables(summary: list[dict], run: dict, sizes: dict) -> list[tuple[st
     reference = summary[0]
     accuracy = float(reference["test_accuracy"])
     standard_error = (accuracy * (1 - accuracy) / answers) ** 0.5
-    cost = ", ".join(f"{r['arm']} {float(r['train_seconds']) / float(reference['train_seconds']):.1f}x"
-                     for r in summary[1:])
+    # A quick run on a fast machine can train in under a millisecond: no ratio then, rather than a division by zero.
+    cost = ", ".join(f"{r['arm']} " + (f"{float(r['train_seconds']) / float(reference['train_seconds']):.1f}x"
+                                       if float(reference["train_seconds"]) > 0 else "n/a") for r in summary[1:])
     notes = ["",
              f"Test answers: {answers:,}; the binomial standard error of an accuracy of {accuracy:.4f} over them is "
              f"{standard_error:.4f}.",
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         summary.append({
             "arm": arm, "tensor_layers": "-" if layers is None else str(layers),
             "parameters": sum(p.numel() for p in trainer.model.parameters()), "steps": trainer.state.global_step,
-            "train_seconds": round(next(h["train_runtime"] for h in log if "train_runtime" in h), 1),
+            "train_seconds": round(next(h["train_runtime"] for h in log if "train_runtime" in h), 3),
             "step0_max_logit_diff": diff, "final_eval_loss": round(evals[-1]["eval_loss"], 4),
             "test_accuracy": round(test_accuracy(trainer.model, Match3Task(
                 data_args.modulus, data_args.length, sizes["test_examples"], TEST_SEED, data_args.positive_rate).build()), 4),
