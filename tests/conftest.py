@@ -1,5 +1,16 @@
+import os
+import tempfile
+
 import pytest
-import torch
+
+# torch.compile's on-disk graph cache keys its CPU kernels without the instruction set ATEN_CPU_CAPABILITY selects
+# (torch 2.13): a kernel built under one and loaded under the other returns NaN (AVX-512 build under avx2) or corrupts
+# the heap (the reverse). Runs under another capability keep their own cache.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{os.environ['ATEN_CPU_CAPABILITY']}_{os.getuid()}")
+
+import torch  # noqa: E402
 
 import hf_tensor_attn  # noqa: F401  (registers the Auto classes)
 from transformers import AutoConfig, AutoModelForCausalLM
