@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import EXP_HEADROOM, all_finite, finite_or_zero, fold_groups, masked_softmax, unfold_groups
+from .common import (EXP_HEADROOM, all_finite, finite_or_zero, fold_groups, masked_softmax, repeat_kv,
+                     unfold_groups)
 
 # Scores per block of the in-place decode step (B * H * rows * n2), 16 MiB in fp32: it bounds the scratch while
 # keeping the number of kernel launches (each a parallel region) small.
@@ -143,6 +144,45 @@ def _decode_in_place(qs, k1, k2, v1, v2, real1, real2, workspace):
         out = (torch.stack(outs, -2) * weight[..., None]).sum(-2)  # [B, H, D]
     # Normalise the D outputs, not the i^2 probabilities; no allowed pair at all (a pad query) gives 0, not NaN.
     return (out / torch.where(denom > 0, denom, torch.ones_like(denom)))[:, :, None]
+
+
+def positioned_tensor_attention(q, k1, k2, v1, v2, *, scale, positions, w1=None, w2=None, attention_mask=None):
+    """Tensor attention of queries at `positions` of a preallocated buffer, in shapes that do not depend on them.
+
+    q is [B, H, Tq, D]; the streams [B, H_kv, L, D] are a buffer of L tokens written up to the last query (entries
+    after it are unused); `positions` [Tq] are the queries' token positions. Query t uses the pairs (a, b) with
+    a, b <= positions[t], inside the windows (a > positions[t] - w1, b > positions[t] - w2) and real in
+    `attention_mask` [B, L]. A pair is allowed when each of its tokens is, so the pair mask is the product of two
+    token masks. Nothing reads the positions' values on the host, so a compiled graph holds every decode step of a
+    static cache (`cache.static`); the price of the fixed shapes is O(Tq L^2) scores per head, over the whole
+    buffer. Equals `naive_tensor_attention` on the buffer cut after the last query. No gradient is meant to flow
+    (decoding), though autograd would follow the plain ops.
+    """
+    B, H, Tq, D = q.shape
+    L = k1.shape[2]
+    groups = H // k1.shape[1]
+    dtype = q.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    q, k1, k2, v1, v2 = (t.to(compute) for t in (q, k1, k2, v1, v2))
+    k1, k2, v1, v2 = (repeat_kv(t, groups) for t in (k1, k2, v1, v2))
+    keys = torch.arange(L, device=q.device)
+    last = positions.to(q.device)[:, None]  # [Tq, 1]
+    allowed = []
+    for w in (w1, w2):  # [B or 1, Tq, L] per stream
+        token = keys <= last
+        if w is not None:
+            token = token & (keys > last - w)
+        if attention_mask is not None:
+            token = token & attention_mask.to(device=q.device, dtype=torch.bool)[:, None, :]
+        allowed.append(token if token.dim() == 3 else token[None])
+    allowed1, allowed2 = (a[:, None] for a in allowed)  # [B or 1, 1, Tq, L]
+    scores = torch.matmul(k1[:, :, None] * (q * scale)[:, :, :, None], k2[:, :, None].transpose(-1, -2))
+    pair_allowed = allowed1[..., :, None] & allowed2[..., None, :]  # [B or 1, 1, Tq, L, L]
+    probs = masked_softmax(scores.flatten(-2), pair_allowed.flatten(-2)).view_as(scores)  # [B, H, Tq, L, L]
+    # Tokens a query may not use weigh 0, but 0 * NaN is NaN: their values are zeroed for that query.
+    v1 = torch.where(allowed1[..., None], v1[:, :, None], 0)  # [B, H, Tq, L, D]
+    v2 = torch.where(allowed2[..., None], v2[:, :, None], 0)
+    return (torch.matmul(probs, v2) * v1).sum(-2).to(dtype)
 
 
 def pair_rows_attention(q, pair_keys, pair_values, *, scale, allowed=None):

@@ -9,7 +9,8 @@ direct calls of `ops.tensor_attention` / `ops.four_cache_decode`) and every poly
 2. **chooses the implementation**: the Triton kernels (`triton_kernels`; CUDA tensors, see `backend.use_triton`),
    the in-place one-query decode step (`decode`; one query, no gradient), or the tiled op (`tiled`) with its
    compiled C++ loops (`extension`, where they build) or its Python loops. Grouped key/value heads are repeated
-   here for the tiled op only; the other two read them in place.
+   here for the tiled op only; the other two read them in place. A static cache's compiled step, whose queries sit
+   at positions only the device knows, runs `decode.positioned_tensor_attention` (fixed shapes).
 3. guards **non-finite values** once, around whatever ran: an output with a NaN or infinity is recomputed on
    finite copies of the inputs and exactly the entries the definition makes non-finite are set
    (`common.nonfinite_outputs`); a kernel that overflows on finite inputs is recomputed on the torch path.
@@ -116,7 +117,7 @@ def _run(impl, q, k1, k2, v1, v2, scale, w1, w2, attention_mask, workspace):
 
 
 def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None, backend=None,
-                     workspace=None, documents=None):
+                     workspace=None, documents=None, positions=None):
     """Exact tensor attention with the signature of `naive_tensor_attention`; differentiable.
 
     q is [B, H, Tq, D], k1, k2, v1, v2 are [B, H_kv, Tk, D] (H_kv dividing H); returns [B, H, Tq, D] in q's dtype
@@ -124,12 +125,26 @@ def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_ma
     memory is O(tile + T*d). `backend`: None (automatic), "torch" or "triton" (`ops.backend`). `workspace`: a
     `decode.DecodeWorkspace` the caller keeps for one-query steps (a cache layer), or None. `documents`: [B, Tk]
     integer ids of packed sequences (equal ids in one contiguous run per document): query t then uses only pairs
-    (a, b) with both a and b in its own document (see `per_document`).
+    (a, b) with both a and b in its own document (see `per_document`). `positions`: [Tq] consecutive token positions
+    of the queries in streams that are a preallocated buffer written up to the last query (a static cache), None
+    when the queries are the last Tq of the keys. Compiled, such a call runs `decode.positioned_tensor_attention`
+    (shapes independent of the positions); eagerly the streams are cut after the last query and the call goes on as
+    any other.
     """
     (q, k1, k2, v1, v2), amp_off = autocast_inputs(q, k1, k2, v1, v2)
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
     if attention_mask is not None:
         attention_mask = attention_mask.to(q.device)
+    if positions is not None:
+        if torch.compiler.is_compiling():
+            with amp_off:
+                return decode.positioned_tensor_attention(q, k1, k2, v1, v2, scale=scale, positions=positions, w1=w1,
+                                                          w2=w2, attention_mask=attention_mask)
+        n = int(positions[-1]) + 1  # one host sync per call, as reading any cache length
+        k1, k2, v1, v2 = (t[:, :, :n] for t in (k1, k2, v1, v2))
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, :n]
+            attention_mask = None if bool(attention_mask.all()) else attention_mask
     if documents is not None:
         def one(q, k1, k2, v1, v2, attention_mask):
             return tensor_attention(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask,
@@ -164,14 +179,14 @@ def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_m
                             backend=backend, workspace=workspace)
 
 
-def attention(spec, q, k, v, *, attention_mask=None, workspace=None, documents=None):
+def attention(spec, q, k, v, *, attention_mask=None, workspace=None, documents=None, positions=None):
     """A tensor layer's attention from its constants `spec` (scale, w1, w2, backend): k = k1 | k2 and v = v1 | v2
     side by side along the head features ([B, H_kv, Tk, 2D]), as the layers project them and the caches hold them."""
     k1, k2 = k.chunk(2, dim=-1)
     v1, v2 = v.chunk(2, dim=-1)
     return tensor_attention(q, k1, k2, v1, v2, scale=spec.scale, w1=spec.w1, w2=spec.w2,
                             attention_mask=attention_mask, backend=spec.backend, workspace=workspace,
-                            documents=documents)
+                            documents=documents, positions=positions)
 
 
 def poly_tensor_attention(q, k1, k2, v1, v2, *, scale, degree, attention_mask=None, causal=True, score_bound=None,

@@ -108,3 +108,40 @@ def test_pair_rows_decode_matches_naive():
         rtol=1e-12,
         atol=1e-12,
     )
+
+
+# ---- the static cache's step: queries at positions of a buffer longer than what is written ----
+
+
+@pytest.mark.parametrize("windows", [(None, None), (3, None), (None, 4), (2, 5)])
+@pytest.mark.parametrize("written,Tq", [(1, 1), (7, 1), (13, 1), (6, 3), (13, 13)])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_positioned_attention_matches_naive_on_the_written_tokens(windows, written, Tq, groups):
+    from hf_tensor_attn.ops.decode import positioned_tensor_attention
+
+    g = torch.Generator().manual_seed(written * 10 + Tq)
+    B, H_kv, L, D = 2, 2, 13, 5
+    q = torch.randn(B, H_kv * groups, Tq, D, generator=g, dtype=torch.float64)
+    streams = [torch.randn(B, H_kv, L, D, generator=g, dtype=torch.float64) for _ in range(4)]
+    streams = [torch.cat([t[:, :, :written], 1e6 * t[:, :, written:]], 2) for t in streams]  # unwritten: junk
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, :3] = False  # left padding; row 1 has no real token for the first queries
+    w1, w2 = windows
+    out = positioned_tensor_attention(q, *streams, scale=0.4, positions=torch.arange(written - Tq, written), w1=w1,
+                                      w2=w2, attention_mask=mask)
+    ref = naive_tensor_attention(q, *(t[:, :, :written] for t in streams), scale=0.4, w1=w1, w2=w2,
+                                 attention_mask=mask[:, :written])
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_positioned_attention_nan_reaches_only_the_queries_that_use_it():
+    from hf_tensor_attn.ops.decode import positioned_tensor_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 4, 3, generator=g, dtype=torch.float64)
+    streams = [torch.randn(1, 1, 9, 3, generator=g, dtype=torch.float64) for _ in range(4)]
+    streams[2][0, 0, 5, 1] = float("nan")  # v1 of token 5: queries at 5 and 6 use it, 3 and 4 do not
+    out = positioned_tensor_attention(q, *streams, scale=0.5, positions=torch.arange(3, 7))
+    ref = naive_tensor_attention(q, *(t[:, :, :7] for t in streams), scale=0.5)
+    assert out[0, 0, :2].isfinite().all() and out[0, 0, 2:, 1].isnan().all()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12, equal_nan=True)
