@@ -262,9 +262,12 @@ class StandardAttention(nn.Module):
             # The layer summarises what it holds (cache_config["standard_layers"] = "subgen"): it does the maths.
             out = cache.attend(self.layer_idx, q, k, v, attention_mask).transpose(1, 2)  # [B, T, H, D]
             return self.o_proj(self.dropout(out.reshape(B, T, -1))), None
+        first = None  # position of the first query: the last T of the keys, unless the cache is static
         if cache is not None:
+            first = cache.layers[self.layer_idx].get_seq_length()  # before the update; a tensor in a static layer,
+            first = first.clone() if isinstance(first, torch.Tensor) else first  # which the update advances in place
             k, v = cache.update(k, v, self.layer_idx)
-        mask = causal_padding_mask(T, k.shape[2], attention_mask, q.device)  # [B or 1, 1, T, Tk]
+        mask = causal_padding_mask(T, k.shape[2], attention_mask, q.device, first)  # [B or 1, 1, T, Tk]
         if documents is not None:  # a packed row: each token sees its own document only (no cache: Tk = T)
             mask = mask & (documents[:, None, :, None] == documents[:, None, None, :])
         backend = self.config._attn_implementation
@@ -277,9 +280,10 @@ class StandardAttention(nn.Module):
         return self.o_proj(self.dropout(out.reshape(B, T, -1))), weights
 
 
-def causal_padding_mask(Tq: int, Tk: int, attention_mask, device) -> torch.Tensor:
-    """Boolean SDPA mask: key a is visible to query t when a <= t and a is a real token."""
-    t = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+def causal_padding_mask(Tq: int, Tk: int, attention_mask, device, first=None) -> torch.Tensor:
+    """Boolean SDPA mask: key a is visible to query t when a <= t and a is a real token. The queries are positions
+    first .. first + Tq - 1 (an int or a tensor; by default the last Tq of the keys)."""
+    t = torch.arange(Tq, device=device)[:, None] + (Tk - Tq if first is None else first)
     mask = (torch.arange(Tk, device=device)[None, :] <= t)[None, None]  # [1, 1, Tq, Tk]
     if attention_mask is not None:
         mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
@@ -465,6 +469,10 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
                 "build one (use_cache=True, or generate(cache_implementation=...))"
             )
         cache.check_built_for(config)
+        if torch.compiler.is_compiling() and not cache.traceable:
+            raise ValueError(f"cache_implementation={cache.cache_implementation!r} cannot be filled inside a compiled "
+                             "graph (it reads counts on the host); compile with 'four_cache' or 'static_four_cache', "
+                             "or run this layout uncompiled")
 
     def forward(
         self, input_ids: torch.LongTensor | None = None, *, attention_mask: torch.Tensor | None = None,
@@ -497,24 +505,31 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
             raise ValueError("a packed batch (cu_seq_lens_q, seq_idx, or position_ids that restart without an "
                              "attention_mask) cannot use a cache: pass use_cache=False, or one document per row")
         if use_cache is None:
-            # Training never reuses a cache: building one would only hold activations alive.
-            use_cache = self.config.use_cache and not self.training and documents is None
+            # Training never reuses a cache: building one would only hold activations alive. Compiled, a layout that
+            # cannot be filled inside a graph (`TensorAttnCacheLayer.traceable`) is not built unasked.
+            use_cache = self.config.use_cache and not self.training and documents is None and not (
+                torch.compiler.is_compiling() and not LAYOUTS[self.config.default_cache_implementation].traceable)
         if use_cache and cache is None:
             cache = TensorAttnCache(self.config)
 
         B, T = inputs_embeds.shape[:2]
+        # A static layout counts its tokens in a tensor (a compiled step must not specialise on the count).
         past_seen = cache.get_seq_length() if cache is not None else 0
-        if past_seen + T > self.config.max_position_embeddings:
+        width = cache.max_cache_len if cache is not None and cache.max_cache_len else None  # a static mask's
+        if not torch.compiler.is_compiling() and int(past_seen) + T > self.config.max_position_embeddings:
             logger.warning_once(  # one message per process: the same text is not repeated
                 f"Inputs run past max_position_embeddings={self.config.max_position_embeddings}, the positions this "
                 "model was built for; positions beyond it were never trained and outputs may degrade."
             )
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape != (B, past_seen + T):
-                raise ValueError(
-                    f"`attention_mask` must be a 2D [batch, past + new tokens] = {(B, past_seen + T)} 0/1 mask, "
-                    f"got shape {tuple(attention_mask.shape)}"
-                )
+            if width is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != width and (
+                    not torch.compiler.is_compiling() and attention_mask.shape[1] == int(past_seen) + T):
+                attention_mask = F.pad(attention_mask, (0, width - attention_mask.shape[1]))  # the static width
+            if attention_mask.dim() != 2 or attention_mask.shape != (B, width or past_seen + T):
+                expected = (f"[batch, max_cache_len] = {(B, width)} or [batch, past + new tokens]" if width else
+                            f"[batch, past + new tokens] = {(B, past_seen + T)}")
+                raise ValueError(f"`attention_mask` must be a 2D {expected} 0/1 mask, got shape "
+                                 f"{tuple(attention_mask.shape)}")
             # Nothing padded: the masks reduce to causality and the ops take their unpadded path. Reading the mask's
             # values is a data-dependent branch, which a compiled graph cannot hold: compiled, the mask is kept.
             if not torch.compiler.is_compiling() and bool(attention_mask.all()):
@@ -527,9 +542,11 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
                 position_ids = steps - torch.where(starts, steps, 0).cummax(-1).values
             elif attention_mask is not None:
                 # Count only real tokens, so a left-padded row gets the positions it would have alone.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+                counts = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                new = torch.arange(T, device=counts.device) + past_seen  # a static mask runs past the new tokens
+                position_ids = counts[:, -T:] if width is None else counts.index_select(1, new)
             else:
-                position_ids = torch.arange(past_seen, past_seen + T, device=inputs_embeds.device)[None].expand(B, -1)
+                position_ids = (torch.arange(T, device=inputs_embeds.device) + past_seen)[None].expand(B, -1)
         elif position_ids.shape[-1] != T:
             raise ValueError(f"`position_ids` must hold one position per new token, [batch, {T}], got shape "
                              f"{tuple(position_ids.shape)}")
@@ -654,17 +671,38 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
         offloading = name == "offloaded"
         if name in (None, "dynamic", "offloaded"):
             name = self.config.default_cache_implementation
+        elif name == "static":  # transformers' name for buffers allocated once
+            name = "static_four_cache"
         elif name not in LAYOUTS:
             raise ValueError(
                 f"`cache_implementation` must be one of {available_cache_implementations()}, or 'dynamic' (the "
-                f"config's default layout) or 'offloaded'; got {name!r}"
+                f"config's default layout), 'offloaded' or 'static' ('static_four_cache'); got {name!r}"
             )
+        if LAYOUTS[name].is_compileable and not (cache_config or {}).get("max_cache_len"):
+            cache_config = {**(cache_config or {}), "max_cache_len": self._static_cache_length(ids, kwargs, configs)}
         use_cache = kwargs.get("use_cache", (passed or self.generation_config).use_cache)
         if cache is None and use_cache is not False:
             cache = TensorAttnCache(self.config, name, cache_config, offloading=offloading)
         if cache is not None:
             kwargs.update(compat.cache_kwargs(cache))
         return super().generate(*args, **kwargs)
+
+    def _static_cache_length(self, ids, kwargs, configs) -> int:
+        """Tokens a static cache must hold for this call: the prompt and the new tokens, as transformers sizes its
+        `StaticCache` (at least `generation_config.max_cache_len` when set)."""
+        config = configs[0]
+        prompt = ids.shape[-1] if isinstance(ids, torch.Tensor) else kwargs["inputs_embeds"].shape[1]
+        max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
+        length = prompt + max_new if max_new is not None else kwargs.get("max_length", config.max_length)
+        return max(length, getattr(config, "max_cache_len", None) or 0)
+
+    def create_masks_for_generate(self, *, attention_mask=None, **kwargs):
+        """What `generate` passes as the mask with a compileable cache (transformers builds a 4D one there): the 2D
+        mask this model takes, padded with zeros to the static cache's width, so every decode step has one shape."""
+        cache = kwargs.get(compat.CACHE_ARG)
+        if attention_mask is None or not isinstance(cache, TensorAttnCache) or not cache.max_cache_len:
+            return attention_mask
+        return F.pad(attention_mask, (0, cache.max_cache_len - attention_mask.shape[-1]))
 
     def _prepare_generation_config(self, generation_config, **kwargs):
         # The base generate fills the call's config from the model's, layout name included, and then refuses it

@@ -11,6 +11,7 @@ from .base import (
 )
 from .four import FourCacheLayer
 from .poly import PolyCacheLayer, PolyCacheMemoryError
+from .static import StaticFourCacheLayer
 from .subgen import StandardSubGenCacheLayer, SubGen2CacheLayer, SubGen4CacheLayer
 from .two import TwoCacheLayer, TwoCacheMemoryError
 
@@ -20,6 +21,7 @@ __all__ = [
     "PolyCacheLayer",
     "PolyCacheMemoryError",
     "StandardSubGenCacheLayer",
+    "StaticFourCacheLayer",
     "SubGen2CacheLayer",
     "SubGen4CacheLayer",
     "TensorAttnCache",

@@ -31,7 +31,7 @@ from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
 from .. import compat
 from ..registry import CACHE_IMPLEMENTATIONS
@@ -102,6 +102,9 @@ class TensorAttnCacheLayer(CacheLayerMixin):
     # True for a layout that replaces exp by another kernel ("poly"): it matches softmax attention only
     # approximately, at every length, so exactness checks across layouts leave it out.
     changes_the_kernel = False
+    # Whether `torch.compile` can trace filling and reading the layer (no host reads of values, no data-dependent
+    # shapes). A compiled forward that would build a cache of another layout by default builds none.
+    traceable = True
 
     def __init__(self, constants: TensorAttnConstants, **cache_config):
         if not isinstance(constants, TensorAttnConstants):
@@ -176,6 +179,10 @@ class TensorAttnCacheLayer(CacheLayerMixin):
             shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
             raise ValueError(f"`attention_mask` must be a [B, seen] = {(B, self.seen)} 0/1 or bool tensor, got {shape}")
         return self.read(query, attention_mask)
+
+    def new_token_mask(self, attention_mask: torch.Tensor, count: int) -> torch.Tensor:
+        """The [B, count] entries of `attention_mask` that belong to the next `count` tokens (before `update`)."""
+        return attention_mask[:, -count:]
 
     def check_states(self, key_states, value_states) -> None:
         expected = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3])
@@ -327,11 +334,17 @@ class TensorAttnCache(Cache):
                 f"`cache_config['standard_layers']` must be one of {list(STANDARD_LAYERS)} ('subgen' only with "
                 f"cache_implementation in {offered}), got {standard!r} with cache_implementation={name!r}"
             )
+        self.max_cache_len = None  # tokens a static layout's buffers hold; None for layouts that grow
+        if layout.is_compileable:
+            self.max_cache_len = cache_config.get("max_cache_len") or config.max_position_embeddings
+            cache_config = {**cache_config, "max_cache_len": self.max_cache_len}
         self.constants = TensorAttnConstants.from_config(config)
         self.layer_types = tuple(config.layer_types)
         tensor_layers = iter(layout.build(self.constants, self.layer_types.count("tensor_attention"), cache_config))
 
         def standard_layer():
+            if layout.is_compileable:
+                return StaticLayer(self.max_cache_len)
             if standard == "exact":
                 return DynamicLayer()
             return layout.standard_layer(TensorAttnConstants(scale=config.head_dim**-0.5), **cache_config)
@@ -358,8 +371,8 @@ class TensorAttnCache(Cache):
         if attention_mask is not None:
             # Padded tokens never contribute, but a NaN they hold would survive a zero weight (0 * NaN) in layouts
             # that sum or cluster what they hold: such entries are stored as 0. Finite states are stored unchanged.
-            padded = ~attention_mask[:, -key_states.shape[-2] :].to(device=key_states.device, dtype=torch.bool)
-            padded = padded[:, None, :, None]  # [B, 1, T, 1]
+            new = self.layers[layer_idx].new_token_mask(attention_mask, key_states.shape[-2])
+            padded = ~new.to(device=key_states.device, dtype=torch.bool)[:, None, :, None]  # [B, 1, T, 1]
             key_states, value_states = (
                 torch.where(padded & ~torch.isfinite(t), torch.zeros_like(t), t) for t in (key_states, value_states)
             )
@@ -389,6 +402,11 @@ class TensorAttnCache(Cache):
                     f"uses {width} (head_dim={config.head_dim}): it was filled by another model; build a new one with "
                     "TensorAttnCache(model.config, ...)"
                 )
+
+    @property
+    def traceable(self) -> bool:
+        """Whether `torch.compile` can trace every layer's fill and read (`TensorAttnCacheLayer.traceable`)."""
+        return all(getattr(layer, "traceable", True) for layer in self.layers)
 
     def memory_bytes(self) -> int:
         """Bytes of tensor storage held by all layers."""

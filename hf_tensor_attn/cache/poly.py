@@ -69,7 +69,8 @@ class PolyCacheLayer(TensorAttnCacheLayer):
             r = check_feature_count(Dk2 // 2, self.degree)
         except ValueError as e:
             raise PolyCacheMemoryError(f"cache_implementation='poly': {e}") from None
-        self._check_memory(B, H, r, Dk2 // 2, Dv2 // 2, compute, key_states.device)
+        if not torch.compiler.is_compiling():  # a traced graph cannot ask the machine for its memory
+            self._check_memory(B, H, r, Dk2 // 2, Dv2 // 2, compute, key_states.device)
         self.state = PolyState.zeros(B, H, r, Dk2 // 2, Dv2 // 2, dtype=compute, device=key_states.device)
         self.pending = None  # tokens appended but not yet attended: (keys, values, [B, 1, T, 1] mask)
 

@@ -60,6 +60,8 @@ def _check_int(name, value, low, high=None, what=""):
 class _SubGenLayer(TensorAttnCacheLayer):
     """What both SubGen layouts share: options, the exact buffer, lazy eviction and the batch operations."""
 
+    traceable = False  # clusters form by thresholds read on the host, from a seeded generator
+
     why_not_croppable = "evicted tokens are merged into cluster summaries and cannot be un-merged"
 
     def __init__(self, constants, *, delta: float = 0.5, cluster_samples: int = 8, value_samples: int = 64,

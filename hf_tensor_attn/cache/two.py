@@ -84,6 +84,7 @@ class TwoCacheLayer(TensorAttnCacheLayer):
             would pass it raises `TwoCacheMemoryError` (a `MemoryError`) before allocating anything.
     """
 
+    traceable = False  # its pair rows grow by counts read on the host
     is_croppable = True
 
     def __init__(self, constants, *, max_memory_bytes: int | None = None):

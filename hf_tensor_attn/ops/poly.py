@@ -182,6 +182,7 @@ def _check_inputs(q, k1, k2, v1, v2, *, scale, degree, attention_mask, causal, s
 
 
 @functools.lru_cache(maxsize=64)
+@torch.compiler.assume_constant_result  # solved at trace time in a compiled graph (mpmath does not trace)
 def polynomial_coefficients(degree: int, score_bound: float | None) -> tuple[float, ...]:
     """c_0 .. c_g of P(s) = sum_j c_j s^j: Taylor of exp at 0, or the Chebyshev interpolant on [-R, R].
 
@@ -208,9 +209,10 @@ def num_features(d: int, degree: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _monomials(d: int, degree: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+@torch.compiler.assume_constant_result  # a compiled graph takes the tables as constants, built at trace time
+def _monomial_tables(d: int, degree: int) -> tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]], ...]:
     """Per degree j >= 1, over the monomials of degree j in lexicographic order: the index of its parent (itself
-    divided by its last variable) among degree j - 1 monomials, that last variable, and j! / alpha! (float64)."""
+    divided by its last variable) among degree j - 1 monomials, that last variable, and j! / alpha!."""
     levels = []
     previous = {(): 0}
     for j in range(1, degree + 1):
@@ -221,13 +223,19 @@ def _monomials(d: int, degree: int) -> list[tuple[torch.Tensor, torch.Tensor, to
             variables.append(combo[-1])
             counts = np.bincount(combo, minlength=d)
             weights.append(math.factorial(j) / math.prod(math.factorial(int(c)) for c in counts))
-        # Cached tensors must not be inference tensors (a first call under inference_mode would make them so), or
-        # a later training call could not save them for backward.
-        with torch.inference_mode(False):
-            levels.append((torch.tensor(parents, dtype=torch.long), torch.tensor(variables, dtype=torch.long),
-                           torch.tensor(weights, dtype=torch.float64)))  # long even when empty (d = 0)
+        levels.append((tuple(parents), tuple(variables), tuple(weights)))
         previous = current
-    return levels
+    return tuple(levels)
+
+
+def _monomials(d: int, degree: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`_monomial_tables` as tensors: parents and variables long, weights float64 (long even when empty, d = 0)."""
+    # Not inference tensors (a first call under inference_mode would make them so, and `_indices_on` keeps them),
+    # or a later training call could not save them for backward.
+    with torch.inference_mode(False):
+        return [(torch.tensor(parents, dtype=torch.long), torch.tensor(variables, dtype=torch.long),
+                 torch.tensor(weights, dtype=torch.float64))
+                for parents, variables, weights in _kept(_monomial_tables)(d, degree)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -238,10 +246,16 @@ def _indices_on(d: int, degree: int, device: torch.device) -> list[tuple[torch.T
         return [(parent.to(device), var.to(device)) for parent, var, _ in _monomials(d, degree)]
 
 
+def _kept(function):
+    """A function's cached version, or the function itself inside a compiled graph (whose constants need no cache;
+    dynamo would warn that it bypasses the cache)."""
+    return function.__wrapped__ if torch.compiler.is_compiling() else function
+
+
 def monomial_features(x: torch.Tensor, degree: int) -> list[torch.Tensor]:
     """x [..., d] -> per degree j = 0..g the monomials x^alpha, |alpha| = j: [..., C(d + j - 1, j)] each."""
     features = [x.new_ones(*x.shape[:-1], 1)]  # the monomial 1, also for d = 0
-    for parent, var in _indices_on(x.shape[-1], degree, x.device):
+    for parent, var in _kept(_indices_on)(x.shape[-1], degree, x.device):
         features.append(features[-1][..., parent] * x[..., var])
     return features
 
@@ -249,7 +263,7 @@ def monomial_features(x: torch.Tensor, degree: int) -> list[torch.Tensor]:
 def query_features(q: torch.Tensor, *, scale: float, degree: int, score_bound) -> torch.Tensor:
     """U1(q) [..., r]: the monomials of q weighted by c_j scale^j j!/alpha!."""
     levels = monomial_features(q, degree)
-    weights = _query_weights_on(q.shape[-1], degree, score_bound, float(scale), q.dtype, q.device)
+    weights = _kept(_query_weights_on)(q.shape[-1], degree, score_bound, float(scale), q.dtype, q.device)
     return torch.cat([level * w for level, w in zip(levels, weights)], dim=-1)
 
 
@@ -259,7 +273,7 @@ def _query_weights_on(d: int, degree: int, score_bound, scale: float, dtype: tor
     """Per degree j = 0..g the weights c_j scale^j j!/alpha! of `query_features`, in q's dtype on q's device, kept as
     `_indices_on` keeps its indices: computed in float64 on the CPU (not every device has float64, e.g. MPS), they
     would otherwise be copied to the device at every decode step."""
-    coefficients = polynomial_coefficients(degree, score_bound)
+    coefficients = _kept(polynomial_coefficients)(degree, score_bound)
     levels = [torch.ones(1, dtype=torch.float64)] + [weights for _, _, weights in _monomials(d, degree)]
     with torch.inference_mode(False):
         return [(w * (c * scale**j)).to(dtype=dtype, device=device)
