@@ -41,7 +41,7 @@ from hf_tensor_attn.ops.decode import decode_scratch_elements
 from scripts.bench.baselines import kronecker_decode
 from scripts.bench.harness import (
     describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, publish, pyplot, read_csv,
-    read_run_record, render_document, run_record, wait_for_idle, write_csv, write_run_record,
+    read_run_record, rebuild_or_start, render_document, run_record, wait_for_idle, write_csv, write_run_record,
 )
 
 NAME = "bench_cache"
@@ -138,10 +138,8 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    if args.from_csv:
-        print(publish(args.out, render))
-        return read_csv(args.out / f"{NAME}.csv")
-    torch.set_num_threads(args.threads)
+    if (rows := rebuild_or_start(args, NAME, render)) is not None:
+        return rows
     if args.quick:
         sizes_four, max_b, fit_from, top = [16, 32, 64], 64, 16, 6
         timing, mm_sizes = dict(repeats=1, min_run_time=0.02), (256,)

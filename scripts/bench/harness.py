@@ -367,6 +367,16 @@ def publish(folder: Path, render) -> str:
     return text
 
 
+def rebuild_or_start(args, name: str, render) -> list[dict] | None:
+    """With --from-csv: rebuild tables.md in args.out and return the rows of its `name`.csv; otherwise set torch's
+    thread count for the run and return None."""
+    if args.from_csv:
+        print(publish(args.out, render))
+        return read_csv(args.out / f"{name}.csv")
+    torch.set_num_threads(args.threads)
+    return None
+
+
 def render_folder(folder: Path) -> str:
     """tables.md as the script named in the folder's run record builds it from the folder's files."""
     module = importlib.import_module(read_run_record(folder)["module"])

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.bench import (bench_attention, bench_cache, bench_poly, convert_llama_experiment, eval_subgen,
-                           eval_subgen_text, match3_experiment, profile_attention)
+from scripts.bench import (bench_attention, bench_cache, bench_compiled_decode, bench_poly, convert_llama_experiment,
+                           eval_subgen, eval_subgen_text, match3_experiment, profile_attention)
 from scripts.bench.harness import read_run_record, render_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {
     "bench_attention": (["scripts/bench/bench_attention.py"], ["bench_attention.csv", "bench_attention.png"]),
     "bench_cache": (["-m", "scripts.bench.bench_cache"], ["bench_cache.csv", "bench_cache.png"]),
+    "bench_compiled_decode": (["-m", "scripts.bench.bench_compiled_decode"],
+                              ["bench_compiled_decode.csv", "bench_compiled_decode.png"]),
     "eval_subgen": (["-m", "scripts.bench.eval_subgen"],
                     ["synthetic.csv", "model.csv", "lowdim.csv", "eval_subgen.png"]),
     "bench_poly": (["-m", "scripts.bench.bench_poly"],
@@ -60,8 +62,9 @@ def test_quick_run_writes_csv_table_and_plot(name, tmp_path):
     assert tables == render_folder(out)  # a normal run publishes exactly what --from-csv would rebuild
 
 
-@pytest.mark.parametrize("module", [bench_attention, bench_cache, bench_poly, eval_subgen, eval_subgen_text,
-                                    match3_experiment, convert_llama_experiment, profile_attention])
+@pytest.mark.parametrize("module", [bench_attention, bench_cache, bench_compiled_decode, bench_poly, eval_subgen,
+                                    eval_subgen_text, match3_experiment, convert_llama_experiment,
+                                    profile_attention])
 def test_quick_run_refuses_to_write_into_docs(module, capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--quick", "--out", str(ROOT / "docs" / "smoke")])
