@@ -357,6 +357,9 @@ class TensorAttnPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = [compat.CACHE_ARG]  # accelerate's device hooks must not move the cache
     _supports_sdpa = True
     _supports_flex_attn = True
+    # torch.compile(model, fullgraph=True) with every default layout, and the static layout's decode step as one graph
+    # (tests/cache/test_static.py); tensor layers do not go through ALL_ATTENTION_FUNCTIONS (_supports_attention_backend)
+    _can_compile_fullgraph = True
     # attn_implementation picks the standard layers' kernel; tensor layers always run ops.tensor_attention.
     supported_attn_implementations = ("sdpa", "eager", "flex_attention")
 
