@@ -136,15 +136,18 @@ class TensorAttention(nn.Module):
             k2 = apply_rotary(k2, cos, sin) if "k2" in self.rope_streams else k2
             k = torch.cat((k1, k2), dim=-1)
 
+        custom = attention_mask is not None and attention_mask.dim() == 4  # per-query allowed keys (no cache)
         if cache is not None:
             out = cache.attend(self.layer_idx, q, k, v, attention_mask)  # the cache's layout does the maths
+        elif custom:
+            out = attention(self.constants, q, k, v, query_masks=attention_mask[:, 0].expand(B, T, T))
         else:
             out = attention(self.constants, q, k, v, attention_mask=attention_mask, documents=documents)
         weights = None
         if output_attentions and self.config._attn_implementation == "eager":
-            if documents is not None:
-                raise ValueError("output_attentions with packed sequences: the weights of a packed row are not "
-                                 "computed; pass one document per row to get them")
+            if documents is not None or custom:
+                raise ValueError("output_attentions with packed sequences or a 4D attention_mask: the weights of such "
+                                 "a row are not computed; pass one sequence per row (2D mask) to get them")
             out, weights = eager_tensor_attention(self, q, k, v, attention_mask, cache, out)
         out = out.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(self.dropout(out)), weights
@@ -267,7 +270,10 @@ class StandardAttention(nn.Module):
             first = cache.layers[self.layer_idx].get_seq_length()  # before the update; a tensor in a static layer,
             first = first.clone() if isinstance(first, torch.Tensor) else first  # which the update advances in place
             k, v = cache.update(k, v, self.layer_idx)
-        mask = causal_padding_mask(T, k.shape[2], attention_mask, q.device, first)  # [B or 1, 1, T, Tk]
+        if attention_mask is not None and attention_mask.dim() == 4:  # a custom mask: the allowed keys per query
+            mask = attention_mask | ~attention_mask.any(-1, keepdim=True)  # a query that sees nothing: any finite row
+        else:
+            mask = causal_padding_mask(T, k.shape[2], attention_mask, q.device, first)  # [B or 1, 1, T, Tk]
         if documents is not None:  # a packed row: each token sees its own document only (no cache: Tk = T)
             mask = mask & (documents[:, None, :, None] == documents[:, None, None, :])
         backend = self.config._attn_implementation
@@ -477,6 +483,22 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
                              "graph (it reads counts on the host); compile with 'four_cache' or 'static_four_cache', "
                              "or run this layout uncompiled")
 
+    def custom_mask(self, mask, B: int, T: int, cached: bool, documents) -> torch.Tensor:
+        """A 4D `attention_mask` [B or 1, 1, T, T] as transformers' models take it (bool or integer: nonzero means
+        allowed; floating: additive, 0 allowed) -> bool. Query t of a tensor layer uses the pairs of tokens it may
+        see (windows still count along the row); layers keep causality. Without a cache, and not with poly layers,
+        whose prefix sums cannot leave tokens out per query."""
+        if mask.shape[0] not in (1, B) or tuple(mask.shape[1:]) != (1, T, T):
+            raise ValueError(f"a 4D `attention_mask` must be [batch or 1, 1, tokens, tokens] = [{B}, 1, {T}, {T}], got "
+                             f"shape {tuple(mask.shape)}")
+        if cached or documents is not None:
+            raise ValueError("a 4D `attention_mask` (the allowed keys of each query) works without a cache and "
+                             "without packed-sequence keywords: pass use_cache=False")
+        if "poly_tensor_attention" in self.config.layer_types:
+            raise ValueError("a 4D `attention_mask` is not supported by 'poly_tensor_attention' layers (their state "
+                             "sums every earlier token); pass a 2D padding mask")
+        return mask == 0 if mask.is_floating_point() else mask.bool()
+
     def forward(
         self, input_ids: torch.LongTensor | None = None, *, attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
@@ -507,10 +529,11 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
         if documents is not None and (cache is not None or use_cache):
             raise ValueError("a packed batch (cu_seq_lens_q, seq_idx, or position_ids that restart without an "
                              "attention_mask) cannot use a cache: pass use_cache=False, or one document per row")
+        custom = attention_mask is not None and attention_mask.dim() == 4
         if use_cache is None:
             # Training never reuses a cache: building one would only hold activations alive. Compiled, a layout that
             # cannot be filled inside a graph (`TensorAttnCacheLayer.traceable`) is not built unasked.
-            use_cache = self.config.use_cache and not self.training and documents is None and not (
+            use_cache = self.config.use_cache and not self.training and documents is None and not custom and not (
                 torch.compiler.is_compiling() and not LAYOUTS[self.config.default_cache_implementation].traceable)
         if use_cache and cache is None:
             cache = TensorAttnCache(self.config)
@@ -524,7 +547,9 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
                 f"Inputs run past max_position_embeddings={self.config.max_position_embeddings}, the positions this "
                 "model was built for; positions beyond it were never trained and outputs may degrade."
             )
-        if attention_mask is not None:
+        if custom:
+            attention_mask = self.custom_mask(attention_mask, B, T, cache is not None or use_cache, documents)
+        elif attention_mask is not None:
             if width is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != width and (
                     not torch.compiler.is_compiling() and attention_mask.shape[1] == int(past_seen) + T):
                 attention_mask = F.pad(attention_mask, (0, width - attention_mask.shape[1]))  # the static width
@@ -543,7 +568,7 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
                 starts = torch.ones_like(documents, dtype=torch.bool)
                 starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
                 position_ids = steps - torch.where(starts, steps, 0).cummax(-1).values
-            elif attention_mask is not None:
+            elif attention_mask is not None and not custom:
                 # Count only real tokens, so a left-padded row gets the positions it would have alone.
                 counts = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
                 new = torch.arange(T, device=counts.device) + past_seen  # a static mask runs past the new tokens

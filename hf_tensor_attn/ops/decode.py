@@ -151,9 +151,9 @@ def positioned_tensor_attention(q, k1, k2, v1, v2, *, scale, positions, w1=None,
 
     q is [B, H, Tq, D]; the streams [B, H_kv, L, D] are a buffer of L tokens written up to the last query (entries
     after it are unused); `positions` [Tq] are the queries' token positions. Query t uses the pairs (a, b) with
-    a, b <= positions[t], inside the windows (a > positions[t] - w1, b > positions[t] - w2) and real in
-    `attention_mask` [B, L]. A pair is allowed when each of its tokens is, so the pair mask is the product of two
-    token masks. Nothing reads the positions' values on the host, so a compiled graph holds every decode step of a
+    a, b <= positions[t], inside the windows (a > positions[t] - w1, b > positions[t] - w2) and allowed by
+    `attention_mask`: [B, L] (padding) or [B, Tq, L] (per query: a 4D custom mask). A pair is allowed when each of
+    its tokens is, so the pair mask is the product of two token masks. Nothing reads the positions' values on the host, so a compiled graph holds every decode step of a
     static cache (`cache.static`); the price of the fixed shapes is O(Tq L^2) scores per head, over the whole
     buffer. Equals `naive_tensor_attention` on the buffer cut after the last query. No gradient is meant to flow
     (decoding), though autograd would follow the plain ops.
@@ -173,7 +173,8 @@ def positioned_tensor_attention(q, k1, k2, v1, v2, *, scale, positions, w1=None,
         if w is not None:
             token = token & (keys > last - w)
         if attention_mask is not None:
-            token = token & attention_mask.to(device=q.device, dtype=torch.bool)[:, None, :]
+            mask = attention_mask.to(device=q.device, dtype=torch.bool)
+            token = token & (mask[:, None, :] if mask.dim() == 2 else mask)
         allowed.append(token if token.dim() == 3 else token[None])
     allowed1, allowed2 = (a[:, None] for a in allowed)  # [B or 1, 1, Tq, L]
     scores = torch.matmul(k1[:, :, None] * (q * scale)[:, :, :, None], k2[:, :, None].transpose(-1, -2))

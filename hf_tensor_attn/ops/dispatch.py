@@ -10,7 +10,8 @@ direct calls of `ops.tensor_attention` / `ops.four_cache_decode`) and every poly
    the in-place one-query decode step (`decode`; one query, no gradient), or the tiled op (`tiled`) with its
    compiled C++ loops (`extension`, where they build) or its Python loops. Grouped key/value heads are repeated
    here for the tiled op only; the other two read them in place. A static cache's compiled step, whose queries sit
-   at positions only the device knows, runs `decode.positioned_tensor_attention` (fixed shapes).
+   at positions only the device knows, runs `decode.positioned_tensor_attention` (fixed shapes), as does a call with
+   a 4D custom mask (`query_masks`).
 3. guards **non-finite values** once, around whatever ran: an output with a NaN or infinity is recomputed on
    finite copies of the inputs and exactly the entries the definition makes non-finite are set
    (`common.nonfinite_outputs`); a kernel that overflows on finite inputs is recomputed on the torch path.
@@ -117,7 +118,7 @@ def _run(impl, q, k1, k2, v1, v2, scale, w1, w2, attention_mask, workspace):
 
 
 def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None, backend=None,
-                     workspace=None, documents=None, positions=None):
+                     workspace=None, documents=None, positions=None, query_masks=None):
     """Exact tensor attention with the signature of `naive_tensor_attention`; differentiable.
 
     q is [B, H, Tq, D], k1, k2, v1, v2 are [B, H_kv, Tk, D] (H_kv dividing H); returns [B, H, Tq, D] in q's dtype
@@ -129,12 +130,25 @@ def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_ma
     of the queries in streams that are a preallocated buffer written up to the last query (a static cache), None
     when the queries are the last Tq of the keys. Compiled, such a call runs `decode.positioned_tensor_attention`
     (shapes independent of the positions); eagerly the streams are cut after the last query and the call goes on as
-    any other.
+    any other. `query_masks`: [B, Tq, Tk] bool, per query the tokens it may use (a 4D custom mask, queries the last
+    Tq positions), a pair allowed when both tokens are; it runs `decode.positioned_tensor_attention` (O(Tq Tk^2)
+    scores per head, differentiable), in place of `attention_mask`.
     """
     (q, k1, k2, v1, v2), amp_off = autocast_inputs(q, k1, k2, v1, v2)
     check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
     if attention_mask is not None:
         attention_mask = attention_mask.to(q.device)
+    if query_masks is not None:
+        Tq, Tk = q.shape[2], k1.shape[2]
+        if not isinstance(query_masks, torch.Tensor) or tuple(query_masks.shape) != (q.shape[0], Tq, Tk):
+            shape = tuple(query_masks.shape) if isinstance(query_masks, torch.Tensor) else type(query_masks).__name__
+            raise ValueError(f"`query_masks` must be a [B, Tq, Tk] = {(q.shape[0], Tq, Tk)} bool tensor, got {shape}")
+        if attention_mask is not None or positions is not None or documents is not None:
+            raise ValueError("`query_masks` (a 4D custom mask) replaces `attention_mask`, `positions` and `documents`")
+        with amp_off:
+            return decode.positioned_tensor_attention(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2,
+                                                      positions=torch.arange(Tk - Tq, Tk, device=q.device),
+                                                      attention_mask=query_masks)
     if positions is not None:
         if torch.compiler.is_compiling():
             with amp_off:
@@ -179,14 +193,15 @@ def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_m
                             backend=backend, workspace=workspace)
 
 
-def attention(spec, q, k, v, *, attention_mask=None, workspace=None, documents=None, positions=None):
+def attention(spec, q, k, v, *, attention_mask=None, workspace=None, documents=None, positions=None,
+              query_masks=None):
     """A tensor layer's attention from its constants `spec` (scale, w1, w2, backend): k = k1 | k2 and v = v1 | v2
     side by side along the head features ([B, H_kv, Tk, 2D]), as the layers project them and the caches hold them."""
     k1, k2 = k.chunk(2, dim=-1)
     v1, v2 = v.chunk(2, dim=-1)
     return tensor_attention(q, k1, k2, v1, v2, scale=spec.scale, w1=spec.w1, w2=spec.w2,
                             attention_mask=attention_mask, backend=spec.backend, workspace=workspace,
-                            documents=documents, positions=positions)
+                            documents=documents, positions=positions, query_masks=query_masks)
 
 
 def poly_tensor_attention(q, k1, k2, v1, v2, *, scale, degree, attention_mask=None, causal=True, score_bound=None,
