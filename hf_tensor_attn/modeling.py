@@ -650,7 +650,8 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=compat.resolve_cache(cache, past_key_values, f"{type(self).__name__}.forward"),
+            cache=cache,
+            past_key_values=past_key_values,  # resolved once, by the base model
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
