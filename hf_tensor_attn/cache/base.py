@@ -368,10 +368,15 @@ class TensorAttnCache(Cache):
 
     def attend(self, layer_idx: int, query, key_states, value_states, attention_mask=None) -> torch.Tensor:
         """Append the new states to layer `layer_idx` and return its attention for `query` (see `attends`)."""
+        layer = self.layers[layer_idx]
+        if attention_mask is not None and self.max_cache_len and not layer.is_compileable:
+            # A static cache's mask spans max_cache_len tokens; a layer that grows (a poly layer's state) takes the
+            # mask of the tokens it will hold.
+            attention_mask = attention_mask[:, : layer.seen + key_states.shape[-2]]
         if attention_mask is not None:
             # Padded tokens never contribute, but a NaN they hold would survive a zero weight (0 * NaN) in layouts
             # that sum or cluster what they hold: such entries are stored as 0. Finite states are stored unchanged.
-            new = self.layers[layer_idx].new_token_mask(attention_mask, key_states.shape[-2])
+            new = layer.new_token_mask(attention_mask, key_states.shape[-2])
             padded = ~new.to(device=key_states.device, dtype=torch.bool)[:, None, :, None]  # [B, 1, T, 1]
             key_states, value_states = (
                 torch.where(padded & ~torch.isfinite(t), torch.zeros_like(t), t) for t in (key_states, value_states)
@@ -381,7 +386,7 @@ class TensorAttnCache(Cache):
         (query, key_states, value_states), amp_off = autocast_inputs(query, key_states, value_states)
         with amp_off:
             self.update(key_states, value_states, layer_idx, attention_mask=attention_mask)
-            return self.layers[layer_idx].attend(query, attention_mask)
+            return layer.attend(query, attention_mask)
 
     def check_built_for(self, config) -> None:
         """Raise ValueError when this cache was built for another model than `config` describes."""

@@ -130,3 +130,13 @@ def test_static_generate_with_beams_and_a_nan_in_padding_equals_four_cache(make_
     embeds[1, 0] = float("nan")
     out = model(inputs_embeds=embeds, attention_mask=mask, cache=cache).logits
     assert out[mask.bool()].isfinite().all()
+
+
+def test_static_generate_with_a_poly_layer_equals_four_cache(make_model, left_padded):
+    # The poly layer's state is its own cache layer, which grows: it takes the mask of the tokens it holds, not the
+    # static width (the cache is then not compileable, and generate decodes eagerly).
+    model = make_model(layer_types=["poly_tensor_attention", *HYBRID], num_hidden_layers=3)
+    ids, mask = left_padded([6, 3])[1:]
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kw),
+                       model.generate(ids, cache_implementation="four_cache", **kw))
