@@ -5,7 +5,8 @@ of tokens written as a tensor, so a compiled decode step never sees a shape or a
 does the same for K1 | K2 and V1 | V2; a `TensorAttnCache` of this layout gives the standard layers transformers'
 `StaticLayer`. The attention runs through the door with the queries' positions (`ops.dispatch`): compiled, over the
 whole buffer with the unwritten tokens masked (O(L^2) per head and step for L = max_cache_len, the price of fixed
-shapes); eagerly, over the tokens written, as `four_cache` does.
+shapes; O(w1 w2) with both windows set, whose tokens are gathered); eagerly, over the tokens written, as
+`four_cache` does.
 """
 
 from __future__ import annotations

@@ -153,10 +153,11 @@ def positioned_tensor_attention(q, k1, k2, v1, v2, *, scale, positions, w1=None,
     after it are unused); `positions` [Tq] are the queries' token positions. Query t uses the pairs (a, b) with
     a, b <= positions[t], inside the windows (a > positions[t] - w1, b > positions[t] - w2) and allowed by
     `attention_mask`: [B, L] (padding) or [B, Tq, L] (per query: a 4D custom mask). A pair is allowed when each of
-    its tokens is, so the pair mask is the product of two token masks. Nothing reads the positions' values on the host, so a compiled graph holds every decode step of a
-    static cache (`cache.static`); the price of the fixed shapes is O(Tq L^2) scores per head, over the whole
-    buffer. Equals `naive_tensor_attention` on the buffer cut after the last query. No gradient is meant to flow
-    (decoding), though autograd would follow the plain ops.
+    its tokens is, so the pair mask is the product of two token masks. Nothing reads the positions' values on the
+    host, so a compiled graph holds every decode step of a static cache (`cache.static`). A windowed stream's w
+    tokens are gathered per query; an unwindowed one spans the whole buffer: O(Tq n1 n2) scores per head, n = w or
+    L, the price of the fixed shapes. Equals `naive_tensor_attention` on the buffer cut after the last query;
+    differentiable (plain ops), which the 4D-mask path uses.
     """
     B, H, Tq, D = q.shape
     L = k1.shape[2]
@@ -165,24 +166,30 @@ def positioned_tensor_attention(q, k1, k2, v1, v2, *, scale, positions, w1=None,
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     q, k1, k2, v1, v2 = (t.to(compute) for t in (q, k1, k2, v1, v2))
     k1, k2, v1, v2 = (repeat_kv(t, groups) for t in (k1, k2, v1, v2))
-    keys = torch.arange(L, device=q.device)
     last = positions.to(q.device)[:, None]  # [Tq, 1]
-    allowed = []
-    for w in (w1, w2):  # [B or 1, Tq, L] per stream
-        token = keys <= last
-        if w is not None:
-            token = token & (keys > last - w)
-        if attention_mask is not None:
-            mask = attention_mask.to(device=q.device, dtype=torch.bool)
-            token = token & (mask[:, None, :] if mask.dim() == 2 else mask)
-        allowed.append(token if token.dim() == 3 else token[None])
-    allowed1, allowed2 = (a[:, None] for a in allowed)  # [B or 1, 1, Tq, L]
-    scores = torch.matmul(k1[:, :, None] * (q * scale)[:, :, :, None], k2[:, :, None].transpose(-1, -2))
-    pair_allowed = allowed1[..., :, None] & allowed2[..., None, :]  # [B or 1, 1, Tq, L, L]
-    probs = masked_softmax(scores.flatten(-2), pair_allowed.flatten(-2)).view_as(scores)  # [B, H, Tq, L, L]
+    mask = None if attention_mask is None else attention_mask.to(device=q.device, dtype=torch.bool)
+    streams = []
+    for k, v, w in ((k1, v1, w1), (k2, v2, w2)):
+        if w is not None and w < L:
+            # A window's w tokens, gathered per query: O(w) rows whatever L is (negative indices are masked).
+            idx = last - w + 1 + torch.arange(w, device=q.device)  # [Tq, w]
+            token, idx = idx >= 0, idx.clamp(min=0)
+            k, v = k[:, :, idx], v[:, :, idx]  # [B, H, Tq, w, D]
+        else:
+            idx = torch.arange(L, device=q.device)[None]  # [1, L], shared by the queries
+            token = idx <= last  # [Tq, L]
+            k, v = k[:, :, None], v[:, :, None]  # [B, H, 1, L, D]
+        if mask is not None:
+            token = token & (mask[:, idx] if mask.dim() == 2 else mask.gather(2, idx.expand(B, Tq, -1)))
+        token = (token if token.dim() == 3 else token[None])[:, None]  # [B or 1, 1, Tq, n]
+        streams.append((k, v, token))
+    (k1, v1, allowed1), (k2, v2, allowed2) = streams
+    scores = torch.matmul(k1 * (q * scale)[:, :, :, None], k2.transpose(-1, -2))  # [B, H, Tq, n1, n2]
+    pair_allowed = allowed1[..., :, None] & allowed2[..., None, :]  # [B or 1, 1, Tq, n1, n2]
+    probs = masked_softmax(scores.flatten(-2), pair_allowed.flatten(-2)).view_as(scores)
     # Tokens a query may not use weigh 0, but 0 * NaN is NaN: their values are zeroed for that query.
-    v1 = torch.where(allowed1[..., None], v1[:, :, None], 0)  # [B, H, Tq, L, D]
-    v2 = torch.where(allowed2[..., None], v2[:, :, None], 0)
+    v1 = torch.where(allowed1[..., None], v1, 0)  # [B, H, Tq, n1, D]
+    v2 = torch.where(allowed2[..., None], v2, 0)
     return (torch.matmul(probs, v2) * v1).sum(-2).to(dtype)
 
 
