@@ -270,10 +270,7 @@ class StandardAttention(nn.Module):
             first = cache.layers[self.layer_idx].get_seq_length()  # before the update; a tensor in a static layer,
             first = first.clone() if isinstance(first, torch.Tensor) else first  # which the update advances in place
             k, v = cache.update(k, v, self.layer_idx)
-        if attention_mask is not None and attention_mask.dim() == 4:  # a custom mask: the allowed keys per query
-            mask = attention_mask | ~attention_mask.any(-1, keepdim=True)  # a query that sees nothing: any finite row
-        else:
-            mask = causal_padding_mask(T, k.shape[2], attention_mask, q.device, first)  # [B or 1, 1, T, Tk]
+        mask = causal_padding_mask(T, k.shape[2], attention_mask, q.device, first)  # [B or 1, 1, T, Tk]
         if documents is not None:  # a packed row: each token sees its own document only (no cache: Tk = T)
             mask = mask & (documents[:, None, :, None] == documents[:, None, None, :])
         backend = self.config._attn_implementation
@@ -288,11 +285,15 @@ class StandardAttention(nn.Module):
 
 def causal_padding_mask(Tq: int, Tk: int, attention_mask, device, first=None) -> torch.Tensor:
     """Boolean SDPA mask: key a is visible to query t when a <= t and a is a real token. The queries are positions
-    first .. first + Tq - 1 (an int or a tensor; by default the last Tq of the keys)."""
-    t = torch.arange(Tq, device=device)[:, None] + (Tk - Tq if first is None else first)
-    mask = (torch.arange(Tk, device=device)[None, :] <= t)[None, None]  # [1, 1, Tq, Tk]
-    if attention_mask is not None:
-        mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    first .. first + Tq - 1 (an int or a tensor; by default the last Tq of the keys). A 4D `attention_mask` (a
+    custom one, bool) already says which keys each query sees."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask
+    else:
+        t = torch.arange(Tq, device=device)[:, None] + (Tk - Tq if first is None else first)
+        mask = (torch.arange(Tk, device=device)[None, :] <= t)[None, None]  # [1, 1, Tq, Tk]
+        if attention_mask is not None:
+            mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
     # A pad query before any real token sees no key; SDPA would return NaN. Let it see every key instead:
     # its output is never used (its own position is masked everywhere downstream) but stays finite.
     return mask | ~mask.any(-1, keepdim=True)
@@ -550,9 +551,9 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
         if custom:
             attention_mask = self.custom_mask(attention_mask, B, T, cache is not None or use_cache, documents)
         elif attention_mask is not None:
-            if width is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != width and (
-                    not torch.compiler.is_compiling() and attention_mask.shape[1] == int(past_seen) + T):
-                attention_mask = F.pad(attention_mask, (0, width - attention_mask.shape[1]))  # the static width
+            if width is not None and attention_mask.dim() == 2 and not torch.compiler.is_compiling() and (
+                    attention_mask.shape[1] == int(past_seen) + T):
+                attention_mask = cache.full_width(attention_mask)
             if attention_mask.dim() != 2 or attention_mask.shape != (B, width or past_seen + T):
                 expected = (f"[batch, max_cache_len] = {(B, width)} or [batch, past + new tokens]" if width else
                             f"[batch, past + new tokens] = {(B, past_seen + T)}")
@@ -729,9 +730,7 @@ class TensorAttnForCausalLM(TensorAttnPreTrainedModel, GenerationMixin):
         """What `generate` passes as the mask with a compileable cache (transformers builds a 4D one there): the 2D
         mask this model takes, padded with zeros to the static cache's width, so every decode step has one shape."""
         cache = kwargs.get(compat.CACHE_ARG)
-        if attention_mask is None or not isinstance(cache, TensorAttnCache) or not cache.max_cache_len:
-            return attention_mask
-        return F.pad(attention_mask, (0, cache.max_cache_len - attention_mask.shape[-1]))
+        return cache.full_width(attention_mask) if isinstance(cache, TensorAttnCache) else attention_mask
 
     def _prepare_generation_config(self, generation_config, **kwargs):
         # The base generate fills the call's config from the model's, layout name included, and then refuses it

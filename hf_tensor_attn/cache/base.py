@@ -155,8 +155,12 @@ class TensorAttnCacheLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.check_states(key_states, value_states)
         self.append(key_states, value_states, attention_mask)
-        self.seen += key_states.shape[-2]
+        self.advance(key_states.shape[-2])
         return key_states, value_states
+
+    def advance(self, count: int) -> None:
+        """Count `count` more tokens as seen (after `append`)."""
+        self.seen += count
 
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor attention of `query` [B, H, Tq, D] (the last Tq positions seen) over what the layer holds."""
@@ -369,6 +373,7 @@ class TensorAttnCache(Cache):
     def attend(self, layer_idx: int, query, key_states, value_states, attention_mask=None) -> torch.Tensor:
         """Append the new states to layer `layer_idx` and return its attention for `query` (see `attends`)."""
         layer = self.layers[layer_idx]
+        attention_mask = self.full_width(attention_mask)
         if attention_mask is not None and self.max_cache_len and not layer.is_compileable:
             # A static cache's mask spans max_cache_len tokens; a layer that grows (a poly layer's state) takes the
             # mask of the tokens it will hold.
@@ -407,6 +412,13 @@ class TensorAttnCache(Cache):
                     f"uses {width} (head_dim={config.head_dim}): it was filled by another model; build a new one with "
                     "TensorAttnCache(model.config, ...)"
                 )
+
+    def full_width(self, attention_mask):
+        """A 2D [B, tokens so far] mask padded with zeros to a static layout's width (`max_cache_len`), so that every
+        step of a compiled decode sees one shape; any other mask (a growing layout's, a full-width one) as it is."""
+        if attention_mask is None or not self.max_cache_len or attention_mask.dim() != 2:
+            return attention_mask
+        return torch.nn.functional.pad(attention_mask, (0, self.max_cache_len - attention_mask.shape[-1]))
 
     @property
     def traceable(self) -> bool:

@@ -57,37 +57,28 @@ class StaticFourCacheLayer(TensorAttnCacheLayer):
             for t in (self.keys, self.values, self.length):
                 torch._dynamo.mark_static_address(t)
 
-    def update(self, key_states, value_states, *, attention_mask=None):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.check_states(key_states, value_states)
+    def append(self, key_states, value_states, attention_mask) -> None:
         T = key_states.shape[-2]
         if not torch.compiler.is_compiling() and int(self.length) + T > self.max_cache_len:
             raise ValueError(f"static_four_cache holds max_cache_len={self.max_cache_len} tokens and has "
                              f"{int(self.length)}; {T} more do not fit: build it with a larger max_cache_len")
-        self.append(key_states, value_states, attention_mask)
-        return key_states, value_states
-
-    def append(self, key_states, value_states, attention_mask) -> None:
-        positions = self.length + torch.arange(key_states.shape[-2], device=self.keys.device)
+        positions = self.length + torch.arange(T, device=self.keys.device)
         self.keys.index_copy_(2, positions, key_states)
         self.values.index_copy_(2, positions, value_states)
-        self.length.add_(key_states.shape[-2])
+
+    def advance(self, count: int) -> None:
+        self.length.add_(count)  # on the device: a compiled step neither reads nor specialises on the count
 
     def new_token_mask(self, attention_mask, count: int):
-        positions = self.length.to(attention_mask.device) + torch.arange(count, device=attention_mask.device)
-        return self.full_width(attention_mask).index_select(1, positions)
+        # Masks reach a static layer at the full width (`TensorAttnCache.full_width`).
+        return attention_mask.index_select(1, self.length.to(attention_mask.device) + torch.arange(
+            count, device=attention_mask.device))
 
     def attend(self, query, attention_mask=None):
+        # The base class checks against `seen`, a host read a compiled step cannot make.
         if not self.is_initialized:
             raise ValueError("`attend` needs tokens in the cache: `update` it with the new key/value states first")
-        return self.read(query, self.full_width(attention_mask))
-
-    def full_width(self, attention_mask):
-        """A [B, tokens so far] mask as [B, max_cache_len] (padded with zeros); a full-width one as it is."""
-        if attention_mask is None or attention_mask.shape[-1] == self.max_cache_len:
-            return attention_mask
-        return torch.nn.functional.pad(attention_mask, (0, self.max_cache_len - attention_mask.shape[-1]))
+        return self.read(query, attention_mask)
 
     def read(self, query, attention_mask):
         positions = self.length - query.shape[2] + torch.arange(query.shape[2], device=query.device)
