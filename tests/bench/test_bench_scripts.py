@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from scripts.bench import (bench_attention, bench_cache, bench_compiled_decode, bench_poly, convert_llama_experiment,
-                           eval_subgen, eval_subgen_text, match3_experiment, profile_attention)
-from scripts.bench.harness import read_run_record, render_folder
+                           eval_long_context, eval_subgen, match3_experiment, profile_attention)
+from scripts.bench.harness import read_csv, read_run_record, render_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,8 +29,7 @@ SCRIPTS = {
                     ["synthetic.csv", "model.csv", "lowdim.csv", "eval_subgen.png"]),
     "bench_poly": (["-m", "scripts.bench.bench_poly"],
                    ["error.csv", "runtime.csv", "match3.csv", "throughput.csv", "memory.csv", "bench_poly.png"]),
-    "eval_subgen_text": (["-m", "scripts.bench.eval_subgen_text"],
-                         ["text.csv", "synthetic.csv", "run.json", "eval_subgen_text.png"]),
+    "eval_long_context": (["-m", "scripts.bench.eval_long_context"], ["text.csv", "run.json", "eval_long_context.png"]),
     "match3_experiment": (["scripts/bench/match3_experiment.py"],
                           ["runs.csv", "curves.csv", "test_set.csv", "curves.png"]),
     "convert_llama_experiment": (["-m", "scripts.bench.convert_llama_experiment"],
@@ -63,7 +62,7 @@ def test_quick_run_writes_csv_table_and_plot(name, tmp_path):
 
 
 @pytest.mark.parametrize("module", [bench_attention, bench_cache, bench_compiled_decode, bench_poly, eval_subgen,
-                                    eval_subgen_text, match3_experiment, convert_llama_experiment,
+                                    eval_long_context, match3_experiment, convert_llama_experiment,
                                     profile_attention])
 def test_quick_run_refuses_to_write_into_docs(module, capsys):
     with pytest.raises(SystemExit):
@@ -72,14 +71,33 @@ def test_quick_run_refuses_to_write_into_docs(module, capsys):
     assert not (ROOT / "docs" / "smoke").exists()
 
 
-def test_eval_subgen_text_tables_rebuild_from_its_files_alone(tmp_path):
-    """--from-csv rebuilds tables.md from text.csv, synthetic.csv and run.json: the same text as the run wrote."""
+def test_eval_long_context_page_rebuilds_from_its_files_alone(tmp_path):
+    """--from-csv rebuilds tables.md from text.csv and run.json: the same text as the run wrote; every method of the
+    comparison ran."""
     out = tmp_path / "out"
-    eval_subgen_text.main(["--quick", "--out", str(out), "--parts", "s"])
+    eval_long_context.main(["--quick", "--out", str(out), "--models", "unwindowed"])
     written = (out / "tables.md").read_text()
     (out / "tables.md").unlink()
-    eval_subgen_text.main(["--from-csv", str(out)])
-    assert (out / "tables.md").read_text() == written and "spread" in written
+    eval_long_context.main(["--from-csv", str(out)])
+    assert (out / "tables.md").read_text() == written
+    methods = {r["method"] for r in read_csv(out / "text.csv")}
+    assert methods == {"exact", "window", "sinks+window", "score", "random", "recompute", "subgen δ", "subgen budget"}
+
+
+@pytest.mark.parametrize("gap, ranks", [(0.05, True), (0.001, False)])
+def test_eval_long_context_draws_no_verdict_from_a_model_that_ignores_its_context(gap, ranks):
+    """The ranking is drawn only when keeping the last 32 tokens costs more than RANK_SE paired standard errors."""
+    def row(method, tokens, losses):
+        return dict(method=method, tokens=tokens, setting=f"{tokens} tokens", memory_bytes_per_seq=64 * (tokens or 99),
+                    loss=sum(losses) / len(losses), loss_per_seq=" ".join(map(str, losses)), loss_second_half=0.0)
+
+    exact = [1.0, 1.2, 0.9, 1.1]
+    noise = [0.01, -0.01, 0.012, -0.008]
+    rows = [row("exact", "", exact)] + [
+        row("window", w, [e + gap * 32 / w + n for e, n in zip(exact, noise)]) for w in (16, 32, 64)]
+    lines, rankable = eval_long_context.uses_context(rows)
+    assert rankable is ranks
+    assert ("cannot rank caches" in lines[-1]) is not ranks
 
 
 def test_a_match3_run_of_some_cells_is_partial_and_refuses_docs(capsys):
