@@ -57,6 +57,7 @@ ELEM = 4  # float32 bytes: every cache here holds float32
 # (a): clusters per stream, their delta, and the SubGen settings every synthetic stream is run with.
 SYN_CLUSTERS, SYN_DELTA, SYN_Q_NORM = 16, 0.3, 2.0
 SYN_SUBGEN = dict(delta=SYN_DELTA, recent_window=WINDOW, sink_tokens=SINKS, cluster_samples=8, value_samples=64)
+BUDGET_FACTOR = 2  # "subgen4/budget": budget_bytes per layer, in multiples of its exact window's bytes
 # (c): the δ sweep, largest first.
 LOWDIM_DELTAS = [1.0, 0.7, 0.5, 0.35, 0.25, 0.18]
 SIZES = {
@@ -107,8 +108,15 @@ def make_stream(kind: str, n: int, d: int, m: int, delta: float, seed: int, q_no
     iid: cluster labels uniform over time, q random. phases: four phases, each using its own quarter of the
     clusters; q aligned with the first cluster pair of phase 0, the oldest. needle: one token at position 16
     whose keys are 3x the (otherwise unused) cluster-0 centers and whose value is -2; q aligned with it.
+    spread: the adversary, i.i.d. N(0, I) keys (pairwise about sqrt(2d) apart: no δ below that clusters them), q
+    random.
     """
     g = torch.Generator().manual_seed(seed)
+    if kind == "spread":
+        k = torch.randn(n, 2 * d, generator=g, dtype=torch.float64)
+        v = 1 + 0.5 * torch.randn(n, 2 * d, generator=g, dtype=torch.float64)
+        q = torch.randn(d, generator=g, dtype=torch.float64)
+        return q_norm * q / q.norm(), k, v
     centers = [torch.randn(m, d, generator=g, dtype=torch.float64) for _ in range(2)]
 
     def labels():
@@ -169,7 +177,7 @@ def baseline_kept(method: str, n: int, tokens: int, seed: int) -> torch.Tensor:
 
 def part_a(args, rows_out):
     sizes = args.sizes
-    for kind in ("iid", "phases", "needle"):
+    for kind in ("iid", "phases", "needle", "spread"):
         for d in sizes["a_dims"]:
             for n in sizes["a_ns"]:
                 q, k, v = make_stream(kind, n, d, SYN_CLUSTERS, SYN_DELTA, seed=0, q_norm=SYN_Q_NORM)
@@ -197,6 +205,13 @@ def part_a(args, rows_out):
                         record(f"{layout}/{numerator}", out, mem, time.time() - t1)
                         if layout == "subgen4":
                             budgets[numerator] = mem
+                # The adaptive variant: a hard byte budget, BUDGET_FACTOR x what its exact window alone needs.
+                cfg = dict(SYN_SUBGEN, numerator="cluster_sum", seed=0, budget_bytes=BUDGET_FACTOR * (SINKS + WINDOW)
+                           * 4 * d * ELEM)
+                t1 = time.time()
+                out, mem = run_subgen("subgen4", cfg, q, k, v, chunk=256)
+                record("subgen4/budget", out, mem, time.time() - t1)
+                budgets["budget"] = mem
                 for numerator, mem in budgets.items():
                     tokens = mem // (4 * d * ELEM)  # a kept token holds k1, k2, v1, v2
                     for method in ("window", "sinks+window", "random"):
@@ -466,7 +481,7 @@ def fmt(x: float) -> str:
 def at_largest_n(rows_a: list[dict]) -> list[dict]:
     """Each (stream, d, method)'s row at its largest n."""
     out = []
-    for kind in ("iid", "phases", "needle"):
+    for kind in dict.fromkeys(r["stream"] for r in rows_a):
         for d in sorted({r["d"] for r in rows_a}):
             sel = [r for r in rows_a if r["stream"] == kind and r["d"] == d]
             for method in dict.fromkeys(r["method"] for r in sel):
@@ -576,6 +591,18 @@ def findings(rows_a, rows_b, rows_c, target) -> list[str]:
             f"{_span(errors(exact_at('sampled'), ('iid', 'phases')))} for exact tokens of its own size on iid and "
             "phases.",
         ]
+        budget = lambda m: m == "subgen4/budget"
+        if errors(budget, ("spread",)):
+            spread = [r for r in top if r["stream"] == "spread" and r["d"] == d_mem]
+            held = {r["method"]: r for r in spread}
+            lines.append(
+                f"- (a) the spread stream (keys that never cluster), d = {d_mem}, n = {spread[0]['n']}: fixed-δ "
+                f"subgen4/cluster_sum holds {held['subgen4/cluster_sum']['memory_bytes']} bytes per head at error "
+                f"{fmt(held['subgen4/cluster_sum']['rel_error'])}; subgen4/budget holds "
+                f"{held['subgen4/budget']['memory_bytes']} at {fmt(held['subgen4/budget']['rel_error'])}, against "
+                f"{fmt(held['sinks+window@budget']['rel_error'])} for sinks + window of its bytes. On the clusterable "
+                f"streams the budget's error is {_span(errors(budget, ('iid', 'phases', 'needle')))}, exact tokens of "
+                f"its bytes {_span(errors(exact_at('budget'), ('iid', 'phases', 'needle')))}.")
         window = [r for r in top if r["method"] == "window@cluster_sum" and r["stream"] == "needle" and r["d"] == d_mem]
         if window:
             lines.append(f"- (a) Lemma 5.1 ratio on the needle (d = {d_mem}): the window that misses the needle has "
