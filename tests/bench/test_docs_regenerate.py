@@ -70,3 +70,16 @@ def _is_float(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# A measured figure in prose: a decimal, a percentage, a ratio ("1.5x") or a number in scientific notation.
+FIGURE = __import__("re").compile(r"(?<![\w.])(\d+\.\d+(?:e[-+]?\d+)?|\d+(?:\.\d+)?%|\d+(?:\.\d+)?x)(?![\w])")
+PAGES = sorted(p for p in DOCS.glob("*.md") if (DOCS / p.stem / TABLES).exists())
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[page.stem for page in PAGES])
+def test_prose_quotes_only_figures_its_tables_hold(page):
+    """A page's prose quotes no figure that its rebuilt tables.md does not hold (no scratch runs, no earlier runs)."""
+    tables = (DOCS / page.stem / TABLES).read_text()
+    stray = [figure for figure in FIGURE.findall(page.read_text()) if figure not in tables]
+    assert stray == [], f"{page.name} quotes {stray}, which {page.stem}/{TABLES} does not hold"
