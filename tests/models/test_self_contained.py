@@ -97,9 +97,9 @@ def test_the_folder_holds_what_transformers_copies_and_only_base_imports(saved):
     available = remote_code.available_imports()
     for name in files:
         assert set(get_imports(path / name)) <= available, name
-    assert "hf_tensor_attn__ops__triton_kernels.py" not in files  # needs triton, which torch alone does not bring
+    assert "hf_tensor_attn__ops__exact__triton_kernels.py" not in files  # needs triton, which torch alone does not bring
     # where the package imports the kernels on first use, the copy says why they are missing
-    said = "raise ModuleNotFoundError('hf_tensor_attn.ops.triton_kernels (it needs triton) is not part of this"
+    said = "raise ModuleNotFoundError('hf_tensor_attn.ops.exact.triton_kernels (it needs triton) is not part of this"
     assert said in files["hf_tensor_attn__ops__dispatch.py"].decode()  # the door imports them
     config = json.loads((path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == f"{REMOTE_MODULE}.TensorAttnForCausalLM"
