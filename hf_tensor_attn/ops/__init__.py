@@ -3,7 +3,7 @@ one door that picks which implementation runs."""
 
 from .dispatch import attention, four_cache_decode, poly_tensor_attention, tensor_attention
 from .exact.naive import naive_tensor_attention
-from .poly import naive_poly_tensor_attention
+from .poly.naive import naive_poly_tensor_attention
 
 __all__ = [
     "attention",

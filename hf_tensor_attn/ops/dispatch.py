@@ -206,9 +206,9 @@ def attention(spec, q, k, v, *, attention_mask=None, workspace=None, documents=N
 
 def poly_tensor_attention(q, k1, k2, v1, v2, *, scale, degree, attention_mask=None, causal=True, score_bound=None,
                           chunk_size=None, documents=None):
-    """`poly.poly_tensor_attention` through the door's autocast rule and packed `documents` (it has one
+    """`poly.chunk.poly_tensor_attention` through the door's autocast rule and packed `documents` (it has one
     implementation)."""
-    from .poly import poly_tensor_attention as op
+    from .poly.chunk import poly_tensor_attention as op
 
     (q, k1, k2, v1, v2), amp_off = autocast_inputs(q, k1, k2, v1, v2)
 
