@@ -29,7 +29,7 @@ KNOWN_EXTRA_KWARGS = frozenset({
 # The papers use 1/sqrt(head_dim), 1/head_dim or 1. At a scale of 1e3 the softmax over unit-sized features is already
 # an argmax in float32 (exp(-1e3 * 0.1) underflows); larger scales only overflow the scores.
 MAX_SCORE_SCALE = 1e3
-# ops.poly.MAX_FEATURES, repeated so that the config needs no import of the ops (a test checks they agree): the most
+# ops.poly.common.MAX_FEATURES, repeated so that the config needs no import of the ops (a test checks they agree): the most
 # monomial features C(poly_feature_dim + poly_degree, poly_degree) a poly layer's state may have per head.
 MAX_POLY_FEATURES = 1 << 20
 FLOAT32_MAX = 3.4028234663852886e38  # the rotary table and the ops compute in float32 at least

@@ -28,7 +28,7 @@ from .atomic import MODEL_WEIGHT_FILES, atomic_directory
 from .cache import LAYOUTS, TensorAttnCache, TensorAttnConstants, available_cache_implementations
 from .configuration import TensorAttnConfig
 from .ops import attention, poly_tensor_attention
-from .ops.naive import naive_tensor_attention_with_weights
+from .ops.exact.naive import naive_tensor_attention_with_weights
 from .ops.common import masked_softmax, repeat_kv
 
 logger = logging.get_logger(__name__)
@@ -198,8 +198,8 @@ class PolyTensorAttention(nn.Module):
 
 def eager_tensor_attention(module: TensorAttention, q, k, v, attention_mask, cache, out):
     """(output, weights) of a tensor layer under `attn_implementation="eager"` with `output_attentions=True`: the
-    reference (`ops.naive.naive_tensor_attention_with_weights`, O(Tq * Tk^2) memory), computed only when weights are
-    asked for. The weights are, per query, the pair weights marginalised over the second key,
+    reference (`ops.exact.naive.naive_tensor_attention_with_weights`, O(Tq * Tk^2) memory), computed only when
+    weights are asked for. The weights are, per query, the pair weights marginalised over the second key,
     P_t(a) = sum_b P_t(a, b), [B, H, Tq, Tk] like a standard layer's (each row a distribution over the first key a),
     and the output is computed through them, so they are part of the graph as softmax attention's are.
     `q` [B, H, Tq, D]; `k`, `v` [B, H_kv, Tq, 2D] the new tokens' streams; with a cache, the streams it holds

@@ -4,11 +4,12 @@ weights, so that `trust_remote_code=True` loads the checkpoint where only torch 
 transformers' remote-code loader (`transformers.dynamic_module_utils`, compat item 5) copies the module that
 `auto_map` names plus the sibling files it imports as `from .NAME import ...`, and refuses a module whose absolute
 imports are not installed. So each module of the package that the auto_map classes reach is written as one flat file,
-`hf_tensor_attn__ops__tiled.py` for `hf_tensor_attn.ops.tiled`, with its relative imports rewritten to those flat
-names; nothing else in it changes. Which modules, and their names, are read from the package's files and imports at
-save time. A module that imports a package such an environment may lack (the Triton kernels need `triton`) is left
-out: its lazy imports raise a `ModuleNotFoundError` that says so, and `ops.backend` then keeps CUDA tensors on the
-torch path. The compiled CPU loops are not shipped either (`csrc/` is not Python); the Python loops run instead.
+`hf_tensor_attn__ops__exact__tiled.py` for `hf_tensor_attn.ops.exact.tiled` (a package's `__init__` as
+`hf_tensor_attn__ops__exact.py`), with its relative imports rewritten to those flat names; nothing else in it
+changes. Which modules, and their names, are read from the package's files and imports at save time. A module that
+imports a package such an environment may lack (the Triton kernels need `triton`) is left out: its lazy imports
+raise a `ModuleNotFoundError` that says so, and `ops.backend` then keeps CUDA tensors on the torch path. The
+compiled CPU loops are not shipped either (`csrc/` is not Python); the Python loops run instead.
 
 A model loaded from such a folder runs this very code from transformers' module cache; saving it again writes the
 same files (the default there is self-contained, as there is no package to point to).
@@ -47,7 +48,8 @@ _self_contained: contextvars.ContextVar[bool | None] = contextvars.ContextVar("s
 
 
 def flat_name(module: str) -> str:
-    """`ops.tiled` -> `hf_tensor_attn__ops__tiled`, the file name (without .py) of a package module in the folder."""
+    """`ops.exact.tiled` -> `hf_tensor_attn__ops__exact__tiled`, the file name (without .py) of a package module in
+    the folder."""
     return SEPARATOR.join([PACKAGE, *module.split(".")]) if module else PACKAGE
 
 
@@ -80,7 +82,7 @@ class Source:
         self.is_package = path.name == "__init__.py"
 
     def resolve(self, node: ast.ImportFrom) -> str:
-        """The module a relative import names, e.g. `..ops.decode` in cache/two.py -> `ops.decode`."""
+        """The module a relative import names, e.g. `..ops.exact.decode` in cache/two.py -> `ops.exact.decode`."""
         parts = self.module.split(".") if self.module else []
         if not self.is_package:
             parts = parts[:-1]
@@ -167,7 +169,7 @@ def rewrite(source: Source, left_out: dict[str, list[str]]) -> str:
                 raise ValueError(
                     f"self_contained=True: {PACKAGE}.{source.module} imports {PACKAGE}.{missing[0]} when it is "
                     f"imported, and that module needs {left_out[missing[0]]}, which a torch + transformers "
-                    "environment may lack; import it where it is used (as ops.triton_kernels is)"
+                    "environment may lack; import it where it is used (as ops.exact.triton_kernels is)"
                 )
             needs = ", ".join(sorted({p for m in missing for p in left_out[m]}))
             why = (f"{PACKAGE}.{missing[0]} (it needs {needs}) is not part of this self-contained checkpoint; install "

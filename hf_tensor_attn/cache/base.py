@@ -35,7 +35,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Stati
 
 from .. import compat
 from ..registry import CACHE_IMPLEMENTATIONS
-from ..ops.decode import DecodeWorkspace
+from ..ops.exact.decode import DecodeWorkspace
 from ..ops.dispatch import autocast_inputs
 
 LAYOUTS: dict[str, type[TensorAttnCacheLayer]] = {}

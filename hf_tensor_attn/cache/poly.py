@@ -1,5 +1,5 @@
 """The polynomial-state layout (Alman & Song's factorisation as a recurrence): per layer and head the running
-feature sums of `ops.poly.PolyState`, O(r d) numbers with r = C(d + g, g), whatever the sequence length.
+feature sums of `ops.poly.chunk.PolyState`, O(r d) numbers with r = C(d + g, g), whatever the sequence length.
 
 Two uses:
 - `cache_implementation="poly"` (`cache_config={"degree": g, "score_bound": R}`) for the `"tensor_attention"` layers
@@ -9,22 +9,16 @@ Two uses:
 - the `"poly_tensor_attention"` layers always get this layer with their own degree and scale, whatever layout
   the tensor layers use: they are trained with the polynomial kernel, so the state is exact for them.
 
-The prefill and every decode step continue the held state with `ops.poly.poly_attention_continue` (the op's own
-recurrence), so a cached decode equals one `poly_tensor_attention` call over the whole sequence.
+The prefill and every decode step continue the held state with `ops.poly.chunk.poly_attention_continue` (the op's
+own recurrence), so a cached decode equals one `poly_tensor_attention` call over the whole sequence.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..ops.poly import (
-    PolyState,
-    check_degree,
-    check_feature_count,
-    check_score_bound,
-    key_mask,
-    poly_attention_continue,
-)
+from ..ops.poly.chunk import PolyState, poly_attention_continue
+from ..ops.poly.common import check_degree, check_feature_count, check_score_bound, key_mask
 from .base import TensorAttnCacheLayer, TensorAttnConstants, register_layer_type_cache, register_layout
 from .two import default_memory_budget
 

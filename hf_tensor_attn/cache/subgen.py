@@ -42,7 +42,7 @@ import torch
 
 from ..ops import attention
 from ..ops.common import fold_groups, unfold_groups
-from ..ops.subgen import NUMERATORS, combine, log_weights, weighted_pair_sums, weighted_row_sums
+from ..ops.subgen.estimators import NUMERATORS, combine, log_weights, weighted_pair_sums, weighted_row_sums
 from .summary import StreamSummary
 from .base import TensorAttnCacheLayer, register_layout
 

@@ -31,7 +31,8 @@ import math
 
 import torch
 
-from ..ops.subgen import NUMERATORS, assign_clusters, nearest_cluster_pair
+from ..ops.subgen.clustering import assign_clusters, nearest_cluster_pair
+from ..ops.subgen.estimators import NUMERATORS
 
 # State tensors without a cluster dimension (everything else is [B, H, C, ...]).
 PER_HEAD = ("n_clusters", "radius", "l2_keys", "l2_values", "l2_mass")

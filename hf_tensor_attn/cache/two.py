@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from ..ops.decode import pair_rows_attention
+from ..ops.exact.decode import pair_rows_attention
 from .base import TensorAttnCacheLayer, register_layout
 
 # Elements gathered at once when new pair rows are formed ([B, H, rows, D]), to bound the scratch of a long prefill.

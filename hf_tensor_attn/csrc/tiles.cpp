@@ -1,4 +1,4 @@
-// The tile loops of `ops.tiled` (`_python_tiles` and the loop of `_backward`), compiled: the same tiles and the
+// The tile loops of `ops.exact.tiled` (`_python_tiles` and the loop of `_backward`), compiled: the same tiles and the
 // same products as the Python loops (their GEMMs on the plain streams, see below), without the interpreter between
 // them. A windowed pass does one tile per
 // 16-query block, and the Python and dispatch time of its fifteen-odd small ops per block was about a quarter of the
@@ -242,7 +242,7 @@ void add_products(Tensor& dst, const scalar_t* p, const Tensor& src, int64_t sta
   });
 }
 
-// The plan of `_tiles.pack` (blocks [nb, 7], rows and cols [n, 3]), its largest block sizes, and the masks and row
+// The plan of `tiles.pack` (blocks [nb, 7], rows and cols [n, 3]), its largest block sizes, and the masks and row
 // views every tile of either pass needs.
 struct Plan {
   at::TensorAccessor<int64_t, 2> B, R, C;
@@ -393,7 +393,7 @@ void forward_heads(const Tensor& q, const Tensor& m, const Tensor& kr, const Ten
 // Inputs as `tiled._forward` prepares them ([BH, T, .] contiguous, compute dtype): q [BH, Tq, d] (scaled), m [BH, Tq]
 // (reference scores), kr, kc, vr, vc [BH, Tk, d];
 //   blocks [nb, 7] = (start, stop, t0, row_begin, row_end, col_begin, col_end) indexing
-//   rows / cols [n, 3] = (start, stop, masked) (`_tiles.pack`); pad [B, Tk] bool (True: padding) or empty.
+//   rows / cols [n, 3] = (start, stop, masked) (`tiles.pack`); pad [B, Tk] bool (True: padding) or empty.
 // Returns num [BH, Tq, d] = sum exp(s - m) v1 * v2 and l [BH, Tq] = sum exp(s - m) over the allowed pairs, and
 // whether an allowed s - m exceeded `ceiling` (then num and l are incomplete, see exp_scores).
 template <typename scalar_t>

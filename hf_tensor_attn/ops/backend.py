@@ -1,10 +1,11 @@
-"""Which triton releases the Triton kernels (`ops.triton_kernels`) run with; `ops.dispatch.use_triton` asks here.
+"""Which triton releases the Triton kernels (`ops.exact.triton_kernels`) run with; `ops.dispatch.use_triton` asks
+here.
 
 `backend=None` (auto) takes Triton for CUDA tensors of a dtype the kernels support when a `triton` release the
 kernels are tested with (TRITON_OLDEST_TESTED or newer) is installed, and torch otherwise. "torch" always runs the
 torch path; "triton" insists on the kernels and says why when they cannot run. The kernels also run on CPU tensors
-under Triton's interpreter (`TRITON_INTERPRET=1` set before `ops.triton_kernels` is first imported); that is how the
-tests check them without a GPU.
+under Triton's interpreter (`TRITON_INTERPRET=1` set before `ops.exact.triton_kernels` is first imported); that is
+how the tests check them without a GPU.
 
 Which triton a GPU user has is usually not theirs to choose: each CUDA build of torch requires one release (torch
 2.11 -> triton 3.6.0, 2.12 -> 3.7.0, 2.13 -> 3.7.1, 2.14 -> 3.8). So the kernels are tested with two
@@ -35,9 +36,14 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @functools.cache
 def triton_installed() -> bool:
     # Asked on every op call (every layer, every decode step): find_spec scans sys.path, so ask once per process.
-    # The kernels' module is absent from a self-contained checkpoint's copy of this code (hf_tensor_attn.remote_code).
-    kernels = f"{__package__}.triton_kernels"
-    return importlib.util.find_spec("triton") is not None and importlib.util.find_spec(kernels) is not None
+    if importlib.util.find_spec("triton") is None:
+        return False
+    # The kernels' module is absent from a self-contained checkpoint's copy of this code (hf_tensor_attn.remote_code),
+    # and so is their sub-package (the copy's modules are flat files): find_spec raises for a missing parent.
+    try:
+        return importlib.util.find_spec(f"{__package__}.exact.triton_kernels") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 class UntestedTritonWarning(UserWarning):

@@ -6,12 +6,12 @@ direct calls of `ops.tensor_attention` / `ops.four_cache_decode`) and every poly
 1. applies the **autocast rule**: under `torch.autocast` the inputs are cast to the autocast dtype (as SDPA takes
    them) and the op runs with autocast off, so its softmax statistics and accumulation stay in fp32 (fp64 inputs are
    left alone, as autocast leaves them). Outside autocast, inputs of mixed dtypes get a ValueError naming them.
-2. **chooses the implementation**: the Triton kernels (`triton_kernels`; CUDA tensors, see `backend.use_triton`),
-   the in-place one-query decode step (`decode`; one query, no gradient), or the tiled op (`tiled`) with its
-   compiled C++ loops (`extension`, where they build) or its Python loops. Grouped key/value heads are repeated
-   here for the tiled op only; the other two read them in place. A static cache's compiled step, whose queries sit
-   at positions only the device knows, runs `decode.positioned_tensor_attention` (fixed shapes), as does a call with
-   a 4D custom mask (`query_masks`).
+2. **chooses the implementation** of the exact op (`exact/`): the Triton kernels (`triton_kernels`; CUDA tensors,
+   see `backend.use_triton`), the in-place one-query decode step (`decode`; one query, no gradient), or the tiled
+   op (`tiled`) with its compiled C++ loops (`extension`, where they build) or its Python loops. Grouped key/value
+   heads are repeated here for the tiled op only; the other two read them in place. A static cache's compiled step,
+   whose queries sit at positions only the device knows, runs `decode.positioned_tensor_attention` (fixed shapes),
+   as does a call with a 4D custom mask (`query_masks`).
 3. guards **non-finite values** once, around whatever ran: an output with a NaN or infinity is recomputed on
    finite copies of the inputs and exactly the entries the definition makes non-finite are set
    (`common.nonfinite_outputs`); a kernel that overflows on finite inputs is recomputed on the torch path.
@@ -32,8 +32,8 @@ import warnings
 
 import torch
 
-from . import decode, extension, tiled
-from . import backend
+from . import backend, extension
+from .exact import decode, tiled
 from ..registry import check_backend
 from .common import all_finite, check_inputs, finite_copies, nonfinite_outputs, repeat_kv
 
@@ -103,7 +103,7 @@ def _run(impl, q, k1, k2, v1, v2, scale, w1, w2, attention_mask, workspace):
         return decode.four_cache_decode_step(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2,
                                              attention_mask=attention_mask, workspace=workspace)
     if impl == "triton" and one_query:
-        from . import triton_kernels  # triton is an optional dependency
+        from .exact import triton_kernels  # triton is an optional dependency
 
         return triton_kernels.four_cache_decode(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2,
                                                 attention_mask=attention_mask)
@@ -206,9 +206,9 @@ def attention(spec, q, k, v, *, attention_mask=None, workspace=None, documents=N
 
 def poly_tensor_attention(q, k1, k2, v1, v2, *, scale, degree, attention_mask=None, causal=True, score_bound=None,
                           chunk_size=None, documents=None):
-    """`poly.poly_tensor_attention` through the door's autocast rule and packed `documents` (it has one
+    """`poly.chunk.poly_tensor_attention` through the door's autocast rule and packed `documents` (it has one
     implementation)."""
-    from .poly import poly_tensor_attention as op
+    from .poly.chunk import poly_tensor_attention as op
 
     (q, k1, k2, v1, v2), amp_off = autocast_inputs(q, k1, k2, v1, v2)
 
@@ -341,7 +341,7 @@ def _forward_op(
     """(out, lse, has_pair). Triton: out [B, H, Tq, D] in q's dtype, lse [B*H, Tq] fp32 (base 2), has_pair empty;
     tiled: out [B*H, Tq, D], lse and has_pair [B*H, Tq], in the compute dtype."""
     if impl == "triton":
-        from . import triton_kernels
+        from .exact import triton_kernels
 
         out, lse = triton_kernels.forward(q, k1, k2, v1, v2, scale, w1, w2, attention_mask)
         return out, lse, lse.new_empty(0, dtype=torch.bool)
@@ -375,7 +375,7 @@ def _backward_op(
         if torch.is_autocast_enabled(q.device.type):
             stack.enter_context(torch.autocast(q.device.type, enabled=False))
         if impl == "triton":
-            from . import triton_kernels
+            from .exact import triton_kernels
 
             return triton_kernels.backward(dout, q, k1, k2, v1, v2, out, lse, scale, w1, w2, attention_mask)
         return tiled.backward(dout.to(out.dtype).reshape(out.shape), q, k1, k2, v1, v2, out, lse, has_pair, scale,

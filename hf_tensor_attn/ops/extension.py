@@ -336,7 +336,7 @@ def describe() -> dict:
     library (the loaded one, else where the OpenMP build goes), capability and flags (of the loaded library, else
     those a build would use), l2_bytes and l2_source (what the tile planner uses, and from where), failure (why this
     process runs the Python loops, where it tried)."""
-    from ._tiles import l2_size
+    from .exact.tiles import l2_size
 
     try:
         switch = enabled()

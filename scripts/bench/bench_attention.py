@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_tensor_attn.ops import naive_tensor_attention, tensor_attention
-from hf_tensor_attn.ops._tiles import choose_tile_sizes
+from hf_tensor_attn.ops.exact.tiles import choose_tile_sizes
 from scripts.bench.harness import (
     describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, peak_rss_mib, publish,
     pyplot, read_csv, read_run_record, render_document, run_record, write_csv, write_run_record,

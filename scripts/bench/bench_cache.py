@@ -37,7 +37,7 @@ import torch
 
 from hf_tensor_attn.cache import FourCacheLayer, TensorAttnConstants, TwoCacheLayer, TwoCacheMemoryError
 from hf_tensor_attn.cache.two import default_memory_budget
-from hf_tensor_attn.ops.decode import decode_scratch_elements
+from hf_tensor_attn.ops.exact.decode import decode_scratch_elements
 from scripts.bench.baselines import kronecker_decode
 from scripts.bench.harness import (
     describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, publish, pyplot, read_csv,

@@ -43,7 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from hf_tensor_attn import TensorAttnCache
 from hf_tensor_attn.arguments import parse_args as parse_run_args
 from hf_tensor_attn.ops import poly_tensor_attention, tensor_attention
-from hf_tensor_attn.ops.poly import num_features
+from hf_tensor_attn.ops.poly.common import num_features
 from hf_tensor_attn.training import train
 from scripts.bench.harness import (
     ROOT, describe_load, load_snapshot, machine, markdown_table, measure, output_dir, publish, pyplot, read_csv,

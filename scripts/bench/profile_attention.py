@@ -62,7 +62,7 @@ CASES = {"window 128x32": (128, 32), "window 512x32": (512, 32), "causal": (None
 CATEGORIES = {
     "GEMM": ("bmm", "baddbmm", "baddbmm_", "mm", "addmm", "addmm_", "matmul"),
     "exp": ("exp", "exp_"),
-    # out-of-place addcmul is the masks' fill + s * keep (`_tiles.Masker.apply`); addcmul_ accumulates
+    # out-of-place addcmul is the masks' fill + s * keep (`tiles.Masker.apply`); addcmul_ accumulates
     "mask/clamp": ("clamp", "clamp_min", "clamp_min_", "masked_fill", "masked_fill_", "where", "addcmul"),
     # the compiled ops' own time (their ATen calls are events of their own): their loops over row products, the
     # tiles' shift + exp + mask pass, sums over the row keys and row-key gradients (so "exp" is the Python loops' only)

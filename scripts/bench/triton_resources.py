@@ -10,7 +10,7 @@ registers) and the shared memory per program.
 A kernel that spills keeps part of its tiles in local memory (device memory behind the caches) inside its inner
 loop; one that asks for more shared memory than the GPU offers does not launch. What a launch needs depends on the
 triton release too (its compiler lays tiles out differently), so a full run is made with each release of `RELEASES`,
-each in its own environment. `TILES` in hf_tensor_attn/ops/triton_kernels.py holds, per kernel, dtype and head-dim
+each in its own environment. `TILES` in hf_tensor_attn/ops/exact/triton_kernels.py holds, per kernel, dtype and head-dim
 bucket, the first choice in `CANDIDATES` x `SETTINGS` that compiles without spills and within 99 KiB of shared
 memory (the least any CUDA GPU since sm_80 offers one program) for both targets in every published run. `--candidates` compiles every choice, so
 the tables that show why each entry was picked are this script's output too. The launches are compiled for one
@@ -81,7 +81,7 @@ RELEASES = ("3.6.0", "3.7.1", "3.8.0", "3.9.0")
 @functools.cache  # a worker compiles many candidates of the same launches; measure_one copies before changing one
 def launches(dtype: torch.dtype, D: int) -> dict:
     """The package's launches of each kernel (one per name) for `dtype` and head dim D, as on a CUDA device."""
-    from hf_tensor_attn.ops import triton_kernels as tk
+    from hf_tensor_attn.ops.exact import triton_kernels as tk
 
     B, H, T = SHAPE["B"], SHAPE["H"], SHAPE["T"]
     q, k1, k2, v1, v2 = (torch.zeros(B, H, T, D, dtype=dtype) for _ in range(5))

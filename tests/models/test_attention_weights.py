@@ -4,7 +4,7 @@ pair weights marginalised over the second key, P_t(a) = sum_b P_t(a, b); the out
 import pytest
 import torch
 
-from hf_tensor_attn.ops.naive import naive_pair_weights, naive_tensor_attention, naive_tensor_attention_with_weights
+from hf_tensor_attn.ops.exact.naive import naive_pair_weights, naive_tensor_attention, naive_tensor_attention_with_weights
 
 HYBRID = ["tensor_attention", "full_attention"]
 

@@ -144,7 +144,7 @@ def test_every_layer_types_output_projection_follows_attention_output_bias(outpu
 def test_poly_degree_past_the_feature_guard_is_refused_with_the_largest_allowed():
     """poly_degree=40 (377M features per head at width 8) was accepted."""
     from hf_tensor_attn.configuration import MAX_POLY_FEATURES
-    from hf_tensor_attn.ops.poly import MAX_FEATURES
+    from hf_tensor_attn.ops.poly.common import MAX_FEATURES
 
     assert MAX_POLY_FEATURES == MAX_FEATURES
     with pytest.raises(ValueError, match=r"`poly_degree`=40 with poly_feature_dim=8 .*use poly_degree <= 16"):

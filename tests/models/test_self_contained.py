@@ -97,9 +97,11 @@ def test_the_folder_holds_what_transformers_copies_and_only_base_imports(saved):
     available = remote_code.available_imports()
     for name in files:
         assert set(get_imports(path / name)) <= available, name
-    assert "hf_tensor_attn__ops__triton_kernels.py" not in files  # needs triton, which torch alone does not bring
+    assert {"hf_tensor_attn__ops__exact__tiled.py", "hf_tensor_attn__ops__poly__chunk.py",
+            "hf_tensor_attn__ops__subgen__clustering.py"} <= set(files)  # the ops' sub-packages, flattened
+    assert "hf_tensor_attn__ops__exact__triton_kernels.py" not in files  # needs triton, which torch alone does not bring
     # where the package imports the kernels on first use, the copy says why they are missing
-    said = "raise ModuleNotFoundError('hf_tensor_attn.ops.triton_kernels (it needs triton) is not part of this"
+    said = "raise ModuleNotFoundError('hf_tensor_attn.ops.exact.triton_kernels (it needs triton) is not part of this"
     assert said in files["hf_tensor_attn__ops__dispatch.py"].decode()  # the door imports them
     config = json.loads((path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == f"{REMOTE_MODULE}.TensorAttnForCausalLM"
@@ -127,6 +129,31 @@ def test_a_process_without_the_package_loads_generates_trains_and_resaves(saved,
     losses = train_two_steps(model.__class__.from_pretrained(path, dtype=torch.float64), batch)  # here, the same
     assert result["losses"] == pytest.approx(losses, rel=1e-9) and losses[1] < losses[0]
     assert code_files(resaved) == code_files(path)  # a self-contained copy saves itself again, byte for byte
+
+
+def test_relative_imports_in_sub_packages_name_the_flat_files(tmp_path):
+    """A sub-package's `__init__` and a module inside it: `.name`, `..name` and `from .package import module` resolve
+    against the package's own files (modules bound as modules, names as names) and point at the flat files."""
+    (tmp_path / "exact").mkdir()
+    init = tmp_path / "exact" / "__init__.py"
+    init.write_text("from .naive import naive_tensor_attention\nfrom ..common import repeat_kv\n")
+    assert remote_code.rewrite(remote_code.Source("ops.exact", init), {}) == (
+        "from .hf_tensor_attn__ops__exact__naive import naive_tensor_attention\n"
+        "from .hf_tensor_attn__ops__common import repeat_kv\n")
+    module = tmp_path / "exact" / "decode.py"
+    module.write_text("from ..common import fold_groups\nfrom .tiles import plan\nfrom .. import backend\n"
+                      "from ..exact import tiled as t\nfrom ...cache import base\n")
+    assert remote_code.rewrite(remote_code.Source("ops.exact.decode", module), {}) == (
+        "from .hf_tensor_attn__ops__common import fold_groups\n"
+        "from .hf_tensor_attn__ops__exact__tiles import plan\n"
+        "from . import hf_tensor_attn__ops__backend as backend\n"
+        "from . import hf_tensor_attn__ops__exact__tiled as t\n"
+        "from . import hf_tensor_attn__cache__base as base\n")
+    left_out = {"ops.exact.triton_kernels": ["triton"]}
+    lazy = tmp_path / "dispatch.py"
+    lazy.write_text("def run():\n    from .exact import decode, triton_kernels\n")
+    assert "raise ModuleNotFoundError('hf_tensor_attn.ops.exact.triton_kernels (it needs triton)" in (
+        remote_code.rewrite(remote_code.Source("ops.dispatch", lazy), left_out))
 
 
 def test_self_contained_must_be_a_bool(tmp_path, make_model):

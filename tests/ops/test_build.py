@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_tensor_attn.ops import _tiles, extension
+from hf_tensor_attn.ops import extension
+from hf_tensor_attn.ops.exact import tiles
 
 REPO = Path(extension.__file__).resolve().parents[2]
 TIMEOUT_S = 600  # a real build on a busy 2-core machine; a hang shows as this timeout
@@ -330,38 +331,38 @@ def test_build_command_fails_with_the_reason_where_nothing_builds(tmp_path):
 
 @pytest.mark.parametrize("value, size", [("524288", 524288), ("512K", 512 << 10), ("2m", 2 << 20)])
 def test_l2_size_from_the_environment(value, size, monkeypatch):
-    monkeypatch.setenv(_tiles.L2_ENV, value)
-    _tiles.l2_size.cache_clear()
+    monkeypatch.setenv(tiles.L2_ENV, value)
+    tiles.l2_size.cache_clear()
     try:
-        assert _tiles.l2_size() == (size, _tiles.L2_ENV)
-        assert _tiles.choose_tile_sizes(64, None, None).col == (128 if size == 512 << 10 else 256)
+        assert tiles.l2_size() == (size, tiles.L2_ENV)
+        assert tiles.choose_tile_sizes(64, None, None).col == (128 if size == 512 << 10 else 256)
         assert extension.describe()["l2_bytes"] == size
     finally:
-        _tiles.l2_size.cache_clear()
+        tiles.l2_size.cache_clear()
 
 
 @pytest.mark.parametrize("value", ["", "0", "-1", "1.5M", "512 KiB", "lots"])
 def test_bad_l2_size_names_the_variable_and_the_form(value, monkeypatch):
-    monkeypatch.setenv(_tiles.L2_ENV, value)
-    _tiles.l2_size.cache_clear()
+    monkeypatch.setenv(tiles.L2_ENV, value)
+    tiles.l2_size.cache_clear()
     try:
         with pytest.raises(ValueError, match=rf"HF_TENSOR_ATTN_L2_BYTES must be a positive number of bytes, .* "
                                              rf"got '{value}'"):
-            _tiles.choose_tile_sizes(64, None, None)
+            tiles.choose_tile_sizes(64, None, None)
         assert extension.describe()["l2_source"].startswith("HF_TENSOR_ATTN_L2_BYTES must be")
     finally:
-        _tiles.l2_size.cache_clear()
+        tiles.l2_size.cache_clear()
 
 
 def test_l2_size_is_read_from_the_machine_once(monkeypatch):
-    monkeypatch.delenv(_tiles.L2_ENV, raising=False)
-    _tiles.l2_size.cache_clear()
+    monkeypatch.delenv(tiles.L2_ENV, raising=False)
+    tiles.l2_size.cache_clear()
     reads = []
     real_glob = Path.glob
     monkeypatch.setattr(Path, "glob", lambda self, pattern: reads.append(pattern) or real_glob(self, pattern))
     try:
         for T in (16, 64, 200):
-            _tiles.choose_tile_sizes(T, None, 32)
+            tiles.choose_tile_sizes(T, None, 32)
         assert reads == ["index*"]
     finally:
-        _tiles.l2_size.cache_clear()
+        tiles.l2_size.cache_clear()

@@ -1,12 +1,12 @@
-"""The one-query decode kernels (`ops.decode`) against the naive reference, in float64: four_cache_decode in place
-and differentiable, in blocks, with both exp paths, and the two-matrix layout's pair rows."""
+"""The one-query decode kernels (`ops.exact.decode`) against the naive reference, in float64: four_cache_decode in
+place and differentiable, in blocks, with both exp paths, and the two-matrix layout's pair rows."""
 
 import pytest
 import torch
 
 from hf_tensor_attn.ops import naive_tensor_attention
 from hf_tensor_attn.ops import four_cache_decode
-from hf_tensor_attn.ops.decode import pair_rows_attention
+from hf_tensor_attn.ops.exact.decode import pair_rows_attention
 
 
 def decode_inputs(B=2, H=3, T=11, D=6, seed=0):
@@ -23,7 +23,7 @@ def decode_inputs(B=2, H=3, T=11, D=6, seed=0):
 def exp_shift(request, monkeypatch):
     """The in-place decode skips the max shift when a Cauchy-Schwarz bound allows it; 'always' forces the shift."""
     if request.param == "always":
-        from hf_tensor_attn.ops import decode
+        from hf_tensor_attn.ops.exact import decode
 
         monkeypatch.setattr(decode, "EXP_HEADROOM", {})
     return request.param
@@ -51,7 +51,7 @@ def test_four_cache_decode_matches_naive_in_place_and_differentiable(windows, ma
 
 @pytest.mark.parametrize("windows", [(None, None), (37, 20)])
 def test_four_cache_decode_in_blocks_matches_naive(monkeypatch, windows, exp_shift):
-    from hf_tensor_attn.ops import decode
+    from hf_tensor_attn.ops.exact import decode
 
     monkeypatch.setattr(decode, "_SCORES_PER_BLOCK", 1)  # blocks of 16 rows: 3 blocks for 40 tokens
     q, streams, _ = decode_inputs(B=3, T=40)
@@ -117,7 +117,7 @@ def test_pair_rows_decode_matches_naive():
 @pytest.mark.parametrize("written,Tq", [(1, 1), (7, 1), (13, 1), (6, 3), (13, 13)])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_positioned_attention_matches_naive_on_the_written_tokens(windows, written, Tq, groups):
-    from hf_tensor_attn.ops.decode import positioned_tensor_attention
+    from hf_tensor_attn.ops.exact.decode import positioned_tensor_attention
 
     g = torch.Generator().manual_seed(written * 10 + Tq)
     B, H_kv, L, D = 2, 2, 13, 5
@@ -135,7 +135,7 @@ def test_positioned_attention_matches_naive_on_the_written_tokens(windows, writt
 
 
 def test_positioned_attention_nan_reaches_only_the_queries_that_use_it():
-    from hf_tensor_attn.ops.decode import positioned_tensor_attention
+    from hf_tensor_attn.ops.exact.decode import positioned_tensor_attention
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 1, 4, 3, generator=g, dtype=torch.float64)

@@ -34,13 +34,15 @@ def test_only_the_door_picks_an_implementation():
         if name == "ops/dispatch.py":
             continue
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and any(a.name == "triton_kernels" for a in node.names):
+            # `from .exact import triton_kernels` as well as `from .exact.triton_kernels import forward`
+            if isinstance(node, ast.ImportFrom) and "triton_kernels" in (
+                    *(a.name for a in node.names), *(node.module or "").split(".")):
                 found.append((name, node.lineno, "imports triton_kernels"))
             if isinstance(node, ast.Attribute) and node.attr in ("cpu_ops", "use_triton", "triton_kernels"):
                 found.append((name, node.lineno, node.attr))
             if isinstance(node, ast.Name) and node.id in ("cpu_ops", "use_triton") and name != "ops/extension.py":
                 found.append((name, node.lineno, node.id))
-            if isinstance(node, ast.Attribute) and node.attr == "is_cuda" and name != "ops/triton_kernels.py":
+            if isinstance(node, ast.Attribute) and node.attr == "is_cuda" and name != "ops/exact/triton_kernels.py":
                 found.append((name, node.lineno, "is_cuda"))
             if isinstance(node, ast.Compare) and "shape[2] == 1" in ast.unparse(node):
                 found.append((name, node.lineno, ast.unparse(node)))
@@ -142,7 +144,8 @@ def test_trainer_bf16_on_the_default_config_lowers_the_loss(tmp_path):
 
 SELF_CHECK = r"""
 import warnings, torch
-from hf_tensor_attn.ops import dispatch, tensor_attention, four_cache_decode, triton_kernels
+from hf_tensor_attn.ops import dispatch, tensor_attention, four_cache_decode
+from hf_tensor_attn.ops.exact import triton_kernels
 real_forward, real_decode = triton_kernels.forward, triton_kernels.four_cache_decode
 calls = {"forward": 0, "decode": 0}
 def wrong_forward(*args):

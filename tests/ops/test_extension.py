@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from hf_tensor_attn.ops import _tiles, extension, naive_tensor_attention, tensor_attention, tiled
-from hf_tensor_attn.ops._tiles import TileSizes
+from hf_tensor_attn.ops import extension, naive_tensor_attention, tensor_attention
+from hf_tensor_attn.ops.exact import tiled, tiles
+from hf_tensor_attn.ops.exact.tiles import TileSizes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,7 +81,7 @@ def test_default_tiles_over_a_wide_band_match_python_loops(loops, monkeypatch):
     """A column window of 290 makes bands of 305 keys, cut into two column blocks by the default tiles of a core with
     2 MiB of L2 (fixed here: the planner's column width follows the L2 size); with a row window of 40 (two row blocks
     of 32 and 8 offsets), padding, Tq < Tk and float64, through the backward too."""
-    monkeypatch.setattr(_tiles, "l2_size", lambda: (2 << 20, "test"))
+    monkeypatch.setattr(tiles, "l2_size", lambda: (2 << 20, "test"))
     assert tiled.choose_tile_sizes(200, 40, 290).col == 256
     x, mask = inputs(True, torch.float64, T=300, Tq=200, D=8)
     kw = dict(scale=0.3, w1=290, w2=40, attention_mask=mask)

@@ -10,7 +10,7 @@ from hf_tensor_attn import TensorAttnCache
 from hf_tensor_attn.modeling import TensorAttention, TensorAttnRotaryEmbedding
 from hf_tensor_attn.ops import four_cache_decode, naive_tensor_attention, tensor_attention
 from hf_tensor_attn.ops.common import repeat_kv
-from hf_tensor_attn.ops.decode import pair_rows_attention
+from hf_tensor_attn.ops.exact.decode import pair_rows_attention
 from hf_tensor_attn.configuration import TensorAttnConfig
 
 B, H, H_KV, D = 2, 6, 2, 10
@@ -179,7 +179,7 @@ def test_grouped_tensor_layer_equals_the_layer_with_repeated_projections():
 def test_in_place_decode_with_grouped_heads_in_blocks(monkeypatch, blocks, shifted, windows):
     """The no-grad decode folds each group's query heads into the rows of one GEMM per key/value head: in one block
     or many, with the max shift or without, windows and padding, it equals the repeated-heads computation."""
-    from hf_tensor_attn.ops import decode
+    from hf_tensor_attn.ops.exact import decode
 
     if blocks == "many":
         monkeypatch.setattr(decode, "_SCORES_PER_BLOCK", 1)  # blocks of 16 rows: 3 blocks for 40 tokens

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_tensor_attn.ops import four_cache_decode, naive_tensor_attention, tensor_attention
-from hf_tensor_attn.ops._tiles import TileSizes
-from hf_tensor_attn.ops import dispatch, tiled
+from hf_tensor_attn.ops import dispatch, four_cache_decode, naive_tensor_attention, tensor_attention
+from hf_tensor_attn.ops.exact import tiled
+from hf_tensor_attn.ops.exact.tiles import TileSizes
 
 B, H, T, D = 2, 2, 20, 4
 NAMES = ("q", "k1", "k2", "v1", "v2")

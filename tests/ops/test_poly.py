@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from hf_tensor_attn.ops import naive_poly_tensor_attention, poly_tensor_attention, tensor_attention
-from hf_tensor_attn.ops.poly import key_features, num_features, polynomial_coefficients, query_features
+from hf_tensor_attn.ops.poly.common import num_features, polynomial_coefficients
+from hf_tensor_attn.ops.poly.features import key_features, query_features
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
@@ -118,14 +119,14 @@ def saved_numbers(checkpointed: bool) -> int:
     with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
         with torch.set_grad_enabled(True):
             if not checkpointed:  # the same maths, every chunk's prefix sums kept for backward
-                from hf_tensor_attn.ops import poly
+                from hf_tensor_attn.ops.poly import chunk
                 real = torch.ones(1, 1, n, 1, dtype=torch.float64)
-                state = poly.PolyState.zeros(1, 1, num_features(d, 4), d, d, dtype=torch.float64, device="cpu")
+                state = chunk.PolyState.zeros(1, 1, num_features(d, 4), d, d, dtype=torch.float64, device="cpu")
                 for lo in range(0, n, 32):
                     sl = slice(lo, lo + 32)
                     q = inputs[0][:, :, None, sl]  # [B, H, G=1, C, d]
-                    _, state = poly._query_chunk(state, q, *(t[:, :, sl] for t in inputs[1:]), real[:, :, sl],
-                                                 scale=0.5, degree=4, score_bound=None)
+                    _, state = chunk._query_chunk(state, q, *(t[:, :, sl] for t in inputs[1:]), real[:, :, sl],
+                                                  scale=0.5, degree=4, score_bound=None)
             else:
                 poly_tensor_attention(*inputs, scale=0.5, degree=4, chunk_size=32)
     return sum(saved)
@@ -225,17 +226,17 @@ def test_bad_shapes_and_mask_raise():
 def test_automatic_chunks_shrink_with_batch_and_heads(monkeypatch):
     """The prefix sums of a chunk are [B, H, chunk, r, Dv]: the automatic chunk keeps them under CHUNK_NUMBERS
     whatever the batch (a batch of 200 sequences at degree 8 once asked for 1.6G numbers)."""
-    from hf_tensor_attn.ops import poly
+    from hf_tensor_attn.ops.poly import chunk
 
     seen = []
-    original = poly._query_chunk
+    original = chunk._query_chunk
 
     def recording(state, q, *args, **kw):
         seen.append(q.shape[0] * q.shape[1] * q.shape[3])  # q: [B, H, G, chunk, Dk]
         return original(state, q, *args, **kw)
 
-    monkeypatch.setattr(poly, "_query_chunk", recording)
-    monkeypatch.setattr(poly, "CHUNK_NUMBERS", 4096)
+    monkeypatch.setattr(chunk, "_query_chunk", recording)
+    monkeypatch.setattr(chunk, "CHUNK_NUMBERS", 4096)
     for B in (1, 8):
         seen.clear()
         inputs = make_inputs(B, 2, 20, 20, 3, 4)
@@ -249,7 +250,7 @@ def test_automatic_chunks_shrink_with_batch_and_heads(monkeypatch):
 def test_grouped_queries_share_one_state(causal):
     """q as [B, H_kv, G, Tq, Dk] (the poly cache's grouped heads) gives what each query head gives on its own, and
     one state for the group."""
-    from hf_tensor_attn.ops import poly
+    from hf_tensor_attn.ops.poly import chunk
 
     B, H_kv, G, T, Dk, Dv = 2, 2, 3, 7, 3, 4
     g = torch.Generator().manual_seed(5)
@@ -259,11 +260,11 @@ def test_grouped_queries_share_one_state(causal):
     real = torch.ones(B, 1, T, 1, dtype=torch.float64)
     real[0, :, :2] = 0
     kw = dict(scale=0.4, degree=2, score_bound=None, causal=causal, chunk_size=3)
-    start = poly.PolyState.zeros(B, H_kv, num_features(Dk, 2), Dk, Dv, dtype=torch.float64, device="cpu")
-    grouped, state = poly.poly_attention_continue(start, q, k1, k2, v1, v2, real, **kw)
+    start = chunk.PolyState.zeros(B, H_kv, num_features(Dk, 2), Dk, Dv, dtype=torch.float64, device="cpu")
+    grouped, state = chunk.poly_attention_continue(start, q, k1, k2, v1, v2, real, **kw)
     assert grouped.shape == (B, H_kv, G, T, Dv)
     for member in range(G):
-        alone, alone_state = poly.poly_attention_continue(start, q[:, :, member], k1, k2, v1, v2, real, **kw)
+        alone, alone_state = chunk.poly_attention_continue(start, q[:, :, member], k1, k2, v1, v2, real, **kw)
         torch.testing.assert_close(grouped[:, :, member], alone, rtol=1e-12, atol=1e-12)
     for a, b in zip(state, alone_state):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -272,15 +273,15 @@ def test_grouped_queries_share_one_state(causal):
 def test_query_weights_are_kept_per_device_and_dtype():
     """`query_features` reuses its weights in q's dtype and device (a decode step on CUDA would otherwise copy them
     host to device at every step), and gives what the float64 definition gives."""
-    from hf_tensor_attn.ops import poly
+    from hf_tensor_attn.ops.poly import features
 
     q = torch.randn(2, 3, 5, 4, dtype=torch.float64)
-    poly._query_weights_on.cache_clear()
+    features._query_weights_on.cache_clear()
     first = query_features(q.float(), scale=0.5, degree=3, score_bound=None)
     second = query_features(q.float(), scale=0.5, degree=3, score_bound=None)
-    info = poly._query_weights_on.cache_info()
+    info = features._query_weights_on.cache_info()
     assert (info.misses, info.hits) == (1, 1) and torch.equal(first, second)
-    weights = poly._query_weights_on(4, 3, None, 0.5, torch.float32, torch.device("cpu"))
+    weights = features._query_weights_on(4, 3, None, 0.5, torch.float32, torch.device("cpu"))
     assert [w.dtype for w in weights] == [torch.float32] * 4
     # U1(q) . U2(k) = sum_j c_j (scale <q, k>)^j for one key k = q's first row (Taylor: c_j = 1/j!)
     k = q[..., :1, :]
@@ -339,7 +340,7 @@ def test_coefficients_of_every_accepted_bound_are_accurate():
 def test_degenerate_but_finite_fit_warns_and_a_good_one_does_not():
     import warnings
 
-    from hf_tensor_attn.ops.poly import PolyFitWarning
+    from hf_tensor_attn.ops.poly.common import PolyFitWarning
 
     inputs = make_inputs(1, 1, 3, 3, 2, 2, torch.float32)
     with pytest.warns(PolyFitWarning, match=r"score_bound=30.0, degree=2: .*relative error up to"):

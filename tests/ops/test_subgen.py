@@ -4,15 +4,9 @@ explicit Kronecker rows, batched clustering against one row at a time."""
 import pytest
 import torch
 
-from hf_tensor_attn.ops.subgen import (
-    assign_clusters,
-    log_weights,
-    naive_assign_clusters,
-    naive_nearest_cluster_pair,
-    naive_weighted_pair_sums,
-    nearest_cluster_pair,
-    weighted_pair_sums,
-)
+from hf_tensor_attn.ops.subgen.clustering import assign_clusters, nearest_cluster_pair
+from hf_tensor_attn.ops.subgen.estimators import log_weights, weighted_pair_sums
+from hf_tensor_attn.ops.subgen.naive import naive_assign_clusters, naive_nearest_cluster_pair, naive_weighted_pair_sums
 
 
 def test_weighted_pair_sums_match_kronecker_reference():

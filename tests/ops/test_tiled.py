@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from hf_tensor_attn.ops import extension, naive_tensor_attention, tensor_attention, tiled
-from hf_tensor_attn.ops._tiles import TileSizes, plan
+from hf_tensor_attn.ops import extension, naive_tensor_attention, tensor_attention
+from hf_tensor_attn.ops.exact import tiled
+from hf_tensor_attn.ops.exact.tiles import TileSizes, plan
 
 # Tolerances are relative to the largest entry of the reference tensor (at least 1), per dtype. float32, bfloat16 and
 # float16 all compute in float32 inside; a half-precision result is compared with the naive op on the same inputs

@@ -1,5 +1,5 @@
-"""The Triton kernels (`ops.triton_kernels`) against `naive_tensor_attention`: forward, all five gradients and the
-four-cache decode step, on CPU tensors in Triton's interpreter. The cases and why they run in a subprocess:
+"""The Triton kernels (`ops.exact.triton_kernels`) against `naive_tensor_attention`: forward, all five gradients and
+the four-cache decode step, on CPU tensors in Triton's interpreter. The cases and why they run in a subprocess:
 tests/ops/triton_cases.py."""
 
 from __future__ import annotations
@@ -123,6 +123,13 @@ def test_backend_errors_name_the_problem(monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(ValueError, match="needs CUDA tensors"):
             use_triton("triton", q)
+
+
+def test_a_self_contained_copy_has_no_kernels(monkeypatch):
+    """A self-contained checkpoint's copy of this code (`remote_code`) is flat files in one package, without the
+    kernels or the `exact` sub-package they live in: it runs the torch path whether or not triton is installed."""
+    monkeypatch.setattr(backend, "__package__", "hf_tensor_attn")  # a package that holds no `exact`
+    assert backend.triton_installed.__wrapped__() is False
 
 
 def test_tested_triton_releases_are_the_declared_pinned_and_ci_ones():

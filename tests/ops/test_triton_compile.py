@@ -49,7 +49,7 @@ def _compile(jobs: list[tuple]) -> list[dict]:
 
 
 def _entries():
-    from hf_tensor_attn.ops.triton_kernels import TILES
+    from hf_tensor_attn.ops.exact.triton_kernels import TILES
 
     return sorted(TILES)  # (kernel, dtype, the largest head dim of the bucket)
 
@@ -87,7 +87,7 @@ def test_a_spilling_launch_is_seen():
 @needs_triton
 def test_every_tiles_entry_is_interpreted():
     """Each distinct launch shape of TILES runs in the interpreter tests (block sizes change the loops' edges)."""
-    from hf_tensor_attn.ops.triton_kernels import TILES, tiles
+    from hf_tensor_attn.ops.exact.triton_kernels import TILES, tiles
     from tests.ops.triton_cases import ATTENTION_CASES, DECODE_CASES
 
     shape = lambda kernel, dtype, D: (kernel, tiles(kernel, dtype, D).rows, tiles(kernel, dtype, D).cols)  # noqa: E731
@@ -113,7 +113,7 @@ def test_published_tables_describe_these_tiles():
     made with the TILES in the code, and each entry is the first candidate that fits on every target in every one of
     them (the rule TILES states)."""
     from hf_tensor_attn.ops.backend import TRITON_NEWEST_TESTED, TRITON_OLDEST_TESTED
-    from hf_tensor_attn.ops.triton_kernels import TILES, tiles
+    from hf_tensor_attn.ops.exact.triton_kernels import TILES, tiles
     from scripts.bench.triton_resources import CANDIDATES, DTYPES, RELEASES, SETTINGS, SHARED_LIMIT, fits
 
     runs = _published_runs()

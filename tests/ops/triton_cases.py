@@ -115,7 +115,8 @@ def _attention(case):
 
 
 def _decode(case):
-    from hf_tensor_attn.ops import four_cache_decode, naive_tensor_attention, triton_kernels
+    from hf_tensor_attn.ops import four_cache_decode, naive_tensor_attention
+    from hf_tensor_attn.ops.exact import triton_kernels
     from tests.ops.test_tiled import make_inputs
 
     B, heads, Tk, D, w1, w2, pads, dtype = DECODE_CASES[case]

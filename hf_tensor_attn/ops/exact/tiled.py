@@ -1,7 +1,7 @@
 """Tiled tensor attention: exact, and never materialises the Tq x Tk x Tk scores (FlashAttention-style, CPU torch).
 
 Forward: for each query block, tiles over (row-stream block x column-stream block). The scores of a tile are one
-batched GEMM over all heads, stored transposed (column key major, see `_tiles.Masker.apply`):
+batched GEMM over all heads, stored transposed (column key major, see `tiles.Masker.apply`):
 k_col [bc, d] @ (q * k_row)^T [d, bq*ba]; the values are a second one, P [bq*ba, bc] @ v_col [bc, d], times v_row
 and summed over the row keys. The softmax over *pairs* runs against a
 per-query reference score subtracted inside the first GEMM (see `_forward`), so a tile costs two GEMMs, one exp
@@ -16,7 +16,7 @@ Python loops stay, tested beside them against the naive op, and run where they d
 `HF_TENSOR_ATTN_CPU_EXTENSION=0`.
 
 The maths is symmetric in the two streams (<q, k1*k2> = <q, k2*k1>, v1*v2 = v2*v1). The row stream reads each
-query's own window exactly (see `_tiles`), while a column block is shared by the query block and so spans
+query's own window exactly (see `tiles`), while a column block is shared by the query block and so spans
 w + bq - 1 keys for a window w; the wider window therefore goes on the columns, where that widening costs least.
 """
 
@@ -27,8 +27,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ._tiles import Masker, QueryBlock, TileSizes, choose_tile_sizes, pack, plan
-from .common import EXP_FLOOR, EXP_HEADROOM
+from .tiles import Masker, QueryBlock, TileSizes, choose_tile_sizes, pack, plan
+from ..common import EXP_FLOOR, EXP_HEADROOM
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import allowed_pairs, allowed_positions, check_inputs, masked_softmax, repeat_kv
+from ..common import allowed_pairs, allowed_positions, check_inputs, masked_softmax, repeat_kv
 
 
 def naive_tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import (EXP_HEADROOM, all_finite, finite_or_zero, fold_groups, masked_softmax, repeat_kv,
+from ..common import (EXP_HEADROOM, all_finite, finite_or_zero, fold_groups, masked_softmax, repeat_kv,
                      unfold_groups)
 
 # Scores per block of the in-place decode step (B * H * rows * n2), 16 MiB in fp32: it bounds the scratch while
