@@ -12,9 +12,10 @@ Five parts, each a CSV (and the figure bench_poly.png, tables.md):
                  Taylor P, and (n <= 1024) the Chebyshev fit of exp on [-B^3, B^3], the interval the seed's P covers.
                  The error is taken over the last `--queries` positions (each sees all but a few of the n^2 pairs):
                  an explicit n^3 reference is impossible at n = 4096, the exact tiled op on a few queries is not.
-- runtime.csv    causal prefill (every query) of the poly op (degrees 2, 4, 6) and of the exact op, float32, d = 8,
-                 against n; exact only up to `--max-exact-n` (it is O(n^3 d)). Slopes are log-log fits; the
-                 crossover is where the fitted power laws meet.
+- runtime.csv    causal prefill (every query) of the poly op (degrees 2, 4, 6), of the exact op (up to `--max-exact-n`,
+                 it is O(n^3 d)) and of the exact op with windows w1 = w2 = 256, float32, d = 8, against n up to
+                 4096. The crossovers are read from the measurements (from which n on poly is ahead at every
+                 measured n); log-log slopes are shown beside them.
 - match3.csv     Match3 with the existing protocol (hf_tensor_attn.data, the training run of scripts/train.py, the
                  held-out test set of match3_experiment) at a small scale: one exact tensor layer and one poly layer of
                  the same width, same steps; then the exact-trained model decoded through the `poly` cache for each
@@ -57,10 +58,11 @@ D = 8
 MATCH3_CONFIG = ROOT / "configs" / "match3-tensor.json"
 
 FULL = dict(error_n=[256, 1024, 4096], degrees=list(range(2, 9)), bounds=[0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0],
-            cheb_max_n=1024, runtime_n=[256, 512, 1024, 2048, 4096], runtime_degrees=[2, 4, 6], train_T=[256, 1024, 4096],
+            cheb_max_n=1024, runtime_n=[256, 512, 1024, 2048, 4096], runtime_degrees=[2, 4, 6], exact_window=256,
+            train_T=[256, 1024, 4096],
             memory_T=[256, 1024, 4096, 16384], match3_steps=200, decode_degrees=[2, 4, 6, 8], decode_examples=200)
 QUICK = dict(error_n=[16, 32], degrees=[2, 3], bounds=[0.5, 2.0], cheb_max_n=32, runtime_n=[16, 32, 64],
-             runtime_degrees=[2], train_T=[16, 32], memory_T=[16, 64], match3_steps=2, decode_degrees=[2],
+             runtime_degrees=[2], exact_window=16, train_T=[16, 32], memory_T=[16, 64], match3_steps=2, decode_degrees=[2],
              decode_examples=16)
 
 
@@ -107,6 +109,8 @@ def runtime_rows(sizes: dict, max_exact_n: int, wait_idle: float) -> list[dict]:
                    for g_ in sizes["runtime_degrees"]]
         if n <= max_exact_n:
             methods.append(("exact", lambda: tensor_attention(q, k1, k2, v1, v2, scale=1 / D)))
+        w = sizes["exact_window"]
+        methods.append((f"exact, w1 = w2 = {w}", lambda: tensor_attention(q, k1, k2, v1, v2, scale=1 / D, w1=w, w2=w)))
         for method, fn in methods:
             t = measure(fn, repeats=1, min_run_time=0.05, wait_idle=wait_idle)
             rows.append({"n": n, "method": method, "seconds": t.best, "disturbed": t.disturbed})
@@ -293,26 +297,45 @@ def error_tables(err: list[dict]) -> list[tuple[str, list[str]]]:
     return sections
 
 
-def runtime_tables(runtime: list[dict]) -> list[tuple[str, list[str]]]:
+def measured_crossover(rows: list[dict], key: str, value: str, fast: str, slow: str) -> str:
+    """Where `fast`'s `value` (seconds, bytes) is at most `slow`'s at every measured `key` (n, T) from there on."""
+    pairs = sorted((int(r[key]), float(r[value]), float(o[value])) for r in rows if r["method"] == fast
+                   for o in rows if o["method"] == slow and int(o[key]) == int(r[key]))
+    if not pairs:
+        return f"- {fast} vs {slow}: no {key} measured for both"
+    ahead = [n for n, a, b in pairs if a <= b]
+    since = next((n for i, (n, _, _) in enumerate(pairs) if all(a <= b for _, a, b in pairs[i:])), None)
+    span = f"{key} = {pairs[0][0]}..{pairs[-1][0]}"
+    if since is None:
+        return f"- {fast} vs {slow}: behind at every measured {key} ({span})"
+    if since == pairs[0][0]:
+        return f"- {fast} vs {slow}: ahead at every measured {key} ({span})"
+    behind = max(n for n, a, b in pairs if a > b)
+    return (f"- {fast} vs {slow}: ahead from {key} = {since} on, behind at {key} = {behind} (measured {span}; ahead at "
+            f"{len(ahead)} of {len(pairs)})")
+
+
+def runtime_tables(runtime: list[dict], memory: list[dict]) -> list[tuple[str, list[str]]]:
     methods = list(dict.fromkeys(r["method"] for r in runtime))
     ns = sorted({r["n"] for r in runtime})
-    body = [[n] + [next((f"{r['seconds']:.4f}" + ("*" if disturbed(r) else "") for r in runtime
-                         if r["n"] == n and r["method"] == m), "not run") for m in methods] for n in ns]
+    body = [[n] + [next((f"{r['seconds']:.4f} ({1e6 * r['seconds'] / n:.1f})" + ("*" if disturbed(r) else "")
+                         for r in runtime if r["n"] == n and r["method"] == m), "not run") for m in methods] for n in ns]
     fits = {}
     for m in methods:
         pts = [r for r in runtime if r["method"] == m]
         if len(pts) >= 2:
             fits[m] = fit([r["n"] for r in pts], [r["seconds"] for r in pts])
     lines = [f"- {m}: seconds ∝ n^{k:.2f}" for m, (k, _) in fits.items()]
-    if "exact" in fits:
-        ke, ae = fits["exact"]
-        for m, (k, a) in fits.items():
-            if m != "exact" and ke != k:
-                n_cross = math.exp((a - ae) / (ke - k))
-                lines.append(f"- {m} vs exact: fitted power laws meet at n ≈ {n_cross:.0f}")
-    return [("Causal prefill, seconds per call (float32, d=8, one head; * = disturbed by other processes)",
-             markdown_table(["n", *methods], body, "r" * (len(methods) + 1))),
-            ("Slopes and crossover (log-log fits over the measured n)", lines)]
+    crossings = [measured_crossover(runtime, "n", "seconds", m, exact) for exact in methods if exact.startswith("exact")
+                 for m in methods if m.startswith("poly")]
+    names = {"poly_tensor_attention": "poly layer's state", "tensor_attention": "tensor layer's four_cache"}
+    by_cache = [dict(r, method=names[r["layer"]]) for r in memory]
+    crossings.append(measured_crossover(by_cache, "T", "bytes", *names.values()))
+    return [("Causal prefill, seconds per call (µs per token) (float32, d=8, one head; * = disturbed by other "
+             "processes)", markdown_table(["n", *methods], body, "r" * (len(methods) + 1))),
+            ("Crossovers, read from the measurements (time: the table above; memory: the cache bytes table below)",
+             crossings),
+            ("Slopes (log-log fits over the measured n)", lines)]
 
 
 def match3_tables(rows: list[dict], stats: dict) -> list[tuple[str, list[str]]]:
@@ -359,7 +382,7 @@ def render(folder: Path) -> str:
     """tables.md from the folder's CSVs and run record alone (the publishing convention in harness.py)."""
     run = read_run_record(folder)
     err, runtime, throughput, memory, match3 = (read_csv(Path(folder) / f"{name}.csv") for name in CSVS)
-    sections = [*error_tables(err), *runtime_tables(runtime), *match3_tables(match3, run["match3_stats"]),
+    sections = [*error_tables(err), *runtime_tables(runtime, memory), *match3_tables(match3, run["match3_stats"]),
                 *throughput_tables(throughput, memory),
                 ("Run", [f"Total wall time {run['seconds']:.0f} s; feature counts r = C(d+g, g) at d={D}: "
                          + ", ".join(f"g={g}: {num_features(D, g):,}" for g in run["degrees"]) + "."])]
@@ -374,14 +397,14 @@ def parse_args(argv):
                         help="measure nothing: rebuild tables.md and the plot from FOLDER's CSVs and run.json")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared machine slows it least)")
     parser.add_argument("--queries", type=int, default=8, help="last positions the error is measured on")
-    parser.add_argument("--max-exact-n", type=int, default=1024, help="largest n the exact prefill is timed at")
+    parser.add_argument("--max-exact-n", type=int, default=4096, help="largest n the causal exact prefill is timed at")
     parser.add_argument("--max-exact-train", type=int, default=256, help="largest T exact training is timed at")
     parser.add_argument("--wait-idle", type=float, default=0.0, help="retry disturbed timings for up to this long")
     parser.add_argument("--work_dir", type=Path, default=ROOT / "runs" / "bench-poly", help="training runs' folder")
     args = parser.parse_args(argv)
     if args.from_csv is not None:
         return args
-    full = not args.quick and args.queries == 8 and args.max_exact_n == 1024 and args.max_exact_train == 256
+    full = not args.quick and args.queries == 8 and args.max_exact_n == 4096 and args.max_exact_train == 256
     args.out = output_dir(parser, args.out, NAME, full)
     return args
 
