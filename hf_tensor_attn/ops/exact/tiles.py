@@ -59,9 +59,8 @@ def choose_tile_sizes(Tq: int, w_row: int | None, w_col: int | None) -> TileSize
     16 queries x 32 row keys make 512 rows in the score GEMM and `_columns_for_cache` picks the columns, so MKL runs
     near its peak while a head's fp32 score tile stays within half of a core's L2. Larger query blocks would cut the
     per-block costs (a dozen kernel launches) but waste more pairs: on the diagonal, and in windowed column blocks,
-    which span w_col + query - 1 keys of which each query uses w_col. Measured with column-major tiles (cheap
-    column masks), 32 queries lost to 16 at w_col = 128 and at w_col = 512 alike, forward and backward; among the
-    other shapes tried (256 to 1024 rows, 128 to 544 columns) none won by more than this VM's run-to-run noise.
+    which span w_col + query - 1 keys of which each query uses w_col. The block shape is a measured choice: what was
+    compared, and why no other shape won, is in docs/bench_attention.md ("Windowed runs").
     """
     row = 32 if w_row is None else min(w_row, 32)
     return TileSizes(query=16, row=row, col=_columns_for_cache(16 * 32, l2_size()[0]))
