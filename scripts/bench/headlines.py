@@ -62,6 +62,21 @@ def bench_compiled_decode(folder: Path) -> str:
             f"{prompts[-1]}); {cpu(folder)}")
 
 
+def bench_decode(folder: Path) -> str:
+    from scripts.bench.bench_decode import medians
+
+    cell = medians(read_csv(folder / "bench_decode.csv"))
+
+    def against_llama(method):
+        ratios = [v[0] / cell["llama", 1, n][0] for (m, b, n), v in cell.items() if m == method and b == 1]
+        return f"{method} {statistics.median(ratios):.2f}x"
+
+    contexts = sorted({n for (m, b, n) in cell if b == 1})
+    return (f"`generate()` tokens/s vs a same-size Llama, batch 1, median over contexts {contexts[0]}.."
+            f"{contexts[-1]} (where each ran): " + ", ".join(against_llama(m) for m in (
+                "hybrid four_cache", "tensor four_cache", "tensor poly")) + f"; {cpu(folder)}")
+
+
 def eval_subgen(folder: Path) -> str:
     rows = read_csv(folder / "synthetic.csv")
     d = min(r["d"] for r in rows)
@@ -127,6 +142,7 @@ HEADLINES = {
     "bench_attention": bench_attention,
     "bench_cache": bench_cache,
     "bench_compiled_decode": bench_compiled_decode,
+    "bench_decode": bench_decode,
     "eval_subgen": eval_subgen,
     "eval_long_context": eval_long_context,
     "bench_poly": bench_poly,

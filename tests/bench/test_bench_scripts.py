@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from scripts.bench import (bench_attention, bench_cache, bench_compiled_decode, bench_poly, convert_llama_experiment,
-                           eval_long_context, eval_subgen, match3_experiment, profile_attention)
+from scripts.bench import (bench_attention, bench_cache, bench_compiled_decode, bench_decode, bench_poly,
+                           convert_llama_experiment, eval_long_context, eval_subgen, match3_experiment,
+                           profile_attention)
 from scripts.bench.harness import read_csv, read_run_record, render_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +26,7 @@ SCRIPTS = {
     "bench_cache": (["-m", "scripts.bench.bench_cache"], ["bench_cache.csv", "bench_cache.png"]),
     "bench_compiled_decode": (["-m", "scripts.bench.bench_compiled_decode"],
                               ["bench_compiled_decode.csv", "bench_compiled_decode.png"]),
+    "bench_decode": (["-m", "scripts.bench.bench_decode"], ["bench_decode.csv", "bench_decode.png"]),
     "eval_subgen": (["-m", "scripts.bench.eval_subgen"],
                     ["synthetic.csv", "model.csv", "lowdim.csv", "eval_subgen.png"]),
     "bench_poly": (["-m", "scripts.bench.bench_poly"],
@@ -61,8 +63,8 @@ def test_quick_run_writes_csv_table_and_plot(name, tmp_path):
     assert tables == render_folder(out)  # a normal run publishes exactly what --from-csv would rebuild
 
 
-@pytest.mark.parametrize("module", [bench_attention, bench_cache, bench_compiled_decode, bench_poly, eval_subgen,
-                                    eval_long_context, match3_experiment, convert_llama_experiment,
+@pytest.mark.parametrize("module", [bench_attention, bench_cache, bench_compiled_decode, bench_decode, bench_poly,
+                                    eval_subgen, eval_long_context, match3_experiment, convert_llama_experiment,
                                     profile_attention])
 def test_quick_run_refuses_to_write_into_docs(module, capsys):
     with pytest.raises(SystemExit):
