@@ -36,8 +36,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from hf_tensor_attn.cache.base import layer_memory_bytes
 from scripts.bench.bench_compiled_decode import StepClock
 from scripts.bench.harness import (
-    describe_load, load_snapshot, machine, markdown_table, output_dir, publish, pyplot, read_csv, read_run_record,
-    rebuild_or_start, render_document, run_record, wait_for_idle, write_csv, write_run_record,
+    ahead_from, describe_load, load_snapshot, machine, markdown_table, output_dir, publish, pyplot, read_csv,
+    read_run_record, rebuild_or_start, render_document, run_record, wait_for_idle, write_csv, write_run_record,
 )
 
 NAME = "bench_decode"
@@ -161,8 +161,7 @@ def ratio_line(cell, method: str, batch: int, contexts, reference: str = "llama"
 
 def crossover_line(cell, fast: str, slow: str, batch: int, contexts) -> str:
     both = [n for n in contexts if (fast, batch, n) in cell and (slow, batch, n) in cell]
-    ahead = [n for n in both if cell[fast, batch, n][0] >= cell[slow, batch, n][0]]
-    since = next((n for i, n in enumerate(both) if all(m in ahead for m in both[i:])), None)
+    since = ahead_from((n, cell[fast, batch, n][0] >= cell[slow, batch, n][0]) for n in both)
     if not both:
         return f"- {fast} against {slow}, batch {batch}: no context measured for both"
     where = "at no measured context" if since is None else f"from context {since} on"

@@ -47,7 +47,7 @@ from hf_tensor_attn.ops import poly_tensor_attention, tensor_attention
 from hf_tensor_attn.ops.poly.common import num_features
 from hf_tensor_attn.training import train
 from scripts.bench.harness import (
-    ROOT, describe_load, load_snapshot, machine, markdown_table, measure, output_dir, publish, pyplot, read_csv,
+    ROOT, ahead_from, describe_load, load_snapshot, machine, markdown_table, measure, output_dir, publish, pyplot, read_csv,
     read_run_record, render_document, run_record, write_csv, write_run_record,
 )
 from hf_tensor_attn.data import Match3Task
@@ -304,7 +304,7 @@ def measured_crossover(rows: list[dict], key: str, value: str, fast: str, slow: 
     if not pairs:
         return f"- {fast} vs {slow}: no {key} measured for both"
     ahead = [n for n, a, b in pairs if a <= b]
-    since = next((n for i, (n, _, _) in enumerate(pairs) if all(a <= b for _, a, b in pairs[i:])), None)
+    since = ahead_from((n, a <= b) for n, a, b in pairs)
     span = f"{key} = {pairs[0][0]}..{pairs[-1][0]}"
     if since is None:
         return f"- {fast} vs {slow}: behind at every measured {key} ({span})"

@@ -432,13 +432,14 @@ def uses_context(rows: list[dict]) -> tuple[list[str], bool]:
     return lines, ok
 
 
-def at_equal_memory(rows: list[dict]) -> tuple[list[str], list[str]]:
+def at_equal_memory(rows: list[dict]) -> tuple[list[str], list[str], list[str]]:
     """For each memory level (the window baseline's memory at each token count), each method's run that uses the
-    most memory within MEMORY_SLACK of it (chosen by memory, never by loss), and the winner with its margin."""
+    most memory within MEMORY_SLACK of it (chosen by memory, never by loss), and the winner with its margin: the
+    table, one sentence per level, and each level's winning method."""
     exact = next(r for r in rows if r["method"] == "exact")
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "exact"))
     levels = sorted((r for r in rows if r["method"] == "window"), key=lambda r: r["memory_bytes_per_seq"])
-    table, sentences = [], []
+    table, sentences, winners = [], [], []
     for level in levels:
         cap = level["memory_bytes_per_seq"] * MEMORY_SLACK
         picks = {}
@@ -450,6 +451,7 @@ def at_equal_memory(rows: list[dict]) -> tuple[list[str], list[str]]:
         table.append([f"{level['tokens']} tokens ({kb(level['memory_bytes_per_seq'])} KB)"] + cells)
         ranked = sorted(picks.values(), key=lambda r: r["loss"])
         best, second = ranked[0], ranked[1] if len(ranked) > 1 else None
+        winners.append(best["method"])
         text = (f"- {level['tokens']}-token memory ({kb(level['memory_bytes_per_seq'])} KB/seq): best {best['method']} ({best['setting']}) at "
                 f"{best['loss']:.4f} nats/byte, {best['loss'] - exact['loss']:+.4f} from exact")
         if second is not None:
@@ -461,7 +463,7 @@ def at_equal_memory(rows: list[dict]) -> tuple[list[str], list[str]]:
             text += f"; {m} ({picks[m]['setting']}) behind it by {d:.4f} ± {se:.4f}"
         sentences.append(text + ".")
     head = ["memory level (whole cache, per sequence)"] + methods
-    return markdown_table(head, table, "l" + "r" * len(methods)), sentences
+    return markdown_table(head, table, "l" + "r" * len(methods)), sentences, winners
 
 
 def render(folder) -> str:
@@ -484,7 +486,7 @@ def render(folder) -> str:
         sections.append((f"{name}: every run (loss over held-out text; memory = the whole cache's peak)",
                          markdown_table(["method", "setting", "memory (KB/seq)", "of exact", "loss (nats/byte)",
                                          "minus exact ± s.e.", "loss, second half"], table, "llrrrrr")))
-        equal, sentences = at_equal_memory(sel)
+        equal, sentences, _ = at_equal_memory(sel)
         verdict = sentences if rankable else ["No verdict: the model does not use its context (above)."]
         sections.append((f"{name}: at equal memory", equal + [""] + verdict))
     return render_document(run, sections)

@@ -360,6 +360,13 @@ def render_document(record: dict, sections: list[tuple[str, list[str]]]) -> str:
     return "\n".join(lines)
 
 
+def ahead_from(points) -> object | None:
+    """The first x of sorted (x, ahead) points from which `ahead` holds at every later point too (a crossover read
+    from measurements, not from fitted curves); None when it does not hold at the last point."""
+    points = list(points)
+    return next((x for i, (x, _) in enumerate(points) if all(a for _, a in points[i:])), None)
+
+
 def publish(folder: Path, render) -> str:
     """Write tables.md = render(folder) and return the text (the scripts also print it)."""
     text = render(Path(folder))

@@ -15,7 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `scripts.bench` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from scripts.bench.harness import DOCS, read_csv, read_run_record
+from scripts.bench.harness import DOCS, ahead_from, read_csv, read_run_record
 
 
 def cpu(folder: Path) -> str:
@@ -105,7 +105,7 @@ def eval_long_context(folder: Path) -> str:
         w32 = next(r for r in sel if r["method"] == "window" and r["tokens"] == 32)
         d, se = paired(w32, next(r for r in sel if r["method"] == "exact"))
         _, rankable = uses_context(sel)
-        winners = Counter(line.split(": best ")[1].split(" (")[0] for line in at_equal_memory(sel)[1])
+        winners = Counter(at_equal_memory(sel)[2])
         best = ", ".join(f"{m} {k}" for m, k in winners.most_common())
         subgen = sum(k for m, k in winners.items() if m.startswith("subgen"))
         parts.append(f"{name} model, 32-token window {d:+.3f} ± {se:.3f} nats/byte; "
@@ -122,8 +122,8 @@ def bench_poly(folder: Path) -> str:
     runtime = read_csv(folder / "runtime.csv")
     seconds = {(r["method"], r["n"]): r["seconds"] for r in runtime}
     ns = sorted({n for m, n in seconds if m == "exact"})
-    ahead = [n for i, n in enumerate(ns) if all(seconds["poly degree 4", m] <= seconds["exact", m] for m in ns[i:])]
-    speed = (f"faster than causal exact from n = {ahead[0]} (measured to {ns[-1]})" if ahead
+    since = ahead_from((n, seconds["poly degree 4", n] <= seconds["exact", n]) for n in ns)
+    speed = (f"faster than causal exact from n = {since} (measured to {ns[-1]})" if since is not None
              else f"slower than causal exact at every measured n up to {ns[-1]}")
     return (f"Taylor degree 4, n = {n}, entries in [-B, B]: relative error {regimes}; {speed}; {cpu(folder)}")
 
