@@ -32,6 +32,42 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def decode_loops(request, monkeypatch):
+    """Runs a test with each one-query decode step on CPU: the compiled loop (`csrc/tiles.cpp: decode_step`) and the
+    torch ops (`ops.exact.decode._decode_in_place`, the path where the library is not loaded). Fails when the chosen
+    one did not run (unless the test says it runs none: `skip_check`)."""
+    from hf_tensor_attn.ops import extension
+
+    calls = []
+    if request.param == "torch":
+        monkeypatch.setenv(extension.ENV, "0")
+    else:
+        ops = extension.cpu_ops()
+        if ops is None:
+            pytest.skip("the compiled CPU loops could not be built here (see its RuntimeWarning)")
+
+        class Counted:
+            def __getattr__(self, name):
+                calls.append(name)
+                return getattr(ops, name)
+
+        monkeypatch.setattr(extension, "cpu_ops", lambda: Counted() if extension.enabled() else None)
+    state = DecodeLoops(request.param)
+    yield state
+    if state.checked:
+        assert ("decode_step" in calls) == (request.param == "compiled"), f"{request.param} decode: {calls}"
+
+
+class DecodeLoops:
+    def __init__(self, name: str):
+        self.name, self.checked = name, True
+
+    def skip_check(self):
+        """For a case that runs no decode step (one that needs a gradient)."""
+        self.checked = False
+
+
 def tiny_model(dtype=torch.float64, **overrides):
     """A small random model for equivalence tests; float64 so differences are exact-arithmetic noise only."""
     kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=259)

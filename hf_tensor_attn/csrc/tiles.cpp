@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <numeric>
 #include <tuple>
 #include <type_traits>
@@ -588,6 +589,193 @@ std::vector<Tensor> backward_tiles(const Tensor& q, const Tensor& dout, const Te
   return result;
 }
 
+
+// ---- The one-query decode step of `ops.exact.decode` (its Python form: `_decode_in_place`) ----
+//
+// Work items are tiles (sequence, key/value head, block of rows a, block of columns b). A tile's scores
+// [G * rows, cols] (the G query heads of the group as rows of one GEMM) stay in the core's L2 between the GEMM that
+// writes them, the max and exp passes and the GEMM against V2 that reads them, beside the K2 and V2 rows they use,
+// where the torch ops' step sends all i^2 scores through memory. Each tile has its own shift (the max over its
+// allowed scores), sum and output, Σ_a v1_a (P V2)_a over its rows (linear in P, so tiles of columns add up); they
+// are combined at the end as FlashAttention combines blocks. Consecutive tiles share their columns, so a thread's
+// K2 and V2 rows stay in its cache while it goes down the rows.
+
+// A tile: at most 512 columns and 64K scores (256 KiB in fp32), with K2 and V2's 2 x 128 KiB beside them within an
+// L2 of 1 MiB and more; at least 64 rows where there are, so that each GEMM is big enough to run near its peak
+// (docs/bench_cache.md measures the step against torch.mm).
+constexpr int64_t kDecodeTileCols = 512, kDecodeTileScores = int64_t(1) << 16, kDecodeMinRows = 64;
+
+template <typename scalar_t>
+struct DecodeStreams {  // one stream [B, H_kv, n, D]: base pointer and strides (the last dimension is contiguous)
+  const scalar_t* p;
+  int64_t sb, sh, sn;
+  DecodeStreams(const Tensor& t) : p(t.data_ptr<scalar_t>()), sb(t.stride(0)), sh(t.stride(1)), sn(t.stride(2)) {}
+  const scalar_t* at(int64_t b, int64_t h, int64_t row) const { return p + b * sb + h * sh + row * sn; }
+};
+
+template <typename scalar_t>
+Tensor decode_impl(const Tensor& q, const Tensor& k1, const Tensor& k2, const Tensor& v1, const Tensor& v2,
+                   const Tensor& real1, const Tensor& real2, double floor_d) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), H_kv = k1.size(1), n1 = k1.size(2), n2 = k2.size(2);
+  const int64_t G = H / H_kv;
+  const int64_t cols = std::min(n2, kDecodeTileCols);
+  const int64_t rows = std::clamp<int64_t>(kDecodeTileScores / (G * cols), std::min(kDecodeMinRows, n1), n1);
+  const int64_t row_tiles = (n1 + rows - 1) / rows, col_tiles = (n2 + cols - 1) / cols;
+  const int64_t per_head = row_tiles * col_tiles, items = B * H_kv * per_head;
+  const scalar_t floor = scalar_t(floor_d), ninf = -std::numeric_limits<scalar_t>::infinity();
+  const DecodeStreams<scalar_t> K1(k1), V1(v1);
+  const auto opt = q.options();
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const bool* ok1 = real1.numel() ? real1.data_ptr<bool>() : nullptr;  // [B, n1], true at a real token
+  // [B, n2]; read as bytes: the compiler vectorises byte loads, not bools
+  const auto* ok2 = real2.numel() ? reinterpret_cast<const uint8_t*>(real2.data_ptr<bool>()) : nullptr;
+  // Per tile and query head of its group: the shift, the sum of exp(score - shift) and the output [D].
+  std::vector<scalar_t> shifts(items * G), sums(items * G), outs(items * G * D);
+  const int64_t per_thread = G * rows * (2 * D + cols) + 2 * cols;
+  std::vector<scalar_t> scratch(std::min<int64_t>(at::get_num_threads(), items) * per_thread);
+  const at::ThreadLocalState state;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(state);
+    scalar_t* kq = scratch.data() + at::get_thread_num() * per_thread;  // [G * rows, D]
+    scalar_t* pv = kq + G * rows * D;  // [G * rows, D]
+    scalar_t* s = pv + G * rows * D;  // [G * rows, cols]
+    scalar_t* cm = s + G * rows * cols;  // [cols]
+    scalar_t* cs = cm + cols;  // [cols]
+    int64_t columns = -1;
+    Tensor k2_t, v2_c;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (H_kv * per_head), h = item / per_head % H_kv, tile = item % per_head;
+      const int64_t a0 = tile % row_tiles * rows, c0 = tile / row_tiles * cols;
+      const int64_t r = std::min(rows, n1 - a0), c = std::min(cols, n2 - c0), R = G * r;
+      const bool* row_ok = ok1 ? ok1 + b * n1 + a0 : nullptr;
+      const uint8_t* __restrict__ col_ok = ok2 ? ok2 + b * n2 + c0 : nullptr;
+      if (item / row_tiles != columns) {  // the tile's K2 and V2 rows [c, D] (ATen ops run serially in here)
+        columns = item / row_tiles;
+        k2_t = k2.select(0, b).select(0, h).narrow(0, c0, c).t();
+        v2_c = v2.select(0, b).select(0, h).narrow(0, c0, c);
+      }
+      for (int64_t g = 0; g < G; ++g) {  // kq[(g, a)] = k1_a * q_g
+        const scalar_t* __restrict__ qg = qp + (b * H + h * G + g) * D;
+        for (int64_t a = 0; a < r; ++a) {
+          const scalar_t* __restrict__ k = K1.at(b, h, a0 + a);
+          scalar_t* __restrict__ o = kq + (g * r + a) * D;
+          for (int64_t j = 0; j < D; ++j) o[j] = k[j] * qg[j];
+        }
+      }
+      Tensor s_t = at::from_blob(s, {R, c}, opt), pv_t = at::from_blob(pv, {R, D}, opt);
+      at::mm_out(s_t, at::from_blob(kq, {R, D}, opt), k2_t);  // scores [R, c]
+      // Per query head g: the max over its allowed scores, then P = exp(max(score - max, floor)) on them and 0
+      // elsewhere. Column-wise running maxima and sums (cm, cs) keep both passes elementwise, which the compiler
+      // vectorises (a scalar running max or sum is a chain it does not). A NaN score is skipped by the max and
+      // reaches the sum; a +inf one makes the shift +inf and its head's output NaN, as in the reference.
+      for (int64_t g = 0; g < G; ++g) {
+        scalar_t* sg = s + g * r * c;
+        std::fill(cm, cm + c, ninf);
+        for (int64_t a = 0; a < r; ++a) {
+          if (row_ok && !row_ok[a]) continue;
+          const scalar_t* __restrict__ row = sg + a * c;
+          if (col_ok) {
+            for (int64_t j = 0; j < c; ++j) cm[j] = (col_ok[j] && row[j] > cm[j]) ? row[j] : cm[j];
+          } else {
+            for (int64_t j = 0; j < c; ++j) cm[j] = row[j] > cm[j] ? row[j] : cm[j];
+          }
+        }
+        const scalar_t m = *std::max_element(cm, cm + c);
+        const scalar_t shift = m == ninf ? scalar_t(0) : m;  // -inf: nothing allowed in this tile
+        std::fill(cs, cs + c, scalar_t(0));
+        for (int64_t a = 0; a < r; ++a) {
+          scalar_t* __restrict__ row = sg + a * c;
+          if (row_ok && !row_ok[a]) {  // exactly 0, never a product with what the score holds
+            std::fill(row, row + c, scalar_t(0));
+            continue;
+          }
+          if (col_ok) {
+            for (int64_t j = 0; j < c; ++j) {
+              const scalar_t e = exp_clamped(row[j] - shift, floor, scalar_t(0));
+              row[j] = col_ok[j] ? e : scalar_t(0);
+              cs[j] += row[j];
+            }
+          } else {
+            for (int64_t j = 0; j < c; ++j) {
+              row[j] = exp_clamped(row[j] - shift, floor, scalar_t(0));
+              cs[j] += row[j];
+            }
+          }
+        }
+        shifts[item * G + g] = m;
+        sums[item * G + g] = std::accumulate(cs, cs + c, scalar_t(0));
+      }
+      at::mm_out(pv_t, s_t, v2_c);  // P V2 [R, D]
+      for (int64_t g = 0; g < G; ++g) {  // out_g = sum_a v1_a * pv[(g, a)] over the allowed a
+        scalar_t* __restrict__ o = outs.data() + (item * G + g) * D;
+        std::fill(o, o + D, scalar_t(0));
+        for (int64_t a = 0; a < r; ++a) {
+          if (row_ok && !row_ok[a]) continue;
+          const scalar_t* __restrict__ v = V1.at(b, h, a0 + a);
+          const scalar_t* __restrict__ x = pv + (g * r + a) * D;
+          for (int64_t j = 0; j < D; ++j) o[j] += v[j] * x[j];
+        }
+      }
+    }
+  });
+  Tensor out = at::empty({B, H, D}, opt);
+  scalar_t* op = out.data_ptr<scalar_t>();
+  for (int64_t bh = 0; bh < B * H_kv; ++bh) {
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t first = bh * per_head;
+      scalar_t top = ninf;
+      for (int64_t k = 0; k < per_head; ++k) top = std::max(top, shifts[(first + k) * G + g]);
+      scalar_t* __restrict__ o = op + (bh * G + g) * D;
+      std::fill(o, o + D, scalar_t(0));
+      scalar_t denom = 0;
+      for (int64_t k = 0; k < per_head; ++k) {
+        const int64_t at_k = (first + k) * G + g;
+        if (shifts[at_k] == ninf) continue;  // no allowed pair in that tile: it holds nothing
+        const scalar_t w = std::exp(shifts[at_k] - top);  // NaN when top is +inf (a +inf score): so is the output
+        denom += w * sums[at_k];
+        const scalar_t* __restrict__ x = outs.data() + at_k * D;
+        for (int64_t j = 0; j < D; ++j) o[j] += w * x[j];
+      }
+      // No allowed pair at all (a pad query) gives 0, not NaN; a NaN sum stays NaN.
+      const scalar_t inverse = scalar_t(1) / (denom > 0 || std::isnan(denom) ? denom : scalar_t(1));
+      for (int64_t j = 0; j < D; ++j) o[j] *= inverse;
+    }
+  }
+  return out;
+}
+
+// q [B, H, D] (scaled); k1, v1 [B, H_kv, n1, D] and k2, v2 [B, H_kv, n2, D] with a contiguous last dimension (views
+// of a cache's buffers); real1 [B, n1], real2 [B, n2] contiguous bool (true: a real token) or empty. Padded values
+// must be finite (the caller zeroes them). Returns [B, H, D], `naive_tensor_attention` of the one query.
+Tensor decode_step(const Tensor& q, const Tensor& k1, const Tensor& k2, const Tensor& v1, const Tensor& v2,
+                   const Tensor& real1, const Tensor& real2, double floor) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.device().is_cpu(), "decode_step: q must be a contiguous CPU "
+              "tensor [B, H, D]");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t H_kv = k1.dim() == 4 ? k1.size(1) : 0, n1 = k1.dim() == 4 ? k1.size(2) : 0;
+  const int64_t n2 = k2.dim() == 4 ? k2.size(2) : 0;
+  TORCH_CHECK(H_kv >= 1 && H % H_kv == 0 && n1 >= 1 && n2 >= 1, "decode_step: k1, k2 must be [B, H_kv, n, D] with "
+              "n >= 1 and H_kv dividing the ", H, " query heads");
+  for (const auto& [t, n] : {std::pair{&k1, n1}, std::pair{&v1, n1}, std::pair{&k2, n2}, std::pair{&v2, n2}}) {
+    TORCH_CHECK(t->dim() == 4 && t->sizes() == at::IntArrayRef({B, H_kv, n, D}) && t->stride(3) == 1 &&
+                t->device().is_cpu() && t->scalar_type() == q.scalar_type(),
+                "decode_step: the streams must be CPU tensors [B, H_kv, n, D] of q's dtype with a contiguous last "
+                "dimension, got ", t->sizes());
+  }
+  for (const auto& [t, n] : {std::pair{&real1, n1}, std::pair{&real2, n2}}) {
+    TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == at::kBool && t->is_contiguous() &&
+                                    t->sizes() == at::IntArrayRef({B, n}) && t->device().is_cpu()),
+                "decode_step: real1 / real2 must be empty or contiguous bool [B, n], got ", t->sizes());
+  }
+  const double lowest = q.scalar_type() == at::kFloat ? -87.0 : -708.0;  // as in check_inputs
+  TORCH_CHECK(lowest <= floor && floor <= 0, "decode_step: floor must be in [", lowest, ", 0], got ", floor);
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "decode_step", [&] {
+    out = decode_impl<scalar_t>(q, k1, k2, v1, v2, real1, real2, floor);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hf_tensor_attn_cpu, m) {
@@ -597,9 +785,12 @@ TORCH_LIBRARY(hf_tensor_attn_cpu, m) {
   m.def("backward_tiles(Tensor q, Tensor dout, Tensor lse, Tensor D, Tensor kr, Tensor vr, Tensor kc, Tensor vc, "
         "int w_row, int w_col, Tensor blocks, Tensor rows, Tensor cols, Tensor pad, int heads, float floor) "
         "-> Tensor[]");
+  m.def("decode_step(Tensor q, Tensor k1, Tensor k2, Tensor v1, Tensor v2, Tensor real1, Tensor real2, float floor) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hf_tensor_attn_cpu, CPU, m) {
   m.impl("forward_tiles", &forward_tiles);
   m.impl("backward_tiles", &backward_tiles);
+  m.impl("decode_step", &decode_step);
 }

@@ -100,8 +100,11 @@ def implementation(backend, q: torch.Tensor, *, one_query: bool, needs_grad: boo
 def _run(impl, q, k1, k2, v1, v2, scale, w1, w2, attention_mask, workspace):
     one_query = q.shape[2] == 1 and not _needs_grad(q, k1, k2, v1, v2)
     if impl == "decode":
+        # Its compiled loop where the library is loaded (CPU tensors), except while tracing: the op is opaque to the
+        # compiler, which traces the torch ops instead.
+        loops = None if torch.compiler.is_compiling() else _loops(_torch_path(q))
         return decode.four_cache_decode_step(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2,
-                                             attention_mask=attention_mask, workspace=workspace)
+                                             attention_mask=attention_mask, workspace=workspace, loops=loops)
     if impl == "triton" and one_query:
         from .exact import triton_kernels  # triton is an optional dependency
 

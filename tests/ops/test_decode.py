@@ -1,5 +1,6 @@
 """The one-query decode kernels (`ops.exact.decode`) against the naive reference, in float64: four_cache_decode in
-place and differentiable, in blocks, with both exp paths, and the two-matrix layout's pair rows."""
+place (the compiled loop and the torch ops, `decode_loops`) and differentiable, in blocks and tiles, with both exp
+paths, and the two-matrix layout's pair rows."""
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def exp_shift(request, monkeypatch):
 @pytest.mark.parametrize("windows", [(None, None), (3, None), (2, 5), (20, 1)])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("T", [1, 11])
-def test_four_cache_decode_matches_naive_in_place_and_differentiable(windows, masked, T, exp_shift):
+def test_four_cache_decode_matches_naive_in_place_and_differentiable(windows, masked, T, exp_shift, decode_loops):
     q, streams, mask = decode_inputs(T=T)
     kw = dict(scale=0.4, w1=windows[0], w2=windows[1], attention_mask=mask if masked else None)
     ref = naive_tensor_attention(q, *streams, **kw)
@@ -51,8 +52,10 @@ def test_four_cache_decode_matches_naive_in_place_and_differentiable(windows, ma
 
 @pytest.mark.parametrize("windows", [(None, None), (37, 20)])
 def test_four_cache_decode_in_blocks_matches_naive(monkeypatch, windows, exp_shift):
+    from hf_tensor_attn.ops import extension
     from hf_tensor_attn.ops.exact import decode
 
+    monkeypatch.setenv(extension.ENV, "0")  # the torch ops' blocks (the compiled loop's tiles: the test below)
     monkeypatch.setattr(decode, "_SCORES_PER_BLOCK", 1)  # blocks of 16 rows: 3 blocks for 40 tokens
     q, streams, _ = decode_inputs(B=3, T=40)
     mask = torch.ones(3, 40, dtype=torch.long)
@@ -70,7 +73,7 @@ def test_four_cache_decode_in_blocks_matches_naive(monkeypatch, windows, exp_shi
             )
 
 
-def test_four_cache_decode_large_scores_take_the_shifted_exp():
+def test_four_cache_decode_large_scores_take_the_shifted_exp(decode_loops):
     # scores in the hundreds: exp without the max shift would overflow float32
     q, streams, mask = decode_inputs(T=20, D=60)
     q32, s32 = (q * 4).float(), [(t * 4).float() for t in streams]
@@ -81,7 +84,7 @@ def test_four_cache_decode_large_scores_take_the_shifted_exp():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
-def test_four_cache_decode_pad_query_gives_zeros_and_float32_matches():
+def test_four_cache_decode_pad_query_gives_zeros_and_float32_matches(decode_loops):
     q, streams, _ = decode_inputs(B=1, T=5)
     with torch.no_grad():
         out = four_cache_decode(q, *streams, scale=1.0, attention_mask=torch.zeros(1, 5, dtype=torch.long))
@@ -91,6 +94,30 @@ def test_four_cache_decode_pad_query_gives_zeros_and_float32_matches():
     with torch.no_grad():
         out = four_cache_decode(q32, *s32, scale=0.125, attention_mask=mask)
     torch.testing.assert_close(out, naive_tensor_attention(q32, *s32, scale=0.125, attention_mask=mask), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("windows", [(None, None), (300, 600), (650, 90)])
+def test_compiled_decode_tiles_match_naive(groups, windows, decode_loops):
+    """Contexts past one tile of the compiled step (512 columns, 128 / groups rows, at least 64): its tiles are
+    combined by their shifts, with padding that fills whole tiles, a sequence with nothing allowed, and streams that
+    are strided views of wider buffers (k1 | k2 side by side, as a cache holds them)."""
+    g = torch.Generator().manual_seed(groups)
+    B, H_kv, T, D = 3, 2, 700, 3
+    q = torch.randn(B, H_kv * groups, 1, D, generator=g, dtype=torch.float64) * 3
+    k, v = (torch.randn(B, H_kv, T, 2 * D, generator=g, dtype=torch.float64) for _ in range(2))
+    streams = [*k.chunk(2, dim=-1), *v.chunk(2, dim=-1)]
+    k1, k2, v1, v2 = streams[0], streams[1], streams[2], streams[3]
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, :530] = 0  # the first column tile and four row tiles: nothing allowed there
+    mask[1, :] = 0  # no allowed pair: zeros
+    mask[2, 100:105] = 0
+    kw = dict(scale=0.5, w1=windows[0], w2=windows[1])
+    with torch.no_grad():
+        for m in (None, mask):
+            out = four_cache_decode(q, k1, k2, v1, v2, attention_mask=m, **kw)
+            ref = naive_tensor_attention(q, k1, k2, v1, v2, attention_mask=m, **kw)
+            torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-11)
 
 
 def test_pair_rows_decode_matches_naive():

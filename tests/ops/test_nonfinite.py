@@ -102,7 +102,7 @@ def test_tiled_gradients_of_unaffected_inputs_stay_finite():
 @pytest.mark.parametrize("name, position", [("v1", 1), ("v2", 0), ("k1", 2), ("k2", 1), ("v1", 12), ("k2", 19)])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("grad", [False, True])
-def test_four_cache_decode_ignores_padded_positions(name, position, value, grad):
+def test_four_cache_decode_ignores_padded_positions(name, position, value, grad, decode_loops):
     """The issue's case: a NaN in a padded value row made `four_cache_decode` return NaN."""
     tensors, mask = inputs()
     q, *streams = poison(tensors, name, position, value)
@@ -113,6 +113,8 @@ def test_four_cache_decode_ignores_padded_positions(name, position, value, grad)
         out = four_cache_decode(*leaves, scale=0.5, attention_mask=mask)
     assert_same_rows(out.detach(), ref)
     assert bool(torch.isfinite(out).all()) == (position < 3)  # padded: contained; real: it is used
+    if grad:
+        decode_loops.skip_check()  # a gradient takes the tiled op, not a decode step
 
 
 # Issue #35: finite values near float32's maximum.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common import (EXP_HEADROOM, all_finite, finite_or_zero, fold_groups, masked_softmax, repeat_kv,
+from ..common import (EXP_FLOOR, EXP_HEADROOM, all_finite, finite_or_zero, fold_groups, masked_softmax, repeat_kv,
                      unfold_groups)
 
 # Scores per block of the in-place decode step (B * H * rows * n2), 16 MiB in fp32: it bounds the scratch while
@@ -44,12 +44,15 @@ class DecodeWorkspace:
         return buf[:numel]
 
 
-def four_cache_decode_step(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None, workspace=None):
+def four_cache_decode_step(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None, workspace=None,
+                           loops=None):
     """Tensor attention of one decode position q [B, H, 1, D] over cached [B, H_kv, Tk, D] streams, without autograd.
 
     Same result as `naive_tensor_attention` with Tq = 1. The G query heads of a key/value group become G * rows rows
-    of one GEMM against that head's K2 and V2, which are never repeated. On CPU the intermediates live in
-    `workspace` (a `DecodeWorkspace`; a fresh one when None). Inputs are checked by the caller (`ops.dispatch`).
+    of one GEMM against that head's K2 and V2, which are never repeated. `loops`: the compiled CPU library
+    (`ops.extension`), whose `decode_step` runs the whole step as one call, or None for the torch ops below, whose
+    intermediates live in `workspace` (a `DecodeWorkspace`; a fresh one when None). Inputs are checked by the caller
+    (`ops.dispatch`), which also picks `loops`.
     """
     Tk = k1.shape[2]
     # The windows only keep the last w1 (w2) positions of each stream: slice instead of masking.
@@ -61,12 +64,21 @@ def four_cache_decode_step(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attent
     if attention_mask is not None:
         real = attention_mask.to(device=q.device, dtype=torch.bool)
         real1, real2 = real[:, Tk - n1 :], real[:, Tk - n2 :]  # [B, n1], [B, n2]
-        # A padded pair weighs 0, but 0 * NaN is NaN: padded values must not hold anything.
-        v1 = v1.masked_fill(~real1[:, None, :, None], 0)
-        v2 = v2.masked_fill(~real2[:, None, :, None], 0)
+        if loops is not None and bool(real1.all()) and bool(real2.all()):  # CPU tensors: no device to wait for
+            real1 = real2 = None  # no padding in the windows: the step without masks
+        else:
+            # A padded pair weighs 0, but 0 * NaN is NaN: padded values must not hold anything.
+            v1 = v1.masked_fill(~real1[:, None, :, None], 0)
+            v2 = v2.masked_fill(~real2[:, None, :, None], 0)
     dtype = q.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     q, k1, k2, v1, v2 = (t.to(compute) for t in (q, k1, k2, v1, v2))  # no copy when already `compute`
+    if loops is not None:
+        B, H, _, D = q.shape
+        none = q.new_empty(0, dtype=torch.bool)
+        masks = [none if m is None else m.contiguous() for m in (real1, real2)]
+        out = loops.decode_step((q * scale).view(B, H, D), k1, k2, v1, v2, *masks, EXP_FLOOR[compute])
+        return out.view(B, H, 1, D).to(dtype)
     # The scale is folded into q (D numbers), not into the i x i scores.
     out = _decode_in_place(q * scale, k1, k2, v1, v2, real1, real2, workspace or DecodeWorkspace())
     return out.to(dtype)
