@@ -62,14 +62,23 @@ class TensorAttnRotaryEmbedding(nn.Module):
         return cos.to(x.dtype), sin.to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rotary_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables [B, T, D] of `TensorAttnRotaryEmbedding` as `apply_rotary` takes them: [B, 1, T, D] for the heads,
+    sin with its first half negated, made once per forward for every layer."""
+    half = sin.shape[-1] // 2
+    return cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, D] by the tables cos, sin [B, T, D]."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, D] by the tables of `rotary_tables` (or shapes that broadcast so). Llama's
+    x cos + rotate_half(x) sin, with rotate_half(x) = (-x2, x1) written as roll(x) = (x2, x1) times the signed sin:
+    the same products (a negation is exact), in two ops fewer."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` where it does something (training, p > 0): a decode step in eval skips the call."""
+    return module(x) if module.training and module.p > 0 else x
 
 
 class TensorAttnMLP(nn.Module):
@@ -128,13 +137,16 @@ class TensorAttention(nn.Module):
         k = self._streams(self.k_proj, self.k2_bias, hidden_states)  # [B, H_kv, T, 2D]
         v = self._streams(self.v_proj, self.v2_bias, hidden_states)  # [B, H_kv, T, 2D]
         if self.rope_streams:
-            cos, sin = position_embeddings
-            k1, k2 = k.chunk(2, dim=-1)
+            cos, sin = position_embeddings  # `rotary_tables`
             if "q" in self.rope_streams:
                 q = apply_rotary(q, cos, sin)
-            k1 = apply_rotary(k1, cos, sin) if "k1" in self.rope_streams else k1
-            k2 = apply_rotary(k2, cos, sin) if "k2" in self.rope_streams else k2
-            k = torch.cat((k1, k2), dim=-1)
+            if {"k1", "k2"} <= self.rope_streams:  # both streams at once, as [B, H_kv, T, 2, D]
+                k = apply_rotary(k.unflatten(-1, (2, self.head_dim)), cos[..., None, :], sin[..., None, :]).flatten(-2)
+            elif self.rope_streams & {"k1", "k2"}:
+                k1, k2 = k.chunk(2, dim=-1)
+                k1 = apply_rotary(k1, cos, sin) if "k1" in self.rope_streams else k1
+                k2 = apply_rotary(k2, cos, sin) if "k2" in self.rope_streams else k2
+                k = torch.cat((k1, k2), dim=-1)
 
         custom = attention_mask is not None and attention_mask.dim() == 4  # per-query allowed keys (no cache)
         if cache is not None:
@@ -150,7 +162,7 @@ class TensorAttention(nn.Module):
                                  "a row are not computed; pass one sequence per row (2D mask) to get them")
             out, weights = eager_tensor_attention(self, q, k, v, attention_mask, cache, out)
         out = out.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(self.dropout(out)), weights
+        return self.o_proj(dropout(self.dropout, out)), weights
 
 
 class PolyTensorAttention(nn.Module):
@@ -193,7 +205,7 @@ class PolyTensorAttention(nn.Module):
             out = poly_tensor_attention(q, k1, k2, v1, v2, scale=self.scale, degree=self.degree,
                                         attention_mask=attention_mask, documents=documents)
         out = out.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(self.dropout(out)), None
+        return self.o_proj(dropout(self.dropout, out)), None
 
 
 def eager_tensor_attention(module: TensorAttention, q, k, v, attention_mask, cache, out):
@@ -264,7 +276,7 @@ class StandardAttention(nn.Module):
         if isinstance(cache, TensorAttnCache) and cache.attends(self.layer_idx):
             # The layer summarises what it holds (cache_config["standard_layers"] = "subgen"): it does the maths.
             out = cache.attend(self.layer_idx, q, k, v, attention_mask).transpose(1, 2)  # [B, T, H, D]
-            return self.o_proj(self.dropout(out.reshape(B, T, -1))), None
+            return self.o_proj(dropout(self.dropout, out.reshape(B, T, -1))), None
         first = None  # position of the first query: the last T of the keys, unless the cache is static
         if cache is not None:
             first = cache.layers[self.layer_idx].get_seq_length()  # before the update; a tensor in a static layer,
@@ -280,7 +292,7 @@ class StandardAttention(nn.Module):
         # module source before it lets a model switch its backend (compat item 6).
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(backend, eager_attention)
         out, weights = attend(self, q, k, v, mask, scaling=self.head_dim**-0.5, dropout=0.0)  # out [B, T, H, D]
-        return self.o_proj(self.dropout(out.reshape(B, T, -1))), weights
+        return self.o_proj(dropout(self.dropout, out.reshape(B, T, -1))), weights
 
 
 def causal_padding_mask(Tq: int, Tk: int, attention_mask, device, first=None) -> torch.Tensor:
@@ -344,9 +356,9 @@ class TensorAttnDecoderLayer(GradientCheckpointingLayer):
             output_attentions=output_attentions,
             documents=documents,
         )
-        hidden_states = residual + self.dropout(hidden_states)
+        hidden_states = residual + dropout(self.dropout, hidden_states)
         residual = hidden_states
-        hidden_states = residual + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
+        hidden_states = residual + dropout(self.dropout, self.mlp(self.post_attention_layernorm(hidden_states)))
         return hidden_states, attention_weights
 
 
@@ -586,7 +598,7 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
             output_attentions = self.config.output_attentions
         hidden_states = inputs_embeds
         all_hidden_states, all_attentions = [], []
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        position_embeddings = rotary_tables(*self.rotary_emb(hidden_states, position_ids))
         for layer in self.layers:
             all_hidden_states.append(hidden_states)
             hidden_states, attention_weights = layer(

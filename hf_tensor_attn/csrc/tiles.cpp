@@ -604,41 +604,101 @@ std::vector<Tensor> backward_tiles(const Tensor& q, const Tensor& dout, const Te
 // L2 of 1 MiB and more; at least 64 rows where there are, so that each GEMM is big enough to run near its peak
 // (docs/bench_cache.md measures the step against torch.mm).
 constexpr int64_t kDecodeTileCols = 512, kDecodeTileScores = int64_t(1) << 16, kDecodeMinRows = 64;
+constexpr int64_t kDecodeSmallTile = int64_t(1) << 16;  // multiply-adds of a tile's product run as plain loops
 
 template <typename scalar_t>
 struct DecodeStreams {  // one stream [B, H_kv, n, D]: base pointer and strides (the last dimension is contiguous)
   const scalar_t* p;
   int64_t sb, sh, sn;
-  DecodeStreams(const Tensor& t) : p(t.data_ptr<scalar_t>()), sb(t.stride(0)), sh(t.stride(1)), sn(t.stride(2)) {}
+  DecodeStreams(const Tensor& t, int64_t first)
+      : p(t.data_ptr<scalar_t>() + first * t.stride(2)), sb(t.stride(0)), sh(t.stride(1)), sn(t.stride(2)) {}
   const scalar_t* at(int64_t b, int64_t h, int64_t row) const { return p + b * sb + h * sh + row * sn; }
 };
 
+// The two products of a small tile as loops: below about 2^16 multiply-adds an ATen GEMM costs more in dispatch and
+// views than in arithmetic, and a decode step at short context is a few such tiles. Each result row is built in runs
+// of kRun entries held in a local array across the whole sum (a fixed-length loop the compiler keeps in vector
+// registers), so the loops do one vector multiply-add per term instead of a load and a store of the row.
+constexpr int64_t kRun = 16;
+
+// s [R, c] = kq [R, D] K2^T, K2's rows `stride` apart; k2t [D, c rounded up to kRun] is scratch for K2 transposed
+// (zeros past c).
+template <typename scalar_t>
+void small_scores(scalar_t* __restrict__ s, const scalar_t* __restrict__ kq, const scalar_t* k2, int64_t stride,
+                  int64_t R, int64_t c, int64_t D, scalar_t* __restrict__ k2t) {
+  const int64_t width = (c + kRun - 1) / kRun * kRun;
+  for (int64_t j = 0; j < D; ++j) {
+    for (int64_t b = 0; b < width; ++b) k2t[j * width + b] = b < c ? k2[b * stride + j] : scalar_t(0);
+  }
+  for (int64_t a = 0; a < R; ++a) {
+    for (int64_t b0 = 0; b0 < width; b0 += kRun) {
+      scalar_t run[kRun] = {};
+      for (int64_t j = 0; j < D; ++j) {
+        const scalar_t x = kq[a * D + j];
+        const scalar_t* __restrict__ k = k2t + j * width + b0;
+        for (int64_t l = 0; l < kRun; ++l) run[l] += x * k[l];
+      }
+      std::copy(run, run + std::min(kRun, c - b0), s + a * c + b0);
+    }
+  }
+}
+
+// pv [R, D] = p [R, c] V2, V2's rows `stride` apart.
+template <typename scalar_t>
+void small_values(scalar_t* __restrict__ pv, const scalar_t* __restrict__ p, const scalar_t* v2, int64_t stride,
+                  int64_t R, int64_t c, int64_t D) {
+  const int64_t runs = D / kRun * kRun;
+  for (int64_t a = 0; a < R; ++a) {
+    const scalar_t* __restrict__ pa = p + a * c;
+    for (int64_t d0 = 0; d0 < runs; d0 += kRun) {
+      scalar_t run[kRun] = {};
+      for (int64_t b = 0; b < c; ++b) {
+        const scalar_t* __restrict__ v = v2 + b * stride + d0;
+        for (int64_t l = 0; l < kRun; ++l) run[l] += pa[b] * v[l];
+      }
+      std::copy(run, run + kRun, pv + a * D + d0);
+    }
+    for (int64_t d = runs; d < D; ++d) {  // a head dimension that is not a multiple of kRun: the rest one by one
+      scalar_t sum = 0;
+      for (int64_t b = 0; b < c; ++b) sum += pa[b] * v2[b * stride + d];
+      pv[a * D + d] = sum;
+    }
+  }
+}
+
 template <typename scalar_t>
 Tensor decode_impl(const Tensor& q, const Tensor& k1, const Tensor& k2, const Tensor& v1, const Tensor& v2,
-                   const Tensor& real1, const Tensor& real2, double floor_d) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), H_kv = k1.size(1), n1 = k1.size(2), n2 = k2.size(2);
-  const int64_t G = H / H_kv;
+                   const Tensor& real, int64_t n1, int64_t n2, double scale_d, double floor_d) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), H_kv = k1.size(1), Tk = k1.size(2), G = H / H_kv;
   const int64_t cols = std::min(n2, kDecodeTileCols);
   const int64_t rows = std::clamp<int64_t>(kDecodeTileScores / (G * cols), std::min(kDecodeMinRows, n1), n1);
   const int64_t row_tiles = (n1 + rows - 1) / rows, col_tiles = (n2 + cols - 1) / cols;
   const int64_t per_head = row_tiles * col_tiles, items = B * H_kv * per_head;
   const scalar_t floor = scalar_t(floor_d), ninf = -std::numeric_limits<scalar_t>::infinity();
-  const DecodeStreams<scalar_t> K1(k1), V1(v1);
+  // The windows keep the last n1 (n2) positions of each stream: the streams start there.
+  const DecodeStreams<scalar_t> K1(k1, Tk - n1), K2(k2, Tk - n2), V1(v1, Tk - n1), V2(v2, Tk - n2);
   const auto opt = q.options();
   const scalar_t* qp = q.data_ptr<scalar_t>();
-  const bool* ok1 = real1.numel() ? real1.data_ptr<bool>() : nullptr;  // [B, n1], true at a real token
-  // [B, n2]; read as bytes: the compiler vectorises byte loads, not bools
-  const auto* ok2 = real2.numel() ? reinterpret_cast<const uint8_t*>(real2.data_ptr<bool>()) : nullptr;
+  const int64_t qb = q.stride(0), qh = q.stride(1);
+  const scalar_t scale = scalar_t(scale_d);
+  // real [B, Tk], true at a real token (read as bytes for the column masks: the compiler vectorises byte loads, not
+  // bools); row b's masks of the windows start at ok1 + b * Tk and ok2 + b * Tk
+  const bool* ok1 = real.numel() ? real.data_ptr<bool>() + (Tk - n1) : nullptr;
+  const auto* ok2 = real.numel() ? reinterpret_cast<const uint8_t*>(real.data_ptr<bool>()) + (Tk - n2) : nullptr;
   // Per tile and query head of its group: the shift, the sum of exp(score - shift) and the output [D].
   std::vector<scalar_t> shifts(items * G), sums(items * G), outs(items * G * D);
-  const int64_t per_thread = G * rows * (2 * D + cols) + 2 * cols;
+  // P V2, or K2's tile transposed for small_scores
+  const int64_t pv_size = std::max(G * rows * D, D * ((cols + kRun - 1) / kRun * kRun));
+  const int64_t per_thread = G * rows * (D + cols) + pv_size + 2 * cols;
   std::vector<scalar_t> scratch(std::min<int64_t>(at::get_num_threads(), items) * per_thread);
   const at::ThreadLocalState state;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  // A step of a few small tiles runs on the calling thread: waking the others costs more than the tiles.
+  const int64_t grain = std::max<int64_t>(1, kDecodeSmallTile / (G * rows * cols * D));
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard guard(state);
     scalar_t* kq = scratch.data() + at::get_thread_num() * per_thread;  // [G * rows, D]
     scalar_t* pv = kq + G * rows * D;  // [G * rows, D]
-    scalar_t* s = pv + G * rows * D;  // [G * rows, cols]
+    scalar_t* s = pv + pv_size;  // [G * rows, cols]
     scalar_t* cm = s + G * rows * cols;  // [cols]
     scalar_t* cs = cm + cols;  // [cols]
     int64_t columns = -1;
@@ -647,23 +707,29 @@ Tensor decode_impl(const Tensor& q, const Tensor& k1, const Tensor& k2, const Te
       const int64_t b = item / (H_kv * per_head), h = item / per_head % H_kv, tile = item % per_head;
       const int64_t a0 = tile % row_tiles * rows, c0 = tile / row_tiles * cols;
       const int64_t r = std::min(rows, n1 - a0), c = std::min(cols, n2 - c0), R = G * r;
-      const bool* row_ok = ok1 ? ok1 + b * n1 + a0 : nullptr;
-      const uint8_t* __restrict__ col_ok = ok2 ? ok2 + b * n2 + c0 : nullptr;
-      if (item / row_tiles != columns) {  // the tile's K2 and V2 rows [c, D] (ATen ops run serially in here)
+      const bool* row_ok = ok1 ? ok1 + b * Tk + a0 : nullptr;
+      const uint8_t* __restrict__ col_ok = ok2 ? ok2 + b * Tk + c0 : nullptr;
+      if (R * c * D > kDecodeSmallTile && item / row_tiles != columns) {  // the tile's K2 and V2 rows [c, D]
         columns = item / row_tiles;
-        k2_t = k2.select(0, b).select(0, h).narrow(0, c0, c).t();
-        v2_c = v2.select(0, b).select(0, h).narrow(0, c0, c);
+        k2_t = k2.select(0, b).select(0, h).narrow(0, Tk - n2 + c0, c).t();
+        v2_c = v2.select(0, b).select(0, h).narrow(0, Tk - n2 + c0, c);
       }
-      for (int64_t g = 0; g < G; ++g) {  // kq[(g, a)] = k1_a * q_g
-        const scalar_t* __restrict__ qg = qp + (b * H + h * G + g) * D;
+      for (int64_t g = 0; g < G; ++g) {  // kq[(g, a)] = k1_a * (scale q_g)
+        const scalar_t* __restrict__ qg = qp + b * qb + (h * G + g) * qh;
         for (int64_t a = 0; a < r; ++a) {
           const scalar_t* __restrict__ k = K1.at(b, h, a0 + a);
           scalar_t* __restrict__ o = kq + (g * r + a) * D;
-          for (int64_t j = 0; j < D; ++j) o[j] = k[j] * qg[j];
+          for (int64_t j = 0; j < D; ++j) o[j] = k[j] * (scale * qg[j]);
         }
       }
-      Tensor s_t = at::from_blob(s, {R, c}, opt), pv_t = at::from_blob(pv, {R, D}, opt);
-      at::mm_out(s_t, at::from_blob(kq, {R, D}, opt), k2_t);  // scores [R, c]
+      const bool small = R * c * D <= kDecodeSmallTile;
+      Tensor s_t, pv_t;
+      if (small) {
+        small_scores(s, kq, K2.at(b, h, c0), K2.sn, R, c, D, pv);  // pv is free until the second product
+      } else {
+        s_t = at::from_blob(s, {R, c}, opt), pv_t = at::from_blob(pv, {R, D}, opt);
+        at::mm_out(s_t, at::from_blob(kq, {R, D}, opt), k2_t);  // scores [R, c]
+      }
       // Per query head g: the max over its allowed scores, then P = exp(max(score - max, floor)) on them and 0
       // elsewhere. Column-wise running maxima and sums (cm, cs) keep both passes elementwise, which the compiler
       // vectorises (a scalar running max or sum is a chain it does not). A NaN score is skipped by the max and
@@ -705,7 +771,11 @@ Tensor decode_impl(const Tensor& q, const Tensor& k1, const Tensor& k2, const Te
         shifts[item * G + g] = m;
         sums[item * G + g] = std::accumulate(cs, cs + c, scalar_t(0));
       }
-      at::mm_out(pv_t, s_t, v2_c);  // P V2 [R, D]
+      if (small) {
+        small_values(pv, s, V2.at(b, h, c0), V2.sn, R, c, D);
+      } else {
+        at::mm_out(pv_t, s_t, v2_c);  // P V2 [R, D]
+      }
       for (int64_t g = 0; g < G; ++g) {  // out_g = sum_a v1_a * pv[(g, a)] over the allowed a
         scalar_t* __restrict__ o = outs.data() + (item * G + g) * D;
         std::fill(o, o + D, scalar_t(0));
@@ -718,7 +788,7 @@ Tensor decode_impl(const Tensor& q, const Tensor& k1, const Tensor& k2, const Te
       }
     }
   });
-  Tensor out = at::empty({B, H, D}, opt);
+  Tensor out = at::empty({B, H, 1, D}, opt);
   scalar_t* op = out.data_ptr<scalar_t>();
   for (int64_t bh = 0; bh < B * H_kv; ++bh) {
     for (int64_t g = 0; g < G; ++g) {
@@ -744,34 +814,34 @@ Tensor decode_impl(const Tensor& q, const Tensor& k1, const Tensor& k2, const Te
   return out;
 }
 
-// q [B, H, D] (scaled); k1, v1 [B, H_kv, n1, D] and k2, v2 [B, H_kv, n2, D] with a contiguous last dimension (views
-// of a cache's buffers); real1 [B, n1], real2 [B, n2] contiguous bool (true: a real token) or empty. Padded values
-// must be finite (the caller zeroes them). Returns [B, H, D], `naive_tensor_attention` of the one query.
+// q [B, H, 1, D]; k1, k2, v1, v2 [B, H_kv, Tk, D] (views of a cache's buffers: any strides, a contiguous last
+// dimension, q's too); real [B, Tk] contiguous bool (true: a real token) or empty; w1, w2 the windows (0: none).
+// Padded values must be finite (the caller zeroes them). Returns [B, H, 1, D], `naive_tensor_attention` of the one
+// query, which is the last position.
 Tensor decode_step(const Tensor& q, const Tensor& k1, const Tensor& k2, const Tensor& v1, const Tensor& v2,
-                   const Tensor& real1, const Tensor& real2, double floor) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.device().is_cpu(), "decode_step: q must be a contiguous CPU "
-              "tensor [B, H, D]");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t H_kv = k1.dim() == 4 ? k1.size(1) : 0, n1 = k1.dim() == 4 ? k1.size(2) : 0;
-  const int64_t n2 = k2.dim() == 4 ? k2.size(2) : 0;
-  TORCH_CHECK(H_kv >= 1 && H % H_kv == 0 && n1 >= 1 && n2 >= 1, "decode_step: k1, k2 must be [B, H_kv, n, D] with "
-              "n >= 1 and H_kv dividing the ", H, " query heads");
-  for (const auto& [t, n] : {std::pair{&k1, n1}, std::pair{&v1, n1}, std::pair{&k2, n2}, std::pair{&v2, n2}}) {
-    TORCH_CHECK(t->dim() == 4 && t->sizes() == at::IntArrayRef({B, H_kv, n, D}) && t->stride(3) == 1 &&
+                   const Tensor& real, int64_t w1, int64_t w2, double scale, double floor) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.stride(3) == 1 && q.device().is_cpu(),
+              "decode_step: q must be a CPU tensor [B, H, 1, D] with a contiguous last dimension, got ", q.sizes());
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+  const int64_t H_kv = k1.dim() == 4 ? k1.size(1) : 0, Tk = k1.dim() == 4 ? k1.size(2) : 0;
+  TORCH_CHECK(H_kv >= 1 && H % H_kv == 0 && Tk >= 1, "decode_step: k1 must be [B, H_kv, Tk, D] with Tk >= 1 and "
+              "H_kv dividing the ", H, " query heads, got ", k1.sizes());
+  for (const Tensor* t : {&k1, &k2, &v1, &v2}) {
+    TORCH_CHECK(t->dim() == 4 && t->sizes() == at::IntArrayRef({B, H_kv, Tk, D}) && t->stride(3) == 1 &&
                 t->device().is_cpu() && t->scalar_type() == q.scalar_type(),
-                "decode_step: the streams must be CPU tensors [B, H_kv, n, D] of q's dtype with a contiguous last "
+                "decode_step: the streams must be CPU tensors [B, H_kv, Tk, D] of q's dtype with a contiguous last "
                 "dimension, got ", t->sizes());
   }
-  for (const auto& [t, n] : {std::pair{&real1, n1}, std::pair{&real2, n2}}) {
-    TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == at::kBool && t->is_contiguous() &&
-                                    t->sizes() == at::IntArrayRef({B, n}) && t->device().is_cpu()),
-                "decode_step: real1 / real2 must be empty or contiguous bool [B, n], got ", t->sizes());
-  }
+  TORCH_CHECK(real.numel() == 0 || (real.scalar_type() == at::kBool && real.is_contiguous() &&
+                                    real.sizes() == at::IntArrayRef({B, Tk}) && real.device().is_cpu()),
+              "decode_step: real must be empty or a contiguous bool tensor [B, Tk], got ", real.sizes());
+  TORCH_CHECK(w1 >= 0 && w2 >= 0, "decode_step: windows must be >= 0 (0: none)");
   const double lowest = q.scalar_type() == at::kFloat ? -87.0 : -708.0;  // as in check_inputs
   TORCH_CHECK(lowest <= floor && floor <= 0, "decode_step: floor must be in [", lowest, ", 0], got ", floor);
+  const int64_t n1 = w1 > 0 ? std::min(w1, Tk) : Tk, n2 = w2 > 0 ? std::min(w2, Tk) : Tk;
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "decode_step", [&] {
-    out = decode_impl<scalar_t>(q, k1, k2, v1, v2, real1, real2, floor);
+    out = decode_impl<scalar_t>(q, k1, k2, v1, v2, real, n1, n2, scale, floor);
   });
   return out;
 }
@@ -785,8 +855,8 @@ TORCH_LIBRARY(hf_tensor_attn_cpu, m) {
   m.def("backward_tiles(Tensor q, Tensor dout, Tensor lse, Tensor D, Tensor kr, Tensor vr, Tensor kc, Tensor vc, "
         "int w_row, int w_col, Tensor blocks, Tensor rows, Tensor cols, Tensor pad, int heads, float floor) "
         "-> Tensor[]");
-  m.def("decode_step(Tensor q, Tensor k1, Tensor k2, Tensor v1, Tensor v2, Tensor real1, Tensor real2, float floor) "
-        "-> Tensor");
+  m.def("decode_step(Tensor q, Tensor k1, Tensor k2, Tensor v1, Tensor v2, Tensor real, int w1, int w2, float scale, "
+        "float floor) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hf_tensor_attn_cpu, CPU, m) {

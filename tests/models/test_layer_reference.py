@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig
 
 import hf_tensor_attn  # noqa: F401  (registers the config)
-from hf_tensor_attn.modeling import TensorAttention, TensorAttnRotaryEmbedding
+from hf_tensor_attn.modeling import TensorAttention, TensorAttnRotaryEmbedding, rotary_tables
 
 
 def rotate(x: torch.Tensor, position: int, theta: float) -> torch.Tensor:
@@ -61,7 +61,7 @@ def test_tensor_layer_matches_hand_written_reference(w1, w2):
     B, T = 2, 9
     x = torch.randn(B, T, config.hidden_size, dtype=torch.float64)
     position_ids = torch.arange(T)[None].expand(B, T)
-    cos_sin = TensorAttnRotaryEmbedding(config)(x, position_ids)
+    cos_sin = rotary_tables(*TensorAttnRotaryEmbedding(config)(x, position_ids))
     actual, _ = layer(x, cos_sin)
     expected = reference_layer(layer, x, scale=0.37, w1=w1, w2=w2, rope_theta=50.0)
     # The rotary tables are computed in float32 (as transformers' Llama computes them), so their entries are off by
@@ -77,7 +77,7 @@ def test_reference_notices_a_wrong_scale_or_rotation():
     for module in (layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj):
         module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=torch.float64))
     x = torch.randn(1, 7, 24, dtype=torch.float64)
-    actual, _ = layer(x, TensorAttnRotaryEmbedding(config)(x, torch.arange(7)[None]))
+    actual, _ = layer(x, rotary_tables(*TensorAttnRotaryEmbedding(config)(x, torch.arange(7)[None])))
     for scale, theta in ((12**-0.5, 50.0), (0.37, float("inf"))):
         wrong = reference_layer(layer, x, scale=scale, w1=None, w2=None, rope_theta=theta)
         assert (actual - wrong).abs().max() > 1e-3

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_tensor_attn import TensorAttnCache
-from hf_tensor_attn.modeling import TensorAttention, TensorAttnRotaryEmbedding
+from hf_tensor_attn.modeling import TensorAttention, TensorAttnRotaryEmbedding, rotary_tables
 from hf_tensor_attn.ops import four_cache_decode, naive_tensor_attention, tensor_attention
 from hf_tensor_attn.ops.common import repeat_kv
 from hf_tensor_attn.ops.exact.decode import pair_rows_attention
@@ -169,7 +169,7 @@ def test_grouped_tensor_layer_equals_the_layer_with_repeated_projections():
         state[name] = state[name].repeat_interleave(H // H_KV, dim=0)
     wide_layer.load_state_dict(state)
     x = torch.randn(B, 7, 48, dtype=torch.float64)
-    cos_sin = TensorAttnRotaryEmbedding(config)(x, torch.arange(7)[None].expand(B, -1))
+    cos_sin = rotary_tables(*TensorAttnRotaryEmbedding(config)(x, torch.arange(7)[None].expand(B, -1)))
     torch.testing.assert_close(layer(x, cos_sin)[0], wide_layer(x, cos_sin)[0], rtol=1e-10, atol=1e-10)
 
 

@@ -54,6 +54,8 @@ def four_cache_decode_step(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attent
     intermediates live in `workspace` (a `DecodeWorkspace`; a fresh one when None). Inputs are checked by the caller
     (`ops.dispatch`), which also picks `loops`.
     """
+    if loops is not None:
+        return _compiled_step(loops, q, k1, k2, v1, v2, scale, w1, w2, attention_mask)
     Tk = k1.shape[2]
     # The windows only keep the last w1 (w2) positions of each stream: slice instead of masking.
     n1 = Tk if w1 is None else min(w1, Tk)
@@ -64,24 +66,38 @@ def four_cache_decode_step(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attent
     if attention_mask is not None:
         real = attention_mask.to(device=q.device, dtype=torch.bool)
         real1, real2 = real[:, Tk - n1 :], real[:, Tk - n2 :]  # [B, n1], [B, n2]
-        if loops is not None and bool(real1.all()) and bool(real2.all()):  # CPU tensors: no device to wait for
-            real1 = real2 = None  # no padding in the windows: the step without masks
-        else:
-            # A padded pair weighs 0, but 0 * NaN is NaN: padded values must not hold anything.
-            v1 = v1.masked_fill(~real1[:, None, :, None], 0)
-            v2 = v2.masked_fill(~real2[:, None, :, None], 0)
+        # A padded pair weighs 0, but 0 * NaN is NaN: padded values must not hold anything.
+        v1 = v1.masked_fill(~real1[:, None, :, None], 0)
+        v2 = v2.masked_fill(~real2[:, None, :, None], 0)
     dtype = q.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     q, k1, k2, v1, v2 = (t.to(compute) for t in (q, k1, k2, v1, v2))  # no copy when already `compute`
-    if loops is not None:
-        B, H, _, D = q.shape
-        none = q.new_empty(0, dtype=torch.bool)
-        masks = [none if m is None else m.contiguous() for m in (real1, real2)]
-        out = loops.decode_step((q * scale).view(B, H, D), k1, k2, v1, v2, *masks, EXP_FLOOR[compute])
-        return out.view(B, H, 1, D).to(dtype)
     # The scale is folded into q (D numbers), not into the i x i scores.
     out = _decode_in_place(q * scale, k1, k2, v1, v2, real1, real2, workspace or DecodeWorkspace())
     return out.to(dtype)
+
+
+_NO_MASK = torch.empty(0, dtype=torch.bool)
+
+
+def _compiled_step(loops, q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
+    """The step as one call of the compiled loop (`csrc/tiles.cpp: decode_step`), which reads the windows and the
+    cache's strided views in place: at short context a step is a few microseconds of arithmetic, and each torch op
+    around it costs about as much."""
+    real = _NO_MASK
+    if attention_mask is not None:
+        real = attention_mask.to(torch.bool)
+        if bool(real.all()):  # CPU tensors: nothing to wait for
+            real = _NO_MASK
+        else:
+            # A padded pair weighs 0, but 0 * NaN is NaN: padded values must not hold anything.
+            padded = ~real[:, None, :, None]
+            v1, v2, real = v1.masked_fill(padded, 0), v2.masked_fill(padded, 0), real.contiguous()
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        q, k1, k2, v1, v2 = (t.float() for t in (q, k1, k2, v1, v2))
+    out = loops.decode_step(q, k1, k2, v1, v2, real, w1 or 0, w2 or 0, float(scale), EXP_FLOOR[q.dtype])
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def _block_rows(B: int, H: int, n1: int, n2: int) -> int:
