@@ -282,10 +282,14 @@ class StandardAttention(nn.Module):
             first = cache.layers[self.layer_idx].get_seq_length()  # before the update; a tensor in a static layer,
             first = first.clone() if isinstance(first, torch.Tensor) else first  # which the update advances in place
             k, v = cache.update(k, v, self.layer_idx)
-        mask = causal_padding_mask(T, k.shape[2], attention_mask, q.device, first)  # [B or 1, 1, T, Tk]
+        backend = self.config._attn_implementation
+        if (T == 1 and attention_mask is None and documents is None and not isinstance(first, torch.Tensor)
+                and backend != "flex_attention"):
+            mask = None  # one query, the last key, nothing padded: it sees every key (a decode step)
+        else:
+            mask = causal_padding_mask(T, k.shape[2], attention_mask, q.device, first)  # [B or 1, 1, T, Tk]
         if documents is not None:  # a packed row: each token sees its own document only (no cache: Tk = T)
             mask = mask & (documents[:, None, :, None] == documents[:, None, None, :])
-        backend = self.config._attn_implementation
         if backend == "flex_attention":
             mask = flex_block_mask(mask)
         # Through get_interface, as transformers' models do: `set_attn_implementation` looks for this call in the

@@ -30,9 +30,9 @@ class FourCacheLayer(TensorAttnCacheLayer):
             capacity = n + T if n == 0 else max(n + T, 2 * self.key_buffer.shape[2])
             self.key_buffer = self._grown(self.keys, capacity, key_states)
             self.value_buffer = self._grown(self.values, capacity, value_states)
-        self.key_buffer[:, :, n : n + T] = key_states
-        self.value_buffer[:, :, n : n + T] = value_states
-        self.keys, self.values = self.key_buffer[:, :, : n + T], self.value_buffer[:, :, : n + T]
+        self.key_buffer.narrow(2, n, T).copy_(key_states)
+        self.value_buffer.narrow(2, n, T).copy_(value_states)
+        self.keys, self.values = self.key_buffer.narrow(2, 0, n + T), self.value_buffer.narrow(2, 0, n + T)
 
     @staticmethod
     def _grown(live, capacity, like):
@@ -43,7 +43,7 @@ class FourCacheLayer(TensorAttnCacheLayer):
 
     def read(self, query, attention_mask):
         return attention(self.constants, query, self.keys, self.values, attention_mask=attention_mask,
-                         workspace=self.workspace)
+                         workspace=self.workspace, checked=True)
 
     def map_batch(self, fn) -> None:
         """Apply a batch-dimension map to the live tokens, keeping the buffers' capacity."""

@@ -175,7 +175,8 @@ class _SubGenLayer(TensorAttnCacheLayer):
     def _exact(self, query):
         """Nothing summarised yet: the exact buffer is the whole sequence, attend exactly."""
         mask = None if bool(self.real.all()) else self.real.long()
-        return attention(self.constants, query, self.keys, self.values, attention_mask=mask, workspace=self.workspace)
+        return attention(self.constants, query, self.keys, self.values, attention_mask=mask, workspace=self.workspace,
+                         checked=True)
 
     def _estimate_blocks(self, query):
         Tq = query.shape[2]

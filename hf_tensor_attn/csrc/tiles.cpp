@@ -690,13 +690,9 @@ Tensor decode_impl(const Tensor& q, const Tensor& k1, const Tensor& k2, const Te
   // P V2, or K2's tile transposed for small_scores
   const int64_t pv_size = std::max(G * rows * D, D * ((cols + kRun - 1) / kRun * kRun));
   const int64_t per_thread = G * rows * (D + cols) + pv_size + 2 * cols;
-  std::vector<scalar_t> scratch(std::min<int64_t>(at::get_num_threads(), items) * per_thread);
-  const at::ThreadLocalState state;
-  // A step of a few small tiles runs on the calling thread: waking the others costs more than the tiles.
-  const int64_t grain = std::max<int64_t>(1, kDecodeSmallTile / (G * rows * cols * D));
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard guard(state);
-    scalar_t* kq = scratch.data() + at::get_thread_num() * per_thread;  // [G * rows, D]
+  std::vector<scalar_t> scratch(at::get_num_threads() * per_thread);  // one part per thread number
+  const auto run = [&](int64_t begin, int64_t end, int64_t thread) {
+    scalar_t* kq = scratch.data() + thread * per_thread;  // [G * rows, D]
     scalar_t* pv = kq + G * rows * D;  // [G * rows, D]
     scalar_t* s = pv + pv_size;  // [G * rows, cols]
     scalar_t* cm = s + G * rows * cols;  // [cols]
@@ -787,7 +783,18 @@ Tensor decode_impl(const Tensor& q, const Tensor& k1, const Tensor& k2, const Te
         }
       }
     }
-  });
+  };
+  // A step of a few small tiles runs on the calling thread: waking the others (and copying torch's thread-local state
+  // to them) costs more than the tiles.
+  if (items * G * rows * cols * D <= 4 * kDecodeSmallTile || at::get_num_threads() == 1) {
+    run(0, items, 0);
+  } else {
+    const at::ThreadLocalState state;  // the caller's (grad mode, below autograd) for the GEMMs on other threads
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard guard(state);
+      run(begin, end, at::get_thread_num());
+    });
+  }
   Tensor out = at::empty({B, H, 1, D}, opt);
   scalar_t* op = out.data_ptr<scalar_t>();
   for (int64_t bh = 0; bh < B * H_kv; ++bh) {

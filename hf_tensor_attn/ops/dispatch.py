@@ -121,7 +121,7 @@ def _run(impl, q, k1, k2, v1, v2, scale, w1, w2, attention_mask, workspace):
 
 
 def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_mask=None, backend=None,
-                     workspace=None, documents=None, positions=None, query_masks=None):
+                     workspace=None, documents=None, positions=None, query_masks=None, checked=False):
     """Exact tensor attention with the signature of `naive_tensor_attention`; differentiable.
 
     q is [B, H, Tq, D], k1, k2, v1, v2 are [B, H_kv, Tk, D] (H_kv dividing H); returns [B, H, Tq, D] in q's dtype
@@ -135,10 +135,13 @@ def tensor_attention(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_ma
     (shapes independent of the positions); eagerly the streams are cut after the last query and the call goes on as
     any other. `query_masks`: [B, Tq, Tk] bool, per query the tokens it may use (a 4D custom mask, queries the last
     Tq positions), a pair allowed when both tokens are; it runs `decode.positioned_tensor_attention` (O(Tq Tk^2)
-    scores per head, differentiable), in place of `attention_mask`.
+    scores per head, differentiable), in place of `attention_mask`. `checked`: the caller (a cache layer, which checks
+    the query and holds streams it built itself) vouches for the conventions, and the per-call checks are skipped (a
+    decode step at short context costs about as much as they do).
     """
     (q, k1, k2, v1, v2), amp_off = autocast_inputs(q, k1, k2, v1, v2)
-    check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
+    if not checked:
+        check_inputs(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2, attention_mask=attention_mask)
     if attention_mask is not None:
         attention_mask = attention_mask.to(q.device)
     if query_masks is not None:
@@ -197,14 +200,14 @@ def four_cache_decode(q, k1, k2, v1, v2, *, scale, w1=None, w2=None, attention_m
 
 
 def attention(spec, q, k, v, *, attention_mask=None, workspace=None, documents=None, positions=None,
-              query_masks=None):
+              query_masks=None, checked=False):
     """A tensor layer's attention from its constants `spec` (scale, w1, w2, backend): k = k1 | k2 and v = v1 | v2
     side by side along the head features ([B, H_kv, Tk, 2D]), as the layers project them and the caches hold them."""
     k1, k2 = k.chunk(2, dim=-1)
     v1, v2 = v.chunk(2, dim=-1)
     return tensor_attention(q, k1, k2, v1, v2, scale=spec.scale, w1=spec.w1, w2=spec.w2,
                             attention_mask=attention_mask, backend=spec.backend, workspace=workspace,
-                            documents=documents, positions=positions, query_masks=query_masks)
+                            documents=documents, positions=positions, query_masks=query_masks, checked=checked)
 
 
 def poly_tensor_attention(q, k1, k2, v1, v2, *, scale, degree, attention_mask=None, causal=True, score_bound=None,
