@@ -243,7 +243,7 @@ def tables(by, slopes, mm_rates, mm_sizes, fit_from, stopped, budget) -> list[tu
                  for i, d in sorted(by_i.items())]
     step_lines = markdown_table(
         ["i", "torch.mm GFLOP/s", "(a) four, factorized ms", "(a) median ms", "(a) GFLOP/s", "(b) four, explicit K1⊘K2 ms",
-         "(c) two_cache ms", "four_cache MiB", "(a) scratch MiB", "two_cache MiB", "disturbed"],
+         "(c) two_cache ms", "four_cache MiB", "(a) scratch MiB (torch ops)", "two_cache MiB", "disturbed"],
         step_rows, "r" * 10 + "l")
     guard = (f"at i = {stopped}: the memory guard (budget {budget / 2**30:.2f} GiB) refused its next growth"
              if stopped else "no")
@@ -256,8 +256,8 @@ def tables(by, slopes, mm_rates, mm_sizes, fit_from, stopped, budget) -> list[tu
                                  "lrr")
 
     ratio_rows = []
-    if by["a"]:
-        i_share = 1024 if any(r["i"] == 1024 for r in by["a"]) else by["a"][-1]["i"]
+    shares = [i for i in (1024, 4096) if any(r["i"] == i for r in by["a"])] or [r["i"] for r in by["a"][-1:]]
+    for i_share in shares:
         a = next(r for r in by["a"] if r["i"] == i_share)
         median_rate = 4 * i_share**2 * D * H * B / (a["step_ms_median"] / 1e3) / 1e9
         mm_rate = a["mm_gflops_before"]
