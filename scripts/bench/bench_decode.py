@@ -7,6 +7,11 @@ Models of one size (hidden 256, 4 layers, 4 heads of 64, random weights: through
     tensor <layout>     every layer tensor attention: four_cache, two_cache, subgen4 (default options), poly (the
                         polynomial state, degree 2: approximate for an exact-trained layer, constant cost per token)
 
+Where a step's time goes: at context 16, batch 1, each method's decode step under torch.profiler -- torch ops per
+generated token, host reads (a tensor's value read by Python), allocations, and the op time in GEMMs, in the
+attention kernel and in everything else -- counted as a call of `--new` tokens minus a call of one token (the
+prompt's forward), over the `--new` - 1 steps between (profile.csv).
+
 Each generates `--new` greedy tokens after a prompt of each context length, batch 1 and 8. A logits processor stamps
 every step (as in bench_compiled_decode), so a call's rate is (new - 1) tokens over the time from the first step's
 logits to the last's, the prompt's forward left out; `--runs` timed calls after one untimed call, the table gives the
@@ -85,6 +90,41 @@ def timed_generate(model, layout: str, prompt: torch.Tensor, new: int):
     return (len(clock.stamps) - 1) / (clock.stamps[-1] - clock.stamps[0]), memory // prompt.shape[0]
 
 
+PROFILE_CONTEXT = 16
+GEMMS = {"aten::linear", "aten::mm", "aten::addmm", "aten::matmul", "aten::bmm", "aten::einsum"}
+ATTENTION_KERNELS = {"aten::scaled_dot_product_attention", "hf_tensor_attn_cpu::decode_step",
+                     "hf_tensor_attn::attention_forward"}
+HOST_READS = {"aten::item", "aten::is_nonzero", "aten::_local_scalar_dense"}
+ALLOCATIONS = {"aten::empty", "aten::empty_strided"}
+
+
+def profile_counts(model, layout: str, prompt: torch.Tensor, new: int) -> dict:
+    """torch.profiler totals of one generate call: top-level ops, host reads and allocations (any depth), and the
+    op time (microseconds) of the top-level GEMMs, attention kernels and the rest."""
+    with torch.profiler.profile() as prof:
+        timed_generate(model, layout, prompt, new)
+    events = prof.events()
+    top = [e for e in events if e.cpu_parent is None]
+    gemm = sum(e.cpu_time_total for e in top if e.name in GEMMS)
+    kernel = sum(e.cpu_time_total for e in top if e.name in ATTENTION_KERNELS)
+    return dict(ops=len(top), host_reads=sum(e.name in HOST_READS for e in top),
+                allocations=sum(e.name in ALLOCATIONS for e in events), gemm_us=gemm, attention_us=kernel,
+                other_us=sum(e.cpu_time_total for e in top) - gemm - kernel)
+
+
+def step_profile(built, new: int) -> list[dict]:
+    """Per decode step at context PROFILE_CONTEXT, batch 1: a call of `new` tokens minus a call of one."""
+    prompt = torch.randint(3, 259, (1, PROFILE_CONTEXT), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for method, (which, layout, _) in METHODS.items():
+        with torch.no_grad():
+            timed_generate(built[which], layout, prompt, new)  # warms up
+            one, full = (profile_counts(built[which], layout, prompt, n) for n in (1, new))
+        rows.append(dict(method=method, context=PROFILE_CONTEXT, steps=new - 1,
+                         **{key: (full[key] - one[key]) / (new - 1) for key in full}))
+    return rows
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="output folder (default: docs/bench_decode/)")
@@ -114,6 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return rows
     built = models()
     load_before, record = load_snapshot(), machine()
+    write_csv(args.out / "profile.csv", step_profile(built, args.new), record)
     rows = []
     for batch in args.batches:
         for n in args.contexts:
@@ -191,6 +232,14 @@ def render(folder: Path) -> str:
              markdown_table(["method"] + [str(n) for n in contexts], memory, "l" + "r" * len(contexts))),
             (f"Batch {batch}: against Llama, and the crossovers (read from the table)", lines),
         ]
+    profile = read_csv(Path(folder) / "profile.csv")
+    table = [[r["method"], f"{r['ops']:.0f}", f"{r['host_reads']:.1f}", f"{r['allocations']:.0f}", f"{r['gemm_us']:.0f}",
+              f"{r['attention_us']:.0f}", f"{r['other_us']:.0f}"] for r in profile]
+    sections.insert(0, (
+        f"Where a decode step goes: context {profile[0]['context']}, batch 1, torch.profiler, per step (mean of "
+        f"{profile[0]['steps']:.0f}; op times include the profiler's own cost)",
+        markdown_table(["method", "torch ops", "host reads", "allocations", "GEMM µs", "attention kernel µs",
+                        "other ops µs"], table, "lrrrrrr")))
     return render_document(record, sections)
 
 

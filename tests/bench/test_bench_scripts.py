@@ -26,7 +26,7 @@ SCRIPTS = {
     "bench_cache": (["-m", "scripts.bench.bench_cache"], ["bench_cache.csv", "bench_cache.png"]),
     "bench_compiled_decode": (["-m", "scripts.bench.bench_compiled_decode"],
                               ["bench_compiled_decode.csv", "bench_compiled_decode.png"]),
-    "bench_decode": (["-m", "scripts.bench.bench_decode"], ["bench_decode.csv", "bench_decode.png"]),
+    "bench_decode": (["-m", "scripts.bench.bench_decode"], ["bench_decode.csv", "profile.csv", "bench_decode.png"]),
     "eval_subgen": (["-m", "scripts.bench.eval_subgen"],
                     ["synthetic.csv", "model.csv", "lowdim.csv", "eval_subgen.png"]),
     "bench_poly": (["-m", "scripts.bench.bench_poly"],

@@ -78,17 +78,48 @@ def _query_chunk(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, deg
     return out, PolyState(s1[:, :, -1], s2[:, :, -1], z1[:, :, -1], z2[:, :, -1], m1[:, :, -1], m2[:, :, -1], n[:, :, -1])
 
 
+def _decode_step(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, degree: int, score_bound,
+                 product: torch.Tensor):
+    """`_query_chunk` of one position that is also the query, with the state updated in place (rank-one additions)
+    and S1 * S2 formed in `product` ([B, H, r, Dv], the caller's scratch): the chunk's prefix sums are several fresh
+    [B, H, 1, r, Dv] tensors per step, as large as the state. No autograd."""
+    state = PolyState(*(t.contiguous() for t in state))  # a chunked step's state is a view of its prefix sums
+    uq = query_features(q, scale=scale, degree=degree, score_bound=score_bound)  # [B, H, G, 1, r]
+    f1, f2 = key_features(k1, degree) * real, key_features(k2, degree) * real  # [B, H, 1, r]
+    B, H, G = q.shape[:3]
+    r, Dv = f1.shape[-1], v1.shape[-1]
+    for S, f, v in ((state.S1, f1, v1), (state.S2, f2, v2)):  # S += f^T v
+        S.view(B * H, r, Dv).baddbmm_(f.view(B * H, 1, r).transpose(1, 2), v.reshape(B * H, 1, Dv))
+    state.Z1.add_(f1[:, :, 0])
+    state.Z2.add_(f2[:, :, 0])
+    torch.maximum(state.M1, (k1.abs() * real)[:, :, 0], out=state.M1)
+    torch.maximum(state.M2, (k2.abs() * real)[:, :, 0], out=state.M2)
+    state.N.add_(real[:, :, 0, 0])
+    torch.mul(state.S1, state.S2, out=product)
+    num = torch.bmm(uq.view(B * H, G, r), product.view(B * H, r, Dv)).view(B, H, G, 1, Dv)
+    den = (uq * (state.Z1 * state.Z2)[:, :, None, None]).sum(-1)  # [B, H, G, 1]
+    floor = _floor(q, state.M1[:, :, None, None], state.M2[:, :, None, None], state.N[:, :, None, None], scale)
+    return _normalise(num, den, floor), state
+
+
 def poly_attention_continue(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, degree: int, score_bound,
-                            causal: bool = True, chunk_size: int | None = None):
+                            causal: bool = True, chunk_size: int | None = None, product: torch.Tensor | None = None):
     """Attention of q (the last Tq of the Tk new positions) continuing `state`: (out [B, H, Tq, Dv], new state).
 
     Inputs already checked and in the compute dtype; `real` is the [B, 1, Tk, 1] key mask. The op runs it from
     an empty state; the `poly` cache layer from the state it holds. q may also be [B, H, G, Tq, Dk], G query heads
-    per key/value head (out [B, H, G, Tq, Dv]): the state and its prefix sums are then computed once per group."""
+    per key/value head (out [B, H, G, Tq, Dv]): the state and its prefix sums are then computed once per group.
+    `product`: scratch [B, H, r, Dv] from a caller that owns `state` (contiguous) and lets a decode step (one new
+    position, the query, no gradient) update it in place."""
     grouped = q.dim() == 5
     q = q if grouped else q[:, :, None]  # [B, H, G, Tq, Dk]
     k1, k2, v1, v2 = drop_padded(real, k1, k2, v1, v2)
     Tq, Tk, Dk, Dv = q.shape[3], k1.shape[2], q.shape[4], v1.shape[3]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k1, k2, v1, v2, *state))
+    if product is not None and Tq == Tk == 1 and causal and not needs_grad:
+        out, state = _decode_step(state, q, k1, k2, v1, v2, real, scale=scale, degree=degree,
+                                  score_bound=score_bound, product=product)
+        return (out if grouped else out[:, :, 0]), state
     BH, r = q.shape[0] * q.shape[1], num_features(Dk, degree)
     C = chunk_size or _auto_chunk(BH * r * Dv, MAX_CHUNK)  # prefix sums [B, H, C, r, Dv]
     # Keys with no query among them need no per-position prefix sums, only [B, H, C, r] features: longer chunks.
@@ -110,7 +141,7 @@ def poly_attention_continue(state: PolyState, q, k1, k2, v1, v2, real, *, scale:
         return (out if grouped else out[:, :, 0]), state
 
     # Under autograd each chunk is recomputed in backward: only the inputs and the carried states stay saved.
-    checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k1, k2, v1, v2, *state))
+    checkpoint = needs_grad
     step = functools.partial(_query_chunk, scale=scale, degree=degree, score_bound=score_bound)
     for lo in range(first_query, Tk, C):
         hi = min(lo + C, Tk)
