@@ -8,9 +8,9 @@ Models of one size (hidden 256, 4 layers, 4 heads of 64, random weights: through
                         polynomial state, degree 2: approximate for an exact-trained layer, constant cost per token)
 
 Where a step's time goes: at context 16, batch 1, each method's decode step under torch.profiler -- torch ops per
-generated token, host reads (a tensor's value read by Python), allocations, and the op time in GEMMs, in the
-attention kernel and in everything else -- counted as a call of `--new` tokens minus a call of one token (the
-prompt's forward), over the `--new` - 1 steps between (profile.csv).
+generated token, host reads (a tensor's value read by Python) and allocations, counted as a call of `--new` tokens
+minus a call of two over the `--new` - 2 steps between, and the shares of the op time in GEMMs, in the attention
+kernel and in everything else (profile.csv).
 
 Each generates `--new` greedy tokens after a prompt of each context length, batch 1 and 8. A logits processor stamps
 every step (as in bench_compiled_decode), so a call's rate is (new - 1) tokens over the time from the first step's
@@ -113,15 +113,19 @@ def profile_counts(model, layout: str, prompt: torch.Tensor, new: int) -> dict:
 
 
 def step_profile(built, new: int) -> list[dict]:
-    """Per decode step at context PROFILE_CONTEXT, batch 1: a call of `new` tokens minus a call of one."""
+    """Per decode step at context PROFILE_CONTEXT, batch 1: a call of `new` tokens minus a call of two (the prompt's
+    forward and one step; a call's rate needs two steps)."""
     prompt = torch.randint(3, 259, (1, PROFILE_CONTEXT), generator=torch.Generator().manual_seed(0))
     rows = []
     for method, (which, layout, _) in METHODS.items():
         with torch.no_grad():
             timed_generate(built[which], layout, prompt, new)  # warms up
-            one, full = (profile_counts(built[which], layout, prompt, n) for n in (1, new))
-        rows.append(dict(method=method, context=PROFILE_CONTEXT, steps=new - 1,
-                         **{key: (full[key] - one[key]) / (new - 1) for key in full}))
+            two, full = (profile_counts(built[which], layout, prompt, n) for n in (2, new))
+        counts = {key: (full[key] - two[key]) / (new - 2) for key in ("ops", "host_reads", "allocations")}
+        total = sum(full[key] for key in ("gemm_us", "attention_us", "other_us"))  # shares: of the longer call
+        rows.append(dict(method=method, context=PROFILE_CONTEXT, steps=new - 2, **counts,
+                         **{key.replace("_us", "_share"): full[key] / total for key in ("gemm_us", "attention_us",
+                                                                                      "other_us")}))
     return rows
 
 
@@ -233,13 +237,13 @@ def render(folder: Path) -> str:
             (f"Batch {batch}: against Llama, and the crossovers (read from the table)", lines),
         ]
     profile = read_csv(Path(folder) / "profile.csv")
-    table = [[r["method"], f"{r['ops']:.0f}", f"{r['host_reads']:.1f}", f"{r['allocations']:.0f}", f"{r['gemm_us']:.0f}",
-              f"{r['attention_us']:.0f}", f"{r['other_us']:.0f}"] for r in profile]
+    table = [[r["method"], f"{r['ops']:.0f}", f"{r['host_reads']:.1f}", f"{r['allocations']:.0f}",
+              f"{r['gemm_share']:.0%}", f"{r['attention_share']:.0%}", f"{r['other_share']:.0%}"] for r in profile]
     sections.insert(0, (
-        f"Where a decode step goes: context {profile[0]['context']}, batch 1, torch.profiler, per step (mean of "
-        f"{profile[0]['steps']:.0f}; op times include the profiler's own cost)",
-        markdown_table(["method", "torch ops", "host reads", "allocations", "GEMM µs", "attention kernel µs",
-                        "other ops µs"], table, "lrrrrrr")))
+        f"Where a decode step goes: context {profile[0]['context']}, batch 1, torch.profiler (counts per step, the "
+        f"mean of {profile[0]['steps']:.0f}; shares of the op time of the whole call)",
+        markdown_table(["method", "torch ops", "host reads", "allocations", "GEMMs", "attention kernel", "other ops"],
+                       table, "lrrrrrr")))
     return render_document(record, sections)
 
 
