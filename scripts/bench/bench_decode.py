@@ -236,6 +236,8 @@ def render(folder: Path) -> str:
              markdown_table(["method"] + [str(n) for n in contexts], memory, "l" + "r" * len(contexts))),
             (f"Batch {batch}: against Llama, and the crossovers (read from the table)", lines),
         ]
+    if not (Path(folder) / "profile.csv").is_file():  # a run from before the profile was measured
+        return render_document(record, sections)
     profile = read_csv(Path(folder) / "profile.csv")
     table = [[r["method"], f"{r['ops']:.0f}", f"{r['host_reads']:.1f}", f"{r['allocations']:.0f}",
               f"{r['gemm_share']:.0%}", f"{r['attention_share']:.0%}", f"{r['other_share']:.0%}"] for r in profile]
