@@ -65,8 +65,10 @@ CATEGORIES = {
     # out-of-place addcmul is the masks' fill + s * keep (`tiles.Masker.apply`); addcmul_ accumulates
     "mask/clamp": ("clamp", "clamp_min", "clamp_min_", "masked_fill", "masked_fill_", "where", "addcmul"),
     # the compiled ops' own time (their ATen calls are events of their own): their loops over row products, the
-    # tiles' shift + exp + mask pass, sums over the row keys and row-key gradients (so "exp" is the Python loops' only)
-    "C++ loops": ("hf_tensor_attn_cpu::forward_tiles", "hf_tensor_attn_cpu::backward_tiles"),
+    # tiles' shift + exp + mask pass, sums over the row keys and row-key gradients (so "exp" is the Python loops' only);
+    # the decode step's max and exp passes, and its small tiles' products
+    "C++ loops": ("hf_tensor_attn_cpu::forward_tiles", "hf_tensor_attn_cpu::backward_tiles",
+                  "hf_tensor_attn_cpu::decode_step"),
     "elementwise": ("mul", "mul_", "add", "add_", "addcmul_", "sub", "sub_", "div", "div_", "neg", "log", "log_",
                     "fill_", "zero_"),
     "reductions": ("sum", "amax", "max", "any", "cummax", "linalg_vector_norm"),

@@ -138,7 +138,8 @@ def test_profile_attention_quick_run(tmp_path):
     assert {r["case"] for r in rows} == {*profile_attention.CASES, "four-cache decode"}
     for r in rows:
         shares = [r[f"share_{c}"] for c in [*profile_attention.CATEGORIES, "other"]]
-        assert abs(sum(shares) - 1) < 1e-6 and r["share_GEMM"] > 0, r
+        # a small decode step's products are the compiled loop's own (no ATen GEMM under it)
+        assert abs(sum(shares) - 1) < 1e-6 and r["share_GEMM"] + r["share_C++ loops"] > 0, r
     assert (tmp_path / "profile_attention.png").stat().st_size > 0
 
 
