@@ -90,9 +90,11 @@ def _compiled_step(loops, q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
         if bool(real.all()):  # CPU tensors: nothing to wait for
             real = _NO_MASK
         else:
-            # A padded pair weighs 0, but 0 * NaN is NaN: padded values must not hold anything.
-            padded = ~real[:, None, :, None]
-            v1, v2, real = v1.masked_fill(padded, 0), v2.masked_fill(padded, 0), real.contiguous()
+            # The loop never reads a padded v1 row, but a padded v2 row meets a zero weight in a GEMM, and 0 * NaN is
+            # NaN. A cache stores padded values finite (`TensorAttnCache.attend`): a copy only for other callers.
+            if not all_finite(v2):
+                v2 = v2.masked_fill(~real[:, None, :, None], 0)
+            real = real.contiguous()
     dtype = q.dtype
     if dtype in (torch.float16, torch.bfloat16):
         q, k1, k2, v1, v2 = (t.float() for t in (q, k1, k2, v1, v2))
