@@ -10,14 +10,16 @@ Two uses:
   the tensor layers use: they are trained with the polynomial kernel, so the state is exact for them.
 
 The prefill and every decode step continue the held state with `ops.poly.chunk.poly_attention_continue` (the op's
-own recurrence), so a cached decode equals one `poly_tensor_attention` call over the whole sequence.
+own recurrence; through the attention door, which picks the decode step's compiled loop on CPU), so a cached decode
+equals one `poly_tensor_attention` call over the whole sequence.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..ops.poly.chunk import PolyState, poly_attention_continue
+from ..ops.dispatch import poly_attention_continue
+from ..ops.poly.chunk import PolyState
 from ..ops.poly.common import check_degree, check_feature_count, check_score_bound, key_mask
 from .base import TensorAttnCacheLayer, TensorAttnConstants, register_layer_type_cache, register_layout
 from .two import default_memory_budget

@@ -14,7 +14,8 @@
 // every score is clamped at the exp floor, masked pairs are zeroed after exp instead of set to the floor before it,
 // the forward's row sums are column sums of P instead of a ones column in vc, and the forward has no running max:
 // it reports an allowed score more than a ceiling over its reference, and the caller runs the Python loops instead.
-// Registered as torch.ops.hf_tensor_attn_cpu.forward_tiles and .backward_tiles.
+// Registered as torch.ops.hf_tensor_attn_cpu.forward_tiles and .backward_tiles, with two decode steps: .decode_step
+// (the four-matrix one-query step) and .poly_step (the `poly` cache's step), each described where it is defined.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -853,6 +854,177 @@ Tensor decode_step(const Tensor& q, const Tensor& k1, const Tensor& k2, const Te
   return out;
 }
 
+// ---- The `poly` cache's decode step (`ops.poly.chunk._decode_step`, compiled) ----
+// One new position that is also the query. Per sequence and key/value head: the key features f1 = U2(k1) and
+// f2 = U3(k2) are added to the state in place (S1 += f1 v1^T, S2 += f2 v2^T, Z1 += f1, Z2 += f2; skipped for a
+// padded token), and the G query heads read the updated state: num_g = sum_m u_gm S1_m * S2_m and
+// den_g = sum_m u_gm Z1_m Z2_m, u_g = U1(q_g). As torch ops the [r, Dv] states are read and written several times
+// per step (the update, S1 * S2, the readout) and the features take a gather per degree; here each row of S1 and S2
+// is read and written once and used while it is in L1. Rows are split into blocks with their own partial num and den,
+// summed in block order afterwards, so the result does not depend on the number of threads.
+constexpr int64_t kPolyRows = 128;
+constexpr int64_t kPolySerial = int64_t(1) << 15;  // state numbers (B H r Dv) below which the step stays on one thread
+
+// f = the r monomials of x: f[0] = 1, f[m] = f[parent[m]] * x[var[m]] (`ops.poly.features`, flattened over degrees)
+template <typename scalar_t>
+void monomials(scalar_t* f, const scalar_t* x, const int64_t* parent, const int64_t* var, int64_t r) {
+  f[0] = 1;
+  for (int64_t m = 1; m < r; ++m) f[m] = f[parent[m]] * x[var[m]];
+}
+
+template <typename scalar_t>
+Tensor poly_step_impl(const Tensor& S1, const Tensor& S2, const Tensor& Z1, const Tensor& Z2, const Tensor& M1,
+                      const Tensor& M2, const Tensor& N, const Tensor& q, const Tensor& k1, const Tensor& k2,
+                      const Tensor& v1, const Tensor& v2, const Tensor& real, const Tensor& parent, const Tensor& var,
+                      const Tensor& weight, double scale_d) {
+  const int64_t B = S1.size(0), H = S1.size(1), r = S1.size(2), Dv = S1.size(3), G = q.size(2), Dk = q.size(4);
+  const int64_t BH = B * H, blocks = (r + kPolyRows - 1) / kPolyRows, items = BH * blocks;
+  scalar_t *s1p = S1.data_ptr<scalar_t>(), *s2p = S2.data_ptr<scalar_t>();
+  scalar_t *z1p = Z1.data_ptr<scalar_t>(), *z2p = Z2.data_ptr<scalar_t>();
+  scalar_t *m1p = M1.data_ptr<scalar_t>(), *m2p = M2.data_ptr<scalar_t>(), *np = N.data_ptr<scalar_t>();
+  const scalar_t* rp = real.data_ptr<scalar_t>();
+  // q, k1, k2, v1, v2 may be strided views (the halves of a cache's k1 | k2): row (b, h[, g]) starts at at(...)
+  const auto at = [H](const Tensor& t, int64_t bh, int64_t g = 0) {
+    return t.data_ptr<scalar_t>() + bh / H * t.stride(0) + bh % H * t.stride(1) + g * t.stride(2);
+  };
+  const scalar_t* wp = weight.data_ptr<scalar_t>();
+  const int64_t *pp = parent.data_ptr<int64_t>(), *vp = var.data_ptr<int64_t>();
+  const scalar_t scale = scalar_t(scale_d);
+  const int64_t per_head = (2 + G) * r;  // f1, f2, then u of each query head
+  std::vector<scalar_t> features(BH * per_head), partial(items * G * (Dv + 1));
+  const bool serial = BH * r * Dv <= kPolySerial || at::get_num_threads() == 1;
+  const auto over = [&](int64_t n, const auto& f) {
+    if (serial) {
+      f(0, n);
+    } else {
+      at::parallel_for(0, n, 1, f);
+    }
+  };
+  over(BH, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      scalar_t* f = features.data() + bh * per_head;
+      if (rp[bh / H] != 0) {
+        const scalar_t *a = at(k1, bh), *c = at(k2, bh);
+        monomials(f, a, pp, vp, r);
+        monomials(f + r, c, pp, vp, r);
+        for (int64_t j = 0; j < Dk; ++j) {
+          m1p[bh * Dk + j] = std::max(m1p[bh * Dk + j], std::abs(a[j]));
+          m2p[bh * Dk + j] = std::max(m2p[bh * Dk + j], std::abs(c[j]));
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        scalar_t* __restrict__ u = f + (2 + g) * r;
+        monomials(u, at(q, bh, g), pp, vp, r);
+        for (int64_t m = 0; m < r; ++m) u[m] *= wp[m];
+      }
+    }
+  });
+  over(items, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> p(Dv);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / blocks, m0 = item % blocks * kPolyRows, m1 = std::min(r, m0 + kPolyRows);
+      const bool add = rp[bh / H] != 0;
+      const scalar_t *f1 = features.data() + bh * per_head, *f2 = f1 + r, *u = f2 + r;
+      const scalar_t *__restrict__ a = at(v1, bh), *__restrict__ c = at(v2, bh);
+      scalar_t* __restrict__ num = partial.data() + item * G * (Dv + 1);  // [G, Dv], then den [G]
+      scalar_t* den = num + G * Dv;
+      scalar_t *z1 = z1p + bh * r, *z2 = z2p + bh * r;
+      for (int64_t m = m0; m < m1; ++m) {
+        scalar_t* __restrict__ x = s1p + (bh * r + m) * Dv;
+        scalar_t* __restrict__ y = s2p + (bh * r + m) * Dv;
+        if (add) {
+          const scalar_t e1 = f1[m], e2 = f2[m];
+          for (int64_t d = 0; d < Dv; ++d) {
+            x[d] += e1 * a[d];
+            y[d] += e2 * c[d];
+            p[d] = x[d] * y[d];
+          }
+          z1[m] += e1;
+          z2[m] += e2;
+        } else {
+          for (int64_t d = 0; d < Dv; ++d) p[d] = x[d] * y[d];
+        }
+        const scalar_t zz = z1[m] * z2[m];
+        for (int64_t g = 0; g < G; ++g) {
+          const scalar_t w = u[g * r + m];
+          scalar_t* __restrict__ o = num + g * Dv;
+          for (int64_t d = 0; d < Dv; ++d) o[d] += w * p[d];
+          den[g] += w * zz;
+        }
+      }
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) np[b] += rp[b];
+  Tensor out = at::empty({B, H, G, 1, Dv}, q.options());
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const scalar_t tiny = std::numeric_limits<scalar_t>::min();
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    const scalar_t n = np[bh / H];
+    for (int64_t g = 0; g < G; ++g) {
+      scalar_t* __restrict__ o = op + (bh * G + g) * Dv;
+      std::fill(o, o + Dv, scalar_t(0));
+      scalar_t den = 0;
+      for (int64_t k = 0; k < blocks; ++k) {
+        const scalar_t* x = partial.data() + (bh * blocks + k) * G * (Dv + 1);
+        for (int64_t d = 0; d < Dv; ++d) o[d] += x[g * Dv + d];
+        den += x[G * Dv + g];
+      }
+      // The floor of `ops.poly.common._floor`: count * exp(-R), R = scale sum_j |q_j| max|k1_j| max|k2_j|.
+      scalar_t bound = 0;
+      const scalar_t* qg = at(q, bh, g);
+      for (int64_t j = 0; j < Dk; ++j) bound += std::abs(qg[j]) * m1p[bh * Dk + j] * m2p[bh * Dk + j];
+      const scalar_t floor = n * n * std::max(std::exp(-scale * bound), tiny);
+      den = std::max(den, floor);
+      const scalar_t inverse = scalar_t(1) / (den > 0 ? den : scalar_t(1));  // no pair seen: 0 / 1
+      for (int64_t d = 0; d < Dv; ++d) o[d] *= inverse;
+    }
+  }
+  return out;
+}
+
+// The state S1, S2 [B, H, r, Dv], Z1, Z2 [B, H, r], M1, M2 [B, H, Dk], N [B, 1] (a `PolyState`, contiguous, updated
+// in place); q [B, H, G, 1, Dk]; k1, k2 [B, H, 1, Dk]; v1, v2 [B, H, 1, Dv] (any strides but the last); real
+// [B, 1, 1, 1] (1: the new token is real, 0: padding); parent, var [r] int64 and weight [r] the flattened monomial
+// tables and query weights. One floating dtype. Returns the G heads' outputs [B, H, G, 1, Dv].
+Tensor poly_step(const Tensor& S1, const Tensor& S2, const Tensor& Z1, const Tensor& Z2, const Tensor& M1,
+                 const Tensor& M2, const Tensor& N, const Tensor& q, const Tensor& k1, const Tensor& k2,
+                 const Tensor& v1, const Tensor& v2, const Tensor& real, const Tensor& parent, const Tensor& var,
+                 const Tensor& weight, double scale) {
+  TORCH_CHECK(S1.dim() == 4 && q.dim() == 5, "poly_step: S1 must be [B, H, r, Dv] and q [B, H, G, 1, Dk], got ",
+              S1.sizes(), " and ", q.sizes());
+  const int64_t B = S1.size(0), H = S1.size(1), r = S1.size(2), Dv = S1.size(3), G = q.size(2), Dk = q.size(4);
+  TORCH_CHECK(r >= 1, "poly_step: the state needs at least one feature, got r = ", r);
+  const std::pair<const Tensor*, std::vector<int64_t>> shapes[] = {
+      {&S2, {B, H, r, Dv}}, {&Z1, {B, H, r}}, {&Z2, {B, H, r}}, {&M1, {B, H, Dk}}, {&M2, {B, H, Dk}}, {&N, {B, 1}},
+      {&q, {B, H, G, 1, Dk}}, {&k1, {B, H, 1, Dk}}, {&k2, {B, H, 1, Dk}}, {&v1, {B, H, 1, Dv}},
+      {&v2, {B, H, 1, Dv}}, {&real, {B, 1, 1, 1}}, {&weight, {r}}};
+  for (const Tensor* t : {&S1, &S2, &Z1, &Z2, &M1, &M2, &N, &q, &k1, &k2, &v1, &v2, &real, &weight}) {
+    const bool strided = t == &q || t == &k1 || t == &k2 || t == &v1 || t == &v2;  // a contiguous last dimension
+    TORCH_CHECK((strided ? t->stride(-1) == 1 : t->is_contiguous()) && t->device().is_cpu() &&
+                    t->scalar_type() == S1.scalar_type(),
+                "poly_step: every tensor must be a CPU tensor of S1's dtype, contiguous (q, k1, k2, v1, v2: in their "
+                "last dimension), got ", t->sizes(), " ", t->scalar_type());
+  }
+  for (const auto& [t, shape] : shapes) {
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), "poly_step: expected shape ", at::IntArrayRef(shape), ", got ",
+                t->sizes());
+  }
+  for (const Tensor* t : {&parent, &var}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->sizes() == at::IntArrayRef({r}),
+                "poly_step: parent and var must be contiguous int64 [r], got ", t->sizes());
+  }
+  const int64_t* pp = parent.data_ptr<int64_t>();
+  const int64_t* vp = var.data_ptr<int64_t>();
+  for (int64_t m = 1; m < r; ++m) {  // each feature's parent comes before it: the loop reads no unwritten feature
+    TORCH_CHECK(0 <= pp[m] && pp[m] < m && 0 <= vp[m] && vp[m] < Dk, "poly_step: bad monomial table at ", m);
+  }
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(S1.scalar_type(), "poly_step", [&] {
+    out = poly_step_impl<scalar_t>(S1, S2, Z1, Z2, M1, M2, N, q, k1, k2, v1, v2, real, parent, var, weight, scale);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hf_tensor_attn_cpu, m) {
@@ -864,10 +1036,14 @@ TORCH_LIBRARY(hf_tensor_attn_cpu, m) {
         "-> Tensor[]");
   m.def("decode_step(Tensor q, Tensor k1, Tensor k2, Tensor v1, Tensor v2, Tensor real, int w1, int w2, float scale, "
         "float floor) -> Tensor");
+  m.def("poly_step(Tensor(a!) S1, Tensor(b!) S2, Tensor(c!) Z1, Tensor(d!) Z2, Tensor(e!) M1, Tensor(f!) M2, "
+        "Tensor(g!) N, Tensor q, Tensor k1, Tensor k2, Tensor v1, Tensor v2, Tensor real, Tensor parent, Tensor var, "
+        "Tensor weight, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hf_tensor_attn_cpu, CPU, m) {
   m.impl("forward_tiles", &forward_tiles);
   m.impl("backward_tiles", &backward_tiles);
   m.impl("decode_step", &decode_step);
+  m.impl("poly_step", &poly_step);
 }

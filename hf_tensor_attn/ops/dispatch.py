@@ -228,6 +228,16 @@ def poly_tensor_attention(q, k1, k2, v1, v2, *, scale, degree, attention_mask=No
         return one(q, k1, k2, v1, v2, attention_mask)
 
 
+def poly_attention_continue(state, q, k1, k2, v1, v2, real, **options):
+    """`poly.chunk.poly_attention_continue` (the `poly` cache's prefill and steps) with its decode step's
+    implementation chosen here: the compiled loop where the library is loaded (CPU tensors), not while tracing (the
+    op is opaque to the compiler, which traces the torch ops instead)."""
+    from .poly.chunk import poly_attention_continue as op
+
+    loops = None if torch.compiler.is_compiling() else _loops(_torch_path(q))
+    return op(state, q, k1, k2, v1, v2, real, loops=loops, **options)
+
+
 def per_document(op, q, streams, documents, attention_mask):
     """`op(q, *streams, attention_mask)` on each packed document of each row, outputs put back in place.
 

@@ -33,7 +33,7 @@ def run_layer(layer, q, k, v, mask, prefill):
 
 @pytest.mark.parametrize("degree,score_bound", [(2, None), (4, 2.0)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_decode_equals_whole_sequence_op(degree, score_bound, padded):
+def test_decode_equals_whole_sequence_op(degree, score_bound, padded, decode_loops):
     B, H, T, Dk, Dv = 3, 2, 11, 3, 5
     q, k, v = random_states(B, H, T, Dk, Dv)
     mask = None
@@ -51,7 +51,7 @@ def test_decode_equals_whole_sequence_op(degree, score_bound, padded):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_grouped_key_value_heads_equal_the_repeated_heads_op(padded):
+def test_grouped_key_value_heads_equal_the_repeated_heads_op(padded, decode_loops):
     """4 query heads over 2 key/value heads: the state holds 2 heads and each serves its group of queries."""
     B, H, H_kv, T, Dk, Dv = 2, 4, 2, 9, 3, 4
     q = random_states(B, H, T, Dk, Dv, seed=1)[0]
@@ -66,6 +66,55 @@ def test_grouped_key_value_heads_equal_the_repeated_heads_op(padded):
     whole = poly_tensor_attention(q, k1, k2, v1, v2, scale=0.4, degree=2, attention_mask=mask)
     torch.testing.assert_close(cached, whole, rtol=1e-10, atol=1e-10)
     assert layer.state.S1.shape[1] == H_kv
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-12)])
+def test_compiled_step_equals_torch_ops(dtype, tol):
+    """The compiled step (`poly_step`) against its reference, the torch ops of `_decode_step`, on states past one block
+    of rows (r = 153 features), three query heads per key/value head, an odd value width, strided key and value
+    views, and a padded token holding NaN and inf: outputs and the whole state after the step."""
+    from hf_tensor_attn.ops import extension
+    from hf_tensor_attn.ops.poly.chunk import PolyState, _decode_step
+
+    loops = extension.cpu_ops()
+    if loops is None:
+        pytest.skip("the compiled CPU loops could not be built here (see its RuntimeWarning)")
+    B, H, G, Dk, Dv = 3, 2, 3, 16, 7
+    g = torch.Generator().manual_seed(5)
+    state = PolyState(*(torch.rand(*shape, generator=g, dtype=dtype) for shape in (
+        (B, H, 153, Dv), (B, H, 153, Dv), (B, H, 153), (B, H, 153), (B, H, Dk), (B, H, Dk), (B, 1))))
+    q = torch.randn(B, H, G, 1, Dk, generator=g, dtype=dtype)
+    k1, k2 = torch.randn(B, H, 1, 2 * Dk, generator=g, dtype=dtype).chunk(2, dim=-1)
+    v1, v2 = torch.randn(B, H, 1, 2 * Dv, generator=g, dtype=dtype).chunk(2, dim=-1)
+    real = torch.tensor([1.0, 0.0, 1.0], dtype=dtype).view(B, 1, 1, 1)
+    k1[1], v2[1, 0] = float("nan"), float("inf")  # a padded token adds nothing, whatever it holds
+    outs, states = [], []
+    for step_loops in (None, loops):
+        held = PolyState(*(t.clone() for t in state))
+        out, held = _decode_step(held, q, k1, k2, v1, v2, real, scale=0.3, degree=2, score_bound=None,
+                                 product=torch.empty_like(state.S1), loops=step_loops)
+        outs.append(out)
+        states.append(held)
+    assert outs[1].shape == (B, H, G, 1, Dv) and torch.isfinite(outs[1]).all()
+    torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol)
+    for name, compiled, reference in zip(PolyState._fields, states[1], states[0]):
+        torch.testing.assert_close(compiled, reference, rtol=tol, atol=tol, msg=name)
+    torch.testing.assert_close(states[1].S1[1], state.S1[1], rtol=0, atol=0)  # the padded row's state is untouched
+
+
+def test_compiled_step_refuses_bad_tables():
+    from hf_tensor_attn.ops import extension
+
+    loops = extension.cpu_ops()
+    if loops is None:
+        pytest.skip("the compiled CPU loops could not be built here (see its RuntimeWarning)")
+    z = torch.zeros
+    args = [z(1, 1, 3, 2), z(1, 1, 3, 2), z(1, 1, 3), z(1, 1, 3), z(1, 1, 2), z(1, 1, 2), z(1, 1), z(1, 1, 1, 1, 2),
+            z(1, 1, 1, 2), z(1, 1, 1, 2), z(1, 1, 1, 2), z(1, 1, 1, 2), torch.ones(1, 1, 1, 1)]
+    with pytest.raises(RuntimeError, match="bad monomial table at 2"):
+        loops.poly_step(*args, torch.tensor([0, 0, 2]), torch.tensor([0, 0, 1]), torch.ones(3), 1.0)
+    with pytest.raises(RuntimeError, match="expected shape"):
+        loops.poly_step(*args[:-1], torch.ones(2, 1, 1, 1), torch.tensor([0, 0, 0]), torch.tensor([0, 0, 1]), torch.ones(3), 1.0)
 
 
 def test_memory_bytes_identical_at_64_and_512_tokens():
@@ -91,7 +140,7 @@ def test_tensor_model_poly_cache_memory_is_constant_and_generates(make_model):
     assert sizes[64] == sizes[512]
 
 
-def test_left_padded_rows_equal_rows_alone(make_model, left_padded):
+def test_left_padded_rows_equal_rows_alone(make_model, left_padded, decode_loops):
     """Padding never enters the state: each row of a left-padded batch decodes as it does alone."""
     model = make_model(hidden_size=16, num_attention_heads=2, initializer_range=0.2)
     rows, ids, mask = left_padded([7, 4, 2])

@@ -16,7 +16,7 @@ import torch
 import torch.utils.checkpoint
 
 from .common import _check_inputs, _compute_dtype, _floor, _normalise, drop_padded, key_mask, num_features
-from .features import key_features, query_features
+from .features import flat_tables, key_features, query_features
 
 # Numbers in one chunk's prefix sums (B * H * chunk * r * Dv) or key features (B * H * chunk * r): automatic chunk
 # sizes keep them under this, so a chunk's scratch is at most ~8-16 MB whatever the batch, heads and degree.
@@ -79,11 +79,19 @@ def _query_chunk(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, deg
 
 
 def _decode_step(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, degree: int, score_bound,
-                 product: torch.Tensor):
+                 product: torch.Tensor, loops=None):
     """`_query_chunk` of one position that is also the query, with the state updated in place (rank-one additions)
     and S1 * S2 formed in `product` ([B, H, r, Dv], the caller's scratch): the chunk's prefix sums are several fresh
-    [B, H, 1, r, Dv] tensors per step, as large as the state. No autograd."""
+    [B, H, 1, r, Dv] tensors per step, as large as the state. No autograd. Padded keys and values need not be zeroed:
+    a padded token adds nothing.
+
+    `loops`: the compiled library (`ops.extension`) for CPU tensors, whose `poly_step` does all of it in one call and
+    one pass over the state (`csrc/tiles.cpp`); these torch ops are its reference."""
     state = PolyState(*(t.contiguous() for t in state))  # a chunked step's state is a view of its prefix sums
+    if loops is not None:
+        parent, var, weight = flat_tables(q.shape[-1], degree, score_bound, float(scale), q.dtype, q.device)
+        return loops.poly_step(*state, q, k1, k2, v1, v2, real, parent, var, weight, scale), state
+    k1, k2, v1, v2 = drop_padded(real, k1, k2, v1, v2)
     uq = query_features(q, scale=scale, degree=degree, score_bound=score_bound)  # [B, H, G, 1, r]
     f1, f2 = key_features(k1, degree) * real, key_features(k2, degree) * real  # [B, H, 1, r]
     B, H, G = q.shape[:3]
@@ -103,23 +111,25 @@ def _decode_step(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, deg
 
 
 def poly_attention_continue(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, degree: int, score_bound,
-                            causal: bool = True, chunk_size: int | None = None, product: torch.Tensor | None = None):
+                            causal: bool = True, chunk_size: int | None = None, product: torch.Tensor | None = None,
+                            loops=None):
     """Attention of q (the last Tq of the Tk new positions) continuing `state`: (out [B, H, Tq, Dv], new state).
 
     Inputs already checked and in the compute dtype; `real` is the [B, 1, Tk, 1] key mask. The op runs it from
     an empty state; the `poly` cache layer from the state it holds. q may also be [B, H, G, Tq, Dk], G query heads
     per key/value head (out [B, H, G, Tq, Dv]): the state and its prefix sums are then computed once per group.
     `product`: scratch [B, H, r, Dv] from a caller that owns `state` (contiguous) and lets a decode step (one new
-    position, the query, no gradient) update it in place."""
+    position, the query, no gradient) update it in place; `loops` the compiled library for that step (the door's
+    choice, `dispatch.poly_attention_continue`)."""
     grouped = q.dim() == 5
     q = q if grouped else q[:, :, None]  # [B, H, G, Tq, Dk]
-    k1, k2, v1, v2 = drop_padded(real, k1, k2, v1, v2)
     Tq, Tk, Dk, Dv = q.shape[3], k1.shape[2], q.shape[4], v1.shape[3]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k1, k2, v1, v2, *state))
     if product is not None and Tq == Tk == 1 and causal and not needs_grad:
         out, state = _decode_step(state, q, k1, k2, v1, v2, real, scale=scale, degree=degree,
-                                  score_bound=score_bound, product=product)
+                                  score_bound=score_bound, product=product, loops=loops)
         return (out if grouped else out[:, :, 0]), state
+    k1, k2, v1, v2 = drop_padded(real, k1, k2, v1, v2)
     BH, r = q.shape[0] * q.shape[1], num_features(Dk, degree)
     C = chunk_size or _auto_chunk(BH * r * Dv, MAX_CHUNK)  # prefix sums [B, H, C, r, Dv]
     # Keys with no query among them need no per-position prefix sums, only [B, H, C, r] features: longer chunks.

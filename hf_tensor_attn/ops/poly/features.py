@@ -95,6 +95,24 @@ def _query_weights_on(d: int, degree: int, score_bound, scale: float, dtype: tor
                 for j, (w, c) in enumerate(zip(levels, coefficients))]
 
 
+@functools.lru_cache(maxsize=64)
+def flat_tables(d: int, degree: int, score_bound, scale: float, dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tables over all r features in `key_features`' order, for a compiled step: parent [r] and var [r] (feature
+    m is feature parent[m] times coordinate var[m]; entry 0, the monomial 1, has neither) and `query_features`'
+    weights [r], kept per device as `_indices_on` keeps its indices."""
+    parents, variables = [0], [0]
+    start, size = 0, 1  # where the previous degree's features begin, and how many there are
+    for parent, var, _ in _monomial_tables(d, degree):
+        parents += [start + p for p in parent]
+        variables += var
+        start, size = start + size, len(parent)
+    weights = torch.cat(_query_weights_on(d, degree, score_bound, scale, dtype, device))
+    with torch.inference_mode(False):
+        return (torch.tensor(parents, dtype=torch.long, device=device),
+                torch.tensor(variables, dtype=torch.long, device=device), weights)
+
+
 def key_features(k: torch.Tensor, degree: int) -> torch.Tensor:
     """U2(k) = U3(k) [..., r]: the plain monomials of k."""
     return torch.cat(monomial_features(k, degree), dim=-1)
