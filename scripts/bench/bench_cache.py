@@ -7,12 +7,15 @@
 
 A step is one decode token at context i through the cache layer: `update` with the new token, then `attend`
 (for (b) the same update, then `kronecker_decode` on the cached streams). Steps are timed with the harness (best and
-median block); the machine's fp32 `torch.mm` rate is measured in the same run, before each context length, and is the
-reference of that length's GEMM share. Memory is the bytes the cache layer holds (`memory_bytes()`, spare capacity
+median block); the machine's fp32 `torch.mm` rate is measured in the same run, before each context length. (a)'s GEMM
+share at i = 1024 and 4096 is measured again in `--rounds` interleaved rounds (torch.mm, step, torch.mm), each round's
+step against the mean of its two torch.mm rates, so that a change in the machine's speed moves both alike. (c)'s
+rate of reading its pair rows is compared with the machine's streaming read rate (`torch.sum` over 1 GiB) measured
+just before it. Memory is the bytes the cache layer holds (`memory_bytes()`, spare capacity
 included); (a)'s per-step scratch (a block of scores, K1 * q and P V2 rows; reused across steps) is reported beside it.
 (c) runs until the two_cache memory guard refuses (--two-budget, default a quarter of RAM capped at 6 GiB).
 
-Writes bench_cache.csv, run.json, bench_cache.png and tables.md (= `render(out)`, the publishing convention of
+Writes bench_cache.csv, shares.csv (the interleaved rounds), run.json, bench_cache.png and tables.md (= `render(out)`, the publishing convention of
 scripts/bench/harness.py) to --out (default docs/bench_cache/ for a full run, runs/bench/bench_cache/ for --quick
 or other sizes):
 
@@ -41,7 +44,8 @@ from hf_tensor_attn.ops.exact.decode import decode_scratch_elements
 from scripts.bench.baselines import kronecker_decode
 from scripts.bench.harness import (
     describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, publish, pyplot, read_csv,
-    read_run_record, rebuild_or_start, render_document, run_record, wait_for_idle, write_csv, write_run_record,
+    read_gbps, read_run_record, rebuild_or_start, render_document, run_record, wait_for_idle, write_csv,
+    write_run_record,
 )
 
 NAME = "bench_cache"
@@ -66,8 +70,8 @@ def streams(i: int, seed: int = 0):
     return k, v, q
 
 
-def bench_four(i: int, timing: dict, explicit: bool):
-    """(a) or (b): the four-matrix layer holding i - 1 tokens; a step appends token i and attends."""
+def four_step(i: int, explicit: bool):
+    """(a) or (b): (step, layer), the four-matrix layer holding i - 1 tokens; a step appends token i and attends."""
     k, v, q = streams(i)
     layer = FourCacheLayer(CONSTANTS)
     layer.update(k[:, :, : i - 1], v[:, :, : i - 1])
@@ -82,9 +86,32 @@ def bench_four(i: int, timing: dict, explicit: bool):
             layer.attend(q)
         layer.crop(-1)  # back to i - 1 tokens, so every step decodes at context i
 
+    return step, layer
+
+
+def bench_four(i: int, timing: dict, explicit: bool):
+    step, layer = four_step(i, explicit)
     with torch.no_grad():
         timed = measure(step, **timing)
     return timed, layer.memory_bytes()
+
+
+def share_rounds(i: int, rounds: int, mm_sizes) -> list[dict]:
+    """(a)'s step at context i in interleaved rounds (torch.mm, step, torch.mm): per round the step's median block
+    and its rate against the mean of the two torch.mm rates around it."""
+    step, _ = four_step(i, explicit=False)
+    flops = 4 * i * i * D * H * B
+    out = []
+    with torch.no_grad():
+        step()
+        for round_ in range(rounds):
+            before = mm_gflops(mm_sizes, repeats=1, min_run_time=0.05)
+            seconds = measure(step, repeats=1, min_run_time=0.1).median
+            after = mm_gflops(mm_sizes, repeats=1, min_run_time=0.05)
+            out.append(dict(i=i, round=round_, step_ms=seconds * 1e3, mm_gflops_before=before, mm_gflops_after=after,
+                            share=flops / seconds / 1e9 / ((before + after) / 2)))
+            print(f"(a) i={i} round {round_}: {out[-1]['share']:.0%} of torch.mm", flush=True)
+    return out
 
 
 def bench_two(i: int, timing: dict, budget: int):
@@ -124,6 +151,9 @@ def parse_args(argv):
     parser.add_argument("--two-budget", type=int, default=None,
                         help="max_memory_bytes for (c); default min(RAM/4, 6 GiB)")
     parser.add_argument("--fit-from", type=int, default=256, help="fit the exponents on i >= this")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved (torch.mm, step, torch.mm) rounds for (a)'s GEMM share (default 9; 2 with "
+                             "--quick)")
     parser.add_argument("--quick", action="store_true", help="i up to 64, short timings (a smoke run)")
     parser.add_argument("--wait-idle", type=float, default=0.0,
                         help="shared machine: wait up to this many seconds for idle cores before each i, and retry "
@@ -132,6 +162,9 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     full = args.from_csv or (not args.quick and args.max_four == DEFAULT_MAX_FOUR and args.two_budget is None)
     args.threads = args.threads or (1 if args.quick else 2)
+    args.rounds = (2 if args.quick else 9) if args.rounds is None else args.rounds
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     args.out = output_dir(parser, args.out, NAME, full)
     return args
 
@@ -142,11 +175,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return rows
     if args.quick:
         sizes_four, max_b, fit_from, top = [16, 32, 64], 64, 16, 6
-        timing, mm_sizes = dict(repeats=1, min_run_time=0.02), (256,)
+        timing, mm_sizes, read_bytes = dict(repeats=1, min_run_time=0.02), (256,), 64 << 20
     else:
         sizes_four = [2**p for p in range(6, 13) if 2**p <= args.max_four]
         max_b, fit_from, top = min(args.max_four, 2048), args.fit_from, 12
-        timing, mm_sizes = dict(repeats=3, min_run_time=0.2, wait_idle=args.wait_idle), (1024,)
+        timing, mm_sizes, read_bytes = dict(repeats=3, min_run_time=0.2, wait_idle=args.wait_idle), (1024,), 1 << 30
     # (c) tries i up to 2^top, in steps of sqrt(2), until the guard refuses.
     sizes_two = sorted({int(round(2 ** (p / 2))) for p in range(2 * int(math.log2(sizes_four[0])), 2 * top + 1)})
     budget = args.two_budget or min(default_memory_budget(torch.device("cpu")), 6 << 30)
@@ -168,6 +201,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for method, run in todo:
             if i >= 512:
                 wait_for_idle(args.wait_idle)
+            read_rate = read_gbps(read_bytes, repeats=1, min_run_time=0.05) if method == "c" else None
             try:
                 timed, held = run()
             except TwoCacheMemoryError as e:
@@ -177,21 +211,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
             scratch = decode_scratch_elements(B, H, i, i, D) * 4 if method == "a" else 0
             rows.append(dict(method=method, i=i, step_ms_best=timed.best * 1e3, step_ms_median=timed.median * 1e3,
                              gflops_best=flops / timed.best / 1e9, cache_bytes=held, scratch_bytes=scratch,
-                             mm_gflops_before=mm_rates[-1], disturbed=timed.disturbed))
+                             mm_gflops_before=mm_rates[-1], read_gbps_before=read_rate, disturbed=timed.disturbed))
             print(f"{method} i={i:5d}  {timed.best * 1e3:9.2f} ms (median {timed.median * 1e3:9.2f})  "
                   f"{flops / timed.best / 1e9:7.1f} GFLOP/s  cache {held / 2**20:10.2f} MiB", flush=True)
         gc.collect()  # a two_cache layer and its memory budget refer to each other: free its GiBs before the next i
+    shares = []
+    for i in [i for i in (1024, 4096) if i in sizes_four] or sizes_four[-1:]:
+        wait_for_idle(args.wait_idle)
+        shares += share_rounds(i, args.rounds, mm_sizes)
     load_after = load_snapshot()
 
     record = machine()
     write_csv(args.out / f"{NAME}.csv", rows, record)
+    write_csv(args.out / "shares.csv", shares, record)
     write_run_record(args.out, run_record(
         MODULE, argv, TITLE, record, describe_load(load_before, load_after), mm_sizes=list(mm_sizes),
         fit_from=fit_from, two_budget_bytes=budget, two_stopped_at=stopped[0] if stopped else None))
     by, slopes = by_method(rows, fit_from)
     plot(by, slopes, args.out / f"{NAME}.png", fit_from)
     print(publish(args.out, render))
-    print(f"wrote {args.out}/{NAME}.csv, run.json, {NAME}.png, tables.md")
+    print(f"wrote {args.out}/{NAME}.csv, shares.csv, run.json, {NAME}.png, tables.md")
     return rows
 
 
@@ -217,11 +256,21 @@ def render(folder: Path) -> str:
     # Every context length's rows carry the torch.mm rate measured before it.
     mm_rates = list({r["i"]: r["mm_gflops_before"] for r in rows}.values())
     stopped = record["two_stopped_at"]
+    shares_csv = Path(folder) / "shares.csv"  # absent from pages written before the interleaved rounds
+    shares = read_csv(shares_csv) if shares_csv.exists() else []
     return render_document(record, tables(by, slopes, mm_rates, tuple(record["mm_sizes"]), record["fit_from"],
-                                          stopped, record["two_budget_bytes"]))
+                                          stopped, record["two_budget_bytes"], shares))
 
 
-def tables(by, slopes, mm_rates, mm_sizes, fit_from, stopped, budget) -> list[tuple[str, list[str]]]:
+def share_medians(shares: list[dict]) -> dict[int, tuple[float, float, float, int]]:
+    """Per i of the interleaved rounds: (median, lowest, highest share, rounds)."""
+    by_i: dict[int, list[float]] = {}
+    for r in shares:
+        by_i.setdefault(r["i"], []).append(r["share"])
+    return {i: (statistics.median(v), min(v), max(v), len(v)) for i, v in by_i.items()}
+
+
+def tables(by, slopes, mm_rates, mm_sizes, fit_from, stopped, budget, shares) -> list[tuple[str, list[str]]]:
     mm_lines = markdown_table(
         ["fp32 torch.mm GFLOP/s", "measured", "sizes"],
         [[f"{min(mm_rates):.0f}", "before each i (the reference of that i's GEMM share): lowest", mm_sizes],
@@ -256,14 +305,19 @@ def tables(by, slopes, mm_rates, mm_sizes, fit_from, stopped, budget) -> list[tu
                                  "lrr")
 
     ratio_rows = []
-    shares = [i for i in (1024, 4096) if any(r["i"] == i for r in by["a"])] or [r["i"] for r in by["a"][-1:]]
-    for i_share in shares:
+    interleaved = share_medians(shares)
+    share_is = [i for i in (1024, 4096) if any(r["i"] == i for r in by["a"])] or [r["i"] for r in by["a"][-1:]]
+    for i_share in share_is:
         a = next(r for r in by["a"] if r["i"] == i_share)
         median_rate = 4 * i_share**2 * D * H * B / (a["step_ms_median"] / 1e3) / 1e9
         mm_rate = a["mm_gflops_before"]
-        ratio_rows += [[f"(a) GEMM share at i = {i_share}: best step against torch.mm at {mm_rate:.0f} GFLOP/s",
-                        f"{a['gflops_best'] / mm_rate:.0%}"],
-                       [f"(a) GEMM share at i = {i_share}: median step against the same", f"{median_rate / mm_rate:.0%}"]]
+        ratio_rows += [[f"(a) GEMM share at i = {i_share}: best block against torch.mm before it ({mm_rate:.0f} "
+                        "GFLOP/s)", f"{a['gflops_best'] / mm_rate:.0%}"],
+                       [f"(a) GEMM share at i = {i_share}: median block against the same", f"{median_rate / mm_rate:.0%}"]]
+        if i_share in interleaved:
+            median, low, high, n = interleaved[i_share]
+            ratio_rows.append([f"(a) GEMM share at i = {i_share}: median of {n} interleaved rounds (torch.mm, step, "
+                               f"torch.mm; lowest {low:.0%}, highest {high:.0%})", f"**{median:.0%}**"])
     common = sorted(set.intersection(*({r["i"] for r in by[m]} for m in METHODS)))
     if common:
         i = common[-1]
@@ -275,6 +329,11 @@ def tables(by, slopes, mm_rates, mm_sizes, fit_from, stopped, budget) -> list[tu
                         f"{t['c'] / t['a']:.2f}"],
                        [f"(c) pair rows read per step at i = {i}, GB", f"{streamed / 1e9:.2f}"],
                        ["(c) rate of reading them, GB/s", f"{streamed / (t['c'] / 1e3) / 1e9:.1f}"]]
+        read_rate = next(r.get("read_gbps_before") for r in by["c"] if r["i"] == i)
+        if read_rate not in ("", None):  # not in pages written before this column
+            ratio_rows += [[f"(c) that rate against this machine's streaming read rate just before it "
+                            f"(torch.sum over a large tensor, {read_rate:.1f} GB/s)",
+                            f"{streamed / (t['c'] / 1e3) / 1e9 / read_rate:.0%}"]]
     return [
         ("torch.mm reference", mm_lines),
         (f"One decode step at context length i (B = {B}, H = {H}, d = {D}, fp32)", step_lines),

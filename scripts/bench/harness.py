@@ -230,6 +230,13 @@ def mm_gflops(sizes=(1024, 2048), *, repeats: int = 2, min_run_time: float = 0.2
     return max(rates)
 
 
+def read_gbps(n_bytes: int = 1 << 30, *, repeats: int = 2, min_run_time: float = 0.2) -> float:
+    """This machine's streaming read rate now (GB/s): the best `torch.sum` over an fp32 tensor of `n_bytes`, larger
+    than the caches, same threads."""
+    x = torch.ones(n_bytes // 4)
+    return n_bytes / measure(lambda: x.sum(), repeats=repeats, min_run_time=min_run_time).best / 1e9
+
+
 _libc = ctypes.CDLL("libc.so.6") if os.path.exists("/proc/self/clear_refs") else None
 
 
