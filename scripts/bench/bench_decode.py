@@ -134,7 +134,7 @@ def parse_args(argv):
     parser.add_argument("--out", default=None, help="output folder (default: docs/bench_decode/)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--new", type=int, default=16, help="new tokens per generate call")
-    parser.add_argument("--runs", type=int, default=2, help="timed generate calls per method, batch and context")
+    parser.add_argument("--runs", type=int, default=3, help="timed generate calls per method, batch and context")
     parser.add_argument("--contexts", type=int, nargs="+", default=[16, 64, 256, 1024, 4096, 8192])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--max-cubic", type=int, default=1024, help="exact tensor prefills while batch x n^3 <= this^3")
