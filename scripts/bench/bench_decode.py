@@ -14,8 +14,8 @@ kernel and in everything else (profile.csv).
 
 Each generates `--new` greedy tokens after a prompt of each context length, batch 1 and 8. A logits processor stamps
 every step (as in bench_compiled_decode), so a call's rate is (new - 1) tokens over the time from the first step's
-logits to the last's, the prompt's forward left out; `--runs` timed calls after one untimed call, the table gives the
-median. Memory: the cache's bytes per sequence after the call. A prefill with exact tensor layers costs O(n^3): those
+logits to the last's, the prompt's forward left out; after one untimed call each, `--runs` rounds of one timed call
+per method (interleaved, so that the machine's drift moves every method alike), the table gives the median. Memory: the cache's bytes per sequence after the call. A prefill with exact tensor layers costs O(n^3): those
 layouts run while batch x n^3 stays within `--max-cubic`^3; two_cache's pair rows are O(n^2) per layer and run while
 batch x n^2 stays within `--max-pairs`^2 (its memory guard would stop it past that); the poly state's prefill is
 O(n r d) with r = 2,211 features here, and runs while batch x n stays within `--max-features`.
@@ -163,20 +163,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for batch in args.batches:
         for n in args.contexts:
             prompt = torch.randint(3, 259, (batch, n), generator=torch.Generator().manual_seed(n))
-            for method, (which, layout, cost) in METHODS.items():
-                if not runs_at(cost, batch, n, args):
-                    continue
-                wait_for_idle(args.wait_idle)
-                with torch.no_grad():
+            methods = {m: spec for m, spec in METHODS.items() if runs_at(spec[2], batch, n, args)}
+            wait_for_idle(args.wait_idle)
+            with torch.no_grad():
+                for which, layout, _ in methods.values():
                     timed_generate(built[which], layout, prompt, args.new)  # warms up
-                    for run in range(args.runs):
+                # Rounds over the methods, so that a drift in the machine's speed moves every method alike.
+                for run in range(args.runs):
+                    for method, (which, layout, _) in methods.items():
                         rate, memory = timed_generate(built[which], layout, prompt, args.new)
                         rows.append(dict(method=method, batch=batch, context=n, new_tokens=args.new, run=run,
                                          tokens_per_s=rate * batch, memory_bytes_per_seq=memory))
-                rates = [r["tokens_per_s"] for r in rows[-args.runs:]]
+            for method in methods:
+                rates = [r["tokens_per_s"] for r in rows if (r["method"], r["batch"], r["context"]) == (method, batch, n)]
                 print(f"{method:18s} batch {batch} context {n:5d}: {statistics.median(rates):8.1f} tokens/s",
                       flush=True)
-                write_csv(args.out / f"{NAME}.csv", rows, record)  # what is measured so far survives a stop
+            write_csv(args.out / f"{NAME}.csv", rows, record)  # what is measured so far survives a stop
 
     write_run_record(args.out, run_record(MODULE, argv, TITLE, record, describe_load(load_before, load_snapshot()),
                                           model=SIZE, runs=args.runs, max_cubic=args.max_cubic,
