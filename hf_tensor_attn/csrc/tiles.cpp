@@ -605,7 +605,8 @@ std::vector<Tensor> backward_tiles(const Tensor& q, const Tensor& dout, const Te
 // L2 of 1 MiB and more; at least 64 rows where there are, so that each GEMM is big enough to run near its peak
 // (docs/bench_cache.md measures the step against torch.mm).
 constexpr int64_t kDecodeTileCols = 512, kDecodeTileScores = int64_t(1) << 16, kDecodeMinRows = 64;
-constexpr int64_t kDecodeSmallTile = int64_t(1) << 16;  // multiply-adds of a tile's product run as plain loops
+constexpr int64_t kDecodeSmallTile = int64_t(1) << 18;  // multiply-adds of a tile's product run as plain loops
+constexpr int64_t kDecodeSerial = int64_t(1) << 18;  // multiply-adds of a step below which it stays on one thread
 
 template <typename scalar_t>
 struct DecodeStreams {  // one stream [B, H_kv, n, D]: base pointer and strides (the last dimension is contiguous)
@@ -616,10 +617,13 @@ struct DecodeStreams {  // one stream [B, H_kv, n, D]: base pointer and strides 
   const scalar_t* at(int64_t b, int64_t h, int64_t row) const { return p + b * sb + h * sh + row * sn; }
 };
 
-// The two products of a small tile as loops: below about 2^16 multiply-adds an ATen GEMM costs more in dispatch and
-// views than in arithmetic, and a decode step at short context is a few such tiles. Each result row is built in runs
-// of kRun entries held in a local array across the whole sum (a fixed-length loop the compiler keeps in vector
-// registers), so the loops do one vector multiply-add per term instead of a load and a store of the row.
+// The two products of a small tile as loops: below about 2^18 multiply-adds an ATen GEMM costs more in dispatch and
+// views than these loops take, and a decode step at short context is a few such tiles. Results are built four rows at a
+// time, in runs of kRun entries held in four named local arrays across the whole sum (fixed-length loops the compiler
+// keeps in vector registers): one vector multiply-add per term, four independent chains of them (a chain waits for
+// its previous add; the vector units can start a new one each cycle), and each load of K2 or V2 shared by the four
+// rows. Named arrays rather than one [4][kRun] array: GCC vectorised the latter across its rows, with shuffles, and
+// ran slower than one row at a time. A last block of fewer than four rows repeats its last row.
 constexpr int64_t kRun = 16;
 
 // s [R, c] = kq [R, D] K2^T, K2's rows `stride` apart; k2t [D, c rounded up to kRun] is scratch for K2 transposed
@@ -631,15 +635,25 @@ void small_scores(scalar_t* __restrict__ s, const scalar_t* __restrict__ kq, con
   for (int64_t j = 0; j < D; ++j) {
     for (int64_t b = 0; b < width; ++b) k2t[j * width + b] = b < c ? k2[b * stride + j] : scalar_t(0);
   }
-  for (int64_t a = 0; a < R; ++a) {
+  for (int64_t a = 0; a < R; a += 4) {
+    const int64_t last = R - 1;  // rows past the end repeat it (computed twice, stored once)
+    const scalar_t *q0 = kq + a * D, *q1 = kq + std::min(a + 1, last) * D, *q2 = kq + std::min(a + 2, last) * D,
+                   *q3 = kq + std::min(a + 3, last) * D;
     for (int64_t b0 = 0; b0 < width; b0 += kRun) {
-      scalar_t run[kRun] = {};
+      scalar_t r0[kRun] = {}, r1[kRun] = {}, r2[kRun] = {}, r3[kRun] = {};
       for (int64_t j = 0; j < D; ++j) {
-        const scalar_t x = kq[a * D + j];
         const scalar_t* __restrict__ k = k2t + j * width + b0;
-        for (int64_t l = 0; l < kRun; ++l) run[l] += x * k[l];
+        const scalar_t x0 = q0[j], x1 = q1[j], x2 = q2[j], x3 = q3[j];
+        for (int64_t l = 0; l < kRun; ++l) {
+          r0[l] += x0 * k[l];
+          r1[l] += x1 * k[l];
+          r2[l] += x2 * k[l];
+          r3[l] += x3 * k[l];
+        }
       }
-      std::copy(run, run + std::min(kRun, c - b0), s + a * c + b0);
+      const int64_t n = std::min(kRun, c - b0);
+      const scalar_t* runs[4] = {r0, r1, r2, r3};
+      for (int64_t i = 0; i < 4 && a + i < R; ++i) std::copy(runs[i], runs[i] + n, s + (a + i) * c + b0);
     }
   }
 }
@@ -649,19 +663,30 @@ template <typename scalar_t>
 void small_values(scalar_t* __restrict__ pv, const scalar_t* __restrict__ p, const scalar_t* v2, int64_t stride,
                   int64_t R, int64_t c, int64_t D) {
   const int64_t runs = D / kRun * kRun;
-  for (int64_t a = 0; a < R; ++a) {
-    const scalar_t* __restrict__ pa = p + a * c;
+  for (int64_t a = 0; a < R; a += 4) {
+    const int64_t last = R - 1;
+    const scalar_t *p0 = p + a * c, *p1 = p + std::min(a + 1, last) * c, *p2 = p + std::min(a + 2, last) * c,
+                   *p3 = p + std::min(a + 3, last) * c;
     for (int64_t d0 = 0; d0 < runs; d0 += kRun) {
-      scalar_t run[kRun] = {};
+      scalar_t r0[kRun] = {}, r1[kRun] = {}, r2[kRun] = {}, r3[kRun] = {};
       for (int64_t b = 0; b < c; ++b) {
         const scalar_t* __restrict__ v = v2 + b * stride + d0;
-        for (int64_t l = 0; l < kRun; ++l) run[l] += pa[b] * v[l];
+        const scalar_t x0 = p0[b], x1 = p1[b], x2 = p2[b], x3 = p3[b];
+        for (int64_t l = 0; l < kRun; ++l) {
+          r0[l] += x0 * v[l];
+          r1[l] += x1 * v[l];
+          r2[l] += x2 * v[l];
+          r3[l] += x3 * v[l];
+        }
       }
-      std::copy(run, run + kRun, pv + a * D + d0);
+      const scalar_t* sums[4] = {r0, r1, r2, r3};
+      for (int64_t i = 0; i < 4 && a + i < R; ++i) std::copy(sums[i], sums[i] + kRun, pv + (a + i) * D + d0);
     }
+  }
+  for (int64_t a = 0; a < R; ++a) {
     for (int64_t d = runs; d < D; ++d) {  // a head dimension that is not a multiple of kRun: the rest one by one
       scalar_t sum = 0;
-      for (int64_t b = 0; b < c; ++b) sum += pa[b] * v2[b * stride + d];
+      for (int64_t b = 0; b < c; ++b) sum += p[a * c + b] * v2[b * stride + d];
       pv[a * D + d] = sum;
     }
   }
@@ -787,7 +812,7 @@ Tensor decode_impl(const Tensor& q, const Tensor& k1, const Tensor& k2, const Te
   };
   // A step of a few small tiles runs on the calling thread: waking the others (and copying torch's thread-local state
   // to them) costs more than the tiles.
-  if (items * G * rows * cols * D <= 4 * kDecodeSmallTile || at::get_num_threads() == 1) {
+  if (items * G * rows * cols * D <= kDecodeSerial || at::get_num_threads() == 1) {
     run(0, items, 0);
   } else {
     const at::ThreadLocalState state;  // the caller's (grad mode, below autograd) for the GEMMs on other threads

@@ -92,7 +92,7 @@ def timed_generate(model, layout: str, prompt: torch.Tensor, new: int):
 
 PROFILE_CONTEXT = 16
 GEMMS = {"aten::linear", "aten::mm", "aten::addmm", "aten::matmul", "aten::bmm", "aten::einsum"}
-ATTENTION_KERNELS = {"aten::scaled_dot_product_attention", "hf_tensor_attn_cpu::decode_step",
+ATTENTION_KERNELS = {"aten::scaled_dot_product_attention", "hf_tensor_attn_cpu::decode_step", "hf_tensor_attn_cpu::poly_step",
                      "hf_tensor_attn::attention_forward"}
 HOST_READS = {"aten::item", "aten::is_nonzero", "aten::_local_scalar_dense"}
 ALLOCATIONS = {"aten::empty", "aten::empty_strided"}

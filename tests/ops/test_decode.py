@@ -96,6 +96,23 @@ def test_four_cache_decode_pad_query_gives_zeros_and_float32_matches(decode_loop
     torch.testing.assert_close(out, naive_tensor_attention(q32, *s32, scale=0.125, attention_mask=mask), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [7, 37, 90])
+def test_compiled_decode_small_and_large_tiles_match_naive(T, decode_loops):
+    """Three query heads per key/value head and a head width of 20 (one run of 16 values and 4 more): at T = 7 and 37
+    the tiles (3 T rows by T columns) run the compiled step's register-blocked loops, whose blocks of four rows end in
+    a partial one and whose runs of 16 columns in a partial one; at T = 90 they run ATen GEMMs. Padding in one row."""
+    g = torch.Generator().manual_seed(T)
+    B, H_kv, groups, D = 2, 2, 3, 20
+    q = torch.randn(B, H_kv * groups, 1, D, generator=g, dtype=torch.float64)
+    k1, k2, v1, v2 = (torch.randn(B, H_kv, T, D, generator=g, dtype=torch.float64) for _ in range(4))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, : T // 3] = 0
+    with torch.no_grad():
+        out = four_cache_decode(q, k1, k2, v1, v2, scale=0.3, attention_mask=mask)
+    ref = naive_tensor_attention(q, k1, k2, v1, v2, scale=0.3, attention_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-11)
+
+
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("windows", [(None, None), (300, 600), (650, 90)])
 def test_compiled_decode_tiles_match_naive(groups, windows, decode_loops):
