@@ -626,6 +626,19 @@ struct DecodeStreams {  // one stream [B, H_kv, n, D]: base pointer and strides 
 // ran slower than one row at a time. A last block of fewer than four rows repeats its last row.
 constexpr int64_t kRun = 16;
 
+// r_i[l] += x_i * y[l] for the four runs of a block of rows
+template <typename scalar_t>
+inline void add_runs(scalar_t* __restrict__ r0, scalar_t* __restrict__ r1, scalar_t* __restrict__ r2,
+                     scalar_t* __restrict__ r3, scalar_t x0, scalar_t x1, scalar_t x2, scalar_t x3,
+                     const scalar_t* __restrict__ y) {
+  for (int64_t l = 0; l < kRun; ++l) {
+    r0[l] += x0 * y[l];
+    r1[l] += x1 * y[l];
+    r2[l] += x2 * y[l];
+    r3[l] += x3 * y[l];
+  }
+}
+
 // s [R, c] = kq [R, D] K2^T, K2's rows `stride` apart; k2t [D, c rounded up to kRun] is scratch for K2 transposed
 // (zeros past c).
 template <typename scalar_t>
@@ -643,13 +656,7 @@ void small_scores(scalar_t* __restrict__ s, const scalar_t* __restrict__ kq, con
       scalar_t r0[kRun] = {}, r1[kRun] = {}, r2[kRun] = {}, r3[kRun] = {};
       for (int64_t j = 0; j < D; ++j) {
         const scalar_t* __restrict__ k = k2t + j * width + b0;
-        const scalar_t x0 = q0[j], x1 = q1[j], x2 = q2[j], x3 = q3[j];
-        for (int64_t l = 0; l < kRun; ++l) {
-          r0[l] += x0 * k[l];
-          r1[l] += x1 * k[l];
-          r2[l] += x2 * k[l];
-          r3[l] += x3 * k[l];
-        }
+        add_runs(r0, r1, r2, r3, q0[j], q1[j], q2[j], q3[j], k);
       }
       const int64_t n = std::min(kRun, c - b0);
       const scalar_t* runs[4] = {r0, r1, r2, r3};
@@ -671,13 +678,7 @@ void small_values(scalar_t* __restrict__ pv, const scalar_t* __restrict__ p, con
       scalar_t r0[kRun] = {}, r1[kRun] = {}, r2[kRun] = {}, r3[kRun] = {};
       for (int64_t b = 0; b < c; ++b) {
         const scalar_t* __restrict__ v = v2 + b * stride + d0;
-        const scalar_t x0 = p0[b], x1 = p1[b], x2 = p2[b], x3 = p3[b];
-        for (int64_t l = 0; l < kRun; ++l) {
-          r0[l] += x0 * v[l];
-          r1[l] += x1 * v[l];
-          r2[l] += x2 * v[l];
-          r3[l] += x3 * v[l];
-        }
+        add_runs(r0, r1, r2, r3, p0[b], p1[b], p2[b], p3[b], v);
       }
       const scalar_t* sums[4] = {r0, r1, r2, r3};
       for (int64_t i = 0; i < 4 && a + i < R; ++i) std::copy(sums[i], sums[i] + kRun, pv + (a + i) * D + d0);
