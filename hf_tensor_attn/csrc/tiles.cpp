@@ -605,7 +605,7 @@ std::vector<Tensor> backward_tiles(const Tensor& q, const Tensor& dout, const Te
 // L2 of 1 MiB and more; at least 64 rows where there are, so that each GEMM is big enough to run near its peak
 // (docs/bench_cache.md measures the step against torch.mm).
 constexpr int64_t kDecodeTileCols = 512, kDecodeTileScores = int64_t(1) << 16, kDecodeMinRows = 64;
-constexpr int64_t kDecodeSmallTile = int64_t(1) << 18;  // multiply-adds of a tile's product run as plain loops
+constexpr int64_t kDecodeSmallTile = int64_t(1) << 19;  // multiply-adds of a tile's product run as plain loops
 constexpr int64_t kDecodeSerial = int64_t(1) << 18;  // multiply-adds of a step below which it stays on one thread
 
 template <typename scalar_t>
@@ -617,7 +617,7 @@ struct DecodeStreams {  // one stream [B, H_kv, n, D]: base pointer and strides 
   const scalar_t* at(int64_t b, int64_t h, int64_t row) const { return p + b * sb + h * sh + row * sn; }
 };
 
-// The two products of a small tile as loops: below about 2^18 multiply-adds an ATen GEMM costs more in dispatch and
+// The two products of a small tile as loops: below about 2^19 multiply-adds an ATen GEMM costs more in dispatch and
 // views than these loops take, and a decode step at short context is a few such tiles. Results are built four rows at a
 // time, in runs of kRun entries held in four named local arrays across the whole sum (fixed-length loops the compiler
 // keeps in vector registers): one vector multiply-add per term, four independent chains of them (a chain waits for
