@@ -18,7 +18,7 @@ logits to the last's, the prompt's forward left out; after one untimed call each
 per method (interleaved, so that the machine's drift moves every method alike), the table gives the median. Memory: the cache's bytes per sequence after the call. A prefill with exact tensor layers costs O(n^3): those
 layouts run while batch x n^3 stays within `--max-cubic`^3; two_cache's pair rows are O(n^2) per layer and run while
 batch x n^2 stays within `--max-pairs`^2 (its memory guard would stop it past that); the poly state's prefill is
-O(n r d) with r = 2,211 features here, and runs while batch x n stays within `--max-features`.
+O(n r d) with r = C(66, 2) = 2,145 features here, and runs while batch x n stays within `--max-features`.
 
     python -m scripts.bench.bench_decode                      # writes docs/bench_decode/
     python -m scripts.bench.bench_decode --quick --out /tmp/d # smoke run
