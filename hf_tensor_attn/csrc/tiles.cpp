@@ -909,6 +909,7 @@ Tensor poly_step_impl(const Tensor& S1, const Tensor& S2, const Tensor& Z1, cons
   scalar_t *z1p = Z1.data_ptr<scalar_t>(), *z2p = Z2.data_ptr<scalar_t>();
   scalar_t *m1p = M1.data_ptr<scalar_t>(), *m2p = M2.data_ptr<scalar_t>(), *np = N.data_ptr<scalar_t>();
   const scalar_t* rp = real.data_ptr<scalar_t>();
+  const int64_t rs = real.stride(0);  // real [B, 1, 1, 1] may be a view of a wider mask
   // q, k1, k2, v1, v2 may be strided views (the halves of a cache's k1 | k2): row (b, h[, g]) starts at at(...)
   const auto at = [H](const Tensor& t, int64_t bh, int64_t g = 0) {
     return t.data_ptr<scalar_t>() + bh / H * t.stride(0) + bh % H * t.stride(1) + g * t.stride(2);
@@ -929,7 +930,7 @@ Tensor poly_step_impl(const Tensor& S1, const Tensor& S2, const Tensor& Z1, cons
   over(BH, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       scalar_t* f = features.data() + bh * per_head;
-      if (rp[bh / H] != 0) {
+      if (rp[bh / H * rs] != 0) {
         const scalar_t *a = at(k1, bh), *c = at(k2, bh);
         monomials(f, a, pp, vp, r);
         monomials(f + r, c, pp, vp, r);
@@ -949,7 +950,7 @@ Tensor poly_step_impl(const Tensor& S1, const Tensor& S2, const Tensor& Z1, cons
     std::vector<scalar_t> p(Dv);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / blocks, m0 = item % blocks * kPolyRows, m1 = std::min(r, m0 + kPolyRows);
-      const bool add = rp[bh / H] != 0;
+      const bool add = rp[bh / H * rs] != 0;
       const scalar_t *f1 = features.data() + bh * per_head, *f2 = f1 + r, *u = f2 + r;
       const scalar_t *__restrict__ a = at(v1, bh), *__restrict__ c = at(v2, bh);
       scalar_t* __restrict__ num = partial.data() + item * G * (Dv + 1);  // [G, Dv], then den [G]
@@ -980,7 +981,7 @@ Tensor poly_step_impl(const Tensor& S1, const Tensor& S2, const Tensor& Z1, cons
       }
     }
   });
-  for (int64_t b = 0; b < B; ++b) np[b] += rp[b];
+  for (int64_t b = 0; b < B; ++b) np[b] += rp[b * rs];
   Tensor out = at::empty({B, H, G, 1, Dv}, q.options());
   scalar_t* op = out.data_ptr<scalar_t>();
   const scalar_t tiny = std::numeric_limits<scalar_t>::min();
@@ -1010,7 +1011,7 @@ Tensor poly_step_impl(const Tensor& S1, const Tensor& S2, const Tensor& Z1, cons
 
 // The state S1, S2 [B, H, r, Dv], Z1, Z2 [B, H, r], M1, M2 [B, H, Dk], N [B, 1] (a `PolyState`, contiguous, updated
 // in place); q [B, H, G, 1, Dk]; k1, k2 [B, H, 1, Dk]; v1, v2 [B, H, 1, Dv] (any strides but the last); real
-// [B, 1, 1, 1] (1: the new token is real, 0: padding); parent, var [r] int64 and weight [r] the flattened monomial
+// [B, 1, 1, 1], any strides (1: the new token is real, 0: padding); parent, var [r] int64 and weight [r] the flattened monomial
 // tables and query weights. One floating dtype. Returns the G heads' outputs [B, H, G, 1, Dv].
 Tensor poly_step(const Tensor& S1, const Tensor& S2, const Tensor& Z1, const Tensor& Z2, const Tensor& M1,
                  const Tensor& M2, const Tensor& N, const Tensor& q, const Tensor& k1, const Tensor& k2,
@@ -1026,7 +1027,8 @@ Tensor poly_step(const Tensor& S1, const Tensor& S2, const Tensor& Z1, const Ten
       {&v2, {B, H, 1, Dv}}, {&real, {B, 1, 1, 1}}, {&weight, {r}}};
   for (const Tensor* t : {&S1, &S2, &Z1, &Z2, &M1, &M2, &N, &q, &k1, &k2, &v1, &v2, &real, &weight}) {
     const bool strided = t == &q || t == &k1 || t == &k2 || t == &v1 || t == &v2;  // a contiguous last dimension
-    TORCH_CHECK((strided ? t->stride(-1) == 1 : t->is_contiguous()) && t->device().is_cpu() &&
+    const bool laid_out = t == &real || (strided ? t->stride(-1) == 1 : t->is_contiguous());  // real: any strides
+    TORCH_CHECK(laid_out && t->device().is_cpu() &&
                     t->scalar_type() == S1.scalar_type(),
                 "poly_step: every tensor must be a CPU tensor of S1's dtype, contiguous (q, k1, k2, v1, v2: in their "
                 "last dimension), got ", t->sizes(), " ", t->scalar_type());

@@ -86,7 +86,8 @@ def test_compiled_step_equals_torch_ops(dtype, tol):
     q = torch.randn(B, H, G, 1, Dk, generator=g, dtype=dtype)
     k1, k2 = torch.randn(B, H, 1, 2 * Dk, generator=g, dtype=dtype).chunk(2, dim=-1)
     v1, v2 = torch.randn(B, H, 1, 2 * Dv, generator=g, dtype=dtype).chunk(2, dim=-1)
-    real = torch.tensor([1.0, 0.0, 1.0], dtype=dtype).view(B, 1, 1, 1)
+    # the key mask as a view of a wider [B, 2] mask, as a float mask's last column arrives
+    real = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]], dtype=dtype)[:, -1:][:, None, :, None]
     k1[1], v2[1, 0] = float("nan"), float("inf")  # a padded token adds nothing, whatever it holds
     outs, states = [], []
     for step_loops in (None, loops):
