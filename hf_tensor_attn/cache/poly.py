@@ -69,7 +69,7 @@ class PolyCacheLayer(TensorAttnCacheLayer):
             self._check_memory(B, H, r, Dk2 // 2, Dv2 // 2, compute, key_states.device)
         self.state = PolyState.zeros(B, H, r, Dk2 // 2, Dv2 // 2, dtype=compute, device=key_states.device)
         self.pending = None  # tokens appended but not yet attended: (keys, values, [B, 1, T, 1] mask)
-        self.product = None
+        self.scratch = {}  # the torch-ops decode step's buffer (`poly_attention_continue`), none on the compiled path
 
     def _check_memory(self, B, H, r, Dk, Dv, dtype, device) -> None:
         """Refuse, before allocating, a state that would pass a quarter of the device's memory (as two_cache)."""
@@ -106,11 +106,9 @@ class PolyCacheLayer(TensorAttnCacheLayer):
         q = k1[:, :, :0] if query is None else query.to(dtype)
         B, H_kv = k1.shape[:2]
         groups = q.shape[1] // H_kv  # grouped key/value heads: each state head serves `groups` query heads
-        if self.product is None or self.product.shape != self.state.S1.shape:  # scratch of in-place decode steps
-            self.product = torch.empty(self.state.S1.shape, dtype=dtype, device=self.state.S1.device)
         out, self.state = poly_attention_continue(self.state, q.view(B, H_kv, groups, *q.shape[2:]), k1, k2, v1, v2,
                                                   real, scale=self.constants.scale, degree=self.degree,
-                                                  score_bound=self.score_bound, product=self.product)
+                                                  score_bound=self.score_bound, scratch=self.scratch)
         self.pending = None
         return out.flatten(1, 2)  # [B, H, Tq, Dv]
 
@@ -125,7 +123,7 @@ class PolyCacheLayer(TensorAttnCacheLayer):
 
     def map_batch(self, fn) -> None:
         self.state = PolyState(*(fn(t) for t in self.state))
-        self.product = None
+        self.scratch = {}
         self.keys, self.values = fn(self.keys), fn(self.values)
         if self.pending is not None:
             self.pending = tuple(fn(t) for t in self.pending)

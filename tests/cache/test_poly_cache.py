@@ -48,6 +48,7 @@ def test_decode_equals_whole_sequence_op(degree, score_bound, padded, decode_loo
                                   attention_mask=mask)
     torch.testing.assert_close(cached, whole, rtol=1e-10, atol=1e-10)
     assert layer.get_seq_length() == T
+    assert ("product" in layer.scratch) == (decode_loops.name == "torch")  # the compiled step needs no buffer
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -93,7 +94,7 @@ def test_compiled_step_equals_torch_ops(dtype, tol):
     for step_loops in (None, loops):
         held = PolyState(*(t.clone() for t in state))
         out, held = _decode_step(held, q, k1, k2, v1, v2, real, scale=0.3, degree=2, score_bound=None,
-                                 product=torch.empty_like(state.S1), loops=step_loops)
+                                 scratch={}, loops=step_loops)
         outs.append(out)
         states.append(held)
     assert outs[1].shape == (B, H, G, 1, Dv) and torch.isfinite(outs[1]).all()

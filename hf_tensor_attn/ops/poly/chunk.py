@@ -79,10 +79,10 @@ def _query_chunk(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, deg
 
 
 def _decode_step(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, degree: int, score_bound,
-                 product: torch.Tensor, loops=None):
+                 scratch: dict, loops=None):
     """`_query_chunk` of one position that is also the query, with the state updated in place (rank-one additions)
-    and S1 * S2 formed in `product` ([B, H, r, Dv], the caller's scratch): the chunk's prefix sums are several fresh
-    [B, H, 1, r, Dv] tensors per step, as large as the state. No autograd. Padded keys and values need not be zeroed:
+    and S1 * S2 formed in `scratch["product"]` ([B, H, r, Dv], kept in the caller's dict from step to step): the
+    chunk's prefix sums are several fresh [B, H, 1, r, Dv] tensors per step, as large as the state. No autograd. Padded keys and values need not be zeroed:
     a padded token adds nothing.
 
     `loops`: the compiled library (`ops.extension`) for CPU tensors, whose `poly_step` does all of it in one call and
@@ -103,6 +103,9 @@ def _decode_step(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, deg
     torch.maximum(state.M1, (k1.abs() * real)[:, :, 0], out=state.M1)
     torch.maximum(state.M2, (k2.abs() * real)[:, :, 0], out=state.M2)
     state.N.add_(real[:, :, 0, 0])
+    product = scratch.get("product")
+    if product is None or product.shape != state.S1.shape:
+        product = scratch["product"] = torch.empty_like(state.S1)
     torch.mul(state.S1, state.S2, out=product)
     num = torch.bmm(uq.view(B * H, G, r), product.view(B * H, r, Dv)).view(B, H, G, 1, Dv)
     den = (uq * (state.Z1 * state.Z2)[:, :, None, None]).sum(-1)  # [B, H, G, 1]
@@ -111,23 +114,23 @@ def _decode_step(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, deg
 
 
 def poly_attention_continue(state: PolyState, q, k1, k2, v1, v2, real, *, scale: float, degree: int, score_bound,
-                            causal: bool = True, chunk_size: int | None = None, product: torch.Tensor | None = None,
+                            causal: bool = True, chunk_size: int | None = None, scratch: dict | None = None,
                             loops=None):
     """Attention of q (the last Tq of the Tk new positions) continuing `state`: (out [B, H, Tq, Dv], new state).
 
     Inputs already checked and in the compute dtype; `real` is the [B, 1, Tk, 1] key mask. The op runs it from
     an empty state; the `poly` cache layer from the state it holds. q may also be [B, H, G, Tq, Dk], G query heads
     per key/value head (out [B, H, G, Tq, Dv]): the state and its prefix sums are then computed once per group.
-    `product`: scratch [B, H, r, Dv] from a caller that owns `state` (contiguous) and lets a decode step (one new
-    position, the query, no gradient) update it in place; `loops` the compiled library for that step (the door's
+    `scratch`: a dict from a caller that owns `state` (contiguous) and lets a decode step (one new position, the
+    query, no gradient) update it in place, where the torch-ops step keeps its buffer from step to step; `loops` the compiled library for that step (the door's
     choice, `dispatch.poly_attention_continue`)."""
     grouped = q.dim() == 5
     q = q if grouped else q[:, :, None]  # [B, H, G, Tq, Dk]
     Tq, Tk, Dk, Dv = q.shape[3], k1.shape[2], q.shape[4], v1.shape[3]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k1, k2, v1, v2, *state))
-    if product is not None and Tq == Tk == 1 and causal and not needs_grad:
+    if scratch is not None and Tq == Tk == 1 and causal and not needs_grad:
         out, state = _decode_step(state, q, k1, k2, v1, v2, real, scale=scale, degree=degree,
-                                  score_bound=score_bound, product=product, loops=loops)
+                                  score_bound=score_bound, scratch=scratch, loops=loops)
         return (out if grouped else out[:, :, 0]), state
     k1, k2, v1, v2 = drop_padded(real, k1, k2, v1, v2)
     BH, r = q.shape[0] * q.shape[1], num_features(Dk, degree)
