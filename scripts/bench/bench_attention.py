@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from hf_tensor_attn.ops import naive_tensor_attention, tensor_attention
 from hf_tensor_attn.ops.exact.tiles import choose_tile_sizes
 from scripts.bench.harness import (
-    describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, peak_rss_mib, publish,
-    pyplot, read_csv, read_run_record, render_document, run_record, write_csv, write_run_record,
+    between_mm, describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, peak_rss_mib,
+    publish, pyplot, read_csv, read_run_record, render_document, run_record, write_csv, write_run_record,
 )
 
 NAME = "bench_attention"
@@ -271,10 +271,8 @@ def target_rows(args, rows, B, H, D, scale, mm_sizes) -> list[dict]:
                 fn()
             ratios = {name: [] for name in timed}
             for round_ in range(args.target_rounds):
-                before = mm_gflops(mm_sizes, repeats=1, min_run_time=0.05)  # short: a round should be seconds
                 order = list(timed) if round_ % 2 == 0 else list(timed)[::-1]
-                seconds = {name: _seconds(timed[name]) for name in order}
-                after = mm_gflops(mm_sizes, repeats=1, min_run_time=0.05)
+                seconds, before, after = between_mm(lambda: {name: _seconds(timed[name]) for name in order}, mm_sizes)
                 for name in timed:
                     ratios[name].append(factor * useful[name] / seconds[name] / 1e9 / ((before + after) / 2))
             row = {"mode": mode, "T": T, "w1": w1, "w2": w2, "pass": what, "rounds": args.target_rounds}

@@ -43,8 +43,8 @@ from hf_tensor_attn.cache.two import default_memory_budget
 from hf_tensor_attn.ops.exact.decode import decode_scratch_elements
 from scripts.bench.baselines import kronecker_decode
 from scripts.bench.harness import (
-    describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, publish, pyplot, read_csv,
-    read_gbps, read_run_record, rebuild_or_start, render_document, run_record, wait_for_idle, write_csv,
+    between_mm, describe_load, load_snapshot, machine, markdown_table, measure, mm_gflops, output_dir, publish, pyplot,
+    read_csv, read_gbps, read_run_record, rebuild_or_start, render_document, run_record, wait_for_idle, write_csv,
     write_run_record,
 )
 
@@ -105,9 +105,7 @@ def share_rounds(i: int, rounds: int, mm_sizes) -> list[dict]:
     with torch.no_grad():
         step()
         for round_ in range(rounds):
-            before = mm_gflops(mm_sizes, repeats=1, min_run_time=0.05)
-            seconds = measure(step, repeats=1, min_run_time=0.1).median
-            after = mm_gflops(mm_sizes, repeats=1, min_run_time=0.05)
+            seconds, before, after = between_mm(lambda: measure(step, repeats=1, min_run_time=0.1).median, mm_sizes)
             out.append(dict(i=i, round=round_, step_ms=seconds * 1e3, mm_gflops_before=before, mm_gflops_after=after,
                             share=flops / seconds / 1e9 / ((before + after) / 2)))
             print(f"(a) i={i} round {round_}: {out[-1]['share']:.0%} of torch.mm", flush=True)

@@ -230,6 +230,15 @@ def mm_gflops(sizes=(1024, 2048), *, repeats: int = 2, min_run_time: float = 0.2
     return max(rates)
 
 
+def between_mm(fn, mm_sizes) -> tuple[object, float, float]:
+    """One interleaved round: (fn(), the torch.mm rate just before it, just after it), short torch.mm timings so that a
+    round takes seconds. A ratio to the mean of the two compares fn with torch.mm at the machine's speed of the
+    moment."""
+    before = mm_gflops(mm_sizes, repeats=1, min_run_time=0.05)
+    result = fn()
+    return result, before, mm_gflops(mm_sizes, repeats=1, min_run_time=0.05)
+
+
 def read_gbps(n_bytes: int = 1 << 30, *, repeats: int = 2, min_run_time: float = 0.2) -> float:
     """This machine's streaming read rate now (GB/s): the best `torch.sum` over an fp32 tensor of `n_bytes`, larger
     than the caches, same threads."""
