@@ -41,6 +41,7 @@ import math
 import torch
 
 from ..ops import attention
+from ..ops.dispatch import weighted_pair_attention
 from ..ops.common import fold_groups, unfold_groups
 from ..ops.subgen.estimators import NUMERATORS, combine, log_weights, weighted_pair_sums, weighted_row_sums
 from .summary import StreamSummary
@@ -298,36 +299,45 @@ class SubGen4CacheLayer(_SubGenLayer):
             if window is None:  # a windowed stream never sees an evicted token again: summarising it wastes memory
                 _insert_chunked(summary, *self._rows(evicted, stream))
 
+    def _stream_rows(self, lws, which):
+        """Per stream: its exact rows, then its summary's rows for the numerator or the denominator (`which`; none
+        for a windowed stream: all outside its window), as (keys, values, log-weights [B, H, Tq, rows]) given the
+        exact rows' log-weights lws [B, 1, Tq, Ne] per stream."""
+        B, H = self.keys.shape[:2]
+        out = []
+        for stream, summary, window, lw in zip((1, 2), self.streams, (self.constants.w1, self.constants.w2), lws):
+            k, v, _ = self._rows(slice(None), stream)
+            Tq = lw.shape[2]
+            lw = lw.expand(B, H, Tq, -1)
+            if window is None:
+                if which == "den":
+                    sk, sw = summary.denominator_rows()
+                    sv = torch.zeros_like(sk)
+                else:
+                    sk, sv, sw = summary.numerator_rows()
+                k, v = torch.cat([k, sk], 2), torch.cat([v, sv], 2)
+                lw = torch.cat([lw, log_weights(sw)[:, :, None].expand(B, H, Tq, -1)], -1)
+            out.append((k, v, lw))
+        return out
+
+    def _estimate(self, q, from_end):
+        if q.shape[2] > 1 or self.cfg["numerator"] != "cluster_sum":
+            return super()._estimate(q, from_end)
+        # A decode step with cluster sums: one part over the weighted rows (exact tokens, cluster means) of both
+        # streams, the normalised output in one call of the door's implementation (the compiled four-matrix step
+        # with the log-weights as biases), not scores and probabilities of every pair as torch ops.
+        lws = [self._exact_log_weights(1, from_end, w) for w in (self.constants.w1, self.constants.w2)]
+        (k1, v1, l1), (k2, v2, l2) = self._stream_rows(lws, "num")
+        return weighted_pair_attention(q.to(self.sdtype), k1, l1[:, :, 0], k2, l2[:, :, 0], scale=self.constants.scale,
+                                       v1=v1, v2=v2)
+
     def _parts(self, q, lw1, lw2):
-        scale, w1, w2 = self.constants.scale, self.constants.w1, self.constants.w2
-        B, H, Tq, _ = q.shape
-        exact = [self._rows(slice(None), s) for s in (1, 2)]
-        lws = (lw1, lw2)
-
-        def rows(which):
-            """Per stream: exact rows then summary rows (omitted for a windowed stream: all outside its window)."""
-            out = []
-            for j, (summary, window) in enumerate(zip(self.streams, (w1, w2))):
-                k, v, _ = exact[j]
-                lw = lws[j].expand(B, H, Tq, -1)
-                if window is None:
-                    if which == "den":
-                        sk, sw = summary.denominator_rows()
-                        sv = torch.zeros_like(sk)
-                    else:
-                        sk, sv, sw = summary.numerator_rows()
-                    k, v = torch.cat([k, sk], 2), torch.cat([v, sv], 2)
-                    lw = torch.cat([lw, log_weights(sw)[:, :, None].expand(B, H, Tq, -1)], -1)
-                out.append((k, v, lw))
-            return out
-
-        if self.cfg["numerator"] == "cluster_sum":
-            (k1, v1, l1), (k2, v2, l2) = rows("num")
-            part = weighted_pair_sums(q, k1, l1, k2, l2, scale=scale, v1=v1, v2=v2)
-            return [part], [part]
-        (k1, v1, l1), (k2, v2, l2) = rows("num")
+        scale = self.constants.scale
+        (k1, v1, l1), (k2, v2, l2) = self._stream_rows((lw1, lw2), "num")
         num = weighted_pair_sums(q, k1, l1, k2, l2, scale=scale, v1=v1, v2=v2)
-        (k1, _, l1), (k2, _, l2) = rows("den")
+        if self.cfg["numerator"] == "cluster_sum":
+            return [num], [num]
+        (k1, _, l1), (k2, _, l2) = self._stream_rows((lw1, lw2), "den")
         den = weighted_pair_sums(q, k1, l1, k2, l2, scale=scale)
         return [num], [den]
 

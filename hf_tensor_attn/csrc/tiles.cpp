@@ -695,7 +695,8 @@ void small_values(scalar_t* __restrict__ pv, const scalar_t* __restrict__ p, con
 
 template <typename scalar_t>
 Tensor decode_impl(const Tensor& q, const Tensor& k1, const Tensor& k2, const Tensor& v1, const Tensor& v2,
-                   const Tensor& real, int64_t n1, int64_t n2, double scale_d, double floor_d) {
+                   const Tensor& real, const Tensor& bias1, const Tensor& bias2, int64_t n1, int64_t n2,
+                   double scale_d, double floor_d) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), H_kv = k1.size(1), Tk = k1.size(2), G = H / H_kv;
   const int64_t cols = std::min(n2, kDecodeTileCols);
   const int64_t rows = std::clamp<int64_t>(kDecodeTileScores / (G * cols), std::min(kDecodeMinRows, n1), n1);
@@ -708,16 +709,24 @@ Tensor decode_impl(const Tensor& q, const Tensor& k1, const Tensor& k2, const Te
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const int64_t qb = q.stride(0), qh = q.stride(1);
   const scalar_t scale = scalar_t(scale_d);
-  // real [B, Tk], true at a real token (read as bytes for the column masks: the compiler vectorises byte loads, not
-  // bools); row b's masks of the windows start at ok1 + b * Tk and ok2 + b * Tk
-  const bool* ok1 = real.numel() ? real.data_ptr<bool>() + (Tk - n1) : nullptr;
+  // real [B, Tk], true at a real token (read as bytes: the compiler vectorises byte loads, not bools); row b's masks
+  // of the windows start at ok1 + b * Tk and ok2 + b * Tk
+  const auto* ok1 = real.numel() ? reinterpret_cast<const uint8_t*>(real.data_ptr<bool>()) + (Tk - n1) : nullptr;
   const auto* ok2 = real.numel() ? reinterpret_cast<const uint8_t*>(real.data_ptr<bool>()) + (Tk - n2) : nullptr;
+  // Log-weights of the rows, bias1 / bias2 [B, H_kv, Tk] (or none): added to every score of their row (column); -inf
+  // takes a row (column) out, as a mask does.
+  const bool biased = bias1.numel() || bias2.numel();
+  const scalar_t* b1p = bias1.numel() ? bias1.data_ptr<scalar_t>() + (Tk - n1) : nullptr;
+  const scalar_t* b2p = bias2.numel() ? bias2.data_ptr<scalar_t>() + (Tk - n2) : nullptr;
   // Per tile and query head of its group: the shift, the sum of exp(score - shift) and the output [D].
   std::vector<scalar_t> shifts(items * G), sums(items * G), outs(items * G * D);
   // P V2, or K2's tile transposed for small_scores
   const int64_t pv_size = std::max(G * rows * D, D * ((cols + kRun - 1) / kRun * kRun));
   const int64_t per_thread = G * rows * (D + cols) + pv_size + 2 * cols;
   std::vector<scalar_t> scratch(at::get_num_threads() * per_thread);  // one part per thread number
+  // A biased tile's row and column masks and its column biases (0 where masked), per thread number
+  std::vector<uint8_t> tile_ok(biased ? at::get_num_threads() * (rows + cols) : 0);
+  std::vector<scalar_t> tile_bias(biased ? at::get_num_threads() * cols : 0);
   const auto run = [&](int64_t begin, int64_t end, int64_t thread) {
     scalar_t* kq = scratch.data() + thread * per_thread;  // [G * rows, D]
     scalar_t* pv = kq + G * rows * D;  // [G * rows, D]
@@ -730,8 +739,22 @@ Tensor decode_impl(const Tensor& q, const Tensor& k1, const Tensor& k2, const Te
       const int64_t b = item / (H_kv * per_head), h = item / per_head % H_kv, tile = item % per_head;
       const int64_t a0 = tile % row_tiles * rows, c0 = tile / row_tiles * cols;
       const int64_t r = std::min(rows, n1 - a0), c = std::min(cols, n2 - c0), R = G * r;
-      const bool* row_ok = ok1 ? ok1 + b * Tk + a0 : nullptr;
+      const uint8_t* row_ok = ok1 ? ok1 + b * Tk + a0 : nullptr;
       const uint8_t* __restrict__ col_ok = ok2 ? ok2 + b * Tk + c0 : nullptr;
+      const scalar_t* row_bias = b1p ? b1p + (b * H_kv + h) * Tk + a0 : nullptr;
+      scalar_t* col_bias = nullptr;
+      if (biased) {  // the tile's masks: the token's and its log-weight's
+        uint8_t* rm = tile_ok.data() + thread * (rows + cols);
+        uint8_t* cmask = rm + rows;
+        col_bias = tile_bias.data() + thread * cols;
+        const scalar_t* b2 = b2p ? b2p + (b * H_kv + h) * Tk + c0 : nullptr;
+        for (int64_t a = 0; a < r; ++a) rm[a] = (!row_ok || row_ok[a]) && !(row_bias && row_bias[a] == ninf);
+        for (int64_t j = 0; j < c; ++j) {
+          cmask[j] = (!col_ok || col_ok[j]) && !(b2 && b2[j] == ninf);
+          col_bias[j] = b2 && cmask[j] ? b2[j] : scalar_t(0);
+        }
+        row_ok = rm, col_ok = cmask;
+      }
       if (R * c * D > kDecodeSmallTile && item / row_tiles != columns) {  // the tile's K2 and V2 rows [c, D]
         columns = item / row_tiles;
         k2_t = k2.select(0, b).select(0, h).narrow(0, Tk - n2 + c0, c).t();
@@ -762,7 +785,11 @@ Tensor decode_impl(const Tensor& q, const Tensor& k1, const Tensor& k2, const Te
         std::fill(cm, cm + c, ninf);
         for (int64_t a = 0; a < r; ++a) {
           if (row_ok && !row_ok[a]) continue;
-          const scalar_t* __restrict__ row = sg + a * c;
+          scalar_t* __restrict__ row = sg + a * c;
+          if (col_bias) {
+            const scalar_t ba = row_bias ? row_bias[a] : scalar_t(0);
+            for (int64_t j = 0; j < c; ++j) row[j] += ba + col_bias[j];
+          }
           if (col_ok) {
             for (int64_t j = 0; j < c; ++j) cm[j] = (col_ok[j] && row[j] > cm[j]) ? row[j] : cm[j];
           } else {
@@ -851,9 +878,11 @@ Tensor decode_impl(const Tensor& q, const Tensor& k1, const Tensor& k2, const Te
 // q [B, H, 1, D]; k1, k2, v1, v2 [B, H_kv, Tk, D] (views of a cache's buffers: any strides, a contiguous last
 // dimension, q's too); real [B, Tk] contiguous bool (true: a real token) or empty; w1, w2 the windows (0: none).
 // Padded values must be finite (the caller zeroes them). Returns [B, H, 1, D], `naive_tensor_attention` of the one
-// query, which is the last position.
+// query, which is the last position. bias1, bias2: empty or contiguous [B, H_kv, Tk] of q's dtype, log-weights of
+// the rows of stream 1 (2), finite or -inf (the row is absent): pair (a, b) then weighs exp(score + bias1_a + bias2_b).
 Tensor decode_step(const Tensor& q, const Tensor& k1, const Tensor& k2, const Tensor& v1, const Tensor& v2,
-                   const Tensor& real, int64_t w1, int64_t w2, double scale, double floor) {
+                   const Tensor& real, const Tensor& bias1, const Tensor& bias2, int64_t w1, int64_t w2, double scale,
+                   double floor) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.stride(3) == 1 && q.device().is_cpu(),
               "decode_step: q must be a CPU tensor [B, H, 1, D] with a contiguous last dimension, got ", q.sizes());
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
@@ -869,13 +898,19 @@ Tensor decode_step(const Tensor& q, const Tensor& k1, const Tensor& k2, const Te
   TORCH_CHECK(real.numel() == 0 || (real.scalar_type() == at::kBool && real.is_contiguous() &&
                                     real.sizes() == at::IntArrayRef({B, Tk}) && real.device().is_cpu()),
               "decode_step: real must be empty or a contiguous bool tensor [B, Tk], got ", real.sizes());
+  for (const Tensor* t : {&bias1, &bias2}) {
+    TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == q.scalar_type() && t->is_contiguous() &&
+                                    t->sizes() == at::IntArrayRef({B, H_kv, Tk}) && t->device().is_cpu()),
+                "decode_step: bias1 and bias2 must be empty or contiguous CPU tensors [B, H_kv, Tk] = [", B, ", ",
+                H_kv, ", ", Tk, "] of q's dtype, got ", t->sizes());
+  }
   TORCH_CHECK(w1 >= 0 && w2 >= 0, "decode_step: windows must be >= 0 (0: none)");
   const double lowest = q.scalar_type() == at::kFloat ? -87.0 : -708.0;  // as in check_inputs
   TORCH_CHECK(lowest <= floor && floor <= 0, "decode_step: floor must be in [", lowest, ", 0], got ", floor);
   const int64_t n1 = w1 > 0 ? std::min(w1, Tk) : Tk, n2 = w2 > 0 ? std::min(w2, Tk) : Tk;
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "decode_step", [&] {
-    out = decode_impl<scalar_t>(q, k1, k2, v1, v2, real, n1, n2, scale, floor);
+    out = decode_impl<scalar_t>(q, k1, k2, v1, v2, real, bias1, bias2, n1, n2, scale, floor);
   });
   return out;
 }
@@ -1062,8 +1097,8 @@ TORCH_LIBRARY(hf_tensor_attn_cpu, m) {
   m.def("backward_tiles(Tensor q, Tensor dout, Tensor lse, Tensor D, Tensor kr, Tensor vr, Tensor kc, Tensor vc, "
         "int w_row, int w_col, Tensor blocks, Tensor rows, Tensor cols, Tensor pad, int heads, float floor) "
         "-> Tensor[]");
-  m.def("decode_step(Tensor q, Tensor k1, Tensor k2, Tensor v1, Tensor v2, Tensor real, int w1, int w2, float scale, "
-        "float floor) -> Tensor");
+  m.def("decode_step(Tensor q, Tensor k1, Tensor k2, Tensor v1, Tensor v2, Tensor real, Tensor bias1, Tensor bias2, "
+        "int w1, int w2, float scale, float floor) -> Tensor");
   m.def("poly_step(Tensor(a!) S1, Tensor(b!) S2, Tensor(c!) Z1, Tensor(d!) Z2, Tensor(e!) M1, Tensor(f!) M2, "
         "Tensor(g!) N, Tensor q, Tensor k1, Tensor k2, Tensor v1, Tensor v2, Tensor real, Tensor parent, Tensor var, "
         "Tensor weight, float scale) -> Tensor");

@@ -100,11 +100,9 @@ def implementation(backend, q: torch.Tensor, *, one_query: bool, needs_grad: boo
 def _run(impl, q, k1, k2, v1, v2, scale, w1, w2, attention_mask, workspace):
     one_query = q.shape[2] == 1 and not _needs_grad(q, k1, k2, v1, v2)
     if impl == "decode":
-        # Its compiled loop where the library is loaded (CPU tensors), except while tracing: the op is opaque to the
-        # compiler, which traces the torch ops instead.
-        loops = None if torch.compiler.is_compiling() else _loops(_torch_path(q))
         return decode.four_cache_decode_step(q, k1, k2, v1, v2, scale=scale, w1=w1, w2=w2,
-                                             attention_mask=attention_mask, workspace=workspace, loops=loops)
+                                             attention_mask=attention_mask, workspace=workspace,
+                                             loops=_decode_loops(q))
     if impl == "triton" and one_query:
         from .exact import triton_kernels  # triton is an optional dependency
 
@@ -230,12 +228,25 @@ def poly_tensor_attention(q, k1, k2, v1, v2, *, scale, degree, attention_mask=No
 
 def poly_attention_continue(state, q, k1, k2, v1, v2, real, **options):
     """`poly.chunk.poly_attention_continue` (the `poly` cache's prefill and steps) with its decode step's
-    implementation chosen here: the compiled loop where the library is loaded (CPU tensors), not while tracing (the
-    op is opaque to the compiler, which traces the torch ops instead)."""
+    implementation chosen here (`_decode_loops`)."""
     from .poly.chunk import poly_attention_continue as op
 
-    loops = None if torch.compiler.is_compiling() else _loops(_torch_path(q))
-    return op(state, q, k1, k2, v1, v2, real, loops=loops, **options)
+    return op(state, q, k1, k2, v1, v2, real, loops=_decode_loops(q), **options)
+
+
+def weighted_pair_attention(q, k1, lw1, k2, lw2, *, scale, v1, v2):
+    """`subgen.estimators.weighted_pair_attention` (a `subgen4` decode step over its exact and summary rows) with its
+    implementation chosen here (`_decode_loops`)."""
+    from .subgen.estimators import weighted_pair_attention as op
+
+    return op(q, k1, lw1, k2, lw2, scale=scale, v1=v1, v2=v2, loops=_decode_loops(q))
+
+
+def _decode_loops(q):
+    """The compiled CPU library for a one-query step without gradient where it is loaded (CPU tensors), else None (the
+    step's torch ops); None while tracing too: the library's ops are opaque to the compiler, which traces the torch
+    ops instead."""
+    return None if torch.compiler.is_compiling() else _loops(_torch_path(q))
 
 
 def per_document(op, q, streams, documents, attention_mask):

@@ -143,6 +143,27 @@ def test_delta_zero_cluster_sums_are_exact_after_eviction_and_ignore_pads(layout
     assert layer.n_evicted > 0
 
 
+@pytest.mark.parametrize("w2", [None, 3])
+def test_subgen4_decode_steps_with_grouped_heads_are_exact_at_delta_zero(w2, decode_loops):
+    """A `subgen4` decode step with cluster sums is one weighted call (the compiled step where it is loaded): at
+    delta=0 it equals exact attention after eviction, with two query heads per key/value head, a left-padded row and
+    a windowed second stream (not summarised)."""
+    torch.manual_seed(5)
+    B, H_kv, G, n, D = 2, 2, 2, 26, 5
+    k, v = torch.randn(B, H_kv, n, 2 * D, dtype=torch.float64), torch.randn(B, H_kv, n, 2 * D, dtype=torch.float64)
+    q = torch.randn(B, H_kv * G, n, D, dtype=torch.float64)
+    mask = torch.ones(B, n, dtype=torch.long)
+    mask[0, :3] = 0
+    k[0, :, :3] = 40.0  # pad keys would dominate a summary they leaked into
+    layer = make("subgen4", 0.5, w2=w2, recent_window=3, sink_tokens=2, delta=0.0)
+    out = feed(layer, k, v, mask=mask, queries=q, prompt=8)
+    k1, k2 = k.chunk(2, dim=-1)
+    v1, v2 = v.chunk(2, dim=-1)
+    ref = naive_tensor_attention(q, k1, k2, v1, v2, scale=0.5, w2=w2, attention_mask=mask)[:, :, 8:]
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert layer.n_evicted > 0
+
+
 def test_windowed_model_with_recent_window_at_least_w_is_exact():
     torch.manual_seed(2)
     B, H, n, D = 1, 2, 20, 4

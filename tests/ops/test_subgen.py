@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from hf_tensor_attn.ops.subgen.clustering import assign_clusters, nearest_cluster_pair
-from hf_tensor_attn.ops.subgen.estimators import log_weights, weighted_pair_sums
+from hf_tensor_attn.ops import extension
+from hf_tensor_attn.ops.subgen.estimators import log_weights, weighted_pair_attention, weighted_pair_sums
 from hf_tensor_attn.ops.subgen.naive import naive_assign_clusters, naive_nearest_cluster_pair, naive_weighted_pair_sums
 
 
@@ -22,6 +23,53 @@ def test_weighted_pair_sums_match_kronecker_reference():
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert fast[1][0, 0, 0] == 0 and torch.isfinite(fast[0]).all()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("R1, R2, threads", [(5, 5, 1), (37, 600, 2), (130, 9, 1)])
+def test_weighted_pair_attention_compiled_matches_its_reference(R1, R2, threads, dtype, tol):
+    """The compiled step (`decode_step` with log-weights as row and column biases) against its reference, `combine`
+    of `weighted_pair_sums`: streams of different lengths (the shorter padded), more columns than one tile (512),
+    three query heads per key/value head, an odd head width, absent rows, a head with no row at all (zeros), on one
+    thread and on two (tiles on other threads)."""
+    loops = extension.cpu_ops()
+    if loops is None:
+        pytest.skip("the compiled CPU loops could not be built here (see its RuntimeWarning)")
+    g = torch.Generator().manual_seed(R1 + R2)
+    B, H_kv, G, D = 2, 2, 3, 17
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    q = rand(B, H_kv * G, 1, D)
+    k1, v1, k2, v2 = rand(B, H_kv, R1, D), rand(B, H_kv, R1, D), rand(B, H_kv, R2, D), rand(B, H_kv, R2, D)
+    counts1 = torch.randint(1, 50, (B, H_kv, R1), generator=g).to(dtype) * (torch.rand(B, H_kv, R1, generator=g) > 0.25)
+    counts2 = torch.randint(1, 50, (B, H_kv, R2), generator=g).to(dtype) * (torch.rand(B, H_kv, R2, generator=g) > 0.25)
+    counts1[1, 0] = 0  # no first-stream row in this head: its query heads see no pair
+    lw1, lw2 = log_weights(counts1), log_weights(counts2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = weighted_pair_attention(q, k1, lw1, k2, lw2, scale=0.3, v1=v1, v2=v2, loops=loops)
+    finally:
+        torch.set_num_threads(before)
+    ref = weighted_pair_attention(q, k1, lw1, k2, lw2, scale=0.3, v1=v1, v2=v2)
+    assert fast.shape == ref.shape == (B, H_kv * G, 1, D) and fast.dtype == dtype
+    torch.testing.assert_close(fast, ref, rtol=tol, atol=tol)
+    assert torch.equal(fast[1, :G], torch.zeros_like(fast[1, :G]))
+
+
+def test_weighted_pair_attention_reference_is_the_normalised_kronecker_sum():
+    B, H, R1, R2, D = 1, 2, 6, 4, 5
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64)
+    k1, v1 = torch.randn(B, H, R1, D, generator=g, dtype=torch.float64), torch.randn(B, H, R1, D, generator=g, dtype=torch.float64)
+    k2, v2 = torch.randn(B, H, R2, D, generator=g, dtype=torch.float64), torch.randn(B, H, R2, D, generator=g, dtype=torch.float64)
+    lw1, lw2 = torch.randn(B, H, R1, generator=g, dtype=torch.float64), torch.randn(B, H, R2, generator=g, dtype=torch.float64)
+    lw1[0, 1, 2] = float("-inf")
+    num, den, _ = naive_weighted_pair_sums(q, k1, lw1[:, :, None], k2, lw2[:, :, None], scale=0.5, v1=v1, v2=v2)
+    out = weighted_pair_attention(q, k1, lw1, k2, lw2, scale=0.5, v1=v1, v2=v2)
+    torch.testing.assert_close(out, num / den[..., None], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("delta", [0.0, 0.8, 1.5])

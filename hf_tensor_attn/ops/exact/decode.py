@@ -98,7 +98,8 @@ def _compiled_step(loops, q, k1, k2, v1, v2, scale, w1, w2, attention_mask):
     dtype = q.dtype
     if dtype in (torch.float16, torch.bfloat16):
         q, k1, k2, v1, v2 = (t.float() for t in (q, k1, k2, v1, v2))
-    out = loops.decode_step(q, k1, k2, v1, v2, real, w1 or 0, w2 or 0, float(scale), EXP_FLOOR[q.dtype])
+    out = loops.decode_step(q, k1, k2, v1, v2, real, _NO_MASK, _NO_MASK, w1 or 0, w2 or 0, float(scale),
+                            EXP_FLOOR[q.dtype])
     return out if out.dtype == dtype else out.to(dtype)
 
 

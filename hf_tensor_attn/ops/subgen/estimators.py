@@ -1,13 +1,15 @@
 """SubGen's estimators for tensor attention: `weighted_pair_sums` (the factorized product over two weighted streams;
 reference `naive.naive_weighted_pair_sums`, which forms the Kronecker rows k1_a ⊙ k2_b explicitly),
-`weighted_row_sums` (over plain rows, the two-cache layout's form) and `combine` (Ô = Σ N / Σ Z over partial sums).
+`weighted_row_sums` (over plain rows, the two-cache layout's form), `combine` (Ô = Σ N / Σ Z over partial sums) and
+`weighted_pair_attention`, the normalised output of one query over two weighted streams (a `subgen4` decode step),
+whose reference is `combine` of `weighted_pair_sums`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..common import finite_or_zero
+from ..common import EXP_FLOOR, finite_or_zero, fold_groups, unfold_groups
 
 NUMERATORS = ("cluster_sum", "sampled")
 
@@ -62,4 +64,36 @@ def combine(parts_num, parts_den) -> torch.Tensor:
     return num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
 
 
-__all__ = ["NUMERATORS", "combine", "log_weights", "weighted_pair_sums", "weighted_row_sums"]
+def weighted_pair_attention(q, k1, lw1, k2, lw2, *, scale, v1, v2, loops=None):
+    """Ô = Σ_(a,b) exp(lw1_a + lw2_b + scale·<q, k1_a ⊙ k2_b>) (v1_a ⊙ v2_b) / Σ_(a,b) exp(...) for one query position.
+
+    q [B, H, 1, D]; k1, v1 [B, H_kv, R1, D] and lw1 [B, H_kv, R1] (log-weights, -inf: row absent), likewise stream 2,
+    with H_kv dividing H (the G query heads of a group read their key/value head's rows). Zeros where no pair is
+    present. `loops`: the compiled CPU library, whose `decode_step` runs it in one call (the log-weights as row and
+    column biases of the four-matrix step, the shorter stream padded with absent rows), or None for the torch ops:
+    `combine` of `weighted_pair_sums`, which is its reference. Rows and q must share a floating dtype.
+    """
+    B, H, _, D = q.shape
+    H_kv = k1.shape[1]
+    if loops is None:
+        part = weighted_pair_sums(fold_groups(q, H_kv), k1, lw1[:, :, None], k2, lw2[:, :, None], scale=scale, v1=v1,
+                                  v2=v2)
+        return unfold_groups(combine([part], [part]), H)
+    R = max(k1.shape[2], k2.shape[2], 1)
+
+    def padded(k, v, lw):
+        """The stream as [B, H_kv, R, D] rows and [B, H_kv, R] log-weights, absent rows (-inf) past its own."""
+        missing = R - k.shape[2]
+        if missing == 0:
+            return k, v, lw.contiguous()
+        zeros = k.new_zeros(B, H_kv, missing, D)
+        return (torch.cat([k, zeros], 2), torch.cat([v, zeros], 2),
+                torch.cat([lw, lw.new_full((B, H_kv, missing), float("-inf"))], 2))
+
+    (k1, v1, lw1), (k2, v2, lw2) = padded(k1, v1, lw1), padded(k2, v2, lw2)
+    empty = torch.empty(0, dtype=torch.bool)
+    return loops.decode_step(q.contiguous(), k1, k2, v1, v2, empty, lw1, lw2, 0, 0, float(scale), EXP_FLOOR[q.dtype])
+
+
+__all__ = ["NUMERATORS", "combine", "log_weights", "weighted_pair_attention", "weighted_pair_sums",
+           "weighted_row_sums"]
