@@ -339,10 +339,17 @@ RUN_RECORD = "run.json"
 TABLES = "tables.md"
 
 
+# Environment variables that choose which build of the kernels a run measures (torch's and MKL's instruction set;
+# the compiled loops follow torch's): part of the command when set.
+BUILD_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def command_line(module: str, args: list[str] | None) -> str:
-    """How the run was started, as one shell line (`args` None: this process's own arguments)."""
+    """How the run was started, as one shell line (`args` None: this process's own arguments), with the variables of
+    BUILD_ENV that were set."""
     args = sys.argv[1:] if args is None else args
-    return f"python -m {module}" + "".join(" " + shlex.quote(a) for a in args)
+    env = "".join(f"{name}={shlex.quote(os.environ[name])} " for name in BUILD_ENV if name in os.environ)
+    return f"{env}python -m {module}" + "".join(" " + shlex.quote(a) for a in args)
 
 
 def run_record(module: str, args: list[str] | None, title: str, machine_record: dict | None, load: str,

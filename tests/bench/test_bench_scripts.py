@@ -257,3 +257,14 @@ def test_run_record_notes_a_checkout_that_changed_during_the_run(monkeypatch):
     monkeypatch.setattr(harness, "code_version", lambda: "commit A")
     monkeypatch.setattr(harness, "_code_at_start", "commit A")
     assert harness.run_record("m", [], "t", None, "load")["code"] == "commit A"
+
+
+def test_run_command_names_the_instruction_set_it_was_started_with(monkeypatch):
+    # A page measured on the AVX2 build (ATEN_CPU_CAPABILITY=avx2) says so in its command, so it can be rerun as such.
+    from scripts.bench.harness import command_line
+
+    for name in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(name, raising=False)
+    assert command_line("scripts.bench.bench_cache", ["--out", "x y"]) == "python -m scripts.bench.bench_cache --out 'x y'"
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert command_line("scripts.bench.bench_cache", []) == "ATEN_CPU_CAPABILITY=avx2 python -m scripts.bench.bench_cache"
