@@ -46,7 +46,9 @@ def bench_cache(folder: Path) -> str:
     a = next(r for r in rows if r["method"] == "a" and r["i"] == 1024)
     two = next(r for r in rows if r["method"] == "c" and r["i"] == 1024)
     median = share_medians(read_csv(folder / "shares.csv"))[1024][0]
-    return (f"`four_cache` decode step at i = 1024: {pct(median)} of `torch.mm` (interleaved median), in "
+    avx2 = folder / "avx2"  # the same run on the AVX2 build, where published
+    beside = f"; AVX2 build {pct(share_medians(read_csv(avx2 / 'shares.csv'))[1024][0])}" if avx2.is_dir() else ""
+    return (f"`four_cache` decode step at i = 1024: {pct(median)} of `torch.mm` (interleaved median{beside}), in "
             f"{a['cache_bytes'] / 2**20:.2f} MiB where `two_cache` holds {two['cache_bytes'] / 2**20:.0f} MiB; "
             f"{cpu(folder)}")
 
