@@ -227,8 +227,11 @@ class TensorAttnConfig(PreTrainedConfig):
 
     def check_unchanged_since(self, built: dict) -> None:
         """Raise ValueError naming the first FIXED_AT_BUILD field whose value differs from `built`."""
+        # Every FIXED_AT_BUILD field is a plain attribute: read from the instance's dict, not through
+        # PreTrainedConfig.__getattribute__ (about a microsecond a field, at every forward).
+        held = vars(self)
         for name, value in built.items():
-            now = getattr(self, name)
+            now = held[name] if name in held else getattr(self, name)
             if now != value:
                 raise ValueError(
                     f"`config.{name}` was changed from {value!r} to {now!r} after the model was built: its layers keep "

@@ -494,7 +494,14 @@ class TensorAttnModel(TensorAttnPreTrainedModel):
                 "hf_tensor_attn.TensorAttnCache(model.config, cache_implementation=...) as `cache=`, or let the model "
                 "build one (use_cache=True, or generate(cache_implementation=...))"
             )
-        cache.check_built_for(config)
+        # What it compares is fixed at the model's build, which forward checks first: a cache that passed for this
+        # config object passes again, and every eager decode step would pay for the comparison (a compiled graph
+        # holds no such state; it runs the check when traced).
+        if torch.compiler.is_compiling():
+            cache.check_built_for(config)
+        elif cache.checked_for is not config:
+            cache.check_built_for(config)
+            cache.checked_for = config
         if torch.compiler.is_compiling() and not cache.traceable:
             raise ValueError(f"cache_implementation={cache.cache_implementation!r} cannot be filled inside a compiled "
                              "graph (it reads counts on the host); compile with 'four_cache' or 'static_four_cache', "

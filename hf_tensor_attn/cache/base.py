@@ -365,6 +365,7 @@ class TensorAttnCache(Cache):
             if isinstance(layer, TensorAttnCacheLayer):
                 layer.workspace = workspace
         self.cache_implementation = name
+        self.checked_for = None  # the config object this cache last passed `check_built_for` with (a model's forward)
 
     def attends(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` computes its own attention (`attend`); False for a `DynamicLayer`."""

@@ -33,9 +33,12 @@ def test_a_cache_filled_by_a_wider_model_is_refused(make_model, layer_types):
     narrow = make_model(score_scale=0.25, **extra)
     wide = make_model(score_scale=0.25, hidden_size=64, **extra)
     cache = TensorAttnCache(wide.config)
-    wide(IDS, cache=cache)
-    with pytest.raises(ValueError, match=r"holds states of width \d+ in layer 0, but the model's layer 0 uses"):
-        narrow(IDS, cache=cache)
+    wide(IDS[:, :2], cache=cache)
+    wide(IDS[:, 2:], cache=cache)  # a step of the model it passed for: not compared again (`checked_for`)
+    assert cache.checked_for is wide.config
+    for _ in range(2):  # a refusal is not remembered as a pass
+        with pytest.raises(ValueError, match=r"holds states of width \d+ in layer 0, but the model's layer 0 uses"):
+            narrow(IDS, cache=cache)
 
 
 def test_a_cache_needs_a_config():
