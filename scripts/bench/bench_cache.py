@@ -4,6 +4,7 @@
     (b) four_cache, explicit Kronecker: form K1 ⊘ K2 and V1 ⊘ V2 (i² x d) every step, then Ṽᵀ softmax(K̃ q),
         the accounting of the paper's Theorem 4.3 (scripts/bench/baselines.py)
     (c) two_cache: the stored pair rows K̃, Ṽ (O(i² d) memory), Ṽᵀ softmax(K̃ q)
+    (d) poly: the polynomial state (degree 2, r = C(d + 2, 2) features per head; O(r d) memory whatever i)
 
 A step is one decode token at context i through the cache layer: `update` with the new token, then `attend`
 (for (b) the same update, then `kronecker_decode` on the cached streams). Steps are timed with the harness (best and
@@ -11,11 +12,13 @@ median block); the machine's fp32 `torch.mm` rate is measured in the same run, b
 share at i = 1024 and 4096 is measured again in `--rounds` interleaved rounds (torch.mm, step, torch.mm), each round's
 step against the mean of its two torch.mm rates, so that a change in the machine's speed moves both alike. (c)'s
 rate of reading its pair rows is compared with the machine's streaming read rate (`torch.sum` over 1 GiB) measured
-just before it. Memory is the bytes the cache layer holds (`memory_bytes()`, spare capacity
+just before it. (d)'s step does not depend on i: it is measured once, in `--rounds` interleaved rounds, its useful
+flops (the update of S1 and S2 and the readout, 7 r d per head) against torch.mm and the bytes of S1 and S2 it reads
+and writes against the streaming read rate. Memory is the bytes the cache layer holds (`memory_bytes()`, spare capacity
 included); (a)'s per-step scratch (a block of scores, K1 * q and P V2 rows; reused across steps) is reported beside it.
 (c) runs until the two_cache memory guard refuses (--two-budget, default a quarter of RAM capped at 6 GiB).
 
-Writes bench_cache.csv, shares.csv (the interleaved rounds), run.json, bench_cache.png and tables.md (= `render(out)`, the publishing convention of
+Writes bench_cache.csv, shares.csv (the interleaved rounds), poly.csv ((d)'s rounds), run.json, bench_cache.png and tables.md (= `render(out)`, the publishing convention of
 scripts/bench/harness.py) to --out (default docs/bench_cache/ for a full run, runs/bench/bench_cache/ for --quick
 or other sizes):
 
@@ -38,7 +41,7 @@ if __package__ in (None, ""):  # run as a file: make `scripts.bench` importable 
 
 import torch
 
-from hf_tensor_attn.cache import FourCacheLayer, TensorAttnConstants, TwoCacheLayer, TwoCacheMemoryError
+from hf_tensor_attn.cache import FourCacheLayer, PolyCacheLayer, TensorAttnConstants, TwoCacheLayer, TwoCacheMemoryError
 from hf_tensor_attn.cache.two import default_memory_budget
 from hf_tensor_attn.ops.exact.decode import decode_scratch_elements
 from scripts.bench.baselines import kronecker_decode
@@ -60,6 +63,7 @@ METHODS = {
 }
 DEFAULT_MAX_FOUR = 4096
 CONSTANTS = TensorAttnConstants(scale=D**-0.5)  # every pair allowed: no windows
+POLY_DEGREE, POLY_PROMPT = 2, 64
 
 
 def streams(i: int, seed: int = 0):
@@ -110,6 +114,46 @@ def share_rounds(i: int, rounds: int, mm_sizes) -> list[dict]:
                             share=flops / seconds / 1e9 / ((before + after) / 2)))
             print(f"(a) i={i} round {round_}: {out[-1]['share']:.0%} of torch.mm", flush=True)
     return out
+
+
+def poly_rounds(rounds: int, mm_sizes, read_bytes: int) -> list[dict]:
+    """(d): the `poly` cache layer after a prompt of POLY_PROMPT tokens; a step appends one token and attends (the
+    state keeps its size). Per interleaved round (torch.mm, step, torch.mm): the step's median block, with the
+    streaming read rate measured before the rounds."""
+    k, v, q = streams(POLY_PROMPT)  # POLY_PROMPT tokens and one to decode
+    layer = PolyCacheLayer(CONSTANTS, degree=POLY_DEGREE)
+    prompt_q = torch.randn(B, H, POLY_PROMPT, D, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    out = []
+    with torch.no_grad():
+        layer.update(k[:, :, :POLY_PROMPT], v[:, :, :POLY_PROMPT])
+        layer.attend(prompt_q)
+
+        def step():
+            layer.update(k[:, :, POLY_PROMPT:], v[:, :, POLY_PROMPT:])
+            layer.attend(q)
+
+        step()
+        r, Dv = layer.state.S1.shape[-2:]
+        read_rate = read_gbps(read_bytes, repeats=1, min_run_time=0.05)
+        for round_ in range(rounds):
+            seconds, before, after = between_mm(lambda: measure(step, repeats=1, min_run_time=0.1).median, mm_sizes)
+            out.append(dict(round=round_, step_ms=seconds * 1e3, features=r, value_dim=Dv,
+                            state_bytes=layer.memory_bytes(), mm_gflops_before=before, mm_gflops_after=after,
+                            read_gbps_before=read_rate))
+            print(f"(d) poly round {round_}: {seconds * 1e3:.3f} ms", flush=True)
+    return out
+
+
+def poly_figures(row: dict) -> dict:
+    """(d)'s useful GFLOP/s and its state traffic (GB/s) in one round: per head, S1 += f1 v1ᵀ and S2 += f2 v2ᵀ
+    (2 r d multiply-adds) and the readout Σ_m u_m S1_m ⊙ S2_m (r d products, r d multiply-adds): 7 r d flops; S1
+    and S2 (r x d each) read and written once."""
+    r, Dv, seconds = row["features"], row["value_dim"], row["step_ms"] / 1e3
+    flops = 7 * r * Dv * H * B
+    traffic = 2 * 2 * r * Dv * H * B * 4
+    return dict(gflops=flops / seconds / 1e9, share=flops / seconds / 1e9 / ((row["mm_gflops_before"] +
+                                                                             row["mm_gflops_after"]) / 2),
+                gbps=traffic / seconds / 1e9, traffic_mb=traffic / 1e6)
 
 
 def bench_two(i: int, timing: dict, budget: int):
@@ -217,18 +261,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for i in [i for i in (1024, 4096) if i in sizes_four] or sizes_four[-1:]:
         wait_for_idle(args.wait_idle)
         shares += share_rounds(i, args.rounds, mm_sizes)
+    wait_for_idle(args.wait_idle)
+    poly = poly_rounds(args.rounds, mm_sizes, read_bytes)
     load_after = load_snapshot()
 
     record = machine()
     write_csv(args.out / f"{NAME}.csv", rows, record)
     write_csv(args.out / "shares.csv", shares, record)
+    write_csv(args.out / "poly.csv", poly, record)
     write_run_record(args.out, run_record(
         MODULE, argv, TITLE, record, describe_load(load_before, load_after), mm_sizes=list(mm_sizes),
         fit_from=fit_from, two_budget_bytes=budget, two_stopped_at=stopped[0] if stopped else None))
     by, slopes = by_method(rows, fit_from)
     plot(by, slopes, args.out / f"{NAME}.png", fit_from)
     print(publish(args.out, render))
-    print(f"wrote {args.out}/{NAME}.csv, shares.csv, run.json, {NAME}.png, tables.md")
+    print(f"wrote {args.out}/{NAME}.csv, shares.csv, poly.csv, run.json, {NAME}.png, tables.md")
     return rows
 
 
@@ -256,8 +303,10 @@ def render(folder: Path) -> str:
     stopped = record["two_stopped_at"]
     shares_csv = Path(folder) / "shares.csv"  # absent from pages written before the interleaved rounds
     shares = read_csv(shares_csv) if shares_csv.exists() else []
+    poly_csv = Path(folder) / "poly.csv"  # absent from pages written before (d)
+    poly = read_csv(poly_csv) if poly_csv.exists() else []
     return render_document(record, tables(by, slopes, mm_rates, tuple(record["mm_sizes"]), record["fit_from"],
-                                          stopped, record["two_budget_bytes"], shares))
+                                          stopped, record["two_budget_bytes"], shares, poly))
 
 
 def share_medians(shares: list[dict]) -> dict[int, tuple[float, float, float, int]]:
@@ -268,7 +317,7 @@ def share_medians(shares: list[dict]) -> dict[int, tuple[float, float, float, in
     return {i: (statistics.median(v), min(v), max(v), len(v)) for i, v in by_i.items()}
 
 
-def tables(by, slopes, mm_rates, mm_sizes, fit_from, stopped, budget, shares) -> list[tuple[str, list[str]]]:
+def tables(by, slopes, mm_rates, mm_sizes, fit_from, stopped, budget, shares, poly) -> list[tuple[str, list[str]]]:
     mm_lines = markdown_table(
         ["fp32 torch.mm GFLOP/s", "measured", "sizes"],
         [[f"{min(mm_rates):.0f}", "before each i (the reference of that i's GEMM share): lowest", mm_sizes],
@@ -332,6 +381,22 @@ def tables(by, slopes, mm_rates, mm_sizes, fit_from, stopped, budget, shares) ->
             ratio_rows += [[f"(c) that rate against this machine's streaming read rate just before it "
                             f"(torch.sum over a large tensor, {read_rate:.1f} GB/s)",
                             f"{streamed / (t['c'] / 1e3) / 1e9 / read_rate:.0%}"]]
+    if poly:
+        figures = [poly_figures(row) for row in poly]
+        share = statistics.median(f["share"] for f in figures)
+        first = poly[0]
+        read_rate = first["read_gbps_before"]
+        ratio_rows += [
+            [f"(d) poly step (degree {POLY_DEGREE}, r = {first['features']:,} features per head, state "
+             f"{first['state_bytes'] / 2**20:.2f} MiB): median of {len(poly)} interleaved rounds (torch.mm, step, "
+             "torch.mm), ms", f"{statistics.median(r['step_ms'] for r in poly):.3f}"],
+            [f"(d) its useful flops (7 r d per head) against torch.mm, median of the rounds (lowest "
+             f"{min(f['share'] for f in figures):.0%}, highest {max(f['share'] for f in figures):.0%})",
+             f"**{share:.0%}**"],
+            ["(d) S1 and S2 read and written per step, MB", f"{figures[0]['traffic_mb']:.2f}"],
+            [f"(d) rate of that traffic, median of the rounds, against the streaming read rate before them "
+             f"({read_rate:.1f} GB/s)", f"{statistics.median(f['gbps'] for f in figures) / read_rate:.0%}"],
+        ]
     return [
         ("torch.mm reference", mm_lines),
         (f"One decode step at context length i (B = {B}, H = {H}, d = {D}, fp32)", step_lines),
