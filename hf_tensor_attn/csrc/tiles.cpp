@@ -749,9 +749,9 @@ Tensor decode_impl(const Tensor& q, const Tensor& k1, const Tensor& k2, const Te
         col_bias = tile_bias.data() + thread * cols;
         const scalar_t* b2 = b2p ? b2p + (b * H_kv + h) * Tk + c0 : nullptr;
         for (int64_t a = 0; a < r; ++a) rm[a] = (!row_ok || row_ok[a]) && !(row_bias && row_bias[a] == ninf);
-        for (int64_t j = 0; j < c; ++j) {
-          cmask[j] = (!col_ok || col_ok[j]) && !(b2 && b2[j] == ninf);
-          col_bias[j] = b2 && cmask[j] ? b2[j] : scalar_t(0);
+        for (int64_t col = 0; col < c; ++col) {
+          cmask[col] = (!col_ok || col_ok[col]) && !(b2 && b2[col] == ninf);
+          col_bias[col] = b2 && cmask[col] ? b2[col] : scalar_t(0);
         }
         row_ok = rm, col_ok = cmask;
       }

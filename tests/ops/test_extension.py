@@ -365,8 +365,9 @@ def test_library_name_carries_torch_version_source_and_flags(tmp_path, monkeypat
 
 @pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
 def test_exp_passes_vectorise(capability, tmp_path, monkeypatch):
-    """The compiled loops' speed rests on the exp passes (exp_scores, exp_score_grads, the decode step's max and exp)
-    running in vector registers: scalar, the backward measured slower than the Python loops. GCC says which loops it vectorised
+    """The compiled loops' speed rests on the exp passes (exp_scores, exp_score_grads, the decode step's max and exp,
+    and its bias add when the rows carry weights) running in vector registers: scalar, the backward measured slower
+    than the Python loops. GCC says which loops it vectorised
     (-fopt-info-vec); here for the AVX2 flags (no masked operations: without -fno-trapping-math three of the four
     loops over a tile row stayed scalar) and the AVX-512 ones, compiling only (no CPU needs to run it)."""
     cxx = cpp_extension.get_cxx_compiler()  # the compiler the build uses (CXX, or c++)
@@ -377,7 +378,7 @@ def test_exp_passes_vectorise(capability, tmp_path, monkeypatch):
     loops = [i + 1 for i, line in enumerate(source) if "for (int64_t i = lo_t * ba; i < hi_t * ba; ++i)" in line]
     assert len(loops) == 4  # exp_scores and exp_score_grads, masked and unmasked rows each
     decode = [i + 1 for i, line in enumerate(source) if "for (int64_t j = 0; j < c; ++j)" in line]
-    assert len(decode) == 4  # the decode step's max and exp passes, with and without a column mask
+    assert len(decode) == 5  # the decode step's max and exp passes, with and without a column mask; a biased step's add
     loops += decode
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
     done = subprocess.run(
