@@ -224,7 +224,8 @@ class _SubGenLayer(TensorAttnCacheLayer):
         if not self.is_initialized or self.n_pending == 0:
             return
         Ne = self.keys.shape[2]
-        n_sinks = int((self.positions < self.cfg["sink_tokens"]).sum())
+        # Sinks are never evicted: the exact buffer starts with every position below sink_tokens seen so far.
+        n_sinks = min(self.cfg["sink_tokens"], self.seen)
         stop = max(Ne - self.cfg["recent_window"], n_sinks)
         evicted = slice(n_sinks, stop)
         self._summarise(evicted)

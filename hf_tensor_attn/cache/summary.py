@@ -152,12 +152,10 @@ class StreamSummary:
         self._grow(int((n_old + opened).max()))
         st = self.state
         B, H, R, D = keys.shape
-        j = torch.arange(R, device=keys.device)
-        # Write the centers of the opened clusters into slots n_old .. n_old + opened - 1.
-        cap = self.capacity
-        slots = torch.where(j < opened[..., None], n_old[..., None] + j, cap)  # [B, H, R]; cap = a trash slot
-        padded = torch.cat([st["centers"], st["centers"].new_zeros(B, H, 1, D)], dim=2)
-        st["centers"] = padded.scatter_(2, slots[..., None].expand(B, H, R, D), new_centers)[:, :, :cap]
+        # Write the centers of the opened clusters into slots n_old .. n_old + opened - 1 (only those rows: a step
+        # that opens one cluster writes D numbers, whatever the summary holds).
+        b, h, j = (torch.arange(R, device=keys.device) < opened[..., None]).nonzero(as_tuple=True)
+        st["centers"][b, h, n_old[b, h] + j] = new_centers[b, h, j]
         st["n_clusters"] = n_old + opened
 
         idx = assign.clamp_min(0)  # absent rows add weight 0 to cluster 0
