@@ -236,10 +236,12 @@ def poly_attention_continue(state, q, k1, k2, v1, v2, real, **options):
 
 def weighted_pair_attention(q, k1, lw1, k2, lw2, *, scale, v1, v2):
     """`subgen.estimators.weighted_pair_attention` (a `subgen4` decode step over its exact and summary rows) with its
-    implementation chosen here (`_decode_loops`)."""
+    implementation chosen here: `_decode_loops`, or the torch ops when a gradient is needed (the compiled step has
+    none)."""
     from .subgen.estimators import weighted_pair_attention as op
 
-    return op(q, k1, lw1, k2, lw2, scale=scale, v1=v1, v2=v2, loops=_decode_loops(q))
+    loops = None if _needs_grad(q, k1, lw1, k2, lw2, v1, v2) else _decode_loops(q)
+    return op(q, k1, lw1, k2, lw2, scale=scale, v1=v1, v2=v2, loops=loops)
 
 
 def _decode_loops(q):

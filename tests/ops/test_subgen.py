@@ -72,6 +72,24 @@ def test_weighted_pair_attention_reference_is_the_normalised_kronecker_sum():
     torch.testing.assert_close(out, num / den[..., None], rtol=1e-12, atol=1e-12)
 
 
+def test_weighted_pair_attention_through_the_door_keeps_its_gradient():
+    """The compiled step has no gradient: a call that needs one runs the torch ops, whose gradients equal those of
+    the normalised Kronecker sum."""
+    from hf_tensor_attn.ops import dispatch
+
+    g = torch.Generator().manual_seed(2)
+    B, H, R1, R2, D = 1, 2, 5, 4, 3
+    q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k1, v1 = torch.randn(B, H, R1, D, generator=g, dtype=torch.float64), torch.randn(B, H, R1, D, generator=g, dtype=torch.float64)
+    k2, v2 = torch.randn(B, H, R2, D, generator=g, dtype=torch.float64), torch.randn(B, H, R2, D, generator=g, dtype=torch.float64)
+    lw1, lw2 = torch.randn(B, H, R1, generator=g, dtype=torch.float64), torch.randn(B, H, R2, generator=g, dtype=torch.float64)
+    out = dispatch.weighted_pair_attention(q, k1, lw1, k2, lw2, scale=0.5, v1=v1, v2=v2)
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    num, den, _ = naive_weighted_pair_sums(q, k1, lw1[:, :, None], k2, lw2[:, :, None], scale=0.5, v1=v1, v2=v2)
+    (ref,) = torch.autograd.grad((num / den[..., None]).sum(), q)
+    torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("delta", [0.0, 0.8, 1.5])
 def test_batched_clustering_equals_one_row_at_a_time(delta):
     g = torch.Generator().manual_seed(3)
